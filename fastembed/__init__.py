@@ -1,0 +1,44 @@
+"""fastembed: the embedding layer of a tiny GPT, as Cython kernels.
+
+    hidden = token_table[ids] + position_table[positions]
+
+is a gather, and its backward a scatter-add into the rows that were looked up.
+"""
+from ._version import __version__
+
+try:
+    from . import _kernels
+except ImportError as exc:  # the source tree, not an installed build
+    import os as _os
+
+    raise ImportError(
+        f"fastembed's compiled kernels are missing ({exc}). You are importing the package from "
+        f"{_os.path.dirname(__file__)}, which has not been built: run `python -m pip install .` and run "
+        "Python from outside the source folder, or build in place with `python setup.py build_ext --inplace`."
+    ) from exc
+
+from . import optim, reference
+from ._kernels import get_num_threads, openmp_enabled, set_num_threads
+from .nn import Embedding, SparseGrad, TokenPositionEmbedding
+from .ops import coalesce, gather, gather_add, gather_add_backward, scatter_add
+
+
+def _threads_from_environment():
+    import os
+
+    value = os.environ.get("FASTEMBED_NUM_THREADS", "").strip()
+    if value:
+        try:
+            set_num_threads(int(value))
+        except ValueError as exc:
+            raise ValueError(f"FASTEMBED_NUM_THREADS must be a non-negative integer, got {value!r}") from exc
+
+
+_threads_from_environment()
+
+__all__ = [
+    "__version__",
+    "gather", "gather_add", "scatter_add", "gather_add_backward", "coalesce",
+    "Embedding", "TokenPositionEmbedding", "SparseGrad",
+    "optim", "reference", "get_num_threads", "set_num_threads", "openmp_enabled",
+]

@@ -1,0 +1,787 @@
+"""Compiled kernels of fastembed: checked `def` entry points over `noexcept nogil` loops.
+
+Axes, used in every name below:
+  V  rows of a table (token vocabulary, or P for the position table)
+  D  embedding dim (columns of every table)
+  N  number of ids (ids.size; ids may have any shape)
+  T  positions per sequence (_shape(ids)[-1]; 1 for 0-d ids)
+
+Every `def` here checks all of its inputs while it holds the GIL, before the first
+write; the `cdef` loops below trust what they are given. The callers (ops.py)
+pass ids as numpy arrays of native int32 or int64 and positions as None, an int
+start, or a C-contiguous int64 array of _shape(ids).
+"""
+cimport numpy as cnp
+from cython.parallel cimport prange
+from libc.math cimport sqrtf
+from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.stdlib cimport calloc, free
+from libc.string cimport memcpy
+
+import numpy as np
+
+cnp.import_array()
+
+cdef extern from "_fastembed.h" nogil:
+    int fe_omp_max_threads()
+    int fe_openmp_enabled()
+    int fe_ctz64(uint64_t x)
+    int fe_popcount64(uint64_t x)
+
+ctypedef fused index_t:
+    int32_t
+    int64_t
+
+cdef enum:
+    # Below this many float32 elements of work a call keeps the GIL and one thread:
+    # releasing the GIL or waking a thread team costs more than the loop itself.
+    SERIAL_ELEMENTS = 32768
+    # Columns are split between threads in multiples of 16 floats (one 64-byte cache line).
+    COLUMN_BLOCK = 16
+
+cdef int _num_threads = 0  # 0: follow OpenMP (omp_get_max_threads, which threadpoolctl controls)
+
+
+def openmp_enabled():
+    """True when the extension was compiled with OpenMP."""
+    return bool(fe_openmp_enabled())
+
+
+def get_num_threads():
+    """The number of threads a large call uses."""
+    return _num_threads if _num_threads > 0 else fe_omp_max_threads()
+
+
+def set_num_threads(int n):
+    """Use n threads for large calls; 0 goes back to the OpenMP default."""
+    global _num_threads
+    if n < 0:
+        raise ValueError(f"the number of threads must be >= 0, got {n}")
+    _num_threads = min(n, 1) if not fe_openmp_enabled() else n
+
+
+cdef inline int _threads_for(Py_ssize_t work) noexcept nogil:
+    if work < SERIAL_ELEMENTS:
+        return 1
+    cdef int n = _num_threads if _num_threads > 0 else fe_omp_max_threads()
+    return n if n > 1 else 1
+
+
+# ---------------------------------------------------------------- input checks (GIL held)
+
+cdef cnp.ndarray _float_array(object a, str name):
+    """a as a float32 ndarray, never cast: TypeError otherwise."""
+    if not cnp.PyArray_Check(a):
+        raise TypeError(f"{name} must be a numpy float32 array, got {type(a).__name__}")
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    if cnp.PyArray_TYPE(arr) != cnp.NPY_FLOAT32 or not cnp.PyArray_ISNOTSWAPPED(arr):
+        raise TypeError(f"{name} must be float32 (fastembed never casts tables), got {name}.dtype={arr.dtype}")
+    return arr
+
+
+cdef cnp.ndarray _table(object a, str name):
+    """A 2-D, C-contiguous, aligned float32 table (read-only is fine)."""
+    cdef cnp.ndarray arr = _float_array(a, name)
+    if cnp.PyArray_NDIM(arr) != 2:
+        raise ValueError(f"{name} must be 2-D (rows, dim), got {name}.shape={_shape(arr)}")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(arr) or not cnp.PyArray_ISALIGNED(arr):
+        raise ValueError(
+            f"{name} must be C-contiguous and aligned (a table is never copied behind your back); "
+            f"pass np.ascontiguousarray({name})"
+        )
+    return arr
+
+
+cdef cnp.ndarray _target(object a, str name):
+    """An array written in place: float32, C-contiguous, aligned and writeable."""
+    cdef cnp.ndarray arr = _float_array(a, name)
+    if not cnp.PyArray_ISWRITEABLE(arr):
+        raise ValueError(f"{name} is read-only; fastembed writes into it in place, never into a silent copy")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(arr) or not cnp.PyArray_ISALIGNED(arr):
+        raise ValueError(
+            f"{name} must be C-contiguous and aligned to be written in place (never into a silent copy); "
+            f"got {name}.strides={(<object>arr).strides}, aligned={bool(cnp.PyArray_ISALIGNED(arr))}"
+        )
+    return arr
+
+
+cdef cnp.ndarray _float_input(object a, str name):
+    """A float32 input read once: made C-contiguous if it is not (a copy of an input loses nothing)."""
+    cdef cnp.ndarray arr = _float_array(a, name)
+    if cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISALIGNED(arr):
+        return arr
+    return np.ascontiguousarray(arr)
+
+
+cdef cnp.ndarray _index_array(object a, str name):
+    """A C-contiguous, aligned native int32 or int64 array (ops.py has normalised everything else)."""
+    if not cnp.PyArray_Check(a):
+        raise TypeError(f"{name} must be a numpy integer array, got {type(a).__name__}")
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    cdef int t = cnp.PyArray_TYPE(arr)
+    cdef Py_ssize_t width = cnp.PyArray_ITEMSIZE(arr)
+    if not (cnp.PyTypeNum_ISSIGNED(t) and (width == 4 or width == 8) and cnp.PyArray_ISNOTSWAPPED(arr)):
+        raise TypeError(f"{name} must be int32 or int64, got {name}.dtype={arr.dtype}")
+    if cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISALIGNED(arr):
+        return arr
+    return np.ascontiguousarray(arr)
+
+
+cdef inline tuple _shape(object a):
+    return a.shape
+
+
+cdef inline Py_ssize_t _rows(cnp.ndarray table):
+    return cnp.PyArray_DIM(table, 0)
+
+
+cdef inline Py_ssize_t _dim(cnp.ndarray table):
+    return cnp.PyArray_DIM(table, 1)
+
+
+cdef tuple _row_shape(cnp.ndarray ids, Py_ssize_t D):
+    return _shape(ids) + (D,)
+
+
+cdef int _check_rows_shape(cnp.ndarray arr, str name, cnp.ndarray ids, Py_ssize_t D) except -1:
+    """arr must have shape _shape(ids) + (D,)."""
+    cdef int nd = cnp.PyArray_NDIM(ids)
+    cdef int k
+    if cnp.PyArray_NDIM(arr) == nd + 1 and cnp.PyArray_DIM(arr, nd) == D:
+        for k in range(nd):
+            if cnp.PyArray_DIM(arr, k) != cnp.PyArray_DIM(ids, k):
+                break
+        else:
+            return 0
+    raise ValueError(
+        f"{name} must have shape _shape(ids) + (D,) = {_row_shape(ids, D)}, got {name}.shape={_shape(arr)}"
+    )
+
+
+cdef cnp.ndarray _new_rows(cnp.ndarray ids, Py_ssize_t D):
+    """An uninitialised float32 array of shape _shape(ids) + (D,)."""
+    cdef int nd = cnp.PyArray_NDIM(ids)
+    cdef cnp.npy_intp dims[64]
+    cdef int k
+    if nd + 1 > 64:
+        raise ValueError(f"ids has {nd} dimensions; the result would have more than numpy's 64")
+    for k in range(nd):
+        dims[k] = cnp.PyArray_DIM(ids, k)
+    dims[nd] = D
+    return cnp.PyArray_EMPTY(nd + 1, dims, cnp.NPY_FLOAT32, 0)
+
+
+cdef cnp.ndarray _out_rows(object out, cnp.ndarray ids, Py_ssize_t D):
+    """The output array: `out` checked, or a new one."""
+    if out is None:
+        return _new_rows(ids, D)
+    cdef cnp.ndarray arr = _target(out, "out")
+    _check_rows_shape(arr, "out", ids, D)
+    return arr
+
+
+cdef inline bint _overlap(cnp.ndarray a, cnp.ndarray b):
+    """Whether the memory spans of a and b intersect (exact for the contiguous arrays used here)."""
+    cdef char* a_lo = <char*>cnp.PyArray_DATA(a)
+    cdef char* b_lo = <char*>cnp.PyArray_DATA(b)
+    cdef Py_ssize_t a_n = cnp.PyArray_NBYTES(a), b_n = cnp.PyArray_NBYTES(b)
+    if a_n == 0 or b_n == 0:
+        return False
+    return a_lo < b_lo + b_n and b_lo < a_lo + a_n
+
+
+cdef int _no_overlap(cnp.ndarray target, str target_name, tuple others, tuple names) except -1:
+    cdef Py_ssize_t k
+    for k in range(len(others)):
+        if others[k] is not None and _overlap(target, <cnp.ndarray>others[k]):
+            raise ValueError(f"{target_name} shares memory with {names[k]}; pass separate arrays")
+    return 0
+
+
+cdef str _where(cnp.ndarray arr, str name, Py_ssize_t flat):
+    if cnp.PyArray_NDIM(arr) == 0:
+        return name
+    idx = np.unravel_index(flat, _shape(arr))
+    return f"{name}[{', '.join(str(int(i)) for i in idx)}]"
+
+
+cdef int _raise_out_of_range(cnp.ndarray arr, str name, Py_ssize_t flat, Py_ssize_t V, str table) except -1:
+    value = arr.reshape(-1)[flat]
+    raise IndexError(
+        f"{_where(arr, name, flat)} = {value} is out of range for {table} with {V} rows "
+        f"(valid {name} are 0 to {V - 1})"
+    )
+
+
+cdef Py_ssize_t _first_bad(const index_t* ids, Py_ssize_t N, Py_ssize_t V) noexcept nogil:
+    """The flat index of the first id outside [0, V), or -1: one pass, one compare each."""
+    cdef Py_ssize_t i
+    cdef uint64_t bound = <uint64_t>V
+    for i in range(N):
+        if <uint64_t>(<int64_t>ids[i]) >= bound:
+            return i
+    return -1
+
+
+cdef inline Py_ssize_t _first_bad_any(const void* ids, bint wide, Py_ssize_t N, Py_ssize_t V) noexcept nogil:
+    if wide:
+        return _first_bad(<const int64_t*>ids, N, V)
+    return _first_bad(<const int32_t*>ids, N, V)
+
+
+cdef int _check_range(cnp.ndarray ids, str name, Py_ssize_t V, str table) except -1:
+    cdef Py_ssize_t N = cnp.PyArray_SIZE(ids), bad
+    cdef const void* p = cnp.PyArray_DATA(ids)
+    cdef bint wide = cnp.PyArray_ITEMSIZE(ids) == 8
+    if N >= SERIAL_ELEMENTS:
+        with nogil:
+            bad = _first_bad_any(p, wide, N, V)
+    else:
+        bad = _first_bad_any(p, wide, N, V)
+    if bad >= 0:
+        _raise_out_of_range(ids, name, bad, V, table)
+    return 0
+
+
+cdef inline Py_ssize_t _seq_len(cnp.ndarray ids):
+    cdef int nd = cnp.PyArray_NDIM(ids)
+    return cnp.PyArray_DIM(ids, nd - 1) if nd > 0 else 1
+
+
+cdef int _check_start(Py_ssize_t start, Py_ssize_t T, Py_ssize_t N, Py_ssize_t P) except -1:
+    """positions = start + arange(T) must lie in [0, P)."""
+    if N == 0:
+        return 0
+    if start < 0 or start + T > P:
+        raise IndexError(
+            f"positions start + arange(T) = {start}..{start + T - 1} (T = _shape(ids)[-1] = {T}) is out of range "
+            f"for position_table with {P} rows (valid positions are 0 to {P - 1})"
+        )
+    return 0
+
+
+cdef Py_ssize_t _start_of(object positions) except? -1:
+    """The start position for positions None or an int; -1 means positions is an array."""
+    if positions is None:
+        return 0
+    if isinstance(positions, int):
+        if positions < 0:
+            raise IndexError(f"positions start {positions} is negative; positions must be >= 0")
+        if positions > 2**62:
+            raise IndexError(f"positions start {positions} is out of range")
+        return positions
+    return -1
+
+
+cdef cnp.ndarray _positions_array(object positions, cnp.ndarray ids):
+    """An int64 positions array of _shape(ids) (ops.py broadcasts before it calls)."""
+    cdef cnp.ndarray pos = _index_array(positions, "positions")
+    if cnp.PyArray_ITEMSIZE(pos) != 8:
+        raise TypeError(f"positions must be int64 here, got positions.dtype={pos.dtype}")
+    if _shape(pos) != _shape(ids):
+        raise ValueError(f"positions must have _shape(ids) = {_shape(ids)}, got positions.shape={_shape(pos)}")
+    return pos
+
+
+# ---------------------------------------------------------------- loops (no GIL, trusted inputs)
+
+cdef inline Py_ssize_t _part(Py_ssize_t n, int k, int parts) noexcept nogil:
+    """Where part k of n items split in `parts` even parts begins."""
+    return n * k // parts
+
+
+cdef inline Py_ssize_t _column_part(Py_ssize_t D, int k, int parts) noexcept nogil:
+    """Where the columns of thread k begin, in whole cache lines: every element has one owner."""
+    cdef Py_ssize_t blocks = (D + COLUMN_BLOCK - 1) // COLUMN_BLOCK
+    return min(D, (blocks * k // parts) * COLUMN_BLOCK)
+
+
+cdef inline int _column_threads(Py_ssize_t N, Py_ssize_t D) noexcept nogil:
+    cdef int n = _threads_for(N * D)
+    cdef Py_ssize_t blocks = (D + COLUMN_BLOCK - 1) // COLUMN_BLOCK
+    return <int>min(<Py_ssize_t>n, blocks)
+
+
+cdef void _gather_rows(const float* table, Py_ssize_t D, const index_t* ids,
+                       Py_ssize_t lo, Py_ssize_t hi, float* out) noexcept nogil:
+    """out[i] = table[ids[i]] for i in [lo, hi)."""
+    cdef Py_ssize_t i
+    for i in range(lo, hi):
+        memcpy(out + i * D, table + <Py_ssize_t>ids[i] * D, D * sizeof(float))
+
+
+cdef void _gather(const float* table, Py_ssize_t D, const index_t* ids, Py_ssize_t N,
+                  float* out, int nthreads) noexcept nogil:
+    cdef int k
+    cdef Py_ssize_t lo, hi
+    if nthreads <= 1:
+        _gather_rows(table, D, ids, 0, N, out)
+        return
+    for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
+        lo = _part(N, k, nthreads)
+        hi = _part(N, k + 1, nthreads)
+        _gather_rows(table, D, ids, lo, hi, out)
+
+
+cdef void _gather_add_rows(const float* tok, const float* pos, Py_ssize_t D, const index_t* ids,
+                           const int64_t* pos_ids, Py_ssize_t start, Py_ssize_t T,
+                           Py_ssize_t lo, Py_ssize_t hi, float* out) noexcept nogil:
+    """out[i] = tok[ids[i]] + pos[p_i] for i in [lo, hi); p_i = pos_ids[i], or start + i % T."""
+    cdef Py_ssize_t i, d, t = lo % T if T > 0 else 0
+    cdef const float* a
+    cdef const float* b
+    cdef float* o
+    for i in range(lo, hi):
+        a = tok + <Py_ssize_t>ids[i] * D
+        b = pos + (pos_ids[i] if pos_ids != NULL else start + t) * D
+        o = out + i * D
+        for d in range(D):
+            o[d] = a[d] + b[d]
+        t += 1
+        if t == T:
+            t = 0
+
+
+cdef void _gather_add(const float* tok, const float* pos, Py_ssize_t D, const index_t* ids,
+                      const int64_t* pos_ids, Py_ssize_t start, Py_ssize_t T, Py_ssize_t N,
+                      float* out, int nthreads) noexcept nogil:
+    cdef int k
+    cdef Py_ssize_t lo, hi
+    if nthreads <= 1:
+        _gather_add_rows(tok, pos, D, ids, pos_ids, start, T, 0, N, out)
+        return
+    for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
+        lo = _part(N, k, nthreads)
+        hi = _part(N, k + 1, nthreads)
+        _gather_add_rows(tok, pos, D, ids, pos_ids, start, T, lo, hi, out)
+
+
+cdef void _scatter_cols(float* grad, Py_ssize_t D, const index_t* ids, Py_ssize_t N,
+                        const float* src, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """grad[ids[i], c0:c1] += src[i, c0:c1], i in order (the order of np.add.at)."""
+    cdef Py_ssize_t i, d
+    cdef float* g
+    cdef const float* s
+    for i in range(N):
+        g = grad + <Py_ssize_t>ids[i] * D
+        s = src + i * D
+        for d in range(c0, c1):
+            g[d] += s[d]
+
+
+cdef void _scatter_positions_cols(float* grad, Py_ssize_t D, const int64_t* pos_ids, Py_ssize_t start,
+                                  Py_ssize_t T, Py_ssize_t N, const float* src,
+                                  Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """The position half of the fused backward: grad[p_i, c0:c1] += src[i, c0:c1], i in order."""
+    cdef Py_ssize_t i, d, t = 0
+    cdef float* g
+    cdef const float* s
+    for i in range(N):
+        g = grad + (pos_ids[i] if pos_ids != NULL else start + t) * D
+        s = src + i * D
+        for d in range(c0, c1):
+            g[d] += s[d]
+        t += 1
+        if t == T:
+            t = 0
+
+
+cdef void _scatter_add(float* grad, Py_ssize_t D, const index_t* ids, Py_ssize_t N,
+                       const float* src, int nthreads) noexcept nogil:
+    # Threads own columns, not ids: each element is summed by one thread in ids order,
+    # so the result is bitwise the same for every thread count.
+    cdef int k
+    cdef Py_ssize_t c0, c1
+    if nthreads <= 1:
+        _scatter_cols(grad, D, ids, N, src, 0, D)
+        return
+    for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
+        c0 = _column_part(D, k, nthreads)
+        c1 = _column_part(D, k + 1, nthreads)
+        _scatter_cols(grad, D, ids, N, src, c0, c1)
+
+
+cdef void _gather_add_backward(float* tok_grad, float* pos_grad, Py_ssize_t D, const index_t* ids,
+                               const int64_t* pos_ids, Py_ssize_t start, Py_ssize_t T, Py_ssize_t N,
+                               const float* src, int nthreads) noexcept nogil:
+    cdef int k
+    cdef Py_ssize_t c0, c1
+    if nthreads <= 1:
+        _scatter_cols(tok_grad, D, ids, N, src, 0, D)
+        _scatter_positions_cols(pos_grad, D, pos_ids, start, T, N, src, 0, D)
+        return
+    for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
+        c0 = _column_part(D, k, nthreads)
+        c1 = _column_part(D, k + 1, nthreads)
+        _scatter_cols(tok_grad, D, ids, N, src, c0, c1)
+        _scatter_positions_cols(pos_grad, D, pos_ids, start, T, N, src, c0, c1)
+
+
+cdef void _adam_rows(float* w, float* m, float* v, const float* g, Py_ssize_t D, const int64_t* rows,
+                     Py_ssize_t lo, Py_ssize_t hi, float lr, float beta1, float beta2, float eps,
+                     float bias1, float bias2) noexcept nogil:
+    """One Adam update of rows[lo:hi] (rows NULL: row k is row k), g holding one row per update."""
+    cdef Py_ssize_t k, d, r
+    cdef float gd, md, vd
+    cdef float* wr
+    cdef float* mr
+    cdef float* vr
+    cdef const float* gr
+    for k in range(lo, hi):
+        r = rows[k] if rows != NULL else k
+        wr = w + r * D
+        mr = m + r * D
+        vr = v + r * D
+        gr = g + k * D
+        for d in range(D):
+            gd = gr[d]
+            md = beta1 * mr[d] + (1.0 - beta1) * gd
+            vd = beta2 * vr[d] + (1.0 - beta2) * gd * gd
+            mr[d] = md
+            vr[d] = vd
+            wr[d] -= lr * (md / bias1) / (sqrtf(vd / bias2) + eps)
+
+
+cdef void _adam(float* w, float* m, float* v, const float* g, Py_ssize_t D, const int64_t* rows,
+                Py_ssize_t U, float lr, float beta1, float beta2, float eps, float bias1, float bias2,
+                int nthreads) noexcept nogil:
+    cdef int k
+    cdef Py_ssize_t lo, hi
+    if nthreads <= 1:
+        _adam_rows(w, m, v, g, D, rows, 0, U, lr, beta1, beta2, eps, bias1, bias2)
+        return
+    for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
+        lo = _part(U, k, nthreads)
+        hi = _part(U, k + 1, nthreads)
+        _adam_rows(w, m, v, g, D, rows, lo, hi, lr, beta1, beta2, eps, bias1, bias2)
+
+
+# Small calls keep the GIL (releasing it costs about 90 ns, a seed-shape call's whole loop);
+# these dispatchers pick the id width so each entry point calls one of them once.
+
+cdef void _gather_any(const float* table, Py_ssize_t D, const void* ids, bint wide, Py_ssize_t N,
+                      float* out, int nthreads) noexcept nogil:
+    if wide:
+        _gather(table, D, <const int64_t*>ids, N, out, nthreads)
+    else:
+        _gather(table, D, <const int32_t*>ids, N, out, nthreads)
+
+
+cdef void _gather_add_any(const float* tok, const float* pos, Py_ssize_t D, const void* ids, bint wide,
+                          const int64_t* pos_ids, Py_ssize_t start, Py_ssize_t T, Py_ssize_t N,
+                          float* out, int nthreads) noexcept nogil:
+    if wide:
+        _gather_add(tok, pos, D, <const int64_t*>ids, pos_ids, start, T, N, out, nthreads)
+    else:
+        _gather_add(tok, pos, D, <const int32_t*>ids, pos_ids, start, T, N, out, nthreads)
+
+
+cdef void _scatter_add_any(float* grad, Py_ssize_t D, const void* ids, bint wide, Py_ssize_t N,
+                           const float* src, int nthreads) noexcept nogil:
+    if wide:
+        _scatter_add(grad, D, <const int64_t*>ids, N, src, nthreads)
+    else:
+        _scatter_add(grad, D, <const int32_t*>ids, N, src, nthreads)
+
+
+cdef void _gather_add_backward_any(float* tok_grad, float* pos_grad, Py_ssize_t D, const void* ids, bint wide,
+                                   const int64_t* pos_ids, Py_ssize_t start, Py_ssize_t T, Py_ssize_t N,
+                                   const float* src, int nthreads) noexcept nogil:
+    if wide:
+        _gather_add_backward(tok_grad, pos_grad, D, <const int64_t*>ids, pos_ids, start, T, N, src, nthreads)
+    else:
+        _gather_add_backward(tok_grad, pos_grad, D, <const int32_t*>ids, pos_ids, start, T, N, src, nthreads)
+
+
+# ---------------------------------------------------------------- entry points
+
+def gather(table, ids, out=None):
+    """out[...] = table[ids]: checked, then a row copy per id without the GIL."""
+    cdef cnp.ndarray tab = _table(table, "table")
+    cdef cnp.ndarray idx = _index_array(ids, "ids")
+    cdef Py_ssize_t V = _rows(tab), D = _dim(tab), N = cnp.PyArray_SIZE(idx)
+    cdef cnp.ndarray res = _out_rows(out, idx, D)
+    if out is not None:
+        _no_overlap(res, "out", (tab, idx), ("table", "ids"))
+    _check_range(idx, "ids", V, "table")
+    cdef const float* t = <const float*>cnp.PyArray_DATA(tab)
+    cdef float* o = <float*>cnp.PyArray_DATA(res)
+    cdef void* p = cnp.PyArray_DATA(idx)
+    cdef bint wide = cnp.PyArray_ITEMSIZE(idx) == 8
+    cdef int nthreads = _threads_for(N * D)
+    if N * D >= SERIAL_ELEMENTS:
+        with nogil:
+            _gather_any(t, D, p, wide, N, o, nthreads)
+    else:
+        _gather_any(t, D, p, wide, N, o, nthreads)
+    return res
+
+
+def gather_add(token_table, position_table, ids, positions=None, out=None):
+    """out[...] = token_table[ids] + position_table[positions], fused in one pass."""
+    cdef cnp.ndarray tok = _table(token_table, "token_table")
+    cdef cnp.ndarray pos = _table(position_table, "position_table")
+    cdef cnp.ndarray idx = _index_array(ids, "ids")
+    cdef Py_ssize_t V = _rows(tok), P = _rows(pos), D = _dim(tok), N = cnp.PyArray_SIZE(idx)
+    cdef Py_ssize_t T = _seq_len(idx)
+    if _dim(pos) != D:
+        raise ValueError(
+            f"token_table and position_table must have the same dim, got token_table.shape={_shape(tok)} "
+            f"and position_table.shape={_shape(pos)}"
+        )
+    cdef Py_ssize_t start = _start_of(positions)
+    cdef cnp.ndarray pos_arr = None
+    if start < 0:
+        pos_arr = _positions_array(positions, idx)
+    cdef cnp.ndarray res = _out_rows(out, idx, D)
+    if out is not None:
+        _no_overlap(res, "out", (tok, pos, idx, pos_arr),
+                    ("token_table", "position_table", "ids", "positions"))
+    _check_range(idx, "ids", V, "token_table")
+    if pos_arr is None:
+        _check_start(start, T, N, P)
+    else:
+        _check_range(pos_arr, "positions", P, "position_table")
+    cdef const int64_t* pp = NULL if pos_arr is None else <const int64_t*>cnp.PyArray_DATA(pos_arr)
+    cdef const float* tp = <const float*>cnp.PyArray_DATA(tok)
+    cdef const float* qp = <const float*>cnp.PyArray_DATA(pos)
+    cdef float* o = <float*>cnp.PyArray_DATA(res)
+    cdef void* ip = cnp.PyArray_DATA(idx)
+    cdef bint wide = cnp.PyArray_ITEMSIZE(idx) == 8
+    cdef int nthreads = _threads_for(N * D)
+    if N * D >= SERIAL_ELEMENTS:
+        with nogil:
+            _gather_add_any(tp, qp, D, ip, wide, pp, start, T, N, o, nthreads)
+    else:
+        _gather_add_any(tp, qp, D, ip, wide, pp, start, T, N, o, nthreads)
+    return res
+
+
+def scatter_add(grad_table, ids, grad_out):
+    """grad_table[ids] += grad_out in place, duplicates summed in the row-major order of ids."""
+    cdef cnp.ndarray grad = _target(grad_table, "grad_table")
+    if cnp.PyArray_NDIM(grad) != 2:
+        raise ValueError(f"grad_table must be 2-D (rows, dim), got grad_table.shape={_shape(grad)}")
+    cdef cnp.ndarray idx = _index_array(ids, "ids")
+    cdef cnp.ndarray src = _float_input(grad_out, "grad_out")
+    cdef Py_ssize_t V = _rows(grad), D = _dim(grad), N = cnp.PyArray_SIZE(idx)
+    _check_rows_shape(src, "grad_out", idx, D)
+    _no_overlap(grad, "grad_table", (idx, src), ("ids", "grad_out"))
+    _check_range(idx, "ids", V, "grad_table")
+    cdef float* g = <float*>cnp.PyArray_DATA(grad)
+    cdef const float* s = <const float*>cnp.PyArray_DATA(src)
+    cdef void* ip = cnp.PyArray_DATA(idx)
+    cdef bint wide = cnp.PyArray_ITEMSIZE(idx) == 8
+    cdef int nthreads = _column_threads(N, D)
+    if N * D >= SERIAL_ELEMENTS:
+        with nogil:
+            _scatter_add_any(g, D, ip, wide, N, s, nthreads)
+    else:
+        _scatter_add_any(g, D, ip, wide, N, s, nthreads)
+
+
+def gather_add_backward(grad_hidden, ids, token_grad, position_grad, positions=None):
+    """token_grad[ids] += grad_hidden and position_grad[positions] += grad_hidden, in one pass."""
+    cdef cnp.ndarray tgrad = _target(token_grad, "token_grad")
+    cdef cnp.ndarray pgrad = _target(position_grad, "position_grad")
+    for arr, name in ((tgrad, "token_grad"), (pgrad, "position_grad")):
+        if cnp.PyArray_NDIM(<cnp.ndarray>arr) != 2:
+            raise ValueError(f"{name} must be 2-D (rows, dim), got {name}.shape={_shape(arr)}")
+    cdef cnp.ndarray idx = _index_array(ids, "ids")
+    cdef cnp.ndarray src = _float_input(grad_hidden, "grad_hidden")
+    cdef Py_ssize_t V = _rows(tgrad), P = _rows(pgrad), D = _dim(tgrad), N = cnp.PyArray_SIZE(idx)
+    cdef Py_ssize_t T = _seq_len(idx)
+    if _dim(pgrad) != D:
+        raise ValueError(
+            f"token_grad and position_grad must have the same dim, got token_grad.shape={_shape(tgrad)} "
+            f"and position_grad.shape={_shape(pgrad)}"
+        )
+    _check_rows_shape(src, "grad_hidden", idx, D)
+    cdef Py_ssize_t start = _start_of(positions)
+    cdef cnp.ndarray pos_arr = None
+    if start < 0:
+        pos_arr = _positions_array(positions, idx)
+    _no_overlap(tgrad, "token_grad", (pgrad, idx, src, pos_arr),
+                ("position_grad", "ids", "grad_hidden", "positions"))
+    _no_overlap(pgrad, "position_grad", (idx, src, pos_arr), ("ids", "grad_hidden", "positions"))
+    _check_range(idx, "ids", V, "token_grad")
+    if pos_arr is None:
+        _check_start(start, T, N, P)
+    else:
+        _check_range(pos_arr, "positions", P, "position_grad")
+    cdef const int64_t* pp = NULL if pos_arr is None else <const int64_t*>cnp.PyArray_DATA(pos_arr)
+    cdef float* tg = <float*>cnp.PyArray_DATA(tgrad)
+    cdef float* pg = <float*>cnp.PyArray_DATA(pgrad)
+    cdef const float* s = <const float*>cnp.PyArray_DATA(src)
+    cdef void* ip = cnp.PyArray_DATA(idx)
+    cdef bint wide = cnp.PyArray_ITEMSIZE(idx) == 8
+    cdef int nthreads = _column_threads(N, D)
+    if N * D >= SERIAL_ELEMENTS:
+        with nogil:
+            _gather_add_backward_any(tg, pg, D, ip, wide, pp, start, T, N, s, nthreads)
+    else:
+        _gather_add_backward_any(tg, pg, D, ip, wide, pp, start, T, N, s, nthreads)
+
+
+cdef Py_ssize_t _min_max(const index_t* ids, Py_ssize_t N, int64_t* lo, int64_t* hi) noexcept nogil:
+    """Smallest and largest id; returns the flat index of the first negative id, or -1."""
+    cdef Py_ssize_t i
+    cdef int64_t x, a = 0, b = 0
+    if N > 0:
+        a = b = ids[0]
+    for i in range(N):
+        x = ids[i]
+        if x < 0:
+            return i
+        if x < a:
+            a = x
+        if x > b:
+            b = x
+    lo[0] = a
+    hi[0] = b
+    return -1
+
+
+cdef Py_ssize_t _bitmap_slots(const index_t* ids, Py_ssize_t N, uint64_t* bits, int32_t* before,
+                              Py_ssize_t W, int64_t* slots) noexcept nogil:
+    """Mark each id in a bitmap; slots[i] = rank of ids[i] among the distinct ids. Returns their count."""
+    cdef Py_ssize_t i, w
+    cdef int64_t x
+    cdef int32_t total = 0
+    for i in range(N):
+        x = ids[i]
+        bits[x >> 6] |= (<uint64_t>1) << (x & 63)
+    for w in range(W):
+        before[w] = total
+        total += fe_popcount64(bits[w])
+    for i in range(N):
+        x = ids[i]
+        slots[i] = before[x >> 6] + fe_popcount64(bits[x >> 6] & (((<uint64_t>1) << (x & 63)) - 1))
+    return total
+
+
+cdef void _bitmap_rows(const uint64_t* bits, Py_ssize_t W, int64_t* rows) noexcept nogil:
+    """The set bits of the bitmap, in increasing order."""
+    cdef Py_ssize_t w, k = 0
+    cdef uint64_t word
+    for w in range(W):
+        word = bits[w]
+        while word:
+            rows[k] = (w << 6) + fe_ctz64(word)
+            k += 1
+            word &= word - 1
+
+
+cdef tuple _unique_slots(cnp.ndarray idx, Py_ssize_t N):
+    """(sorted distinct ids as int64, slot of each id as int64): a bitmap pass when the ids are dense enough."""
+    cdef int64_t lo = 0, hi = -1
+    cdef Py_ssize_t bad, W, U
+    cdef void* ip = cnp.PyArray_DATA(idx)
+    cdef bint is64 = cnp.PyArray_ITEMSIZE(idx) == 8
+    if is64:
+        bad = _min_max(<const int64_t*>ip, N, &lo, &hi)
+    else:
+        bad = _min_max(<const int32_t*>ip, N, &lo, &hi)
+    if bad >= 0:
+        value = idx.reshape(-1)[bad]
+        raise IndexError(f"{_where(idx, 'ids', bad)} = {value} is negative; row ids must be >= 0")
+    W = (hi >> 6) + 1 if N > 0 else 0
+    cdef cnp.ndarray slots = np.empty(N, dtype=np.int64)
+    if W > 8 * N + 65536:
+        # Ids too spread out for a bitmap of the id range: sort instead.
+        rows, inverse = np.unique(idx.reshape(-1), return_inverse=True)
+        np.copyto(slots, inverse.reshape(-1))
+        return rows.astype(np.int64, copy=False), slots
+    cdef uint64_t* bits = <uint64_t*>calloc(W + 1, sizeof(uint64_t))
+    cdef int32_t* before = <int32_t*>calloc(W + 1, sizeof(int32_t))
+    if bits == NULL or before == NULL:
+        free(bits)
+        free(before)
+        raise MemoryError()
+    cdef int64_t* sp = <int64_t*>cnp.PyArray_DATA(slots)
+    cdef cnp.ndarray rows_arr
+    try:
+        with nogil:
+            if is64:
+                U = _bitmap_slots(<const int64_t*>ip, N, bits, before, W, sp)
+            else:
+                U = _bitmap_slots(<const int32_t*>ip, N, bits, before, W, sp)
+        rows_arr = np.empty(U, dtype=np.int64)
+        with nogil:
+            _bitmap_rows(bits, W, <int64_t*>cnp.PyArray_DATA(rows_arr))
+    finally:
+        free(bits)
+        free(before)
+    return rows_arr, slots
+
+
+def coalesce(ids, grad_out):
+    """(rows, values): the distinct ids in increasing order (int64) and grad_out summed per id (float32)."""
+    cdef cnp.ndarray idx = _index_array(ids, "ids")
+    cdef cnp.ndarray src = _float_input(grad_out, "grad_out")
+    if cnp.PyArray_NDIM(src) != cnp.PyArray_NDIM(idx) + 1:
+        raise ValueError(
+            f"grad_out must have shape _shape(ids) + (D,), got _shape(ids)={_shape(idx)} and grad_out.shape={_shape(src)}"
+        )
+    cdef Py_ssize_t D = cnp.PyArray_DIM(src, cnp.PyArray_NDIM(idx)), N = cnp.PyArray_SIZE(idx)
+    _check_rows_shape(src, "grad_out", idx, D)
+    rows, slots = _unique_slots(idx, N)
+    cdef Py_ssize_t U = len(rows)
+    cdef cnp.ndarray values = np.zeros((U, D), dtype=np.float32)
+    cdef float* vp = <float*>cnp.PyArray_DATA(values)
+    cdef const int64_t* sp = <const int64_t*>cnp.PyArray_DATA(<cnp.ndarray>slots)
+    cdef const float* s = <const float*>cnp.PyArray_DATA(src)
+    cdef int nthreads = _column_threads(N, D)
+    if N * D >= SERIAL_ELEMENTS:
+        with nogil:
+            _scatter_add(vp, D, sp, N, s, nthreads)
+    else:
+        _scatter_add(vp, D, sp, N, s, nthreads)
+    return rows, values
+
+
+cdef int _check_increasing(cnp.ndarray rows) except -1:
+    """Rows updated in parallel must be distinct; sorted distinct rows are what coalesce gives."""
+    cdef const int64_t* r = <const int64_t*>cnp.PyArray_DATA(rows)
+    cdef Py_ssize_t k
+    for k in range(1, cnp.PyArray_DIM(rows, 0)):
+        if r[k] <= r[k - 1]:
+            raise ValueError(f"rows must be strictly increasing, got rows[{k - 1}]={r[k - 1]}, rows[{k}]={r[k]}")
+    return 0
+
+
+def adam_step(weight, exp_avg, exp_avg_sq, grad, rows, double lr, double beta1, double beta2,
+              double eps, double bias1, double bias2):
+    """One Adam update in place, fused per element; rows None updates every row (grad is (V, D)),
+    else only rows (sorted distinct int64, grad is (len(rows), D))."""
+    cdef cnp.ndarray w = _target(weight, "weight")
+    cdef cnp.ndarray m = _target(exp_avg, "exp_avg")
+    cdef cnp.ndarray v = _target(exp_avg_sq, "exp_avg_sq")
+    cdef cnp.ndarray g = _float_input(grad, "grad")
+    if cnp.PyArray_NDIM(w) != 2:
+        raise ValueError(f"weight must be 2-D (rows, dim), got weight.shape={_shape(w)}")
+    for arr, name in ((m, "exp_avg"), (v, "exp_avg_sq")):
+        if _shape(arr) != _shape(w):
+            raise ValueError(f"{name} must have weight.shape={_shape(w)}, got {name}.shape={_shape(arr)}")
+    cdef Py_ssize_t V = _rows(w), D = _dim(w), U
+    cdef cnp.ndarray r = None
+    if rows is None:
+        U = V
+    else:
+        r = _index_array(rows, "rows")
+        if cnp.PyArray_ITEMSIZE(r) != 8 or cnp.PyArray_NDIM(r) != 1:
+            raise TypeError(f"rows must be a 1-D int64 array, got rows.dtype={r.dtype}, rows.shape={_shape(r)}")
+        U = cnp.PyArray_DIM(r, 0)
+        _check_range(r, "rows", V, "weight")
+        _check_increasing(r)
+    if _shape(g) != (U, D):
+        raise ValueError(f"grad must have shape {(U, D)}, got _shape(grad)={_shape(g)}")
+    _no_overlap(w, "weight", (m, v, g), ("exp_avg", "exp_avg_sq", "grad"))
+    _no_overlap(m, "exp_avg", (v, g), ("exp_avg_sq", "grad"))
+    _no_overlap(v, "exp_avg_sq", (g,), ("grad",))
+    cdef const int64_t* rp = NULL if r is None else <const int64_t*>cnp.PyArray_DATA(r)
+    cdef int nthreads = _threads_for(U * D)
+    with nogil:  # an optimizer step is never small enough for the GIL release to matter
+        _adam(<float*>cnp.PyArray_DATA(w), <float*>cnp.PyArray_DATA(m), <float*>cnp.PyArray_DATA(v),
+              <const float*>cnp.PyArray_DATA(g), D, rp, U, <float>lr, <float>beta1, <float>beta2,
+              <float>eps, <float>bias1, <float>bias2, nthreads)

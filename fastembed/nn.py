@@ -1,0 +1,171 @@
+"""The thin autograd layer: forward keeps the ids, backward scatters into the rows they name.
+
+There is no graph here: a layer remembers what its last forward call needs, and
+`backward(grad)` is that call's vector-Jacobian product. Dense gradients are a
+float32 (V, D) array that accumulates over backward calls until `zero_grad()`;
+sparse gradients are a `SparseGrad(rows, values)` of the touched rows only.
+"""
+from typing import NamedTuple
+
+import numpy as np
+
+from . import ops
+
+INIT_STD = 0.08  # the book's Gaussian init for every matrix
+
+__all__ = ["Embedding", "TokenPositionEmbedding", "SparseGrad"]
+
+
+class SparseGrad(NamedTuple):
+    """A row-sparse gradient: ``dense[rows] = values``, every other row zero."""
+
+    rows: np.ndarray  # int64 (U,), distinct, increasing
+    values: np.ndarray  # float32 (U, D)
+
+    def to_dense(self, num_rows):
+        """The same gradient as a float32 (num_rows, D) array."""
+        dense = np.zeros((num_rows, self.values.shape[1]), dtype=np.float32)
+        dense[self.rows] = self.values
+        return dense
+
+
+def _merge(grad, rows, values):
+    """Add a new sparse contribution to an accumulated one (earlier rows first, as in a dense sum)."""
+    if grad is None:
+        return SparseGrad(rows, values)
+    return SparseGrad(*ops.coalesce(np.concatenate([grad.rows, rows]), np.concatenate([grad.values, values])))
+
+
+class Embedding:
+    """A lookup table of num_embeddings rows of embedding_dim float32 values.
+
+    ``layer(ids)`` returns ``weight[ids]`` (shape ids.shape + (D,)) and keeps ids;
+    ``layer.backward(grad_out)`` adds ``grad_out`` into the rows of ids: into the
+    dense ``grad`` (V, D), or, with ``sparse=True``, into a `SparseGrad`.
+    """
+
+    def __init__(self, num_embeddings, embedding_dim, *, sparse=False, seed=None):
+        if num_embeddings < 0 or embedding_dim < 0:
+            raise ValueError(f"sizes must be >= 0, got ({num_embeddings}, {embedding_dim})")
+        rng = np.random.default_rng(seed)
+        self.weight = (rng.standard_normal((num_embeddings, embedding_dim)) * INIT_STD).astype(np.float32)
+        self.sparse = bool(sparse)
+        self.grad = None
+        self._ids = None
+
+    @classmethod
+    def from_pretrained(cls, weight, *, sparse=False):
+        """An Embedding whose weight is a float32 copy of the given (V, D) array."""
+        weight = np.array(weight, dtype=np.float32, order="C", copy=True)
+        if weight.ndim != 2:
+            raise ValueError(f"weight must be 2-D (rows, dim), got weight.shape={weight.shape}")
+        layer = cls(0, 0, sparse=sparse)
+        layer.weight = weight
+        return layer
+
+    @property
+    def num_embeddings(self):
+        return self.weight.shape[0]
+
+    @property
+    def embedding_dim(self):
+        return self.weight.shape[1]
+
+    def __repr__(self):
+        return f"Embedding({self.num_embeddings}, {self.embedding_dim}, sparse={self.sparse})"
+
+    def __call__(self, ids, *, out=None):
+        ids = ops.as_ids(ids)
+        result = ops.gather(self.weight, ids, out=out)
+        self._ids = ids
+        return result
+
+    forward = __call__
+
+    def backward(self, grad_out):
+        """Add the gradient of the last forward call's output into ``grad``."""
+        if self._ids is None:
+            raise RuntimeError("backward() called before any forward call")
+        if self.sparse:
+            self.grad = _merge(self.grad, *ops.coalesce(self._ids, grad_out))
+            return
+        grad = self.grad if self.grad is not None else np.zeros_like(self.weight)
+        ops.scatter_add(grad, self._ids, grad_out)
+        self.grad = grad
+
+    def dense_grad(self):
+        """The gradient as a float32 (V, D) array (zeros when there is none)."""
+        if self.grad is None:
+            return np.zeros_like(self.weight)
+        if isinstance(self.grad, SparseGrad):
+            return self.grad.to_dense(self.num_embeddings)
+        return self.grad
+
+    def zero_grad(self):
+        """Drop the gradient (the next backward starts from zero)."""
+        self.grad = None
+
+    def parameters(self):
+        return [self]
+
+
+class TokenPositionEmbedding:
+    """The book's first op: ``hidden = token.weight[ids] + position.weight[positions]``.
+
+    ``layer(ids, positions=None)`` returns hidden (ids.shape + (D,)); positions
+    None means ``arange(T)`` along the last axis of ids, an int s means
+    ``s + arange(T)``, an array is used as given. ``layer.backward(grad_hidden)``
+    adds into ``token.grad`` and ``position.grad`` in one fused pass (dense), or
+    gives each a `SparseGrad` (sparse=True).
+    """
+
+    def __init__(self, vocab_size, context_length, embedding_dim, *, sparse=False, seed=None):
+        seeds = np.random.SeedSequence(seed).spawn(2)
+        self.token = Embedding(vocab_size, embedding_dim, sparse=sparse, seed=seeds[0])
+        self.position = Embedding(context_length, embedding_dim, sparse=sparse, seed=seeds[1])
+        self.sparse = bool(sparse)
+        self._saved = None
+
+    @classmethod
+    def from_pretrained(cls, token_weight, position_weight, *, sparse=False):
+        layer = cls(0, 0, 0, sparse=sparse)
+        layer.token = Embedding.from_pretrained(token_weight, sparse=sparse)
+        layer.position = Embedding.from_pretrained(position_weight, sparse=sparse)
+        return layer
+
+    def __repr__(self):
+        return (f"TokenPositionEmbedding({self.token.num_embeddings}, {self.position.num_embeddings}, "
+                f"{self.token.embedding_dim}, sparse={self.sparse})")
+
+    def __call__(self, ids, positions=None, *, out=None):
+        ids = ops.as_ids(ids)
+        if positions is not None and not isinstance(positions, (int, np.integer)):
+            positions = ops.positions_array(ids, positions)
+        hidden = ops.gather_add(self.token.weight, self.position.weight, ids, positions=positions, out=out)
+        self._saved = (ids, positions)
+        return hidden
+
+    forward = __call__
+
+    def backward(self, grad_hidden):
+        """Add the gradient of the last forward call's hidden into token.grad and position.grad."""
+        if self._saved is None:
+            raise RuntimeError("backward() called before any forward call")
+        ids, positions = self._saved
+        if self.sparse:
+            token_part = ops.coalesce(ids, grad_hidden)  # checks grad_hidden before anything is kept
+            position_part = ops.coalesce(ops.positions_array(ids, positions), grad_hidden)
+            self.token.grad = _merge(self.token.grad, *token_part)
+            self.position.grad = _merge(self.position.grad, *position_part)
+            return
+        token_grad = self.token.grad if self.token.grad is not None else np.zeros_like(self.token.weight)
+        position_grad = self.position.grad if self.position.grad is not None else np.zeros_like(self.position.weight)
+        ops.gather_add_backward(grad_hidden, ids, token_grad, position_grad, positions=positions)
+        self.token.grad, self.position.grad = token_grad, position_grad
+
+    def zero_grad(self):
+        self.token.zero_grad()
+        self.position.zero_grad()
+
+    def parameters(self):
+        return [self.token, self.position]

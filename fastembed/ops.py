@@ -1,0 +1,200 @@
+"""The public functional API.
+
+This layer normalises arguments (lists and other integer dtypes become int32 or
+int64 arrays; positions become None, an int start, or an int64 array of
+ids.shape) and documents shapes. Every check of the values themselves (dtype of
+the tables, shapes, id ranges, aliasing) happens once, in `_kernels`, before the
+first write.
+"""
+import operator
+
+import numpy as np
+
+from . import _kernels
+
+__all__ = ["gather", "gather_add", "scatter_add", "gather_add_backward", "coalesce", "as_ids"]
+
+_ndarray = np.ndarray
+_NATIVE_IDS = (np.dtype(np.int32), np.dtype(np.int64))
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+def as_ids(ids, name="ids"):
+    """ids as a numpy array of native int32 or int64, without a copy when it already is one.
+
+    Other integer dtypes are widened (uint64 only when every value fits int64);
+    bool, float and object ids raise TypeError.
+    """
+    if not isinstance(ids, np.ndarray):
+        was_sequence = not isinstance(ids, (int, np.integer))
+        if isinstance(ids, (bool, np.bool_)):
+            raise TypeError(f"{name} must be integers, got a bool")
+        try:
+            arr = np.asarray(ids)
+        except (ValueError, OverflowError) as exc:
+            raise TypeError(f"{name} must be an integer array-like; numpy could not read it: {exc}") from exc
+        if arr.size == 0 and was_sequence and arr.dtype == np.float64:
+            arr = arr.astype(np.int64)  # np.asarray([]) is float64; empty ids are fine
+        elif arr.dtype == object:
+            arr = _object_ids(arr, name)
+        ids = arr
+    dtype = ids.dtype
+    if dtype in _NATIVE_IDS:
+        return ids
+    if dtype.kind not in "iu":
+        raise TypeError(f"{name} must have an integer dtype, got {name}.dtype={dtype}")
+    if dtype.kind == "u" and dtype.itemsize == 8 and ids.size and ids.max() > _INT64_MAX:
+        flat = int(np.argmax(ids.reshape(-1) > _INT64_MAX))
+        where = np.unravel_index(flat, ids.shape) if ids.ndim else ()
+        raise IndexError(
+            f"{name}[{', '.join(map(str, where))}] = {ids.reshape(-1)[flat]} is out of range "
+            f"(larger than any table could have rows)"
+        )
+    if dtype.itemsize < 4 or (dtype.kind == "i" and dtype.itemsize == 4):
+        return ids.astype(np.int32)
+    return ids.astype(np.int64)
+
+
+def _object_ids(arr, name):
+    """An object array of Python ints (for example larger than int64) as int64, or the right error."""
+    for value in arr.reshape(-1):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name} must be integers, got an element of type {type(value).__name__}")
+    try:
+        return arr.astype(np.int64)
+    except OverflowError:
+        flat = next(k for k, v in enumerate(arr.reshape(-1)) if not -(2**63) <= v <= _INT64_MAX)
+        raise IndexError(f"{name} value {arr.reshape(-1)[flat]} is out of range") from None
+
+
+def _as_positions(positions, ids):
+    """None or an int start stay as they are; anything else becomes an int64 array of ids.shape."""
+    if positions is None:
+        return None
+    if isinstance(positions, (bool, np.bool_)):
+        raise TypeError("positions must be None, an int start, or an integer array, got a bool")
+    if isinstance(positions, (int, np.integer)):
+        return operator.index(positions)
+    pos = as_ids(positions, "positions")
+    try:
+        pos = np.broadcast_to(pos, ids.shape)
+    except ValueError:
+        raise ValueError(
+            f"positions must be broadcastable to ids.shape={ids.shape}, got positions.shape={pos.shape}"
+        ) from None
+    return np.ascontiguousarray(pos, dtype=np.int64)
+
+
+def gather(table, ids, *, out=None):
+    """Rows of a table: ``table[ids]``.
+
+    Parameters
+    ----------
+    table : ndarray of float32, shape (V, D), C-contiguous
+    ids : array-like of int, any shape (...)
+        Row ids in [0, V). int32 and int64 arrays are used without a copy.
+    out : ndarray of float32, shape ids.shape + (D,), optional
+        Written in place; must be C-contiguous, writeable, and share no memory with the inputs.
+
+    Returns
+    -------
+    ndarray of float32, shape ids.shape + (D,)
+    """
+    if type(ids) is not _ndarray or ids.dtype not in _NATIVE_IDS:
+        ids = as_ids(ids)
+    return _kernels.gather(table, ids, out)
+
+
+def gather_add(token_table, position_table, ids, *, positions=None, out=None):
+    """The book's first op, fused: ``token_table[ids] + position_table[positions]``.
+
+    Parameters
+    ----------
+    token_table : ndarray of float32, shape (V, D), C-contiguous
+    position_table : ndarray of float32, shape (P, D), C-contiguous
+    ids : array-like of int, any shape (..., T)
+    positions : None, int, or array-like of int broadcastable to ids.shape
+        None means ``arange(T)`` along the last axis of ids; an int ``s`` means
+        ``s + arange(T)`` (a decode step at position s); an array is used as given.
+    out : ndarray of float32, shape ids.shape + (D,), optional
+
+    Returns
+    -------
+    ndarray of float32, shape ids.shape + (D,)
+    """
+    if type(ids) is not _ndarray or ids.dtype not in _NATIVE_IDS:
+        ids = as_ids(ids)
+    if positions is not None and type(positions) is not int:
+        positions = _as_positions(positions, ids)
+    return _kernels.gather_add(token_table, position_table, ids, positions, out)
+
+
+def scatter_add(grad_table, ids, grad_out):
+    """Accumulate in place: ``grad_table[ids] += grad_out``, repeated ids summed.
+
+    Duplicates are added in the row-major order of ids, as ``np.add.at`` does: the
+    result is bitwise the same on every run and for every thread count.
+
+    Parameters
+    ----------
+    grad_table : ndarray of float32, shape (V, D), C-contiguous and writeable
+    ids : array-like of int, any shape (...)
+    grad_out : ndarray of float32, shape ids.shape + (D,)
+    """
+    if type(ids) is not _ndarray or ids.dtype not in _NATIVE_IDS:
+        ids = as_ids(ids)
+    _kernels.scatter_add(grad_table, ids, grad_out)
+
+
+def gather_add_backward(grad_hidden, ids, token_grad, position_grad, *, positions=None):
+    """Backward of `gather_add`, into both gradient tables in one pass over grad_hidden.
+
+    ``token_grad[ids] += grad_hidden`` and ``position_grad[positions] += grad_hidden``,
+    duplicates summed in the row-major order of ids.
+
+    Parameters
+    ----------
+    grad_hidden : ndarray of float32, shape ids.shape + (D,)
+    ids : array-like of int, any shape (..., T)
+    token_grad : ndarray of float32, shape (V, D), C-contiguous and writeable
+    position_grad : ndarray of float32, shape (P, D), C-contiguous and writeable
+    positions : None, int, or array-like of int broadcastable to ids.shape
+        As in `gather_add`.
+    """
+    if type(ids) is not _ndarray or ids.dtype not in _NATIVE_IDS:
+        ids = as_ids(ids)
+    if positions is not None and type(positions) is not int:
+        positions = _as_positions(positions, ids)
+    _kernels.gather_add_backward(grad_hidden, ids, token_grad, position_grad, positions)
+
+
+def coalesce(ids, grad_out):
+    """A sparse gradient: the distinct ids and the rows of grad_out summed per id.
+
+    Parameters
+    ----------
+    ids : array-like of int >= 0, any shape (...)
+    grad_out : ndarray of float32, shape ids.shape + (D,)
+
+    Returns
+    -------
+    rows : ndarray of int64, shape (U,)
+        The distinct ids, in increasing order.
+    values : ndarray of float32, shape (U, D)
+        ``values[k]`` is the sum of grad_out over the positions where ids == rows[k],
+        added in the row-major order of ids (bitwise equal to ``np.add.at`` into zeros).
+    """
+    if type(ids) is not _ndarray or ids.dtype not in _NATIVE_IDS:
+        ids = as_ids(ids)
+    return _kernels.coalesce(ids, grad_out)
+
+
+def positions_array(ids, positions=None):
+    """The positions that `gather_add` uses for ids, as an int64 array of ids.shape."""
+    ids = as_ids(ids)
+    positions = _as_positions(positions, ids)
+    if isinstance(positions, np.ndarray):
+        return positions
+    T = ids.shape[-1] if ids.ndim else 1
+    start = positions or 0
+    return np.ascontiguousarray(np.broadcast_to(start + np.arange(T, dtype=np.int64), ids.shape))

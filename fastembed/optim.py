@@ -1,0 +1,134 @@
+"""Optimizers for fastembed layers: SGD, the book's dense Adam, and the lazy SparseAdam.
+
+A parameter is anything with a float32 ``weight`` array and a ``grad`` that is
+None, a dense array of weight's shape, or a `SparseGrad(rows, values)`; an
+`Embedding` is one, and a `TokenPositionEmbedding` gives two by ``parameters()``.
+"""
+import numpy as np
+
+from . import _kernels
+from .nn import SparseGrad
+
+__all__ = ["SGD", "Adam", "SparseAdam", "linear_decay"]
+
+BOOK_LR = 0.01
+BOOK_BETAS = (0.85, 0.99)
+BOOK_EPS = 1e-8
+
+
+def linear_decay(lr, step, num_steps):
+    """The book's schedule: ``lr * (1 - step / num_steps)`` at step 0, 1, ..., num_steps - 1."""
+    if num_steps <= 0:
+        raise ValueError(f"num_steps must be > 0, got {num_steps}")
+    return lr * (1.0 - step / num_steps)
+
+
+def _flatten(params):
+    out = []
+    for p in params:
+        if hasattr(p, "parameters") and not hasattr(p, "weight"):
+            out.extend(p.parameters())
+        else:
+            out.append(p)
+    if not out:
+        raise ValueError("the optimizer got an empty parameter list")
+    for p in out:
+        if not (isinstance(p.weight, np.ndarray) and p.weight.dtype == np.float32 and p.weight.ndim == 2):
+            raise TypeError(f"a parameter's weight must be a float32 2-D array, got {type(p.weight).__name__}")
+    return out
+
+
+class _Optimizer:
+    def __init__(self, params, lr):
+        if isinstance(params, (list, tuple)):
+            params = list(params)
+        elif hasattr(params, "parameters"):
+            params = [params]
+        else:
+            params = list(params)
+        self.params = _flatten(params)
+        if lr < 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        self.lr = lr
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+
+class SGD(_Optimizer):
+    """``weight -= lr * grad``; a sparse gradient moves only its rows."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, lr)
+
+    def step(self):
+        for p in self.params:
+            g = p.grad
+            if g is None:
+                continue
+            if isinstance(g, SparseGrad):
+                p.weight[g.rows] -= np.float32(self.lr) * g.values
+            else:
+                p.weight -= np.float32(self.lr) * g
+
+
+class Adam(_Optimizer):
+    """The book's Adam: every parameter moves every step, through its moments.
+
+    With t the step count (1 on the first step), per element:
+    ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2``,
+    ``w -= lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)``.
+    A missing gradient counts as zero (the row still moves by its momentum), and a
+    sparse gradient is made dense: this is what the book does, whatever rows were looked up.
+    Defaults are the book's: lr 0.01, betas (0.85, 0.99), eps 1e-8. For its learning-rate
+    schedule set ``opt.lr = linear_decay(0.01, step, num_steps)`` before each step.
+    """
+
+    def __init__(self, params, lr=BOOK_LR, betas=BOOK_BETAS, eps=BOOK_EPS):
+        super().__init__(params, lr)
+        self.betas, self.eps, self.t = tuple(betas), eps, 0
+        self.exp_avg = [np.zeros_like(p.weight) for p in self.params]
+        self.exp_avg_sq = [np.zeros_like(p.weight) for p in self.params]
+
+    def step(self):
+        self.t += 1
+        b1, b2 = self.betas
+        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
+            g = p.grad
+            if g is None:
+                g = np.zeros_like(p.weight)
+            elif isinstance(g, SparseGrad):
+                g = g.to_dense(p.weight.shape[0])
+            _kernels.adam_step(p.weight, m, v, g, None, self.lr, b1, b2, self.eps, 1 - b1**self.t, 1 - b2**self.t)
+
+
+class SparseAdam(_Optimizer):
+    """Lazy Adam: only the rows in this step's sparse gradient move; NOT the book's Adam.
+
+    Untouched rows keep their weight and both moments exactly as they were (the
+    book's Adam would keep moving them by their momentum). The bias correction uses
+    the optimizer's step count t, as torch.optim.SparseAdam does. Each touched row
+    is updated in one fused pass. Needs sparse gradients (layers built with sparse=True).
+    """
+
+    def __init__(self, params, lr=BOOK_LR, betas=BOOK_BETAS, eps=BOOK_EPS):
+        super().__init__(params, lr)
+        self.betas, self.eps, self.t = tuple(betas), eps, 0
+        self.exp_avg = [np.zeros_like(p.weight) for p in self.params]
+        self.exp_avg_sq = [np.zeros_like(p.weight) for p in self.params]
+
+    def step(self):
+        for p in self.params:
+            if p.grad is not None and not isinstance(p.grad, SparseGrad):
+                raise TypeError(
+                    "SparseAdam needs sparse gradients (SparseGrad); build the layer with sparse=True, "
+                    f"or use Adam for dense ones; got a {type(p.grad).__name__}"
+                )
+        self.t += 1
+        b1, b2 = self.betas
+        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
+            if p.grad is None:
+                continue
+            _kernels.adam_step(p.weight, m, v, p.grad.values, p.grad.rows, self.lr, b1, b2, self.eps,
+                               1 - b1**self.t, 1 - b2**self.t)
