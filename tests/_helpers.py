@@ -1,0 +1,153 @@
+"""Shared helpers and hypothesis strategies for the core test suite.
+
+Oracles used by the tests: numpy (``table[ids]``, ``np.add.at``, ``np.unique``),
+the pure-Python reference, hand-derived derivatives and, when installed, torch.
+"""
+import contextlib
+
+import numpy as np
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+
+import fastembed as fe
+
+# The kernels switch to the threaded, GIL-free path at this many float32 elements of work.
+SERIAL_ELEMENTS = 32768
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FEW = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# ---------------------------------------------------------------- comparisons
+
+def assert_bitwise(actual, expected):
+    """Same shape, same dtype, same bytes (so -0.0 vs 0.0 and NaN payloads count)."""
+    actual = np.asarray(actual)
+    expected = np.asarray(expected)
+    assert actual.shape == expected.shape, f"shape {actual.shape} != {expected.shape}"
+    assert actual.dtype == expected.dtype, f"dtype {actual.dtype} != {expected.dtype}"
+    if actual.tobytes() != expected.tobytes():
+        diff = np.argwhere(actual != expected)
+        raise AssertionError(
+            f"arrays differ bitwise at {len(diff)} places, first {diff[:5].tolist()}: "
+            f"{actual[tuple(diff[0])] if len(diff) else '?'} vs {expected[tuple(diff[0])] if len(diff) else '?'}"
+        )
+
+
+class Snapshot:
+    """Bitwise copies of arrays taken before a call, to prove the call changed nothing."""
+
+    def __init__(self, **arrays):
+        self.arrays = {k: v for k, v in arrays.items() if isinstance(v, np.ndarray)}
+        self.copies = {k: (v.copy(), v.flags.writeable) for k, v in self.arrays.items()}
+
+    def assert_unchanged(self):
+        for name, arr in self.arrays.items():
+            copy, writeable = self.copies[name]
+            assert arr.flags.writeable == writeable, f"{name}: writeable flag changed"
+            assert arr.shape == copy.shape and arr.dtype == copy.dtype, f"{name}: shape or dtype changed"
+            assert arr.tobytes() == copy.tobytes(), f"{name} was modified by a call that raised"
+
+
+@contextlib.contextmanager
+def num_threads(n):
+    """Run with fe.set_num_threads(n), then restore the previous setting (the OpenMP default if it matched)."""
+    before = fe.get_num_threads()
+    fe.set_num_threads(n)
+    try:
+        yield
+    finally:
+        fe.set_num_threads(0)
+        if fe.get_num_threads() != before:
+            fe.set_num_threads(before)
+
+
+def read_only(a):
+    a = np.array(a, copy=True)
+    a.flags.writeable = False
+    return a
+
+
+def misaligned_float32(shape):
+    """A writeable float32 array whose data pointer is not 4-byte aligned."""
+    count = int(np.prod(shape))
+    raw = np.zeros(count * 4 + 8, dtype=np.uint8)
+    arr = np.frombuffer(raw.data, dtype=np.float32, count=count, offset=1).reshape(shape)
+    assert not arr.flags.aligned and arr.flags.writeable
+    return arr
+
+
+# ---------------------------------------------------------------- numpy oracles
+
+def positions_oracle(ids_shape, positions):
+    """The positions gather_add uses, as an int64 array of ids_shape (written independently of fastembed)."""
+    if positions is None or isinstance(positions, (int, np.integer)):
+        start = 0 if positions is None else int(positions)
+        if len(ids_shape) == 0:
+            return np.array(start, dtype=np.int64)
+        T = ids_shape[-1]
+        return np.broadcast_to(np.arange(start, start + T, dtype=np.int64), ids_shape).copy()
+    return np.broadcast_to(np.asarray(positions, dtype=np.int64), ids_shape).copy()
+
+
+def coalesce_oracle(ids, grad_out):
+    """np.unique + np.add.at into zeros: the sums in the row-major order of ids."""
+    ids = np.asarray(ids).reshape(-1).astype(np.int64)
+    D = grad_out.shape[-1]
+    rows, inverse = np.unique(ids, return_inverse=True)
+    values = np.zeros((len(rows), D), dtype=np.float32)
+    np.add.at(values, inverse.reshape(-1), np.asarray(grad_out, dtype=np.float32).reshape(-1, D))
+    return rows.astype(np.int64), values
+
+
+# ---------------------------------------------------------------- strategies
+
+ID_DTYPES = (np.int32, np.int64)
+
+
+@st.composite
+def ids_shapes(draw, max_ndim=3, max_side=6, allow_empty=True):
+    ndim = draw(st.integers(0, max_ndim))
+    low = 0 if allow_empty else 1
+    return tuple(draw(st.integers(low, max_side)) for _ in range(ndim))
+
+
+@st.composite
+def id_arrays(draw, rows, shape=None, dtypes=ID_DTYPES):
+    """Ids in [0, rows): sometimes drawn from a tiny pool (many duplicates, or all equal)."""
+    if shape is None:
+        shape = draw(ids_shapes())
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    pool = draw(st.sampled_from([rows, 1, min(2, rows), min(3, rows)]))
+    offset = draw(st.integers(0, rows - pool))
+    ids = rng.integers(0, pool, size=shape) + offset
+    dtype = draw(st.sampled_from(dtypes))
+    return np.asarray(ids, dtype=dtype)
+
+
+def as_form(ids, form):
+    """The same ids as another array-like: a nested list, a non-contiguous view, a small int dtype."""
+    if form == "array":
+        return ids
+    if form == "list":
+        return ids.tolist()
+    if form == "strided":
+        if ids.ndim == 0:
+            return ids
+        big = np.repeat(ids, 2, axis=-1)
+        view = big[..., ::2]
+        assert ids.size == 0 or not view.flags.c_contiguous or ids.shape[-1] <= 1
+        return view
+    if form == "uint16":
+        return ids.astype(np.uint16)
+    if form == "int8" and (ids.size == 0 or ids.max() < 128):
+        return ids.astype(np.int8)
+    return ids
+
+
+ID_FORMS = ("array", "array", "list", "strided", "uint16", "int8")
+
+
+def float_table(rng, rows, dim):
+    return rng.standard_normal((rows, dim)).astype(np.float32)
