@@ -131,7 +131,9 @@ def as_form(ids, form):
     if form == "array":
         return ids
     if form == "list":
-        return ids.tolist()
+        as_list = ids.tolist()
+        # a list cannot spell a zero-length leading axis, e.g. shape (0, 3): keep the array then
+        return as_list if np.asarray(as_list).shape == ids.shape else ids
     if form == "strided":
         if ids.ndim == 0:
             return ids
