@@ -21,4 +21,12 @@ static inline int fe_ctz64(uint64_t x) { return __builtin_ctzll(x); }
 static inline int fe_popcount64(uint64_t x) { return __builtin_popcountll(x); }
 #endif
 
+#if defined(__GNUC__) || defined(__clang__)
+#define fe_prefetch(p) __builtin_prefetch((p), 0, 3)
+#define fe_prefetch_write(p) __builtin_prefetch((p), 1, 3)
+#else
+#define fe_prefetch(p) ((void)0)
+#define fe_prefetch_write(p) ((void)0)
+#endif
+
 #endif

@@ -27,6 +27,8 @@ cdef extern from "_fastembed.h" nogil:
     int fe_openmp_enabled()
     int fe_ctz64(uint64_t x)
     int fe_popcount64(uint64_t x)
+    void fe_prefetch(const void* p)
+    void fe_prefetch_write(const void* p)
 
 ctypedef fused index_t:
     int32_t
@@ -38,6 +40,8 @@ cdef enum:
     SERIAL_ELEMENTS = 32768
     # Columns are split between threads in multiples of 16 floats (one 64-byte cache line).
     COLUMN_BLOCK = 16
+    PREFETCH_ROWS = 8
+    PREFETCH_FLOATS = 256
 
 cdef int _num_threads = 0  # 0: follow OpenMP (omp_get_max_threads, which threadpoolctl controls)
 
@@ -302,11 +306,25 @@ cdef inline int _column_threads(Py_ssize_t N, Py_ssize_t D) noexcept nogil:
     return <int>min(<Py_ssize_t>n, blocks)
 
 
+cdef inline void _prefetch_row(const float* row, Py_ssize_t D) noexcept nogil:
+    cdef Py_ssize_t d
+    for d in range(0, min(D, PREFETCH_FLOATS), 16):
+        fe_prefetch(row + d)
+
+
+cdef inline void _prefetch_row_write(const float* row, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    cdef Py_ssize_t d
+    for d in range(c0, min(c1, c0 + PREFETCH_FLOATS), 16):
+        fe_prefetch_write(row + d)
+
+
 cdef void _gather_rows(const float* table, Py_ssize_t D, const index_t* ids,
                        Py_ssize_t lo, Py_ssize_t hi, float* out) noexcept nogil:
     """out[i] = table[ids[i]] for i in [lo, hi)."""
     cdef Py_ssize_t i
     for i in range(lo, hi):
+        if i + PREFETCH_ROWS < hi:
+            _prefetch_row(table + <Py_ssize_t>ids[i + PREFETCH_ROWS] * D, D)
         memcpy(out + i * D, table + <Py_ssize_t>ids[i] * D, D * sizeof(float))
 
 
@@ -332,6 +350,8 @@ cdef void _gather_add_rows(const float* tok, const float* pos, Py_ssize_t D, con
     cdef const float* b
     cdef float* o
     for i in range(lo, hi):
+        if i + PREFETCH_ROWS < hi:
+            _prefetch_row(tok + <Py_ssize_t>ids[i + PREFETCH_ROWS] * D, D)
         a = tok + <Py_ssize_t>ids[i] * D
         b = pos + (pos_ids[i] if pos_ids != NULL else start + t) * D
         o = out + i * D
@@ -363,24 +383,32 @@ cdef void _scatter_cols(float* grad, Py_ssize_t D, const index_t* ids, Py_ssize_
     cdef float* g
     cdef const float* s
     for i in range(N):
+        if i + PREFETCH_ROWS < N:
+            _prefetch_row_write(grad + <Py_ssize_t>ids[i + PREFETCH_ROWS] * D, c0, c1)
         g = grad + <Py_ssize_t>ids[i] * D
         s = src + i * D
         for d in range(c0, c1):
             g[d] += s[d]
 
 
-cdef void _scatter_positions_cols(float* grad, Py_ssize_t D, const int64_t* pos_ids, Py_ssize_t start,
-                                  Py_ssize_t T, Py_ssize_t N, const float* src,
-                                  Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
-    """The position half of the fused backward: grad[p_i, c0:c1] += src[i, c0:c1], i in order."""
+cdef void _backward_cols(float* tok_grad, float* pos_grad, Py_ssize_t D, const index_t* ids,
+                         const int64_t* pos_ids, Py_ssize_t start, Py_ssize_t T, Py_ssize_t N,
+                         const float* src, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """Both halves of the fused backward in one read of src: tok_grad[ids[i]] and pos_grad[p_i] += src[i]."""
     cdef Py_ssize_t i, d, t = 0
     cdef float* g
+    cdef float* h
     cdef const float* s
     for i in range(N):
-        g = grad + (pos_ids[i] if pos_ids != NULL else start + t) * D
+        if i + PREFETCH_ROWS < N:
+            _prefetch_row_write(tok_grad + <Py_ssize_t>ids[i + PREFETCH_ROWS] * D, c0, c1)
+        g = tok_grad + <Py_ssize_t>ids[i] * D
+        h = pos_grad + (pos_ids[i] if pos_ids != NULL else start + t) * D
         s = src + i * D
         for d in range(c0, c1):
             g[d] += s[d]
+        for d in range(c0, c1):
+            h[d] += s[d]
         t += 1
         if t == T:
             t = 0
@@ -407,14 +435,12 @@ cdef void _gather_add_backward(float* tok_grad, float* pos_grad, Py_ssize_t D, c
     cdef int k
     cdef Py_ssize_t c0, c1
     if nthreads <= 1:
-        _scatter_cols(tok_grad, D, ids, N, src, 0, D)
-        _scatter_positions_cols(pos_grad, D, pos_ids, start, T, N, src, 0, D)
+        _backward_cols(tok_grad, pos_grad, D, ids, pos_ids, start, T, N, src, 0, D)
         return
     for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
         c0 = _column_part(D, k, nthreads)
         c1 = _column_part(D, k + 1, nthreads)
-        _scatter_cols(tok_grad, D, ids, N, src, c0, c1)
-        _scatter_positions_cols(pos_grad, D, pos_ids, start, T, N, src, c0, c1)
+        _backward_cols(tok_grad, pos_grad, D, ids, pos_ids, start, T, N, src, c0, c1)
 
 
 cdef void _adam_rows(float* w, float* m, float* v, const float* g, Py_ssize_t D, const int64_t* rows,
