@@ -10,6 +10,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import ops
+from .reference import Value
 
 INIT_STD = 0.08  # the book's Gaussian init for every matrix
 
@@ -109,6 +110,28 @@ class Embedding:
         return [self]
 
 
+class _ValueBridge:
+    """The hook of one `to_values` call: `Value.backward()` calls it once per walk that reaches its Values."""
+
+    def __init__(self, layer, values, shape):
+        # Copies: backward may come long after, and the caller may reuse its id buffers meanwhile.
+        self.saved = tuple(a.copy() if isinstance(a, np.ndarray) else a for a in layer._saved)
+        self.layer = layer
+        self.values, self.shape = values, shape
+        self.scattered = np.zeros(shape)  # float64: the Value grads already sent to the layer
+
+    def __call__(self):
+        grads = np.fromiter((v.grad for v in self.values), dtype=np.float64, count=len(self.values))
+        grads = grads.reshape(self.shape)
+        # The layer's backward acts on its last forward call: point it at this one meanwhile.
+        last, self.layer._saved = self.layer._saved, self.saved
+        try:
+            self.layer.backward((grads - self.scattered).astype(np.float32))
+        finally:
+            self.layer._saved = last
+        self.scattered = grads
+
+
 class TokenPositionEmbedding:
     """The book's first op: ``hidden = token.weight[ids] + position.weight[positions]``.
 
@@ -146,6 +169,27 @@ class TokenPositionEmbedding:
         return hidden
 
     forward = __call__
+
+    def to_values(self, ids, positions=None):
+        """hidden as nested lists of `reference.Value`, for the book's scalar model.
+
+        The forward is this layer's (the kernels); the Values returned (shape
+        ids.shape + (D,), as nested lists) are leaves of the caller's graph. When the
+        caller's ``loss.backward()`` reaches them, their gradient goes into
+        ``token.grad`` and ``position.grad`` (dense or sparse, as `backward` does) with
+        no further call. The book's engine adds into grads on every backward(), so
+        each call scatters only what it added to these Values since the last one: the
+        layer's gradient stays the scatter of the Values' grads. ids must be
+        rectangular (an int, a list of ints, or nested lists of equal lengths).
+        """
+        hidden = self(ids, positions)
+        values = [Value(x) for x in hidden.reshape(-1).tolist()]
+        bridge = _ValueBridge(self, values, hidden.shape)
+        for v in values:
+            v.on_backward = bridge
+        nested = np.empty(len(values), dtype=object)
+        nested[:] = values
+        return nested.reshape(hidden.shape).tolist()
 
     def backward(self, grad_hidden):
         """Add the gradient of the last forward call's hidden into token.grad and position.grad."""

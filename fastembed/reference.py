@@ -22,7 +22,7 @@ class Value:
         self.grad = 0.0
         self.children = tuple(children)
         self.local_grads = tuple(local_grads)
-        self.on_backward = None  # optional hook, called once with this Value after backward()
+        self.on_backward = None  # optional hook(): see backward()
 
     def __repr__(self):
         return f"Value(data={self.data!r}, grad={self.grad!r})"
@@ -81,7 +81,12 @@ class Value:
         return self.pow(-1.0).mul(other)
 
     def backward(self):
-        """Set d(self)/d(v) into v.grad for every v this Value depends on."""
+        """Set d(self)/d(v) into v.grad for every v this Value depends on, then run the hooks.
+
+        Each distinct `on_backward` callable found in the graph is called once, with
+        no argument, after the reverse walk: many Values can share one hook (a layer
+        that hands out Values and takes their gradients back in one call).
+        """
         order, seen = [], set()
         stack = [(self, False)]
         while stack:  # iterative post-order DFS: deep graphs must not hit the recursion limit
@@ -96,9 +101,8 @@ class Value:
         for v in reversed(order):
             for child, local_grad in zip(v.children, v.local_grads):
                 child.grad += local_grad * v.grad
-        for v in order:
-            if v.on_backward is not None:
-                v.on_backward(v)
+        for hook in dict.fromkeys(v.on_backward for v in order if v.on_backward is not None):
+            hook()
 
 
 def _rows_like(ids, row_of):
