@@ -1,7 +1,8 @@
-/* Small portability shims for _kernels.pyx: OpenMP queries and bit tricks. */
+/* Small portability shims for _kernels.pyx: OpenMP queries, bit tricks, prefetch, and the two row loops. */
 #ifndef FASTEMBED_H
 #define FASTEMBED_H
 #include <stdint.h>
+#include <stddef.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -20,6 +21,25 @@ static inline int fe_popcount64(uint64_t x) { return (int)__popcnt64(x); }
 static inline int fe_ctz64(uint64_t x) { return __builtin_ctzll(x); }
 static inline int fe_popcount64(uint64_t x) { return __builtin_popcountll(x); }
 #endif
+
+#define FE_RESTRICT __restrict
+
+/* Baseline builds target plain x86-64 (SSE2); GCC's function clones add an AVX2 body picked at load time. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FE_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FE_CLONES
+#endif
+
+/* out[d] = a[d] + b[d]: an AVX2 clone where the CPU has it, chosen once at load time. */
+FE_CLONES static void fe_add_rows(float *FE_RESTRICT out, const float *FE_RESTRICT a, const float *FE_RESTRICT b, ptrdiff_t n) {
+    for (ptrdiff_t d = 0; d < n; d++) out[d] = a[d] + b[d];
+}
+
+/* g[d] += s[d], the inner loop of every scatter-add. */
+FE_CLONES static void fe_add_into(float *FE_RESTRICT g, const float *FE_RESTRICT s, ptrdiff_t n) {
+    for (ptrdiff_t d = 0; d < n; d++) g[d] += s[d];
+}
 
 #if defined(__GNUC__) || defined(__clang__)
 #define fe_prefetch(p) __builtin_prefetch((p), 0, 3)

@@ -28,6 +28,8 @@ cdef extern from "_fastembed.h" nogil:
     int fe_ctz64(uint64_t x)
     int fe_popcount64(uint64_t x)
     void fe_prefetch(const void* p)
+    void fe_add_rows(float* out, const float* a, const float* b, Py_ssize_t n)
+    void fe_add_into(float* g, const float* s, Py_ssize_t n)
     void fe_prefetch_write(const void* p)
 
 ctypedef fused index_t:
@@ -354,9 +356,7 @@ cdef void _gather_add_rows(const float* tok, const float* pos, Py_ssize_t D, con
             _prefetch_row(tok + <Py_ssize_t>ids[i + PREFETCH_ROWS] * D, D)
         a = tok + <Py_ssize_t>ids[i] * D
         b = pos + (pos_ids[i] if pos_ids != NULL else start + t) * D
-        o = out + i * D
-        for d in range(D):
-            o[d] = a[d] + b[d]
+        fe_add_rows(out + i * D, a, b, D)
         t += 1
         if t == T:
             t = 0
@@ -385,10 +385,7 @@ cdef void _scatter_cols(float* grad, Py_ssize_t D, const index_t* ids, Py_ssize_
     for i in range(N):
         if i + PREFETCH_ROWS < N:
             _prefetch_row_write(grad + <Py_ssize_t>ids[i + PREFETCH_ROWS] * D, c0, c1)
-        g = grad + <Py_ssize_t>ids[i] * D
-        s = src + i * D
-        for d in range(c0, c1):
-            g[d] += s[d]
+        fe_add_into(grad + <Py_ssize_t>ids[i] * D + c0, src + i * D + c0, c1 - c0)
 
 
 cdef void _backward_cols(float* tok_grad, float* pos_grad, Py_ssize_t D, const index_t* ids,
@@ -402,13 +399,9 @@ cdef void _backward_cols(float* tok_grad, float* pos_grad, Py_ssize_t D, const i
     for i in range(N):
         if i + PREFETCH_ROWS < N:
             _prefetch_row_write(tok_grad + <Py_ssize_t>ids[i + PREFETCH_ROWS] * D, c0, c1)
-        g = tok_grad + <Py_ssize_t>ids[i] * D
-        h = pos_grad + (pos_ids[i] if pos_ids != NULL else start + t) * D
-        s = src + i * D
-        for d in range(c0, c1):
-            g[d] += s[d]
-        for d in range(c0, c1):
-            h[d] += s[d]
+        s = src + i * D + c0
+        fe_add_into(tok_grad + <Py_ssize_t>ids[i] * D + c0, s, c1 - c0)
+        fe_add_into(pos_grad + (pos_ids[i] if pos_ids != NULL else start + t) * D + c0, s, c1 - c0)
         t += 1
         if t == T:
             t = 0
