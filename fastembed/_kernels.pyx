@@ -4,12 +4,12 @@ Axes, used in every name below:
   V  rows of a table (token vocabulary, or P for the position table)
   D  embedding dim (columns of every table)
   N  number of ids (ids.size; ids may have any shape)
-  T  positions per sequence (_shape(ids)[-1]; 1 for 0-d ids)
+  T  positions per sequence (ids.shape[-1]; 1 for 0-d ids)
 
 Every `def` here checks all of its inputs while it holds the GIL, before the first
 write; the `cdef` loops below trust what they are given. The callers (ops.py)
 pass ids as numpy arrays of native int32 or int64 and positions as None, an int
-start, or a C-contiguous int64 array of _shape(ids).
+start, or a C-contiguous int64 array of ids.shape.
 """
 cimport numpy as cnp
 from cython.parallel cimport prange
@@ -42,6 +42,8 @@ cdef enum:
     SERIAL_ELEMENTS = 32768
     # Columns are split between threads in multiples of 16 floats (one 64-byte cache line).
     COLUMN_BLOCK = 16
+    # Gathers and scatters touch rows in random order: ask for row i + 8 while row i is copied,
+    # its first 1 KiB at most (the hardware prefetcher follows a long row by itself).
     PREFETCH_ROWS = 8
     PREFETCH_FLOATS = 256
 
@@ -150,7 +152,7 @@ cdef tuple _row_shape(cnp.ndarray ids, Py_ssize_t D):
 
 
 cdef int _check_rows_shape(cnp.ndarray arr, str name, cnp.ndarray ids, Py_ssize_t D) except -1:
-    """arr must have shape _shape(ids) + (D,)."""
+    """arr must have shape ids.shape + (D,)."""
     cdef int nd = cnp.PyArray_NDIM(ids)
     cdef int k
     if cnp.PyArray_NDIM(arr) == nd + 1 and cnp.PyArray_DIM(arr, nd) == D:
@@ -160,12 +162,12 @@ cdef int _check_rows_shape(cnp.ndarray arr, str name, cnp.ndarray ids, Py_ssize_
         else:
             return 0
     raise ValueError(
-        f"{name} must have shape _shape(ids) + (D,) = {_row_shape(ids, D)}, got {name}.shape={_shape(arr)}"
+        f"{name} must have shape ids.shape + (D,) = {_row_shape(ids, D)}, got {name}.shape={_shape(arr)}"
     )
 
 
 cdef cnp.ndarray _new_rows(cnp.ndarray ids, Py_ssize_t D):
-    """An uninitialised float32 array of shape _shape(ids) + (D,)."""
+    """An uninitialised float32 array of shape ids.shape + (D,)."""
     cdef int nd = cnp.PyArray_NDIM(ids)
     cdef cnp.npy_intp dims[64]
     cdef int k
@@ -260,7 +262,7 @@ cdef int _check_start(Py_ssize_t start, Py_ssize_t T, Py_ssize_t N, Py_ssize_t P
         return 0
     if start < 0 or start + T > P:
         raise IndexError(
-            f"positions start + arange(T) = {start}..{start + T - 1} (T = _shape(ids)[-1] = {T}) is out of range "
+            f"positions start + arange(T) = {start}..{start + T - 1} (T = ids.shape[-1] = {T}) is out of range "
             f"for position_table with {P} rows (valid positions are 0 to {P - 1})"
         )
     return 0
@@ -280,12 +282,12 @@ cdef Py_ssize_t _start_of(object positions) except? -1:
 
 
 cdef cnp.ndarray _positions_array(object positions, cnp.ndarray ids):
-    """An int64 positions array of _shape(ids) (ops.py broadcasts before it calls)."""
+    """An int64 positions array of ids.shape (ops.py broadcasts before it calls)."""
     cdef cnp.ndarray pos = _index_array(positions, "positions")
     if cnp.PyArray_ITEMSIZE(pos) != 8:
         raise TypeError(f"positions must be int64 here, got positions.dtype={pos.dtype}")
     if _shape(pos) != _shape(ids):
-        raise ValueError(f"positions must have _shape(ids) = {_shape(ids)}, got positions.shape={_shape(pos)}")
+        raise ValueError(f"positions must have ids.shape = {_shape(ids)}, got positions.shape={_shape(pos)}")
     return pos
 
 
@@ -740,7 +742,7 @@ def coalesce(ids, grad_out):
     cdef cnp.ndarray src = _float_input(grad_out, "grad_out")
     if cnp.PyArray_NDIM(src) != cnp.PyArray_NDIM(idx) + 1:
         raise ValueError(
-            f"grad_out must have shape _shape(ids) + (D,), got _shape(ids)={_shape(idx)} and grad_out.shape={_shape(src)}"
+            f"grad_out must have shape ids.shape + (D,), got ids.shape={_shape(idx)} and grad_out.shape={_shape(src)}"
         )
     cdef Py_ssize_t D = cnp.PyArray_DIM(src, cnp.PyArray_NDIM(idx)), N = cnp.PyArray_SIZE(idx)
     _check_rows_shape(src, "grad_out", idx, D)
@@ -794,7 +796,7 @@ def adam_step(weight, exp_avg, exp_avg_sq, grad, rows, double lr, double beta1, 
         _check_range(r, "rows", V, "weight")
         _check_increasing(r)
     if _shape(g) != (U, D):
-        raise ValueError(f"grad must have shape {(U, D)}, got _shape(grad)={_shape(g)}")
+        raise ValueError(f"grad must have shape {(U, D)}, got grad.shape={_shape(g)}")
     _no_overlap(w, "weight", (m, v, g), ("exp_avg", "exp_avg_sq", "grad"))
     _no_overlap(m, "exp_avg", (v, g), ("exp_avg_sq", "grad"))
     _no_overlap(v, "exp_avg_sq", (g,), ("grad",))
