@@ -36,6 +36,46 @@ def _threads_from_environment():
 
 _threads_from_environment()
 
+
+def _warn_if_qdrant_fastembed_installed():
+    """Warn when Qdrant's unrelated `fastembed` distribution is installed too: both own `fastembed/`."""
+    import os
+    import sys
+
+    # Importing importlib.metadata costs about 15 ms, a quarter of `import fastembed`: look for
+    # a `fastembed-*.dist-info` (or egg-info) folder on sys.path first, and ask it only then.
+    if "importlib.metadata" not in sys.modules:
+        for entry in sys.path:
+            try:
+                with os.scandir(entry or ".") as folder:
+                    names = [e.name.lower() for e in folder]
+            except OSError:  # a zip file or a missing folder on sys.path
+                continue
+            if any(n.startswith(("fastembed-", "fastembed.")) and n.endswith("-info") for n in names):
+                break
+        else:
+            return
+    from importlib import metadata
+
+    try:
+        other = metadata.distribution("fastembed")
+    except metadata.PackageNotFoundError:
+        return
+    import warnings
+
+    warnings.warn(
+        f"Two distributions provide the package `fastembed` in this environment: fastembed-kernels "
+        f"{__version__} (this one) and Qdrant's unrelated `fastembed` {other.version}. Their files "
+        "collide: whichever was installed last overwrote the other's, and uninstalling either one "
+        "deletes files the other needs. Keep them in separate environments: here, run "
+        "`pip uninstall fastembed fastembed-kernels`, then reinstall the one you need.",
+        UserWarning,
+        stacklevel=2,
+    )
+
+
+_warn_if_qdrant_fastembed_installed()
+
 __all__ = [
     "__version__",
     "gather", "gather_add", "scatter_add", "gather_add_backward", "coalesce",

@@ -1,0 +1,47 @@
+"""Type stubs for the compiled module fastembed/_kernels.pyx.
+
+The `def` entry points check every input themselves: tables and gradients must be
+float32 ndarrays (never cast), ids native int32 or int64 ndarrays (fastembed.ops
+converts other array-likes first), and positions None, an int start, or an int64
+array of ids.shape.
+"""
+import numpy as np
+import numpy.typing as npt
+
+_Float32 = npt.NDArray[np.float32]
+_Ids = npt.NDArray[np.int32] | npt.NDArray[np.int64]
+_Positions = int | npt.NDArray[np.int64] | None
+
+def openmp_enabled() -> bool: ...
+def get_num_threads() -> int: ...
+def set_num_threads(n: int) -> None: ...
+def gather(table: _Float32, ids: _Ids, out: _Float32 | None = None) -> _Float32: ...
+def gather_add(
+    token_table: _Float32,
+    position_table: _Float32,
+    ids: _Ids,
+    positions: _Positions = None,
+    out: _Float32 | None = None,
+) -> _Float32: ...
+def scatter_add(grad_table: _Float32, ids: _Ids, grad_out: _Float32) -> None: ...
+def gather_add_backward(
+    grad_hidden: _Float32,
+    ids: _Ids,
+    token_grad: _Float32,
+    position_grad: _Float32,
+    positions: _Positions = None,
+) -> None: ...
+def coalesce(ids: _Ids, grad_out: _Float32) -> tuple[npt.NDArray[np.int64], _Float32]: ...
+def adam_step(
+    weight: _Float32,
+    exp_avg: _Float32,
+    exp_avg_sq: _Float32,
+    grad: _Float32,
+    rows: npt.NDArray[np.int64] | None,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    bias1: float,
+    bias2: float,
+) -> None: ...

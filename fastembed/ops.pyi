@@ -1,0 +1,30 @@
+"""Type stubs for fastembed.ops, the public functional API (shapes in its docstrings)."""
+import numpy as np
+import numpy.typing as npt
+
+_Float32 = npt.NDArray[np.float32]
+_Positions = int | npt.ArrayLike | None
+
+__all__ = ["gather", "gather_add", "scatter_add", "gather_add_backward", "coalesce", "as_ids"]
+
+def as_ids(ids: npt.ArrayLike, name: str = "ids") -> npt.NDArray[np.int32] | npt.NDArray[np.int64]: ...
+def gather(table: _Float32, ids: npt.ArrayLike, *, out: _Float32 | None = None) -> _Float32: ...
+def gather_add(
+    token_table: _Float32,
+    position_table: _Float32,
+    ids: npt.ArrayLike,
+    *,
+    positions: _Positions = None,
+    out: _Float32 | None = None,
+) -> _Float32: ...
+def scatter_add(grad_table: _Float32, ids: npt.ArrayLike, grad_out: _Float32) -> None: ...
+def gather_add_backward(
+    grad_hidden: _Float32,
+    ids: npt.ArrayLike,
+    token_grad: _Float32,
+    position_grad: _Float32,
+    *,
+    positions: _Positions = None,
+) -> None: ...
+def coalesce(ids: npt.ArrayLike, grad_out: _Float32) -> tuple[npt.NDArray[np.int64], _Float32]: ...
+def positions_array(ids: npt.ArrayLike, positions: _Positions = None) -> npt.NDArray[np.int64]: ...
