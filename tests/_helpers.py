@@ -106,8 +106,8 @@ ID_DTYPES = (np.int32, np.int64)
 
 
 @st.composite
-def ids_shapes(draw, max_ndim=3, max_side=6, allow_empty=True):
-    ndim = draw(st.integers(0, max_ndim))
+def ids_shapes(draw, max_ndim=3, max_side=6, allow_empty=True, min_ndim=0):
+    ndim = draw(st.integers(min_ndim, max_ndim))
     low = 0 if allow_empty else 1
     return tuple(draw(st.integers(low, max_side)) for _ in range(ndim))
 
