@@ -188,20 +188,42 @@ cdef cnp.ndarray _out_rows(object out, cnp.ndarray ids, Py_ssize_t D):
     return arr
 
 
-cdef inline bint _overlap(cnp.ndarray a, cnp.ndarray b):
-    """Whether the memory spans of a and b intersect (exact for the contiguous arrays used here)."""
-    cdef char* a_lo = <char*>cnp.PyArray_DATA(a)
-    cdef char* b_lo = <char*>cnp.PyArray_DATA(b)
-    cdef Py_ssize_t a_n = cnp.PyArray_NBYTES(a), b_n = cnp.PyArray_NBYTES(b)
-    if a_n == 0 or b_n == 0:
+cdef inline bint _span(cnp.ndarray a, char** lo, char** hi):
+    """The bytes [lo, hi) that a can touch, whatever its strides; False when a is empty."""
+    cdef char* first = <char*>cnp.PyArray_DATA(a)
+    cdef char* last = first
+    cdef int k
+    cdef Py_ssize_t n, stride
+    if cnp.PyArray_SIZE(a) == 0:
         return False
-    return a_lo < b_lo + b_n and b_lo < a_lo + a_n
+    for k in range(cnp.PyArray_NDIM(a)):
+        n = cnp.PyArray_DIM(a, k)
+        stride = cnp.PyArray_STRIDE(a, k)
+        if stride < 0:
+            first += (n - 1) * stride
+        else:
+            last += (n - 1) * stride
+    lo[0] = first
+    hi[0] = last + cnp.PyArray_ITEMSIZE(a)
+    return True
+
+
+cdef inline bint _overlap(cnp.ndarray a, cnp.ndarray b):
+    """Whether the memory spans of a and b intersect (exact for contiguous arrays, cautious for strided ones)."""
+    cdef char* a_lo
+    cdef char* a_hi
+    cdef char* b_lo
+    cdef char* b_hi
+    if not _span(a, &a_lo, &a_hi) or not _span(b, &b_lo, &b_hi):
+        return False
+    return a_lo < b_hi and b_lo < a_hi
 
 
 cdef int _no_overlap(cnp.ndarray target, str target_name, tuple others, tuple names) except -1:
+    """A target written in place must share no memory with the arrays the caller passed (not just our copies)."""
     cdef Py_ssize_t k
     for k in range(len(others)):
-        if others[k] is not None and _overlap(target, <cnp.ndarray>others[k]):
+        if cnp.PyArray_Check(others[k]) and _overlap(target, <cnp.ndarray>others[k]):
             raise ValueError(f"{target_name} shares memory with {names[k]}; pass separate arrays")
     return 0
 
@@ -523,7 +545,7 @@ def gather(table, ids, out=None):
     cdef Py_ssize_t V = _rows(tab), D = _dim(tab), N = cnp.PyArray_SIZE(idx)
     cdef cnp.ndarray res = _out_rows(out, idx, D)
     if out is not None:
-        _no_overlap(res, "out", (tab, idx), ("table", "ids"))
+        _no_overlap(res, "out", (tab, ids), ("table", "ids"))
     _check_range(idx, "ids", V, "table")
     cdef const float* t = <const float*>cnp.PyArray_DATA(tab)
     cdef float* o = <float*>cnp.PyArray_DATA(res)
@@ -556,7 +578,7 @@ def gather_add(token_table, position_table, ids, positions=None, out=None):
         pos_arr = _positions_array(positions, idx)
     cdef cnp.ndarray res = _out_rows(out, idx, D)
     if out is not None:
-        _no_overlap(res, "out", (tok, pos, idx, pos_arr),
+        _no_overlap(res, "out", (tok, pos, ids, positions),
                     ("token_table", "position_table", "ids", "positions"))
     _check_range(idx, "ids", V, "token_table")
     if pos_arr is None:
@@ -587,7 +609,7 @@ def scatter_add(grad_table, ids, grad_out):
     cdef cnp.ndarray src = _float_input(grad_out, "grad_out")
     cdef Py_ssize_t V = _rows(grad), D = _dim(grad), N = cnp.PyArray_SIZE(idx)
     _check_rows_shape(src, "grad_out", idx, D)
-    _no_overlap(grad, "grad_table", (idx, src), ("ids", "grad_out"))
+    _no_overlap(grad, "grad_table", (ids, grad_out), ("ids", "grad_out"))
     _check_range(idx, "ids", V, "grad_table")
     cdef float* g = <float*>cnp.PyArray_DATA(grad)
     cdef const float* s = <const float*>cnp.PyArray_DATA(src)
@@ -622,9 +644,9 @@ def gather_add_backward(grad_hidden, ids, token_grad, position_grad, positions=N
     cdef cnp.ndarray pos_arr = None
     if start < 0:
         pos_arr = _positions_array(positions, idx)
-    _no_overlap(tgrad, "token_grad", (pgrad, idx, src, pos_arr),
+    _no_overlap(tgrad, "token_grad", (pgrad, ids, grad_hidden, positions),
                 ("position_grad", "ids", "grad_hidden", "positions"))
-    _no_overlap(pgrad, "position_grad", (idx, src, pos_arr), ("ids", "grad_hidden", "positions"))
+    _no_overlap(pgrad, "position_grad", (ids, grad_hidden, positions), ("ids", "grad_hidden", "positions"))
     _check_range(idx, "ids", V, "token_grad")
     if pos_arr is None:
         _check_start(start, T, N, P)
@@ -797,9 +819,9 @@ def adam_step(weight, exp_avg, exp_avg_sq, grad, rows, double lr, double beta1, 
         _check_increasing(r)
     if _shape(g) != (U, D):
         raise ValueError(f"grad must have shape {(U, D)}, got grad.shape={_shape(g)}")
-    _no_overlap(w, "weight", (m, v, g), ("exp_avg", "exp_avg_sq", "grad"))
-    _no_overlap(m, "exp_avg", (v, g), ("exp_avg_sq", "grad"))
-    _no_overlap(v, "exp_avg_sq", (g,), ("grad",))
+    _no_overlap(w, "weight", (m, v, grad), ("exp_avg", "exp_avg_sq", "grad"))
+    _no_overlap(m, "exp_avg", (v, grad), ("exp_avg_sq", "grad"))
+    _no_overlap(v, "exp_avg_sq", (grad,), ("grad",))
     cdef const int64_t* rp = NULL if r is None else <const int64_t*>cnp.PyArray_DATA(r)
     cdef int nthreads = _threads_for(U * D)
     with nogil:  # an optimizer step is never small enough for the GIL release to matter

@@ -30,6 +30,13 @@ class SparseGrad(NamedTuple):
         return dense
 
 
+def _check_grad_shape(grad, ids, dim, name):
+    """coalesce takes D from the gradient itself; a layer knows its D, so it checks the shape first."""
+    expected = ids.shape + (dim,)
+    if getattr(grad, "shape", None) != expected:
+        raise ValueError(f"{name} must have shape ids.shape + (D,) = {expected}, got {name}.shape={getattr(grad, 'shape', None)}")
+
+
 def _merge(grad, rows, values):
     """Add a new sparse contribution to an accumulated one (earlier rows first, as in a dense sum)."""
     if grad is None:
@@ -88,6 +95,7 @@ class Embedding:
         if self._ids is None:
             raise RuntimeError("backward() called before any forward call")
         if self.sparse:
+            _check_grad_shape(grad_out, self._ids, self.embedding_dim, "grad_out")
             self.grad = _merge(self.grad, *ops.coalesce(self._ids, grad_out))
             return
         grad = self.grad if self.grad is not None else np.zeros_like(self.weight)
@@ -197,7 +205,8 @@ class TokenPositionEmbedding:
             raise RuntimeError("backward() called before any forward call")
         ids, positions = self._saved
         if self.sparse:
-            token_part = ops.coalesce(ids, grad_hidden)  # checks grad_hidden before anything is kept
+            _check_grad_shape(grad_hidden, ids, self.token.embedding_dim, "grad_hidden")
+            token_part = ops.coalesce(ids, grad_hidden)
             position_part = ops.coalesce(ops.positions_array(ids, positions), grad_hidden)
             self.token.grad = _merge(self.token.grad, *token_part)
             self.position.grad = _merge(self.position.grad, *position_part)

@@ -26,18 +26,16 @@ def as_ids(ids, name="ids"):
     bool, float and object ids raise TypeError.
     """
     if not isinstance(ids, np.ndarray):
-        was_sequence = not isinstance(ids, (int, np.integer))
-        if isinstance(ids, (bool, np.bool_)):
-            raise TypeError(f"{name} must be integers, got a bool")
+        if type(ids) is list and ids and all(type(i) is int for i in ids):
+            try:
+                return np.array(ids, dtype=np.int64)  # the common case: a flat list of Python ints
+            except OverflowError:
+                pass
         try:
-            arr = np.asarray(ids)
-        except (ValueError, OverflowError) as exc:
+            arr = np.array(ids, dtype=object)  # element by element: numpy would turn [1, True] into ints
+        except ValueError as exc:
             raise TypeError(f"{name} must be an integer array-like; numpy could not read it: {exc}") from exc
-        if arr.size == 0 and was_sequence and arr.dtype == np.float64:
-            arr = arr.astype(np.int64)  # np.asarray([]) is float64; empty ids are fine
-        elif arr.dtype == object:
-            arr = _object_ids(arr, name)
-        ids = arr
+        return _object_ids(arr, name)
     dtype = ids.dtype
     if dtype in _NATIVE_IDS:
         return ids
@@ -56,19 +54,36 @@ def as_ids(ids, name="ids"):
 
 
 def _object_ids(arr, name):
-    """An object array of Python ints (for example larger than int64) as int64, or the right error."""
-    for value in arr.reshape(-1):
+    """An object array of integers as int64, or the right error: TypeError for anything else, IndexError past int64."""
+    flat = arr.reshape(-1)
+    for value in flat:
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
             raise TypeError(f"{name} must be integers, got an element of type {type(value).__name__}")
-    try:
-        return arr.astype(np.int64)
-    except OverflowError:
-        flat = next(k for k, v in enumerate(arr.reshape(-1)) if not -(2**63) <= v <= _INT64_MAX)
-        raise IndexError(f"{name} value {arr.reshape(-1)[flat]} is out of range") from None
+    for k, value in enumerate(flat):
+        if not -(2**63) <= value <= _INT64_MAX:
+            where = ", ".join(map(str, np.unravel_index(k, arr.shape))) if arr.ndim else ""
+            raise IndexError(f"{name}[{where}] = {value} is out of range (larger than any table could have rows)")
+    return arr.astype(np.int64)
 
 
-def _as_positions(positions, ids):
-    """None or an int start stay as they are; anything else becomes an int64 array of ids.shape."""
+def _converted_ids(ids, targets, names):
+    """as_ids(ids); where that made a copy of a user's array, the arrays to be written must not overlap the original.
+
+    (The kernels check aliasing against the arrays they are given; only here is the original still known.)
+    """
+    converted = as_ids(ids)
+    if converted is not ids and isinstance(ids, np.ndarray):
+        for target, name in zip(targets, names):
+            if isinstance(target, np.ndarray) and np.may_share_memory(target, ids):
+                raise ValueError(f"{name} shares memory with ids; pass separate arrays")
+    return converted
+
+
+def _as_positions(positions, ids, targets=(), names=()):
+    """None or an int start stay as they are; anything else becomes an int64 array of ids.shape.
+
+    An array that had to be copied is checked against the targets, as in `_converted_ids`.
+    """
     if positions is None:
         return None
     if isinstance(positions, (bool, np.bool_)):
@@ -82,7 +97,12 @@ def _as_positions(positions, ids):
         raise ValueError(
             f"positions must be broadcastable to ids.shape={ids.shape}, got positions.shape={pos.shape}"
         ) from None
-    return np.ascontiguousarray(pos, dtype=np.int64)
+    result = np.asarray(pos, dtype=np.int64, order="C")  # (np.ascontiguousarray would make 0-d arrays 1-d)
+    if result is not positions and isinstance(positions, np.ndarray):
+        for target, name in zip(targets, names):
+            if isinstance(target, np.ndarray) and np.may_share_memory(target, positions):
+                raise ValueError(f"{name} shares memory with positions; pass separate arrays")
+    return result
 
 
 def gather(table, ids, *, out=None):
@@ -101,7 +121,7 @@ def gather(table, ids, *, out=None):
     ndarray of float32, shape ids.shape + (D,)
     """
     if type(ids) is not _ndarray or ids.dtype not in _NATIVE_IDS:
-        ids = as_ids(ids)
+        ids = _converted_ids(ids, (out,), ("out",))
     return _kernels.gather(table, ids, out)
 
 
@@ -123,9 +143,9 @@ def gather_add(token_table, position_table, ids, *, positions=None, out=None):
     ndarray of float32, shape ids.shape + (D,)
     """
     if type(ids) is not _ndarray or ids.dtype not in _NATIVE_IDS:
-        ids = as_ids(ids)
+        ids = _converted_ids(ids, (out,), ("out",))
     if positions is not None and type(positions) is not int:
-        positions = _as_positions(positions, ids)
+        positions = _as_positions(positions, ids, (out,), ("out",))
     return _kernels.gather_add(token_table, position_table, ids, positions, out)
 
 
@@ -142,7 +162,7 @@ def scatter_add(grad_table, ids, grad_out):
     grad_out : ndarray of float32, shape ids.shape + (D,)
     """
     if type(ids) is not _ndarray or ids.dtype not in _NATIVE_IDS:
-        ids = as_ids(ids)
+        ids = _converted_ids(ids, (grad_table,), ("grad_table",))
     _kernels.scatter_add(grad_table, ids, grad_out)
 
 
@@ -161,10 +181,11 @@ def gather_add_backward(grad_hidden, ids, token_grad, position_grad, *, position
     positions : None, int, or array-like of int broadcastable to ids.shape
         As in `gather_add`.
     """
+    targets, names = (token_grad, position_grad), ("token_grad", "position_grad")
     if type(ids) is not _ndarray or ids.dtype not in _NATIVE_IDS:
-        ids = as_ids(ids)
+        ids = _converted_ids(ids, targets, names)
     if positions is not None and type(positions) is not int:
-        positions = _as_positions(positions, ids)
+        positions = _as_positions(positions, ids, targets, names)
     _kernels.gather_add_backward(grad_hidden, ids, token_grad, position_grad, positions)
 
 
@@ -197,4 +218,4 @@ def positions_array(ids, positions=None):
         return positions
     T = ids.shape[-1] if ids.ndim else 1
     start = positions or 0
-    return np.ascontiguousarray(np.broadcast_to(start + np.arange(T, dtype=np.int64), ids.shape))
+    return np.asarray(np.broadcast_to(start + np.arange(T, dtype=np.int64), ids.shape), order="C")
