@@ -23,10 +23,7 @@ def _rng(data):
 def positions_for(draw, shape, rng):
     """(positions argument, P): None, an int start, a full array, or a broadcastable array/list."""
     T = shape[-1] if shape else 1
-    # 0-d ids with an array of positions is tested on its own (test_zero_d_ids_with_array_positions):
-    # it fails today, and here it would hide every other case.
-    modes = ["none", "int", "array", "broadcast", "list"] if shape else ["none", "int"]
-    mode = draw(st.sampled_from(modes))
+    mode = draw(st.sampled_from(["none", "int", "array", "broadcast", "list"]))
     if mode == "none":
         return None, max(1, T + draw(st.integers(0, 3)))
     if mode == "int":
@@ -49,7 +46,7 @@ def positions_for(draw, shape, rng):
 def test_gather_matches_numpy_indexing(data):
     rng = _rng(data)
     V = data.draw(st.integers(1, 30), label="V")
-    D = data.draw(st.integers(1, 12), label="D")
+    D = data.draw(st.sampled_from([1, 2, 3, 7, 8, 9, 16, 17, 31, 40]), label="D")
     table = float_table(rng, V, D)
     ids = data.draw(id_arrays(V), label="ids")
     form = data.draw(st.sampled_from(ID_FORMS), label="form")
@@ -121,7 +118,7 @@ def test_empty_ids_with_sequence_longer_than_position_table():
 def test_gather_add_matches_numpy(data):
     rng = _rng(data)
     V = data.draw(st.integers(1, 20), label="V")
-    D = data.draw(st.integers(1, 10), label="D")
+    D = data.draw(st.sampled_from([1, 2, 3, 7, 8, 9, 16, 17, 31, 40]), label="D")
     shape = data.draw(ids_shapes(), label="shape")
     ids = data.draw(id_arrays(V, shape=shape), label="ids")
     positions, P = data.draw(positions_for(shape, rng), label="positions")
@@ -190,7 +187,7 @@ def test_gather_add_start_at_last_valid_position():
 def test_scatter_add_matches_add_at(data):
     rng = _rng(data)
     V = data.draw(st.integers(1, 20), label="V")
-    D = data.draw(st.integers(1, 10), label="D")
+    D = data.draw(st.sampled_from([1, 2, 3, 7, 8, 9, 16, 17, 31, 40]), label="D")
     ids = data.draw(id_arrays(V), label="ids")
     grad_out = rng.standard_normal(ids.shape + (D,)).astype(np.float32)
     grad = float_table(rng, V, D)  # accumulate into what is already there
@@ -208,7 +205,7 @@ def test_scatter_add_matches_add_at(data):
 def test_gather_add_backward_matches_two_add_at(data):
     rng = _rng(data)
     V = data.draw(st.integers(1, 20), label="V")
-    D = data.draw(st.integers(1, 10), label="D")
+    D = data.draw(st.sampled_from([1, 2, 3, 7, 8, 9, 16, 17, 31, 40]), label="D")
     shape = data.draw(ids_shapes(), label="shape")
     ids = data.draw(id_arrays(V, shape=shape), label="ids")
     positions, P = data.draw(positions_for(shape, rng), label="positions")
@@ -242,7 +239,7 @@ def test_scatter_add_duplicates_are_summed_in_id_order():
 @given(data=st.data())
 def test_coalesce_matches_unique_and_add_at(data):
     rng = _rng(data)
-    D = data.draw(st.integers(1, 10), label="D")
+    D = data.draw(st.sampled_from([1, 2, 3, 7, 8, 9, 16, 17, 31, 40]), label="D")
     spread = data.draw(st.sampled_from([20, 200, 10**6, 2**40, 2**62]), label="spread")
     shape = data.draw(ids_shapes(), label="shape")
     dtypes = (np.int32, np.int64) if spread < 2**31 else (np.int64,)
@@ -360,3 +357,44 @@ def test_big_gather_add_sequence_split_across_threads():
         for n in (1, 2):
             with num_threads(n):
                 assert_bitwise(fe.gather_add(tok, pos, ids, positions=start), expected)
+
+
+# ---------------------------------------------------------------- determinism
+
+def test_backward_is_bitwise_deterministic_across_runs_and_threads():
+    shape, V, D = (64, 1024), 3000, 48
+    ids, tok, pos, grad = _big_inputs(shape, V, D, seed=11)
+    pos = float_table(np.random.default_rng(12), 1030, D)
+    p_arr = np.random.default_rng(13).integers(0, 1030, size=shape)
+    # The data must make the order of accumulation visible, or this test could not fail:
+    forward, backward = np.zeros_like(tok), np.zeros_like(tok)
+    np.add.at(forward, ids.reshape(-1), grad.reshape(-1, D))
+    np.add.at(backward, ids.reshape(-1)[::-1], grad.reshape(-1, D)[::-1])
+    assert forward.tobytes() != backward.tobytes()
+
+    def run():
+        out = []
+        g = np.zeros_like(tok)
+        fe.scatter_add(g, ids, grad)
+        out.append(g)
+        for positions in (3, p_arr):
+            tg, pg = np.zeros_like(tok), np.zeros_like(pos)
+            fe.gather_add_backward(grad, ids, tg, pg, positions=positions)
+            out += [tg, pg]
+        out += list(fe.coalesce(ids, grad))
+        for sparse in (False, True):
+            layer = fe.TokenPositionEmbedding.from_pretrained(tok, pos, sparse=sparse)
+            layer(ids, positions=p_arr)
+            layer.backward(grad)
+            layer.backward(grad)
+            out += [layer.token.dense_grad(), layer.position.dense_grad()]
+        return [a.tobytes() for a in out]
+
+    first = None
+    for n in (1, 2, 1, 2):
+        with num_threads(n):
+            got = run()
+        if first is None:
+            first = got
+            assert first[0] == forward.tobytes()  # and it is np.add.at's order
+        assert got == first, f"backward differs with {n} threads"
