@@ -25,8 +25,9 @@ compile_args, link_args = [], []
 if sys.platform == "win32":
     compile_args += ["/O2"] + (["/openmp"] if use_openmp else [])
 else:
-    # No FMA contraction: a fused multiply-add would make the Adam kernel differ from numpy on aarch64.
-    compile_args += ["-O3", "-ffp-contract=off"]
+    # No FMA contraction: a fused multiply-add would make the Adam kernel differ from numpy on aarch64;
+    # no errno from sqrtf, so that the Adam loop vectorises.
+    compile_args += ["-O3", "-ffp-contract=off", "-fno-math-errno"]
     if use_openmp:
         compile_args.append("-fopenmp")
         link_args.append("-fopenmp")

@@ -471,6 +471,10 @@ cdef void _adam_rows(float* w, float* m, float* v, const float* g, Py_ssize_t D,
     cdef float* vr
     cdef const float* gr
     for k in range(lo, hi):
+        if rows != NULL and k + PREFETCH_ROWS < hi:
+            _prefetch_row_write(w + rows[k + PREFETCH_ROWS] * D, 0, D)
+            _prefetch_row_write(m + rows[k + PREFETCH_ROWS] * D, 0, D)
+            _prefetch_row_write(v + rows[k + PREFETCH_ROWS] * D, 0, D)
         r = rows[k] if rows != NULL else k
         wr = w + r * D
         mr = m + r * D
