@@ -333,20 +333,29 @@ def test_sparse_adam_leaves_a_parameter_without_grad_unchanged():
     assert_bitwise(opt.exp_avg_sq[1], pv)
 
 
-def test_sparse_adam_step_that_raises_changes_nothing():
+@pytest.mark.parametrize("kind", ["Adam", "SparseAdam"])
+def test_optimizer_step_that_raises_changes_nothing(kind):
     # Two parameters; the second one's gradient is bad. The step must not update the first
     # and then raise (a half-applied optimizer step), nor count the step.
-    token = fe.Embedding(6, 3, sparse=True, seed=14)
-    position = fe.Embedding(4, 3, sparse=True, seed=15)
-    opt = SparseAdam([token, position])
+    sparse = kind == "SparseAdam"
+    token = fe.Embedding(6, 3, sparse=sparse, seed=14)
+    position = fe.Embedding(4, 3, sparse=sparse, seed=15)
+    opt = (SparseAdam if sparse else Adam)([token, position])
     token([1, 2])
     token.backward(np.ones((2, 3), np.float32))
-    position.grad = fe.SparseGrad(np.array([2, 1], np.int64), np.ones((2, 3), np.float32))  # not increasing
-    tw, t_before = token.weight.copy(), opt.t
-    with pytest.raises(ValueError, match="increasing"):
+    if sparse:  # rows not increasing
+        position.grad = fe.SparseGrad(np.array([2, 1], np.int64), np.ones((2, 3), np.float32))
+        match = "increasing"
+    else:  # a dense grad of the wrong shape
+        position.grad = np.ones((3, 3), np.float32)
+        match = r"\(4, 3\).*\(3, 3\)"
+    tw, pw, t_before = token.weight.copy(), position.weight.copy(), opt.t
+    with pytest.raises(ValueError, match=match):
         opt.step()
+    assert_bitwise(position.weight, pw)
     assert_bitwise(token.weight, tw)
     assert_bitwise(opt.exp_avg[0], np.zeros((6, 3), np.float32))
+    assert_bitwise(opt.exp_avg_sq[0], np.zeros((6, 3), np.float32))
     assert opt.t == t_before
 
 
