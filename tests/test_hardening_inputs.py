@@ -1,0 +1,847 @@
+"""Hardening (issue 6): adversarial inputs to the functional API, as hypothesis properties.
+
+Each property builds a call from independently drawn pieces, any of which may be
+hostile: every integer dtype (int8 to uint64, with uint64 values above the int64
+maximum), 0-d ids, Fortran order, negative strides, strided views, float32 at
+an odd byte offset of a uint8 buffer, read-only and big-endian arrays, lists,
+object arrays, wrong dtypes and ranks, `out` or a gradient table aliasing an
+input, NaN/inf/signalling-NaN/subnormal data, empty shapes, zero-row tables.
+
+An oracle written from DESIGN.md (not from the kernels) says, for the pieces it
+was given, which error classes the call may raise. If it names none, the call
+must return numpy's answer (bitwise, NaN-aware). If it names some, the call must
+raise one of them, and every array it was given must be bitwise unchanged. A
+successful call must leave every input except its documented target unchanged.
+
+FASTEMBED_HARDENING_EXAMPLES sets the number of examples per property (default 150).
+"""
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
+
+import fastembed as fe
+
+EXAMPLES = int(os.environ.get("FASTEMBED_HARDENING_EXAMPLES", "150"))
+PROPERTY = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+F32 = np.dtype(np.float32)
+INT64_MAX = 2**63 - 1
+INT_DTYPES = tuple(np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64,
+                                         np.uint8, np.uint16, np.uint32, np.uint64))
+# float32 bit patterns worth having: quiet and signalling NaNs with payloads, infinities,
+# signed zero, the smallest subnormal, the largest finite value.
+SPECIAL_BITS = (0x7FC00000, 0xFFC00001, 0x7F800001, 0x7FBFFFFF, 0x7F800000, 0xFF800000,
+                0x80000000, 0x00000001, 0x7F7FFFFF)
+
+
+# ---------------------------------------------------------------- array helpers
+
+def size_of(shape):
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def arrange(a, layout):
+    """The same logical values as a, in another memory layout (big-endian also changes the dtype)."""
+    a = np.asarray(a)
+    if layout == "c":
+        return a.copy(order="C")
+    if layout == "fortran":
+        return np.array(a, order="F", copy=True)
+    if layout == "reversed":  # negative strides on every axis
+        flip = (slice(None, None, -1),) * a.ndim
+        return a[flip].copy(order="C")[flip]
+    if layout == "strided":  # every other element of a larger buffer along the last axis
+        if a.ndim == 0:
+            return a.copy()
+        big = np.zeros(a.shape[:-1] + (2 * a.shape[-1] + 1,), a.dtype)
+        view = big[..., 1::2]
+        view[...] = a
+        return view
+    if layout == "misaligned":  # at byte offset 1 of a uint8 buffer
+        raw = np.zeros(a.nbytes + a.itemsize + 1, np.uint8)
+        view = raw[1:1 + a.nbytes].view(a.dtype).reshape(a.shape)
+        view[...] = a
+        return view
+    if layout == "readonly":
+        view = a.copy()
+        view.flags.writeable = False
+        return view
+    if layout == "bigendian":
+        return a.astype(a.dtype.newbyteorder(">"))
+    raise AssertionError(layout)
+
+
+LAYOUTS = ("c", "fortran", "reversed", "strided", "misaligned", "readonly", "bigendian")
+
+
+def snapshot(obj):
+    """A bitwise copy of what obj holds (arrays: dtype, shape and logical bytes)."""
+    if isinstance(obj, np.ndarray):
+        if obj.dtype == object:
+            return ("object", obj.shape, [repr(x) for x in obj.reshape(-1)])
+        return (str(obj.dtype), obj.shape, obj.tobytes())
+    return None
+
+
+def same_floats(actual, expected):
+    """Bitwise equal, except that any NaN matches any NaN (payloads may differ after arithmetic)."""
+    actual = np.asarray(actual)
+    expected = np.asarray(expected)
+    if actual.shape != expected.shape or actual.dtype != expected.dtype:
+        return False
+    a = np.ascontiguousarray(actual).view(np.uint32)
+    e = np.ascontiguousarray(expected).view(np.uint32)
+    return bool(np.all((a == e) | (np.isnan(actual) & np.isnan(expected))))
+
+
+def bitwise(actual, expected):
+    actual = np.asarray(actual)
+    expected = np.asarray(expected)
+    return actual.shape == expected.shape and actual.dtype == expected.dtype and actual.tobytes() == expected.tobytes()
+
+
+class Call:
+    """The arguments of one call, what they must produce, and what they may raise."""
+
+    def __init__(self):
+        self.inputs = {}      # name -> object given (checked unchanged, except targets on success)
+        self.targets = set()  # names of arrays written in place on success
+        self.errors = set()   # exception classes the call may raise
+        self.must_raise = False
+        self.why = []
+
+    def add(self, name, obj, *, target=False):
+        self.inputs[name] = obj
+        if target:
+            self.targets.add(name)
+        return obj
+
+    def expect(self, exc, why, must=True):
+        self.errors.add(exc)
+        self.why.append(f"{exc.__name__}: {why}")
+        if must:
+            self.must_raise = True
+
+    def run(self, fn, check):
+        """Call fn(); on success check(result, before) must pass, on failure nothing may have changed."""
+        note(f"expected: {self.why or 'a result'}")
+        before = {k: snapshot(v) for k, v in self.inputs.items()}
+        # the logical values before the call, for the oracle (targets may alias inputs)
+        values = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in self.inputs.items()}
+        try:
+            with np.errstate(all="ignore"):
+                result = fn()
+        except Exception as exc:  # noqa: BLE001 - the class is what is under test
+            assert self.errors, f"raised {type(exc).__name__}: {exc}; expected a result"
+            assert isinstance(exc, tuple(self.errors)), (
+                f"raised {type(exc).__name__}: {exc}; expected one of {self.why}")
+            for name, obj in self.inputs.items():
+                assert snapshot(obj) == before[name], f"{name} changed although the call raised {exc!r}"
+            return
+        assert not self.must_raise, f"returned a result; expected {self.why}"
+        with np.errstate(all="ignore"):
+            check(result, values)
+        for name, obj in self.inputs.items():
+            if name not in self.targets and not self._aliases_target(obj):
+                assert snapshot(obj) == before[name], f"input {name} changed by a successful call"
+
+    def _aliases_target(self, obj):
+        return isinstance(obj, np.ndarray) and any(
+            isinstance(self.inputs[t], np.ndarray) and np.may_share_memory(obj, self.inputs[t]) for t in self.targets)
+
+
+# ---------------------------------------------------------------- oracles for each role (from DESIGN.md)
+
+def is_f32(a):
+    return isinstance(a, np.ndarray) and a.dtype == F32
+
+
+def check_table(call, name, a):
+    """A table read by the call: float32 (TypeError), 2-D, C-contiguous and aligned (ValueError)."""
+    if not is_f32(a):
+        call.expect(TypeError, f"{name} is not a native float32 array")
+    elif a.ndim != 2:
+        call.expect(ValueError, f"{name} is {a.ndim}-D")
+    elif not (a.flags.c_contiguous and a.flags.aligned):
+        call.expect(ValueError, f"{name} is not C-contiguous and aligned")
+
+
+def check_target(call, name, a, shape=None):
+    """An array written in place: float32 (TypeError); 2-D or the right shape, writeable,
+    C-contiguous and aligned (ValueError)."""
+    if not is_f32(a):
+        call.expect(TypeError, f"{name} is not a native float32 array")
+        return
+    if shape is None and a.ndim != 2:
+        call.expect(ValueError, f"{name} is {a.ndim}-D")
+    if shape is not None and a.shape != shape:
+        call.expect(ValueError, f"{name}.shape {a.shape} != {shape}")
+    if not a.flags.writeable:
+        call.expect(ValueError, f"{name} is read-only")
+    if not (a.flags.c_contiguous and a.flags.aligned):
+        call.expect(ValueError, f"{name} is not C-contiguous and aligned")
+
+
+def check_read_once(call, name, a, shape):
+    """A float input read once (grad_out, grad_hidden): any layout, but float32 and the right shape."""
+    if not is_f32(a):
+        call.expect(TypeError, f"{name} is not a native float32 array")
+    elif a.shape != shape:
+        call.expect(ValueError, f"{name}.shape {a.shape} != {shape}")
+
+
+def check_aliasing(call, target_name, target, others, strict):
+    """A target sharing memory with an input: ValueError. `strict` names the inputs DESIGN.md
+    requires that for (`out`); for a gradient table and an input read before any write, a
+    correct result computed from the values before the call is accepted too."""
+    if not isinstance(target, np.ndarray):
+        return
+    for name, other in others.items():
+        if not isinstance(other, np.ndarray):
+            continue
+        if np.shares_memory(target, other):
+            call.expect(ValueError, f"{target_name} shares memory with {name}", must=strict)
+        elif np.may_share_memory(target, other):
+            call.expect(ValueError, f"{target_name} and {name} have overlapping spans", must=False)
+
+
+def ids_logical(values):
+    """The ids the caller meant, as an int64 array (only called when they are all valid)."""
+    return np.array([int(v) for v in values], dtype=np.int64)
+
+
+def accumulated_grad(param, rows, grad_rows):
+    """param's gradient after one more backward with grad_rows (n, D) at rows (n,), as a dense array.
+
+    Dense gradients add each row in order into the running (V, D) sum. Sparse ones are coalesced
+    (summed per row from zero, in order) and merged with the previous SparseGrad by a second
+    coalesce, so their rounding differs from the dense sum: that is the layer's documented order.
+    """
+    V, D = param.weight.shape
+    if not param.sparse:
+        dense = param.dense_grad().copy()
+        np.add.at(dense, rows, grad_rows)
+        return dense
+
+    def coalesce(r, v):
+        u, inverse = np.unique(r, return_inverse=True)
+        sums = np.zeros((len(u), D), np.float32)
+        np.add.at(sums, inverse.reshape(-1), v)
+        return u, sums
+
+    merged = coalesce(rows, grad_rows)
+    if param.grad is not None:
+        merged = coalesce(np.concatenate([param.grad.rows, merged[0]]), np.concatenate([param.grad.values, merged[1]]))
+    dense = np.zeros((V, D), np.float32)
+    dense[merged[0]] = merged[1]
+    return dense
+
+
+# ---------------------------------------------------------------- strategies
+
+@st.composite
+def float32_arrays(draw, shape):
+    """float32 values of shape: small normals, sometimes with NaNs (payloads, signalling), infinities,
+    -0.0, subnormals or random bit patterns at random places (numpy-generated from a drawn seed)."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    values = rng.standard_normal(shape).astype(np.float32)
+    mode = draw(st.sampled_from(("plain", "plain", "specials", "bits")))
+    if values.size and mode != "plain":
+        bits = values.reshape(-1).view(np.uint32)
+        where = rng.random(values.size) < 0.3
+        if mode == "specials":
+            bits[where] = rng.choice(np.array(SPECIAL_BITS, dtype=np.uint32), size=int(where.sum()))
+        else:
+            bits[where] = rng.integers(0, 2**32, size=int(where.sum()), dtype=np.uint32)
+    return values
+
+
+@st.composite
+def tables(draw, shape, role):
+    """A float32 table of `shape` in a drawn form, and its logical values."""
+    values = draw(float32_arrays(shape))
+    form = draw(st.sampled_from(("c",) * 8 + LAYOUTS + ("float64", "float16", "int32", "1d", "3d", "list")))
+    if form in LAYOUTS:
+        return arrange(values, form)
+    if form in ("float64", "float16", "int32"):
+        with np.errstate(all="ignore"):
+            return values.astype(form)
+    if form == "1d":
+        return values.reshape(-1)
+    if form == "3d":
+        return values.reshape(shape + (1,))
+    return values.tolist()
+
+
+ID_FORMS = ("c",) * 6 + LAYOUTS + ("list", "object", "scalar")
+BAD_ID_DTYPES = ("bool", "float16", "float64", "complex128", "datetime64[s]", "timedelta64[s]", "U3", "object_float")
+
+
+@st.composite
+def id_values(draw, shape, rows):
+    """(ids as given, the Python ints they hold, the error they must raise or None).
+
+    rows None: any id >= 0 is valid (coalesce). The bad value, when there is one, is put at
+    a drawn place, often the last one, so a kernel that checked while writing would have written.
+    """
+    n = size_of(shape)
+    if n and draw(st.integers(0, 19)) == 0:
+        kind = draw(st.sampled_from(BAD_ID_DTYPES))
+        base = np.zeros(shape, dtype=np.int64)
+        if kind == "object_float":
+            return np.array(base.astype(float).tolist(), dtype=object).reshape(shape), None, TypeError
+        with np.errstate(all="ignore"):
+            return base.astype(kind), None, TypeError
+    dtype = draw(st.sampled_from(INT_DTYPES))
+    info = np.iinfo(dtype)
+    top = info.max if rows is None else min(rows - 1, info.max)
+    if top >= 0:
+        top = min(top, draw(st.sampled_from((0, 2, 50, INT64_MAX))))
+        values = draw(st.lists(st.integers(0, top), min_size=n, max_size=n))
+    else:
+        values = [0] * n
+    if n and draw(st.integers(0, 3)) == 0:
+        bad = [-1, info.min, 2**31 - 1, 2**31, INT64_MAX, 2**63, 2**64 - 1]
+        if rows is not None:
+            bad += [rows, rows + 1]
+        bad = [b for b in bad if info.min <= b <= info.max]
+        where = draw(st.sampled_from((n - 1, 0, draw(st.integers(0, n - 1)))))
+        values[where] = draw(st.sampled_from(bad))
+    error = None
+    if any(v < 0 or v > INT64_MAX or (rows is not None and v >= rows) for v in values):
+        error = IndexError
+    a = np.array(values, dtype=dtype).reshape(shape)
+    form = draw(st.sampled_from(ID_FORMS))
+    if form in LAYOUTS:
+        a = arrange(a, form)
+    elif form == "list":
+        as_list = a.tolist()
+        if np.asarray(as_list).shape == shape:  # a list cannot spell shape (0, 3)
+            a = as_list
+    elif form == "object":  # DESIGN.md: object ids are a TypeError, even when they hold ints
+        return np.array(values, dtype=object).reshape(shape), values, TypeError
+    elif form == "scalar" and shape == ():
+        a = dtype.type(values[0])
+    return a, values, error
+
+
+def id_shapes():
+    return st.lists(st.integers(0, 4), min_size=0, max_size=3).map(tuple)
+
+
+ROWS = st.sampled_from((0, 1, 2, 3, 7, 40))
+DIMS = st.sampled_from((0, 1, 3, 16))
+
+
+@st.composite
+def out_arrays(draw, shape, call, inputs):
+    """`out`: usually None or a fresh array; sometimes hostile, or aliasing one of the inputs."""
+    form = draw(st.sampled_from(("none",) * 4 + ("fresh",) * 4 + (
+        "readonly", "fortran", "reversed", "strided", "misaligned", "bigendian", "float64",
+        "wrong_shape", "list", "alias")))
+    if form == "none":
+        return None
+    fresh = np.full(shape, -7.0, np.float32)
+    if form == "fresh":
+        out = fresh
+    elif form in LAYOUTS:
+        out = arrange(fresh, form)
+    elif form == "float64":
+        out = fresh.astype(np.float64)
+    elif form == "wrong_shape":
+        out = np.zeros(shape[:-1] + (shape[-1] + 1,), np.float32)
+    elif form == "list":
+        out = fresh.tolist()
+    else:
+        arrays = [(k, v) for k, v in inputs.items() if isinstance(v, np.ndarray) and v.nbytes]
+        if not arrays:
+            out = fresh
+        else:
+            name, victim = draw(st.sampled_from(arrays))
+            base = victim
+            while base.base is not None and isinstance(base.base, np.ndarray):
+                base = base.base
+            raw = base.reshape(-1).view(np.uint8) if base.flags.c_contiguous else None
+            if raw is None or raw.size < fresh.nbytes or fresh.nbytes == 0:
+                out = fresh
+            else:
+                out = raw[:fresh.nbytes].view(np.float32).reshape(shape)
+    return out
+
+
+def check_out(call, out, shape, inputs):
+    if out is None:
+        return
+    check_target(call, "out", out, shape)
+    check_aliasing(call, "out", out, inputs, strict=True)
+
+
+def expected_positions(ids_shape, positions_values):
+    """The positions gather_add uses, as int64 of ids_shape (positions: None, int, or broadcast values)."""
+    if positions_values is None or isinstance(positions_values, int):
+        start = positions_values or 0
+        if len(ids_shape) == 0:
+            return np.array(start, dtype=np.int64)
+        return np.broadcast_to(start + np.arange(ids_shape[-1], dtype=np.int64), ids_shape).copy()
+    return np.broadcast_to(positions_values, ids_shape).copy()
+
+
+@st.composite
+def position_args(draw, shape, P, call):
+    """positions: None, an int or numpy integer start, a bool, a float, or an integer array
+    broadcastable (or not) to shape. Returns (positions as given, their meaning for the oracle)."""
+    n = size_of(shape)
+    T = shape[-1] if shape else 1
+    kind = draw(st.sampled_from(("none", "none", "int", "npint", "array", "array", "bool", "float")))
+    if kind == "none":
+        if n and T > P:
+            call.expect(IndexError, f"arange(T={T}) does not fit {P} position rows")
+        return None, None
+    if kind in ("int", "npint"):
+        start = draw(st.sampled_from((0, 1, -1, -2, P - T, P - T + 1, P, 2**31, 2**62, 2**62 + 1, 2**63, 2**64)))
+        if kind == "npint":
+            dtype = draw(st.sampled_from(INT_DTYPES))
+            info = np.iinfo(dtype)
+            if not info.min <= start <= info.max:
+                start = 0
+            given = dtype.type(start)
+        else:
+            given = start
+        if start < 0 or start + T > P:
+            # positions start + arange(T); with no ids there are no positions, so either answer is right
+            call.expect(IndexError, f"positions {start}..{start + T - 1} vs {P} rows", must=n > 0)
+        return given, start
+    if kind == "bool":
+        call.expect(TypeError, "positions is a bool")
+        return draw(st.booleans()), None
+    if kind == "float":
+        call.expect(TypeError, "positions is a float")
+        return 1.0, None
+    # an integer array: ids.shape, a suffix of it (broadcast), or a shape that does not broadcast
+    ndim = len(shape)
+    choice = draw(st.sampled_from(("full", "full", "suffix", "ones", "bad")))
+    if choice == "full":
+        pshape = shape
+    elif choice == "suffix":
+        pshape = shape[draw(st.integers(0, ndim)):]
+    elif choice == "ones":
+        pshape = tuple(1 if draw(st.booleans()) else s for s in shape)
+    else:
+        pshape = shape[:-1] + (shape[-1] + 1,) if ndim else (2,)
+    positions, values, error = draw(id_values(pshape, P))
+    broadcasts = True
+    try:
+        np.broadcast_shapes(pshape, shape)
+        broadcasts = np.broadcast_shapes(pshape, shape) == shape
+    except ValueError:
+        broadcasts = False
+    if not broadcasts:
+        call.expect(ValueError, f"positions.shape {pshape} does not broadcast to {shape}")
+    if error is TypeError:
+        call.expect(TypeError, "positions of a non-integer dtype")
+        return positions, None
+    if error is IndexError:
+        # out-of-range values that a zero-size broadcast never uses may or may not be reported
+        call.expect(IndexError, f"positions out of range for {P} rows", must=n > 0 or any(v > INT64_MAX for v in values))
+        return positions, None
+    return positions, ids_logical(values).reshape(pshape)
+
+
+# ---------------------------------------------------------------- the properties
+
+@PROPERTY
+@given(st.data())
+def test_gather_adversarial(data):
+    call = Call()
+    V, D, shape = data.draw(ROWS), data.draw(DIMS), data.draw(id_shapes())
+    table = call.add("table", data.draw(tables((V, D), "input")))
+    ids, values, id_error = data.draw(id_values(shape, V))
+    call.add("ids", ids)
+    check_table(call, "table", table)
+    if id_error:
+        call.expect(id_error, "bad ids")
+    out = call.add("out", data.draw(out_arrays(shape + (D,), call, {"table": table, "ids": ids})), target=True)
+    check_out(call, out, shape + (D,), {"table": table, "ids": ids})
+
+    def check(result, before):
+        expected = np.asarray(before["table"])[ids_logical(values).reshape(shape)]
+        assert bitwise(result, expected), "gather is a row copy: bits must match"
+        if out is not None:
+            assert result is out
+
+    call.run(lambda: fe.gather(table, ids, out=out), check)
+
+
+@PROPERTY
+@given(st.data())
+def test_gather_add_adversarial(data):
+    call = Call()
+    V, P, D, shape = data.draw(ROWS), data.draw(ROWS), data.draw(DIMS), data.draw(id_shapes())
+    tok = call.add("token_table", data.draw(tables((V, D), "input")))
+    pos = call.add("position_table", data.draw(tables((P, D), "input")))
+    check_table(call, "token_table", tok)
+    check_table(call, "position_table", pos)
+    ids, values, id_error = data.draw(id_values(shape, V))
+    call.add("ids", ids)
+    if id_error:
+        call.expect(id_error, "bad ids")
+    positions, meaning = data.draw(position_args(shape, P, call))
+    call.add("positions", positions)
+    inputs = {"token_table": tok, "position_table": pos, "ids": ids, "positions": positions}
+    out = call.add("out", data.draw(out_arrays(shape + (D,), call, inputs)), target=True)
+    check_out(call, out, shape + (D,), inputs)
+    if is_f32(tok) and is_f32(pos) and tok.ndim == 2 and pos.ndim == 2 and tok.shape[1] != pos.shape[1]:
+        call.expect(ValueError, "tables of different dims")
+
+    def check(result, before):
+        p = expected_positions(shape, meaning)
+        expected = np.asarray(before["token_table"])[ids_logical(values).reshape(shape)] + np.asarray(
+            before["position_table"])[p]
+        assert same_floats(result, expected)
+        if out is not None:
+            assert result is out
+
+    call.run(lambda: fe.gather_add(tok, pos, ids, positions=positions, out=out), check)
+
+
+@PROPERTY
+@given(st.data())
+def test_scatter_add_adversarial(data):
+    call = Call()
+    V, D, shape = data.draw(ROWS), data.draw(DIMS), data.draw(id_shapes())
+    grad = call.add("grad_table", data.draw(tables((V, D), "target")), target=True)
+    check_target(call, "grad_table", grad)
+    ids, values, id_error = data.draw(id_values(shape, V))
+    call.add("ids", ids)
+    if id_error:
+        call.expect(id_error, "bad ids")
+    grad_out = call.add("grad_out", data.draw(tables(shape + (D,), "input")))
+    if data.draw(st.integers(0, 9)) == 0 and isinstance(grad, np.ndarray) and grad.flags.c_contiguous:
+        # grad_out made of grad_table's own memory
+        n = size_of(shape + (D,))
+        flat = grad.reshape(-1)
+        if 0 < n <= flat.size and grad.dtype == F32:
+            grad_out = call.add("grad_out", flat[:n].reshape(shape + (D,)))
+    check_read_once(call, "grad_out", grad_out, shape + (D,))
+    check_aliasing(call, "grad_table", grad, {"ids": ids, "grad_out": grad_out}, strict=False)
+
+    def check(result, before):
+        assert result is None
+        expected = before["grad_table"].copy()
+        np.add.at(expected, ids_logical(values).reshape(-1), np.asarray(before["grad_out"]).reshape(size_of(shape), D))
+        assert same_floats(grad, expected)
+
+    call.run(lambda: fe.scatter_add(grad, ids, grad_out), check)
+
+
+@PROPERTY
+@given(st.data())
+def test_gather_add_backward_adversarial(data):
+    call = Call()
+    V, P, D, shape = data.draw(ROWS), data.draw(ROWS), data.draw(DIMS), data.draw(id_shapes())
+    tgrad = call.add("token_grad", data.draw(tables((V, D), "target")), target=True)
+    if data.draw(st.integers(0, 14)) == 0:
+        pgrad = tgrad  # the same array twice
+    else:
+        pgrad = data.draw(tables((P, D), "target"))
+    call.add("position_grad", pgrad, target=True)
+    check_target(call, "token_grad", tgrad)
+    check_target(call, "position_grad", pgrad)
+    ids, values, id_error = data.draw(id_values(shape, V))
+    call.add("ids", ids)
+    if id_error:
+        call.expect(id_error, "bad ids")
+    positions, meaning = data.draw(position_args(shape, P, call))
+    call.add("positions", positions)
+    grad_hidden = call.add("grad_hidden", data.draw(tables(shape + (D,), "input")))
+    check_read_once(call, "grad_hidden", grad_hidden, shape + (D,))
+    if all(is_f32(a) and a.ndim == 2 for a in (tgrad, pgrad)) and tgrad.shape[1] != pgrad.shape[1]:
+        call.expect(ValueError, "gradient tables of different dims")
+    if isinstance(tgrad, np.ndarray) and isinstance(pgrad, np.ndarray) and np.shares_memory(tgrad, pgrad):
+        call.expect(ValueError, "token_grad and position_grad share memory")
+    for name, target in (("token_grad", tgrad), ("position_grad", pgrad)):
+        check_aliasing(call, name, target, {"ids": ids, "grad_hidden": grad_hidden, "positions": positions},
+                       strict=False)
+
+    def check(result, before):
+        assert result is None
+        gh = np.asarray(before["grad_hidden"]).reshape(size_of(shape), D)
+        t = before["token_grad"].copy()
+        np.add.at(t, ids_logical(values), gh)
+        p = before["position_grad"].copy()
+        np.add.at(p, expected_positions(shape, meaning).reshape(-1), gh)
+        assert same_floats(tgrad, t), "token_grad"
+        assert same_floats(pgrad, p), "position_grad"
+
+    call.run(lambda: fe.gather_add_backward(grad_hidden, ids, tgrad, pgrad, positions=positions), check)
+
+
+@PROPERTY
+@given(st.data())
+def test_coalesce_adversarial(data):
+    call = Call()
+    D, shape = data.draw(DIMS), data.draw(id_shapes())
+    ids, values, id_error = data.draw(id_values(shape, None))
+    call.add("ids", ids)
+    if id_error:
+        call.expect(id_error, "negative ids, or above the int64 maximum")
+    grad_out = call.add("grad_out", data.draw(tables(shape + (D,), "input")))
+    check_read_once(call, "grad_out", grad_out, shape + (D,))
+
+    def check(result, before):
+        rows, sums = result
+        flat = ids_logical(values)
+        expected_rows, inverse = np.unique(flat, return_inverse=True)
+        expected = np.zeros((len(expected_rows), D), np.float32)
+        np.add.at(expected, inverse.reshape(-1), np.asarray(before["grad_out"]).reshape(size_of(shape), D))
+        assert bitwise(rows, expected_rows.astype(np.int64)), f"rows {rows} != {expected_rows}"
+        assert same_floats(sums, expected)
+
+    call.run(lambda: fe.coalesce(ids, grad_out), check)
+
+
+# ---------------------------------------------------------------- layers
+
+@PROPERTY
+@given(st.data(), st.booleans())
+def test_embedding_adversarial(data, sparse):
+    """Forward with hostile ids or out, then backward with a hostile gradient: a failing call keeps
+    the layer (weight, grad, the ids kept for backward) exactly as it was."""
+    V, D = data.draw(st.sampled_from((1, 3, 40))), data.draw(st.sampled_from((1, 4)))
+    layer = fe.Embedding(V, D, sparse=sparse, seed=0)
+    layer(np.array([0]))  # something kept from before
+    layer.backward(np.ones((1, D), np.float32))
+    shape = data.draw(id_shapes())
+    ids, values, id_error = data.draw(id_values(shape, V))
+    call = Call()
+    call.add("ids", ids)
+    call.add("weight", layer.weight)
+    if id_error:
+        call.expect(id_error, "bad ids")
+    kept = (layer._ids, layer.grad)
+    out = call.add("out", data.draw(out_arrays(shape + (D,), call, {"weight": layer.weight, "ids": ids})),
+                   target=True)
+    check_out(call, out, shape + (D,), {"weight": layer.weight, "ids": ids})
+    ok = []
+
+    def forward():
+        return layer(ids, out=out)
+
+    def check_forward(result, before):
+        assert bitwise(result, before["weight"][ids_logical(values).reshape(shape)])
+        ok.append(True)
+
+    call.run(forward, check_forward)
+    if not ok:
+        assert layer._ids is kept[0] and layer.grad is kept[1], "a failing forward changed the layer"
+        return
+    g = data.draw(tables(shape + (D,), "input"))
+    bcall = Call()
+    bcall.add("grad_out", g)
+    check_read_once(bcall, "grad_out", g, shape + (D,))
+
+    expected_after = {}
+
+    def check_backward(result, before):
+        assert same_floats(layer.dense_grad(), expected_after["grad"])
+
+    kept_grad = layer.grad
+    kept_snapshot = snapshot(layer.dense_grad())
+    failed = []
+
+    def backward():
+        if is_f32(g) and g.shape == shape + (D,):
+            with np.errstate(all="ignore"):
+                expected_after["grad"] = accumulated_grad(layer, ids_logical(values), g.reshape(size_of(shape), D))
+        try:
+            return layer.backward(g)
+        except Exception:
+            failed.append(True)
+            raise
+
+    bcall.run(backward, check_backward)
+    if failed:
+        assert layer.grad is kept_grad and snapshot(layer.dense_grad()) == kept_snapshot, \
+            "a failing backward changed the gradient"
+
+
+@PROPERTY
+@given(st.data(), st.booleans())
+def test_token_position_embedding_adversarial(data, sparse):
+    V, P, D = data.draw(st.sampled_from((1, 5, 40))), data.draw(st.sampled_from((1, 4, 16))), 3
+    layer = fe.TokenPositionEmbedding(V, P, D, sparse=sparse, seed=1)
+    layer(np.array([0]))
+    layer.backward(np.ones((1, D), np.float32))
+    shape = data.draw(id_shapes())
+    call = Call()
+    ids, values, id_error = data.draw(id_values(shape, V))
+    call.add("ids", ids)
+    if id_error:
+        call.expect(id_error, "bad ids")
+    positions, meaning = data.draw(position_args(shape, P, call))
+    call.add("positions", positions)
+    call.add("token", layer.token.weight)
+    call.add("position", layer.position.weight)
+    kept = (layer._saved, layer.token.grad, layer.position.grad)
+    ok = []
+
+    def check_forward(result, before):
+        expected = before["token"][ids_logical(values).reshape(shape)] + before["position"][
+            expected_positions(shape, meaning)]
+        assert same_floats(result, expected)
+        ok.append(True)
+
+    call.run(lambda: layer(ids, positions), check_forward)
+    if not ok:
+        assert layer._saved is kept[0] and layer.token.grad is kept[1] and layer.position.grad is kept[2]
+        return
+    tg, pg = layer.token.dense_grad().copy(), layer.position.dense_grad().copy()
+    expected_after = {}
+    g = data.draw(tables(shape + (D,), "input"))
+    bcall = Call()
+    bcall.add("grad_hidden", g)
+    check_read_once(bcall, "grad_hidden", g, shape + (D,))
+
+    def check_backward(result, before):
+        assert same_floats(layer.token.dense_grad(), expected_after["token"])
+        assert same_floats(layer.position.dense_grad(), expected_after["position"])
+
+    kept = (layer.token.grad, layer.position.grad, snapshot(tg), snapshot(pg))
+    failed = []
+
+    def backward():
+        if is_f32(g) and g.shape == shape + (D,):
+            gh = g.reshape(size_of(shape), D)
+            with np.errstate(all="ignore"):
+                expected_after["token"] = accumulated_grad(layer.token, ids_logical(values), gh)
+                expected_after["position"] = accumulated_grad(
+                    layer.position, expected_positions(shape, meaning).reshape(-1), gh)
+        try:
+            return layer.backward(g)
+        except Exception:
+            failed.append(True)
+            raise
+
+    bcall.run(backward, check_backward)
+    if failed:
+        assert layer.token.grad is kept[0] and layer.position.grad is kept[1]
+        assert snapshot(layer.token.dense_grad()) == kept[2] and snapshot(layer.position.dense_grad()) == kept[3]
+
+
+# ---------------------------------------------------------------- focused cases (one per finding)
+
+def test_misaligned_zero_d_ids_keep_their_shape():
+    """0-d int64 ids at an odd byte offset: the result must have shape (D,), as for aligned 0-d ids."""
+    table = np.arange(12, dtype=np.float32).reshape(3, 4)
+    ids = arrange(np.array(2, dtype=np.int64), "misaligned")
+    assert ids.shape == () and not ids.flags.aligned
+    assert fe.gather(table, ids).shape == (4,)
+    assert fe.gather_add(table, table, ids).shape == (4,)
+    grad = np.zeros((3, 4), np.float32)
+    fe.scatter_add(grad, ids, np.ones(4, np.float32))
+    assert grad[2].tolist() == [1, 1, 1, 1]
+    rows, values = fe.coalesce(ids, np.ones(4, np.float32))
+    assert rows.tolist() == [2] and values.shape == (1, 4)
+
+
+def test_zero_d_ids_with_a_zero_d_positions_array():
+    """positions broadcastable to ids.shape includes a 0-d array for 0-d ids."""
+    tok = np.arange(12, dtype=np.float32).reshape(3, 4)
+    pos = np.arange(8, dtype=np.float32).reshape(2, 4) * 100
+    hidden = fe.gather_add(tok, pos, np.array(2), positions=np.array(1))
+    assert hidden.tolist() == (tok[2] + pos[1]).tolist()
+    tg, pg = np.zeros_like(tok), np.zeros_like(pos)
+    fe.gather_add_backward(np.ones(4, np.float32), np.array(2), tg, pg, positions=np.array(1))
+    assert pg[1].tolist() == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_token_position_embedding_zero_d_ids_backward(sparse):
+    layer = fe.TokenPositionEmbedding(5, 4, 3, sparse=sparse, seed=0)
+    hidden = layer(np.array(2))
+    assert hidden.shape == (3,)
+    layer.backward(np.ones(3, np.float32))
+    assert layer.token.dense_grad()[2].tolist() == [1, 1, 1]
+    assert layer.position.dense_grad()[0].tolist() == [1, 1, 1]
+
+
+def test_a_list_of_ints_out_of_int64_range_is_an_index_error():
+    """[-1, 2**63] is a list of integers, out of range: numpy turns it into float64 on the way."""
+    table = np.zeros((3, 2), np.float32)
+    for ids in ([-1, 2**63], [2**64], [0, -(2**63) - 1]):
+        with pytest.raises(IndexError):
+            fe.gather(table, ids)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int16, np.uint16, np.uint32, np.uint64])
+@pytest.mark.parametrize("layout", ["c", "fortran"])
+def test_out_sharing_memory_with_converted_ids_is_a_value_error(dtype, layout):
+    """DESIGN: `out` that shares memory with an input is a ValueError, also when ids had to be converted."""
+    table = np.arange(8, dtype=np.float32).reshape(4, 2)
+    buf = np.zeros(32, np.float32)
+    out = buf[:8].reshape(2, 2, 2)
+    ids = buf.view(np.uint8)[:4 * np.dtype(dtype).itemsize].view(dtype).reshape(2, 2)
+    if layout == "fortran":
+        ids = ids.T  # a Fortran-ordered view of the same memory
+    assert np.shares_memory(ids, out)
+    ids_before = ids.copy()
+    with pytest.raises(ValueError):
+        fe.gather(table, ids, out=out)
+    assert bitwise(ids, ids_before)
+
+
+def test_out_sharing_memory_with_broadcast_positions_is_a_value_error():
+    tok = np.zeros((4, 2), np.float32)
+    pos = np.zeros((4, 2), np.float32)
+    buf = np.zeros(32, np.float32)
+    out = buf[:16].reshape(2, 4, 2)
+    positions = buf.view(np.int64)[:4]  # shape (4,), broadcast to ids (2, 4)
+    with pytest.raises(ValueError):
+        fe.gather_add(tok, pos, np.zeros((2, 4), np.int64), positions=positions, out=out)
+
+
+@pytest.mark.parametrize("entry", ["gather", "gather_add", "scatter_add", "gather_add_backward", "coalesce"])
+def test_zero_row_tables_with_empty_ids(entry):
+    for D in (0, 3):
+        empty = np.zeros((0, D), np.float32)
+        for shape in ((0,), (0, 5), (2, 0)):
+            ids = np.zeros(shape, np.int64)
+            grad_out = np.zeros(shape + (D,), np.float32)
+            if entry == "gather":
+                assert fe.gather(empty, ids).shape == shape + (D,)
+            elif entry == "gather_add":
+                assert fe.gather_add(empty, empty, ids).shape == shape + (D,)
+                assert fe.gather_add(empty, empty, ids, positions=0).shape == shape + (D,)
+            elif entry == "scatter_add":
+                fe.scatter_add(np.zeros((0, D), np.float32), ids, grad_out)
+            elif entry == "gather_add_backward":
+                fe.gather_add_backward(grad_out, ids, np.zeros((0, D), np.float32), np.zeros((0, D), np.float32))
+            else:
+                rows, values = fe.coalesce(ids, grad_out)
+                assert rows.shape == (0,) and rows.dtype == np.int64 and values.shape == (0, D)
+    with pytest.raises(IndexError):
+        fe.gather(np.zeros((0, 3), np.float32), [0])
+
+
+@pytest.mark.parametrize("bits", SPECIAL_BITS)
+def test_special_floats_pass_through(bits):
+    """NaN (with its payload, signalling or quiet), inf, -0.0 and subnormals are data: a gather copies
+    their bits, sums follow IEEE arithmetic."""
+    table = np.full((3, 5), np.uint32(bits)).view(np.float32)
+    got = fe.gather(table, [2, 0, 2])
+    assert got.view(np.uint32).tolist() == [[bits] * 5] * 3
+    zeros = np.zeros((2, 5), np.float32)
+    with np.errstate(all="ignore"):
+        assert same_floats(fe.gather_add(table, zeros, [1, 1]), table[[1, 1]] + zeros)
+        grad = np.zeros((3, 5), np.float32)
+        fe.scatter_add(grad, [1, 1], table[:2])
+        expected = np.zeros((3, 5), np.float32)
+        np.add.at(expected, [1, 1], table[:2])
+        assert same_floats(grad, expected)
