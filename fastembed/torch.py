@@ -36,7 +36,7 @@ def _table(tensor, name):
     """A CPU float32 C-contiguous tensor's memory as a numpy array (shared, never copied)."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.device.type != "cpu" or tensor.layout != torch.strided:
+    if not tensor.is_cpu or tensor.layout != torch.strided:
         raise TypeError(f"fastembed runs on dense CPU tensors only, got {name} on {tensor.device}, "
                         f"layout {tensor.layout}")
     if tensor.dtype != torch.float32:
@@ -53,7 +53,7 @@ def _ids(tensor, name="ids"):
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of int32 or int64, got {type(tensor).__name__}; "
                         "wrap it with torch.as_tensor")
-    if tensor.device.type != "cpu" or tensor.layout != torch.strided:
+    if not tensor.is_cpu or tensor.layout != torch.strided:
         raise TypeError(f"fastembed runs on dense CPU tensors only, got {name} on {tensor.device}, "
                         f"layout {tensor.layout}")
     if tensor.dtype not in _ID_DTYPES:
@@ -63,7 +63,7 @@ def _ids(tensor, name="ids"):
 
 def _grad(tensor, name):
     """The incoming gradient as a numpy array (the kernels make a strided one contiguous)."""
-    if tensor.device.type != "cpu" or tensor.layout != torch.strided or tensor.dtype != torch.float32:
+    if not tensor.is_cpu or tensor.layout != torch.strided or tensor.dtype != torch.float32:
         raise TypeError(f"the gradient of {name} must be a dense CPU float32 tensor, got dtype={tensor.dtype}, "
                         f"device={tensor.device}, layout={tensor.layout}")
     return tensor.numpy()
