@@ -121,11 +121,11 @@ class _EmbeddingFunction(torch.autograd.Function):
         g = _grad(grad_out, "the embedding output")
         if ctx.sparse:
             return _sparse(*ops.coalesce(ids.numpy(), g), ctx.shape, ctx.padding_idx), None, None, None
-        grad = torch.zeros(ctx.shape, dtype=torch.float32)
-        ops.scatter_add(grad.numpy(), ids.numpy(), g)
+        grad = np.zeros(ctx.shape, dtype=np.float32)
+        ops.scatter_add(grad, ids.numpy(), g)
         if ctx.padding_idx is not None:
             grad[ctx.padding_idx] = 0.0  # as torch: the padding row gets no gradient
-        return grad, None, None, None
+        return torch.from_numpy(grad), None, None, None
 
 
 class _TokenPositionFunction(torch.autograd.Function):
@@ -163,15 +163,18 @@ class _TokenPositionFunction(torch.autograd.Function):
             if need_position:
                 position_grad = _sparse(*ops.coalesce(ops.positions_array(ids, positions), g), position_shape)
         elif need_token and need_position:
-            token_grad = torch.zeros(token_shape, dtype=torch.float32)
-            position_grad = torch.zeros(position_shape, dtype=torch.float32)
-            ops.gather_add_backward(g, ids, token_grad.numpy(), position_grad.numpy(), positions=positions)
+            token_grad = np.zeros(token_shape, dtype=np.float32)
+            position_grad = np.zeros(position_shape, dtype=np.float32)
+            ops.gather_add_backward(g, ids, token_grad, position_grad, positions=positions)
+            token_grad, position_grad = torch.from_numpy(token_grad), torch.from_numpy(position_grad)
         elif need_token:  # a frozen position table: do not allocate its gradient
-            token_grad = torch.zeros(token_shape, dtype=torch.float32)
-            ops.scatter_add(token_grad.numpy(), ids, g)
+            token_grad = np.zeros(token_shape, dtype=np.float32)
+            ops.scatter_add(token_grad, ids, g)
+            token_grad = torch.from_numpy(token_grad)
         else:
-            position_grad = torch.zeros(position_shape, dtype=torch.float32)
-            ops.scatter_add(position_grad.numpy(), ops.positions_array(ids, positions), g)
+            position_grad = np.zeros(position_shape, dtype=np.float32)
+            ops.scatter_add(position_grad, ops.positions_array(ids, positions), g)
+            position_grad = torch.from_numpy(position_grad)
         return token_grad, position_grad, None, None, None
 
 
