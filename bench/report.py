@@ -1,0 +1,281 @@
+"""Results as rows, markdown tables, a JSON file and a PNG plot.
+
+Ratios are ``this method's time / the anchor's time``: below 1 is faster than
+the anchor. Anchors per case: the numpy idiom DESIGN.md names, torch's first
+method, and the memory limit at the row's own thread count.
+"""
+import json
+import math
+import os
+import platform
+import time
+
+import numpy as np
+
+import fastembed as fe
+
+from .cases import OP_TITLES, method_key
+from .targets import THREAD_OPS
+
+# ---------------------------------------------------------------- rows
+
+
+def _anchor(case, family, threads=None):
+    """The case's anchor method of a family (the memory limit: the one at threads, if there is one)."""
+    found = [m for m in case.methods if m.family == family and m.samples_ns]
+    if threads is not None:
+        same = [m for m in found if m.threads == threads]
+        if same:
+            return same[0]
+    anchors = [m for m in found if m.anchor]
+    return anchors[0] if anchors else None
+
+
+def case_rows(case):
+    """One dict per method of a measured case: time, GB/s, ratios, what the check found."""
+    rows = []
+    numpy, torch = _anchor(case, "numpy"), _anchor(case, "torch")
+    for m in case.methods:
+        t = m.median_ns
+        memory = _anchor(case, "memory", threads=m.threads)
+        rows.append({
+            "shape": case.shape.name,
+            "op": case.op,
+            "method": m.name,
+            "family": m.family,
+            "threads": m.threads,
+            "anchor": m.anchor,
+            "median_ns": t,
+            "samples_ns": [s * m.scale for s in m.samples_ns],
+            "calls_per_sample": m.number,
+            "bytes": case.nbytes,
+            "gbps": case.nbytes / t if t > 0 else math.nan,
+            "vs_numpy": t / numpy.median_ns if numpy else None,
+            "vs_torch": t / torch.median_ns if torch else None,
+            "vs_memory": t / memory.median_ns if memory else None,
+            "check": case.checks.get(method_key(m), "-"),
+            "note": m.note,
+        })
+    return rows
+
+
+def thread_scaling(rows, big_shapes, openmp):
+    """fastembed at 1 and at 2 threads on the big shapes: speed-up and whether the results are bitwise equal."""
+    out = []
+    for shape in big_shapes:
+        for op in THREAD_OPS:
+            found = {r["threads"]: r for r in rows
+                     if (r["shape"], r["op"], r["family"], r["method"]) == (shape, op, "fastembed", "fastembed")}
+            entry = {"shape": shape, "op": op, "t1_ns": None, "t2_ns": None, "speedup": None, "bitwise": None,
+                     "note": ""}
+            if 1 in found and 2 in found:
+                entry.update(t1_ns=found[1]["median_ns"], t2_ns=found[2]["median_ns"])
+                entry["speedup"] = entry["t1_ns"] / entry["t2_ns"]
+                entry["bitwise"] = all(found[n]["check"] in ("bitwise", "baseline") for n in (1, 2))
+            elif not found:
+                continue
+            else:
+                entry["note"] = "fastembed built without OpenMP" if not openmp else "not measured"
+            out.append(entry)
+    return out
+
+
+# ---------------------------------------------------------------- markdown
+
+def fmt_time(ns):
+    """A time with 3 significant digits in the unit that suits it."""
+    if ns is None or not math.isfinite(ns):
+        return "-"
+    for unit, size in (("s", 1e9), ("ms", 1e6), ("us", 1e3)):
+        if ns >= size:
+            return f"{ns / size:.3g} {unit}"
+    return f"{ns:.3g} ns"
+
+
+def fmt_ratio(x):
+    return "-" if x is None or not math.isfinite(x) else f"{x:.3g}x"
+
+
+def table(header, lines):
+    """A markdown table."""
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in line) + " |" for line in lines]
+    return "\n".join(out)
+
+
+def results_markdown(rows, shapes):
+    """One table per shape: every op and method with its time, GB/s and ratios."""
+    parts = []
+    for shape in shapes:
+        lines = []
+        for r in (r for r in rows if r["shape"] == shape.name):
+            lines.append([r["op"], r["method"], r["threads"], fmt_time(r["median_ns"]), f"{r['gbps']:.3g}",
+                          fmt_ratio(r["vs_numpy"]), fmt_ratio(r["vs_torch"]), fmt_ratio(r["vs_memory"]),
+                          r["note"] or r["check"]])
+        if lines:
+            parts.append(f"### {shape.name}: {shape.label()}\n\n" + table(
+                ["op", "method", "threads", "time", "GB/s", "vs numpy", "vs torch", "vs mem limit", "check"], lines))
+    return "\n\n".join(parts)
+
+
+def scaling_markdown(scaling):
+    lines = [[s["shape"], s["op"], fmt_time(s["t1_ns"]), fmt_time(s["t2_ns"]), fmt_ratio(s["speedup"]),
+              {True: "yes", False: "NO", None: "-"}[s["bitwise"]] + (f" ({s['note']})" if s["note"] else "")]
+             for s in scaling]
+    return table(["shape", "op", "1 thread", "2 threads", "speed-up", "bitwise equal"], lines)
+
+
+def targets_markdown(verdicts):
+    lines = [[v.target, v.shape, v.measured, v.limit, v.status, v.note] for v in verdicts]
+    return table(["target (DESIGN.md)", "shape", "measured", "target", "status", "how"], lines)
+
+
+def environment_markdown(env):
+    keys = ("python", "numpy", "torch", "fastembed", "cpu_count", "cpus_usable", "threads", "fastembed_threads",
+            "torch_threads", "fastembed_openmp", "cpu_model", "load_average", "load_average_end", "seconds",
+            "timer_loop_overhead_ns")
+    return "\n".join(f"- {k}: {env.get(k)}" for k in keys)
+
+
+def markdown(env, rows, shapes, scaling, verdicts, notes):
+    """The whole report."""
+    ops = sorted({r["op"] for r in rows}, key=list(OP_TITLES).index)
+    parts = [
+        "## fastembed benchmark",
+        environment_markdown(env),
+        "Ops: " + "; ".join(f"{op} = {OP_TITLES[op]}" for op in ops) + ".",
+        "Times are medians of round-robin samples after warm-up. `vs X` = this time / X's time "
+        "(below 1: faster); the memory limit is an add moving the same bytes at the row's thread count. "
+        "GB/s counts the bytes the op must read and write. `check`: the result against fastembed's, "
+        "before timing.",
+        results_markdown(rows, shapes),
+    ]
+    if scaling:
+        parts += ["### fastembed threads: 1 vs 2", scaling_markdown(scaling)]
+    parts += ["### speed targets", targets_markdown(verdicts)]
+    if notes:
+        parts += ["### notes", "\n".join(f"- {n}" for n in notes)]
+    return "\n\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------- environment, JSON, plot
+
+def cpu_model():
+    """The CPU's model name from /proc/cpuinfo (Linux), else platform's guess."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def usable_cpus():
+    """CPUs this process may run on (a container's cpuset, not the host's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def load_average():
+    """The 1, 5 and 15 minute load averages (None where the OS has none)."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def busy_note(env):
+    """A warning when other work shared the CPUs during the run: its thread-scaling figures are suspect."""
+    loads = [x[0] for x in (env.get("load_average"), env.get("load_average_end")) if x]
+    # This run itself keeps about one CPU busy; more than that is someone else's.
+    if loads and max(loads) > env["cpus_usable"] * 0.5 + 1.0:
+        return (f"the machine was busy (1-minute load {max(loads):.2f} on {env['cpus_usable']} CPUs): "
+                "other processes shared the cores, so multi-threaded figures (and 2-vs-1 speed-ups) are unreliable")
+    return None
+
+
+def environment(threads, torch, loop_overhead_ns):
+    """Versions, CPU and thread counts, recorded with every run."""
+    env = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": getattr(torch, "__version__", None),
+        "fastembed": fe.__version__,
+        "platform": platform.platform(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": usable_cpus(),
+        "threads": threads,
+        "fastembed_threads": fe.get_num_threads(),
+        "fastembed_openmp": fe.openmp_enabled(),
+        "torch_threads": torch.get_num_threads() if torch is not None else None,
+        "load_average": load_average(),
+        "timer_loop_overhead_ns": round(loop_overhead_ns, 1),
+    }
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        env["threadpools"] = None
+    else:
+        env["threadpools"] = [{k: p.get(k) for k in ("user_api", "internal_api", "num_threads", "version")}
+                              for p in threadpool_info()]
+    return env
+
+
+def _clean(x):
+    """JSON has no NaN: None instead."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def write_json(path, env, args, shapes, rows, scaling, verdicts, notes):
+    """Everything the run measured, in one file."""
+    doc = {
+        "environment": env,
+        "args": args,
+        "shapes": [{"name": s.name, "vocab": s.vocab, "context": s.context, "dim": s.dim, "ids_shape": [s.batch, s.seq],
+                    "ids": s.ids} for s in shapes],
+        "results": rows,
+        "thread_scaling": scaling,
+        "targets": [vars(v) for v in verdicts],
+        "notes": notes,
+    }
+    with open(path, "w") as f:
+        json.dump(_clean(doc), f, indent=1)
+
+
+def write_plot(path, rows, threads):
+    """Time per method per shape, one panel per op, log scale (main thread count rows only)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r["threads"] == threads or r["family"] in ("numpy", "reference")]
+    ops = [op for op in OP_TITLES if any(r["op"] == op for r in shown)]
+    shapes = list(dict.fromkeys(r["shape"] for r in shown))
+    fig, axes = plt.subplots(len(ops), 1, figsize=(13, 3.2 * len(ops)), squeeze=False)
+    for ax, op in zip(axes[:, 0], ops):
+        op_rows = [r for r in shown if r["op"] == op]
+        methods = list(dict.fromkeys(r["method"] for r in op_rows))
+        width = 0.8 / len(methods)
+        for k, name in enumerate(methods):
+            times = {r["shape"]: r["median_ns"] / 1e3 for r in op_rows if r["method"] == name}
+            xs = [i + (k - (len(methods) - 1) / 2) * width for i, s in enumerate(shapes) if s in times]
+            ax.bar(xs, [times[s] for s in shapes if s in times], width, label=name)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(shapes)), shapes)
+        ax.set_ylabel("time per call (us)")
+        ax.set_title(OP_TITLES[op])
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        ax.grid(axis="y", which="both", alpha=0.3)
+    fig.suptitle(f"fastembed benchmark ({threads} threads; log scale, lower is faster)")
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,196 @@
+"""The suite's driver: parse options, build and check each case, time it, report."""
+import argparse
+import gc
+import os
+import sys
+import time
+
+import fastembed as fe
+
+from . import report, shapes, targets
+from .cases import OPS, Context, build_case, verify
+from .timing import Plan, loop_overhead_ns, measure
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+SEED_PLAN = Plan(repeats=21, warmup=2, sample_ns=2_000_000, budget_ns=1_500_000_000)
+# Big calls last milliseconds: fewer samples, and a pause between samples so the
+# OpenMP threads of the previous method stop spinning before the next one starts.
+BIG_PLAN = Plan(repeats=9, warmup=1, sample_ns=2_000_000, budget_ns=3_000_000_000, settle_s=0.002)
+QUICK_PLAN = Plan(repeats=2, min_repeats=1, warmup=0, sample_ns=20_000, budget_ns=100_000_000)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="fastembed against numpy, PyTorch, the pure-Python reference and the memory limit.")
+    parser.add_argument("--all", action="store_true", help="every shape: seed, medium, wide (about 5-10 minutes)")
+    parser.add_argument("--shapes", type=_names, default=None,
+                        help="comma-separated shape names, e.g. seed-1x16,medium (default: the seed shapes)")
+    parser.add_argument("--ops", type=_names, default=list(OPS), help=f"comma-separated ops (default: {','.join(OPS)})")
+    parser.add_argument("--threads", type=int, default=report.usable_cpus(),
+                        help="threads for fastembed, torch and the memory limit (default: all usable CPUs)")
+    parser.add_argument("--repeats", type=int, default=None, help="samples per method (default: 21 seed, 9 big)")
+    parser.add_argument("--quick", action="store_true", help="tiny repeats and batches: a smoke test, not a measurement")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="shrink the medium and wide tables and sequences by this factor, e.g. 0.01")
+    parser.add_argument("--output", default=RESULTS_DIR, help=f"directory for the JSON and PNG (default: {RESULTS_DIR})")
+    parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even when it is installed")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    args = parser.parse_args(argv)
+    unknown = [op for op in args.ops if op not in OPS]
+    if unknown:
+        parser.error(f"unknown op(s) {unknown}; known: {list(OPS)}")
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if not 0 < args.scale <= 1:
+        parser.error(f"--scale must be in (0, 1], got {args.scale}")
+    return args
+
+
+def _names(text):
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def plan_for(shape, args):
+    """The timing plan of a shape, with --quick and --repeats applied."""
+    plan = QUICK_PLAN if args.quick else (BIG_PLAN if shape.big else SEED_PLAN)
+    if args.repeats is not None:
+        plan = Plan(**{**vars(plan), "repeats": args.repeats, "min_repeats": min(plan.min_repeats, args.repeats)})
+    return plan
+
+
+def optional_modules(args, notes):
+    """torch, tqdm and matplotlib when installed and wanted; a note for each one skipped."""
+    found = {}
+    for name, wanted, why in (("torch", not args.no_torch, "PyTorch rows and the targets anchored on torch"),
+                              ("tqdm", not args.quick, "the progress bar"),
+                              ("matplotlib", not args.no_plot, "the PNG plot")):
+        if not wanted:
+            found[name] = None
+            if name == "torch":
+                notes.append(f"skipped: {why} (--no-torch)")
+            continue
+        try:
+            found[name] = __import__(name)
+        except ImportError:
+            found[name] = None
+            notes.append(f"skipped: {why} ({name} is not installed; `pip install {name}`)")
+    return found
+
+
+class Progress:
+    """A tqdm bar when tqdm is there; else one line per case on stderr; silent when quiet."""
+
+    def __init__(self, tqdm, quiet):
+        self.quiet = quiet
+        self.bar = tqdm.tqdm(total=0, unit="sample", file=sys.stderr, leave=False) if tqdm and not quiet else None
+
+    def case(self, k, n, label):
+        if self.bar is not None:
+            self.bar.set_description(label)
+        elif not self.quiet:
+            print(f"[{k}/{n}] {label}", file=sys.stderr, flush=True)
+
+    def expect(self, n):
+        if self.bar is not None:
+            self.bar.total += n
+            self.bar.refresh()
+
+    def tick(self):
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def context_for(shape, args, torch):
+    """The thread counts fastembed runs at on shape (1 and 2 as well on the big shapes), torch, the reference."""
+    if not fe.openmp_enabled():
+        counts = (1,)
+    elif shape.big:
+        counts = tuple(dict.fromkeys((args.threads, 1, 2)))
+    else:
+        counts = (args.threads,)
+    return Context(args.threads, counts, torch, reference=not shape.big)
+
+
+def run_cases(chosen, args, torch, progress, notes):
+    """Build, check and time every case; return the result rows (each case is freed once reported)."""
+    rows = []
+    total, k = len(chosen) * len(args.ops), 0
+    for shape in chosen:
+        data = shapes.make_data(shape)
+        ctx = context_for(shape, args, torch)
+        for op in args.ops:
+            k += 1
+            progress.case(k, total, f"{shape.name} {op}")
+            fe.set_num_threads(ctx.fe_threads[0])
+            case = build_case(data, op, ctx)
+            verify(case, ctx)
+            measure(case.methods, plan_for(shape, args), progress)
+            rows += report.case_rows(case)
+            notes += [f"{shape.name} {op}: {w}" for w in case.warnings]
+            del case
+            if data.token_table.nbytes > 2**26:
+                gc.collect()  # free the big cases' tables and optimizer states now (a full collection is slow)
+        del data
+    return rows
+
+
+def main(argv=None):
+    """Run the suite; print the report; write the JSON (and the plot). Returns the exit status."""
+    args = parse_args(argv)
+    notes = []
+    mods = optional_modules(args, notes)
+    torch = mods["torch"]
+    before = (fe.get_num_threads(), torch.get_num_threads() if torch is not None else None)
+    try:
+        return run_suite(args, torch, mods, notes)
+    finally:  # a caller in the same process gets its thread counts back
+        fe.set_num_threads(before[0])
+        if torch is not None:
+            torch.set_num_threads(before[1])
+
+
+def run_suite(args, torch, mods, notes):
+    """Everything main() does once the options are read."""
+    fe.set_num_threads(args.threads)
+    if torch is not None:
+        torch.set_num_threads(args.threads)
+    if not fe.openmp_enabled():
+        notes.append("skipped: fastembed at 2 threads (built without OpenMP: every kernel runs on one thread)")
+    chosen = shapes.select(args.shapes, args.all, args.scale)
+    env = report.environment(args.threads, torch, loop_overhead_ns())
+    started = time.perf_counter()
+    progress = Progress(mods["tqdm"], quiet=args.quick)
+    try:
+        rows = run_cases(chosen, args, torch, progress, notes)
+    finally:
+        progress.close()
+    env["seconds"] = round(time.perf_counter() - started, 1)
+    env["load_average_end"] = report.load_average()
+    busy = report.busy_note(env)
+    if busy:
+        notes.append(busy)
+    shapes_run = [s.name for s in chosen]
+    scaling = report.thread_scaling(rows, [s.name for s in chosen if s.big], fe.openmp_enabled())
+    verdicts = targets.judge(rows, scaling, shapes_run, args.scale)
+    unjudged = targets.shapes_not_judged(shapes_run)
+    if unjudged:
+        notes.append(f"targets not judged: {', '.join(unjudged)} not run (`python -m bench --all` runs every shape)")
+    if args.quick:
+        notes.append("--quick: tiny repeats, for tests; the figures are not measurements")
+    os.makedirs(args.output, exist_ok=True)
+    stem = os.path.join(args.output, "bench-" + time.strftime("%Y%m%d-%H%M%S"))
+    if mods["matplotlib"] is not None:
+        report.write_plot(stem + ".png", rows, args.threads)
+        notes.append(f"plot: {stem}.png")
+    notes.append(f"json: {stem}.json")
+    report.write_json(stem + ".json", env, vars(args), chosen, rows, scaling, verdicts, notes)
+    print(report.markdown(env, rows, chosen, scaling, verdicts, notes))
+    return 0
