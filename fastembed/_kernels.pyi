@@ -44,4 +44,5 @@ def adam_step(
     eps: float,
     bias1: float,
     bias2: float,
+    check_only: bool = False,
 ) -> None: ...

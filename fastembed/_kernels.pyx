@@ -94,8 +94,9 @@ cdef cnp.ndarray _table(object a, str name):
         raise ValueError(f"{name} must be 2-D (rows, dim), got {name}.shape={_shape(arr)}")
     if not cnp.PyArray_IS_C_CONTIGUOUS(arr) or not cnp.PyArray_ISALIGNED(arr):
         raise ValueError(
-            f"{name} must be C-contiguous and aligned (a table is never copied behind your back); "
-            f"pass np.ascontiguousarray({name})"
+            f"{name} must be C-contiguous and aligned (a table is never copied behind your back), got "
+            f"{name}.shape={_shape(arr)}, {name}.strides={(<object>arr).strides}, "
+            f"aligned={bool(cnp.PyArray_ISALIGNED(arr))}; pass np.ascontiguousarray({name})"
         )
     return arr
 
@@ -798,9 +799,10 @@ cdef int _check_increasing(cnp.ndarray rows) except -1:
 
 
 def adam_step(weight, exp_avg, exp_avg_sq, grad, rows, double lr, double beta1, double beta2,
-              double eps, double bias1, double bias2):
+              double eps, double bias1, double bias2, bint check_only=False):
     """One Adam update in place, fused per element; rows None updates every row (grad is (V, D)),
-    else only rows (sorted distinct int64, grad is (len(rows), D))."""
+    else only rows (sorted distinct int64, grad is (len(rows), D)). check_only: run every check, write nothing
+    (an optimizer checks all of its parameters before it moves any)."""
     cdef cnp.ndarray w = _target(weight, "weight")
     cdef cnp.ndarray m = _target(exp_avg, "exp_avg")
     cdef cnp.ndarray v = _target(exp_avg_sq, "exp_avg_sq")
@@ -823,9 +825,11 @@ def adam_step(weight, exp_avg, exp_avg_sq, grad, rows, double lr, double beta1, 
         _check_increasing(r)
     if _shape(g) != (U, D):
         raise ValueError(f"grad must have shape {(U, D)}, got grad.shape={_shape(g)}")
-    _no_overlap(w, "weight", (m, v, grad), ("exp_avg", "exp_avg_sq", "grad"))
-    _no_overlap(m, "exp_avg", (v, grad), ("exp_avg_sq", "grad"))
-    _no_overlap(v, "exp_avg_sq", (grad,), ("grad",))
+    _no_overlap(w, "weight", (m, v, grad, rows), ("exp_avg", "exp_avg_sq", "grad", "rows"))
+    _no_overlap(m, "exp_avg", (v, grad, rows), ("exp_avg_sq", "grad", "rows"))
+    _no_overlap(v, "exp_avg_sq", (grad, rows), ("grad", "rows"))
+    if check_only:
+        return
     cdef const int64_t* rp = NULL if r is None else <const int64_t*>cnp.PyArray_DATA(r)
     cdef int nthreads = _threads_for(U * D)
     with nogil:  # an optimizer step is never small enough for the GIL release to matter

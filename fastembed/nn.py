@@ -23,11 +23,33 @@ class SparseGrad(NamedTuple):
     rows: np.ndarray  # int64 (U,), distinct, increasing
     values: np.ndarray  # float32 (U, D)
 
+    def check(self, num_rows, dim=None):
+        """Raise unless this is a gradient for a (num_rows, dim) float32 table: float32 values of
+        shape (len(rows), dim), rows strictly increasing ids in [0, num_rows). dim None: any."""
+        rows, values = self.rows, self.values
+        if not (isinstance(rows, np.ndarray) and rows.dtype.kind in "iu" and rows.ndim == 1):
+            raise TypeError(f"SparseGrad.rows must be a 1-D integer array, got {getattr(rows, 'dtype', type(rows))}")
+        if not (isinstance(values, np.ndarray) and values.dtype == np.float32):
+            raise TypeError(f"SparseGrad.values must be float32, got {getattr(values, 'dtype', type(values))}")
+        if values.ndim != 2 or values.shape != (len(rows), values.shape[1] if dim is None else dim):
+            raise ValueError(f"SparseGrad.values must have shape (len(rows), D) = {(len(rows), dim)}, "
+                             f"got values.shape={values.shape}")
+        if len(rows) and (rows[0] < 0 or rows[-1] >= num_rows or np.any(rows[1:] <= rows[:-1])):
+            raise ValueError(f"SparseGrad.rows must be strictly increasing ids in [0, {num_rows}), got {rows}")
+        return self
+
     def to_dense(self, num_rows):
         """The same gradient as a float32 (num_rows, D) array."""
+        self.check(num_rows)
         dense = np.zeros((num_rows, self.values.shape[1]), dtype=np.float32)
         dense[self.rows] = self.values
         return dense
+
+
+def _own_ids(ids):
+    """ids as an int array this layer owns: the caller may reuse its buffer before backward."""
+    converted = ops.as_ids(ids)
+    return converted.copy() if converted is ids else converted
 
 
 def _check_grad_shape(grad, ids, dim, name):
@@ -83,7 +105,7 @@ class Embedding:
         return f"Embedding({self.num_embeddings}, {self.embedding_dim}, sparse={self.sparse})"
 
     def __call__(self, ids, *, out=None):
-        ids = ops.as_ids(ids)
+        ids = _own_ids(ids)
         result = ops.gather(self.weight, ids, out=out)
         self._ids = ids
         return result
@@ -169,9 +191,10 @@ class TokenPositionEmbedding:
                 f"{self.token.embedding_dim}, sparse={self.sparse})")
 
     def __call__(self, ids, positions=None, *, out=None):
-        ids = ops.as_ids(ids)
+        ids = _own_ids(ids)
         if positions is not None and not isinstance(positions, (int, np.integer)):
-            positions = ops.positions_array(ids, positions)
+            array = ops.positions_array(ids, positions)
+            positions = array.copy() if array is positions else array  # kept for backward: ours, not the caller's
         hidden = ops.gather_add(self.token.weight, self.position.weight, ids, positions=positions, out=out)
         self._saved = (ids, positions)
         return hidden

@@ -216,6 +216,7 @@ def positions_array(ids, positions=None):
     positions = _as_positions(positions, ids)
     if isinstance(positions, np.ndarray):
         return positions
-    T = ids.shape[-1] if ids.ndim else 1
     start = positions or 0
-    return np.asarray(np.broadcast_to(start + np.arange(T, dtype=np.int64), ids.shape), order="C")
+    if ids.ndim == 0:
+        return np.array(start, dtype=np.int64)
+    return np.asarray(np.broadcast_to(start + np.arange(ids.shape[-1], dtype=np.int64), ids.shape), order="C")

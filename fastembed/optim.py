@@ -56,6 +56,18 @@ class _Optimizer:
             p.grad = None
 
 
+def _checked_sgd_grad(p):
+    """p.grad, if it fits p.weight exactly (numpy would broadcast a wrong shape, cast a float64, or drop a repeated row)."""
+    g, (V, D) = p.grad, p.weight.shape
+    if isinstance(g, SparseGrad):
+        return g.check(V, D)
+    if not isinstance(g, np.ndarray) or g.dtype != np.float32:
+        raise TypeError(f"grad must be a float32 array, got {getattr(g, 'dtype', type(g).__name__)}")
+    if g.shape != (V, D):
+        raise ValueError(f"grad must have weight.shape={(V, D)}, got grad.shape={g.shape}")
+    return g
+
+
 class SGD(_Optimizer):
     """``weight -= lr * grad``; a sparse gradient moves only its rows."""
 
@@ -63,14 +75,23 @@ class SGD(_Optimizer):
         super().__init__(params, lr)
 
     def step(self):
-        for p in self.params:
-            g = p.grad
-            if g is None:
-                continue
+        updates = [(p, _checked_sgd_grad(p)) for p in self.params if p.grad is not None]  # all checked first
+        lr = np.float32(self.lr)
+        for p, g in updates:
             if isinstance(g, SparseGrad):
-                p.weight[g.rows] -= np.float32(self.lr) * g.values
+                p.weight[g.rows] -= lr * g.values
             else:
-                p.weight -= np.float32(self.lr) * g
+                p.weight -= lr * g
+
+
+def _adam_all(updates, lr, betas, eps, steps):
+    """Adam updates of (param, exp_avg, exp_avg_sq, grad, rows) at step counts `steps`: every one is
+    checked before any moves, so a step that raises leaves every weight and moment as it was."""
+    updates = list(updates)
+    b1, b2 = betas
+    for check_only in (True, False):
+        for (p, m, v, g, rows), t in zip(updates, steps):
+            _kernels.adam_step(p.weight, m, v, g, rows, lr, b1, b2, eps, 1 - b1**t, 1 - b2**t, check_only)
 
 
 class Adam(_Optimizer):
@@ -92,15 +113,18 @@ class Adam(_Optimizer):
         self.exp_avg_sq = [np.zeros_like(p.weight) for p in self.params]
 
     def step(self):
-        self.t += 1
-        b1, b2 = self.betas
-        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
+        grads = []
+        for p in self.params:
             g = p.grad
             if g is None:
                 g = np.zeros_like(p.weight)
             elif isinstance(g, SparseGrad):
                 g = g.to_dense(p.weight.shape[0])
-            _kernels.adam_step(p.weight, m, v, g, None, self.lr, b1, b2, self.eps, 1 - b1**self.t, 1 - b2**self.t)
+            grads.append(g)
+        t = self.t + 1
+        _adam_all(zip(self.params, self.exp_avg, self.exp_avg_sq, grads, [None] * len(grads)),
+                  self.lr, self.betas, self.eps, [t] * len(grads))
+        self.t = t
 
 
 class SparseAdam(_Optimizer):
@@ -108,13 +132,15 @@ class SparseAdam(_Optimizer):
 
     Untouched rows keep their weight and both moments exactly as they were (the
     book's Adam would keep moving them by their momentum). The bias correction uses
-    the optimizer's step count t, as torch.optim.SparseAdam does. Each touched row
-    is updated in one fused pass. Needs sparse gradients (layers built with sparse=True).
+    each parameter's own step count (``steps[i]``: the steps at which it had a
+    gradient), as torch.optim.SparseAdam does. Each touched row is updated in one
+    fused pass. Needs sparse gradients (layers built with sparse=True).
     """
 
     def __init__(self, params, lr=BOOK_LR, betas=BOOK_BETAS, eps=BOOK_EPS):
         super().__init__(params, lr)
-        self.betas, self.eps, self.t = tuple(betas), eps, 0
+        self.betas, self.eps, self.t = tuple(betas), eps, 0  # t: completed step() calls
+        self.steps = [0] * len(self.params)
         self.exp_avg = [np.zeros_like(p.weight) for p in self.params]
         self.exp_avg_sq = [np.zeros_like(p.weight) for p in self.params]
 
@@ -125,10 +151,10 @@ class SparseAdam(_Optimizer):
                     "SparseAdam needs sparse gradients (SparseGrad); build the layer with sparse=True, "
                     f"or use Adam for dense ones; got a {type(p.grad).__name__}"
                 )
+        touched = [i for i, p in enumerate(self.params) if p.grad is not None]
+        updates = [(self.params[i], self.exp_avg[i], self.exp_avg_sq[i], self.params[i].grad.values,
+                    self.params[i].grad.rows) for i in touched]
+        _adam_all(updates, self.lr, self.betas, self.eps, [self.steps[i] + 1 for i in touched])
+        for i in touched:
+            self.steps[i] += 1
         self.t += 1
-        b1, b2 = self.betas
-        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
-            if p.grad is None:
-                continue
-            _kernels.adam_step(p.weight, m, v, p.grad.values, p.grad.rows, self.lr, b1, b2, self.eps,
-                               1 - b1**self.t, 1 - b2**self.t)
