@@ -52,5 +52,5 @@ def test_scalar_and_torch_models_compute_the_same_loss():
                                     ("fastembed", torch.float32, 1e-5)):
         model = tiny_gpt.torch_model(weights, first_layer, dtype)
         ids, targets = tiny_gpt.as_tensors(tokens)
-        loss = model.loss_fn(model(ids), targets).item()
+        loss = model.loss(ids, targets).item()
         assert abs(loss - expected) <= tol * abs(expected), (first_layer, dtype, loss, expected)
