@@ -119,7 +119,7 @@ cdef cnp.ndarray _float_input(object a, str name):
     cdef cnp.ndarray arr = _float_array(a, name)
     if cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISALIGNED(arr):
         return arr
-    return np.ascontiguousarray(arr)
+    return np.array(arr, order="C")  # a 0-d array stays 0-d (np.ascontiguousarray would make it 1-d)
 
 
 cdef cnp.ndarray _index_array(object a, str name):
@@ -133,7 +133,7 @@ cdef cnp.ndarray _index_array(object a, str name):
         raise TypeError(f"{name} must be int32 or int64, got {name}.dtype={arr.dtype}")
     if cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISALIGNED(arr):
         return arr
-    return np.ascontiguousarray(arr)
+    return np.array(arr, order="C")  # a 0-d array stays 0-d (np.ascontiguousarray would make it 1-d)
 
 
 cdef inline tuple _shape(object a):

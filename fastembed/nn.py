@@ -54,9 +54,11 @@ def _own_ids(ids):
 
 def _check_grad_shape(grad, ids, dim, name):
     """coalesce takes D from the gradient itself; a layer knows its D, so it checks the shape first."""
+    if not isinstance(grad, np.ndarray) or grad.dtype != np.float32:
+        raise TypeError(f"{name} must be a numpy float32 array, got {getattr(grad, 'dtype', type(grad).__name__)}")
     expected = ids.shape + (dim,)
-    if getattr(grad, "shape", None) != expected:
-        raise ValueError(f"{name} must have shape ids.shape + (D,) = {expected}, got {name}.shape={getattr(grad, 'shape', None)}")
+    if grad.shape != expected:
+        raise ValueError(f"{name} must have shape ids.shape + (D,) = {expected}, got {name}.shape={grad.shape}")
 
 
 def _merge(grad, rows, values):
