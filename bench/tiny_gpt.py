@@ -522,10 +522,10 @@ def main(argv=None):
                         help="train the PyTorch and scalar models --steps steps from the same weights and exit "
                              "non-zero unless their losses agree to 1e-4 at every step")
     parser.add_argument("--steps", type=int, default=None,
-                        help="training steps (default 15000), or steps of the check (default 3)")
+                        help="training steps (default 10000), or steps of the check (default 3)")
     parser.add_argument("--check-words", type=int, default=3,
                         help="the check uses sentences of at most this many words (the scalar model is slow)")
-    parser.add_argument("--scalar-steps", type=int, default=2, help="steps timed of each scalar model")
+    parser.add_argument("--scalar-steps", type=int, default=3, help="steps timed of each scalar model")
     parser.add_argument("--torch-steps", type=int, default=50, help="steps per timing round of each PyTorch model")
     parser.add_argument("--rounds", type=int, default=9, help="timing rounds (round-robin between the models)")
     parser.add_argument("--samples", type=int, default=8, help="sentences to sample after training")
@@ -575,7 +575,7 @@ def main(argv=None):
     print(f"(scalar: median of {args.scalar_steps} steps; its reference embedding's backward is timed on its own "
           f"subgraph, the bridge's in step. PyTorch: median of {args.rounds} rounds of {args.torch_steps} steps, "
           "the first layer timed in step by hooks.)\n")
-    train_and_sample(tokenizer, sentences, weights, args.steps or 15000, args.samples, args.seed)
+    train_and_sample(tokenizer, sentences, weights, args.steps or 10000, args.samples, args.seed)
     return 0
 
 
