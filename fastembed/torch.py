@@ -91,6 +91,13 @@ def _keep_coalesced_flag(param):
             grad._coalesced_(True)
 
 
+def _watch_sparse_grad(param):
+    """Give param the `_keep_coalesced_flag` hook once (a deepcopy or an unpickled module loses its hooks)."""
+    hooks = getattr(param, "_post_accumulate_grad_hooks", None)
+    if param.requires_grad and not (hooks and _keep_coalesced_flag in hooks.values()):
+        param.register_post_accumulate_grad_hook(_keep_coalesced_flag)
+
+
 def _positions(positions, name="positions"):
     """None, an int start, or the numpy view of an integer tensor (ops.py broadcasts and checks it)."""
     if positions is None or isinstance(positions, torch.Tensor):
@@ -222,8 +229,6 @@ class Embedding(torch.nn.Module):
                                  f"got {tuple(_weight.shape)}")
             _table(_weight, "_weight")
             self.weight = torch.nn.Parameter(_weight, requires_grad=not _freeze)
-        if self.sparse and self.weight.requires_grad:
-            self.weight.register_post_accumulate_grad_hook(_keep_coalesced_flag)
 
     def reset_parameters(self):
         torch.nn.init.normal_(self.weight)
@@ -232,6 +237,8 @@ class Embedding(torch.nn.Module):
                 self.weight[self.padding_idx].fill_(0)
 
     def forward(self, input):
+        if self.sparse:
+            _watch_sparse_grad(self.weight)
         return _EmbeddingFunction.apply(self.weight, input, self.padding_idx, self.sparse)
 
     def extra_repr(self):
@@ -289,6 +296,9 @@ class TokenPositionEmbedding(torch.nn.Module):
         return layer
 
     def forward(self, ids, positions=None):
+        if self.sparse:
+            _watch_sparse_grad(self.token.weight)
+            _watch_sparse_grad(self.position.weight)
         return _TokenPositionFunction.apply(self.token.weight, self.position.weight, ids, positions, self.sparse)
 
     def extra_repr(self):

@@ -68,6 +68,25 @@ def test_sparse_gradient_is_coalesced_and_marked():
     torch.testing.assert_close(dense(ours.weight.grad)[9], torch.full((D,), 3.0))
 
 
+def test_copies_and_unpickled_modules_keep_coalesced_gradients():
+    import copy
+    import io
+
+    ours, _ = pair(sparse=True)
+    ours(torch.tensor([1, 2])).sum().backward()
+    buffer = io.BytesIO()
+    torch.save(ours, buffer)
+    buffer.seek(0)
+    for clone in (copy.deepcopy(ours), torch.load(buffer, weights_only=False)):
+        clone.weight.grad = None
+        clone(torch.tensor([4, 0, 4])).sum().backward()
+        assert clone.weight.grad.is_coalesced()
+        assert clone.weight.grad._indices().tolist() == [[0, 4]]
+    for _ in range(3):
+        ours(torch.tensor([3])).sum().backward()
+    assert len(ours.weight._post_accumulate_grad_hooks) == 1  # registered once, not once per call
+
+
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("padding_idx", [2, -1])
 def test_padding_idx_rows_get_no_gradient(sparse, padding_idx):
