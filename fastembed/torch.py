@@ -5,7 +5,8 @@ is the book's first op, ``token.weight[ids] + position.weight[positions]``. Both
 are `torch.autograd.Function`s whose forward and backward call `fastembed.ops` on
 the tensors' own memory (``tensor.numpy()`` shares it): no copy of a table, and
 no arithmetic here. Sparse gradients are `torch.sparse_coo_tensor`s built from
-`fastembed.coalesce`, so they are already coalesced and marked so.
+`fastembed.coalesce`, so they are already coalesced and marked so (and a hook keeps
+``weight.grad`` marked: see `_keep_coalesced_flag`). Double backward is refused.
 
 PyTorch is optional: ``import fastembed`` never imports it.
 """
@@ -255,6 +256,7 @@ class Embedding(torch.nn.Module):
         """An Embedding whose weight is ``embeddings`` itself (shared, as in torch): 2-D, CPU, float32, contiguous."""
         if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
             raise ValueError("embeddings must be a 2-D torch.Tensor (rows, dim)")
+        _table(embeddings, "embeddings")
         rows, dim = embeddings.shape
         return cls(rows, dim, padding_idx=padding_idx, max_norm=max_norm, norm_type=norm_type,
                    scale_grad_by_freq=scale_grad_by_freq, sparse=sparse, _weight=embeddings, _freeze=freeze)
