@@ -146,9 +146,7 @@ class _ValueBridge:
     """The hook of one `to_values` call: `Value.backward()` calls it once per walk that reaches its Values."""
 
     def __init__(self, layer, values, shape):
-        # Copies: backward may come long after, and the caller may reuse its id buffers meanwhile.
-        self.saved = tuple(a.copy() if isinstance(a, np.ndarray) else a for a in layer._saved)
-        self.layer = layer
+        self.layer, self.saved = layer, layer._saved  # the layer's own copies of ids and positions
         self.values, self.shape = values, shape
         self.scattered = np.zeros(shape)  # float64: the Value grads already sent to the layer
 
