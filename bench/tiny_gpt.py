@@ -419,11 +419,11 @@ def check_reference(tokenizer, sentences, num_steps, seed):
           f"sentences: {', '.join(repr(s) for s in sentences[:num_steps])}")
     width = max(map(len, runs))
     print(f"{'model':<{width}}  " + "  ".join(f"{'loss step ' + str(k):>18}" for k in range(num_steps))
-          + f"  {'max |diff|':>10}  must agree to {TOLERANCE:g}")
+          + f"  {'max |diff|':>10}  required to agree to {TOLERANCE:g}")
     ok = True
     for name, losses in runs.items():
         diff = max(abs(a - b) for a, b in zip(losses, expected))
-        verdict = "" if name == "scalar reference (Value, float64)" else (
+        verdict = "(the oracle)" if name == "scalar reference (Value, float64)" else (
             ("yes: ok" if diff <= TOLERANCE else "yes: FAILED") if name in required else "no (shown only)")
         ok &= diff <= TOLERANCE or name not in required
         print(f"{name:<{width}}  " + "  ".join(f"{x:18.15f}" for x in losses) + f"  {diff:10.2e}  {verdict}")
