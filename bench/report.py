@@ -133,7 +133,7 @@ def targets_markdown(verdicts):
 def environment_markdown(env):
     keys = ("python", "numpy", "torch", "fastembed", "cpu_count", "cpus_usable", "threads", "fastembed_threads",
             "torch_threads", "fastembed_openmp", "cpu_model", "load_average", "load_average_end", "seconds",
-            "timer_loop_overhead_ns")
+            "peak_rss_mb", "timer_loop_overhead_ns")
     return "\n".join(f"- {k}: {env.get(k)}" for k in keys)
 
 
@@ -182,6 +182,16 @@ def usable_cpus():
 def load_average():
     """The 1, 5 and 15 minute load averages (None where the OS has none)."""
     return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def peak_rss_mb():
+    """The largest resident memory of this process so far, in MB (None where unknown)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    return round(kb / 1024)
 
 
 def busy_note(env):
@@ -270,6 +280,7 @@ def write_plot(path, rows, threads):
             xs = [i + (k - (len(methods) - 1) / 2) * width for i, s in enumerate(shapes) if s in times]
             ax.bar(xs, [times[s] for s in shapes if s in times], width, label=name)
         ax.set_yscale("log")
+        ax.set_axisbelow(True)
         ax.set_xticks(range(len(shapes)), shapes)
         ax.set_ylabel("time per call (us)")
         ax.set_title(OP_TITLES[op])

@@ -13,7 +13,7 @@ from .timing import Plan, loop_overhead_ns, measure
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
-SEED_PLAN = Plan(repeats=21, warmup=2, sample_ns=2_000_000, budget_ns=1_500_000_000)
+SEED_PLAN = Plan(repeats=15, warmup=2, sample_ns=2_000_000, budget_ns=1_000_000_000)
 # Big calls last milliseconds: fewer samples, and a pause between samples so the
 # OpenMP threads of the previous method stop spinning before the next one starts.
 BIG_PLAN = Plan(repeats=9, warmup=1, sample_ns=2_000_000, budget_ns=3_000_000_000, settle_s=0.002)
@@ -30,7 +30,7 @@ def parse_args(argv):
     parser.add_argument("--ops", type=_names, default=list(OPS), help=f"comma-separated ops (default: {','.join(OPS)})")
     parser.add_argument("--threads", type=int, default=report.usable_cpus(),
                         help="threads for fastembed, torch and the memory limit (default: all usable CPUs)")
-    parser.add_argument("--repeats", type=int, default=None, help="samples per method (default: 21 seed, 9 big)")
+    parser.add_argument("--repeats", type=int, default=None, help="samples per method (default: 15 seed, 9 big)")
     parser.add_argument("--quick", action="store_true", help="tiny repeats and batches: a smoke test, not a measurement")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="shrink the medium and wide tables and sequences by this factor, e.g. 0.01")
@@ -41,6 +41,7 @@ def parse_args(argv):
     unknown = [op for op in args.ops if op not in OPS]
     if unknown:
         parser.error(f"unknown op(s) {unknown}; known: {list(OPS)}")
+    args.ops = [op for op in OPS if op in args.ops]  # always in the same order
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.repeats is not None and args.repeats < 1:
@@ -82,26 +83,30 @@ def optional_modules(args, notes):
 
 
 class Progress:
-    """A tqdm bar when tqdm is there; else one line per case on stderr; silent when quiet."""
+    """A tqdm bar over the cases when tqdm is there, else one line per case on stderr; silent when quiet."""
 
-    def __init__(self, tqdm, quiet):
-        self.quiet = quiet
-        self.bar = tqdm.tqdm(total=0, unit="sample", file=sys.stderr, leave=False) if tqdm and not quiet else None
+    def __init__(self, tqdm, quiet, cases):
+        self.quiet, self.samples, self.expected = quiet, 0, 0
+        self.bar = None
+        if tqdm is not None and not quiet:
+            self.bar = tqdm.tqdm(total=cases, unit="case", file=sys.stderr, leave=False)
 
     def case(self, k, n, label):
+        """A new case starts (the previous one, if any, is done)."""
         if self.bar is not None:
+            self.bar.update(k - 1 - self.bar.n)
             self.bar.set_description(label)
         elif not self.quiet:
             print(f"[{k}/{n}] {label}", file=sys.stderr, flush=True)
 
     def expect(self, n):
-        if self.bar is not None:
-            self.bar.total += n
-            self.bar.refresh()
+        """The case's calibration is done: it will take n samples."""
+        self.samples, self.expected = 0, n
 
     def tick(self):
+        self.samples += 1
         if self.bar is not None:
-            self.bar.update(1)
+            self.bar.set_postfix_str(f"sample {self.samples}/{self.expected}")
 
     def close(self):
         if self.bar is not None:
@@ -167,13 +172,14 @@ def run_suite(args, torch, mods, notes):
     chosen = shapes.select(args.shapes, args.all, args.scale)
     env = report.environment(args.threads, torch, loop_overhead_ns())
     started = time.perf_counter()
-    progress = Progress(mods["tqdm"], quiet=args.quick)
+    progress = Progress(mods["tqdm"], quiet=args.quick, cases=len(chosen) * len(args.ops))
     try:
         rows = run_cases(chosen, args, torch, progress, notes)
     finally:
         progress.close()
     env["seconds"] = round(time.perf_counter() - started, 1)
     env["load_average_end"] = report.load_average()
+    env["peak_rss_mb"] = report.peak_rss_mb()
     busy = report.busy_note(env)
     if busy:
         notes.append(busy)
