@@ -196,11 +196,14 @@ def peak_rss_mb():
 
 def busy_note(env):
     """A warning when other work shared the CPUs during the run: its thread-scaling figures are suspect."""
-    loads = [x[0] for x in (env.get("load_average"), env.get("load_average_end")) if x]
-    # This run itself keeps about one CPU busy; more than that is someone else's.
-    if loads and max(loads) > env["cpus_usable"] * 0.5 + 1.0:
-        return (f"the machine was busy (1-minute load {max(loads):.2f} on {env['cpus_usable']} CPUs): "
-                "other processes shared the cores, so multi-threaded figures (and 2-vs-1 speed-ups) are unreliable")
+    cpus, start, end = env["cpus_usable"], env.get("load_average"), env.get("load_average_end")
+    # At the start this run has barely begun; at the end its own threads count for up to cpus.
+    busy_start = start is not None and start[0] > 0.5 * cpus
+    busy_end = end is not None and end[0] > cpus + 0.5
+    if busy_start or busy_end:
+        loads = f"{start[0] if start else '-'} at the start, {end[0] if end else '-'} at the end"
+        return (f"the machine was busy (1-minute load {loads}, on {cpus} CPUs): other processes shared "
+                "the cores, so multi-threaded figures (and 2-vs-1 speed-ups) are unreliable")
     return None
 
 

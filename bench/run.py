@@ -185,7 +185,7 @@ def run_suite(args, torch, mods, notes):
         notes.append(busy)
     shapes_run = [s.name for s in chosen]
     scaling = report.thread_scaling(rows, [s.name for s in chosen if s.big], fe.openmp_enabled())
-    verdicts = targets.judge(rows, scaling, shapes_run, args.scale)
+    verdicts = targets.judge(rows, scaling, shapes_run, args.scale, busy=bool(busy))
     unjudged = targets.shapes_not_judged(shapes_run)
     if unjudged:
         notes.append(f"targets not judged: {', '.join(unjudged)} not run (`python -m bench --all` runs every shape)")

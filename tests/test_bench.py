@@ -120,3 +120,18 @@ def test_memory_limit_moves_the_bytes_it_names():
     out = limit()
     assert np.all(out == 3.0) and limit.parts == 2
     assert abs(12 * out.size * limit.scale - 3 * 2**20) < 1
+
+
+def test_targets_pass_miss_and_skipped():
+    from bench import targets
+
+    def row(op, family, method, ns, threads=2, anchor=True):
+        return {"shape": "seed-1x16", "op": op, "family": family, "method": method, "threads": threads,
+                "anchor": anchor, "median_ns": ns}
+
+    rows = [row("forward", "fastembed", "fastembed", 400.0), row("forward", "numpy", "numpy tok[ids] + pos[p]", 1000.0)]
+    verdicts = {v.target: v for v in targets.judge(rows, [], ["seed-1x16"])}
+    assert verdicts["seed forward, one sentence"].status == "PASS"
+    assert verdicts["seed forward vs numpy tok[ids] + pos[p]"].status == "MISS"  # 0.4x > 0.25x
+    assert verdicts["seed fused backward into both tables"].status == "SKIPPED"
+    assert all(v.shape == "seed-1x16" for v in verdicts.values())  # shapes not run are left out
