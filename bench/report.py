@@ -68,12 +68,13 @@ def thread_scaling(rows, big_shapes, openmp):
                      if (r["shape"], r["op"], r["family"], r["method"]) == (shape, op, "fastembed", "fastembed")}
             entry = {"shape": shape, "op": op, "t1_ns": None, "t2_ns": None, "speedup": None, "bitwise": None,
                      "note": ""}
+            if not found:
+                continue
+            entry.update(t1_ns=found[1]["median_ns"] if 1 in found else None,
+                         t2_ns=found[2]["median_ns"] if 2 in found else None)
             if 1 in found and 2 in found:
-                entry.update(t1_ns=found[1]["median_ns"], t2_ns=found[2]["median_ns"])
                 entry["speedup"] = entry["t1_ns"] / entry["t2_ns"]
                 entry["bitwise"] = all(found[n]["check"] in ("bitwise", "baseline") for n in (1, 2))
-            elif not found:
-                continue
             else:
                 entry["note"] = "fastembed built without OpenMP" if not openmp else "not measured"
             out.append(entry)
