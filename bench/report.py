@@ -94,6 +94,7 @@ def fmt_time(ns):
 
 
 def fmt_ratio(x):
+    """A ratio as 0.123x, or - when there is none."""
     return "-" if x is None or not math.isfinite(x) else f"{x:.3g}x"
 
 
@@ -120,6 +121,7 @@ def results_markdown(rows, shapes):
 
 
 def scaling_markdown(scaling):
+    """The 1-vs-2 threads table."""
     lines = [[s["shape"], s["op"], fmt_time(s["t1_ns"]), fmt_time(s["t2_ns"]), fmt_ratio(s["speedup"]),
               {True: "yes", False: "NO", None: "-"}[s["bitwise"]] + (f" ({s['note']})" if s["note"] else "")]
              for s in scaling]
@@ -127,11 +129,13 @@ def scaling_markdown(scaling):
 
 
 def targets_markdown(verdicts):
+    """The DESIGN.md targets table."""
     lines = [[v.target, v.shape, v.measured, v.limit, v.status, v.note] for v in verdicts]
     return table(["target (DESIGN.md)", "shape", "measured", "target", "status", "how"], lines)
 
 
 def environment_markdown(env):
+    """Versions, CPUs, threads and load as a list."""
     keys = ("python", "numpy", "torch", "fastembed", "cpu_count", "cpus_usable", "threads", "fastembed_threads",
             "torch_threads", "fastembed_openmp", "cpu_model", "load_average", "load_average_end", "seconds",
             "peak_rss_mb", "timer_loop_overhead_ns")

@@ -21,19 +21,22 @@ QUICK_PLAN = Plan(repeats=2, min_repeats=1, warmup=0, sample_ns=20_000, budget_n
 
 
 def parse_args(argv):
+    """The command-line options, checked."""
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="fastembed against numpy, PyTorch, the pure-Python reference and the memory limit.")
     parser.add_argument("--all", action="store_true", help="every shape: seed, medium, wide (about 5-10 minutes)")
     parser.add_argument("--shapes", type=_names, default=None,
-                        help="comma-separated shape names, e.g. seed-1x16,medium (default: the seed shapes)")
+                        help="comma-separated shape names, of " + ", ".join(s.name for s in shapes.ALL_SHAPES)
+                        + " (default: the seed shapes)")
     parser.add_argument("--ops", type=_names, default=list(OPS), help=f"comma-separated ops (default: {','.join(OPS)})")
     parser.add_argument("--threads", type=int, default=report.usable_cpus(),
                         help="threads for fastembed, torch and the memory limit (default: all usable CPUs)")
     parser.add_argument("--repeats", type=int, default=None, help="samples per method (default: 15 seed, 9 big)")
     parser.add_argument("--quick", action="store_true", help="tiny repeats and batches: a smoke test, not a measurement")
     parser.add_argument("--scale", type=float, default=1.0,
-                        help="shrink the medium and wide tables and sequences by this factor, e.g. 0.01")
+                        help="shrink the medium and wide vocabularies and sequences by this factor, e.g. 0.01 "
+                        "(the seed shapes never shrink; targets on shrunk shapes are marked)")
     parser.add_argument("--output", default=RESULTS_DIR, help=f"directory for the JSON and PNG (default: {RESULTS_DIR})")
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even when it is installed")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
@@ -52,6 +55,7 @@ def parse_args(argv):
 
 
 def _names(text):
+    """A comma-separated list as a list of names."""
     return [n.strip() for n in text.split(",") if n.strip()]
 
 
@@ -104,11 +108,13 @@ class Progress:
         self.samples, self.expected = 0, n
 
     def tick(self):
+        """One sample taken."""
         self.samples += 1
         if self.bar is not None:
             self.bar.set_postfix_str(f"sample {self.samples}/{self.expected}")
 
     def close(self):
+        """Remove the bar (the report follows on stdout)."""
         if self.bar is not None:
             self.bar.close()
 

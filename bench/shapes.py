@@ -25,6 +25,7 @@ class Shape:
 
     @property
     def tokens(self):
+        """N, the number of ids."""
         return self.batch * self.seq
 
     def label(self):

@@ -46,6 +46,7 @@ class Rows:
         return None
 
     def fastembed(self, shape, op):
+        """fastembed's main row (at the run's thread count) of a case."""
         return self.find(shape, op, "fastembed", anchor=True)
 
     def missing(self, shape, what):
@@ -66,6 +67,7 @@ def ratio_verdict(target, shape, ours, theirs, limit, rows, what_missing, at_mos
 
 
 def _fmt_limit(limit, at_most):
+    """A limit as <= 0.25x or >= 1.6x."""
     return f"{'<=' if at_most else '>='} {limit:g}x"
 
 

@@ -38,6 +38,7 @@ class Method:
 
     @property
     def median_ns(self):
+        """The median sample, scaled (nan before any sample)."""
         return statistics.median(self.samples_ns) * self.scale if self.samples_ns else math.nan
 
 
