@@ -51,7 +51,7 @@ def test_fuzz_run_finds_no_crash():
 
 
 def test_fuzz_reports_a_crash_and_goes_on():
-    """The supervisor's own test: a worker killed by SIGSEGV at input 30 is reported with the command
+    """The supervisor's own test: a worker killed by SIGABRT at input 30 is reported with the command
     that replays it, and fuzzing continues from input 31."""
     rc, summary, stderr = fuzz(2, 5, env={"FASTEMBED_FUZZ_SELFTEST_CRASH": "30"})
     assert rc == 1

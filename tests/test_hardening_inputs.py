@@ -436,6 +436,12 @@ def position_args(draw, shape, P, call):
     else:
         pshape = shape[:-1] + (shape[-1] + 1,) if ndim else (2,)
     positions, values, error = draw(id_values(pshape, P))
+    if isinstance(positions, (int, np.integer)) and error is not TypeError:
+        # a Python int or numpy integer scalar (a 0-d array spelled as a scalar) is a start, by DESIGN.md
+        start = int(values[0])
+        if start < 0 or start + T > P:
+            call.expect(IndexError, f"positions {start}..{start + T - 1} vs {P} rows", must=n > 0)
+        return positions, start
     broadcasts = True
     try:
         np.broadcast_shapes(pshape, shape)
@@ -845,3 +851,17 @@ def test_special_floats_pass_through(bits):
         expected = np.zeros((3, 5), np.float32)
         np.add.at(expected, [1, 1], table[:2])
         assert same_floats(grad, expected)
+
+
+@pytest.mark.parametrize("kind", ["Embedding", "TokenPositionEmbedding"])
+def test_layer_out_sharing_memory_with_ids_is_a_value_error(kind):
+    """A layer copies the ids it keeps for backward; `out` must still be checked against the caller's ids
+    (else the call succeeds and overwrites them)."""
+    layer = fe.Embedding(4, 2, seed=0) if kind == "Embedding" else fe.TokenPositionEmbedding(4, 4, 2, seed=0)
+    buf = np.zeros(8, np.float32)
+    ids = buf.view(np.int32)[:4]
+    ids[:] = [1, 2, 3, 1]
+    out = buf.reshape(4, 2)
+    with pytest.raises(ValueError):
+        layer(ids, out=out)
+    assert ids.tolist() == [1, 2, 3, 1]
