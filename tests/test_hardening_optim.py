@@ -357,3 +357,13 @@ def test_adam_kernel_rows_sharing_memory_with_a_target(victim):
         except ValueError as exc:
             print("ValueError", exc)
     """, "ValueError")
+
+
+@pytest.mark.parametrize("kind", ["SGD", "Adam", "SparseAdam"])
+def test_optimizer_given_something_that_is_not_a_parameter(kind):
+    """Not a layer (no float32 2-D .weight): a TypeError, as DESIGN.md answers a wrong type (today an
+    AttributeError leaks out of the parameter walk)."""
+    cls = {"SGD": lambda p: SGD(p, lr=0.1), "Adam": Adam, "SparseAdam": SparseAdam}[kind]
+    for param in (None, 3, "weight", np.zeros((3, 2), np.float32), object()):
+        with pytest.raises(TypeError):
+            cls([param])

@@ -209,3 +209,41 @@ def test_ids_mutated_by_another_thread_during_a_call():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "survived" in proc.stdout, (
         f"the process died (return code {proc.returncode}): {proc.stderr[-2000:]}")
+
+
+def test_set_num_threads_refuses_what_is_not_a_thread_count():
+    """DESIGN.md does not cover set_num_threads; by its error table a float or a string is a TypeError
+    and a count out of range a ValueError. Today 1.5 is taken as 1 and 2**31 raises OverflowError."""
+    before = fe.get_num_threads()
+    try:
+        for value in ("2", None, -1, 1.5, 2**31, 2**63, -(2**63)):
+            with pytest.raises((TypeError, ValueError)):
+                fe.set_num_threads(value)
+            assert fe.get_num_threads() == before, value
+    finally:
+        fe.set_num_threads(0)
+        if fe.get_num_threads() != before:
+            fe.set_num_threads(before)
+
+
+@pytest.mark.skipif(SANITIZED, reason="caps the address space, which ASan cannot run under")
+def test_a_huge_thread_count_does_not_kill_the_process():
+    """set_num_threads(100000) is accepted; the next call past the threshold asks OpenMP for a team of
+    100,000 threads. When they cannot be made (here: a 2 GiB address-space cap, so a few hundred fit),
+    the process dies: a SIGSEGV here, or libgomp's "Thread creation failed" and exit(1) with other
+    limits. The count must be capped (e.g. at omp_get_thread_limit()) or refused."""
+    code = textwrap.dedent("""
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+        import numpy as np, fastembed as fe
+        try:
+            fe.set_num_threads(100000)
+        except (TypeError, ValueError) as exc:
+            print("refused", exc)
+        table = np.ones((100, 512), np.float32)
+        out = fe.gather(table, np.zeros(1000, np.int64))  # 512,000 elements: the threaded path
+        print("survived", float(out.sum()))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "survived" in proc.stdout, (
+        f"the process died (return code {proc.returncode}): {proc.stderr[-1000:]}")
