@@ -69,7 +69,11 @@ fi
 
 REPORTS="$WORK/reports"
 mkdir -p "$REPORTS"
-export LD_PRELOAD="$LIBASAN${LD_PRELOAD:+:$LD_PRELOAD}"
+# libstdc++ too: a C++ extension loaded later (torch) throws through ASan's __cxa_throw interceptor,
+# which needs the real one resolvable at startup ("CHECK failed: real___cxa_throw" otherwise).
+LIBSTDCXX="$(gcc -print-file-name=libstdc++.so.6)"
+[ -e "$LIBSTDCXX" ] || LIBSTDCXX="$(gcc -print-file-name=libstdc++.so)"
+export LD_PRELOAD="$LIBASAN${LIBSTDCXX:+:$LIBSTDCXX}${LD_PRELOAD:+:$LD_PRELOAD}"
 # detect_leaks=0: CPython's own allocations at exit would flood the report.
 # allocator_may_return_null + max_allocation_size_mb: a huge allocation (the fuzzer asks for some) fails
 # with MemoryError instead of being granted and filled.
@@ -87,9 +91,8 @@ case "$where" in
     *) echo "sanitize: fastembed was imported from $where, not from the sanitized copy" >&2; exit 2 ;;
 esac
 
-if [ ${#PYTEST_ARGS[@]} -gt 0 ]; then
-    RUNS=("${PYTEST_ARGS[*]}")
-elif [ "$QUICK" = 1 ]; then
+RUNS=()
+if [ "$QUICK" = 1 ]; then
     export FASTEMBED_HARDENING_EXAMPLES="${FASTEMBED_HARDENING_EXAMPLES:-25}"
     export FASTEMBED_FUZZ_SECONDS="${FASTEMBED_FUZZ_SECONDS:-10}"
     export FASTEMBED_LEAK_CALLS="${FASTEMBED_LEAK_CALLS:-2000}"
@@ -107,31 +110,42 @@ fi
 
 died=()
 failed=()
-for run in "${RUNS[@]}"; do
+run_pytest() {  # run_pytest LABEL PYTEST-ARGS...: one pytest process, its outcome recorded
+    local label="$1" t0 rc summary
+    shift
     t0=$(date +%s)
     set +e
-    # shellcheck disable=SC2086  # a run may be several pytest arguments
-    "$PYTHON" -m pytest -q -p no:cacheprovider --tb=line -W ignore::DeprecationWarning $run > "$WORK/pytest.log" 2>&1
+    "$PYTHON" -m pytest -q -p no:cacheprovider --tb=short -W ignore::DeprecationWarning "$@" > "$WORK/pytest.log" 2>&1
     rc=$?
     set -e
     summary="$(grep -E ' in [0-9.]+s' "$WORK/pytest.log" | tail -1 || true)"
-    printf 'sanitize: %-40s rc=%-3s %4ss  %s\n' "$run" "$rc" "$(( $(date +%s) - t0 ))" "$summary"
-    if [ "$rc" -ge 2 ] && [ "$rc" -ne 5 ] || [ -z "$summary" ]; then
-        died+=("$run (exit $rc)")
+    printf 'sanitize: %-40s rc=%-3s %4ss  %s\n' "$label" "$rc" "$(( $(date +%s) - t0 ))" "$summary"
+    if { [ "$rc" -ge 2 ] && [ "$rc" -ne 5 ]; } || [ -z "$summary" ]; then
+        died+=("$label (exit $rc)")
         tail -30 "$WORK/pytest.log" | sed 's/^/    | /'
     elif [ "$rc" -eq 1 ]; then
-        failed+=("$run")
+        failed+=("$label")
         grep -E '^(FAILED|ERROR) ' "$WORK/pytest.log" | sed 's/^/    | /' | head -20 || true
     fi
-done
+    cp "$WORK/pytest.log" "$REPORTS/pytest-$(echo "$label" | tr -c 'A-Za-z0-9_.-' '_' | cut -c1-80).log"
+}
 
-# A report is an error; files holding only warnings (a huge allocation refused, as asked) are not.
-reports=$(grep -l -E 'ERROR: AddressSanitizer|runtime error:|SUMMARY: (Address|Undefined)' "$REPORTS"/asan* "$REPORTS"/ubsan* 2>/dev/null | sort || true)
+if [ ${#PYTEST_ARGS[@]} -gt 0 ]; then
+    run_pytest "${PYTEST_ARGS[*]}" "${PYTEST_ARGS[@]}"
+else
+    for run in "${RUNS[@]}"; do
+        run_pytest "$run" "$run"
+    done
+fi
+
+# Anything a sanitizer wrote is a report, except the warnings of a huge allocation refused as asked.
+reports=$(grep -l -v -E '^==[0-9]+==WARNING: AddressSanitizer failed to allocate' \
+          "$REPORTS"/asan* "$REPORTS"/ubsan* 2>/dev/null | sort || true)
 echo
-echo "sanitize: $(( $(date +%s) - START ))s in all; ${#RUNS[@]} pytest runs; $(echo "$reports" | grep -c . || true) sanitizer reports"
+echo "sanitize: $(( $(date +%s) - START ))s in all; $(echo "$reports" | grep -c . || true) sanitizer reports"
 for r in $reports; do
     echo "==================== $(basename "$r")"
-    grep -E 'ERROR: AddressSanitizer|runtime error:|SUMMARY:|^    #[0-9]+ .*(_kernels|fastembed)' "$r" | head -25
+    grep -E 'Sanitizer|runtime error:|SUMMARY:|^    #[0-9]+ .*(_kernels|fastembed)' "$r" | grep -v 'failed to allocate' | head -25
 done
 status=0
 if [ -n "$reports" ]; then

@@ -60,7 +60,8 @@ def _mallinfo2():
 
 
 MALLOC_IN_USE = _mallinfo2()
-SANITIZED = bool(os.environ.get("FASTEMBED_SANITIZER"))  # ASan replaces malloc: its numbers mean nothing here
+# Under ASan (scripts/sanitize.sh) only the reference counts are checked (the calls themselves are what ASan checks).
+SANITIZED = bool(os.environ.get("FASTEMBED_SANITIZER"))
 
 
 def rss():
@@ -236,8 +237,12 @@ def test_no_leak(all_cases, name):
     call, inputs = all_cases[name]
     py, c, r, changed = measure(call, inputs)
     assert not changed, f"{name}: reference counts changed (input index, before, after): {changed}"
+    if SANITIZED:
+        # ASan keeps freed memory in quarantine (RSS grows), replaces malloc (no mallinfo), and with
+        # PYTHONMALLOC=malloc even a bare f-string of a dtype in a loop shows traced growth there.
+        return
     assert py <= PY_TOLERANCE, f"{name}: Python memory grew by {py} bytes over {TRACED_CALLS} calls"
-    if MALLOC_IN_USE and not SANITIZED:
+    if MALLOC_IN_USE:
         assert c <= C_TOLERANCE, f"{name}: malloc'd memory grew by {c} bytes over {CALLS} calls"
     assert r <= RSS_TOLERANCE, f"{name}: resident memory grew by {r} bytes over {CALLS} calls"
 
@@ -253,7 +258,7 @@ def test_the_detector_sees_a_leak_of_one_small_object_per_call():
         kept.append(object())
 
     py, _, _, _ = measure(leaky, [ids])
-    assert py > PY_TOLERANCE, py
+    assert py > PY_TOLERANCE or SANITIZED, py
     kept.clear()
 
 
