@@ -62,7 +62,7 @@ if [ ! -e "$LIBASAN" ] || [ "$LIBASAN" = "libasan.so" ]; then
     echo "sanitize: gcc does not know where libasan.so is" >&2
     exit 2
 fi
-if ! ldd "$SO" | grep -q libasan; then
+if ! grep -q libasan <<< "$(ldd "$SO")"; then  # (not `ldd | grep -q`: with pipefail, grep's early exit fails ldd)
     echo "sanitize: $SO is not linked against libasan (FASTEMBED_SANITIZE ignored?)" >&2
     exit 2
 fi
@@ -93,11 +93,12 @@ esac
 
 RUNS=()
 if [ "$QUICK" = 1 ]; then
-    export FASTEMBED_HARDENING_EXAMPLES="${FASTEMBED_HARDENING_EXAMPLES:-25}"
-    export FASTEMBED_FUZZ_SECONDS="${FASTEMBED_FUZZ_SECONDS:-10}"
+    export FASTEMBED_HARDENING_EXAMPLES="${FASTEMBED_HARDENING_EXAMPLES:-50}"
+    export FASTEMBED_FUZZ_SECONDS="${FASTEMBED_FUZZ_SECONDS:-15}"
     export FASTEMBED_LEAK_CALLS="${FASTEMBED_LEAK_CALLS:-2000}"
     RUNS=(tests/test_hardening_inputs.py tests/test_hardening_optim.py tests/test_hardening_offsets.py
-          tests/test_hardening_threads.py tests/test_hardening_fuzz.py tests/test_errors.py)
+          tests/test_hardening_threads.py tests/test_hardening_leaks.py tests/test_hardening_fuzz.py
+          tests/test_errors.py tests/test_kernels.py)
 else
     export FASTEMBED_LEAK_CALLS="${FASTEMBED_LEAK_CALLS:-5000}"
     export FASTEMBED_FUZZ_SECONDS="${FASTEMBED_FUZZ_SECONDS:-60}"
