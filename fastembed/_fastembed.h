@@ -7,9 +7,11 @@
 #ifdef _OPENMP
 #include <omp.h>
 static inline int fe_omp_max_threads(void) { return omp_get_max_threads(); }
+static inline int fe_omp_num_procs(void) { return omp_get_num_procs(); }
 static inline int fe_openmp_enabled(void) { return 1; }
 #else
 static inline int fe_omp_max_threads(void) { return 1; }
+static inline int fe_omp_num_procs(void) { return 1; }
 static inline int fe_openmp_enabled(void) { return 0; }
 #endif
 

@@ -24,6 +24,7 @@ cnp.import_array()
 
 cdef extern from "_fastembed.h" nogil:
     int fe_omp_max_threads()
+    int fe_omp_num_procs()
     int fe_openmp_enabled()
     int fe_ctz64(uint64_t x)
     int fe_popcount64(uint64_t x)
@@ -60,12 +61,18 @@ def get_num_threads():
     return _num_threads if _num_threads > 0 else fe_omp_max_threads()
 
 
-def set_num_threads(int n):
-    """Use n threads for large calls; 0 goes back to the OpenMP default."""
+def set_num_threads(n):
+    """Use n threads for large calls; 0 goes back to the OpenMP default.
+
+    n is capped at the number of processors (more threads than cores only slow a
+    memory-bound loop, and a team of thousands may not even be creatable).
+    """
     global _num_threads
-    if n < 0:
-        raise ValueError(f"the number of threads must be >= 0, got {n}")
-    _num_threads = min(n, 1) if not fe_openmp_enabled() else n
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"the number of threads must be an int, got {type(n).__name__}")
+    if not 0 <= n < 2**31:
+        raise ValueError(f"the number of threads must be in [0, 2**31), got {n}")
+    _num_threads = <int>min(n, fe_omp_num_procs())
 
 
 cdef inline int _threads_for(Py_ssize_t work) noexcept nogil:

@@ -107,9 +107,8 @@ class Embedding:
         return f"Embedding({self.num_embeddings}, {self.embedding_dim}, sparse={self.sparse})"
 
     def __call__(self, ids, *, out=None):
-        ids = _own_ids(ids)
-        result = ops.gather(self.weight, ids, out=out)
-        self._ids = ids
+        result = ops.gather(self.weight, ids, out=out)  # the caller's ids: ops checks out against them
+        self._ids = _own_ids(ids)
         return result
 
     forward = __call__
@@ -191,11 +190,12 @@ class TokenPositionEmbedding:
                 f"{self.token.embedding_dim}, sparse={self.sparse})")
 
     def __call__(self, ids, positions=None, *, out=None):
+        # The caller's arrays go to ops (which checks out against them); the layer keeps its own copies.
+        hidden = ops.gather_add(self.token.weight, self.position.weight, ids, positions=positions, out=out)
         ids = _own_ids(ids)
         if positions is not None and not isinstance(positions, (int, np.integer)):
             array = ops.positions_array(ids, positions)
-            positions = array.copy() if array is positions else array  # kept for backward: ours, not the caller's
-        hidden = ops.gather_add(self.token.weight, self.position.weight, ids, positions=positions, out=out)
+            positions = array.copy() if array is positions else array
         self._saved = (ids, positions)
         return hidden
 

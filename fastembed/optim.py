@@ -33,8 +33,12 @@ def _flatten(params):
     if not out:
         raise ValueError("the optimizer got an empty parameter list")
     for p in out:
-        if not (isinstance(p.weight, np.ndarray) and p.weight.dtype == np.float32 and p.weight.ndim == 2):
-            raise TypeError(f"a parameter's weight must be a float32 2-D array, got {type(p.weight).__name__}")
+        weight = getattr(p, "weight", None)
+        if not (isinstance(weight, np.ndarray) and weight.dtype == np.float32 and weight.ndim == 2):
+            raise TypeError(
+                "a parameter is a layer with a float32 2-D .weight (an Embedding), got "
+                f"{type(p).__name__} with .weight {type(weight).__name__}"
+            )
     return out
 
 
