@@ -135,10 +135,12 @@ class SparseAdam(_Optimizer):
     """Lazy Adam: only the rows in this step's sparse gradient move; NOT the book's Adam.
 
     Untouched rows keep their weight and both moments exactly as they were (the
-    book's Adam would keep moving them by their momentum). The bias correction uses
-    each parameter's own step count (``steps[i]``: the steps at which it had a
-    gradient), as torch.optim.SparseAdam does. Each touched row is updated in one
-    fused pass. Needs sparse gradients (layers built with sparse=True).
+    book's Adam would keep moving them by their momentum). The update of a touched
+    row is the book's formula above (eps added after the bias correction; torch's
+    SparseAdam adds it before, so the two differ when sqrt(v) is near eps). The bias
+    correction uses each parameter's own step count (``steps[i]``: the steps at
+    which it had a gradient), as torch.optim.SparseAdam counts them. Each touched
+    row is updated in one fused pass. Needs sparse gradients (layers built with sparse=True).
     """
 
     def __init__(self, params, lr=BOOK_LR, betas=BOOK_BETAS, eps=BOOK_EPS):
