@@ -360,7 +360,7 @@ def out_arrays(draw, shape, call, inputs):
     elif form == "list":
         out = fresh.tolist()
     else:
-        arrays = [(k, v) for k, v in inputs.items() if isinstance(v, np.ndarray) and v.nbytes]
+        arrays = [(k, v) for k, v in inputs.items() if isinstance(v, np.ndarray) and v.nbytes and v.dtype != object]
         if not arrays:
             out = fresh
         else:
