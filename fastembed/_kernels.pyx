@@ -147,6 +147,12 @@ cdef inline tuple _shape(object a):
     return a.shape
 
 
+cdef cnp.ndarray _private(cnp.ndarray arr, object original):
+    """arr, or a copy when it is still the caller's array. A call that releases the GIL reads ids
+    from its own copy: what was range-checked stays true however other threads change theirs."""
+    return np.array(arr, copy=True) if arr is original else arr
+
+
 cdef inline Py_ssize_t _rows(cnp.ndarray table):
     return cnp.PyArray_DIM(table, 0)
 
@@ -558,6 +564,8 @@ def gather(table, ids, out=None):
     cdef cnp.ndarray res = _out_rows(out, idx, D)
     if out is not None:
         _no_overlap(res, "out", (tab, ids), ("table", "ids"))
+    if N * D >= SERIAL_ELEMENTS:
+        idx = _private(idx, ids)
     _check_range(idx, "ids", V, "table")
     cdef const float* t = <const float*>cnp.PyArray_DATA(tab)
     cdef float* o = <float*>cnp.PyArray_DATA(res)
@@ -592,6 +600,9 @@ def gather_add(token_table, position_table, ids, positions=None, out=None):
     if out is not None:
         _no_overlap(res, "out", (tok, pos, ids, positions),
                     ("token_table", "position_table", "ids", "positions"))
+    if N * D >= SERIAL_ELEMENTS:
+        idx = _private(idx, ids)
+        pos_arr = None if pos_arr is None else _private(pos_arr, positions)
     _check_range(idx, "ids", V, "token_table")
     if pos_arr is None:
         _check_start(start, T, N, P)
@@ -622,6 +633,8 @@ def scatter_add(grad_table, ids, grad_out):
     cdef Py_ssize_t V = _rows(grad), D = _dim(grad), N = cnp.PyArray_SIZE(idx)
     _check_rows_shape(src, "grad_out", idx, D)
     _no_overlap(grad, "grad_table", (ids, grad_out), ("ids", "grad_out"))
+    if N * D >= SERIAL_ELEMENTS:
+        idx = _private(idx, ids)
     _check_range(idx, "ids", V, "grad_table")
     cdef float* g = <float*>cnp.PyArray_DATA(grad)
     cdef const float* s = <const float*>cnp.PyArray_DATA(src)
@@ -659,6 +672,9 @@ def gather_add_backward(grad_hidden, ids, token_grad, position_grad, positions=N
     _no_overlap(tgrad, "token_grad", (pgrad, ids, grad_hidden, positions),
                 ("position_grad", "ids", "grad_hidden", "positions"))
     _no_overlap(pgrad, "position_grad", (ids, grad_hidden, positions), ("ids", "grad_hidden", "positions"))
+    if N * D >= SERIAL_ELEMENTS:
+        idx = _private(idx, ids)
+        pos_arr = None if pos_arr is None else _private(pos_arr, positions)
     _check_range(idx, "ids", V, "token_grad")
     if pos_arr is None:
         _check_start(start, T, N, P)
@@ -715,6 +731,13 @@ cdef Py_ssize_t _bitmap_slots(const index_t* ids, Py_ssize_t N, uint64_t* bits, 
     return total
 
 
+cdef inline Py_ssize_t _bitmap_slots_any(const void* ids, bint wide, Py_ssize_t N, uint64_t* bits,
+                                         int32_t* before, Py_ssize_t W, int64_t* slots) noexcept nogil:
+    if wide:
+        return _bitmap_slots(<const int64_t*>ids, N, bits, before, W, slots)
+    return _bitmap_slots(<const int32_t*>ids, N, bits, before, W, slots)
+
+
 cdef void _bitmap_rows(const uint64_t* bits, Py_ssize_t W, int64_t* rows) noexcept nogil:
     """The set bits of the bitmap, in increasing order."""
     cdef Py_ssize_t w, k = 0
@@ -727,7 +750,7 @@ cdef void _bitmap_rows(const uint64_t* bits, Py_ssize_t W, int64_t* rows) noexce
             word &= word - 1
 
 
-cdef tuple _unique_slots(cnp.ndarray idx, Py_ssize_t N):
+cdef tuple _unique_slots(cnp.ndarray idx, Py_ssize_t N, bint release):
     """(sorted distinct ids as int64, slot of each id as int64): a bitmap pass when the ids are dense enough."""
     cdef int64_t lo = 0, hi = -1
     cdef Py_ssize_t bad, W, U
@@ -756,14 +779,13 @@ cdef tuple _unique_slots(cnp.ndarray idx, Py_ssize_t N):
     cdef int64_t* sp = <int64_t*>cnp.PyArray_DATA(slots)
     cdef cnp.ndarray rows_arr
     try:
-        with nogil:
-            if is64:
-                U = _bitmap_slots(<const int64_t*>ip, N, bits, before, W, sp)
-            else:
-                U = _bitmap_slots(<const int32_t*>ip, N, bits, before, W, sp)
+        if release:
+            with nogil:
+                U = _bitmap_slots_any(ip, is64, N, bits, before, W, sp)
+        else:
+            U = _bitmap_slots_any(ip, is64, N, bits, before, W, sp)
         rows_arr = np.empty(U, dtype=np.int64)
-        with nogil:
-            _bitmap_rows(bits, W, <int64_t*>cnp.PyArray_DATA(rows_arr))
+        _bitmap_rows(bits, W, <int64_t*>cnp.PyArray_DATA(rows_arr))
     finally:
         free(bits)
         free(before)
@@ -780,7 +802,10 @@ def coalesce(ids, grad_out):
         )
     cdef Py_ssize_t D = cnp.PyArray_DIM(src, cnp.PyArray_NDIM(idx)), N = cnp.PyArray_SIZE(idx)
     _check_rows_shape(src, "grad_out", idx, D)
-    rows, slots = _unique_slots(idx, N)
+    cdef bint release = N * D >= SERIAL_ELEMENTS
+    if release:
+        idx = _private(idx, ids)
+    rows, slots = _unique_slots(idx, N, release)
     cdef Py_ssize_t U = len(rows)
     cdef cnp.ndarray values = np.zeros((U, D), dtype=np.float32)
     cdef float* vp = <float*>cnp.PyArray_DATA(values)
@@ -828,6 +853,7 @@ def adam_step(weight, exp_avg, exp_avg_sq, grad, rows, double lr, double beta1, 
         if cnp.PyArray_ITEMSIZE(r) != 8 or cnp.PyArray_NDIM(r) != 1:
             raise TypeError(f"rows must be a 1-D int64 array, got rows.dtype={r.dtype}, rows.shape={_shape(r)}")
         U = cnp.PyArray_DIM(r, 0)
+        r = _private(r, rows)  # the update below runs without the GIL
         _check_range(r, "rows", V, "weight")
         _check_increasing(r)
     if _shape(g) != (U, D):
