@@ -5,6 +5,7 @@ There is no graph here: a layer remembers what its last forward call needs, and
 float32 (V, D) array that accumulates over backward calls until `zero_grad()`;
 sparse gradients are a `SparseGrad(rows, values)` of the touched rows only.
 """
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -84,6 +85,7 @@ class Embedding:
         self.sparse = bool(sparse)
         self.grad = None
         self._ids = None
+        self._lock = threading.Lock()  # backward is a read-modify-write of grad: one at a time
 
     @classmethod
     def from_pretrained(cls, weight, *, sparse=False):
@@ -117,6 +119,10 @@ class Embedding:
         """Add the gradient of the last forward call's output into ``grad``."""
         if self._ids is None:
             raise RuntimeError("backward() called before any forward call")
+        with self._lock:
+            self._backward(grad_out)
+
+    def _backward(self, grad_out):
         if self.sparse:
             _check_grad_shape(grad_out, self._ids, self.embedding_dim, "grad_out")
             self.grad = _merge(self.grad, *ops.coalesce(self._ids, grad_out))
@@ -226,7 +232,10 @@ class TokenPositionEmbedding:
         """Add the gradient of the last forward call's hidden into token.grad and position.grad."""
         if self._saved is None:
             raise RuntimeError("backward() called before any forward call")
-        ids, positions = self._saved
+        with self.token._lock, self.position._lock:  # always in this order: no deadlock
+            self._backward(grad_hidden, *self._saved)
+
+    def _backward(self, grad_hidden, ids, positions):
         if self.sparse:
             _check_grad_shape(grad_hidden, ids, self.token.embedding_dim, "grad_hidden")
             token_part = ops.coalesce(ids, grad_hidden)
