@@ -3,6 +3,7 @@
 #define FASTEMBED_H
 #include <stdint.h>
 #include <stddef.h>
+#include <math.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -41,6 +42,22 @@ FE_CLONES static void fe_add_rows(float *FE_RESTRICT out, const float *FE_RESTRI
 /* g[d] += s[d], the inner loop of every scatter-add. */
 FE_CLONES static void fe_add_into(float *FE_RESTRICT g, const float *FE_RESTRICT s, ptrdiff_t n) {
     for (ptrdiff_t d = 0; d < n; d++) g[d] += s[d];
+}
+
+/* One Adam update of n elements, all in float32: m, v move towards g; w moves by the bias-corrected
+   ratio. Corrections arrive as reciprocals, leaving one division and one sqrt per element. */
+FE_CLONES static void fe_adam_row(float *FE_RESTRICT w, float *FE_RESTRICT m, float *FE_RESTRICT v,
+                                  const float *FE_RESTRICT g, ptrdiff_t n, float lr, float beta1, float beta2,
+                                  float eps, float inv_bias1, float inv_bias2) {
+    const float keep1 = 1.0f - beta1, keep2 = 1.0f - beta2;
+    for (ptrdiff_t d = 0; d < n; d++) {
+        float gd = g[d];
+        float md = beta1 * m[d] + keep1 * gd;
+        float vd = beta2 * v[d] + keep2 * (gd * gd);
+        m[d] = md;
+        v[d] = vd;
+        w[d] -= lr * (md * inv_bias1) / (sqrtf(vd * inv_bias2) + eps);
+    }
 }
 
 #if defined(__GNUC__) || defined(__clang__)

@@ -31,6 +31,8 @@ cdef extern from "_fastembed.h" nogil:
     void fe_prefetch(const void* p)
     void fe_add_rows(float* out, const float* a, const float* b, Py_ssize_t n)
     void fe_add_into(float* g, const float* s, Py_ssize_t n)
+    void fe_adam_row(float* w, float* m, float* v, const float* g, Py_ssize_t n, float lr, float beta1,
+                     float beta2, float eps, float inv_bias1, float inv_bias2)
     void fe_prefetch_write(const void* p)
 
 ctypedef fused index_t:
@@ -476,45 +478,30 @@ cdef void _gather_add_backward(float* tok_grad, float* pos_grad, Py_ssize_t D, c
 
 cdef void _adam_rows(float* w, float* m, float* v, const float* g, Py_ssize_t D, const int64_t* rows,
                      Py_ssize_t lo, Py_ssize_t hi, float lr, float beta1, float beta2, float eps,
-                     float bias1, float bias2) noexcept nogil:
+                     float inv_bias1, float inv_bias2) noexcept nogil:
     """One Adam update of rows[lo:hi] (rows NULL: row k is row k), g holding one row per update."""
-    cdef Py_ssize_t k, d, r
-    cdef float gd, md, vd
-    cdef float* wr
-    cdef float* mr
-    cdef float* vr
-    cdef const float* gr
+    cdef Py_ssize_t k, r
     for k in range(lo, hi):
         if rows != NULL and k + PREFETCH_ROWS < hi:
             _prefetch_row_write(w + rows[k + PREFETCH_ROWS] * D, 0, D)
             _prefetch_row_write(m + rows[k + PREFETCH_ROWS] * D, 0, D)
             _prefetch_row_write(v + rows[k + PREFETCH_ROWS] * D, 0, D)
         r = rows[k] if rows != NULL else k
-        wr = w + r * D
-        mr = m + r * D
-        vr = v + r * D
-        gr = g + k * D
-        for d in range(D):
-            gd = gr[d]
-            md = beta1 * mr[d] + (1.0 - beta1) * gd
-            vd = beta2 * vr[d] + (1.0 - beta2) * gd * gd
-            mr[d] = md
-            vr[d] = vd
-            wr[d] -= lr * (md / bias1) / (sqrtf(vd / bias2) + eps)
+        fe_adam_row(w + r * D, m + r * D, v + r * D, g + k * D, D, lr, beta1, beta2, eps, inv_bias1, inv_bias2)
 
 
 cdef void _adam(float* w, float* m, float* v, const float* g, Py_ssize_t D, const int64_t* rows,
-                Py_ssize_t U, float lr, float beta1, float beta2, float eps, float bias1, float bias2,
+                Py_ssize_t U, float lr, float beta1, float beta2, float eps, float inv_bias1, float inv_bias2,
                 int nthreads) noexcept nogil:
     cdef int k
     cdef Py_ssize_t lo, hi
     if nthreads <= 1:
-        _adam_rows(w, m, v, g, D, rows, 0, U, lr, beta1, beta2, eps, bias1, bias2)
+        _adam_rows(w, m, v, g, D, rows, 0, U, lr, beta1, beta2, eps, inv_bias1, inv_bias2)
         return
     for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
         lo = _part(U, k, nthreads)
         hi = _part(U, k + 1, nthreads)
-        _adam_rows(w, m, v, g, D, rows, lo, hi, lr, beta1, beta2, eps, bias1, bias2)
+        _adam_rows(w, m, v, g, D, rows, lo, hi, lr, beta1, beta2, eps, inv_bias1, inv_bias2)
 
 
 # Small calls keep the GIL (releasing it costs about 90 ns, a seed-shape call's whole loop);
@@ -868,4 +855,4 @@ def adam_step(weight, exp_avg, exp_avg_sq, grad, rows, double lr, double beta1, 
     with nogil:  # an optimizer step is never small enough for the GIL release to matter
         _adam(<float*>cnp.PyArray_DATA(w), <float*>cnp.PyArray_DATA(m), <float*>cnp.PyArray_DATA(v),
               <const float*>cnp.PyArray_DATA(g), D, rp, U, <float>lr, <float>beta1, <float>beta2,
-              <float>eps, <float>bias1, <float>bias2, nthreads)
+              <float>eps, <float>(1.0 / bias1), <float>(1.0 / bias2), nthreads)
