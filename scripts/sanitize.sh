@@ -30,7 +30,7 @@ while [ $# -gt 0 ]; do
         --keep) KEEP=1 ;;
         --strict-tests) STRICT_TESTS=1 ;;
         --) shift; PYTEST_ARGS=("$@"); break ;;
-        -h|--help) sed -n '2,21p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        -h|--help) sed -n '2,18p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "sanitize.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
