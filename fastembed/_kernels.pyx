@@ -360,120 +360,145 @@ cdef inline void _prefetch_row_write(const float* row, Py_ssize_t c0, Py_ssize_t
         fe_prefetch_write(row + d)
 
 
-cdef void _gather_rows(const float* table, Py_ssize_t D, const index_t* ids,
-                       Py_ssize_t lo, Py_ssize_t hi, float* out) noexcept nogil:
-    """out[i] = table[ids[i]] for i in [lo, hi)."""
-    cdef Py_ssize_t i
+cdef inline bint _outside(int64_t x, Py_ssize_t bound) noexcept nogil:
+    return <uint64_t>x >= <uint64_t>bound
+
+
+# The loops below check each id once more as they read it (one compare, predicted): the entry points
+# have range-checked them all, but ids in memory that another process or thread shares can change in
+# between. A changed id is skipped and counted, never followed out of bounds; the entry point raises.
+
+cdef Py_ssize_t _gather_rows(const float* table, Py_ssize_t V, Py_ssize_t D, const index_t* ids,
+                             Py_ssize_t lo, Py_ssize_t hi, float* out) noexcept nogil:
+    """out[i] = table[ids[i]] for i in [lo, hi); returns the number of ids found out of range."""
+    cdef Py_ssize_t i, skipped = 0
+    cdef int64_t r
     for i in range(lo, hi):
         if i + PREFETCH_ROWS < hi:
-            _prefetch_row(table + <Py_ssize_t>ids[i + PREFETCH_ROWS] * D, D)
-        memcpy(out + i * D, table + <Py_ssize_t>ids[i] * D, D * sizeof(float))
+            _prefetch_row(table + <Py_ssize_t>ids[i + PREFETCH_ROWS] * D, D)  # a prefetch never faults
+        r = ids[i]
+        if _outside(r, V):
+            skipped += 1
+            continue
+        memcpy(out + i * D, table + r * D, D * sizeof(float))
+    return skipped
 
 
-cdef void _gather(const float* table, Py_ssize_t D, const index_t* ids, Py_ssize_t N,
-                  float* out, int nthreads) noexcept nogil:
+cdef Py_ssize_t _gather(const float* table, Py_ssize_t V, Py_ssize_t D, const index_t* ids, Py_ssize_t N,
+                        float* out, int nthreads) noexcept nogil:
     cdef int k
-    cdef Py_ssize_t lo, hi
+    cdef Py_ssize_t lo, hi, skipped = 0
     if nthreads <= 1:
-        _gather_rows(table, D, ids, 0, N, out)
-        return
+        return _gather_rows(table, V, D, ids, 0, N, out)
     for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
         lo = _part(N, k, nthreads)
         hi = _part(N, k + 1, nthreads)
-        _gather_rows(table, D, ids, lo, hi, out)
+        skipped += _gather_rows(table, V, D, ids, lo, hi, out)
+    return skipped
 
 
-cdef void _gather_add_rows(const float* tok, const float* pos, Py_ssize_t D, const index_t* ids,
-                           const int64_t* pos_ids, Py_ssize_t start, Py_ssize_t T,
-                           Py_ssize_t lo, Py_ssize_t hi, float* out) noexcept nogil:
+cdef Py_ssize_t _gather_add_rows(const float* tok, Py_ssize_t V, const float* pos, Py_ssize_t P, Py_ssize_t D,
+                                 const index_t* ids, const int64_t* pos_ids, Py_ssize_t start, Py_ssize_t T,
+                                 Py_ssize_t lo, Py_ssize_t hi, float* out) noexcept nogil:
     """out[i] = tok[ids[i]] + pos[p_i] for i in [lo, hi); p_i = pos_ids[i], or start + i % T."""
-    cdef Py_ssize_t i, d, t = lo % T if T > 0 else 0
-    cdef const float* a
-    cdef const float* b
-    cdef float* o
+    cdef Py_ssize_t i, skipped = 0, t = lo % T if T > 0 else 0
+    cdef int64_t r, p
     for i in range(lo, hi):
         if i + PREFETCH_ROWS < hi:
             _prefetch_row(tok + <Py_ssize_t>ids[i + PREFETCH_ROWS] * D, D)
-        a = tok + <Py_ssize_t>ids[i] * D
-        b = pos + (pos_ids[i] if pos_ids != NULL else start + t) * D
-        fe_add_rows(out + i * D, a, b, D)
+        r = ids[i]
+        p = pos_ids[i] if pos_ids != NULL else start + t
         t += 1
         if t == T:
             t = 0
+        if _outside(r, V) or _outside(p, P):
+            skipped += 1
+            continue
+        fe_add_rows(out + i * D, tok + r * D, pos + p * D, D)
+    return skipped
 
 
-cdef void _gather_add(const float* tok, const float* pos, Py_ssize_t D, const index_t* ids,
-                      const int64_t* pos_ids, Py_ssize_t start, Py_ssize_t T, Py_ssize_t N,
-                      float* out, int nthreads) noexcept nogil:
+cdef Py_ssize_t _gather_add(const float* tok, Py_ssize_t V, const float* pos, Py_ssize_t P, Py_ssize_t D,
+                            const index_t* ids, const int64_t* pos_ids, Py_ssize_t start, Py_ssize_t T,
+                            Py_ssize_t N, float* out, int nthreads) noexcept nogil:
     cdef int k
-    cdef Py_ssize_t lo, hi
+    cdef Py_ssize_t lo, hi, skipped = 0
     if nthreads <= 1:
-        _gather_add_rows(tok, pos, D, ids, pos_ids, start, T, 0, N, out)
-        return
+        return _gather_add_rows(tok, V, pos, P, D, ids, pos_ids, start, T, 0, N, out)
     for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
         lo = _part(N, k, nthreads)
         hi = _part(N, k + 1, nthreads)
-        _gather_add_rows(tok, pos, D, ids, pos_ids, start, T, lo, hi, out)
+        skipped += _gather_add_rows(tok, V, pos, P, D, ids, pos_ids, start, T, lo, hi, out)
+    return skipped
 
 
-cdef void _scatter_cols(float* grad, Py_ssize_t D, const index_t* ids, Py_ssize_t N,
-                        const float* src, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+cdef Py_ssize_t _scatter_cols(float* grad, Py_ssize_t V, Py_ssize_t D, const index_t* ids, Py_ssize_t N,
+                              const float* src, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
     """grad[ids[i], c0:c1] += src[i, c0:c1], i in order (the order of np.add.at)."""
-    cdef Py_ssize_t i, d
-    cdef float* g
-    cdef const float* s
+    cdef Py_ssize_t i, skipped = 0
+    cdef int64_t r
     for i in range(N):
         if i + PREFETCH_ROWS < N:
             _prefetch_row_write(grad + <Py_ssize_t>ids[i + PREFETCH_ROWS] * D, c0, c1)
-        fe_add_into(grad + <Py_ssize_t>ids[i] * D + c0, src + i * D + c0, c1 - c0)
+        r = ids[i]
+        if _outside(r, V):
+            skipped += 1
+            continue
+        fe_add_into(grad + r * D + c0, src + i * D + c0, c1 - c0)
+    return skipped
 
 
-cdef void _backward_cols(float* tok_grad, float* pos_grad, Py_ssize_t D, const index_t* ids,
-                         const int64_t* pos_ids, Py_ssize_t start, Py_ssize_t T, Py_ssize_t N,
-                         const float* src, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+cdef Py_ssize_t _backward_cols(float* tok_grad, Py_ssize_t V, float* pos_grad, Py_ssize_t P, Py_ssize_t D,
+                               const index_t* ids, const int64_t* pos_ids, Py_ssize_t start, Py_ssize_t T,
+                               Py_ssize_t N, const float* src, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
     """Both halves of the fused backward in one read of src: tok_grad[ids[i]] and pos_grad[p_i] += src[i]."""
-    cdef Py_ssize_t i, d, t = 0
-    cdef float* g
-    cdef float* h
+    cdef Py_ssize_t i, skipped = 0, t = 0
+    cdef int64_t r, p
     cdef const float* s
     for i in range(N):
         if i + PREFETCH_ROWS < N:
             _prefetch_row_write(tok_grad + <Py_ssize_t>ids[i + PREFETCH_ROWS] * D, c0, c1)
-        s = src + i * D + c0
-        fe_add_into(tok_grad + <Py_ssize_t>ids[i] * D + c0, s, c1 - c0)
-        fe_add_into(pos_grad + (pos_ids[i] if pos_ids != NULL else start + t) * D + c0, s, c1 - c0)
+        r = ids[i]
+        p = pos_ids[i] if pos_ids != NULL else start + t
         t += 1
         if t == T:
             t = 0
+        if _outside(r, V) or _outside(p, P):
+            skipped += 1
+            continue
+        s = src + i * D + c0
+        fe_add_into(tok_grad + r * D + c0, s, c1 - c0)
+        fe_add_into(pos_grad + p * D + c0, s, c1 - c0)
+    return skipped
 
 
-cdef void _scatter_add(float* grad, Py_ssize_t D, const index_t* ids, Py_ssize_t N,
-                       const float* src, int nthreads) noexcept nogil:
+cdef Py_ssize_t _scatter_add(float* grad, Py_ssize_t V, Py_ssize_t D, const index_t* ids, Py_ssize_t N,
+                             const float* src, int nthreads) noexcept nogil:
     # Threads own columns, not ids: each element is summed by one thread in ids order,
     # so the result is bitwise the same for every thread count.
     cdef int k
-    cdef Py_ssize_t c0, c1
+    cdef Py_ssize_t c0, c1, skipped = 0
     if nthreads <= 1:
-        _scatter_cols(grad, D, ids, N, src, 0, D)
-        return
+        return _scatter_cols(grad, V, D, ids, N, src, 0, D)
     for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
         c0 = _column_part(D, k, nthreads)
         c1 = _column_part(D, k + 1, nthreads)
-        _scatter_cols(grad, D, ids, N, src, c0, c1)
+        skipped += _scatter_cols(grad, V, D, ids, N, src, c0, c1)
+    return skipped
 
 
-cdef void _gather_add_backward(float* tok_grad, float* pos_grad, Py_ssize_t D, const index_t* ids,
-                               const int64_t* pos_ids, Py_ssize_t start, Py_ssize_t T, Py_ssize_t N,
-                               const float* src, int nthreads) noexcept nogil:
+cdef Py_ssize_t _gather_add_backward(float* tok_grad, Py_ssize_t V, float* pos_grad, Py_ssize_t P, Py_ssize_t D,
+                                     const index_t* ids, const int64_t* pos_ids, Py_ssize_t start, Py_ssize_t T,
+                                     Py_ssize_t N, const float* src, int nthreads) noexcept nogil:
     cdef int k
-    cdef Py_ssize_t c0, c1
+    cdef Py_ssize_t c0, c1, skipped = 0
     if nthreads <= 1:
-        _backward_cols(tok_grad, pos_grad, D, ids, pos_ids, start, T, N, src, 0, D)
-        return
+        return _backward_cols(tok_grad, V, pos_grad, P, D, ids, pos_ids, start, T, N, src, 0, D)
     for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
         c0 = _column_part(D, k, nthreads)
         c1 = _column_part(D, k + 1, nthreads)
-        _backward_cols(tok_grad, pos_grad, D, ids, pos_ids, start, T, N, src, c0, c1)
+        skipped += _backward_cols(tok_grad, V, pos_grad, P, D, ids, pos_ids, start, T, N, src, c0, c1)
+    return skipped
 
 
 cdef void _adam_rows(float* w, float* m, float* v, const float* g, Py_ssize_t D, const int64_t* rows,
@@ -507,38 +532,46 @@ cdef void _adam(float* w, float* m, float* v, const float* g, Py_ssize_t D, cons
 # Small calls keep the GIL (releasing it costs about 90 ns, a seed-shape call's whole loop);
 # these dispatchers pick the id width so each entry point calls one of them once.
 
-cdef void _gather_any(const float* table, Py_ssize_t D, const void* ids, bint wide, Py_ssize_t N,
-                      float* out, int nthreads) noexcept nogil:
+cdef Py_ssize_t _gather_any(const float* table, Py_ssize_t V, Py_ssize_t D, const void* ids, bint wide,
+                            Py_ssize_t N, float* out, int nthreads) noexcept nogil:
     if wide:
-        _gather(table, D, <const int64_t*>ids, N, out, nthreads)
-    else:
-        _gather(table, D, <const int32_t*>ids, N, out, nthreads)
+        return _gather(table, V, D, <const int64_t*>ids, N, out, nthreads)
+    return _gather(table, V, D, <const int32_t*>ids, N, out, nthreads)
 
 
-cdef void _gather_add_any(const float* tok, const float* pos, Py_ssize_t D, const void* ids, bint wide,
-                          const int64_t* pos_ids, Py_ssize_t start, Py_ssize_t T, Py_ssize_t N,
-                          float* out, int nthreads) noexcept nogil:
+cdef Py_ssize_t _gather_add_any(const float* tok, Py_ssize_t V, const float* pos, Py_ssize_t P, Py_ssize_t D,
+                                const void* ids, bint wide, const int64_t* pos_ids, Py_ssize_t start,
+                                Py_ssize_t T, Py_ssize_t N, float* out, int nthreads) noexcept nogil:
     if wide:
-        _gather_add(tok, pos, D, <const int64_t*>ids, pos_ids, start, T, N, out, nthreads)
-    else:
-        _gather_add(tok, pos, D, <const int32_t*>ids, pos_ids, start, T, N, out, nthreads)
+        return _gather_add(tok, V, pos, P, D, <const int64_t*>ids, pos_ids, start, T, N, out, nthreads)
+    return _gather_add(tok, V, pos, P, D, <const int32_t*>ids, pos_ids, start, T, N, out, nthreads)
 
 
-cdef void _scatter_add_any(float* grad, Py_ssize_t D, const void* ids, bint wide, Py_ssize_t N,
-                           const float* src, int nthreads) noexcept nogil:
+cdef Py_ssize_t _scatter_add_any(float* grad, Py_ssize_t V, Py_ssize_t D, const void* ids, bint wide,
+                                 Py_ssize_t N, const float* src, int nthreads) noexcept nogil:
     if wide:
-        _scatter_add(grad, D, <const int64_t*>ids, N, src, nthreads)
-    else:
-        _scatter_add(grad, D, <const int32_t*>ids, N, src, nthreads)
+        return _scatter_add(grad, V, D, <const int64_t*>ids, N, src, nthreads)
+    return _scatter_add(grad, V, D, <const int32_t*>ids, N, src, nthreads)
 
 
-cdef void _gather_add_backward_any(float* tok_grad, float* pos_grad, Py_ssize_t D, const void* ids, bint wide,
-                                   const int64_t* pos_ids, Py_ssize_t start, Py_ssize_t T, Py_ssize_t N,
-                                   const float* src, int nthreads) noexcept nogil:
+cdef Py_ssize_t _gather_add_backward_any(float* tok_grad, Py_ssize_t V, float* pos_grad, Py_ssize_t P,
+                                         Py_ssize_t D, const void* ids, bint wide, const int64_t* pos_ids,
+                                         Py_ssize_t start, Py_ssize_t T, Py_ssize_t N, const float* src,
+                                         int nthreads) noexcept nogil:
     if wide:
-        _gather_add_backward(tok_grad, pos_grad, D, <const int64_t*>ids, pos_ids, start, T, N, src, nthreads)
-    else:
-        _gather_add_backward(tok_grad, pos_grad, D, <const int32_t*>ids, pos_ids, start, T, N, src, nthreads)
+        return _gather_add_backward(tok_grad, V, pos_grad, P, D, <const int64_t*>ids, pos_ids, start, T, N,
+                                    src, nthreads)
+    return _gather_add_backward(tok_grad, V, pos_grad, P, D, <const int32_t*>ids, pos_ids, start, T, N,
+                                src, nthreads)
+
+
+cdef int _raise_if_skipped(Py_ssize_t skipped, str name) except -1:
+    if skipped:
+        raise RuntimeError(
+            f"{skipped} {name} changed to out-of-range values while the call ran (another thread or process "
+            f"wrote to the array); those rows were skipped, so the result is incomplete"
+        )
+    return 0
 
 
 # ---------------------------------------------------------------- entry points
@@ -559,11 +592,13 @@ def gather(table, ids, out=None):
     cdef void* p = cnp.PyArray_DATA(idx)
     cdef bint wide = cnp.PyArray_ITEMSIZE(idx) == 8
     cdef int nthreads = _threads_for(N * D)
+    cdef Py_ssize_t skipped
     if N * D >= SERIAL_ELEMENTS:
         with nogil:
-            _gather_any(t, D, p, wide, N, o, nthreads)
+            skipped = _gather_any(t, V, D, p, wide, N, o, nthreads)
     else:
-        _gather_any(t, D, p, wide, N, o, nthreads)
+        skipped = _gather_any(t, V, D, p, wide, N, o, nthreads)
+    _raise_if_skipped(skipped, "ids")
     return res
 
 
@@ -602,11 +637,13 @@ def gather_add(token_table, position_table, ids, positions=None, out=None):
     cdef void* ip = cnp.PyArray_DATA(idx)
     cdef bint wide = cnp.PyArray_ITEMSIZE(idx) == 8
     cdef int nthreads = _threads_for(N * D)
+    cdef Py_ssize_t skipped
     if N * D >= SERIAL_ELEMENTS:
         with nogil:
-            _gather_add_any(tp, qp, D, ip, wide, pp, start, T, N, o, nthreads)
+            skipped = _gather_add_any(tp, V, qp, P, D, ip, wide, pp, start, T, N, o, nthreads)
     else:
-        _gather_add_any(tp, qp, D, ip, wide, pp, start, T, N, o, nthreads)
+        skipped = _gather_add_any(tp, V, qp, P, D, ip, wide, pp, start, T, N, o, nthreads)
+    _raise_if_skipped(skipped, "ids or positions")
     return res
 
 
@@ -628,11 +665,13 @@ def scatter_add(grad_table, ids, grad_out):
     cdef void* ip = cnp.PyArray_DATA(idx)
     cdef bint wide = cnp.PyArray_ITEMSIZE(idx) == 8
     cdef int nthreads = _column_threads(N, D)
+    cdef Py_ssize_t skipped
     if N * D >= SERIAL_ELEMENTS:
         with nogil:
-            _scatter_add_any(g, D, ip, wide, N, s, nthreads)
+            skipped = _scatter_add_any(g, V, D, ip, wide, N, s, nthreads)
     else:
-        _scatter_add_any(g, D, ip, wide, N, s, nthreads)
+        skipped = _scatter_add_any(g, V, D, ip, wide, N, s, nthreads)
+    _raise_if_skipped(skipped, "ids")
 
 
 def gather_add_backward(grad_hidden, ids, token_grad, position_grad, positions=None):
@@ -674,11 +713,13 @@ def gather_add_backward(grad_hidden, ids, token_grad, position_grad, positions=N
     cdef void* ip = cnp.PyArray_DATA(idx)
     cdef bint wide = cnp.PyArray_ITEMSIZE(idx) == 8
     cdef int nthreads = _column_threads(N, D)
+    cdef Py_ssize_t skipped
     if N * D >= SERIAL_ELEMENTS:
         with nogil:
-            _gather_add_backward_any(tg, pg, D, ip, wide, pp, start, T, N, s, nthreads)
+            skipped = _gather_add_backward_any(tg, V, pg, P, D, ip, wide, pp, start, T, N, s, nthreads)
     else:
-        _gather_add_backward_any(tg, pg, D, ip, wide, pp, start, T, N, s, nthreads)
+        skipped = _gather_add_backward_any(tg, V, pg, P, D, ip, wide, pp, start, T, N, s, nthreads)
+    _raise_if_skipped(skipped, "ids or positions")
 
 
 cdef Py_ssize_t _min_max(const index_t* ids, Py_ssize_t N, int64_t* lo, int64_t* hi) noexcept nogil:
@@ -708,12 +749,17 @@ cdef Py_ssize_t _bitmap_slots(const index_t* ids, Py_ssize_t N, uint64_t* bits, 
     cdef int32_t total = 0
     for i in range(N):
         x = ids[i]
+        if _outside(x >> 6, W):  # changed since the min/max pass (see the loops above): skip it
+            continue
         bits[x >> 6] |= (<uint64_t>1) << (x & 63)
     for w in range(W):
         before[w] = total
         total += fe_popcount64(bits[w])
     for i in range(N):
         x = ids[i]
+        if _outside(x >> 6, W) or not (bits[x >> 6] >> (x & 63)) & 1:
+            slots[i] = -1  # changed since it was marked
+            continue
         slots[i] = before[x >> 6] + fe_popcount64(bits[x >> 6] & (((<uint64_t>1) << (x & 63)) - 1))
     return total
 
@@ -799,11 +845,13 @@ def coalesce(ids, grad_out):
     cdef const int64_t* sp = <const int64_t*>cnp.PyArray_DATA(<cnp.ndarray>slots)
     cdef const float* s = <const float*>cnp.PyArray_DATA(src)
     cdef int nthreads = _column_threads(N, D)
+    cdef Py_ssize_t skipped
     if N * D >= SERIAL_ELEMENTS:
         with nogil:
-            _scatter_add(vp, D, sp, N, s, nthreads)
+            skipped = _scatter_add(vp, U, D, sp, N, s, nthreads)
     else:
-        _scatter_add(vp, D, sp, N, s, nthreads)
+        skipped = _scatter_add(vp, U, D, sp, N, s, nthreads)
+    _raise_if_skipped(skipped, "ids")
     return rows, values
 
 
