@@ -66,24 +66,26 @@ def _object_ids(arr, name):
     return arr.astype(np.int64)
 
 
-def _converted_ids(ids, targets, names):
-    """as_ids(ids); where that made a copy of a user's array, the arrays to be written must not overlap the original.
+def _check_apart(original, converted, what, targets, names):
+    """Where normalising made a copy of a caller's array, the arrays to be written must not overlap the original.
 
     (The kernels check aliasing against the arrays they are given; only here is the original still known.)
     """
-    converted = as_ids(ids)
-    if converted is not ids and isinstance(ids, np.ndarray):
+    if converted is not original and isinstance(original, np.ndarray):
         for target, name in zip(targets, names):
-            if isinstance(target, np.ndarray) and np.may_share_memory(target, ids):
-                raise ValueError(f"{name} shares memory with ids; pass separate arrays")
+            if isinstance(target, np.ndarray) and np.may_share_memory(target, original):
+                raise ValueError(f"{name} shares memory with {what}; pass separate arrays")
     return converted
 
 
-def _as_positions(positions, ids, targets=(), names=()):
-    """None or an int start stay as they are; anything else becomes an int64 array of ids.shape.
+def _converted_ids(ids, targets, names):
+    """as_ids(ids), checked against the arrays to be written (see `_check_apart`)."""
+    return _check_apart(ids, as_ids(ids), "ids", targets, names)
 
-    An array that had to be copied is checked against the targets, as in `_converted_ids`.
-    """
+
+def _as_positions(positions, ids, targets=(), names=()):
+    """None or an int start stay as they are; anything else becomes an int64 array of ids.shape,
+    checked against the arrays to be written (see `_check_apart`)."""
     if positions is None:
         return None
     if isinstance(positions, (bool, np.bool_)):
@@ -98,11 +100,7 @@ def _as_positions(positions, ids, targets=(), names=()):
             f"positions must be broadcastable to ids.shape={ids.shape}, got positions.shape={pos.shape}"
         ) from None
     result = np.asarray(pos, dtype=np.int64, order="C")  # (np.ascontiguousarray would make 0-d arrays 1-d)
-    if result is not positions and isinstance(positions, np.ndarray):
-        for target, name in zip(targets, names):
-            if isinstance(target, np.ndarray) and np.may_share_memory(target, positions):
-                raise ValueError(f"{name} shares memory with positions; pass separate arrays")
-    return result
+    return _check_apart(positions, result, "positions", targets, names)
 
 
 def gather(table, ids, *, out=None):
