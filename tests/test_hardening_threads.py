@@ -231,13 +231,13 @@ print("survived")
 @pytest.mark.parametrize("n,d", [(16, 32), (4096, 64)], ids=["seed shape, GIL held", "past the threshold, GIL released"])
 def test_ids_rewritten_by_another_process_during_calls(n, d):
     """ids and positions in shared memory that another process keeps rewriting (out of range, back in
-    range) while every entry point uses them. Each call must use only ids it has checked: an IndexError
-    or a result, never an out-of-bounds access. In a child process (it can crash).
+    range) while every entry point uses them. Each call must use only ids it has checked: an IndexError,
+    a RuntimeError saying ids changed during the call, or a result; never an out-of-bounds access. In a
+    child process (it can crash).
 
-    Found: every entry point crashed within milliseconds (SIGSEGV), the ids being range-checked in one
-    pass and read again by the loop. The calls past the threshold now loop over a private copy; the
-    calls under it still read the caller's memory twice. (The same happens with another thread writing
-    through numpy, which releases the GIL while it copies.)"""
+    Found (commit a15d764): every entry point crashed within milliseconds (SIGSEGV) on the seed shape,
+    the ids being range-checked in one pass and read again by the loop. Since 2068dc9 the loops check
+    each id as they read it."""
     code = MUTATED_IDS_CHILD.format(n=n, d=d, seconds=RACE_SECONDS)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "survived" in proc.stdout, (
