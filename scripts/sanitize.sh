@@ -36,6 +36,11 @@ while [ $# -gt 0 ]; do
     shift
 done
 
+if ! "$PYTHON" -c 'import Cython, setuptools, numpy, pytest, hypothesis' 2>/dev/null; then
+    echo "sanitize: $PYTHON needs the build and test requirements:" \
+         "$PYTHON -m pip install 'cython>=3.1' setuptools numpy pytest hypothesis" >&2
+    exit 2
+fi
 START=$(date +%s)
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/fastembed-sanitize.XXXXXX")"
 cleanup() {
