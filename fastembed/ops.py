@@ -215,6 +215,8 @@ def positions_array(ids, positions=None):
     if isinstance(positions, np.ndarray):
         return positions
     start = positions or 0
+    if not 0 <= start <= 2**62:
+        raise IndexError(f"positions start {start} is out of range (must be >= 0 and fit int64 with T added)")
     if ids.ndim == 0:
         return np.array(start, dtype=np.int64)
     return np.asarray(np.broadcast_to(start + np.arange(ids.shape[-1], dtype=np.int64), ids.shape), order="C")
