@@ -43,8 +43,9 @@ cdef enum:
     # Below this many float32 elements of work a call keeps the GIL and one thread:
     # releasing the GIL or waking a thread team costs more than the loop itself.
     SERIAL_ELEMENTS = 32768
-    # Columns are split between threads in multiples of 16 floats (one 64-byte cache line).
-    COLUMN_BLOCK = 16
+    # Threads split the columns of a gradient at 128-byte boundaries in memory: a pair of cache lines,
+    # which the adjacent-line prefetcher fetches together, so no line (nor pair) is written by two threads.
+    COLUMN_BLOCK = 32
     # Gathers and scatters touch rows in random order: ask for row i + 8 while row i is copied,
     # its first 1 KiB at most (the hardware prefetcher follows a long row by itself).
     PREFETCH_ROWS = 8
@@ -336,16 +337,38 @@ cdef inline Py_ssize_t _part(Py_ssize_t n, int k, int parts) noexcept nogil:
     return n * k // parts
 
 
-cdef inline Py_ssize_t _column_part(Py_ssize_t D, int k, int parts) noexcept nogil:
-    """Where the columns of thread k begin, in whole cache lines: every element has one owner."""
-    cdef Py_ssize_t blocks = (D + COLUMN_BLOCK - 1) // COLUMN_BLOCK
-    return min(D, (blocks * k // parts) * COLUMN_BLOCK)
+cdef inline Py_ssize_t _phase(const float* table) noexcept nogil:
+    """How many floats row 0 starts past a 128-byte boundary (numpy's large arrays: 16 bytes, so 4).
+    Every row has the same phase when D is a multiple of 32, as in the design's shapes."""
+    return <Py_ssize_t>((<size_t>table % (COLUMN_BLOCK * sizeof(float))) // sizeof(float))
 
 
-cdef inline int _column_threads(Py_ssize_t N, Py_ssize_t D) noexcept nogil:
+cdef inline Py_ssize_t _blocks(Py_ssize_t D, Py_ssize_t phase) noexcept nogil:
+    """128-byte blocks per row. When D is a multiple of 32 they are cyclic: the block a row ends in is
+    the one the next row starts in, so it is one block (the head and tail columns of a row) with one owner."""
+    if D % COLUMN_BLOCK == 0:
+        return D // COLUMN_BLOCK
+    return (phase + D + COLUMN_BLOCK - 1) // COLUMN_BLOCK
+
+
+cdef inline void _columns_of(Py_ssize_t D, Py_ssize_t phase, int k, int parts, Py_ssize_t* c0, Py_ssize_t* c1,
+                             Py_ssize_t* w0) noexcept nogil:
+    """Thread k's columns: [c0, c1), plus [w0, D) when it owns the block that wraps to the next row."""
+    cdef Py_ssize_t blocks = _blocks(D, phase)
+    cdef Py_ssize_t j0 = blocks * k // parts, j1 = blocks * (k + 1) // parts
+    c0[0] = 0 if j0 == 0 else min(D, j0 * COLUMN_BLOCK - phase)
+    c1[0] = D if j1 == blocks else min(D, j1 * COLUMN_BLOCK - phase)
+    w0[0] = D
+    if D % COLUMN_BLOCK == 0 and phase > 0:
+        if j1 == blocks:
+            c1[0] = D - phase  # the last partial block belongs to block 0's owner
+        if j0 == 0:
+            w0[0] = D - phase
+
+
+cdef inline int _column_threads(Py_ssize_t N, Py_ssize_t D, const float* table) noexcept nogil:
     cdef int n = _threads_for(N * D)
-    cdef Py_ssize_t blocks = (D + COLUMN_BLOCK - 1) // COLUMN_BLOCK
-    return <int>min(<Py_ssize_t>n, blocks)
+    return <int>min(<Py_ssize_t>n, _blocks(D, _phase(table)))
 
 
 cdef inline void _prefetch_row(const float* row, Py_ssize_t D) noexcept nogil:
@@ -433,8 +456,8 @@ cdef Py_ssize_t _gather_add(const float* tok, Py_ssize_t V, const float* pos, Py
 
 
 cdef Py_ssize_t _scatter_cols(float* grad, Py_ssize_t V, Py_ssize_t D, const index_t* ids, Py_ssize_t N,
-                              const float* src, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
-    """grad[ids[i], c0:c1] += src[i, c0:c1], i in order (the order of np.add.at)."""
+                              const float* src, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t w0) noexcept nogil:
+    """grad[ids[i], c0:c1] (and w0:D) += src[i, same columns], i in order (the order of np.add.at)."""
     cdef Py_ssize_t i, skipped = 0
     cdef int64_t r
     for i in range(N):
@@ -445,13 +468,17 @@ cdef Py_ssize_t _scatter_cols(float* grad, Py_ssize_t V, Py_ssize_t D, const ind
             skipped += 1
             continue
         fe_add_into(grad + r * D + c0, src + i * D + c0, c1 - c0)
+        if w0 < D:
+            fe_add_into(grad + r * D + w0, src + i * D + w0, D - w0)
     return skipped
 
 
 cdef Py_ssize_t _backward_cols(float* tok_grad, Py_ssize_t V, float* pos_grad, Py_ssize_t P, Py_ssize_t D,
                                const index_t* ids, const int64_t* pos_ids, Py_ssize_t start, Py_ssize_t T,
-                               Py_ssize_t N, const float* src, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
-    """Both halves of the fused backward in one read of src: tok_grad[ids[i]] and pos_grad[p_i] += src[i]."""
+                               Py_ssize_t N, const float* src, Py_ssize_t c0, Py_ssize_t c1,
+                               Py_ssize_t w0, Py_ssize_t p_lo, Py_ssize_t p_hi) noexcept nogil:
+    """Both halves of the fused backward in one read of src: tok_grad[ids[i], columns [c0, c1) and [w0, D)]
+    += src[i, same columns], and pos_grad[p_i] += src[i] for the position rows p_i in [p_lo, p_hi)."""
     cdef Py_ssize_t i, skipped = 0, t = 0
     cdef int64_t r, p
     cdef const float* s
@@ -466,9 +493,12 @@ cdef Py_ssize_t _backward_cols(float* tok_grad, Py_ssize_t V, float* pos_grad, P
         if _outside(r, V) or _outside(p, P):
             skipped += 1
             continue
-        s = src + i * D + c0
-        fe_add_into(tok_grad + r * D + c0, s, c1 - c0)
-        fe_add_into(pos_grad + p * D + c0, s, c1 - c0)
+        s = src + i * D
+        fe_add_into(tok_grad + r * D + c0, s + c0, c1 - c0)
+        if w0 < D:
+            fe_add_into(tok_grad + r * D + w0, s + w0, D - w0)
+        if p_lo <= p < p_hi:
+            fe_add_into(pos_grad + p * D, s, D)
     return skipped
 
 
@@ -477,27 +507,28 @@ cdef Py_ssize_t _scatter_add(float* grad, Py_ssize_t V, Py_ssize_t D, const inde
     # Threads own columns, not ids: each element is summed by one thread in ids order,
     # so the result is bitwise the same for every thread count.
     cdef int k
-    cdef Py_ssize_t c0, c1, skipped = 0
+    cdef Py_ssize_t c0, c1, w0, skipped = 0, phase = _phase(grad)
     if nthreads <= 1:
-        return _scatter_cols(grad, V, D, ids, N, src, 0, D)
+        return _scatter_cols(grad, V, D, ids, N, src, 0, D, D)
     for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
-        c0 = _column_part(D, k, nthreads)
-        c1 = _column_part(D, k + 1, nthreads)
-        skipped += _scatter_cols(grad, V, D, ids, N, src, c0, c1)
+        _columns_of(D, phase, k, nthreads, &c0, &c1, &w0)
+        skipped += _scatter_cols(grad, V, D, ids, N, src, c0, c1, w0)
     return skipped
 
 
 cdef Py_ssize_t _gather_add_backward(float* tok_grad, Py_ssize_t V, float* pos_grad, Py_ssize_t P, Py_ssize_t D,
                                      const index_t* ids, const int64_t* pos_ids, Py_ssize_t start, Py_ssize_t T,
                                      Py_ssize_t N, const float* src, int nthreads) noexcept nogil:
+    # The token table is split by columns (its rows come in random order); the position table, whose
+    # rows come in sequence, by rows: split by columns, both threads would stream through the same lines.
     cdef int k
-    cdef Py_ssize_t c0, c1, skipped = 0
+    cdef Py_ssize_t c0, c1, w0, skipped = 0, phase = _phase(tok_grad)
     if nthreads <= 1:
-        return _backward_cols(tok_grad, V, pos_grad, P, D, ids, pos_ids, start, T, N, src, 0, D)
+        return _backward_cols(tok_grad, V, pos_grad, P, D, ids, pos_ids, start, T, N, src, 0, D, D, 0, P)
     for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
-        c0 = _column_part(D, k, nthreads)
-        c1 = _column_part(D, k + 1, nthreads)
-        skipped += _backward_cols(tok_grad, V, pos_grad, P, D, ids, pos_ids, start, T, N, src, c0, c1)
+        _columns_of(D, phase, k, nthreads, &c0, &c1, &w0)
+        skipped += _backward_cols(tok_grad, V, pos_grad, P, D, ids, pos_ids, start, T, N, src, c0, c1, w0,
+                                  _part(P, k, nthreads), _part(P, k + 1, nthreads))
     return skipped
 
 
@@ -664,7 +695,7 @@ def scatter_add(grad_table, ids, grad_out):
     cdef const float* s = <const float*>cnp.PyArray_DATA(src)
     cdef void* ip = cnp.PyArray_DATA(idx)
     cdef bint wide = cnp.PyArray_ITEMSIZE(idx) == 8
-    cdef int nthreads = _column_threads(N, D)
+    cdef int nthreads = _column_threads(N, D, g)
     cdef Py_ssize_t skipped
     if N * D >= SERIAL_ELEMENTS:
         with nogil:
@@ -712,7 +743,7 @@ def gather_add_backward(grad_hidden, ids, token_grad, position_grad, positions=N
     cdef const float* s = <const float*>cnp.PyArray_DATA(src)
     cdef void* ip = cnp.PyArray_DATA(idx)
     cdef bint wide = cnp.PyArray_ITEMSIZE(idx) == 8
-    cdef int nthreads = _column_threads(N, D)
+    cdef int nthreads = _column_threads(N, D, tg)
     cdef Py_ssize_t skipped
     if N * D >= SERIAL_ELEMENTS:
         with nogil:
@@ -844,7 +875,7 @@ def coalesce(ids, grad_out):
     cdef float* vp = <float*>cnp.PyArray_DATA(values)
     cdef const int64_t* sp = <const int64_t*>cnp.PyArray_DATA(<cnp.ndarray>slots)
     cdef const float* s = <const float*>cnp.PyArray_DATA(src)
-    cdef int nthreads = _column_threads(N, D)
+    cdef int nthreads = _column_threads(N, D, vp)
     cdef Py_ssize_t skipped
     if N * D >= SERIAL_ELEMENTS:
         with nogil:
