@@ -351,19 +351,31 @@ cdef inline Py_ssize_t _blocks(Py_ssize_t D, Py_ssize_t phase) noexcept nogil:
     return (phase + D + COLUMN_BLOCK - 1) // COLUMN_BLOCK
 
 
-cdef inline void _columns_of(Py_ssize_t D, Py_ssize_t phase, int k, int parts, Py_ssize_t* c0, Py_ssize_t* c1,
-                             Py_ssize_t* w0) noexcept nogil:
-    """Thread k's columns: [c0, c1), plus [w0, D) when it owns the block that wraps to the next row."""
+# Thread k's columns are [_col_start, _col_end) plus [_col_wrap, D) when it owns the block that wraps
+# into the next row. (Three functions, each assigned in the prange body: Cython makes a variable
+# thread-private only when the loop assigns it, never when it is written through a pointer.)
+
+cdef inline bint _wraps(Py_ssize_t D, Py_ssize_t phase) noexcept nogil:
+    return D % COLUMN_BLOCK == 0 and phase > 0
+
+
+cdef inline Py_ssize_t _col_start(Py_ssize_t D, Py_ssize_t phase, int k, int parts) noexcept nogil:
+    cdef Py_ssize_t j = _blocks(D, phase) * k // parts
+    return 0 if j == 0 else min(D, j * COLUMN_BLOCK - phase)
+
+
+cdef inline Py_ssize_t _col_end(Py_ssize_t D, Py_ssize_t phase, int k, int parts) noexcept nogil:
     cdef Py_ssize_t blocks = _blocks(D, phase)
-    cdef Py_ssize_t j0 = blocks * k // parts, j1 = blocks * (k + 1) // parts
-    c0[0] = 0 if j0 == 0 else min(D, j0 * COLUMN_BLOCK - phase)
-    c1[0] = D if j1 == blocks else min(D, j1 * COLUMN_BLOCK - phase)
-    w0[0] = D
-    if D % COLUMN_BLOCK == 0 and phase > 0:
-        if j1 == blocks:
-            c1[0] = D - phase  # the last partial block belongs to block 0's owner
-        if j0 == 0:
-            w0[0] = D - phase
+    cdef Py_ssize_t j = blocks * (k + 1) // parts
+    if j < blocks:
+        return min(D, j * COLUMN_BLOCK - phase)
+    return D - phase if _wraps(D, phase) else D  # the last partial block belongs to block 0's owner
+
+
+cdef inline Py_ssize_t _col_wrap(Py_ssize_t D, Py_ssize_t phase, int k, int parts) noexcept nogil:
+    if k == 0 and _wraps(D, phase):
+        return D - phase
+    return D
 
 
 cdef inline int _column_threads(Py_ssize_t N, Py_ssize_t D, const float* table) noexcept nogil:
@@ -511,7 +523,9 @@ cdef Py_ssize_t _scatter_add(float* grad, Py_ssize_t V, Py_ssize_t D, const inde
     if nthreads <= 1:
         return _scatter_cols(grad, V, D, ids, N, src, 0, D, D)
     for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
-        _columns_of(D, phase, k, nthreads, &c0, &c1, &w0)
+        c0 = _col_start(D, phase, k, nthreads)
+        c1 = _col_end(D, phase, k, nthreads)
+        w0 = _col_wrap(D, phase, k, nthreads)
         skipped += _scatter_cols(grad, V, D, ids, N, src, c0, c1, w0)
     return skipped
 
@@ -526,7 +540,9 @@ cdef Py_ssize_t _gather_add_backward(float* tok_grad, Py_ssize_t V, float* pos_g
     if nthreads <= 1:
         return _backward_cols(tok_grad, V, pos_grad, P, D, ids, pos_ids, start, T, N, src, 0, D, D, 0, P)
     for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
-        _columns_of(D, phase, k, nthreads, &c0, &c1, &w0)
+        c0 = _col_start(D, phase, k, nthreads)
+        c1 = _col_end(D, phase, k, nthreads)
+        w0 = _col_wrap(D, phase, k, nthreads)
         skipped += _backward_cols(tok_grad, V, pos_grad, P, D, ids, pos_ids, start, T, N, src, c0, c1, w0,
                                   _part(P, k, nthreads), _part(P, k + 1, nthreads))
     return skipped
