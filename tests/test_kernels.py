@@ -397,4 +397,6 @@ def test_backward_is_bitwise_deterministic_across_runs_and_threads():
         if first is None:
             first = got
             assert first[0] == forward.tobytes()  # and it is np.add.at's order
-        assert got == first, f"backward differs with {n} threads"
+        for k, (a, b) in enumerate(zip(got, first)):
+            if a != b:  # (pytest.fail: an assert would make pytest diff megabytes of bytes, for minutes)
+                pytest.fail(f"result {k} of run() differs with {n} threads")
