@@ -153,3 +153,34 @@ ID_FORMS = ("array", "array", "list", "strided", "uint16", "int8")
 
 def float_table(rng, rows, dim):
     return rng.standard_normal((rows, dim)).astype(np.float32)
+
+
+def arrange(a, layout):
+    """The same logical values as a, in another memory layout (big-endian also changes the dtype)."""
+    a = np.asarray(a)
+    if layout == "c":
+        return a.copy(order="C")
+    if layout == "fortran":
+        return np.array(a, order="F", copy=True)
+    if layout == "reversed":  # negative strides on every axis
+        flip = (slice(None, None, -1),) * a.ndim
+        return a[flip].copy(order="C")[flip]
+    if layout == "strided":  # every other element of a larger buffer along the last axis
+        if a.ndim == 0:
+            return a.copy()
+        big = np.zeros(a.shape[:-1] + (2 * a.shape[-1] + 1,), a.dtype)
+        view = big[..., 1::2]
+        view[...] = a
+        return view
+    if layout == "misaligned":  # at byte offset 1 of a uint8 buffer
+        raw = np.zeros(a.nbytes + a.itemsize + 1, np.uint8)
+        view = raw[1:1 + a.nbytes].view(a.dtype).reshape(a.shape)
+        view[...] = a
+        return view
+    if layout == "readonly":
+        view = a.copy()
+        view.flags.writeable = False
+        return view
+    if layout == "bigendian":
+        return a.astype(a.dtype.newbyteorder(">"))
+    raise AssertionError(layout)

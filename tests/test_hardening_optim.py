@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import fastembed as fe
 from fastembed.optim import SGD, Adam, SparseAdam
+from _helpers import arrange
 
 import os
 
@@ -27,32 +28,6 @@ F32 = np.dtype(np.float32)
 LAYOUTS = ("c", "fortran", "reversed", "strided", "misaligned", "readonly", "bigendian")
 
 
-def arrange(a, layout):
-    """The same values as a in another memory layout (big-endian also changes the dtype)."""
-    a = np.asarray(a)
-    if layout == "c":
-        return a.copy(order="C")
-    if layout == "fortran":
-        return np.array(a, order="F", copy=True)
-    if layout == "reversed":
-        flip = (slice(None, None, -1),) * a.ndim
-        return a[flip].copy(order="C")[flip]
-    if layout == "strided":
-        big = np.zeros(a.shape[:-1] + (2 * a.shape[-1] + 1,), a.dtype)
-        big[..., 1::2] = a
-        return big[..., 1::2]
-    if layout == "misaligned":
-        raw = np.zeros(a.nbytes + a.itemsize + 1, np.uint8)
-        view = raw[1:1 + a.nbytes].view(a.dtype).reshape(a.shape)
-        view[...] = a
-        return view
-    if layout == "readonly":
-        view = a.copy()
-        view.flags.writeable = False
-        return view
-    if layout == "bigendian":
-        return a.astype(a.dtype.newbyteorder(">"))
-    raise AssertionError(layout)
 
 
 def state(opt):
