@@ -151,8 +151,8 @@ cdef inline tuple _shape(object a):
 
 
 cdef cnp.ndarray _private(cnp.ndarray arr, object original):
-    """arr, or a copy when it is still the caller's array. A call that releases the GIL reads ids
-    from its own copy: what was range-checked stays true however other threads change theirs."""
+    """arr, or a copy when it is still the caller's array: for the Adam rows, which its loop does not
+    re-check (the id loops re-check each id as they read it instead; see the loops below)."""
     return np.array(arr, copy=True) if arr is original else arr
 
 
@@ -631,8 +631,6 @@ def gather(table, ids, out=None):
     cdef cnp.ndarray res = _out_rows(out, idx, D)
     if out is not None:
         _no_overlap(res, "out", (tab, ids), ("table", "ids"))
-    if N * D >= SERIAL_ELEMENTS:
-        idx = _private(idx, ids)
     _check_range(idx, "ids", V, "table")
     cdef const float* t = <const float*>cnp.PyArray_DATA(tab)
     cdef float* o = <float*>cnp.PyArray_DATA(res)
@@ -669,9 +667,6 @@ def gather_add(token_table, position_table, ids, positions=None, out=None):
     if out is not None:
         _no_overlap(res, "out", (tok, pos, ids, positions),
                     ("token_table", "position_table", "ids", "positions"))
-    if N * D >= SERIAL_ELEMENTS:
-        idx = _private(idx, ids)
-        pos_arr = None if pos_arr is None else _private(pos_arr, positions)
     _check_range(idx, "ids", V, "token_table")
     if pos_arr is None:
         _check_start(start, T, N, P)
@@ -704,8 +699,6 @@ def scatter_add(grad_table, ids, grad_out):
     cdef Py_ssize_t V = _rows(grad), D = _dim(grad), N = cnp.PyArray_SIZE(idx)
     _check_rows_shape(src, "grad_out", idx, D)
     _no_overlap(grad, "grad_table", (ids, grad_out), ("ids", "grad_out"))
-    if N * D >= SERIAL_ELEMENTS:
-        idx = _private(idx, ids)
     _check_range(idx, "ids", V, "grad_table")
     cdef float* g = <float*>cnp.PyArray_DATA(grad)
     cdef const float* s = <const float*>cnp.PyArray_DATA(src)
@@ -745,9 +738,6 @@ def gather_add_backward(grad_hidden, ids, token_grad, position_grad, positions=N
     _no_overlap(tgrad, "token_grad", (pgrad, ids, grad_hidden, positions),
                 ("position_grad", "ids", "grad_hidden", "positions"))
     _no_overlap(pgrad, "position_grad", (ids, grad_hidden, positions), ("ids", "grad_hidden", "positions"))
-    if N * D >= SERIAL_ELEMENTS:
-        idx = _private(idx, ids)
-        pos_arr = None if pos_arr is None else _private(pos_arr, positions)
     _check_range(idx, "ids", V, "token_grad")
     if pos_arr is None:
         _check_start(start, T, N, P)
@@ -883,8 +873,6 @@ def coalesce(ids, grad_out):
     cdef Py_ssize_t D = cnp.PyArray_DIM(src, cnp.PyArray_NDIM(idx)), N = cnp.PyArray_SIZE(idx)
     _check_rows_shape(src, "grad_out", idx, D)
     cdef bint release = N * D >= SERIAL_ELEMENTS
-    if release:
-        idx = _private(idx, ids)
     rows, slots = _unique_slots(idx, N, release)
     cdef Py_ssize_t U = len(rows)
     cdef cnp.ndarray values = np.zeros((U, D), dtype=np.float32)
