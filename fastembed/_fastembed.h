@@ -1,4 +1,4 @@
-/* Small portability shims for _kernels.pyx: OpenMP queries, bit tricks, prefetch, and the two row loops. */
+/* Small portability shims for _kernels.pyx: OpenMP queries, bit tricks, prefetch, and the row loops. */
 #ifndef FASTEMBED_H
 #define FASTEMBED_H
 #include <stdint.h>
