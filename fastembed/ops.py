@@ -15,7 +15,7 @@ from . import _kernels
 __all__ = ["gather", "gather_add", "scatter_add", "gather_add_backward", "coalesce", "as_ids"]
 
 _ndarray = np.ndarray
-_NATIVE_IDS = (np.dtype(np.int32), np.dtype(np.int64))
+_NATIVE_IDS = (np.dtype(np.int64), np.dtype(np.int32))  # int64 first: the common case matches by identity
 _INT64_MAX = np.iinfo(np.int64).max
 
 
