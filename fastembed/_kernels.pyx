@@ -97,11 +97,25 @@ cdef cnp.ndarray _float_array(object a, str name):
     return arr
 
 
+cdef int _check_2d(cnp.ndarray arr, str name) except -1:
+    if cnp.PyArray_NDIM(arr) != 2:
+        raise ValueError(f"{name} must be 2-D (rows, dim), got {name}.shape={_shape(arr)}")
+    return 0
+
+
+cdef int _check_same_dim(cnp.ndarray a, str a_name, cnp.ndarray b, str b_name) except -1:
+    if cnp.PyArray_DIM(a, 1) != cnp.PyArray_DIM(b, 1):
+        raise ValueError(
+            f"{a_name} and {b_name} must have the same dim, got {a_name}.shape={_shape(a)} "
+            f"and {b_name}.shape={_shape(b)}"
+        )
+    return 0
+
+
 cdef cnp.ndarray _table(object a, str name):
     """A 2-D, C-contiguous, aligned float32 table (read-only is fine)."""
     cdef cnp.ndarray arr = _float_array(a, name)
-    if cnp.PyArray_NDIM(arr) != 2:
-        raise ValueError(f"{name} must be 2-D (rows, dim), got {name}.shape={_shape(arr)}")
+    _check_2d(arr, name)
     if not cnp.PyArray_IS_C_CONTIGUOUS(arr) or not cnp.PyArray_ISALIGNED(arr):
         raise ValueError(
             f"{name} must be C-contiguous and aligned (a table is never copied behind your back), got "
@@ -305,6 +319,14 @@ cdef int _check_start(Py_ssize_t start, Py_ssize_t T, Py_ssize_t N, Py_ssize_t P
             f"for position_table with {P} rows (valid positions are 0 to {P - 1})"
         )
     return 0
+
+
+cdef int _check_positions(cnp.ndarray pos_arr, Py_ssize_t start, Py_ssize_t T, Py_ssize_t N, Py_ssize_t P,
+                          str table) except -1:
+    """Every position in [0, P): the array's values, or start + arange(T) when there is no array."""
+    if pos_arr is None:
+        return _check_start(start, T, N, P)
+    return _check_range(pos_arr, "positions", P, table)
 
 
 cdef Py_ssize_t _start_of(object positions) except? -1:
@@ -654,11 +676,7 @@ def gather_add(token_table, position_table, ids, positions=None, out=None):
     cdef cnp.ndarray idx = _index_array(ids, "ids")
     cdef Py_ssize_t V = _rows(tok), P = _rows(pos), D = _dim(tok), N = cnp.PyArray_SIZE(idx)
     cdef Py_ssize_t T = _seq_len(idx)
-    if _dim(pos) != D:
-        raise ValueError(
-            f"token_table and position_table must have the same dim, got token_table.shape={_shape(tok)} "
-            f"and position_table.shape={_shape(pos)}"
-        )
+    _check_same_dim(tok, "token_table", pos, "position_table")
     cdef Py_ssize_t start = _start_of(positions)
     cdef cnp.ndarray pos_arr = None
     if start < 0:
@@ -668,10 +686,7 @@ def gather_add(token_table, position_table, ids, positions=None, out=None):
         _no_overlap(res, "out", (tok, pos, ids, positions),
                     ("token_table", "position_table", "ids", "positions"))
     _check_range(idx, "ids", V, "token_table")
-    if pos_arr is None:
-        _check_start(start, T, N, P)
-    else:
-        _check_range(pos_arr, "positions", P, "position_table")
+    _check_positions(pos_arr, start, T, N, P, "position_table")
     cdef const int64_t* pp = NULL if pos_arr is None else <const int64_t*>cnp.PyArray_DATA(pos_arr)
     cdef const float* tp = <const float*>cnp.PyArray_DATA(tok)
     cdef const float* qp = <const float*>cnp.PyArray_DATA(pos)
@@ -692,8 +707,7 @@ def gather_add(token_table, position_table, ids, positions=None, out=None):
 def scatter_add(grad_table, ids, grad_out):
     """grad_table[ids] += grad_out in place, duplicates summed in the row-major order of ids."""
     cdef cnp.ndarray grad = _target(grad_table, "grad_table")
-    if cnp.PyArray_NDIM(grad) != 2:
-        raise ValueError(f"grad_table must be 2-D (rows, dim), got grad_table.shape={_shape(grad)}")
+    _check_2d(grad, "grad_table")
     cdef cnp.ndarray idx = _index_array(ids, "ids")
     cdef cnp.ndarray src = _float_input(grad_out, "grad_out")
     cdef Py_ssize_t V = _rows(grad), D = _dim(grad), N = cnp.PyArray_SIZE(idx)
@@ -718,18 +732,13 @@ def gather_add_backward(grad_hidden, ids, token_grad, position_grad, positions=N
     """token_grad[ids] += grad_hidden and position_grad[positions] += grad_hidden, in one pass."""
     cdef cnp.ndarray tgrad = _target(token_grad, "token_grad")
     cdef cnp.ndarray pgrad = _target(position_grad, "position_grad")
-    for arr, name in ((tgrad, "token_grad"), (pgrad, "position_grad")):
-        if cnp.PyArray_NDIM(<cnp.ndarray>arr) != 2:
-            raise ValueError(f"{name} must be 2-D (rows, dim), got {name}.shape={_shape(arr)}")
+    _check_2d(tgrad, "token_grad")
+    _check_2d(pgrad, "position_grad")
     cdef cnp.ndarray idx = _index_array(ids, "ids")
     cdef cnp.ndarray src = _float_input(grad_hidden, "grad_hidden")
     cdef Py_ssize_t V = _rows(tgrad), P = _rows(pgrad), D = _dim(tgrad), N = cnp.PyArray_SIZE(idx)
     cdef Py_ssize_t T = _seq_len(idx)
-    if _dim(pgrad) != D:
-        raise ValueError(
-            f"token_grad and position_grad must have the same dim, got token_grad.shape={_shape(tgrad)} "
-            f"and position_grad.shape={_shape(pgrad)}"
-        )
+    _check_same_dim(tgrad, "token_grad", pgrad, "position_grad")
     _check_rows_shape(src, "grad_hidden", idx, D)
     cdef Py_ssize_t start = _start_of(positions)
     cdef cnp.ndarray pos_arr = None
@@ -739,10 +748,7 @@ def gather_add_backward(grad_hidden, ids, token_grad, position_grad, positions=N
                 ("position_grad", "ids", "grad_hidden", "positions"))
     _no_overlap(pgrad, "position_grad", (ids, grad_hidden, positions), ("ids", "grad_hidden", "positions"))
     _check_range(idx, "ids", V, "token_grad")
-    if pos_arr is None:
-        _check_start(start, T, N, P)
-    else:
-        _check_range(pos_arr, "positions", P, "position_grad")
+    _check_positions(pos_arr, start, T, N, P, "position_grad")
     cdef const int64_t* pp = NULL if pos_arr is None else <const int64_t*>cnp.PyArray_DATA(pos_arr)
     cdef float* tg = <float*>cnp.PyArray_DATA(tgrad)
     cdef float* pg = <float*>cnp.PyArray_DATA(pgrad)
@@ -909,8 +915,7 @@ def adam_step(weight, exp_avg, exp_avg_sq, grad, rows, double lr, double beta1, 
     cdef cnp.ndarray m = _target(exp_avg, "exp_avg")
     cdef cnp.ndarray v = _target(exp_avg_sq, "exp_avg_sq")
     cdef cnp.ndarray g = _float_input(grad, "grad")
-    if cnp.PyArray_NDIM(w) != 2:
-        raise ValueError(f"weight must be 2-D (rows, dim), got weight.shape={_shape(w)}")
+    _check_2d(w, "weight")
     for arr, name in ((m, "exp_avg"), (v, "exp_avg_sq")):
         if _shape(arr) != _shape(w):
             raise ValueError(f"{name} must have weight.shape={_shape(w)}, got {name}.shape={_shape(arr)}")
