@@ -98,7 +98,17 @@ def _adam_all(updates, lr, betas, eps, steps):
             _kernels.adam_step(p.weight, m, v, g, rows, lr, b1, b2, eps, 1 - b1**t, 1 - b2**t, check_only)
 
 
-class Adam(_Optimizer):
+class _AdamFamily(_Optimizer):
+    """What Adam and SparseAdam share: betas, eps, a step count t, and both moments of every weight."""
+
+    def __init__(self, params, lr=BOOK_LR, betas=BOOK_BETAS, eps=BOOK_EPS):
+        super().__init__(params, lr)
+        self.betas, self.eps, self.t = tuple(betas), eps, 0  # t: completed step() calls
+        self.exp_avg = [np.zeros_like(p.weight) for p in self.params]
+        self.exp_avg_sq = [np.zeros_like(p.weight) for p in self.params]
+
+
+class Adam(_AdamFamily):
     """The book's Adam: every parameter moves every step, through its moments.
 
     With t the step count (1 on the first step), per element:
@@ -109,12 +119,6 @@ class Adam(_Optimizer):
     Defaults are the book's: lr 0.01, betas (0.85, 0.99), eps 1e-8. For its learning-rate
     schedule set ``opt.lr = linear_decay(0.01, step, num_steps)`` before each step.
     """
-
-    def __init__(self, params, lr=BOOK_LR, betas=BOOK_BETAS, eps=BOOK_EPS):
-        super().__init__(params, lr)
-        self.betas, self.eps, self.t = tuple(betas), eps, 0
-        self.exp_avg = [np.zeros_like(p.weight) for p in self.params]
-        self.exp_avg_sq = [np.zeros_like(p.weight) for p in self.params]
 
     def step(self):
         grads = []
@@ -131,7 +135,7 @@ class Adam(_Optimizer):
         self.t = t
 
 
-class SparseAdam(_Optimizer):
+class SparseAdam(_AdamFamily):
     """Lazy Adam: only the rows in this step's sparse gradient move; NOT the book's Adam.
 
     Untouched rows keep their weight and both moments exactly as they were (the
@@ -144,11 +148,8 @@ class SparseAdam(_Optimizer):
     """
 
     def __init__(self, params, lr=BOOK_LR, betas=BOOK_BETAS, eps=BOOK_EPS):
-        super().__init__(params, lr)
-        self.betas, self.eps, self.t = tuple(betas), eps, 0  # t: completed step() calls
+        super().__init__(params, lr, betas, eps)
         self.steps = [0] * len(self.params)
-        self.exp_avg = [np.zeros_like(p.weight) for p in self.params]
-        self.exp_avg_sq = [np.zeros_like(p.weight) for p in self.params]
 
     def step(self):
         for p in self.params:
