@@ -500,6 +500,16 @@ def _limit_memory():
         pass
 
 
+def _selftest_crash_at():
+    return int(os.environ.get("FASTEMBED_FUZZ_SELFTEST_CRASH", "-1"))
+
+
+def _selftest_min_inputs(crash_at):
+    """The self-test's run reaches its crash and goes well past it however slow the machine (a sanitizer
+    build, a loaded CI) and however short --seconds is: its outcome must not depend on the clock."""
+    return 3 * (crash_at + 1) if crash_at >= 0 else 0
+
+
 def worker(args):
     """Run inputs start, start+1, ... of the seed until the deadline; publish the iteration being run."""
     _limit_memory()
@@ -508,8 +518,9 @@ def worker(args):
         progress = mmap.mmap(f.fileno(), 8)
     tally = Tally()
     i = args.start
-    crash_at = int(os.environ.get("FASTEMBED_FUZZ_SELFTEST_CRASH", "-1"))  # proves a crash is caught and reported
-    while time.time() < args.until:
+    crash_at = _selftest_crash_at()  # proves a crash is caught and reported
+    min_inputs = _selftest_min_inputs(crash_at)
+    while time.time() < args.until or i < min_inputs:
         struct.pack_into("<q", progress, 0, i)
         if i == crash_at:  # SIGABRT: a real crash signal that ASan leaves alone (it would report a SIGSEGV)
             import signal
@@ -528,8 +539,9 @@ def supervise_random(args):
     os.write(fd, bytes(8))
     os.close(fd)
     start = args.start
+    min_inputs = _selftest_min_inputs(_selftest_crash_at())
     try:
-        while time.time() < deadline:
+        while time.time() < deadline or start < min_inputs:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--seed", str(args.seed), "--start",
                    str(start), "--until", repr(deadline), "--progress", progress_path]
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
