@@ -1,7 +1,34 @@
-"""Shared pytest setup: make tests/_helpers.py importable (pytest runs with --import-mode=importlib)."""
+"""Shared pytest setup: make tests/_helpers.py importable (pytest runs with --import-mode=importlib),
+and let CI demand the optional parts of the suite.
+
+FASTEMBED_REQUIRE=torch,fuzz (any subset, comma-separated) turns the skips that would follow a missing
+optional part into an error at start-up: `torch` needs PyTorch importable, `fuzz` needs scripts/fuzz.py
+beside tests/. .ci/run sets it for every stage that tests an installed artifact, so a stage cannot pass
+by skipping the torch adapter or the fuzz run.
+"""
+import importlib.util
 import os
 import sys
+
+import pytest
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
+
+_REQUIREMENTS = {
+    "torch": ("PyTorch must be importable (pip install torch==2.13.0)",
+              lambda: importlib.util.find_spec("torch") is not None),
+    "fuzz": ("scripts/fuzz.py must be beside tests/ (copy scripts/ with the tests)",
+             lambda: os.path.exists(os.path.join(os.path.dirname(_HERE), "scripts", "fuzz.py"))),
+}
+
+
+def pytest_configure(config):
+    wanted = [w.strip() for w in os.environ.get("FASTEMBED_REQUIRE", "").split(",") if w.strip()]
+    unknown = [w for w in wanted if w not in _REQUIREMENTS]
+    if unknown:
+        raise pytest.UsageError(f"FASTEMBED_REQUIRE names unknown parts {unknown}; known: {sorted(_REQUIREMENTS)}")
+    missing = [message for w in wanted for message, present in [_REQUIREMENTS[w]] if not present()]
+    if missing:
+        raise pytest.UsageError("FASTEMBED_REQUIRE: " + "; ".join(missing))
