@@ -143,7 +143,8 @@ def scaling_markdown(scaling):
 def targets_markdown(verdicts):
     """The DESIGN.md targets table."""
     lines = [[v.target, v.shape, v.measured, v.limit, v.status, v.note] for v in verdicts]
-    return table(["target (from DESIGN.md, compared like with like)", "shape", "measured", "target", "status", "how"], lines)
+    header = ["target (from DESIGN.md, compared like with like)", "shape", "measured", "target", "status", "how"]
+    return table(header, lines)
 
 
 def environment_markdown(env):

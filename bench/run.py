@@ -32,7 +32,8 @@ def parse_args(argv):
                         + " (default: the seed shapes)")
     parser.add_argument("--ops", type=_names, default=list(OPS), help=f"comma-separated ops (default: {','.join(OPS)})")
     parser.add_argument("--threads", type=int, default=report.usable_cpus(),
-                        help="threads for fastembed, torch and the memory limit (default: all usable CPUs)")
+                        help="threads for fastembed, torch and the memory limit (default: all usable CPUs; "
+                        "fastembed caps it at the processor count, and torch follows fastembed)")
     parser.add_argument("--repeats", type=int, default=None, help="samples per method (default: 15 seed, 9 big)")
     parser.add_argument("--quick", action="store_true", help="tiny repeats and batches: a smoke test, not a measurement")
     parser.add_argument("--scale", type=float, default=1.0,
@@ -181,13 +182,16 @@ def main(argv=None):
 def run_suite(args, torch, mods, notes):
     """Everything main() does once the options are read."""
     fe.set_num_threads(args.threads)
+    main_threads = fe.get_num_threads()  # capped at the processors (1 without OpenMP)
     if torch is not None:
-        torch.set_num_threads(args.threads)
+        # torch at fastembed's count, capped or not, so their rows compare at equal threads.
+        torch.set_num_threads(main_threads)
     if not fe.openmp_enabled():
-        notes.append("skipped: fastembed at 2 threads (built without OpenMP: every kernel runs on one thread)")
-    elif fe.get_num_threads() < args.threads:
-        notes.append(f"fastembed runs at {fe.get_num_threads()} threads, not the {args.threads} asked for: "
-                     "set_num_threads caps at the processor count (the memory limit follows fastembed)")
+        notes.append("skipped: fastembed at 2 threads (built without OpenMP: every kernel runs on one thread; "
+                     "torch runs at 1 thread too, so the two compare at equal threads)")
+    elif main_threads < args.threads:
+        notes.append(f"fastembed runs at {main_threads} threads, not the {args.threads} asked for: "
+                     "set_num_threads caps at the processor count (torch and the memory limit follow fastembed)")
     chosen = shapes.select(args.shapes, args.all, args.scale)
     env = report.environment(args.threads, torch, loop_overhead_ns())
     started = time.perf_counter()
