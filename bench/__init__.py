@@ -2,5 +2,8 @@
 
 Every case is one operation on one shape, done by fastembed, numpy idioms,
 PyTorch (when installed), the pure-Python reference (seed shapes) and the memory
-limit, checked equal before it is timed. See bench/run.py for the options.
+limit, checked equal before it is timed. A case that moves less than 1 MiB has no
+memory limit: its add measures numpy's call overhead and is labelled so
+(bench/memlimit.py). The threads column says what each method ran on
+(bench/threads.py). See bench/run.py for the options.
 """

@@ -17,7 +17,8 @@ import numpy as np
 import fastembed as fe
 from fastembed import reference
 
-from .memlimit import MemoryLimit
+from . import threads as ran
+from .memlimit import LIMIT_MIN_BYTES, OVERHEAD_NAME, MemoryLimit, is_limit
 from .timing import Method
 
 OPS = ("forward", "backward", "sparse", "step-sparse", "step-dense")
@@ -39,10 +40,11 @@ class CheckError(AssertionError):
 class Context:
     """What a run has: the thread counts to use, torch (or None), whether the reference runs."""
 
-    threads: int  # the run's thread count: torch and the memory limit run at it
-    fe_threads: tuple  # every count fastembed runs at on this shape, its main one (the run's, or 1) first
+    threads: int  # fastembed's main thread count (as read back): the memory limit's anchor runs at it
+    fe_threads: tuple  # every count fastembed runs at on this shape (read back), the main one first
     torch: object = None
     reference: bool = False
+    torch_threads: int = 1  # torch.get_num_threads(), read back after setting the run's count
 
 
 @dataclass
@@ -58,8 +60,14 @@ class Case:
 
 
 def method_key(m):
-    """A method's name with its thread count: unique within a case."""
+    """A method's name with the thread count it is set to: unique within a case."""
     return f"{m.name} [{m.threads}t]"
+
+
+def method_label(m):
+    """A method's name with the threads it ran on, for messages."""
+    ran_on = m.ran or str(m.threads)
+    return f"{m.name} [{ran_on} thread{'' if ran_on == '1' else 's'}]"
 
 
 # ---------------------------------------------------------------- bytes each op must move
@@ -219,9 +227,9 @@ def torch_forward(data, ctx):
 
     return [
         Method("torch F.embedding", "torch", run=embedding, result=lambda: (embedding().numpy(),),
-               threads=ctx.threads, anchor=True),
+               threads=ctx.torch_threads, anchor=True),
         Method("torch index_select + add", "torch", run=index_select, result=lambda: (index_select().numpy(),),
-               threads=ctx.threads),
+               threads=ctx.torch_threads),
     ]
 
 
@@ -275,10 +283,10 @@ def torch_backward(data, ctx):
 
     return [
         Method("torch index_add_", "torch", run=index_add,
-               result=fresh((tgrad.numpy(), pgrad.numpy()), index_add), threads=ctx.threads, exact=False,
+               result=fresh((tgrad.numpy(), pgrad.numpy()), index_add), threads=ctx.torch_threads, exact=False,
                anchor=True),
         Method("torch autograd.grad (dense)", "torch", run=autograd,
-               result=lambda: tuple(x.numpy() for x in autograd()), threads=ctx.threads, exact=False),
+               result=lambda: tuple(x.numpy() for x in autograd()), threads=ctx.torch_threads, exact=False),
     ]
 
 
@@ -339,7 +347,7 @@ def sparse_methods(data, ctx):
             return grad.indices()[0].numpy(), grad.values().numpy()
 
         methods.append(Method("torch sparse grad + coalesce()", "torch", run=torch_sparse, result=torch_result,
-                              threads=ctx.threads, exact=False, anchor=True))
+                              threads=ctx.torch_threads, exact=False, anchor=True))
     return methods
 
 
@@ -413,7 +421,7 @@ def step_methods(data, ctx, sparse):
     for k, (name, timed, checked) in enumerate(variants):
         run = torch_step(data, torch, sparse, **timed)[0]
         result = stepped(functools.partial(torch_step, data, torch, sparse, **checked))
-        methods.append(Method(name, "torch", run=run, result=result, threads=ctx.threads, exact=False,
+        methods.append(Method(name, "torch", run=run, result=result, threads=ctx.torch_threads, exact=False,
                               anchor=(k == 0)))
     return methods
 
@@ -428,14 +436,35 @@ BUILDERS = {
 
 
 def build_case(data, op, ctx):
-    """The case's methods, plus the memory limit at each fastembed thread count."""
+    """The case's methods, plus the memory limit at each fastembed thread count (or, below
+    memlimit.LIMIT_MIN_BYTES, one row of numpy's call overhead, which is no limit); each
+    method labelled with the threads it runs on."""
     methods = BUILDERS[op](data, ctx)
     nbytes = traffic(op, data)
-    for n in sorted(set(ctx.fe_threads) | {ctx.threads}):
-        limit = MemoryLimit(nbytes, n)
-        methods.append(Method("memory limit", "memory", run=limit, threads=n, scale=limit.scale,
-                              note=limit.describe(), anchor=(n == ctx.threads)))
+    if is_limit(nbytes):
+        for n in sorted(set(ctx.fe_threads)):
+            limit = MemoryLimit(nbytes, n)
+            methods.append(Method("memory limit", "memory", run=limit, threads=n, scale=limit.scale,
+                                  note=limit.describe(), anchor=(n == ctx.threads)))
+    else:
+        add = MemoryLimit(nbytes, 1)
+        methods.append(Method(OVERHEAD_NAME, "overhead", run=add, threads=1, scale=add.scale,
+                              note=f"{nbytes / 1024:.3g} KB < {LIMIT_MIN_BYTES / 2**20:g} MiB: a call's fixed cost, "
+                                   "no limit"))
+    for m in methods:
+        m.ran = threads_ran(m, op, data)
     return Case(data.shape, op, nbytes, methods)
+
+
+def threads_ran(m, op, data):
+    """What m's threads column says: the threads it really runs on (bench/threads.py)."""
+    if m.family == "fastembed":
+        return ran.label(ran.fastembed_counts(op, data, m.threads))
+    if m.family == "torch":
+        return ran.torch_label(m.threads)
+    if m.family in ("memory", "overhead"):
+        return str(m.run.parts)
+    return "1"  # numpy and the reference
 
 
 # ---------------------------------------------------------------- the equality check
@@ -471,8 +500,8 @@ def verify(case, ctx):
     for m in case.methods:
         if m is base or m.result is None:
             continue
-        status = compare(expected, m.result(), f"{case.shape.name} {case.op}: {m.name} [{m.threads}t]")
+        status = compare(expected, m.result(), f"{case.shape.name} {case.op}: {method_label(m)}")
         case.checks[method_key(m)] = status
         if m.exact and status != "bitwise":
-            case.warnings.append(f"{m.name} [{m.threads}t] is expected bitwise equal to fastembed "
-                                 f"[{base.threads}t] but is {status}")
+            case.warnings.append(f"{method_label(m)} is expected bitwise equal to {method_label(base)} "
+                                 f"but is {status}")

@@ -2,7 +2,11 @@
 
 Ratios are ``this method's time / the anchor's time``: below 1 is faster than
 the anchor. Anchors per case: the numpy idiom DESIGN.md names, torch's first
-method, and the memory limit at the row's own thread count.
+method, and the memory limit at the row's own thread count (none when the case
+moves too few bytes for an add to be a limit: memlimit.py).
+
+Each row has ``threads_set`` (the count the method was set to, as read back) and
+``threads`` (a string: what it ran on, bench/threads.py), which can be fewer.
 """
 import json
 import math
@@ -15,20 +19,24 @@ import numpy as np
 import fastembed as fe
 
 from .cases import OP_TITLES, method_key
+from .memlimit import LIMIT_MIN_BYTES, OVERHEAD_NAME
 from .targets import THREAD_OPS
+from .threads import SERIAL_ELEMENTS
 
 # ---------------------------------------------------------------- rows
 
 
-def _anchor(case, family, threads=None):
-    """The case's anchor method of a family (the memory limit: the one at threads, if there is one)."""
-    found = [m for m in case.methods if m.family == family and m.samples_ns]
-    if threads is not None:
-        same = [m for m in found if m.threads == threads]
-        if same:
-            return same[0]
-    anchors = [m for m in found if m.anchor]
+def _anchor(case, family):
+    """The case's anchor method of a family, or None."""
+    anchors = [m for m in case.methods if m.family == family and m.samples_ns and m.anchor]
     return anchors[0] if anchors else None
+
+
+def _memory_limit(case, threads):
+    """The case's memory limit set to threads (None when it has none at that count, or none at all:
+    a limit at another thread count is no limit for this row)."""
+    same = [m for m in case.methods if m.family == "memory" and m.samples_ns and m.threads == threads]
+    return same[0] if same else None
 
 
 def case_rows(case):
@@ -37,13 +45,14 @@ def case_rows(case):
     numpy, torch = _anchor(case, "numpy"), _anchor(case, "torch")
     for m in case.methods:
         t = m.median_ns
-        memory = _anchor(case, "memory", threads=m.threads)
+        memory = _memory_limit(case, m.threads)
         rows.append({
             "shape": case.shape.name,
             "op": case.op,
             "method": m.name,
             "family": m.family,
-            "threads": m.threads,
+            "threads": m.ran or str(m.threads),
+            "threads_set": m.threads,
             "anchor": m.anchor,
             "median_ns": t,
             "samples_ns": [s * m.scale for s in m.samples_ns],
@@ -64,10 +73,10 @@ def thread_scaling(rows, big_shapes, openmp):
     out = []
     for shape in big_shapes:
         for op in THREAD_OPS:
-            found = {r["threads"]: r for r in rows
+            found = {r["threads_set"]: r for r in rows
                      if (r["shape"], r["op"], r["family"], r["method"]) == (shape, op, "fastembed", "fastembed")}
             entry = {"shape": shape, "op": op, "t1_ns": None, "t2_ns": None, "speedup": None, "bitwise": None,
-                     "note": ""}
+                     "ran": None, "note": ""}
             if not found:
                 continue
             entry.update(t1_ns=found[1]["median_ns"] if 1 in found else None,
@@ -75,6 +84,9 @@ def thread_scaling(rows, big_shapes, openmp):
             if 1 in found and 2 in found:
                 entry["speedup"] = entry["t1_ns"] / entry["t2_ns"]
                 entry["bitwise"] = all(found[n]["check"] in ("bitwise", "baseline") for n in (1, 2))
+                entry["ran"] = found[2]["threads"]
+                if entry["ran"] != "2":  # calls below the serial threshold keep one thread, even when set to 2
+                    entry["note"] = f"the 2-thread row ran on {entry['ran']} threads"
             else:
                 entry["note"] = "fastembed built without OpenMP" if not openmp else "not measured"
             out.append(entry)
@@ -131,7 +143,8 @@ def scaling_markdown(scaling):
 def targets_markdown(verdicts):
     """The DESIGN.md targets table."""
     lines = [[v.target, v.shape, v.measured, v.limit, v.status, v.note] for v in verdicts]
-    return table(["target (DESIGN.md)", "shape", "measured", "target", "status", "how"], lines)
+    header = ["target (from DESIGN.md, compared like with like)", "shape", "measured", "target", "status", "how"]
+    return table(header, lines)
 
 
 def environment_markdown(env):
@@ -151,6 +164,12 @@ def markdown(env, rows, shapes, scaling, verdicts, notes):
         "Ops: " + "; ".join(f"{op} = {OP_TITLES[op]}" for op in ops) + ".",
         "Times are medians of round-robin samples after warm-up. `vs X` = this time / X's time "
         "(below 1: faster); the memory limit is an add moving the same bytes at the row's thread count. "
+        f"A case moving less than {LIMIT_MIN_BYTES / 2**20:g} MiB has no memory limit: its add is shown as "
+        f"`{OVERHEAD_NAME}` (numpy's fixed cost per call) and nothing is compared with it. "
+        "`threads`: what ran. fastembed: by the kernels' rule (a call with fewer than "
+        f"{SERIAL_ELEMENTS:,} float32 elements of work, and any call on one column block, runs on one thread), "
+        "from the count read back from fastembed; a range (1-2) when a step's calls differ. numpy and the "
+        "reference: 1. torch: <=n, its pool size (torch splits an op only when it is large enough). "
         "GB/s counts the bytes the op must read and write. `check`: the result against fastembed's, "
         "before timing.",
         results_markdown(rows, shapes),
@@ -269,13 +288,13 @@ def write_json(path, env, args, shapes, rows, scaling, verdicts, notes):
 
 
 def write_plot(path, rows, threads):
-    """Time per method per shape, one panel per op, log scale (main thread count rows only)."""
+    """Time per method per shape, one panel per op, log scale (fastembed and the memory limit at threads only)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [r for r in rows if r["threads"] == threads or r["family"] in ("numpy", "reference")]
+    shown = [r for r in rows if r["threads_set"] == threads or r["family"] not in ("fastembed", "memory")]
     ops = [op for op in OP_TITLES if any(r["op"] == op for r in shown)]
     shapes = list(dict.fromkeys(r["shape"] for r in shown))
     fig, axes = plt.subplots(len(ops), 1, figsize=(13, 3.2 * len(ops)), squeeze=False)

@@ -8,6 +8,7 @@ import time
 import fastembed as fe
 
 from . import report, shapes, targets
+from .threads import read_back
 from .cases import OPS, Context, build_case, verify
 from .timing import Plan, loop_overhead_ns, measure
 
@@ -31,7 +32,8 @@ def parse_args(argv):
                         + " (default: the seed shapes)")
     parser.add_argument("--ops", type=_names, default=list(OPS), help=f"comma-separated ops (default: {','.join(OPS)})")
     parser.add_argument("--threads", type=int, default=report.usable_cpus(),
-                        help="threads for fastembed, torch and the memory limit (default: all usable CPUs)")
+                        help="threads for fastembed, torch and the memory limit (default: all usable CPUs; "
+                        "fastembed caps it at the processor count, and torch follows fastembed)")
     parser.add_argument("--repeats", type=int, default=None, help="samples per method (default: 15 seed, 9 big)")
     parser.add_argument("--quick", action="store_true", help="tiny repeats and batches: a smoke test, not a measurement")
     parser.add_argument("--scale", type=float, default=1.0,
@@ -71,7 +73,7 @@ def optional_modules(args, notes):
     """torch, tqdm and matplotlib when installed and wanted; a note for each one skipped."""
     found = {}
     for name, wanted, why in (("torch", not args.no_torch, "PyTorch rows and the targets anchored on torch"),
-                              ("tqdm", not args.quick, "the progress bar"),
+                              ("tqdm", not args.quick and _stderr_is_terminal(), "the progress bar"),
                               ("matplotlib", not args.no_plot, "the PNG plot")):
         if not wanted:
             found[name] = None
@@ -86,14 +88,22 @@ def optional_modules(args, notes):
     return found
 
 
-class Progress:
-    """A tqdm bar over the cases when tqdm is there, else one line per case on stderr; silent when quiet."""
+def _stderr_is_terminal():
+    """Whether stderr is a terminal (a bar redrawn in a log file leaves a line per redraw)."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
 
-    def __init__(self, tqdm, quiet, cases):
+
+class Progress:
+    """A tqdm bar over the cases when tqdm is there and stream is a terminal, else one line per case
+    on stream; silent when quiet."""
+
+    def __init__(self, tqdm, quiet, cases, stream=None):
         self.quiet, self.samples, self.expected = quiet, 0, 0
+        self.stream = sys.stderr if stream is None else stream
         self.bar = None
-        if tqdm is not None and not quiet:
-            self.bar = tqdm.tqdm(total=cases, unit="case", file=sys.stderr, leave=False)
+        if tqdm is not None and not quiet and self.stream.isatty():
+            self.bar = tqdm.tqdm(total=cases, unit="case", file=self.stream, leave=False)
 
     def case(self, k, n, label):
         """A new case starts (the previous one, if any, is done)."""
@@ -101,7 +111,7 @@ class Progress:
             self.bar.update(k - 1 - self.bar.n)
             self.bar.set_description(label)
         elif not self.quiet:
-            print(f"[{k}/{n}] {label}", file=sys.stderr, flush=True)
+            print(f"[{k}/{n}] {label}", file=self.stream, flush=True)
 
     def expect(self, n):
         """The case's calibration is done: it will take n samples."""
@@ -120,14 +130,15 @@ class Progress:
 
 
 def context_for(shape, args, torch):
-    """The thread counts fastembed runs at on shape (1 and 2 as well on the big shapes), torch, the reference."""
-    if not fe.openmp_enabled():
-        counts = (1,)
-    elif shape.big:
-        counts = tuple(dict.fromkeys((args.threads, 1, 2)))
-    else:
-        counts = (args.threads,)
-    return Context(args.threads, counts, torch, reference=not shape.big)
+    """The thread counts fastembed runs at on shape (1 and 2 as well on the big shapes), torch, the reference.
+
+    Each count is read back from fastembed after setting it: set_num_threads caps at the
+    processor count (and at 1 without OpenMP), and a row must say what ran, not what was asked.
+    """
+    wanted = (args.threads, 1, 2) if shape.big else (args.threads,)
+    counts = tuple(dict.fromkeys(read_back(fe.set_num_threads, fe.get_num_threads, n) for n in wanted))
+    torch_threads = torch.get_num_threads() if torch is not None else 1
+    return Context(counts[0], counts, torch, reference=not shape.big, torch_threads=torch_threads)
 
 
 def run_cases(chosen, args, torch, progress, notes):
@@ -171,10 +182,16 @@ def main(argv=None):
 def run_suite(args, torch, mods, notes):
     """Everything main() does once the options are read."""
     fe.set_num_threads(args.threads)
+    main_threads = fe.get_num_threads()  # capped at the processors (1 without OpenMP)
     if torch is not None:
-        torch.set_num_threads(args.threads)
+        # torch at fastembed's count, capped or not, so their rows compare at equal threads.
+        torch.set_num_threads(main_threads)
     if not fe.openmp_enabled():
-        notes.append("skipped: fastembed at 2 threads (built without OpenMP: every kernel runs on one thread)")
+        notes.append("skipped: fastembed at 2 threads (built without OpenMP: every kernel runs on one thread; "
+                     "torch runs at 1 thread too, so the two compare at equal threads)")
+    elif main_threads < args.threads:
+        notes.append(f"fastembed runs at {main_threads} threads, not the {args.threads} asked for: "
+                     "set_num_threads caps at the processor count (torch and the memory limit follow fastembed)")
     chosen = shapes.select(args.shapes, args.all, args.scale)
     env = report.environment(args.threads, torch, loop_overhead_ns())
     started = time.perf_counter()
@@ -200,7 +217,7 @@ def run_suite(args, torch, mods, notes):
     os.makedirs(args.output, exist_ok=True)
     stem = os.path.join(args.output, "bench-" + time.strftime("%Y%m%d-%H%M%S"))
     if mods["matplotlib"] is not None:
-        report.write_plot(stem + ".png", rows, args.threads)
+        report.write_plot(stem + ".png", rows, fe.get_num_threads())
         notes.append(f"plot: {stem}.png")
     notes.append(f"json: {stem}.json")
     report.write_json(stem + ".json", env, vars(args), chosen, rows, scaling, verdicts, notes)

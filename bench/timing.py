@@ -24,11 +24,12 @@ class Method:
     """
 
     name: str
-    family: str  # fastembed, numpy, torch, reference, memory
+    family: str  # fastembed, numpy, torch, reference, memory, overhead
     run: Optional[Callable[[], object]] = None
     prepare: Optional[Callable[[], Callable[[], object]]] = None
     result: Optional[Callable[[], tuple]] = None
-    threads: int = 1
+    threads: int = 1  # the count the method is set to run at (what tells its variants apart)
+    ran: str = ""  # the threads it actually ran on, for the threads column (bench/threads.py)
     exact: bool = True  # expected bitwise equal to fastembed (else: equal within float32 tolerance)
     scale: float = 1.0  # time multiplier (the memory limit runs on a capped buffer and scales up)
     note: str = ""

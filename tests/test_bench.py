@@ -6,10 +6,14 @@ tests); they skip where bench/ is absent (tests run from a copy of tests/ alone)
 """
 import glob
 import importlib.util
+import io
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
+import types
 
 import numpy as np
 import pytest
@@ -22,7 +26,7 @@ if not os.path.isfile(os.path.join(ROOT, "bench", "__init__.py")):
 if ROOT not in sys.path:
     sys.path.append(ROOT)  # appended: an installed fastembed keeps precedence over the source folder
 
-from bench import cases, shapes  # noqa: E402
+from bench import cases, memlimit, report, shapes, targets, threads  # noqa: E402
 from bench.timing import Method  # noqa: E402
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -41,35 +45,54 @@ def run_bench(tmp_path, *argv):
 
 
 def table_rows(text, shape):
-    """(op, method, threads) of every row of a shape's markdown table."""
+    """(op, method, threads) of every row of a shape's markdown table (threads as printed: "1", "1-2", "<=2")."""
     section = text.split(f"### {shape}:")[1].split("###")[0]
     rows = []
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if line.startswith("|") and len(cells) > 3 and cells[0] not in ("op", "---"):
-            rows.append((cells[0], cells[1], int(cells[2])))
+            rows.append((cells[0], cells[1], cells[2]))
     return rows
+
+
+def fastembed_reads_back(n):
+    """The thread count fastembed uses when set to n (capped at the processors; 1 without OpenMP)."""
+    before = fastembed.get_num_threads()
+    try:
+        fastembed.set_num_threads(n)
+        return fastembed.get_num_threads()
+    finally:
+        fastembed.set_num_threads(before)
 
 
 def test_seed_default_rows_json_and_targets(tmp_path):
     text, doc = run_bench(tmp_path, "--no-torch")
     for shape in ("seed-1x16", "seed-32x16"):
-        names = {(op, method) for op, method, _ in table_rows(text, shape)}
+        rows = table_rows(text, shape)
+        names = {(op, method) for op, method, _ in rows}
         for op in cases.OPS:
-            assert (op, "fastembed") in names and (op, "memory limit") in names
+            assert (op, "fastembed") in names
+            # A few hundred KB at most: the add is numpy's call overhead, named so, and no "memory limit".
+            assert (op, "numpy call overhead (np.add on the same bytes)") in names
+            assert (op, "memory limit") not in names
         assert ("forward", "numpy tok[ids] + pos[p]") in names
         assert ("backward", "numpy np.add.at") in names
         assert ("sparse", "numpy unique + np.add.at") in names
         assert ("forward", "reference (Values)") in names and ("backward", "reference backward()") in names
         assert not any("torch" in m for _, m in names)
+        # At most 32 x 16 ids of dim 32 (16,384 elements) and a 597 x 32 table (19,104): every fastembed
+        # call is below the 32,768-element serial threshold, and every other method is one thread.
+        assert {t for _, _, t in rows} == {"1"}
+    seed_rows = [r for r in doc["results"] if r["shape"].startswith("seed")]
+    assert all(r["vs_memory"] is None for r in seed_rows)
     assert "medium" not in {r["shape"] for r in doc["results"]}
     env = doc["environment"]
     for key in ("python", "numpy", "torch", "fastembed", "cpu_count", "threads"):
         assert key in env
     assert env["torch"] is None
-    targets = {t["target"]: t["status"] for t in doc["targets"]}
-    assert set(targets.values()) <= {"PASS", "MISS"}
-    assert "seed forward, one sentence" in targets and "seed fused backward into both tables" in targets
+    targets_found = {t["target"]: t["status"] for t in doc["targets"]}
+    assert set(targets_found.values()) <= {"PASS", "MISS"}
+    assert "seed forward, one sentence" in targets_found and "seed fused backward into both tables" in targets_found
     assert any("--no-torch" in n for n in doc["notes"])
     checks = {(r["op"], r["method"]): r["check"] for r in doc["results"] if r["shape"] == "seed-1x16"}
     assert checks[("forward", "numpy tok[ids] + pos[p]")] == "bitwise"
@@ -78,36 +101,58 @@ def test_seed_default_rows_json_and_targets(tmp_path):
 
 def test_all_scaled_has_every_shape_threads_and_skipped_torch_targets(tmp_path):
     text, doc = run_bench(tmp_path, "--all", "--scale", "0.01", "--no-torch", "--threads", "2")
-    threaded = fastembed.openmp_enabled()  # a build without OpenMP (macOS wheels) runs everything on 1 thread
+    threaded = fastembed_reads_back(2) == 2  # OpenMP and two processors: else everything is 1 thread
     for shape in ("medium", "wide-uniform", "wide-zipf"):
         rows = table_rows(text, shape)
-        assert {(op, "fastembed", 1) for op in ("forward", "backward", "sparse", "step-sparse")} <= set(rows)
+        assert {(op, "fastembed", "1") for op in ("forward", "backward", "sparse", "step-sparse")} <= set(rows)
+        # Scaled by 0.01: forward and backward move less than 1 MiB (numpy's call overhead, one thread);
+        # the dense step rewrites whole tables and moves more (a memory limit per thread count).
+        assert ("forward", "numpy call overhead (np.add on the same bytes)", "1") in rows
+        assert ("step-dense", "memory limit", "1") in rows
         if threaded:
-            assert {(op, "fastembed", 2) for op in cases.OPS} <= set(rows)
-            assert ("forward", "memory limit", 1) in rows and ("forward", "memory limit", 2) in rows
+            # medium: 8 x 10 ids of dim 768 (61,440 elements); wide: 64 x 10 of dim 64 (40,960): both past
+            # 32,768, so forward and backward split; a step's position-table Adam (10 rows) stays on one.
+            assert {(op, "fastembed", "2") for op in ("forward", "backward", "sparse")} <= set(rows)
+            assert {("step-sparse", "fastembed", "1-2"), ("step-dense", "fastembed", "1-2")} <= set(rows)
+            assert ("step-dense", "memory limit", "2") in rows
+    for r in doc["results"]:
+        if r["family"] in ("memory", "overhead"):
+            assert (r["family"] == "memory") == (r["bytes"] >= 2**20), r
+        if r["family"] != "fastembed" and r["family"] != "memory":
+            assert r["threads"] == "1"  # numpy, the reference, the call overhead (no torch here)
     assert {s["name"] for s in doc["shapes"]} == {s.name for s in shapes.ALL_SHAPES}
     if threaded:
         scaling = doc["thread_scaling"]
         assert len(scaling) == 12 and all(s["bitwise"] for s in scaling)
         assert "### fastembed threads: 1 vs 2" in text
-    else:
+        assert {s["ran"] for s in scaling if s["op"] == "step-sparse"} == {"1-2"}
+    elif not fastembed.openmp_enabled():
         assert "skipped: fastembed at 2 threads (built without OpenMP" in text
     by_target = {}
     for t in doc["targets"]:
         by_target.setdefault(t["target"], []).append(t)
-    assert all(t["status"] == "SKIPPED" for t in by_target["dense backward no slower than torch index_add_"])
-    assert all(t["status"] != "SKIPPED" for t in by_target["dense backward >= 20x faster than np.add.at"])
-    assert all("scaled" in t["note"] for t in by_target["dense backward >= 20x faster than np.add.at"])
+    forward_limit = by_target["forward within 1.25x of the memory limit, same threads"]
+    assert len(forward_limit) == 3 and all(t["status"] == "SKIPPED" and "too few bytes" in t["note"]
+                                           for t in forward_limit)
+    torch_backward = by_target["dense backward no slower than torch index_add_, same threads"]
+    assert len(torch_backward) == 3 and all(t["status"] == "SKIPPED" for t in torch_backward)
+    add_at = by_target["dense backward >= 20x faster than np.add.at, both on 1 thread"]
+    assert len(add_at) == 3 and all(t["status"] != "SKIPPED" and "scaled" in t["note"] for t in add_at)
+    assert all("fastembed [1 thread] vs numpy np.add.at [1 thread]" in t["note"] for t in add_at)
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed")
 def test_torch_rows_are_checked_equal(tmp_path):
-    _, doc = run_bench(tmp_path, "--shapes", "seed-1x16", "--ops", "forward,backward,sparse")
+    _, doc = run_bench(tmp_path, "--shapes", "seed-1x16", "--ops", "forward,backward,sparse", "--threads", "2")
     torch_rows = [r for r in doc["results"] if r["family"] == "torch"]
     assert {r["method"] for r in torch_rows} >= {"torch F.embedding", "torch index_add_",
                                                  "torch sparse grad + coalesce()"}
     assert all(r["check"] == "bitwise" or r["check"].startswith("close") for r in torch_rows)
     assert all(r["vs_torch"] is not None for r in doc["results"])
+    # torch runs at fastembed's count (2, or 1 where fastembed caps it) and splits an op or not as it
+    # sees fit: an upper bound, never a plain "2".
+    assert {r["threads"] for r in torch_rows} == {"<=2" if fastembed_reads_back(2) == 2 else "1"}
+    assert doc["environment"]["torch_threads"] == fastembed_reads_back(2)
 
 
 def test_a_method_that_computes_something_else_fails_the_check():
@@ -120,25 +165,209 @@ def test_a_method_that_computes_something_else_fails_the_check():
         cases.verify(case, ctx)
 
 
-def test_memory_limit_moves_the_bytes_it_names():
-    from bench.memlimit import MemoryLimit
+def _run_recording_threads(limit, monkeypatch):
+    """Call limit once with c poisoned; return its output and the threads that ran an add, one per chunk."""
+    ran = []
+    real_add = memlimit._add
 
-    limit = MemoryLimit(3 * 2**20, threads=2)
-    out = limit()
-    assert np.all(out == 3.0) and limit.parts == 2
-    assert abs(12 * out.size * limit.scale - 3 * 2**20) < 1
+    def add(a, b, c):
+        ran.append(threading.get_ident())
+        real_add(a, b, c)
+
+    monkeypatch.setattr(memlimit, "_add", add)
+    limit.c[...] = np.nan  # a chunk left unadded stays nan
+    return limit(), ran
+
+
+def test_memory_limit_adds_what_it_reads_on_the_threads_it_names(monkeypatch):
+    nbytes = 3 * 2**20
+    limit = memlimit.MemoryLimit(nbytes, threads=2)
+    out, ran = _run_recording_threads(limit, monkeypatch)
+    expected = (limit.a.astype(np.float64) + limit.b.astype(np.float64)).astype(np.float32)
+    np.testing.assert_array_equal(out, expected)
+    assert out is limit.c
+    # Bytes: the three arrays the add reads and writes, counted from the arrays themselves.
+    moved = sum(x.nbytes for x in (limit.a, limit.b, limit.c))
+    assert abs(moved * limit.scale - nbytes) < 1 and limit.scale == pytest.approx(1.0, abs=1e-5)
+    assert sum(a.nbytes + b.nbytes + c.nbytes for a, b, c in limit.chunks) == moved
+    # Past 1 MiB it splits: one chunk per thread, on distinct threads, as its threads column says.
+    assert len(ran) == 2 and len(set(ran)) == 2 and threading.get_ident() in ran
+    data = shapes.make_data(shapes.SEED_SHAPES[0])
+    method = Method("memory limit", "memory", run=limit)
+    assert cases.threads_ran(method, "forward", data) == "2"
+
+
+def test_memory_limit_is_capped_and_scaled_past_its_cap(monkeypatch):
+    monkeypatch.setattr(memlimit, "CAP_BYTES", 2**21)
+    nbytes = 5 * 2**21
+    limit = memlimit.MemoryLimit(nbytes, threads=1)
+    out, ran = _run_recording_threads(limit, monkeypatch)
+    np.testing.assert_array_equal(out, limit.a + np.float32(0.5))
+    moved = sum(x.nbytes for x in (limit.a, limit.b, limit.c))
+    assert moved <= 2**21 and moved * limit.scale == pytest.approx(nbytes)
+    assert ran == [threading.get_ident()]
+
+
+def test_seed_case_has_call_overhead_and_one_thread_labels(monkeypatch):
+    data = shapes.make_data(shapes.SEED_SHAPES[1])
+    ctx = cases.Context(threads=2, fe_threads=(2,))  # set to 2, as a 2-CPU run is
+    for op in cases.OPS:
+        case = cases.build_case(data, op, ctx)
+        by_family = {}
+        for m in case.methods:
+            by_family.setdefault(m.family, []).append(m)
+        assert "memory" not in by_family
+        [overhead] = by_family["overhead"]
+        assert overhead.name == "numpy call overhead (np.add on the same bytes)" and not overhead.anchor
+        # The add really runs on the calling thread alone, as its "1" says.
+        out, ran = _run_recording_threads(overhead.run, monkeypatch)
+        assert ran == [threading.get_ident()]
+        assert overhead.ran == "1"
+        # Set to 2 but below the serial threshold: fastembed ran on one thread.
+        assert [m.ran for m in by_family["fastembed"]] == ["1"] * len(by_family["fastembed"])
+        for m in case.methods:
+            m.samples_ns = [1000.0]
+        assert all(r["vs_memory"] is None for r in report.case_rows(case))
+        assert all(r["threads"] == "1" and r["threads_set"] in (1, 2) for r in report.case_rows(case))
+
+
+def test_forward_traffic_counts_the_arrays_it_reads_and_writes():
+    for shape in shapes.SEED_SHAPES + (shapes.Shape("t", 3000, 64, 48, 7, 40, ids="zipf"),):
+        data = shapes.make_data(shape)
+        out = fastembed.gather_add(data.token_table, data.position_table, data.ids)
+        tok_rows = data.token_table[np.unique(data.ids)]
+        pos_rows = data.position_table[np.unique(data.positions)]
+        expected = data.ids.nbytes + tok_rows.nbytes + pos_rows.nbytes + out.nbytes
+        assert cases.traffic("forward", data) == expected
+
+
+KERNELS_PYX = os.path.join(ROOT, "fastembed", "_kernels.pyx")
+
+
+@pytest.mark.skipif(not os.path.isfile(KERNELS_PYX), reason="fastembed/_kernels.pyx is not beside tests/")
+def test_thread_rule_constants_are_the_kernels():
+    with open(KERNELS_PYX) as f:
+        source = f.read()
+    assert int(re.search(r"^\s*SERIAL_ELEMENTS = (\d+)", source, re.M).group(1)) == threads.SERIAL_ELEMENTS
+    assert int(re.search(r"^\s*COLUMN_BLOCK = (\d+)", source, re.M).group(1)) == threads.COLUMN_BLOCK
+    # The rule the labels copy: row splits by _threads_for(work), column splits capped at the blocks.
+    assert "if work < SERIAL_ELEMENTS:\n        return 1" in source
+    assert "cdef int n = _threads_for(N * D)\n    return <int>min(<Py_ssize_t>n, _blocks(D, _phase(table)))" in source
+
+
+def test_thread_labels_follow_the_serial_threshold():
+    assert threads.threads_for(32767, 2) == 1 and threads.threads_for(32768, 2) == 2
+    assert threads.threads_for(10**6, 1) == 1
+    assert threads.column_threads(1024, 32, 2) == 1  # 32,768 elements but one 128-byte column block
+    assert threads.column_threads(512, 64, 2) == 2 and threads.column_threads(511, 64, 2) == 1
+    assert threads.column_threads(4096, 768, 8) == 8 and threads.column_threads(4096, 96, 8) == 3
+    # 64 x 16 ids of dim 64: 65,536 elements (split); the position table's Adam touches 16 x 64 = 1,024.
+    data = shapes.make_data(shapes.Shape("t", 5000, 16, 64, 64, 16))
+    assert threads.fastembed_counts("forward", data, 2) == [2]
+    assert threads.fastembed_counts("step-sparse", data, 2) == [1, 2]
+    assert threads.label([1, 2]) == "1-2" and threads.label([2, 2]) == "2"
+    ctx = cases.Context(threads=2, fe_threads=(2, 1))
+    case = cases.build_case(data, "step-sparse", ctx)
+    assert {(m.family, m.threads): m.ran for m in case.methods if m.family == "fastembed"} == {
+        ("fastembed", 2): "1-2", ("fastembed", 1): "1"}
+    assert threads.torch_label(2) == "<=2" and threads.torch_label(1) == "1"
+
+
+def test_progress_bar_only_on_a_terminal():
+    from bench.run import Progress
+
+    made = []
+
+    class FakeBar:
+        n = 0
+
+        def __init__(self, **kwargs):
+            made.append(kwargs)
+
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    fake_tqdm = types.SimpleNamespace(tqdm=FakeBar)
+    log = io.StringIO()  # a file or a pipe: isatty() is False
+    p = Progress(fake_tqdm, quiet=False, cases=2, stream=log)
+    for k in (1, 2):
+        p.case(k, 2, f"case {k}")
+        p.expect(3)
+        for _ in range(3):
+            p.tick()
+    p.close()
+    assert made == [] and log.getvalue().splitlines() == ["[1/2] case 1", "[2/2] case 2"]
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    Progress(fake_tqdm, quiet=False, cases=2, stream=Terminal())
+    assert len(made) == 1 and made[0]["total"] == 2
+    Progress(fake_tqdm, quiet=True, cases=2, stream=Terminal())
+    assert len(made) == 1
+
+
+def row(shape, op, family, method, ns, threads_set=2, ran=None, anchor=True):
+    """A result row as report.case_rows makes it, with only what targets.judge reads."""
+    return {"shape": shape, "op": op, "family": family, "method": method, "threads_set": threads_set,
+            "threads": ran or str(threads_set), "anchor": anchor, "median_ns": ns}
 
 
 def test_targets_pass_miss_and_skipped():
-    from bench import targets
-
-    def row(op, family, method, ns, threads=2, anchor=True):
-        return {"shape": "seed-1x16", "op": op, "family": family, "method": method, "threads": threads,
-                "anchor": anchor, "median_ns": ns}
-
-    rows = [row("forward", "fastembed", "fastembed", 400.0), row("forward", "numpy", "numpy tok[ids] + pos[p]", 1000.0)]
+    rows = [row("seed-1x16", "forward", "fastembed", "fastembed", 400.0, ran="1"),
+            row("seed-1x16", "forward", "numpy", "numpy tok[ids] + pos[p]", 1000.0, threads_set=1)]
     verdicts = {v.target: v for v in targets.judge(rows, [], ["seed-1x16"])}
     assert verdicts["seed forward, one sentence"].status == "PASS"
     assert verdicts["seed forward vs numpy tok[ids] + pos[p]"].status == "MISS"  # 0.4x > 0.25x
+    assert "fastembed [1 thread] vs numpy tok[ids] + pos[p] [1 thread]" in \
+        verdicts["seed forward vs numpy tok[ids] + pos[p]"].note
     assert verdicts["seed fused backward into both tables"].status == "SKIPPED"
     assert all(v.shape == "seed-1x16" for v in verdicts.values())  # shapes not run are left out
+
+
+def test_sparse_step_target_is_against_torch_sparse_adam():
+    shape = "wide-uniform"
+    fe_main = row(shape, "step-sparse", "fastembed", "fastembed", 40.0)
+    fe_one = row(shape, "step-sparse", "fastembed", "fastembed", 70.0, threads_set=1, anchor=False)
+    sparse_adam = row(shape, "step-sparse", "torch", "torch nn.Embedding + SparseAdam", 100.0, ran="<=2")
+    dense_adam = row(shape, "step-dense", "torch", "torch nn.Embedding + Adam", 1000.0, ran="<=2")
+
+    def step_verdicts(rows):
+        return [v for v in targets.judge(rows, [], [shape]) if v.target.startswith("training step")]
+
+    judged, info = step_verdicts([fe_main, fe_one, sparse_adam, dense_adam])
+    assert "nn.Embedding(sparse=True) + SparseAdam" in judged.target
+    assert (judged.measured, judged.status) == ("0.4x", "PASS")  # 40 / 100, against the SparseAdam row
+    assert "torch nn.Embedding + SparseAdam [<=2 threads]" in judged.note
+    assert (info.measured, info.status, info.limit) == ("0.04x", "INFO", "-")  # dense Adam: shown, not judged
+    judged, _ = step_verdicts([fe_main, fe_one, row(shape, "step-sparse", "torch", "torch nn.Embedding + SparseAdam",
+                                                    50.0, ran="<=2")])
+    assert (judged.measured, judged.status) == ("0.8x", "MISS")
+    # Without the SparseAdam row there is nothing like-for-like to judge: the dense row does not stand in.
+    judged, info = step_verdicts([fe_main, fe_one, dense_adam])
+    assert judged.status == "SKIPPED" and info.status == "INFO"
+    # torch at 1 thread: fastembed's 1-thread row is the one compared.
+    judged, _ = step_verdicts([fe_main, fe_one, row(shape, "step-sparse", "torch", "torch nn.Embedding + SparseAdam",
+                                                    100.0, threads_set=1, ran="1")])
+    assert judged.measured == "0.7x" and "fastembed [1 thread]" in judged.note
+
+
+def test_big_targets_compare_equal_thread_counts():
+    shape = "medium"
+    rows = [row(shape, "backward", "fastembed", "fastembed", 1.0),
+            row(shape, "backward", "fastembed", "fastembed", 10.0, threads_set=1, anchor=False),
+            row(shape, "backward", "numpy", "numpy np.add.at", 100.0, threads_set=1),
+            row(shape, "backward", "torch", "torch index_add_", 4.0, threads_set=4, ran="<=4"),
+            row(shape, "forward", "fastembed", "fastembed", 1.0),
+            row(shape, "forward", "overhead", memlimit.OVERHEAD_NAME, 1.0, threads_set=1)]
+    verdicts = {v.target: v for v in targets.judge(rows, [], [shape])}
+    add_at = verdicts["dense backward >= 20x faster than np.add.at, both on 1 thread"]
+    assert (add_at.measured, add_at.status) == ("0.1x", "MISS")  # the 2-thread row would give 0.01x
+    torch_backward = verdicts["dense backward no slower than torch index_add_, same threads"]
+    assert torch_backward.status == "SKIPPED" and "4 threads" in torch_backward.note
+    forward = verdicts["forward within 1.25x of the memory limit, same threads"]
+    assert forward.status == "SKIPPED" and "too few bytes" in forward.note
+    rows[-1] = row(shape, "forward", "memory", "memory limit", 0.5)
+    forward = {v.target: v for v in targets.judge(rows, [], [shape])}[forward.target]
+    assert (forward.measured, forward.status) == ("2x", "MISS")
