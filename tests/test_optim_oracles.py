@@ -217,12 +217,13 @@ def test_sgd_dense_sparse_empty_and_missing_gradients_over_several_steps():
     assert opt.lr == 0.03
 
 
-@pytest.mark.parametrize("layer_sparse", [False, True])
-def test_sgd_through_a_layer_with_duplicate_ids(layer_sparse):
-    """Repeated ids add their gradients (np.add.at's order): SGD moves each row by the sum, once."""
+@pytest.mark.parametrize("kind,layer_sparse", [("SGD", False), ("SGD", True), ("Adam", False), ("Adam", True),
+                                               ("SparseAdam", True)])
+def test_a_step_through_a_layer_with_duplicate_ids(kind, layer_sparse):
+    """Repeated ids add their gradients (np.add.at's order): each row takes one update of the sum."""
     rng = np.random.default_rng(2)
     layer = fe.TokenPositionEmbedding(9, 5, 4, sparse=layer_sparse, seed=4)
-    opt, model = build("SGD", layer, lr=0.25)
+    opt, model = build(kind, layer, lr=0.25)
     for ids in (np.array([[3, 3, 8, 3, 0]]), np.array([[8, 8], [1, 8]])):
         g = rng.standard_normal(ids.shape + (4,)).astype(np.float32)
         positions = np.broadcast_to(np.arange(ids.shape[-1]), ids.shape)
@@ -337,8 +338,9 @@ def test_sparse_adam_untouched_rows_keep_weight_and_both_moments():
     rng = np.random.default_rng(7)
     layer = fe.TokenPositionEmbedding(10, 6, 4, sparse=True, seed=14)
     opt, model = build("SparseAdam", layer, lr=0.05)
-    for ids, start in ((np.array([[2, 7, 2, 2]]), 0), (np.array([[7, 7]]), 3), (np.array([[9, 0, 2]]), 1),
-                       (np.array([[7]]), 5)):
+    for k, (ids, start) in enumerate(((np.array([[2, 7, 2, 2]]), 0), (np.array([[7, 7]]), 3),
+                                      (np.array([[9, 0, 2]]), 1), (np.array([[7]]), 5))):
+        opt.lr = model.lr = linear_decay(0.05, k, 4)  # read at each step
         g = rng.standard_normal(ids.shape + (4,)).astype(np.float32)
         positions = start + np.broadcast_to(np.arange(ids.shape[-1]), ids.shape)
         opt.zero_grad()
