@@ -3,10 +3,12 @@
 Gradients come in every layout (Fortran, negative strides, strided, misaligned,
 read-only, big-endian), of the wrong dtype or shape, and as hand-made SparseGrads
 that break its invariants (negative, too large, repeated or unsorted rows, rows
-sharing memory with the weight). A step either does what numpy says (float64
-transcription of the update, compared at float32 precision) or raises the
-DESIGN.md error class having changed nothing: no weight, no moment, no step count.
+sharing memory with the weight). A step either does what the float32 transcriptions
+of tests/test_optim_oracles.py do on the canonical form of the gradient (every
+weight, moment and step count, bit for bit) or raises the DESIGN.md error class
+having changed nothing: no weight, no moment, no step count.
 """
+import math
 import subprocess
 import sys
 import textwrap
@@ -19,6 +21,7 @@ from hypothesis import strategies as st
 import fastembed as fe
 from fastembed.optim import SGD, Adam, SparseAdam
 from _helpers import arrange
+from test_optim_oracles import MODELS, SGDModel, assert_state, same_bits
 
 import os
 
@@ -56,29 +59,34 @@ def canonical(grad, D):
     return fe.SparseGrad(rows, values)
 
 
+def grad_of(V, ids, value, sparse):
+    """What backward gives for ids and a grad_out of `value` everywhere (np.add.at), as the
+    transcriptions take it: a dense array, or (rows, values)."""
+    g = np.zeros((V, 3), np.float32)
+    np.add.at(g, np.asarray(ids), np.full((len(ids), 3), value, np.float32))
+    if not sparse:
+        return g
+    rows = np.unique(ids).astype(np.int64)
+    return rows, g[rows]
+
+
 def make(kind, sparse, lr=0.05):
-    """An optimizer over two parameters that has already taken one ordinary step."""
+    """An optimizer over two parameters that has taken one ordinary step, in which only the first
+    parameter had a gradient (so SparseAdam's step counts differ); its transcription, having taken
+    the same step; and the gradient the first parameter holds for the next one."""
     a = fe.Embedding(6, 3, sparse=sparse, seed=1)
     b = fe.Embedding(5, 3, sparse=sparse, seed=2)
-    for layer, ids in ((a, [1, 4, 1]), (b, [0, 3])):
-        layer(ids)
-        layer.backward(np.full((len(ids), 3), 0.5, np.float32))
+    a([1, 4, 1])
+    a.backward(np.full((3, 3), 0.5, np.float32))
     opt = SGD([a, b], lr=lr) if kind == "SGD" else (Adam if kind == "Adam" else SparseAdam)([a, b], lr=lr)
+    model = MODELS[kind]([a.weight, b.weight], lr=lr)
     opt.step()
+    model.step([grad_of(6, [1, 4, 1], 0.5, sparse), None])
     for layer, ids in ((a, [1, 4, 1]), (b, [2])):
         layer.zero_grad()
         layer(ids)
         layer.backward(np.ones((len(ids), 3), np.float32))
-    return opt, a, b
-
-
-def assert_same_step(opt, twin):
-    for p, q in zip(opt.params, twin.params):
-        np.testing.assert_allclose(p.weight, q.weight, rtol=1e-6, atol=1e-7)
-    for name in ("exp_avg", "exp_avg_sq"):
-        for x, y in zip(getattr(opt, name, []), getattr(twin, name, [])):
-            np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
-    assert state(opt)[:1] == state(twin)[:1]
+    return opt, a, b, model, grad_of(6, [1, 4, 1], 1.0, sparse)
 
 
 @st.composite
@@ -142,10 +150,9 @@ def hostile_grads(draw, kind, V, D):
 @given(st.data(), st.sampled_from(("SGD", "Adam", "SparseAdam")))
 def test_optimizer_step_with_a_hostile_gradient(data, kind):
     """Two parameters, one step already taken: the second parameter's gradient is hostile. The step
-    equals a twin optimizer's step on the canonical form of that gradient, or raises having changed nothing."""
+    equals the transcription's step on the canonical form of that gradient, or raises having changed nothing."""
     sparse = kind == "SparseAdam"
-    opt, a, b = make(kind, sparse)
-    twin, _, tb = make(kind, sparse)
+    opt, a, b, model, grad_a = make(kind, sparse)
     grad, errors, must = data.draw(hostile_grads(kind, 5, 3))
     note(f"grad={grad!r} errors={errors} must={must}")
     b.grad = grad
@@ -156,11 +163,11 @@ def test_optimizer_step_with_a_hostile_gradient(data, kind):
         assert errors, f"raised {type(exc).__name__}: {exc}; expected a step"
         assert isinstance(exc, tuple(errors)), f"raised {type(exc).__name__}: {exc}; expected {errors}"
         assert state(opt) == before, f"the step raised {exc!r} after changing weights, moments or counters"
+        assert_state(opt, model)
         return
     assert not must, f"the step went through; expected {errors}"
-    tb.grad = canonical(grad, 3)
-    twin.step()
-    assert_same_step(opt, twin)
+    model.step([grad_a, canonical(grad, 3)])
+    assert_state(opt, model)
 
 
 @pytest.mark.parametrize("kind", ["SGD", "Adam", "SparseAdam"])
@@ -175,7 +182,7 @@ def test_optimizer_on_a_weight_it_cannot_update_in_place(kind, layout):
     layer.weight = arrange(layer.weight, layout)  # after forward: a gather needs a C-contiguous table
     opt = {"SGD": lambda p: SGD(p, lr=0.1), "Adam": Adam, "SparseAdam": SparseAdam}[kind]([layer])
     before = state(opt)
-    w = layer.weight.copy()
+    model = SGDModel([layer.weight], 0.1)
     try:
         opt.step()
     except Exception as exc:  # noqa: BLE001
@@ -184,7 +191,8 @@ def test_optimizer_on_a_weight_it_cannot_update_in_place(kind, layout):
         return
     assert layout != "readonly", "a step wrote into a read-only weight"
     assert kind == "SGD", f"{kind} updated a {layout} weight: the kernels only take C-contiguous aligned targets"
-    np.testing.assert_allclose(layer.weight, w - 0.1 * layer.dense_grad(), rtol=1e-6)
+    model.step([grad_of(4, [0, 2], 1.0, False)])
+    same_bits(layer.weight, model.w[0], f"the {layout} weight")
 
 
 def test_sgd_step_that_raises_changes_nothing():
@@ -213,8 +221,10 @@ def test_sgd_dense_gradient_is_not_broadcast():
 def test_sgd_float64_gradient_is_a_type_error():
     layer = fe.Embedding(4, 3, seed=1)
     layer.grad = np.ones((4, 3), np.float64)
+    w = layer.weight.copy()
     with pytest.raises(TypeError):
         SGD([layer], lr=0.1).step()
+    assert layer.weight.tobytes() == w.tobytes()
 
 
 @pytest.mark.parametrize("row", [-1, 4])
@@ -234,18 +244,17 @@ def test_sparse_gradient_with_a_row_out_of_range_is_refused(kind, row):
 @pytest.mark.parametrize("kind", ["SGD", "Adam", "SparseAdam"])
 def test_sparse_gradient_with_repeated_rows_loses_no_update(kind):
     """rows = [1, 1]: both updates count (summed), or the SparseGrad is refused; never one dropped."""
-    opt, a, b = make(kind, True)
-    twin, _, tb = make(kind, True)
+    opt, a, b, model, grad_a = make(kind, True)
     b.grad = fe.SparseGrad(np.array([1, 1], np.int64), np.array([[1, 1, 1], [2, 2, 2]], np.float32))
     before = state(opt)
     try:
         opt.step()
     except ValueError:
         assert state(opt) == before
+        assert_state(opt, model)
         return
-    tb.grad = fe.SparseGrad(np.array([1], np.int64), np.array([[3, 3, 3]], np.float32))
-    twin.step()
-    assert_same_step(opt, twin)
+    model.step([grad_a, (np.array([1], np.int64), np.array([[3, 3, 3]], np.float32))])
+    assert_state(opt, model)
 
 
 @pytest.mark.parametrize("settings_", [
@@ -271,17 +280,41 @@ def test_hostile_hyperparameters_change_nothing(kind, settings_):
 
 @pytest.mark.parametrize("lr", [float("nan"), float("inf"), 1e300, 0.0])
 @pytest.mark.parametrize("kind", ["SGD", "Adam", "SparseAdam"])
-def test_extreme_learning_rates_do_not_crash(kind, lr):
-    """Not errors by DESIGN.md: NaN and inf are data. The step runs; weights become what IEEE says."""
-    sparse = kind == "SparseAdam"
-    layer = fe.Embedding(4, 3, sparse=sparse, seed=1)
-    layer([0, 3])
-    layer.backward(np.ones((2, 3), np.float32))
-    opt = SGD([layer], lr=lr) if kind == "SGD" else (Adam if kind == "Adam" else SparseAdam)([layer], lr=lr)
-    with np.errstate(all="ignore"):
-        opt.step()
-    if lr == 0.0:
-        assert np.isfinite(layer.weight).all()
+def test_extreme_learning_rates_give_what_ieee_says(kind, lr):
+    """Not errors by DESIGN.md (a negative lr is): NaN and inf are data. Two steps, a dense and a
+    sparse gradient (both sparse for SparseAdam) with zero elements; every weight, moment and count is
+    the transcription's, NaN where it gives NaN (lr 1e300 rounds to a float32 inf, and inf * 0 is NaN
+    where a gradient element, or for Adam a moment, is 0)."""
+    a, b = fe.Embedding(4, 3, seed=1), fe.Embedding(3, 3, seed=2)
+    opt = SGD([a, b], lr=lr) if kind == "SGD" else (Adam if kind == "Adam" else SparseAdam)([a, b], lr=lr)
+    model = MODELS[kind]([a.weight, b.weight], lr=lr)
+    start = [a.weight.copy(), b.weight.copy()]
+    sparse_a = (np.array([0, 3], np.int64), np.array([[1, 0, -2], [0.5, 0, 3]], np.float32))
+    plan = [[sparse_a, (np.array([1], np.int64), np.array([[0, -1, 0]], np.float32))],
+            [(np.array([3], np.int64), np.array([[-1, 2, 0]], np.float32)), None]]
+    for grads in plan:
+        if kind != "SparseAdam" and grads[0] is not None:  # a dense gradient, zero rows included
+            rows, values = grads[0]
+            grads[0] = np.zeros((4, 3), np.float32)
+            grads[0][rows] = values
+        for p, g in zip((a, b), grads):
+            p.grad = fe.SparseGrad(*g) if isinstance(g, tuple) else g
+        with np.errstate(all="ignore"):
+            opt.step()
+        model.step(grads)
+        assert_state(opt, model, nan_ok=True)
+    if lr == 0.0:  # nothing moves, yet the moments and counts are those of two steps
+        for p, w in zip((a, b), start):
+            assert p.weight.tobytes() == w.tobytes()
+        if kind != "SGD":
+            assert opt.t == 2 and np.count_nonzero(opt.exp_avg[0]) == 5 and np.count_nonzero(opt.exp_avg_sq[1]) == 1
+    elif math.isnan(lr):  # every weight the step writes is NaN
+        written = [np.isnan(p.weight).all(axis=1) for p in (a, b)]
+        expected = {"SGD": [[True] * 4, [False, True, False]], "Adam": [[True] * 4, [True] * 3],
+                    "SparseAdam": [[True, False, False, True], [False, True, False]]}[kind]
+        assert [w.tolist() for w in written] == expected
+    else:  # inf: +-inf where the update has a sign, NaN where it is inf * 0 (or, later, inf - inf)
+        assert any(np.isinf(p.weight).any() for p in (a, b)) and any(np.isnan(p.weight).any() for p in (a, b))
 
 
 # ---------------------------------------------------------------- memory safety (in a child process)

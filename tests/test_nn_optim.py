@@ -267,8 +267,12 @@ def test_adam_on_a_token_position_layer_and_sparse_grads_are_made_dense():
 def test_adam_first_step_without_any_gradient_moves_nothing():
     emb = fe.Embedding(5, 2, seed=10)
     before = emb.weight.copy()
-    Adam(emb).step()  # m = v = 0: the update is 0 / (0 + eps)
+    opt = Adam(emb)
+    opt.step()  # m = v = 0: the update is 0 / (0 + eps)
     assert_bitwise(emb.weight, before)
+    assert_bitwise(opt.exp_avg[0], np.zeros((5, 2), np.float32))
+    assert_bitwise(opt.exp_avg_sq[0], np.zeros((5, 2), np.float32))
+    assert opt.t == 1  # a step without gradients still counts for the bias correction
 
 
 # ---------------------------------------------------------------- SparseAdam: lazy, touched rows only
@@ -299,6 +303,7 @@ def test_sparse_adam_moves_only_touched_rows():
         np.testing.assert_allclose(opt.exp_avg_sq[0][touched], v, rtol=1e-5, atol=1e-12)
         np.testing.assert_allclose(emb.weight[touched], w, rtol=1e-5, atol=1e-7)
         assert not np.array_equal(emb.weight[touched], w0[touched])
+        assert opt.steps == [t] and opt.t == t
 
 
 def test_sparse_adam_with_a_dense_grad_raises_and_changes_nothing():
@@ -331,6 +336,7 @@ def test_sparse_adam_leaves_a_parameter_without_grad_unchanged():
     assert_bitwise(layer.position.weight, pw)
     assert_bitwise(opt.exp_avg[1], pm)
     assert_bitwise(opt.exp_avg_sq[1], pv)
+    assert opt.steps == [2, 1] and opt.t == 2  # the position table's own count: one step with a gradient
 
 
 @pytest.mark.parametrize("kind", ["Adam", "SparseAdam"])
@@ -354,9 +360,11 @@ def test_optimizer_step_that_raises_changes_nothing(kind):
         opt.step()
     assert_bitwise(position.weight, pw)
     assert_bitwise(token.weight, tw)
-    assert_bitwise(opt.exp_avg[0], np.zeros((6, 3), np.float32))
-    assert_bitwise(opt.exp_avg_sq[0], np.zeros((6, 3), np.float32))
+    for k, shape in enumerate(((6, 3), (4, 3))):
+        assert_bitwise(opt.exp_avg[k], np.zeros(shape, np.float32))
+        assert_bitwise(opt.exp_avg_sq[k], np.zeros(shape, np.float32))
     assert opt.t == t_before
+    assert getattr(opt, "steps", [0, 0]) == [0, 0]
 
 
 def test_adam_and_sparse_adam_threaded_path_is_bitwise_stable():
