@@ -51,9 +51,18 @@ class _Optimizer:
         else:
             params = list(params)
         self.params = _flatten(params)
-        if lr < 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
         self.lr = lr
+
+    @property
+    def lr(self):
+        """The learning rate; a schedule sets it between steps (a negative one is refused when it is set)."""
+        return self._lr
+
+    @lr.setter
+    def lr(self, value):
+        if value < 0:
+            raise ValueError(f"lr must be >= 0, got {value}")
+        self._lr = value
 
     def zero_grad(self):
         for p in self.params:
@@ -104,8 +113,18 @@ class _AdamFamily(_Optimizer):
     def __init__(self, params, lr=BOOK_LR, betas=BOOK_BETAS, eps=BOOK_EPS):
         super().__init__(params, lr)
         self.betas, self.eps, self.t = tuple(betas), eps, 0  # t: completed step() calls
+        self._check_hyperparameters()
         self.exp_avg = [np.zeros_like(p.weight) for p in self.params]
         self.exp_avg_sq = [np.zeros_like(p.weight) for p in self.params]
+
+
+    def _check_hyperparameters(self):
+        """betas in [0, 1) (a beta of 1 makes the bias correction divide by zero) and eps >= 0; checked at
+        construction and again by step(), since both are plain attributes a user may change."""
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if not self.eps >= 0.0:
+            raise ValueError(f"eps must be >= 0, got {self.eps}")
 
 
 class Adam(_AdamFamily):
@@ -121,6 +140,7 @@ class Adam(_AdamFamily):
     """
 
     def step(self):
+        self._check_hyperparameters()
         grads = []
         for p in self.params:
             g = p.grad
@@ -152,6 +172,7 @@ class SparseAdam(_AdamFamily):
         self.steps = [0] * len(self.params)
 
     def step(self):
+        self._check_hyperparameters()
         for p in self.params:
             if p.grad is not None and not isinstance(p.grad, SparseGrad):
                 raise TypeError(

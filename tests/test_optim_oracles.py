@@ -516,6 +516,44 @@ def test_an_empty_parameter_list_or_a_negative_lr_is_refused(kind):
     cls(layer, lr=0.0)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_negative_lr_set_by_a_schedule_is_refused_and_nothing_moves(kind):
+    """Setting opt.lr is how a schedule runs (linear_decay): a negative value is refused right there,
+    the optimizer keeps its lr, and the next step is the transcription's step at that lr."""
+    rng = np.random.default_rng(31)
+    layer = fe.Embedding(6, 3, seed=31, sparse=kind == "SparseAdam")
+    opt, model = build(kind, [layer], lr=0.05)
+    for bad in (-0.1, -1e-30, -math.inf):
+        with pytest.raises(ValueError, match="lr"):
+            opt.lr = bad
+        assert opt.lr == 0.05
+    grad = sparse(rng, 6, 3, [0, 4]) if kind == "SparseAdam" else dense(rng, 6, 3, [0, 4])
+    set_grads([layer], [grad])
+    opt.step()
+    model.step([grad])
+    assert_state(opt, model)
+
+
+@pytest.mark.parametrize("kind", ["Adam", "SparseAdam"])
+@pytest.mark.parametrize("field,value", [("betas", (1.0, 0.99)), ("betas", (0.9, 1.0)), ("betas", (-0.1, 0.99)),
+                                         ("betas", (0.9,)), ("betas", (math.nan, 0.99)), ("eps", -1e-8),
+                                         ("eps", math.nan)])
+def test_adam_hyperparameters_out_of_range_are_refused(kind, field, value):
+    """A beta of 1 would make the bias correction divide by zero (every weight NaN): refused when the
+    optimizer is built, and by step() when the attribute is changed later, with nothing moved."""
+    with pytest.raises(ValueError, match=field):
+        OPTIMIZERS[kind](fe.Embedding(4, 2, seed=32), **{field: value})
+    rng = np.random.default_rng(32)
+    layer = fe.Embedding(4, 2, seed=32, sparse=kind == "SparseAdam")
+    opt, model = build(kind, [layer])
+    setattr(opt, field, value)
+    grad = sparse(rng, 4, 2, [1, 3]) if kind == "SparseAdam" else dense(rng, 4, 2, [1, 3])
+    set_grads([layer], [grad])
+    with pytest.raises(ValueError, match=field):
+        opt.step()
+    assert_state(opt, model)  # the model took no step either
+
+
 def test_linear_decay_values():
     """lr * (1 - step / num_steps): lr at step 0, lr / num_steps at the last step."""
     for lr, num_steps in ((0.01, 10), (0.5, 7), (1.0, 1)):
