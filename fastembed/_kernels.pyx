@@ -12,6 +12,7 @@ pass ids as numpy arrays of native int32 or int64 and positions as None, an int
 start, or a C-contiguous int64 array of ids.shape.
 """
 cimport numpy as cnp
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from cython.parallel cimport prange
 from libc.math cimport sqrtf
 from libc.stdint cimport int32_t, int64_t, uint64_t
@@ -99,8 +100,8 @@ def _set_serial_elements(n):
     global _serial_elements
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"the serial threshold must be an int, got {type(n).__name__}")
-    if not 0 <= n < 2**63:
-        raise ValueError(f"the serial threshold must be in [0, 2**63), got {n}")
+    if not 0 <= n <= PY_SSIZE_T_MAX:
+        raise ValueError(f"the serial threshold must be in [0, {PY_SSIZE_T_MAX}], got {n}")
     _serial_elements = n
 
 

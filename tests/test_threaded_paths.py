@@ -299,7 +299,7 @@ def test_last_call_threads_is_the_team_obtained_not_the_one_asked_for():
 def test_serial_threshold_setter_checks_its_argument_and_the_fixture_restores_it():
     before = _kernels._get_serial_elements()
     for bad, error in (("0", TypeError), (1.0, TypeError), (True, TypeError), (None, TypeError),
-                       (-1, ValueError), (2**63, ValueError)):
+                       (-1, ValueError), (sys.maxsize + 1, ValueError)):
         with pytest.raises(error):
             _kernels._set_serial_elements(bad)
         assert _kernels._get_serial_elements() == before
@@ -308,6 +308,6 @@ def test_serial_threshold_setter_checks_its_argument_and_the_fixture_restores_it
             assert _kernels._get_serial_elements() == 5
             raise KeyError
     assert _kernels._get_serial_elements() == before
-    with serial_elements(2**63 - 1):  # out of reach: even a huge call stays serial
+    with serial_elements(sys.maxsize):  # out of reach: even a huge call stays serial
         fe.gather(np.ones((2, 4096), np.float32), np.zeros(64, np.int64))
         assert not _kernels._last_call_released_gil() and _kernels._last_call_threads() == 1
