@@ -9,10 +9,13 @@
 #include <omp.h>
 static inline int fe_omp_max_threads(void) { return omp_get_max_threads(); }
 static inline int fe_omp_num_procs(void) { return omp_get_num_procs(); }
+/* The size of the team running the calling code (1 outside a parallel region). */
+static inline int fe_omp_team_size(void) { return omp_get_num_threads(); }
 static inline int fe_openmp_enabled(void) { return 1; }
 #else
 static inline int fe_omp_max_threads(void) { return 1; }
 static inline int fe_omp_num_procs(void) { return 1; }
+static inline int fe_omp_team_size(void) { return 1; }
 static inline int fe_openmp_enabled(void) { return 0; }
 #endif
 

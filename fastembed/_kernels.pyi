@@ -4,6 +4,10 @@ The `def` entry points check every input themselves: tables and gradients must b
 float32 ndarrays (never cast), ids native int32 or int64 ndarrays (fastembed.ops
 converts other array-likes first), and positions None, an int start, or an int64
 array of ids.shape.
+
+The private test hooks (_get_serial_elements, _set_serial_elements, _last_call_threads,
+_last_call_released_gil) are left out on purpose: they are not API, and
+tests/test_packaging.py compares only the public names with the module.
 """
 import numpy as np
 import numpy.typing as npt

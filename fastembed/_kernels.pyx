@@ -12,6 +12,7 @@ pass ids as numpy arrays of native int32 or int64 and positions as None, an int
 start, or a C-contiguous int64 array of ids.shape.
 """
 cimport numpy as cnp
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from cython.parallel cimport prange
 from libc.math cimport sqrtf
 from libc.stdint cimport int32_t, int64_t, uint64_t
@@ -25,6 +26,7 @@ cnp.import_array()
 cdef extern from "_fastembed.h" nogil:
     int fe_omp_max_threads()
     int fe_omp_num_procs()
+    int fe_omp_team_size()
     int fe_openmp_enabled()
     int fe_ctz64(uint64_t x)
     int fe_popcount64(uint64_t x)
@@ -42,6 +44,7 @@ ctypedef fused index_t:
 cdef enum:
     # Below this many float32 elements of work a call keeps the GIL and one thread:
     # releasing the GIL or waking a thread team costs more than the loop itself.
+    # (The default of _serial_elements, which the tests lower to reach the threaded path.)
     SERIAL_ELEMENTS = 32768
     # Threads split the columns of a gradient at 128-byte boundaries in memory: a pair of cache lines,
     # which the adjacent-line prefetcher fetches together, so no line (nor pair) is written by two threads.
@@ -52,6 +55,10 @@ cdef enum:
     PREFETCH_FLOATS = 256
 
 cdef int _num_threads = 0  # 0: follow OpenMP (omp_get_max_threads, which threadpoolctl controls)
+cdef Py_ssize_t _serial_elements = SERIAL_ELEMENTS
+# What the last call that reached its loop did, stored once per call with the GIL held (for tests).
+cdef int _last_threads = 0
+cdef bint _last_released = False
 
 
 def openmp_enabled():
@@ -78,8 +85,55 @@ def set_num_threads(n):
     _num_threads = <int>min(n, fe_omp_num_procs())
 
 
+# ---------------------------------------------------------------- debug API for the tests (private)
+
+def _get_serial_elements():
+    """The work (float32 elements) from which a call releases the GIL and may use several threads."""
+    return _serial_elements
+
+
+def _set_serial_elements(n):
+    """Set that threshold (default 32768); 0 sends every call, even an empty one, down the threaded path.
+
+    For tests only: they lower it to reach the threaded loops at small random shapes. Process-wide.
+    """
+    global _serial_elements
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"the serial threshold must be an int, got {type(n).__name__}")
+    if not 0 <= n <= PY_SSIZE_T_MAX:
+        raise ValueError(f"the serial threshold must be in [0, {PY_SSIZE_T_MAX}], got {n}")
+    _serial_elements = n
+
+
+def _last_call_threads():
+    """The size of the OpenMP team that ran the loop of the last kernel call (1: no team, the serial loop).
+
+    Measured inside the parallel region (omp_get_num_threads), so it is what OpenMP gave, not what was
+    asked. "Last" is process-wide: the last call, from any Python thread, that passed its checks.
+    0 before any such call.
+    """
+    return _last_threads
+
+
+def _last_call_released_gil():
+    """Whether the last kernel call that passed its checks ran its loop without the GIL."""
+    return bool(_last_released)
+
+
+cdef inline int _record(int team, bint released) except -1:
+    """Note what a call's loop did (with the GIL: concurrent calls cannot tear it)."""
+    global _last_threads, _last_released
+    _last_threads = team
+    _last_released = released
+    return 0
+
+
+cdef inline bint _releases(Py_ssize_t work) noexcept nogil:
+    return work >= _serial_elements
+
+
 cdef inline int _threads_for(Py_ssize_t work) noexcept nogil:
-    if work < SERIAL_ELEMENTS:
+    if work < _serial_elements:
         return 1
     cdef int n = _num_threads if _num_threads > 0 else fe_omp_max_threads()
     return n if n > 1 else 1
@@ -294,7 +348,7 @@ cdef int _check_range(cnp.ndarray ids, str name, Py_ssize_t V, str table) except
     cdef Py_ssize_t N = cnp.PyArray_SIZE(ids), bad
     cdef const void* p = cnp.PyArray_DATA(ids)
     cdef bint wide = cnp.PyArray_ITEMSIZE(ids) == 8
-    if N >= SERIAL_ELEMENTS:
+    if _releases(N):
         with nogil:
             bad = _first_bad_any(p, wide, N, V)
     else:
@@ -442,12 +496,15 @@ cdef Py_ssize_t _gather_rows(const float* table, Py_ssize_t V, Py_ssize_t D, con
 
 
 cdef Py_ssize_t _gather(const float* table, Py_ssize_t V, Py_ssize_t D, const index_t* ids, Py_ssize_t N,
-                        float* out, int nthreads) noexcept nogil:
+                        float* out, int nthreads, int* team) noexcept nogil:
     cdef int k
     cdef Py_ssize_t lo, hi, skipped = 0
+    team[0] = 1
     if nthreads <= 1:
         return _gather_rows(table, V, D, ids, 0, N, out)
     for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
+        if k == 0:  # the team OpenMP gave, for _last_call_threads
+            team[0] = fe_omp_team_size()
         lo = _part(N, k, nthreads)
         hi = _part(N, k + 1, nthreads)
         skipped += _gather_rows(table, V, D, ids, lo, hi, out)
@@ -477,12 +534,15 @@ cdef Py_ssize_t _gather_add_rows(const float* tok, Py_ssize_t V, const float* po
 
 cdef Py_ssize_t _gather_add(const float* tok, Py_ssize_t V, const float* pos, Py_ssize_t P, Py_ssize_t D,
                             const index_t* ids, const int64_t* pos_ids, Py_ssize_t start, Py_ssize_t T,
-                            Py_ssize_t N, float* out, int nthreads) noexcept nogil:
+                            Py_ssize_t N, float* out, int nthreads, int* team) noexcept nogil:
     cdef int k
     cdef Py_ssize_t lo, hi, skipped = 0
+    team[0] = 1
     if nthreads <= 1:
         return _gather_add_rows(tok, V, pos, P, D, ids, pos_ids, start, T, 0, N, out)
     for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
+        if k == 0:
+            team[0] = fe_omp_team_size()
         lo = _part(N, k, nthreads)
         hi = _part(N, k + 1, nthreads)
         skipped += _gather_add_rows(tok, V, pos, P, D, ids, pos_ids, start, T, lo, hi, out)
@@ -537,14 +597,17 @@ cdef Py_ssize_t _backward_cols(float* tok_grad, Py_ssize_t V, float* pos_grad, P
 
 
 cdef Py_ssize_t _scatter_add(float* grad, Py_ssize_t V, Py_ssize_t D, const index_t* ids, Py_ssize_t N,
-                             const float* src, int nthreads) noexcept nogil:
+                             const float* src, int nthreads, int* team) noexcept nogil:
     # Threads own columns, not ids: each element is summed by one thread in ids order,
     # so the result is bitwise the same for every thread count.
     cdef int k
     cdef Py_ssize_t c0, c1, w0, skipped = 0, phase = _phase(grad)
+    team[0] = 1
     if nthreads <= 1:
         return _scatter_cols(grad, V, D, ids, N, src, 0, D, D)
     for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
+        if k == 0:
+            team[0] = fe_omp_team_size()
         c0 = _col_start(D, phase, k, nthreads)
         c1 = _col_end(D, phase, k, nthreads)
         w0 = _col_wrap(D, phase, k, nthreads)
@@ -554,14 +617,17 @@ cdef Py_ssize_t _scatter_add(float* grad, Py_ssize_t V, Py_ssize_t D, const inde
 
 cdef Py_ssize_t _gather_add_backward(float* tok_grad, Py_ssize_t V, float* pos_grad, Py_ssize_t P, Py_ssize_t D,
                                      const index_t* ids, const int64_t* pos_ids, Py_ssize_t start, Py_ssize_t T,
-                                     Py_ssize_t N, const float* src, int nthreads) noexcept nogil:
+                                     Py_ssize_t N, const float* src, int nthreads, int* team) noexcept nogil:
     # The token table is split by columns (its rows come in random order); the position table, whose
     # rows come in sequence, by rows: split by columns, both threads would stream through the same lines.
     cdef int k
     cdef Py_ssize_t c0, c1, w0, skipped = 0, phase = _phase(tok_grad)
+    team[0] = 1
     if nthreads <= 1:
         return _backward_cols(tok_grad, V, pos_grad, P, D, ids, pos_ids, start, T, N, src, 0, D, D, 0, P)
     for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
+        if k == 0:
+            team[0] = fe_omp_team_size()
         c0 = _col_start(D, phase, k, nthreads)
         c1 = _col_end(D, phase, k, nthreads)
         w0 = _col_wrap(D, phase, k, nthreads)
@@ -586,13 +652,16 @@ cdef void _adam_rows(float* w, float* m, float* v, const float* g, Py_ssize_t D,
 
 cdef void _adam(float* w, float* m, float* v, const float* g, Py_ssize_t D, const int64_t* rows,
                 Py_ssize_t U, float lr, float beta1, float beta2, float eps, float inv_bias1, float inv_bias2,
-                int nthreads) noexcept nogil:
+                int nthreads, int* team) noexcept nogil:
     cdef int k
     cdef Py_ssize_t lo, hi
+    team[0] = 1
     if nthreads <= 1:
         _adam_rows(w, m, v, g, D, rows, 0, U, lr, beta1, beta2, eps, inv_bias1, inv_bias2)
         return
     for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
+        if k == 0:
+            team[0] = fe_omp_team_size()
         lo = _part(U, k, nthreads)
         hi = _part(U, k + 1, nthreads)
         _adam_rows(w, m, v, g, D, rows, lo, hi, lr, beta1, beta2, eps, inv_bias1, inv_bias2)
@@ -602,36 +671,36 @@ cdef void _adam(float* w, float* m, float* v, const float* g, Py_ssize_t D, cons
 # these dispatchers pick the id width so each entry point calls one of them once.
 
 cdef Py_ssize_t _gather_any(const float* table, Py_ssize_t V, Py_ssize_t D, const void* ids, bint wide,
-                            Py_ssize_t N, float* out, int nthreads) noexcept nogil:
+                            Py_ssize_t N, float* out, int nthreads, int* team) noexcept nogil:
     if wide:
-        return _gather(table, V, D, <const int64_t*>ids, N, out, nthreads)
-    return _gather(table, V, D, <const int32_t*>ids, N, out, nthreads)
+        return _gather(table, V, D, <const int64_t*>ids, N, out, nthreads, team)
+    return _gather(table, V, D, <const int32_t*>ids, N, out, nthreads, team)
 
 
 cdef Py_ssize_t _gather_add_any(const float* tok, Py_ssize_t V, const float* pos, Py_ssize_t P, Py_ssize_t D,
                                 const void* ids, bint wide, const int64_t* pos_ids, Py_ssize_t start,
-                                Py_ssize_t T, Py_ssize_t N, float* out, int nthreads) noexcept nogil:
+                                Py_ssize_t T, Py_ssize_t N, float* out, int nthreads, int* team) noexcept nogil:
     if wide:
-        return _gather_add(tok, V, pos, P, D, <const int64_t*>ids, pos_ids, start, T, N, out, nthreads)
-    return _gather_add(tok, V, pos, P, D, <const int32_t*>ids, pos_ids, start, T, N, out, nthreads)
+        return _gather_add(tok, V, pos, P, D, <const int64_t*>ids, pos_ids, start, T, N, out, nthreads, team)
+    return _gather_add(tok, V, pos, P, D, <const int32_t*>ids, pos_ids, start, T, N, out, nthreads, team)
 
 
 cdef Py_ssize_t _scatter_add_any(float* grad, Py_ssize_t V, Py_ssize_t D, const void* ids, bint wide,
-                                 Py_ssize_t N, const float* src, int nthreads) noexcept nogil:
+                                 Py_ssize_t N, const float* src, int nthreads, int* team) noexcept nogil:
     if wide:
-        return _scatter_add(grad, V, D, <const int64_t*>ids, N, src, nthreads)
-    return _scatter_add(grad, V, D, <const int32_t*>ids, N, src, nthreads)
+        return _scatter_add(grad, V, D, <const int64_t*>ids, N, src, nthreads, team)
+    return _scatter_add(grad, V, D, <const int32_t*>ids, N, src, nthreads, team)
 
 
 cdef Py_ssize_t _gather_add_backward_any(float* tok_grad, Py_ssize_t V, float* pos_grad, Py_ssize_t P,
                                          Py_ssize_t D, const void* ids, bint wide, const int64_t* pos_ids,
                                          Py_ssize_t start, Py_ssize_t T, Py_ssize_t N, const float* src,
-                                         int nthreads) noexcept nogil:
+                                         int nthreads, int* team) noexcept nogil:
     if wide:
         return _gather_add_backward(tok_grad, V, pos_grad, P, D, <const int64_t*>ids, pos_ids, start, T, N,
-                                    src, nthreads)
+                                    src, nthreads, team)
     return _gather_add_backward(tok_grad, V, pos_grad, P, D, <const int32_t*>ids, pos_ids, start, T, N,
-                                src, nthreads)
+                                src, nthreads, team)
 
 
 cdef int _raise_if_skipped(Py_ssize_t skipped, str name) except -1:
@@ -658,13 +727,15 @@ def gather(table, ids, out=None):
     cdef float* o = <float*>cnp.PyArray_DATA(res)
     cdef void* p = cnp.PyArray_DATA(idx)
     cdef bint wide = cnp.PyArray_ITEMSIZE(idx) == 8
-    cdef int nthreads = _threads_for(N * D)
+    cdef int nthreads = _threads_for(N * D), team
+    cdef bint release = _releases(N * D)
     cdef Py_ssize_t skipped
-    if N * D >= SERIAL_ELEMENTS:
+    if release:
         with nogil:
-            skipped = _gather_any(t, V, D, p, wide, N, o, nthreads)
+            skipped = _gather_any(t, V, D, p, wide, N, o, nthreads, &team)
     else:
-        skipped = _gather_any(t, V, D, p, wide, N, o, nthreads)
+        skipped = _gather_any(t, V, D, p, wide, N, o, nthreads, &team)
+    _record(team, release)
     _raise_if_skipped(skipped, "ids")
     return res
 
@@ -693,13 +764,15 @@ def gather_add(token_table, position_table, ids, positions=None, out=None):
     cdef float* o = <float*>cnp.PyArray_DATA(res)
     cdef void* ip = cnp.PyArray_DATA(idx)
     cdef bint wide = cnp.PyArray_ITEMSIZE(idx) == 8
-    cdef int nthreads = _threads_for(N * D)
+    cdef int nthreads = _threads_for(N * D), team
+    cdef bint release = _releases(N * D)
     cdef Py_ssize_t skipped
-    if N * D >= SERIAL_ELEMENTS:
+    if release:
         with nogil:
-            skipped = _gather_add_any(tp, V, qp, P, D, ip, wide, pp, start, T, N, o, nthreads)
+            skipped = _gather_add_any(tp, V, qp, P, D, ip, wide, pp, start, T, N, o, nthreads, &team)
     else:
-        skipped = _gather_add_any(tp, V, qp, P, D, ip, wide, pp, start, T, N, o, nthreads)
+        skipped = _gather_add_any(tp, V, qp, P, D, ip, wide, pp, start, T, N, o, nthreads, &team)
+    _record(team, release)
     _raise_if_skipped(skipped, "ids or positions")
     return res
 
@@ -718,13 +791,15 @@ def scatter_add(grad_table, ids, grad_out):
     cdef const float* s = <const float*>cnp.PyArray_DATA(src)
     cdef void* ip = cnp.PyArray_DATA(idx)
     cdef bint wide = cnp.PyArray_ITEMSIZE(idx) == 8
-    cdef int nthreads = _column_threads(N, D, g)
+    cdef int nthreads = _column_threads(N, D, g), team
+    cdef bint release = _releases(N * D)
     cdef Py_ssize_t skipped
-    if N * D >= SERIAL_ELEMENTS:
+    if release:
         with nogil:
-            skipped = _scatter_add_any(g, V, D, ip, wide, N, s, nthreads)
+            skipped = _scatter_add_any(g, V, D, ip, wide, N, s, nthreads, &team)
     else:
-        skipped = _scatter_add_any(g, V, D, ip, wide, N, s, nthreads)
+        skipped = _scatter_add_any(g, V, D, ip, wide, N, s, nthreads, &team)
+    _record(team, release)
     _raise_if_skipped(skipped, "ids")
 
 
@@ -755,13 +830,15 @@ def gather_add_backward(grad_hidden, ids, token_grad, position_grad, positions=N
     cdef const float* s = <const float*>cnp.PyArray_DATA(src)
     cdef void* ip = cnp.PyArray_DATA(idx)
     cdef bint wide = cnp.PyArray_ITEMSIZE(idx) == 8
-    cdef int nthreads = _column_threads(N, D, tg)
+    cdef int nthreads = _column_threads(N, D, tg), team
+    cdef bint release = _releases(N * D)
     cdef Py_ssize_t skipped
-    if N * D >= SERIAL_ELEMENTS:
+    if release:
         with nogil:
-            skipped = _gather_add_backward_any(tg, V, pg, P, D, ip, wide, pp, start, T, N, s, nthreads)
+            skipped = _gather_add_backward_any(tg, V, pg, P, D, ip, wide, pp, start, T, N, s, nthreads, &team)
     else:
-        skipped = _gather_add_backward_any(tg, V, pg, P, D, ip, wide, pp, start, T, N, s, nthreads)
+        skipped = _gather_add_backward_any(tg, V, pg, P, D, ip, wide, pp, start, T, N, s, nthreads, &team)
+    _record(team, release)
     _raise_if_skipped(skipped, "ids or positions")
 
 
@@ -878,20 +955,21 @@ def coalesce(ids, grad_out):
         )
     cdef Py_ssize_t D = cnp.PyArray_DIM(src, cnp.PyArray_NDIM(idx)), N = cnp.PyArray_SIZE(idx)
     _check_rows_shape(src, "grad_out", idx, D)
-    cdef bint release = N * D >= SERIAL_ELEMENTS
+    cdef bint release = _releases(N * D)
     rows, slots = _unique_slots(idx, N, release)
     cdef Py_ssize_t U = len(rows)
     cdef cnp.ndarray values = np.zeros((U, D), dtype=np.float32)
     cdef float* vp = <float*>cnp.PyArray_DATA(values)
     cdef const int64_t* sp = <const int64_t*>cnp.PyArray_DATA(<cnp.ndarray>slots)
     cdef const float* s = <const float*>cnp.PyArray_DATA(src)
-    cdef int nthreads = _column_threads(N, D, vp)
+    cdef int nthreads = _column_threads(N, D, vp), team
     cdef Py_ssize_t skipped
-    if N * D >= SERIAL_ELEMENTS:
+    if release:
         with nogil:
-            skipped = _scatter_add(vp, U, D, sp, N, s, nthreads)
+            skipped = _scatter_add(vp, U, D, sp, N, s, nthreads, &team)
     else:
-        skipped = _scatter_add(vp, U, D, sp, N, s, nthreads)
+        skipped = _scatter_add(vp, U, D, sp, N, s, nthreads, &team)
+    _record(team, release)
     _raise_if_skipped(skipped, "ids")
     return rows, values
 
@@ -939,8 +1017,9 @@ def adam_step(weight, exp_avg, exp_avg_sq, grad, rows, double lr, double beta1, 
     if check_only:
         return
     cdef const int64_t* rp = NULL if r is None else <const int64_t*>cnp.PyArray_DATA(r)
-    cdef int nthreads = _threads_for(U * D)
+    cdef int nthreads = _threads_for(U * D), team
     with nogil:  # an optimizer step is never small enough for the GIL release to matter
         _adam(<float*>cnp.PyArray_DATA(w), <float*>cnp.PyArray_DATA(m), <float*>cnp.PyArray_DATA(v),
               <const float*>cnp.PyArray_DATA(g), D, rp, U, <float>lr, <float>beta1, <float>beta2,
-              <float>eps, <float>(1.0 / bias1), <float>(1.0 / bias2), nthreads)
+              <float>eps, <float>(1.0 / bias1), <float>(1.0 / bias2), nthreads, &team)
+    _record(team, True)

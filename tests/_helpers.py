@@ -184,3 +184,43 @@ def arrange(a, layout):
     if layout == "bigendian":
         return a.astype(a.dtype.newbyteorder(">"))
     raise AssertionError(layout)
+
+
+# ---------------------------------------------------------------- the threaded path (issue 12)
+
+@contextlib.contextmanager
+def serial_elements(n):
+    """Run with the kernels' serial threshold at n (0: every call threaded, GIL released), then restore it."""
+    from fastembed import _kernels
+    before = _kernels._get_serial_elements()
+    _kernels._set_serial_elements(n)
+    try:
+        yield
+    finally:
+        _kernels._set_serial_elements(before)
+
+
+def processors():
+    """The processors this process may run on (what OpenMP counts too)."""
+    import os
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def two_thread_team():
+    """The team a call that asks for two threads gets: 1 without OpenMP or a second processor."""
+    return 2 if fe.openmp_enabled() and processors() >= 2 else 1
+
+
+def at_phase(shape, phase, dtype=np.float32):
+    """A zeroed C-contiguous array whose first element lies `phase` elements past a 128-byte boundary
+    (an empty one has no element: its data pointer is numpy's)."""
+    itemsize = np.dtype(dtype).itemsize
+    count = int(np.prod(shape))
+    buf = np.zeros(count + 2 * 128 // itemsize, dtype)
+    skip = (-buf.ctypes.data % 128) // itemsize + phase
+    arr = buf[skip:skip + count].reshape(shape)
+    assert arr.flags.c_contiguous and (count == 0 or arr.ctypes.data % 128 == phase * itemsize)
+    return arr
