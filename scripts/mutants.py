@@ -1,0 +1,638 @@
+#!/usr/bin/env python
+"""A standing mutation check: realistic bugs, planted one at a time in a copy of the tree, must make tests fail.
+
+    python scripts/mutants.py --jobs 2        # every mutant (about 20 min on 2 busy cores; each kernel
+                                              #   mutant is a rebuild, ~15 s alone)
+    python scripts/mutants.py --quick         # the CI subset (about 3-6 min)
+    python scripts/mutants.py --only ID[,ID]  # some mutants, by id
+    python scripts/mutants.py --list          # the list: id, file, tests, description
+    options: --jobs N (parallel mutants, default 1), --keep (keep the temporary tree and say where),
+             --python PATH (the interpreter that builds and tests), --seed N (hypothesis seed; random
+             by default, printed), --timeout S (per mutant test run, default 300)
+
+Needs Cython, numpy, setuptools, pytest and hypothesis in that interpreter (torch for the torch mutants).
+
+How it works: the tree (without build products) is copied to a temporary folder, built once with
+`python setup.py build_ext --inplace -q`, and the tests that the selected mutants name are run on it
+(the baseline: it must pass, or nothing is run). Then each mutant gets its own fresh copy: its `old`
+text, which must occur exactly once in its file (a stale mutant fails loudly, STALE), is replaced by
+`new`; a mutant of _kernels.pyx or _fastembed.h is rebuilt (a build failure is BUILD-ERROR: a mutant
+must compile), any other reuses the baseline's compiled extension. Its tests then run as
+`python -m pytest -x -q -p no:cacheprovider --hypothesis-seed=S ARGS` with the copy as the working
+directory (checked: `import fastembed` must load the copy, not an installed fastembed).
+
+A mutant is caught when pytest reports a failure (exit status 1) or the test process dies of a
+signal (a crash is a detection). Anything else fails the run: MISSED (the tests passed), TIMEOUT,
+BUILD-ERROR, STALE, or ERROR (pytest could not run the tests: a missing test file, a -k that selects
+nothing, a collection error). The exit status is 0 only when every selected mutant was caught.
+
+Each mutant is a bug someone could write (a wrong bound, a dropped check, a swapped argument), never
+an equivalent change: every one changes what some call returns, raises or writes. Some need several
+threads to show (marked "threads" in the list): on a machine with one core, or a build without
+OpenMP, they are reported MISSED. The table at the end is also printed as markdown.
+"""
+import argparse
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNEL_FILES = ("fastembed/_kernels.pyx", "fastembed/_fastembed.h")
+BUILD_TIMEOUT = 900  # seconds; a build takes ~15 s alone, more on a busy machine
+
+
+@dataclass(frozen=True)
+class Mutant:
+    id: str
+    file: str
+    old: str
+    new: str
+    description: str
+    tests: tuple  # pytest arguments: test files, -k expressions
+    quick: bool = False
+    threads: bool = False  # shows only when a call really runs on 2 threads
+
+    @property
+    def kernel(self):
+        return self.file in KERNEL_FILES
+
+
+PYX, HDR = "fastembed/_kernels.pyx", "fastembed/_fastembed.h"
+OPS, NN, OPTIM, REF, TORCH = ("fastembed/ops.py", "fastembed/nn.py", "fastembed/optim.py",
+                              "fastembed/reference.py", "fastembed/torch.py")
+ERRORS, KERNELS = "tests/test_errors.py", "tests/test_kernels.py"
+NN_OPTIM, H_OPTIM = "tests/test_nn_optim.py", "tests/test_hardening_optim.py"
+THREADED = "tests/test_threaded_paths.py"  # issue 12, item 3: the observable threaded path
+ORACLES = "tests/test_optim_oracles.py"  # issue 12, item 2: the optimizers against transcriptions
+
+MUTANTS = [
+    # ---------------------------------------------------------------- kernels: checks
+    Mutant("range-check-gt", PYX,
+           "if <uint64_t>(<int64_t>ids[i]) >= bound:", "if <uint64_t>(<int64_t>ids[i]) > bound:",
+           "range check `> rows` instead of `>= rows` (thinc's bug): id == rows passes the entry check",
+           (ERRORS, "-k", "id_equals_rows or position_equals_rows"), quick=True),
+    Mutant("outside-recheck-gone", PYX,
+           "    return <uint64_t>x >= <uint64_t>bound", "    return False",
+           "the loops trust the checked ids: an id rewritten during the call is followed out of bounds",
+           ("tests/test_hardening_threads.py", "-k", "rewritten")),
+    Mutant("check-start-off-by-one", PYX,
+           "    if start < 0 or start + T > P:", "    if start < 0 or start + T > P + 1:",
+           "an int positions start lets start + T == P + 1 through (the last position is P)",
+           (ERRORS, "-k", "sequence_longer or start")),
+    Mutant("increasing-allows-ties", PYX,
+           "        if r[k] <= r[k - 1]:", "        if r[k] < r[k - 1]:",
+           "adam_step's rows check accepts a repeated row (`<` for `<=`): an update is lost",
+           (H_OPTIM, "-k", "repeated_rows")),
+    Mutant("no-overlap-scatter-dropped", PYX,
+           '    _no_overlap(grad, "grad_table", (ids, grad_out), ("ids", "grad_out"))', "    pass",
+           "scatter_add no longer refuses a grad_out that shares memory with grad_table",
+           (ERRORS, "-k", "scatter_add_grad_table_aliases")),
+    Mutant("read-only-target-accepted", PYX,
+           "    if not cnp.PyArray_ISWRITEABLE(arr):", "    if False and not cnp.PyArray_ISWRITEABLE(arr):",
+           "the read-only check of written arrays dropped: a read-only out/grad is written",
+           (ERRORS, "-k", "read_only")),
+    Mutant("table-contiguity-unchecked", PYX,
+           "    if not cnp.PyArray_IS_C_CONTIGUOUS(arr) or not cnp.PyArray_ISALIGNED(arr):\n"
+           "        raise ValueError(\n"
+           '            f"{name} must be C-contiguous and aligned (a table',
+           "    if not cnp.PyArray_ISALIGNED(arr):\n"
+           "        raise ValueError(\n"
+           '            f"{name} must be C-contiguous and aligned (a table',
+           "a table's contiguity is not checked: a Fortran-order table is read as if C-ordered",
+           (ERRORS, "-k", "fortran_table")),
+    Mutant("rows-shape-last-axis-only", PYX,
+           "            if cnp.PyArray_DIM(arr, k) != cnp.PyArray_DIM(ids, k):\n                break",
+           "            if cnp.PyArray_DIM(arr, k) != cnp.PyArray_DIM(ids, k):\n                continue",
+           "grad_out/out shape check compares only rank and D, not the leading axes",
+           (ERRORS, "-k", "wrong_shape")),
+    Mutant("gather-add-dim-unchecked", PYX,
+           '    _check_same_dim(tok, "token_table", pos, "position_table")', "    pass",
+           "gather_add does not check that both tables have the same dim",
+           (ERRORS, "-k", "gather_add_mismatched_dim")),
+    Mutant("coalesce-negative-unchecked", PYX,
+           "        if x < 0:\n            return i\n", "",
+           "coalesce's min/max pass does not refuse negative ids (they reach the bitmap)",
+           (ERRORS, "-k", "coalesce_negative_id")),
+    # ---------------------------------------------------------------- kernels: loops
+    Mutant("gather-memcpy-bytes", PYX,
+           "memcpy(out + i * D, table + r * D, D * sizeof(float))", "memcpy(out + i * D, table + r * D, D)",
+           "gather copies D bytes per row instead of D floats",
+           (KERNELS, "-k", "gather_matches_numpy_indexing")),
+    Mutant("add-into-assigns", HDR,
+           "g[d] += s[d];", "g[d] = s[d];",
+           "the scatter inner loop assigns instead of adding: repeated ids and earlier gradients are lost",
+           (KERNELS, "-k", "scatter_add_matches_add_at or duplicates_are_summed"), quick=True),
+    Mutant("coalesce-rank-counts-itself", PYX,
+           "fe_popcount64(bits[x >> 6] & (((<uint64_t>1) << (x & 63)) - 1))",
+           "fe_popcount64(bits[x >> 6] & ((((<uint64_t>1) << (x & 63)) << 1) - 1))",
+           "coalesce's bitmap rank counts the id's own bit: every slot is one too far",
+           (KERNELS, "-k", "coalesce")),
+    Mutant("coalesce-bitmap-one-word-short", PYX,
+           "    W = (hi >> 6) + 1 if N > 0 else 0", "    W = (hi >> 6) if N > 0 else 0",
+           "coalesce's bitmap is one 64-bit word short: the ids in the top word are dropped",
+           (KERNELS, "-k", "coalesce")),
+    Mutant("bitmap-rows-clz", HDR,
+           "return __builtin_ctzll(x);", "return 63 - __builtin_clzll(x);",
+           "the bitmap walk takes the highest set bit while clearing the lowest: wrong coalesce rows",
+           (KERNELS, "-k", "coalesce")),
+    Mutant("adam-bias-swapped", PYX,
+           "<float>(1.0 / bias1), <float>(1.0 / bias2)", "<float>(1.0 / bias2), <float>(1.0 / bias1)",
+           "adam_step passes the two bias corrections in the wrong order",
+           (NN_OPTIM, "-k", "adam")),
+    Mutant("adam-eps-inside-sqrt", HDR,
+           "(sqrtf(vd * inv_bias2) + eps)", "sqrtf(vd * inv_bias2 + eps)",
+           "fe_adam_row adds eps inside the square root (not the book's formula)",
+           (NN_OPTIM, H_OPTIM, "-k", "adam or Adam")),
+    Mutant("adam-moment-betas-swapped", HDR,
+           "float md = beta1 * m[d] + keep1 * gd;", "float md = keep1 * m[d] + beta1 * gd;",
+           "the first moment's average weights the old moment by 1 - beta1 and the gradient by beta1",
+           (NN_OPTIM, "-k", "adam")),
+    Mutant("adam-grad-row-by-table-row", PYX,
+           "fe_adam_row(w + r * D, m + r * D, v + r * D, g + k * D,",
+           "fe_adam_row(w + r * D, m + r * D, v + r * D, g + r * D,",
+           "the sparse Adam step reads the gradient row of table row r instead of the k-th given row",
+           (NN_OPTIM, "-k", "sparse_adam")),
+    Mutant("gather-add-start-plus-one", PYX,
+           "        p = pos_ids[i] if pos_ids != NULL else start + t\n        t += 1\n        if t == T:\n"
+           "            t = 0\n        if _outside(r, V) or _outside(p, P):\n            skipped += 1\n"
+           "            continue\n        fe_add_rows(",
+           "        p = pos_ids[i] if pos_ids != NULL else start + t + 1\n        t += 1\n        if t == T:\n"
+           "            t = 0\n        if _outside(r, V) or _outside(p, P):\n            skipped += 1\n"
+           "            continue\n        fe_add_rows(",
+           "gather_add reads position start + t + 1 (off by one) when positions is None or an int",
+           (KERNELS, "-k", "gather_add_matches_numpy or positions_semantics")),
+    # ---------------------------------------------------------------- kernels: the threaded path
+    Mutant("threads-for-always-1", PYX,
+           "    return n if n > 1 else 1", "    return 1",
+           "every call runs on one thread: the threaded loops are dead code (the results stay right)",
+           (THREADED,), threads=True),
+    Mutant("serial-threshold-unreachable", PYX,
+           "    SERIAL_ELEMENTS = 32768", "    SERIAL_ELEMENTS = 2147483647",
+           "the serial threshold out of reach: no call releases the GIL or runs threads",
+           (THREADED, "tests/test_hardening_threads.py")),
+    Mutant("gather-add-split-restarts-t", PYX,
+           "cdef Py_ssize_t i, skipped = 0, t = lo % T if T > 0 else 0",
+           "cdef Py_ssize_t i, skipped = 0, t = 0",
+           "a thread's share of gather_add restarts the position count at 0 instead of lo % T",
+           (KERNELS, "-k", "split_across_threads or threaded_path"), threads=True),
+    Mutant("part-floors-first", PYX,
+           "    return n * k // parts", "    return n // parts * k",
+           "the thread split floors before multiplying: the last n % parts items belong to no thread",
+           (KERNELS, "-k", "threaded_path or split_across_threads"), threads=True),
+    Mutant("col-end-one-block-short", PYX,
+           "    cdef Py_ssize_t j = blocks * (k + 1) // parts", "    cdef Py_ssize_t j = blocks * (k + 1) // parts - 1",
+           "a thread's column range ends one 128-byte block early: those gradient columns are never summed",
+           (KERNELS, "-k", "threaded_path"), threads=True),
+    Mutant("col-wrap-every-thread", PYX,
+           "    if k == 0 and _wraps(D, phase):", "    if _wraps(D, phase):",
+           "every thread, not only block 0's owner, adds the columns that wrap into the next row",
+           (KERNELS, "-k", "threaded_path"), threads=True),
+    Mutant("backward-skips-wrap-columns", PYX,
+           "        if w0 < D:\n            fe_add_into(tok_grad + r * D + w0, s + w0, D - w0)",
+           "        if w0 < D:\n            pass",
+           "the fused backward skips the token-gradient columns that wrap into the next row",
+           (KERNELS, "-k", "threaded_path"), threads=True),
+    Mutant("backward-position-split-closed", PYX,
+           "        if p_lo <= p < p_hi:", "        if p_lo <= p <= p_hi:",
+           "the fused backward's position rows [p_lo, p_hi] overlap between threads: row p_hi added twice",
+           (KERNELS, "-k", "threaded_path"), threads=True),
+    # ---------------------------------------------------------------- ops.py
+    Mutant("positions-array-start-ignored", OPS,
+           "    start = positions or 0", "    start = 0",
+           "positions_array ignores an int start (the sparse backward then scatters into rows 0..T-1)",
+           (NN_OPTIM, "tests/test_torch_adapter.py", "tests/test_hardening_inputs.py",
+            "-k", "token_position")),
+    Mutant("positions-resized", OPS,
+           "        pos = np.broadcast_to(pos, ids.shape)", "        pos = np.resize(pos, ids.shape)",
+           "positions are resized (tiled, truncated) to ids.shape instead of broadcast",
+           (ERRORS, KERNELS, "-k", "not_broadcastable or gather_add_matches_numpy")),
+    Mutant("converted-ids-aliasing-unchecked", OPS,
+           "    if converted is not original and isinstance(original, np.ndarray):", "    if False:",
+           "ids converted to a copy hide that the caller's ids share memory with out",
+           ("tests/test_hardening_inputs.py", "-k", "sharing_memory")),
+    Mutant("object-ids-int32", OPS,
+           "    return arr.astype(np.int64)\n", "    return arr.astype(np.int32)\n",
+           "ids read element by element (nested lists, mixed types) are converted to int32",
+           (ERRORS, "tests/test_hardening_inputs.py", KERNELS, "-k",
+            "list or adversarial or int64_range")),
+    # ---------------------------------------------------------------- nn.py
+    Mutant("dense-grad-overwritten", NN,
+           "        grad = self.grad if self.grad is not None else np.zeros_like(self.weight)",
+           "        grad = np.zeros_like(self.weight)",
+           "Embedding.backward overwrites the dense gradient instead of accumulating",
+           (NN_OPTIM, "-k", "accumulates"), quick=True),
+    Mutant("zero-grad-forgets-position", NN,
+           "        self.token.zero_grad()\n        self.position.zero_grad()", "        self.token.zero_grad()",
+           "TokenPositionEmbedding.zero_grad leaves the position table's gradient",
+           (NN_OPTIM, "tests/test_bridge.py", "tests/test_errors.py", "-k", "token_position or training")),
+    Mutant("sparse-merge-concatenates", NN,
+           "    return SparseGrad(*ops.coalesce(np.concatenate([grad.rows, rows]), np.concatenate([grad.values, values])))",
+           "    return SparseGrad(np.concatenate([grad.rows, rows]), np.concatenate([grad.values, values]))",
+           "accumulated sparse gradients are concatenated: rows repeated and unsorted",
+           (NN_OPTIM, "-k", "sparse")),
+    Mutant("layer-keeps-callers-ids", NN,
+           "    return converted.copy() if converted is ids else converted", "    return converted",
+           "a layer keeps the caller's ids array: rewriting it before backward moves the gradient",
+           (NN_OPTIM, "tests/test_bridge.py", "tests/test_errors.py")),
+    Mutant("bridge-rescatters", NN,
+           "        self.scattered = grads\n", "",
+           "the Value bridge forgets what it already scattered: a second backward adds it again",
+           ("tests/test_bridge.py",)),
+    Mutant("sparse-position-grad-from-ids", NN,
+           "            position_part = ops.coalesce(ops.positions_array(ids, positions), grad_hidden)",
+           "            position_part = ops.coalesce(ids, grad_hidden)",
+           "the sparse position gradient is coalesced by token ids instead of positions",
+           (NN_OPTIM, "-k", "token_position")),
+    Mutant("sparse-check-allows-repeats", NN,
+           "np.any(rows[1:] <= rows[:-1])", "np.any(rows[1:] < rows[:-1])",
+           "SparseGrad.check accepts repeated rows (SGD's fancy-index update then drops one)",
+           (H_OPTIM, "-k", "repeated_rows")),
+    # ---------------------------------------------------------------- optim.py
+    Mutant("sgd-ascends", OPTIM,
+           "                p.weight -= lr * g", "                p.weight += lr * g",
+           "SGD adds the dense gradient instead of subtracting it",
+           (NN_OPTIM, "-k", "sgd"), quick=True),
+    Mutant("sgd-checks-lazily", OPTIM,
+           "        updates = [(p, _checked_sgd_grad(p)) for p in self.params if p.grad is not None]",
+           "        updates = ((p, _checked_sgd_grad(p)) for p in self.params if p.grad is not None)",
+           "SGD checks each gradient as it applies it: a bad last gradient leaves a half-applied step",
+           (H_OPTIM, "-k", "sgd_step_that_raises")),
+    Mutant("adam-moves-before-checking", OPTIM,
+           "    for check_only in (True, False):", "    for check_only in (False,):",
+           "Adam moves each parameter before checking the next one's gradient",
+           (NN_OPTIM, "-k", "raises_changes_nothing")),
+    Mutant("adam-step-count-frozen", OPTIM,
+           "                  self.lr, self.betas, self.eps, [t] * len(grads))\n        self.t = t",
+           "                  self.lr, self.betas, self.eps, [t] * len(grads))",
+           "Adam never advances t: every step is bias-corrected as the first",
+           (NN_OPTIM, "-k", "adam_matches_the_book")),
+    Mutant("adam-bias2-uses-beta1", OPTIM,
+           "1 - b1**t, 1 - b2**t", "1 - b1**t, 1 - b1**t",
+           "the second bias correction uses beta1",
+           (NN_OPTIM, "-k", "adam")),
+    Mutant("sparse-adam-densifies", OPTIM,
+           "self.params[i].grad.values,\n                    self.params[i].grad.rows) for i in touched]",
+           "self.params[i].grad.to_dense(self.params[i].weight.shape[0]),\n"
+           "                    None) for i in touched]",
+           "SparseAdam updates every row (the untouched ones move by their momentum)",
+           (NN_OPTIM, "-k", "sparse_adam")),
+    Mutant("sparse-adam-global-step", OPTIM,
+           "[self.steps[i] + 1 for i in touched]", "[self.t + 1 for i in touched]",
+           "SparseAdam bias-corrects by the optimizer's step count, not each parameter's own",
+           (ORACLES, H_OPTIM, "-k", "sparse_adam or SparseAdam")),
+    Mutant("sparse-adam-counts-untouched", OPTIM,
+           "        for i in touched:\n            self.steps[i] += 1",
+           "        for i in range(len(self.params)):\n            self.steps[i] += 1",
+           "SparseAdam advances the step count of a parameter that had no gradient",
+           (ORACLES, H_OPTIM, "-k", "sparse_adam or SparseAdam")),
+    # ---------------------------------------------------------------- reference.py
+    Mutant("ref-pow-derivative", REF,
+           "(exponent * self.data ** (exponent - 1),)", "(exponent * self.data**exponent,)",
+           "Value.pow's local derivative uses x**n instead of x**(n - 1)",
+           ("tests/test_reference.py", "-k", "hand_derivatives")),
+    Mutant("ref-relu-grad-at-zero", REF,
+           "(float(self.data > 0),)", "(float(self.data >= 0),)",
+           "Value.relu passes the gradient at exactly 0",
+           ("tests/test_reference.py", "-k", "relu"), quick=True),
+    Mutant("ref-preorder-walk", REF,
+           "            if expanded:\n                order.append(v)\n            elif id(v) not in seen:\n"
+           "                seen.add(id(v))\n                stack.append((v, True))\n"
+           "                stack.extend((c, False) for c in v.children)\n        self.grad = 1.0\n"
+           "        for v in reversed(order):\n",
+           "            if expanded:\n                pass\n            elif id(v) not in seen:\n"
+           "                seen.add(id(v))\n                order.append(v)\n"
+           "                stack.extend((c, False) for c in v.children)\n        self.grad = 1.0\n"
+           "        for v in order:\n",
+           "backward walks in DFS discovery order: a node can pass on its grad before all its parents added theirs",
+           ("tests/test_reference.py", "-k", "shared or torch or match")),
+    Mutant("ref-grad-assigned", REF,
+           "                child.grad += local_grad * v.grad", "                child.grad = local_grad * v.grad",
+           "backward assigns each child's grad instead of accumulating it",
+           ("tests/test_reference.py", "-k", "shared or match")),
+    Mutant("ref-hook-per-value", REF,
+           "        for hook in dict.fromkeys(v.on_backward for v in order if v.on_backward is not None):",
+           "        for hook in [v.on_backward for v in order if v.on_backward is not None]:",
+           "a hook shared by many Values runs once per Value instead of once per backward",
+           ("tests/test_bridge.py", "-k", "hook")),
+    Mutant("ref-position-ignores-start", REF,
+           "self.position.weight[start + t])]", "self.position.weight[t])]",
+           "the reference's TokenPositionEmbedding ignores an int positions start",
+           ("tests/test_reference.py",)),
+    # ---------------------------------------------------------------- torch.py
+    Mutant("torch-dense-padding-grad", TORCH,
+           "            grad[ctx.padding_idx] = 0.0", "            pass",
+           "the dense gradient of the padding_idx row is not zeroed",
+           ("tests/test_torch_adapter.py", "-k", "padding"), quick=True),
+    Mutant("torch-sparse-padding-grad", TORCH,
+           "_sparse(*ops.coalesce(ids.numpy(), g), ctx.shape, ctx.padding_idx)",
+           "_sparse(*ops.coalesce(ids.numpy(), g), ctx.shape)",
+           "the sparse gradient keeps the padding_idx row",
+           ("tests/test_torch_adapter.py", "-k", "padding")),
+    Mutant("torch-padding-idx-not-normalised", TORCH,
+           "            padding_idx = padding_idx % num_embeddings\n", "",
+           "a negative padding_idx is kept as given (torch stores it modulo num_embeddings)",
+           ("tests/test_torch_adapter.py", "-k", "padding")),
+    Mutant("torch-sparse-positions-ignored", TORCH,
+           "_sparse(*ops.coalesce(ops.positions_array(ids, positions), g), position_shape)",
+           "_sparse(*ops.coalesce(ops.positions_array(ids), g), position_shape)",
+           "the sparse position gradient ignores the positions given to forward",
+           ("tests/test_torch_adapter.py", "-k", "token_position")),
+    Mutant("torch-frozen-position-scatters-ids", TORCH,
+           "            ops.scatter_add(position_grad, ops.positions_array(ids, positions), g)",
+           "            ops.scatter_add(position_grad, ids, g)",
+           "with a frozen token table, the position gradient is scattered by token ids",
+           ("tests/test_torch_adapter.py", "-k", "frozen or token_position")),
+    Mutant("torch-from-pretrained-unfrozen", TORCH,
+           "sparse=sparse, _weight=embeddings, _freeze=freeze)", "sparse=sparse, _weight=embeddings, _freeze=False)",
+           "from_pretrained ignores freeze=True: the weight requires grad",
+           ("tests/test_torch_adapter.py", "-k", "frozen or pretrained")),
+    Mutant("torch-sparse-not-marked-coalesced", TORCH,
+           "is_coalesced=True, check_invariants=False)", "is_coalesced=False, check_invariants=False)",
+           "sparse gradients are not marked coalesced (optimizers sort them again)",
+           ("tests/test_torch_adapter.py", "-k", "coalesced")),
+]
+
+
+# ---------------------------------------------------------------- running
+
+
+def _ignore(directory, names):
+    """What a copy of the tree leaves out: VCS data, build products, caches, bench results."""
+    skip = set()
+    for name in names:
+        if (name in {".git", "build", "dist", "__pycache__", ".hypothesis", ".pytest_cache", ".mypy_cache",
+                     ".ruff_cache"} or name.endswith((".egg-info", ".so", ".pyd", ".pyc"))
+                or name.startswith(".venv") or name in ("_kernels.c", "_kernels.html")
+                or (name == "results" and Path(directory).name == "bench")):
+            skip.add(name)
+    return skip
+
+
+def _run(cmd, cwd, timeout, env):
+    """(returncode or None on timeout, output); the whole process group is killed on timeout."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return None, out
+
+
+def _count(path, text):
+    return Path(path).read_text().count(text)
+
+
+def _apply(mutant, tree):
+    """Plant the mutant in tree; False when its text is not there exactly once."""
+    path = Path(tree) / mutant.file
+    source = path.read_text()
+    if source.count(mutant.old) != 1:
+        return False
+    path.write_text(source.replace(mutant.old, mutant.new))
+    return True
+
+
+def _build(python, tree, env):
+    return _run([python, "setup.py", "build_ext", "--inplace", "-q", "--force"], tree, BUILD_TIMEOUT, env)
+
+
+def _check_imports_copy(python, tree, env):
+    """None when `import fastembed` in tree loads tree's package and extension; else what it loaded."""
+    code = "import fastembed, fastembed._kernels as k; print(fastembed.__file__); print(k.__file__)"
+    rc, out = _run([python, "-c", code], tree, 120, env)
+    lines = out.strip().splitlines()
+    root = os.path.realpath(tree)
+    if rc != 0 or len(lines) < 2 or not all(os.path.realpath(p).startswith(root + os.sep) for p in lines[-2:]):
+        return out.strip() or f"exit status {rc}"
+    return None
+
+
+def _pytest_cmd(python, seed, args):
+    return [python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", f"--hypothesis-seed={seed}", *args]
+
+
+def _failed_tests(out):
+    """The test ids pytest's summary names as failed or errored."""
+    # A parametrized id can hold spaces: "FAILED tests/t.py::test_x[a b, c] - AssertionError: ..."
+    names = re.findall(r"^(?:FAILED|ERROR) \S+?::([^\s\[]+(?:\[[^\]]*\])?)", out, flags=re.M)
+    return list(dict.fromkeys(names))
+
+
+def _extensions(tree):
+    return sorted((Path(tree) / "fastembed").glob("_kernels*.so")) + sorted((Path(tree) / "fastembed").glob("_kernels*.pyd"))
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+class Runner:
+    def __init__(self, args, workdir):
+        self.args, self.workdir = args, Path(workdir)
+        self.pristine, self.base = self.workdir / "pristine", self.workdir / "base"
+        self.env = _env()
+        self.lock = threading.Lock()
+
+    def log(self, msg):
+        with self.lock:
+            print(msg, flush=True)
+
+    def prepare(self, selected):
+        """Copy, build and test the unmutated tree; returns an error message or None."""
+        shutil.copytree(ROOT, self.pristine, ignore=_ignore)
+        shutil.copytree(self.pristine, self.base)
+        t0 = time.monotonic()
+        rc, out = _build(self.args.python, self.base, self.env)
+        if rc != 0:
+            return f"the unmutated tree does not build:\n{out[-4000:]}"
+        self.extensions = _extensions(self.base)
+        if not self.extensions:
+            return "the baseline build made no fastembed/_kernels*.so"
+        wrong = _check_imports_copy(self.args.python, self.base, self.env)
+        if wrong:
+            return f"`import fastembed` in the copy did not load the copy's package:\n{wrong}"
+        self.log(f"baseline build: {time.monotonic() - t0:.0f} s")
+        files = sorted({a for m in selected for a in m.tests if a.startswith("tests/") and a.endswith(".py")})
+        present = [f for f in files if (self.base / f).exists()]
+        for f in files:
+            if f not in present:
+                self.log(f"warning: {f} does not exist: the mutants that name it will be ERROR")
+        t0 = time.monotonic()
+        rc, out = _run(_pytest_cmd(self.args.python, self.args.seed, present), self.base,
+                       self.args.timeout * 4, self.env)
+        summary = out.strip().splitlines()[-1] if out.strip() else ""
+        if rc != 0:
+            return f"the unmutated tree fails its tests (exit status {rc}):\n{out[-6000:]}"
+        self.log(f"baseline tests ({len(present)} files): {summary}, {time.monotonic() - t0:.0f} s")
+        return None
+
+    def run_one(self, mutant):
+        t0 = time.monotonic()
+        tree = self.workdir / f"m-{mutant.id}"
+        try:
+            status, detail = self._run_one(mutant, tree)
+        finally:
+            if not self.args.keep:
+                shutil.rmtree(tree, ignore_errors=True)
+        seconds = time.monotonic() - t0
+        self.log(f"  {mutant.id:38s} {status:12s} {seconds:6.0f} s  {detail}")
+        return mutant, status, detail, seconds
+
+    def _run_one(self, mutant, tree):
+        shutil.copytree(self.pristine, tree)
+        if not _apply(mutant, tree):
+            return "STALE", f"old text found {_count(tree / mutant.file, mutant.old)} times in {mutant.file}"
+        if mutant.kernel:
+            rc, out = _build(self.args.python, tree, self.env)
+            if rc != 0:
+                last = [line for line in out.splitlines() if "rror" in line][-3:] or out.splitlines()[-3:]
+                return "BUILD-ERROR", " | ".join(last)[:300] if rc is not None else "build timed out"
+        else:
+            for ext in self.extensions:
+                shutil.copy2(ext, tree / "fastembed" / ext.name)
+        wrong = _check_imports_copy(self.args.python, tree, self.env)
+        if wrong:
+            return "ERROR", f"import fastembed did not load the copy: {wrong[-300:]}"
+        rc, out = _run(_pytest_cmd(self.args.python, self.args.seed, mutant.tests), tree, self.args.timeout,
+                       self.env)
+        if rc is None:
+            return "TIMEOUT", f"tests ran past {self.args.timeout} s"
+        if rc == 0:
+            summary = out.strip().splitlines()[-1] if out.strip() else ""
+            if mutant.threads:
+                summary += " (it shows only on 2 threads: one core here, or no OpenMP?)"
+            return "MISSED", summary
+        if rc < 0:
+            return "caught", f"crash ({signal.Signals(-rc).name})"
+        if rc == 1:
+            failed = _failed_tests(out)
+            return "caught", ", ".join(failed[:2]) if failed else "a test failed"
+        tail = [line for line in out.strip().splitlines() if line.strip()][-2:]
+        return "ERROR", f"pytest exit status {rc}: {' | '.join(tail)[:300]}"
+
+
+def _select(args):
+    by_id = {m.id: m for m in MUTANTS}
+    if args.only:
+        ids = [i for i in args.only.split(",") if i]
+        unknown = [i for i in ids if i not in by_id]
+        if unknown:
+            sys.exit(f"unknown mutant id(s): {', '.join(unknown)} (see --list)")
+        return [by_id[i] for i in ids]
+    return [m for m in MUTANTS if m.quick] if args.quick else list(MUTANTS)
+
+
+def _check_list():
+    """Errors in the list itself: duplicate ids, no-op mutants."""
+    ids = [m.id for m in MUTANTS]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    errors = [f"duplicate id {i}" for i in dupes]
+    errors += [f"{m.id}: old == new" for m in MUTANTS if m.old == m.new]
+    return errors
+
+
+def _check_tools(python):
+    code = ("import importlib.util as u, sys; missing = [m for m in ('Cython', 'numpy', 'setuptools', 'pytest', "
+            "'hypothesis') if u.find_spec(m) is None]; print(' '.join(missing)); sys.exit(1 if missing else 0)")
+    proc = subprocess.run([python, "-c", code], capture_output=True, text=True)
+    if proc.returncode != 0:
+        missing = proc.stdout.strip() or proc.stderr.strip()
+        return (f"{python} cannot build and test fastembed: missing {missing}. "
+                f"Install them with `{python} -m pip install cython numpy setuptools pytest hypothesis`.")
+    return None
+
+
+def _md(text):
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help="only the CI subset")
+    group.add_argument("--only", metavar="ID[,ID]", help="only these mutants")
+    parser.add_argument("--list", action="store_true", help="print the mutants and exit")
+    parser.add_argument("--jobs", type=int, default=1, help="mutants run in parallel (default 1)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary trees")
+    parser.add_argument("--python", default=sys.executable, help="interpreter that builds and tests")
+    parser.add_argument("--seed", type=int, default=None, help="hypothesis seed (default: random)")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per mutant test run (default 300)")
+    args = parser.parse_args(argv)
+
+    problems = _check_list()
+    if problems:
+        sys.exit("bad mutant list: " + "; ".join(problems))
+    selected = _select(args)
+    if args.list:
+        for m in selected:
+            flags = ",".join(f for f, on in (("quick", m.quick), ("threads", m.threads)) if on)
+            print(f"{m.id:38s} {m.file:24s} {flags:13s} {m.description}\n{'':38s} pytest {' '.join(m.tests)}")
+        print(f"{len(selected)} mutants ({sum(m.kernel for m in selected)} in the kernels)")
+        return 0
+    problem = _check_tools(args.python)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
+    if args.seed is None:
+        args.seed = random.randrange(2**32)
+    start = time.monotonic()
+    stale = [m for m in selected if _count(ROOT / m.file, m.old) != 1]
+    for m in stale:
+        print(f"STALE: {m.id}: its old text occurs {_count(ROOT / m.file, m.old)} times in {m.file} "
+              f"(must be exactly once); update the mutant", file=sys.stderr)
+    workdir = tempfile.mkdtemp(prefix="fastembed-mutants-")
+    print(f"{len(selected)} mutants ({sum(m.kernel for m in selected)} rebuild the kernels), jobs {args.jobs}, "
+          f"hypothesis seed {args.seed}, in {workdir}", flush=True)
+    runner = Runner(args, workdir)
+    try:
+        error = runner.prepare(selected)
+        if error:
+            print(f"BASELINE FAILED: {error}", file=sys.stderr)
+            return 1
+        results = []
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            results = list(pool.map(runner.run_one, selected))
+    finally:
+        if args.keep:
+            print(f"kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    rows = [(m.id, m.file.split("/")[-1], m.description, detail if status == "caught" else f"{status}: {detail}",
+             f"{seconds:.0f}") for m, status, detail, seconds in results]
+    print()
+    width = max(len(r[0]) for r in rows)
+    for r in rows:
+        print(f"{r[0]:{width}s}  {r[1]:14s}  {r[4]:>4s} s  {r[3][:110]}")
+    print()
+    print("| id | file | bug | caught by | s |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| `{r[0]}` | {r[1]} | {_md(r[2])} | {_md(r[3])} | {r[4]} |")
+    bad = [(m.id, status) for m, status, _, _ in results if status != "caught"]
+    caught = len(results) - len(bad)
+    print(f"\n{caught} of {len(results)} mutants caught; hypothesis seed {args.seed}; "
+          f"total {time.monotonic() - start:.0f} s")
+    if bad:
+        print("NOT CAUGHT: " + ", ".join(f"{i} ({s})" for i, s in bad), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
