@@ -184,6 +184,16 @@ def check_aliasing(call, target_name, target, others, strict):
             call.expect(ValueError, f"{target_name} and {name} have overlapping spans", must=False)
 
 
+def real_rows(a, drawn):
+    """The row count a kernel checks ids or positions against: that of the array actually passed.
+
+    Only a 2-D float32 ndarray gets that far (anything else fails the table checks, which come
+    first); for it, the rows may differ from the drawn count when one array plays two roles."""
+    if isinstance(a, np.ndarray) and a.ndim == 2:
+        return a.shape[0]
+    return drawn
+
+
 def ids_logical(values):
     """The ids the caller meant, as an int64 array (only called when they are all valid)."""
     return np.array([int(v) for v in values], dtype=np.int64)
@@ -310,6 +320,11 @@ def id_shapes():
 
 ROWS = st.sampled_from((0, 1, 2, 3, 7, 40))
 DIMS = st.sampled_from((0, 1, 3, 16))
+
+
+def OTHER_DIM(D):  # noqa: N802 - a strategy, named like ROWS and DIMS
+    """The dim of a second table: usually D, sometimes another (a ValueError the oracle must predict)."""
+    return st.sampled_from((D,) * 9 + (0, 1, 3, 16))
 
 
 @st.composite
@@ -440,7 +455,7 @@ def test_gather_adversarial(data):
     call = Call()
     V, D, shape = data.draw(ROWS), data.draw(DIMS), data.draw(id_shapes())
     table = call.add("table", data.draw(tables((V, D), "input")))
-    ids, values, id_error = data.draw(id_values(shape, V))
+    ids, values, id_error = data.draw(id_values(shape, real_rows(table, V)))
     call.add("ids", ids)
     check_table(call, "table", table)
     if id_error:
@@ -463,14 +478,14 @@ def test_gather_add_adversarial(data):
     call = Call()
     V, P, D, shape = data.draw(ROWS), data.draw(ROWS), data.draw(DIMS), data.draw(id_shapes())
     tok = call.add("token_table", data.draw(tables((V, D), "input")))
-    pos = call.add("position_table", data.draw(tables((P, D), "input")))
+    pos = call.add("position_table", data.draw(tables((P, data.draw(OTHER_DIM(D))), "input")))
     check_table(call, "token_table", tok)
     check_table(call, "position_table", pos)
-    ids, values, id_error = data.draw(id_values(shape, V))
+    ids, values, id_error = data.draw(id_values(shape, real_rows(tok, V)))
     call.add("ids", ids)
     if id_error:
         call.expect(id_error, "bad ids")
-    positions, meaning = data.draw(position_args(shape, P, call))
+    positions, meaning = data.draw(position_args(shape, real_rows(pos, P), call))
     call.add("positions", positions)
     inputs = {"token_table": tok, "position_table": pos, "ids": ids, "positions": positions}
     out = call.add("out", data.draw(out_arrays(shape + (D,), call, inputs)), target=True)
@@ -496,7 +511,7 @@ def test_scatter_add_adversarial(data):
     V, D, shape = data.draw(ROWS), data.draw(DIMS), data.draw(id_shapes())
     grad = call.add("grad_table", data.draw(tables((V, D), "target")), target=True)
     check_target(call, "grad_table", grad)
-    ids, values, id_error = data.draw(id_values(shape, V))
+    ids, values, id_error = data.draw(id_values(shape, real_rows(grad, V)))
     call.add("ids", ids)
     if id_error:
         call.expect(id_error, "bad ids")
@@ -528,11 +543,15 @@ def test_gather_add_backward_adversarial(data):
     if data.draw(st.integers(0, 14)) == 0:
         pgrad = tgrad  # the same array twice
     else:
-        pgrad = data.draw(tables((P, D), "target"))
+        pgrad = data.draw(tables((P, data.draw(OTHER_DIM(D))), "target"))
+    # The kernel checks positions against the rows of the array passed as position_grad: with
+    # pgrad = tgrad that is V, not the drawn P. (With D = 0 the two share no byte, so no
+    # aliasing error comes first and the range check decides.)
+    P = real_rows(pgrad, P)
     call.add("position_grad", pgrad, target=True)
     check_target(call, "token_grad", tgrad)
     check_target(call, "position_grad", pgrad)
-    ids, values, id_error = data.draw(id_values(shape, V))
+    ids, values, id_error = data.draw(id_values(shape, real_rows(tgrad, V)))
     call.add("ids", ids)
     if id_error:
         call.expect(id_error, "bad ids")
@@ -714,6 +733,87 @@ def test_token_position_embedding_adversarial(data, sparse):
 
 
 # ---------------------------------------------------------------- focused cases (one per finding)
+
+def _backward_raises(exc, gh, ids, tgrad, pgrad, positions=None):
+    """Whether gather_add_backward raised exc (None: it must not raise); every argument unchanged if it did."""
+    before = [snapshot(a) for a in (gh, tgrad, pgrad)]
+    if exc is None:
+        fe.gather_add_backward(gh, ids, tgrad, pgrad, positions=positions)
+        return
+    with pytest.raises(exc):
+        fe.gather_add_backward(gh, ids, tgrad, pgrad, positions=positions)
+    assert [snapshot(a) for a in (gh, tgrad, pgrad)] == before
+
+
+@pytest.mark.parametrize("V", [0, 1, 3])
+def test_backward_one_zero_dim_array_as_both_gradients(V):
+    """The case the adversarial property got wrong: position_grad is token_grad and D = 0. The array
+    holds no byte, so it shares none with itself and no ValueError comes first; ids and positions
+    are then both checked against its V rows (a second, drawn row count plays no part)."""
+    both = np.zeros((V, 0), np.float32)
+
+    def gh(n):
+        return np.zeros((n, 0), np.float32)
+
+    _backward_raises(None, gh(0), np.zeros(0, np.int64), both, both)
+    _backward_raises(None, gh(0), np.zeros(0, np.int64), both, both, positions=V + 5)
+    if V:
+        _backward_raises(None, gh(1), [V - 1], both, both)
+        _backward_raises(None, gh(V), np.full(V, V - 1), both, both)  # positions arange(V): last one V - 1
+        _backward_raises(None, gh(1), [0], both, both, positions=np.array([V - 1]))
+        _backward_raises(None, gh(1), [0], both, both, positions=V - 1)
+        _backward_raises(IndexError, gh(1), [0], both, both, positions=np.array([V]))
+        _backward_raises(IndexError, gh(1), [0], both, both, positions=V)
+    _backward_raises(IndexError, gh(1), [V], both, both)
+    _backward_raises(IndexError, gh(V + 1), np.zeros(V + 1, np.int64), both, both)  # positions arange(V + 1)
+
+
+@pytest.mark.parametrize("V, P", [(3, 1), (1, 3), (3, 5), (0, 2), (2, 0)])
+def test_backward_zero_dim_gradients_of_different_row_counts(V, P):
+    """D = 0, two distinct arrays: ids are checked against V, positions against P, each at rows - 1 and rows."""
+    tgrad, pgrad = np.zeros((V, 0), np.float32), np.zeros((P, 0), np.float32)
+    gh = np.zeros((1, 0), np.float32)
+    if V and P:
+        _backward_raises(None, gh, [V - 1], tgrad, pgrad, positions=np.array([P - 1]))
+        _backward_raises(None, gh, [V - 1], tgrad, pgrad, positions=P - 1)
+        _backward_raises(None, np.zeros((P, 0), np.float32), np.zeros(P, np.int64), tgrad, pgrad)
+    _backward_raises(IndexError, gh, [V], tgrad, pgrad, positions=np.array([0]))
+    _backward_raises(IndexError, gh, [0], tgrad, pgrad, positions=np.array([P]))
+    _backward_raises(IndexError, gh, [0], tgrad, pgrad, positions=P)
+    _backward_raises(IndexError, np.zeros((P + 1, 0), np.float32), np.zeros(P + 1, np.int64), tgrad, pgrad)
+
+
+def test_backward_one_array_as_both_gradients_is_a_value_error_before_any_range_check():
+    """With D > 0 the same array twice shares memory: ValueError, checked before ids and positions are,
+    so out-of-range ids or positions (for either row count) do not turn it into an IndexError."""
+    both = np.arange(6, dtype=np.float32).reshape(3, 2)
+    gh = np.ones((1, 2), np.float32)
+    for ids, positions in (([0], None), ([3], None), ([0], np.array([3])), ([0], 3), ([0], np.array([7]))):
+        _backward_raises(ValueError, gh, ids, both, both, positions=positions)
+    _backward_raises(ValueError, np.ones((4, 2), np.float32), np.zeros(4, np.int64), both, both)
+
+
+def test_backward_gradients_of_different_row_counts_at_their_last_rows():
+    """ids at V - 1 and positions at P - 1 (V != P): each sum lands in its own table, in ids order."""
+    rng = np.random.default_rng(11)
+    V, P, D = 3, 5, 4
+    tgrad = rng.standard_normal((V, D)).astype(np.float32)
+    pgrad = rng.standard_normal((P, D)).astype(np.float32)
+    gh = rng.standard_normal((2, 3, D)).astype(np.float32)
+    ids = np.array([[V - 1, 0, V - 1], [1, V - 1, V - 1]])
+    positions = np.array([[P - 1, 0, P - 1], [P - 1, 2, P - 1]])
+    t, p = tgrad.copy(), pgrad.copy()
+    np.add.at(t, ids.reshape(-1), gh.reshape(-1, D))
+    np.add.at(p, positions.reshape(-1), gh.reshape(-1, D))
+    fe.gather_add_backward(gh, ids, tgrad, pgrad, positions=positions)
+    assert bitwise(tgrad, t) and bitwise(pgrad, p)
+    start = P - 3  # positions start..P - 1 in every row
+    t2, p2 = tgrad.copy(), pgrad.copy()
+    np.add.at(t2, ids.reshape(-1), gh.reshape(-1, D))
+    np.add.at(p2, np.tile(np.arange(start, P), 2), gh.reshape(-1, D))
+    fe.gather_add_backward(gh, ids, tgrad, pgrad, positions=start)
+    assert bitwise(tgrad, t2) and bitwise(pgrad, p2)
+
 
 def test_misaligned_zero_d_ids_keep_their_shape():
     """0-d int64 ids at an odd byte offset: the result must have shape (D,), as for aligned 0-d ids."""
