@@ -941,17 +941,22 @@ def test_zero_row_tables_with_empty_ids(entry):
                 rows, values = fe.coalesce(ids, grad_out)
                 assert bitwise(rows, np.zeros(0, np.int64)) and bitwise(values, np.zeros((0, D), np.float32))
         one = np.zeros((1, D), np.float32)
-        with pytest.raises(IndexError):
-            if entry == "gather":
-                fe.gather(empty, [0])
-            elif entry == "gather_add":
-                fe.gather_add(np.zeros((1, D), np.float32), empty, [0])  # the id fits, position 0 does not
-            elif entry == "scatter_add":
-                fe.scatter_add(np.zeros((0, D), np.float32), [0], one)
-            elif entry == "gather_add_backward":
-                fe.gather_add_backward(one, [0], np.zeros((1, D), np.float32), np.zeros((0, D), np.float32))
-            else:
-                fe.coalesce([-1], one)  # coalesce has no table: its one bound is 0
+        calls = {  # each with one id or position that no zero-row table has
+            "gather": [lambda: fe.gather(empty, [0])],
+            "gather_add": [lambda: fe.gather_add(empty, one, [0]),
+                           lambda: fe.gather_add(one, empty, [0]),
+                           lambda: fe.gather_add(one, empty, [0], positions=np.array([0]))],
+            "scatter_add": [lambda: fe.scatter_add(np.zeros((0, D), np.float32), [0], one)],
+            "gather_add_backward": [
+                lambda: fe.gather_add_backward(one, [0], np.zeros((0, D), np.float32), np.zeros((1, D), np.float32)),
+                lambda: fe.gather_add_backward(one, [0], np.zeros((1, D), np.float32), np.zeros((0, D), np.float32)),
+                lambda: fe.gather_add_backward(one, [0], np.zeros((1, D), np.float32), np.zeros((0, D), np.float32),
+                                               positions=np.array([0]))],
+            "coalesce": [lambda: fe.coalesce([-1], one)],  # coalesce has no table: its one bound is 0
+        }
+        for call in calls[entry]:
+            with pytest.raises(IndexError):
+                call()
         if entry == "coalesce":  # one row per distinct id, also when D = 0
             g = np.arange(3 * D, dtype=np.float32).reshape(3, D)
             rows, values = fe.coalesce([4, 1, 4], g)
