@@ -185,10 +185,9 @@ def check_aliasing(call, target_name, target, others, strict):
 
 
 def real_rows(a, drawn):
-    """The row count a kernel checks ids or positions against: that of the array actually passed.
-
-    Only a 2-D float32 ndarray gets that far (anything else fails the table checks, which come
-    first); for it, the rows may differ from the drawn count when one array plays two roles."""
+    """The row count a kernel checks ids or positions against: that of the array actually passed,
+    which differs from the drawn count when one array plays two roles. For anything but a 2-D
+    array the table checks fail before any range check, so the drawn count serves as well."""
     if isinstance(a, np.ndarray) and a.ndim == 2:
         return a.shape[0]
     return drawn
@@ -744,7 +743,7 @@ def test_token_position_embedding_adversarial(data, sparse):
 # ---------------------------------------------------------------- focused cases (one per finding)
 
 def _backward_raises(exc, gh, ids, tgrad, pgrad, positions=None):
-    """Whether gather_add_backward raised exc (None: it must not raise); every argument unchanged if it did."""
+    """gather_add_backward must raise exc and leave every array as it was, or (exc None) succeed."""
     before = [snapshot(a) for a in (gh, tgrad, pgrad)]
     if exc is None:
         fe.gather_add_backward(gh, ids, tgrad, pgrad, positions=positions)
