@@ -184,6 +184,15 @@ def check_aliasing(call, target_name, target, others, strict):
             call.expect(ValueError, f"{target_name} and {name} have overlapping spans", must=False)
 
 
+def real_rows(a, drawn):
+    """The row count a kernel checks ids or positions against: that of the array actually passed,
+    which differs from the drawn count when one array plays two roles. For anything but a 2-D
+    array the table checks fail before any range check, so the drawn count serves as well."""
+    if isinstance(a, np.ndarray) and a.ndim == 2:
+        return a.shape[0]
+    return drawn
+
+
 def ids_logical(values):
     """The ids the caller meant, as an int64 array (only called when they are all valid)."""
     return np.array([int(v) for v in values], dtype=np.int64)
@@ -310,6 +319,11 @@ def id_shapes():
 
 ROWS = st.sampled_from((0, 1, 2, 3, 7, 40))
 DIMS = st.sampled_from((0, 1, 3, 16))
+
+
+def OTHER_DIM(D):  # noqa: N802 - a strategy, named like ROWS and DIMS
+    """The dim of a second table: usually D, sometimes another (a ValueError the oracle must predict)."""
+    return st.sampled_from((D,) * 9 + (0, 1, 3, 16))
 
 
 @st.composite
@@ -440,7 +454,7 @@ def test_gather_adversarial(data):
     call = Call()
     V, D, shape = data.draw(ROWS), data.draw(DIMS), data.draw(id_shapes())
     table = call.add("table", data.draw(tables((V, D), "input")))
-    ids, values, id_error = data.draw(id_values(shape, V))
+    ids, values, id_error = data.draw(id_values(shape, real_rows(table, V)))
     call.add("ids", ids)
     check_table(call, "table", table)
     if id_error:
@@ -463,14 +477,14 @@ def test_gather_add_adversarial(data):
     call = Call()
     V, P, D, shape = data.draw(ROWS), data.draw(ROWS), data.draw(DIMS), data.draw(id_shapes())
     tok = call.add("token_table", data.draw(tables((V, D), "input")))
-    pos = call.add("position_table", data.draw(tables((P, D), "input")))
+    pos = call.add("position_table", data.draw(tables((P, data.draw(OTHER_DIM(D))), "input")))
     check_table(call, "token_table", tok)
     check_table(call, "position_table", pos)
-    ids, values, id_error = data.draw(id_values(shape, V))
+    ids, values, id_error = data.draw(id_values(shape, real_rows(tok, V)))
     call.add("ids", ids)
     if id_error:
         call.expect(id_error, "bad ids")
-    positions, meaning = data.draw(position_args(shape, P, call))
+    positions, meaning = data.draw(position_args(shape, real_rows(pos, P), call))
     call.add("positions", positions)
     inputs = {"token_table": tok, "position_table": pos, "ids": ids, "positions": positions}
     out = call.add("out", data.draw(out_arrays(shape + (D,), call, inputs)), target=True)
@@ -496,7 +510,7 @@ def test_scatter_add_adversarial(data):
     V, D, shape = data.draw(ROWS), data.draw(DIMS), data.draw(id_shapes())
     grad = call.add("grad_table", data.draw(tables((V, D), "target")), target=True)
     check_target(call, "grad_table", grad)
-    ids, values, id_error = data.draw(id_values(shape, V))
+    ids, values, id_error = data.draw(id_values(shape, real_rows(grad, V)))
     call.add("ids", ids)
     if id_error:
         call.expect(id_error, "bad ids")
@@ -528,11 +542,15 @@ def test_gather_add_backward_adversarial(data):
     if data.draw(st.integers(0, 14)) == 0:
         pgrad = tgrad  # the same array twice
     else:
-        pgrad = data.draw(tables((P, D), "target"))
+        pgrad = data.draw(tables((P, data.draw(OTHER_DIM(D))), "target"))
+    # The kernel checks positions against the rows of the array passed as position_grad: with
+    # pgrad = tgrad that is V, not the drawn P. (With D = 0 the two share no byte, so no
+    # aliasing error comes first and the range check decides.)
+    P = real_rows(pgrad, P)
     call.add("position_grad", pgrad, target=True)
     check_target(call, "token_grad", tgrad)
     check_target(call, "position_grad", pgrad)
-    ids, values, id_error = data.draw(id_values(shape, V))
+    ids, values, id_error = data.draw(id_values(shape, real_rows(tgrad, V)))
     call.add("ids", ids)
     if id_error:
         call.expect(id_error, "bad ids")
@@ -596,6 +614,10 @@ def test_embedding_adversarial(data, sparse):
     layer = fe.Embedding(V, D, sparse=sparse, seed=0)
     layer(np.array([0]))  # something kept from before
     layer.backward(np.ones((1, D), np.float32))
+    # the oracle below builds on this gradient: check it first, against numpy, not the layer
+    first = np.zeros((V, D), np.float32)
+    first[0] = 1
+    assert bitwise(layer.dense_grad(), first)
     shape = data.draw(id_shapes())
     ids, values, id_error = data.draw(id_values(shape, V))
     call = Call()
@@ -614,6 +636,8 @@ def test_embedding_adversarial(data, sparse):
 
     def check_forward(result, before):
         assert bitwise(result, before["weight"][ids_logical(values).reshape(shape)])
+        if out is not None:
+            assert result is out
         ok.append(True)
 
     call.run(forward, check_forward)
@@ -657,6 +681,9 @@ def test_token_position_embedding_adversarial(data, sparse):
     layer = fe.TokenPositionEmbedding(V, P, D, sparse=sparse, seed=1)
     layer(np.array([0]))
     layer.backward(np.ones((1, D), np.float32))
+    first_t, first_p = np.zeros((V, D), np.float32), np.zeros((P, D), np.float32)
+    first_t[0] = first_p[0] = 1
+    assert bitwise(layer.token.dense_grad(), first_t) and bitwise(layer.position.dense_grad(), first_p)
     shape = data.draw(id_shapes())
     call = Call()
     ids, values, id_error = data.draw(id_values(shape, V))
@@ -715,39 +742,135 @@ def test_token_position_embedding_adversarial(data, sparse):
 
 # ---------------------------------------------------------------- focused cases (one per finding)
 
+def _backward_raises(exc, gh, ids, tgrad, pgrad, positions=None):
+    """gather_add_backward must raise exc and leave every array as it was, or (exc None) succeed."""
+    before = [snapshot(a) for a in (gh, tgrad, pgrad)]
+    if exc is None:
+        fe.gather_add_backward(gh, ids, tgrad, pgrad, positions=positions)
+        return
+    with pytest.raises(exc):
+        fe.gather_add_backward(gh, ids, tgrad, pgrad, positions=positions)
+    assert [snapshot(a) for a in (gh, tgrad, pgrad)] == before
+
+
+@pytest.mark.parametrize("V", [0, 1, 3])
+def test_backward_one_zero_dim_array_as_both_gradients(V):
+    """The case the adversarial property got wrong: position_grad is token_grad and D = 0. The array
+    holds no byte, so it shares none with itself and no ValueError comes first; ids and positions
+    are then both checked against its V rows (a second, drawn row count plays no part)."""
+    both = np.zeros((V, 0), np.float32)
+
+    def gh(n):
+        return np.zeros((n, 0), np.float32)
+
+    _backward_raises(None, gh(0), np.zeros(0, np.int64), both, both)
+    _backward_raises(None, gh(0), np.zeros(0, np.int64), both, both, positions=V + 5)
+    if V:
+        _backward_raises(None, gh(1), [V - 1], both, both)
+        _backward_raises(None, gh(V), np.full(V, V - 1), both, both)  # positions arange(V): last one V - 1
+        _backward_raises(None, gh(1), [0], both, both, positions=np.array([V - 1]))
+        _backward_raises(None, gh(1), [0], both, both, positions=V - 1)
+        _backward_raises(IndexError, gh(1), [0], both, both, positions=np.array([V]))
+        _backward_raises(IndexError, gh(1), [0], both, both, positions=V)
+    _backward_raises(IndexError, gh(1), [V], both, both)
+    _backward_raises(IndexError, gh(V + 1), np.zeros(V + 1, np.int64), both, both)  # positions arange(V + 1)
+
+
+@pytest.mark.parametrize("V, P", [(3, 1), (1, 3), (3, 5), (0, 2), (2, 0)])
+def test_backward_zero_dim_gradients_of_different_row_counts(V, P):
+    """D = 0, two distinct arrays: ids are checked against V, positions against P, each at rows - 1 and rows."""
+    tgrad, pgrad = np.zeros((V, 0), np.float32), np.zeros((P, 0), np.float32)
+    gh = np.zeros((1, 0), np.float32)
+    if V and P:
+        _backward_raises(None, gh, [V - 1], tgrad, pgrad, positions=np.array([P - 1]))
+        _backward_raises(None, gh, [V - 1], tgrad, pgrad, positions=P - 1)
+        _backward_raises(None, np.zeros((P, 0), np.float32), np.zeros(P, np.int64), tgrad, pgrad)
+    _backward_raises(IndexError, gh, [V], tgrad, pgrad, positions=np.array([0]))
+    _backward_raises(IndexError, gh, [0], tgrad, pgrad, positions=np.array([P]))
+    _backward_raises(IndexError, gh, [0], tgrad, pgrad, positions=P)
+    _backward_raises(IndexError, np.zeros((P + 1, 0), np.float32), np.zeros(P + 1, np.int64), tgrad, pgrad)
+
+
+def test_backward_one_array_as_both_gradients_is_a_value_error_before_any_range_check():
+    """With D > 0 the same array twice shares memory: ValueError, checked before ids and positions are,
+    so out-of-range ids or positions (for either row count) do not turn it into an IndexError."""
+    both = np.arange(6, dtype=np.float32).reshape(3, 2)
+    gh = np.ones((1, 2), np.float32)
+    for ids, positions in (([0], None), ([3], None), ([0], np.array([3])), ([0], 3), ([0], np.array([7]))):
+        _backward_raises(ValueError, gh, ids, both, both, positions=positions)
+    _backward_raises(ValueError, np.ones((4, 2), np.float32), np.zeros(4, np.int64), both, both)
+
+
+def test_backward_gradients_of_different_row_counts_at_their_last_rows():
+    """ids at V - 1 and positions at P - 1 (V != P): each sum lands in its own table, in ids order."""
+    rng = np.random.default_rng(11)
+    V, P, D = 3, 5, 4
+    tgrad = rng.standard_normal((V, D)).astype(np.float32)
+    pgrad = rng.standard_normal((P, D)).astype(np.float32)
+    gh = rng.standard_normal((2, 3, D)).astype(np.float32)
+    ids = np.array([[V - 1, 0, V - 1], [1, V - 1, V - 1]])
+    positions = np.array([[P - 1, 0, P - 1], [P - 1, 2, P - 1]])
+    t, p = tgrad.copy(), pgrad.copy()
+    np.add.at(t, ids.reshape(-1), gh.reshape(-1, D))
+    np.add.at(p, positions.reshape(-1), gh.reshape(-1, D))
+    fe.gather_add_backward(gh, ids, tgrad, pgrad, positions=positions)
+    assert bitwise(tgrad, t) and bitwise(pgrad, p)
+    start = P - 3  # positions start..P - 1 in every row
+    t2, p2 = tgrad.copy(), pgrad.copy()
+    np.add.at(t2, ids.reshape(-1), gh.reshape(-1, D))
+    np.add.at(p2, np.tile(np.arange(start, P), 2), gh.reshape(-1, D))
+    fe.gather_add_backward(gh, ids, tgrad, pgrad, positions=start)
+    assert bitwise(tgrad, t2) and bitwise(pgrad, p2)
+
+
 def test_misaligned_zero_d_ids_keep_their_shape():
-    """0-d int64 ids at an odd byte offset: the result must have shape (D,), as for aligned 0-d ids."""
-    table = np.arange(12, dtype=np.float32).reshape(3, 4)
+    """0-d int64 ids at an odd byte offset: the result must have shape (D,), as for aligned 0-d ids,
+    and hold row 2 (positions None with 0-d ids means position 0)."""
+    rng = np.random.default_rng(5)
+    table = rng.standard_normal((3, 4)).astype(np.float32)
+    pos = rng.standard_normal((2, 4)).astype(np.float32)
     ids = arrange(np.array(2, dtype=np.int64), "misaligned")
     assert ids.shape == () and not ids.flags.aligned
-    assert fe.gather(table, ids).shape == (4,)
-    assert fe.gather_add(table, table, ids).shape == (4,)
-    grad = np.zeros((3, 4), np.float32)
-    fe.scatter_add(grad, ids, np.ones(4, np.float32))
-    assert grad[2].tolist() == [1, 1, 1, 1]
-    rows, values = fe.coalesce(ids, np.ones(4, np.float32))
-    assert rows.tolist() == [2] and values.shape == (1, 4)
+    assert bitwise(fe.gather(table, ids), table[2])
+    assert bitwise(fe.gather_add(table, pos, ids), table[2] + pos[0])
+    g = rng.standard_normal(4).astype(np.float32)
+    grad = rng.standard_normal((3, 4)).astype(np.float32)
+    expected = grad.copy()
+    expected[2] += g
+    fe.scatter_add(grad, ids, g)
+    assert bitwise(grad, expected)
+    rows, values = fe.coalesce(ids, g)
+    assert bitwise(rows, np.array([2], np.int64)) and bitwise(values, g.reshape(1, 4))
 
 
 def test_zero_d_ids_with_a_zero_d_positions_array():
     """positions broadcastable to ids.shape includes a 0-d array for 0-d ids."""
-    tok = np.arange(12, dtype=np.float32).reshape(3, 4)
-    pos = np.arange(8, dtype=np.float32).reshape(2, 4) * 100
+    rng = np.random.default_rng(6)
+    tok = rng.standard_normal((3, 4)).astype(np.float32)
+    pos = rng.standard_normal((2, 4)).astype(np.float32)
     hidden = fe.gather_add(tok, pos, np.array(2), positions=np.array(1))
-    assert hidden.tolist() == (tok[2] + pos[1]).tolist()
-    tg, pg = np.zeros_like(tok), np.zeros_like(pos)
-    fe.gather_add_backward(np.ones(4, np.float32), np.array(2), tg, pg, positions=np.array(1))
-    assert pg[1].tolist() == [1, 1, 1, 1]
+    assert bitwise(hidden, tok[2] + pos[1])
+    tg, pg = rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal((2, 4)).astype(np.float32)
+    g = rng.standard_normal(4).astype(np.float32)
+    expected_t, expected_p = tg.copy(), pg.copy()
+    expected_t[2] += g
+    expected_p[1] += g
+    fe.gather_add_backward(g, np.array(2), tg, pg, positions=np.array(1))
+    assert bitwise(tg, expected_t), "token_grad"
+    assert bitwise(pg, expected_p), "position_grad"
 
 
 @pytest.mark.parametrize("sparse", [False, True])
 def test_token_position_embedding_zero_d_ids_backward(sparse):
     layer = fe.TokenPositionEmbedding(5, 4, 3, sparse=sparse, seed=0)
     hidden = layer(np.array(2))
-    assert hidden.shape == (3,)
-    layer.backward(np.ones(3, np.float32))
-    assert layer.token.dense_grad()[2].tolist() == [1, 1, 1]
-    assert layer.position.dense_grad()[0].tolist() == [1, 1, 1]
+    assert bitwise(hidden, layer.token.weight[2] + layer.position.weight[0])
+    g = np.array([0.5, -1.25, 3.0], np.float32)
+    layer.backward(g)
+    expected_t, expected_p = np.zeros((5, 3), np.float32), np.zeros((4, 3), np.float32)
+    expected_t[2], expected_p[0] = g, g
+    assert bitwise(layer.token.dense_grad(), expected_t)
+    assert bitwise(layer.position.dense_grad(), expected_p)
 
 
 def test_a_list_of_ints_out_of_int64_range_is_an_index_error():
@@ -769,10 +892,11 @@ def test_out_sharing_memory_with_converted_ids_is_a_value_error(dtype, layout):
     if layout == "fortran":
         ids = ids.T  # a Fortran-ordered view of the same memory
     assert np.shares_memory(ids, out)
-    ids_before = ids.copy()
+    buf[8:] = np.arange(24, dtype=np.float32)  # the ids live at the start of buf; the rest too must stay
+    ids_before, buf_before = ids.copy(), snapshot(buf)
     with pytest.raises(ValueError):
         fe.gather(table, ids, out=out)
-    assert bitwise(ids, ids_before)
+    assert bitwise(ids, ids_before) and snapshot(buf) == buf_before
 
 
 def test_out_sharing_memory_with_broadcast_positions_is_a_value_error():
@@ -781,31 +905,62 @@ def test_out_sharing_memory_with_broadcast_positions_is_a_value_error():
     buf = np.zeros(32, np.float32)
     out = buf[:16].reshape(2, 4, 2)
     positions = buf.view(np.int64)[:4]  # shape (4,), broadcast to ids (2, 4)
+    buf[16:] = 5.0  # bytes of buf that out does not cover either: nothing may move
+    before = snapshot(buf)
     with pytest.raises(ValueError):
         fe.gather_add(tok, pos, np.zeros((2, 4), np.int64), positions=positions, out=out)
+    assert snapshot(buf) == before
 
 
 @pytest.mark.parametrize("entry", ["gather", "gather_add", "scatter_add", "gather_add_backward", "coalesce"])
 def test_zero_row_tables_with_empty_ids(entry):
+    """Empty ids on zero-row tables: an empty result of the right shape and dtype, no error, nothing
+    written; and the boundary next to it: one id (or one position) on a zero-row table is an IndexError."""
     for D in (0, 3):
         empty = np.zeros((0, D), np.float32)
         for shape in ((0,), (0, 5), (2, 0)):
             ids = np.zeros(shape, np.int64)
             grad_out = np.zeros(shape + (D,), np.float32)
+            nothing = np.zeros(shape + (D,), np.float32)
             if entry == "gather":
-                assert fe.gather(empty, ids).shape == shape + (D,)
+                assert bitwise(fe.gather(empty, ids), nothing)
             elif entry == "gather_add":
-                assert fe.gather_add(empty, empty, ids).shape == shape + (D,)
-                assert fe.gather_add(empty, empty, ids, positions=0).shape == shape + (D,)
+                assert bitwise(fe.gather_add(empty, empty, ids), nothing)
+                assert bitwise(fe.gather_add(empty, empty, ids, positions=0), nothing)
+                assert bitwise(fe.gather_add(empty, empty, ids, positions=np.zeros(shape, np.int64)), nothing)
             elif entry == "scatter_add":
-                fe.scatter_add(np.zeros((0, D), np.float32), ids, grad_out)
+                grad = np.zeros((0, D), np.float32)
+                assert fe.scatter_add(grad, ids, grad_out) is None
+                assert bitwise(grad, empty)
             elif entry == "gather_add_backward":
-                fe.gather_add_backward(grad_out, ids, np.zeros((0, D), np.float32), np.zeros((0, D), np.float32))
+                tg, pg = np.zeros((0, D), np.float32), np.zeros((0, D), np.float32)
+                assert fe.gather_add_backward(grad_out, ids, tg, pg) is None
+                assert bitwise(tg, empty) and bitwise(pg, empty)
             else:
                 rows, values = fe.coalesce(ids, grad_out)
-                assert rows.shape == (0,) and rows.dtype == np.int64 and values.shape == (0, D)
-    with pytest.raises(IndexError):
-        fe.gather(np.zeros((0, 3), np.float32), [0])
+                assert bitwise(rows, np.zeros(0, np.int64)) and bitwise(values, np.zeros((0, D), np.float32))
+        one = np.zeros((1, D), np.float32)
+        calls = {  # each with one id or position that no zero-row table has
+            "gather": [lambda: fe.gather(empty, [0])],
+            "gather_add": [lambda: fe.gather_add(empty, one, [0]),
+                           lambda: fe.gather_add(one, empty, [0]),
+                           lambda: fe.gather_add(one, empty, [0], positions=np.array([0]))],
+            "scatter_add": [lambda: fe.scatter_add(np.zeros((0, D), np.float32), [0], one)],
+            "gather_add_backward": [
+                lambda: fe.gather_add_backward(one, [0], np.zeros((0, D), np.float32), np.zeros((1, D), np.float32)),
+                lambda: fe.gather_add_backward(one, [0], np.zeros((1, D), np.float32), np.zeros((0, D), np.float32)),
+                lambda: fe.gather_add_backward(one, [0], np.zeros((1, D), np.float32), np.zeros((0, D), np.float32),
+                                               positions=np.array([0]))],
+            "coalesce": [lambda: fe.coalesce([-1], one)],  # coalesce has no table: its one bound is 0
+        }
+        for call in calls[entry]:
+            with pytest.raises(IndexError):
+                call()
+        if entry == "coalesce":  # one row per distinct id, also when D = 0
+            g = np.arange(3 * D, dtype=np.float32).reshape(3, D)
+            rows, values = fe.coalesce([4, 1, 4], g)
+            assert bitwise(rows, np.array([1, 4], np.int64))
+            assert bitwise(values, np.stack([g[1], g[0] + g[2]]))
 
 
 @pytest.mark.parametrize("bits", SPECIAL_BITS)
@@ -862,13 +1017,69 @@ def test_misaligned_inputs_read_once_are_copied_or_read_correctly():
     tg, pg = np.zeros((V, D), np.float32), np.zeros((P, D), np.float32)
     fe.gather_add_backward(m_gh, m_ids, tg, pg, positions=m_pos)
     assert same_floats(tg, expected)
+    expected_p = np.zeros((P, D), np.float32)
+    np.add.at(expected_p, np.tile(np.arange(5) % P, shape[0]), gh.reshape(-1, D))
+    assert same_floats(pg, expected_p)
     rows, values = fe.coalesce(m_ids, m_gh)
     u, inverse = np.unique(ids, return_inverse=True)
     sums = np.zeros((len(u), D), np.float32)
     np.add.at(sums, inverse.reshape(-1), gh.reshape(-1, D))
     assert bitwise(rows, u.astype(np.int64)) and same_floats(values, sums)
-    w, m, v = (np.zeros((V, D), np.float32) for _ in range(3))
+    # Adam from a state that is not zero (so a kernel that ignored m or v would differ), at step 3
+    w = rng.standard_normal((V, D)).astype(np.float32)
+    m = rng.standard_normal((V, D)).astype(np.float32) * np.float32(0.1)
+    v = rng.random((V, D)).astype(np.float32) * np.float32(0.01)
+    g = rng.standard_normal((2, D)).astype(np.float32)
+    rows = np.array([1, 4], np.int64)
+    b1, b2, t = 0.9, 0.999, 3
+    expected = adam_transcription(w, m, v, g, rows, 0.1, b1, b2, 1e-8, 1 - b1**t, 1 - b2**t)
     from fastembed import _kernels
-    _kernels.adam_step(w, m, v, arrange(np.ones((2, D), np.float32), "misaligned"),
-                       arrange(np.array([1, 4], np.int64), "misaligned"), 0.1, 0.9, 0.999, 1e-8, 0.1, 0.001)
-    assert np.all(w[[1, 4]] < 0) and not w[[0, 2, 3, 5, 6]].any()
+    _kernels.adam_step(w, m, v, arrange(g, "misaligned"), arrange(rows, "misaligned"),
+                       0.1, b1, b2, 1e-8, 1 - b1**t, 1 - b2**t)
+    for name, got, want in zip(("weight", "exp_avg", "exp_avg_sq"), (w, m, v), expected):
+        assert bitwise(got, want), name
+
+
+def adam_transcription(w, m, v, g, rows, lr, beta1, beta2, eps, bias1, bias2):
+    """Copies of (w, m, v) after one Adam step of `rows`, written from the formula in optim.py
+    (m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2, w -= lr (m / bias1) / (sqrt(v / bias2) + eps)).
+
+    Every operation is one IEEE float32 operation, in the kernel's documented order: its arguments
+    arrive as float32, the corrections as float32 reciprocals computed in double, and the build
+    forbids FMA contraction (setup.py), so the result must match bitwise, not just within an ulp.
+    Element by element in Python, so that it shares no vectorised numpy path with anything."""
+    f = np.float32
+    lr, b1, b2, eps, inv1, inv2 = f(lr), f(beta1), f(beta2), f(eps), f(1.0 / bias1), f(1.0 / bias2)
+    keep1, keep2 = f(1) - b1, f(1) - b2
+    w, m, v = w.copy(), m.copy(), v.copy()
+    for k, r in enumerate(rows):
+        for d in range(w.shape[1]):
+            gd = g[k, d]
+            md = b1 * m[r, d] + keep1 * gd
+            vd = b2 * v[r, d] + keep2 * (gd * gd)
+            m[r, d], v[r, d] = md, vd
+            w[r, d] = w[r, d] - (lr * (md * inv1)) / (np.sqrt(vd * inv2) + eps)
+    return w, m, v
+
+
+def test_adam_transcription_is_the_book_formula_in_float64_within_float32_rounding():
+    """The float32 transcription above is the formula itself: against a float64 evaluation it differs
+    only by float32 rounding (a few ulp of each result), so a bitwise match with it is not circular."""
+    rng = np.random.default_rng(9)
+    w = rng.standard_normal((4, 3)).astype(np.float32)
+    m = (rng.standard_normal((4, 3)) * 0.1).astype(np.float32)
+    v = (rng.random((4, 3)) * 0.01).astype(np.float32)
+    g = rng.standard_normal((2, 3)).astype(np.float32)
+    rows = [0, 2]
+    lr, b1, b2, eps, t = 0.01, 0.85, 0.99, 1e-8, 2
+    got = adam_transcription(w, m, v, g, rows, lr, b1, b2, eps, 1 - b1**t, 1 - b2**t)
+    w64, m64, v64 = (a.astype(np.float64) for a in (w, m, v))
+    g64 = g.astype(np.float64)
+    m64[rows] = b1 * m64[rows] + (1 - b1) * g64
+    v64[rows] = b2 * v64[rows] + (1 - b2) * g64**2
+    w64[rows] -= lr * (m64[rows] / (1 - b1**t)) / (np.sqrt(v64[rows] / (1 - b2**t)) + eps)
+    for a, b in zip(got, (w64, m64, v64)):
+        np.testing.assert_allclose(a, b, rtol=4e-6, atol=1e-12)
+    untouched = [1, 3]
+    for a, b in zip(got, (w, m, v)):
+        assert bitwise(a[untouched], b[untouched])
