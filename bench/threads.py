@@ -12,9 +12,10 @@ the memory limit's split); what runs can be fewer. The column says what ran:
   processor count; a build without OpenMP reads back 1). A row that makes several
   calls (a training step) shows the range, e.g. "1-2".
   The rule is recomputed here rather than read from the extension after each call:
-  the extension has no public way to report it, and a private one would tie the
-  benchmark to internals. tests/test_bench.py checks these constants against the
-  source of _kernels.pyx, so a change of the rule there fails a test here.
+  the extension reports it only through a private test hook, which would tie the
+  benchmark to internals. tests/test_bench.py runs calls of several sizes and checks
+  these labels against that hook (``_kernels._last_call_threads()``), so a change of
+  the rule in the kernels fails a test here.
 - numpy and the pure-Python reference: one thread (numpy does not split ufuncs,
   fancy indexing, np.add.at or np.unique).
 - torch: "<=n" with n torch.get_num_threads() read back: torch splits an op only
@@ -22,7 +23,7 @@ the memory limit's split); what runs can be fewer. The column says what ran:
 - the memory limit: the number of chunks its add was split into (memlimit.py).
 """
 
-# fastembed/_kernels.pyx: SERIAL_ELEMENTS and COLUMN_BLOCK (the cdef enum at the top).
+# fastembed/_kernels.pyx: the default serial threshold and COLUMN_BLOCK (the cdef enum at the top).
 SERIAL_ELEMENTS = 32768
 COLUMN_BLOCK = 32
 # The column-block count of a dim that is not a multiple of COLUMN_BLOCK depends on how far the

@@ -9,7 +9,6 @@ import importlib.util
 import io
 import json
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -241,18 +240,27 @@ def test_forward_traffic_counts_the_arrays_it_reads_and_writes():
         assert cases.traffic("forward", data) == expected
 
 
-KERNELS_PYX = os.path.join(ROOT, "fastembed", "_kernels.pyx")
+@pytest.mark.parametrize("kind,tokens,dim", [
+    ("rows", 1023, 32), ("rows", 1024, 32), ("rows", 512, 64), ("rows", 511, 64), ("rows", 4096, 8),
+    ("cols", 1024, 32), ("cols", 4096, 32), ("cols", 512, 64), ("cols", 511, 64), ("cols", 400, 96),
+])
+def test_thread_labels_are_what_the_kernels_run(kind, tokens, dim):
+    """The labels' copy of the rule against the team each kernel call really ran with (its private
+    hook, measured inside the parallel region), at the default threshold and the machine's threads."""
+    from fastembed import _kernels
 
-
-@pytest.mark.skipif(not os.path.isfile(KERNELS_PYX), reason="fastembed/_kernels.pyx is not beside tests/")
-def test_thread_rule_constants_are_the_kernels():
-    with open(KERNELS_PYX) as f:
-        source = f.read()
-    assert int(re.search(r"^\s*SERIAL_ELEMENTS = (\d+)", source, re.M).group(1)) == threads.SERIAL_ELEMENTS
-    assert int(re.search(r"^\s*COLUMN_BLOCK = (\d+)", source, re.M).group(1)) == threads.COLUMN_BLOCK
-    # The rule the labels copy: row splits by _threads_for(work), column splits capped at the blocks.
-    assert "if work < SERIAL_ELEMENTS:\n        return 1" in source
-    assert "cdef int n = _threads_for(N * D)\n    return <int>min(<Py_ssize_t>n, _blocks(D, _phase(table)))" in source
+    assert _kernels._get_serial_elements() == threads.SERIAL_ELEMENTS
+    rng = np.random.default_rng(tokens + dim)
+    table = np.zeros((97, dim), np.float32)
+    ids = rng.integers(0, 97, size=tokens)
+    n = fastembed.get_num_threads()
+    if kind == "rows":
+        fastembed.gather(table, ids)
+        expected = threads.threads_for(tokens * dim, n)
+    else:
+        fastembed.scatter_add(table, ids, np.ones((tokens, dim), np.float32))
+        expected = threads.column_threads(tokens, dim, n)
+    assert _kernels._last_call_threads() == expected
 
 
 def test_thread_labels_follow_the_serial_threshold():
