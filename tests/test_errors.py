@@ -119,6 +119,22 @@ def gather_list_id_2_63(e):
     return lambda: fe.gather(e.tok, ids, out=e.out)
 
 
+@case(IndexError, r"ids\[1, 3\] = 1099511627776 is out of range .*7 rows")
+def gather_nested_list_id_past_int32(e):
+    # A nested list is read element by element (ops._object_ids): its ids must be widened to int64,
+    # never to int32, or this id would overflow (or wrap onto a valid row) instead of being named.
+    ids = e.ids.tolist()
+    ids[1][3] = 2**40
+    return lambda: fe.gather(e.tok, ids, out=e.out)
+
+
+@case(IndexError, r"ids\[1, 3\] = 4294967296 is out of range .*7 rows")
+def gather_nested_list_id_2_32(e):
+    ids = e.ids.tolist()
+    ids[1][3] = 2**32  # 0 once truncated to 32 bits: a valid row
+    return lambda: fe.gather(e.tok, ids, out=e.out)
+
+
 @case(IndexError, r"9223372036854775813")
 def gather_uint64_id_past_int64(e):
     ids = e.ids.astype(np.uint64)
