@@ -4,7 +4,7 @@ A method is *set* to a thread count (fastembed.set_num_threads, torch.set_num_th
 the memory limit's split); what runs can be fewer. The column says what ran:
 
 - fastembed: each kernel call decides from its own size. This module applies the
-  kernels' rule (fastembed/_kernels.pyx, ``_threads_for`` and ``_column_threads``):
+  kernels' rule (fastembed/_common.pxi, ``_threads_for`` and ``_column_threads``):
   a call with fewer than SERIAL_ELEMENTS float32 elements of work runs on one
   thread; a call that splits columns (scatter, fused backward, coalesce) uses at
   most one thread per 128-byte column block. The count it starts from is

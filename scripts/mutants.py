@@ -16,8 +16,9 @@ How it works: the tree (without build products) is copied to a temporary folder,
 `python setup.py build_ext --inplace -q`, and the tests that the selected mutants name are run on it
 (the baseline: it must pass, or nothing is run). Then each mutant gets its own fresh copy: its `old`
 text, which must occur exactly once in its file (a stale mutant fails loudly, STALE), is replaced by
-`new`; a mutant of _kernels.pyx or _fastembed.h is rebuilt (a build failure is BUILD-ERROR: a mutant
-must compile), any other reuses the baseline's compiled extension. Its tests then run as
+`new`; a mutant of the extension's sources (_kernels.pyx, its .pxi includes, _fastembed.h) is rebuilt
+(a build failure is BUILD-ERROR: a mutant must compile), any other reuses the baseline's compiled
+extension. Its tests then run as
 `python -m pytest -x -q -p no:cacheprovider --hypothesis-seed=S ARGS` with the copy as the working
 directory (checked: `import fastembed` must load the copy, not an installed fastembed).
 
@@ -47,7 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNEL_FILES = ("fastembed/_kernels.pyx", "fastembed/_fastembed.h")
+# The files compiled into the extension: a mutant of any of them is rebuilt.
+KERNEL_FILES = ("fastembed/_kernels.pyx", "fastembed/_common.pxi", "fastembed/_optim.pxi", "fastembed/_fastembed.h")
 BUILD_TIMEOUT = 900  # seconds; a build takes ~15 s alone, more on a busy machine
 
 
@@ -67,7 +69,7 @@ class Mutant:
         return self.file in KERNEL_FILES
 
 
-PYX, HDR = "fastembed/_kernels.pyx", "fastembed/_fastembed.h"
+PYX, COMMON, OPTIM_PXI, HDR = KERNEL_FILES
 OPS, NN, OPTIM, REF, TORCH = ("fastembed/ops.py", "fastembed/nn.py", "fastembed/optim.py",
                               "fastembed/reference.py", "fastembed/torch.py")
 ERRORS, KERNELS = "tests/test_errors.py", "tests/test_kernels.py"
@@ -77,19 +79,19 @@ ORACLES = "tests/test_optim_oracles.py"  # issue 12, item 2: the optimizers agai
 
 MUTANTS = [
     # ---------------------------------------------------------------- kernels: checks
-    Mutant("range-check-gt", PYX,
+    Mutant("range-check-gt", COMMON,
            "if <uint64_t>(<int64_t>ids[i]) >= bound:", "if <uint64_t>(<int64_t>ids[i]) > bound:",
            "range check `> rows` instead of `>= rows` (thinc's bug): id == rows passes the entry check",
            (ERRORS, "-k", "id_equals_rows or position_equals_rows"), quick=True),
-    Mutant("outside-recheck-gone", PYX,
+    Mutant("outside-recheck-gone", COMMON,
            "    return <uint64_t>x >= <uint64_t>bound", "    return False",
            "the loops trust the checked ids: an id rewritten during the call is followed out of bounds",
            ("tests/test_hardening_threads.py", "-k", "rewritten")),
-    Mutant("check-start-off-by-one", PYX,
+    Mutant("check-start-off-by-one", COMMON,
            "    if start < 0 or start + T > P:", "    if start < 0 or start + T > P + 1:",
            "an int positions start lets start + T == P + 1 through (the last position is P)",
            (ERRORS, "-k", "sequence_longer or start")),
-    Mutant("increasing-allows-ties", PYX,
+    Mutant("increasing-allows-ties", OPTIM_PXI,
            "        if r[k] <= r[k - 1]:", "        if r[k] < r[k - 1]:",
            "adam_step's rows check accepts a repeated row (`<` for `<=`): an update is lost",
            (H_OPTIM, "-k", "repeated_rows")),
@@ -97,11 +99,11 @@ MUTANTS = [
            '    _no_overlap(grad, "grad_table", (ids, grad_out), ("ids", "grad_out"))', "    pass",
            "scatter_add no longer refuses a grad_out that shares memory with grad_table",
            (ERRORS, "-k", "scatter_add_grad_table_aliases")),
-    Mutant("read-only-target-accepted", PYX,
+    Mutant("read-only-target-accepted", COMMON,
            "    if not cnp.PyArray_ISWRITEABLE(arr):", "    if False and not cnp.PyArray_ISWRITEABLE(arr):",
            "the read-only check of written arrays dropped: a read-only out/grad is written",
            (ERRORS, "-k", "read_only")),
-    Mutant("table-contiguity-unchecked", PYX,
+    Mutant("table-contiguity-unchecked", COMMON,
            "    if not cnp.PyArray_IS_C_CONTIGUOUS(arr) or not cnp.PyArray_ISALIGNED(arr):\n"
            "        raise ValueError(\n"
            '            f"{name} must be C-contiguous and aligned (a table',
@@ -110,7 +112,7 @@ MUTANTS = [
            '            f"{name} must be C-contiguous and aligned (a table',
            "a table's contiguity is not checked: a Fortran-order table is read as if C-ordered",
            (ERRORS, "-k", "fortran_table")),
-    Mutant("rows-shape-last-axis-only", PYX,
+    Mutant("rows-shape-last-axis-only", COMMON,
            "            if cnp.PyArray_DIM(arr, k) != cnp.PyArray_DIM(ids, k):\n                break",
            "            if cnp.PyArray_DIM(arr, k) != cnp.PyArray_DIM(ids, k):\n                continue",
            "grad_out/out shape check compares only rank and D, not the leading axes",
@@ -145,7 +147,7 @@ MUTANTS = [
            "return __builtin_ctzll(x);", "return 63 - __builtin_clzll(x);",
            "the bitmap walk takes the highest set bit while clearing the lowest: wrong coalesce rows",
            (KERNELS, "-k", "coalesce")),
-    Mutant("adam-bias-swapped", PYX,
+    Mutant("adam-bias-swapped", OPTIM_PXI,
            "<float>(1.0 / bias1), <float>(1.0 / bias2)", "<float>(1.0 / bias2), <float>(1.0 / bias1)",
            "adam_step passes the two bias corrections in the wrong order",
            (NN_OPTIM, "-k", "adam")),
@@ -157,7 +159,7 @@ MUTANTS = [
            "float md = beta1 * m[d] + keep1 * gd;", "float md = keep1 * m[d] + beta1 * gd;",
            "the first moment's average weights the old moment by 1 - beta1 and the gradient by beta1",
            (NN_OPTIM, "-k", "adam")),
-    Mutant("adam-grad-row-by-table-row", PYX,
+    Mutant("adam-grad-row-by-table-row", OPTIM_PXI,
            "fe_adam_row(w + r * D, m + r * D, v + r * D, g + k * D,",
            "fe_adam_row(w + r * D, m + r * D, v + r * D, g + r * D,",
            "the sparse Adam step reads the gradient row of table row r instead of the k-th given row",
@@ -172,7 +174,7 @@ MUTANTS = [
            "gather_add reads position start + t + 1 (off by one) when positions is None or an int",
            (KERNELS, "-k", "gather_add_matches_numpy or positions_semantics")),
     # ---------------------------------------------------------------- kernels: the threaded path
-    Mutant("threads-for-always-1", PYX,
+    Mutant("threads-for-always-1", COMMON,
            "    return n if n > 1 else 1", "    return 1",
            "every call runs on one thread: the threaded loops are dead code (the results stay right)",
            (THREADED,), threads=True),
@@ -185,15 +187,15 @@ MUTANTS = [
            "cdef Py_ssize_t i, skipped = 0, t = 0",
            "a thread's share of gather_add restarts the position count at 0 instead of lo % T",
            (KERNELS, "-k", "split_across_threads or threaded_path"), threads=True),
-    Mutant("part-floors-first", PYX,
+    Mutant("part-floors-first", COMMON,
            "    return n * k // parts", "    return n // parts * k",
            "the thread split floors before multiplying: the last n % parts items belong to no thread",
            (KERNELS, "-k", "threaded_path or split_across_threads"), threads=True),
-    Mutant("col-end-one-block-short", PYX,
+    Mutant("col-end-one-block-short", COMMON,
            "    cdef Py_ssize_t j = blocks * (k + 1) // parts", "    cdef Py_ssize_t j = blocks * (k + 1) // parts - 1",
            "a thread's column range ends one 128-byte block early: those gradient columns are never summed",
            (KERNELS, "-k", "threaded_path"), threads=True),
-    Mutant("col-wrap-every-thread", PYX,
+    Mutant("col-wrap-every-thread", COMMON,
            "    if k == 0 and _wraps(D, phase):", "    if _wraps(D, phase):",
            "every thread, not only block 0's owner, adds the columns that wrap into the next row",
            (KERNELS, "-k", "threaded_path"), threads=True),
