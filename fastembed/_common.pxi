@@ -304,14 +304,14 @@ cdef inline Py_ssize_t _seq_len(cnp.ndarray ids):
     return cnp.PyArray_DIM(ids, nd - 1) if nd > 0 else 1
 
 
-cdef int _check_start(Py_ssize_t start, Py_ssize_t T, Py_ssize_t N, Py_ssize_t P) except -1:
+cdef int _check_start(Py_ssize_t start, Py_ssize_t T, Py_ssize_t N, Py_ssize_t P, str table) except -1:
     """positions = start + arange(T) must lie in [0, P)."""
     if N == 0:
         return 0
     if start < 0 or start + T > P:
         raise IndexError(
             f"positions start + arange(T) = {start}..{start + T - 1} (T = ids.shape[-1] = {T}) is out of range "
-            f"for position_table with {P} rows (valid positions are 0 to {P - 1})"
+            f"for {table} with {P} rows (valid positions are 0 to {P - 1})"
         )
     return 0
 
@@ -320,7 +320,7 @@ cdef int _check_positions(cnp.ndarray pos_arr, Py_ssize_t start, Py_ssize_t T, P
                           str table) except -1:
     """Every position in [0, P): the array's values, or start + arange(T) when there is no array."""
     if pos_arr is None:
-        return _check_start(start, T, N, P)
+        return _check_start(start, T, N, P, table)
     return _check_range(pos_arr, "positions", P, table)
 
 
