@@ -63,6 +63,39 @@ FE_CLONES static void fe_adam_row(float *FE_RESTRICT w, float *FE_RESTRICT m, fl
     }
 }
 
+/* One SGD update of n elements: w[d] = w[d] - lr * g[d] (the product rounded first, as numpy's
+   `w -= lr * g` rounds it). */
+FE_CLONES static void fe_sgd_row(float *FE_RESTRICT w, const float *FE_RESTRICT g, ptrdiff_t n, float lr) {
+    for (ptrdiff_t d = 0; d < n; d++) w[d] -= lr * g[d];
+}
+
+/* One Adagrad update of n elements, in torch's order for a dense gradient: the sum of squares grows by
+   g^2, then w moves by (clr * g) / (sqrt(sum) + eps). */
+FE_CLONES static void fe_adagrad_row(float *FE_RESTRICT w, float *FE_RESTRICT s, const float *FE_RESTRICT g,
+                                     ptrdiff_t n, float clr, float eps) {
+    for (ptrdiff_t d = 0; d < n; d++) {
+        float gd = g[d];
+        float sd = s[d] + gd * gd;
+        s[d] = sd;
+        w[d] -= clr * gd / (sqrtf(sd) + eps);
+    }
+}
+
+/* The sum of g[d]^2 in column order: a fixed order, so that a float32 transcription gives the same bits
+   (without -ffast-math the compiler keeps this loop's order; the sum is one pass over a row that the
+   update below then reads from cache). */
+static inline float fe_sum_squares(const float *g, ptrdiff_t n) {
+    float acc = 0.0f;
+    for (ptrdiff_t d = 0; d < n; d++) acc += g[d] * g[d];
+    return acc;
+}
+
+/* w[d] -= (lr * g[d]) / std: the row-wise Adagrad update, one std (sqrt of the row's sum, plus eps) per row. */
+FE_CLONES static void fe_scaled_row(float *FE_RESTRICT w, const float *FE_RESTRICT g, ptrdiff_t n, float lr,
+                                    float std) {
+    for (ptrdiff_t d = 0; d < n; d++) w[d] -= lr * g[d] / std;
+}
+
 #if defined(__GNUC__) || defined(__clang__)
 #define fe_prefetch(p) __builtin_prefetch((p), 0, 3)
 #define fe_prefetch_write(p) __builtin_prefetch((p), 1, 3)

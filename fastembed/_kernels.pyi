@@ -36,6 +36,31 @@ def gather_add_backward(
     positions: _Positions = None,
 ) -> None: ...
 def coalesce(ids: _Ids, grad_out: _Float32) -> tuple[npt.NDArray[np.int64], _Float32]: ...
+def sgd_step(
+    weight: _Float32,
+    grad: _Float32,
+    rows: npt.NDArray[np.int64] | None,
+    lr: float,
+    check_only: bool = False,
+) -> None: ...
+def adagrad_step(
+    weight: _Float32,
+    state_sum: _Float32,
+    grad: _Float32,
+    rows: npt.NDArray[np.int64] | None,
+    clr: float,
+    eps: float,
+    check_only: bool = False,
+) -> None: ...
+def rowwise_adagrad_step(
+    weight: _Float32,
+    state_sum: _Float32,
+    grad: _Float32,
+    rows: npt.NDArray[np.int64] | None,
+    lr: float,
+    eps: float,
+    check_only: bool = False,
+) -> None: ...
 def adam_step(
     weight: _Float32,
     exp_avg: _Float32,

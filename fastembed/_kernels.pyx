@@ -17,7 +17,8 @@ thread settings and the checks are one copy shared by every family):
                 the helpers that split work between threads
   _kernels.pyx  lookups (gather, gather_add) and scatters (scatter_add, the fused
                 backward, coalesce)
-  _optim.pxi    optimizer row updates (adam_step)
+  _optim.pxi    optimizer row updates (sgd_step, adagrad_step, rowwise_adagrad_step,
+                adam_step)
 """
 cimport numpy as cnp
 from cpython.pyport cimport PY_SSIZE_T_MAX
@@ -43,6 +44,10 @@ cdef extern from "_fastembed.h" nogil:
     void fe_add_into(float* g, const float* s, Py_ssize_t n)
     void fe_adam_row(float* w, float* m, float* v, const float* g, Py_ssize_t n, float lr, float beta1,
                      float beta2, float eps, float inv_bias1, float inv_bias2)
+    void fe_sgd_row(float* w, const float* g, Py_ssize_t n, float lr)
+    void fe_adagrad_row(float* w, float* s, const float* g, Py_ssize_t n, float clr, float eps)
+    float fe_sum_squares(const float* g, Py_ssize_t n)
+    void fe_scaled_row(float* w, const float* g, Py_ssize_t n, float lr, float std)
     void fe_prefetch_write(const void* p)
 
 ctypedef fused index_t:

@@ -1,4 +1,4 @@
-"""Optimizers for fastembed layers: SGD, the book's dense Adam, and the lazy SparseAdam.
+"""Optimizers for fastembed layers: SGD, Adagrad, RowWiseAdagrad, the book's dense Adam, and the lazy SparseAdam.
 
 A parameter is anything with a float32 ``weight`` array and a ``grad`` that is
 None, a dense array of weight's shape, or a `SparseGrad(rows, values)`; an
@@ -9,7 +9,7 @@ import numpy as np
 from . import _kernels
 from .nn import SparseGrad
 
-__all__ = ["SGD", "Adam", "SparseAdam", "linear_decay"]
+__all__ = ["SGD", "Adagrad", "RowWiseAdagrad", "Adam", "SparseAdam", "linear_decay"]
 
 BOOK_LR = 0.01
 BOOK_BETAS = (0.85, 0.99)
@@ -69,32 +69,126 @@ class _Optimizer:
             p.grad = None
 
 
-def _checked_sgd_grad(p):
-    """p.grad, if it fits p.weight exactly (numpy would broadcast a wrong shape, cast a float64, or drop a repeated row)."""
+def _grad_arrays(p):
+    """(grad, rows) for a row-update kernel: (values, int64 rows) of a sparse gradient, (grad, None) of a
+    dense one; checked to fit p.weight exactly (numpy would broadcast a wrong shape, cast a float64, or
+    drop a repeated row)."""
     g, (V, D) = p.grad, p.weight.shape
     if isinstance(g, SparseGrad):
-        return g.check(V, D)
+        g.check(V, D)
+        return g.values, g.rows.astype(np.int64, copy=False)
     if not isinstance(g, np.ndarray) or g.dtype != np.float32:
         raise TypeError(f"grad must be a float32 array, got {getattr(g, 'dtype', type(g).__name__)}")
     if g.shape != (V, D):
         raise ValueError(f"grad must have weight.shape={(V, D)}, got grad.shape={g.shape}")
-    return g
+    return g, None
+
+
+def _checked_sgd_grad(p):
+    """(grad, rows) for sgd_step once every check has passed, the kernel's own included (a weight it
+    cannot write in place, memory shared between weight and gradient)."""
+    grad, rows = _grad_arrays(p)
+    _kernels.sgd_step(p.weight, grad, rows, 0.0, True)
+    return grad, rows
 
 
 class SGD(_Optimizer):
-    """``weight -= lr * grad``; a sparse gradient moves only its rows."""
+    """``weight -= lr * grad``; a sparse gradient moves only its rows.
+
+    In float32, lr rounded to it: each element becomes ``w - (lr * g)``, as numpy's
+    ``weight[rows] -= np.float32(lr) * values`` gives it, in one threaded pass (_kernels.sgd_step).
+    """
 
     def __init__(self, params, lr):
         super().__init__(params, lr)
 
     def step(self):
         updates = [(p, _checked_sgd_grad(p)) for p in self.params if p.grad is not None]  # all checked first
-        lr = np.float32(self.lr)
-        for p, g in updates:
-            if isinstance(g, SparseGrad):
-                p.weight[g.rows] -= lr * g.values
-            else:
-                p.weight -= lr * g
+        for p, (grad, rows) in updates:
+            _kernels.sgd_step(p.weight, grad, rows, self.lr)
+
+
+class Adagrad(_Optimizer):
+    """torch.optim.Adagrad for embeddings: per element, a sum of squared gradients scales the step.
+
+    Each parameter keeps ``state_sum`` (weight's shape, starting at ``initial_accumulator_value``) and
+    its own step count ``steps[i]`` (the steps at which it had a gradient; torch counts the same).
+    At its step t, with ``clr = lr / (1 + (t - 1) * lr_decay)`` and, for a dense gradient,
+    ``g = g + weight_decay * w``: ``state_sum += g * g``, ``w -= clr * g / (sqrt(state_sum) + eps)``,
+    in float32 with torch's order of operations for a dense gradient (for a sparse one torch divides
+    before it multiplies by clr, one rounding apart). A sparse gradient moves only its rows (weight and
+    state_sum); as in torch, weight_decay with a sparse gradient is a RuntimeError, raised before
+    anything moves. Defaults are torch's: lr 0.01, lr_decay 0, weight_decay 0,
+    initial_accumulator_value 0, eps 1e-10.
+    """
+
+    def __init__(self, params, lr=0.01, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0, eps=1e-10):
+        super().__init__(params, lr)
+        self.lr_decay, self.weight_decay, self.eps = lr_decay, weight_decay, eps
+        if not initial_accumulator_value >= 0.0:
+            raise ValueError(f"initial_accumulator_value must be >= 0, got {initial_accumulator_value}")
+        self._check_hyperparameters()
+        self.state_sum = [np.full_like(p.weight, initial_accumulator_value) for p in self.params]
+        self.steps = [0] * len(self.params)
+
+    def _check_hyperparameters(self):
+        """Checked at construction and again by step(): they are plain attributes a user may change."""
+        for name in ("lr_decay", "weight_decay", "eps"):
+            value = getattr(self, name)
+            if not value >= 0.0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+
+    def _checked(self, i):
+        """(grad, rows) for parameter i's adagrad_step, every check passed (weight decay applied)."""
+        p = self.params[i]
+        grad, rows = _grad_arrays(p)
+        if self.weight_decay != 0:
+            if rows is not None:
+                raise RuntimeError("weight_decay option is not compatible with sparse gradients")
+            grad = grad + np.float32(self.weight_decay) * p.weight
+        _kernels.adagrad_step(p.weight, self.state_sum[i], grad, rows, 0.0, 0.0, True)
+        return grad, rows
+
+    def step(self):
+        self._check_hyperparameters()
+        updates = [(i, self._checked(i)) for i, p in enumerate(self.params) if p.grad is not None]
+        for i, (grad, rows) in updates:
+            t = self.steps[i] + 1
+            clr = self.lr / (1 + (t - 1) * self.lr_decay)
+            _kernels.adagrad_step(self.params[i].weight, self.state_sum[i], grad, rows, clr, self.eps)
+            self.steps[i] = t
+
+
+class RowWiseAdagrad(_Optimizer):
+    """Row-wise Adagrad (FBGEMM's default for recommendation models): one accumulator per row.
+
+    ``state_sum[i]`` has one float32 per row of parameter i (shape (V,), starting at 0). For each
+    row r of the gradient: ``state_sum[r] += mean(g[r] ** 2)`` (summed in float32 in column order,
+    then divided by D), then ``w[r] -= lr * g[r] / (sqrt(state_sum[r]) + eps)``. A sparse gradient
+    moves only its rows; a dense one moves every row (a zero gradient row keeps its weight). D = 0
+    changes nothing. Defaults: lr 0.01, eps 1e-10 (torch's Adagrad's).
+    """
+
+    def __init__(self, params, lr=0.01, eps=1e-10):
+        super().__init__(params, lr)
+        self.eps = eps
+        self._check_hyperparameters()
+        self.state_sum = [np.zeros(p.weight.shape[0], np.float32) for p in self.params]
+
+    def _check_hyperparameters(self):
+        if not self.eps >= 0.0:
+            raise ValueError(f"eps must be >= 0, got {self.eps}")
+
+    def _checked(self, i):
+        grad, rows = _grad_arrays(self.params[i])
+        _kernels.rowwise_adagrad_step(self.params[i].weight, self.state_sum[i], grad, rows, 0.0, 0.0, True)
+        return grad, rows
+
+    def step(self):
+        self._check_hyperparameters()
+        updates = [(i, self._checked(i)) for i, p in enumerate(self.params) if p.grad is not None]
+        for i, (grad, rows) in updates:
+            _kernels.rowwise_adagrad_step(self.params[i].weight, self.state_sum[i], grad, rows, self.lr, self.eps)
 
 
 def _adam_all(updates, lr, betas, eps, steps):
