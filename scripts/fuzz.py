@@ -335,10 +335,14 @@ def _optim_round(ctx, fe):
             layer.backward(ctx.rows_like())
         except DOCUMENTED:
             pass
-    cls = src.pick((fe.optim.SGD, fe.optim.Adam, fe.optim.SparseAdam))
+    cls = src.pick((fe.optim.SGD, fe.optim.Adam, fe.optim.SparseAdam, fe.optim.Adagrad, fe.optim.RowWiseAdagrad))
     params = src.pick(([layer], layer, [layer, layer], [], [_garbage(src, ctx.np)]))
     if cls is fe.optim.SGD:
         opt = cls(params, lr=ctx.scalar())
+    elif cls in (fe.optim.Adagrad, fe.optim.RowWiseAdagrad):
+        names = ("lr", "eps") + (("lr_decay", "weight_decay", "initial_accumulator_value")
+                                 if cls is fe.optim.Adagrad else ())
+        opt = cls(params, **{name: ctx.scalar() for name in names if src.chance(1, 3)})
     else:
         kwargs = {}
         if src.chance(1, 3):
@@ -352,6 +356,16 @@ def _optim_round(ctx, fe):
         with ctx.np.errstate(all="ignore"):
             opt.step()
     fe.optim.linear_decay(ctx.scalar(), ctx.scalar(), ctx.size())
+
+
+def _update_grad(ctx, V):
+    """A gradient for an optimizer kernel: one row per table row, or a few rows."""
+    return ctx.rows_like((V,)) if ctx.src.chance(1, 2) else ctx.rows_like((ctx.src.below(3),))
+
+
+def _update_rows(ctx, V):
+    """None (every row), or a few row ids (sorted or not, in range or not)."""
+    return None if ctx.src.chance(1, 2) else ctx.ids(V, (ctx.src.below(4),))
 
 
 def _kernels_call(ctx, fe, info):
@@ -374,6 +388,11 @@ def _kernels_call(ctx, fe, info):
                               ctx.rows_like((V,)) if src.chance(1, 2) else ctx.rows_like((src.below(3),)),
                               None if src.chance(1, 2) else ctx.ids(V, (src.below(4),)),
                               ctx.scalar(), ctx.scalar(), ctx.scalar(), ctx.scalar(), ctx.scalar(), ctx.scalar()],
+        "sgd_step": lambda: [ctx.table(V, True), _update_grad(ctx, V), _update_rows(ctx, V), ctx.scalar()],
+        "adagrad_step": lambda: [ctx.table(V, True), ctx.table(V, True), _update_grad(ctx, V),
+                                 _update_rows(ctx, V), ctx.scalar(), ctx.scalar()],
+        "rowwise_adagrad_step": lambda: [ctx.table(V, True), ctx.np.zeros(src.pick((V, V + 1, 0)), ctx.np.float32),
+                                         _update_grad(ctx, V), _update_rows(ctx, V), ctx.scalar(), ctx.scalar()],
     }
     args = plausible[name]() if name in plausible and src.chance(3, 4) else []
     if not args or src.chance(1, 4):
