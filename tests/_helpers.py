@@ -1,7 +1,8 @@
 """Shared helpers and hypothesis strategies for the core test suite.
 
 Oracles used by the tests: numpy (``table[ids]``, ``np.add.at``, ``np.unique``),
-the pure-Python reference, hand-derived derivatives and, when installed, torch.
+the pure-Python reference, hand-derived derivatives, float32 transcriptions of the
+optimizers' formulas and, when installed, torch.
 """
 import contextlib
 
@@ -224,3 +225,28 @@ def at_phase(shape, phase, dtype=np.float32):
     arr = buf[skip:skip + count].reshape(shape)
     assert arr.flags.c_contiguous and (count == 0 or arr.ctypes.data % 128 == phase * itemsize)
     return arr
+
+
+# ---------------------------------------------------------------- optimizer transcriptions
+
+def f32(x):
+    """x rounded to float32 as C's (float) cast does: 1e300 becomes inf."""
+    with np.errstate(over="ignore"):
+        return np.float32(x)
+
+
+def adam_update(w, m, v, rows, g, lr, betas, eps, t):
+    """The Adam update of w, m, v in place at step count t: every row (rows None) or the given rows,
+    with g holding one row per updated row."""
+    b1, b2 = betas
+    lr32, b1_32, b2_32, eps32 = f32(lr), f32(b1), f32(b2), f32(eps)
+    keep1, keep2 = np.float32(1) - b1_32, np.float32(1) - b2_32
+    inv_bias1, inv_bias2 = f32(1.0 / (1 - b1**t)), f32(1.0 / (1 - b2**t))
+    at = slice(None) if rows is None else np.asarray(rows, np.int64)
+    g = np.asarray(g, np.float32)
+    with np.errstate(all="ignore"):  # inf and nan are data here (an lr of inf, a grad of 0)
+        md = b1_32 * m[at] + keep1 * g
+        vd = b2_32 * v[at] + keep2 * (g * g)
+        m[at] = md
+        v[at] = vd
+        w[at] = w[at] - (lr32 * (md * inv_bias1)) / (np.sqrt(vd * inv_bias2) + eps32)
