@@ -71,7 +71,7 @@ class Mutant:
 
 PYX, COMMON, OPTIM_PXI, HDR = KERNEL_FILES
 OPS, NN, OPTIM, REF, TORCH = ("fastembed/ops.py", "fastembed/nn.py", "fastembed/optim.py",
-                              "fastembed/reference.py", "fastembed/torch.py")
+                              "fastembed/reference.py", "fastembed/torch/__init__.py")
 ERRORS, KERNELS = "tests/test_errors.py", "tests/test_kernels.py"
 NN_OPTIM, H_OPTIM = "tests/test_nn_optim.py", "tests/test_hardening_optim.py"
 THREADED = "tests/test_threaded_paths.py"  # issue 12, item 3: the observable threaded path
@@ -326,7 +326,7 @@ MUTANTS = [
            "self.position.weight[start + t])]", "self.position.weight[t])]",
            "the reference's TokenPositionEmbedding ignores an int positions start",
            ("tests/test_reference.py",)),
-    # ---------------------------------------------------------------- torch.py
+    # ---------------------------------------------------------------- torch/__init__.py
     Mutant("torch-dense-padding-grad", TORCH,
            "            grad[ctx.padding_idx] = 0.0", "            pass",
            "the dense gradient of the padding_idx row is not zeroed",

@@ -23,8 +23,8 @@ except ImportError as exc:
 import numpy as np
 from torch.autograd.function import once_differentiable
 
-from . import ops
-from .nn import INIT_STD
+from .. import ops
+from ..nn import INIT_STD
 
 __all__ = ["Embedding", "TokenPositionEmbedding"]
 
