@@ -25,7 +25,7 @@ if not os.path.isfile(os.path.join(ROOT, "bench", "__init__.py")):
 if ROOT not in sys.path:
     sys.path.append(ROOT)  # appended: an installed fastembed keeps precedence over the source folder
 
-from bench import cases, memlimit, report, shapes, targets, threads  # noqa: E402
+from bench import cases, memlimit, report, shapes, targets, threads, train  # noqa: E402
 from bench.timing import Method  # noqa: E402
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -69,7 +69,7 @@ def test_seed_default_rows_json_and_targets(tmp_path):
     for shape in ("seed-1x16", "seed-32x16"):
         rows = table_rows(text, shape)
         names = {(op, method) for op, method, _ in rows}
-        for op in cases.OPS:
+        for op in cases.KERNEL_OPS:
             assert (op, "fastembed") in names
             # A few hundred KB at most: the add is numpy's call overhead, named so, and no "memory limit".
             assert (op, "numpy call overhead (np.add on the same bytes)") in names
@@ -78,7 +78,9 @@ def test_seed_default_rows_json_and_targets(tmp_path):
         assert ("backward", "numpy np.add.at") in names
         assert ("sparse", "numpy unique + np.add.at") in names
         assert ("forward", "reference (Values)") in names and ("backward", "reference backward()") in names
-        assert not any("torch" in m for _, m in names)
+        # Without torch, train has the numpy API's rows alone (dense Adam included: 597 x 32 is small).
+        assert {m for op, m in names if op == "train"} == {train.numpy_row_name(g) for g in train.GROUPS}
+        assert not any("torch" in m or "FBGEMM" in m for _, m in names)
         # At most 32 x 16 ids of dim 32 (16,384 elements) and a 597 x 32 table (19,104): every fastembed
         # call is below the 32,768-element serial threshold, and every other method is one thread.
         assert {t for _, _, t in rows} == {"1"}
@@ -93,6 +95,9 @@ def test_seed_default_rows_json_and_targets(tmp_path):
     assert set(targets_found.values()) <= {"PASS", "MISS"}
     assert "seed forward, one sentence" in targets_found and "seed fused backward into both tables" in targets_found
     assert any("--no-torch" in n for n in doc["notes"])
+    assert "adapter: skipped: every row needs PyTorch [seed-1x16, seed-32x16]" in doc["notes"]
+    assert "train: torch, fastembed.torch and FBGEMM rows: skipped (no PyTorch in this run) [seed-1x16, seed-32x16]" \
+        in doc["notes"]
     checks = {(r["op"], r["method"]): r["check"] for r in doc["results"] if r["shape"] == "seed-1x16"}
     assert checks[("forward", "numpy tok[ids] + pos[p]")] == "bitwise"
     assert checks[("backward", "numpy np.add.at")] == "bitwise"
