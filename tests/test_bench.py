@@ -642,3 +642,32 @@ def test_train_and_adapter_targets_are_the_issues():
         tpe = found[("adapter: fastembed.torch.TokenPositionEmbedding forward + backward vs torch 2 nn.Embedding + add",
                      shape)]
         assert (emb.limit, emb.status) == ("<= 1x", "PASS") and (tpe.limit, tpe.status) == ("<= 0.8x", "MISS")
+
+
+def test_grouped_case_builds_each_groups_state_only_while_it_is_timed(monkeypatch):
+    import bench.run as run_module
+    from bench.timing import Plan
+
+    alive, seen = set(), []
+
+    def method(name, group):
+        def make():
+            alive.add(name)
+            return lambda: seen.append((name, frozenset(alive)))
+        return Method(name, "fastembed", make=make, group=group)
+
+    real_measure = run_module.measure
+
+    def measure_then_release(group, plan, progress):
+        counts = real_measure(group, plan, progress)
+        alive.difference_update(m.name for m in group)  # the driver drops run (the state) after this call
+        return counts
+
+    monkeypatch.setattr(run_module, "measure", measure_then_release)
+    methods = [method("a1", "A"), method("a2", "A"), method("b1", "B")]
+    case = cases.Case(shapes.SEED_SHAPES[0], "train", None, methods)
+    run_module.measure_case(case, Plan(repeats=2, min_repeats=1, warmup=0, sample_ns=1, budget_ns=10**9), None)
+    # Each group timed on its own: its states alive, no other group's; every run dropped after.
+    assert {n for n, _ in seen} == {"a1", "a2", "b1"}
+    assert all(live == ({"a1", "a2"} if n.startswith("a") else {"b1"}) for n, live in seen)
+    assert all(m.run is None and len(m.samples_ns) == 2 for m in methods)
