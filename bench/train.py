@@ -215,14 +215,15 @@ def fused_support(torch, cls, group):
     """None when fastembed.torch.Embedding takes fused=cls(...), else why not (the lead's API may lag)."""
     from fastembed.torch import Embedding
 
+    refused = (TypeError, ValueError, NotImplementedError)  # how a signature or a mode says no
     try:
         fused = cls(**HYPER[group])
-    except TypeError as exc:
-        return f"{cls.__name__}(**{HYPER[group]}) raised TypeError: {exc}"
+    except refused as exc:
+        return f"{cls.__name__}(**{HYPER[group]}) raised {type(exc).__name__}: {exc}"
     try:
         Embedding(4, 4, fused=fused)
-    except TypeError as exc:
-        return f"fastembed.torch.Embedding(V, D, fused={cls.__name__}(...)) raised TypeError: {exc}"
+    except refused as exc:
+        return f"fastembed.torch.Embedding(V, D, fused={cls.__name__}(...)) raised {type(exc).__name__}: {exc}"
     return None
 
 

@@ -539,6 +539,40 @@ def test_fastembed_torch_rows_from_their_table(monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed")
+def test_fused_row_is_backward_alone(monkeypatch):
+    """A fused row builds Embedding(V, D, fused=cls(**hyper)), copies the table in, and times forward +
+    backward with no optimizer step: here an Embedding stand-in whose backward applies SGD."""
+    import torch
+
+    import fastembed.torch as fet
+
+    class FusedSGD:
+        def __init__(self, lr):
+            self.lr = lr
+
+    class FusingEmbedding(fet.Embedding):
+        def __init__(self, num_embeddings, embedding_dim, fused=None):
+            super().__init__(num_embeddings, embedding_dim, sparse=True)
+
+            def update(weight):
+                with torch.no_grad():
+                    weight.add_(weight.grad, alpha=-fused.lr)
+                weight.grad = None
+
+            self.weight.register_post_accumulate_grad_hook(update)
+
+    fake = types.ModuleType("fake_fused")
+    fake.FusedSGD = FusedSGD
+    monkeypatch.setitem(sys.modules, "fake_fused", fake)
+    monkeypatch.setattr(fet, "Embedding", FusingEmbedding)
+    monkeypatch.setattr(train, "FASTEMBED_TORCH_ROWS", (("fused SGD", "SGD", "fake_fused", "FusedSGD", "fused"),))
+    data = tiny_data()
+    built = train.train_methods(data, torch_ctx())
+    [fused] = [m for m in built.methods if m.name == "fused SGD"]
+    check_train_row(fused, data)  # two steps of SGD: each backward did one update, nothing else did
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed")
 def test_adapter_rows_give_autograds_gradients():
     data = tiny_data()
     built = train.adapter_methods(data, torch_ctx())
