@@ -451,12 +451,12 @@ BUILDERS = {
 def build_case(data, op, ctx):
     """The case's methods, plus the memory limit at each fastembed thread count (or, below
     memlimit.LIMIT_MIN_BYTES, one row of numpy's call overhead, which is no limit); each
-    method labelled with the threads it runs on."""
+    method labelled with the threads it runs on; the rows the builder left out (skips), with why."""
     built = BUILDERS[op](data, ctx)
     methods, skips = (built.methods, built.skips) if isinstance(built, train.Built) else (built, [])
     nbytes = traffic(op, data)
     if nbytes is None:
-        pass
+        pass  # no byte count (train, adapter): neither a memory limit nor a call-overhead row
     elif is_limit(nbytes):
         for n in sorted(set(ctx.fe_threads)):
             limit = MemoryLimit(nbytes, n)
