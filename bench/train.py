@@ -43,8 +43,8 @@ HYPER = {  # each optimizer's settings, the same for every row of its group
 GROUPS = tuple(HYPER)
 # The equality check's settings: SparseAdam's with eps 1e-30. torch (and its drop-ins) add eps to
 # sqrt(v) before the bias correction, fastembed's numpy API after it; the two are the same formula only
-# as eps goes to 0 (at 1e-8, an element whose gradient is near 1e-6 moves about 1% differently), and
-# torch refuses eps 0. The timed rows keep eps 1e-8: the work is the same.
+# as eps goes to 0 (at 1e-8, an element whose gradient is near 1e-5 moves about 1% differently on the
+# first step), and torch refuses eps 0. The timed rows keep eps 1e-8: the work is the same.
 CHECK_HYPER = {**HYPER, "SparseAdam": {**HYPER["SparseAdam"], "eps": 1e-30}}
 
 # fastembed.torch's rows, one line each: (label, group, module, class, mode). "drop-in": a
