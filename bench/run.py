@@ -26,7 +26,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="fastembed against numpy, PyTorch, the pure-Python reference and the memory limit.")
-    parser.add_argument("--all", action="store_true", help="every shape: seed, medium, wide (about 5-10 minutes)")
+    parser.add_argument("--all", action="store_true", help="every shape: seed, medium, wide (about 5-10 minutes for the "
+                        "kernel ops; train and adapter add their own rows at every shape, so budget more)")
     parser.add_argument("--shapes", type=_names, default=None,
                         help="comma-separated shape names, of " + ", ".join(s.name for s in shapes.ALL_SHAPES)
                         + " (default: the seed shapes)")
