@@ -5,5 +5,7 @@ PyTorch (when installed), the pure-Python reference (seed shapes) and the memory
 limit, checked equal before it is timed. A case that moves less than 1 MiB has no
 memory limit: its add measures numpy's call overhead and is labelled so
 (bench/memlimit.py). The threads column says what each method ran on
-(bench/threads.py). See bench/run.py for the options.
+(bench/threads.py). The ops train and adapter (bench/train.py) time training steps
+per optimizer and autograd round trips, each row against the torch row doing the
+same thing. See bench/run.py for the options.
 """

@@ -6,6 +6,10 @@ Operations (each case builds its methods from the same `shapes.Data`):
   sparse       the token table's gradient as (distinct rows, summed values)
   step-sparse  forward, backward, lazy Adam on the touched rows (SparseAdam)
   step-dense   forward, backward, dense Adam on every row (the book's optimizer)
+  train        one table: forward, backward, update, per optimizer; numpy API, torch,
+               fastembed.torch (drop-in optimizers and fused), FBGEMM (bench/train.py)
+  adapter      forward + backward through torch autograd: fastembed.torch against
+               torch.nn (bench/train.py)
 The upstream gradient g is a fixed array: the steps measure the embedding layer's
 share of a training step, not the rest of a model.
 """
@@ -18,16 +22,20 @@ import fastembed as fe
 from fastembed import reference
 
 from . import threads as ran
+from . import train
 from .memlimit import LIMIT_MIN_BYTES, OVERHEAD_NAME, MemoryLimit, is_limit
 from .timing import Method
 
-OPS = ("forward", "backward", "sparse", "step-sparse", "step-dense")
+KERNEL_OPS = ("forward", "backward", "sparse", "step-sparse", "step-dense")  # each with a byte count and a limit
+OPS = KERNEL_OPS + ("train", "adapter")
 OP_TITLES = {
     "forward": "forward (gather + position add)",
     "backward": "dense backward into both tables",
     "sparse": "sparse gradient, coalesced (token table)",
     "step-sparse": "training step, lazy Adam (SparseAdam)",
     "step-dense": "training step, dense Adam",
+    "train": "training step of one table (forward, backward, update), per optimizer",
+    "adapter": "forward + backward through torch autograd",
 }
 LR, BETAS, EPS = 0.01, (0.85, 0.99), 1e-8  # the book's Adam, for every optimizer here
 
@@ -53,10 +61,11 @@ class Case:
 
     shape: object
     op: str
-    nbytes: int
+    nbytes: int  # None where the rows differ in what they must move (train, adapter): no GB/s, no limit
     methods: list
     checks: dict = field(default_factory=dict)  # method key -> "bitwise" / "close (...)" / "baseline"
     warnings: list = field(default_factory=list)
+    skips: list = field(default_factory=list)  # rows left out of this run, each with why
 
 
 def method_key(m):
@@ -99,6 +108,8 @@ def traffic(op, data):
     if op == "step-dense":
         full = f * D * (s.vocab + s.context)
         return forward + backward + full + 7 * full  # zero the new grads; Adam reads g, rewrites w, m, v
+    if op in ("train", "adapter"):
+        return None  # each optimizer (each module) moves other bytes: see the rows' ratios instead
     raise ValueError(f"unknown op {op!r}")
 
 
@@ -432,16 +443,21 @@ BUILDERS = {
     "sparse": sparse_methods,
     "step-sparse": functools.partial(step_methods, sparse=True),
     "step-dense": functools.partial(step_methods, sparse=False),
+    "train": train.train_methods,
+    "adapter": train.adapter_methods,
 }
 
 
 def build_case(data, op, ctx):
     """The case's methods, plus the memory limit at each fastembed thread count (or, below
     memlimit.LIMIT_MIN_BYTES, one row of numpy's call overhead, which is no limit); each
-    method labelled with the threads it runs on."""
-    methods = BUILDERS[op](data, ctx)
+    method labelled with the threads it runs on; the rows the builder left out (skips), with why."""
+    built = BUILDERS[op](data, ctx)
+    methods, skips = (built.methods, built.skips) if isinstance(built, train.Built) else (built, [])
     nbytes = traffic(op, data)
-    if is_limit(nbytes):
+    if nbytes is None:
+        pass  # no byte count (train, adapter): neither a memory limit nor a call-overhead row
+    elif is_limit(nbytes):
         for n in sorted(set(ctx.fe_threads)):
             limit = MemoryLimit(nbytes, n)
             methods.append(Method("memory limit", "memory", run=limit, threads=n, scale=limit.scale,
@@ -453,14 +469,14 @@ def build_case(data, op, ctx):
                                    "no limit"))
     for m in methods:
         m.ran = threads_ran(m, op, data)
-    return Case(data.shape, op, nbytes, methods)
+    return Case(data.shape, op, nbytes, methods, skips=skips)
 
 
 def threads_ran(m, op, data):
     """What m's threads column says: the threads it really runs on (bench/threads.py)."""
     if m.family == "fastembed":
-        return ran.label(ran.fastembed_counts(op, data, m.threads))
-    if m.family == "torch":
+        return ran.label(ran.fastembed_counts(op, data, m.threads, dense=(m.group == "Adam")))
+    if m.family in ("torch", "fbgemm"):
         return ran.torch_label(m.threads)
     if m.family in ("memory", "overhead"):
         return str(m.run.parts)
@@ -492,16 +508,30 @@ def compare(expected, got, name):
     return "bitwise" if bitwise else f"close (max diff {worst:.2g})"
 
 
+def groups(methods):
+    """The methods split by group, groups in order of first appearance."""
+    out = {}
+    for m in methods:
+        out.setdefault(m.group, []).append(m)
+    return list(out.values())
+
+
 def verify(case, ctx):
-    """Run each method once from a clean state and compare with fastembed's main row; fail loudly."""
-    base = next(m for m in case.methods if m.family == "fastembed" and m.anchor)
-    expected = base.result()
-    case.checks[method_key(base)] = "baseline"
-    for m in case.methods:
-        if m is base or m.result is None:
-            continue
-        status = compare(expected, m.result(), f"{case.shape.name} {case.op}: {method_label(m)}")
-        case.checks[method_key(m)] = status
-        if m.exact and status != "bitwise":
-            case.warnings.append(f"{method_label(m)} is expected bitwise equal to {method_label(base)} "
-                                 f"but is {status}")
+    """Run each method once from a clean state and compare with its group's fastembed anchor (the case's
+    main fastembed row when the case has one group); fail loudly."""
+    for group in groups(case.methods):
+        base = next((m for m in group if m.family == "fastembed" and m.anchor), None)
+        if base is None:
+            raise CheckError(f"{case.shape.name} {case.op}: group {group[0].group!r} has no fastembed row to "
+                             "check against")
+        expected = base.result()
+        case.checks[method_key(base)] = "baseline"
+        for m in group:
+            if m is base or m.result is None:
+                continue
+            status = compare(expected, m.result(), f"{case.shape.name} {case.op}: {method_label(m)}")
+            case.checks[method_key(m)] = status
+            if m.exact and status != "bitwise":
+                case.warnings.append(f"{method_label(m)} is expected bitwise equal to {method_label(base)} "
+                                     f"but is {status}")
+        del expected

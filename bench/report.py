@@ -3,7 +3,9 @@
 Ratios are ``this method's time / the anchor's time``: below 1 is faster than
 the anchor. Anchors per case: the numpy idiom DESIGN.md names, torch's first
 method, and the memory limit at the row's own thread count (none when the case
-moves too few bytes for an add to be a limit: memlimit.py).
+moves too few bytes for an add to be a limit: memlimit.py). In a case whose
+methods are grouped (train: by optimizer; adapter: by module), a row's anchors
+are those of its group: each row against torch doing the same thing.
 
 Each row has ``threads_set`` (the count the method was set to, as read back) and
 ``threads`` (a string: what it ran on, bench/threads.py), which can be fewer.
@@ -26,9 +28,9 @@ from .threads import SERIAL_ELEMENTS
 # ---------------------------------------------------------------- rows
 
 
-def _anchor(case, family):
-    """The case's anchor method of a family, or None."""
-    anchors = [m for m in case.methods if m.family == family and m.samples_ns and m.anchor]
+def _anchor(case, family, group=""):
+    """The anchor method of a family in a group of the case, or None."""
+    anchors = [m for m in case.methods if m.family == family and m.samples_ns and m.anchor and m.group == group]
     return anchors[0] if anchors else None
 
 
@@ -42,8 +44,8 @@ def _memory_limit(case, threads):
 def case_rows(case):
     """One dict per method of a measured case: time, GB/s, ratios, what the check found."""
     rows = []
-    numpy, torch = _anchor(case, "numpy"), _anchor(case, "torch")
     for m in case.methods:
+        numpy, torch = _anchor(case, "numpy", m.group), _anchor(case, "torch", m.group)
         t = m.median_ns
         memory = _memory_limit(case, m.threads)
         rows.append({
@@ -51,6 +53,7 @@ def case_rows(case):
             "op": case.op,
             "method": m.name,
             "family": m.family,
+            "group": m.group,
             "threads": m.ran or str(m.threads),
             "threads_set": m.threads,
             "anchor": m.anchor,
@@ -58,7 +61,7 @@ def case_rows(case):
             "samples_ns": [s * m.scale for s in m.samples_ns],
             "calls_per_sample": m.number,
             "bytes": case.nbytes,
-            "gbps": case.nbytes / t if t > 0 else math.nan,
+            "gbps": case.nbytes / t if case.nbytes is not None and t > 0 else math.nan,
             "vs_numpy": t / numpy.median_ns if numpy else None,
             "vs_torch": t / torch.median_ns if torch else None,
             "vs_memory": t / memory.median_ns if memory else None,
@@ -117,13 +120,18 @@ def table(header, lines):
     return "\n".join(out)
 
 
+def _fmt_gbps(x):
+    """GB/s with 3 significant digits, or - where the op has no byte count (train, adapter)."""
+    return "-" if x is None or not math.isfinite(x) else f"{x:.3g}"
+
+
 def results_markdown(rows, shapes):
     """One table per shape: every op and method with its time, GB/s and ratios."""
     parts = []
     for shape in shapes:
         lines = []
         for r in (r for r in rows if r["shape"] == shape.name):
-            lines.append([r["op"], r["method"], r["threads"], fmt_time(r["median_ns"]), f"{r['gbps']:.3g}",
+            lines.append([r["op"], r["method"], r["threads"], fmt_time(r["median_ns"]), _fmt_gbps(r["gbps"]),
                           fmt_ratio(r["vs_numpy"]), fmt_ratio(r["vs_torch"]), fmt_ratio(r["vs_memory"]),
                           r["note"] or r["check"]])
         if lines:

@@ -9,7 +9,7 @@ import fastembed as fe
 
 from . import report, shapes, targets
 from .threads import read_back
-from .cases import OPS, Context, build_case, verify
+from .cases import OPS, Context, build_case, groups, verify
 from .timing import Plan, loop_overhead_ns, measure
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -26,7 +26,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="fastembed against numpy, PyTorch, the pure-Python reference and the memory limit.")
-    parser.add_argument("--all", action="store_true", help="every shape: seed, medium, wide (about 5-10 minutes)")
+    parser.add_argument("--all", action="store_true", help="every shape: seed, medium, wide (about 5-10 minutes for the "
+                        "kernel ops; train and adapter add their own rows at every shape, so budget more)")
     parser.add_argument("--shapes", type=_names, default=None,
                         help="comma-separated shape names, of " + ", ".join(s.name for s in shapes.ALL_SHAPES)
                         + " (default: the seed shapes)")
@@ -143,7 +144,7 @@ def context_for(shape, args, torch):
 
 def run_cases(chosen, args, torch, progress, notes):
     """Build, check and time every case; return the result rows (each case is freed once reported)."""
-    rows = []
+    rows, skipped = [], {}  # (op, why) -> the shapes where a row was left out for that reason
     total, k = len(chosen) * len(args.ops), 0
     for shape in chosen:
         data = shapes.make_data(shape)
@@ -153,15 +154,36 @@ def run_cases(chosen, args, torch, progress, notes):
             progress.case(k, total, f"{shape.name} {op}")
             fe.set_num_threads(ctx.fe_threads[0])
             case = build_case(data, op, ctx)
-            verify(case, ctx)
-            measure(case.methods, plan_for(shape, args), progress)
-            rows += report.case_rows(case)
+            for why in case.skips:
+                skipped.setdefault((op, why), []).append(shape.name)
+            if case.methods:
+                verify(case, ctx)
+                measure_case(case, plan_for(shape, args), progress)
+                rows += report.case_rows(case)
             notes += [f"{shape.name} {op}: {w}" for w in case.warnings]
             del case
             if data.token_table.nbytes > 2**26:
                 gc.collect()  # free the big cases' tables and optimizer states now (a full collection is slow)
         del data
+    notes += [f"{op}: {why} [{', '.join(names)}]" for (op, why), names in skipped.items()]
     return rows
+
+
+def measure_case(case, plan, progress):
+    """Time each group of the case's methods round-robin; a method with make() gets its state built just
+    before its group and dropped after, so one group's tables (and optimizer states) are alive at a time."""
+    for group in groups(case.methods):
+        for m in group:
+            if m.make is not None:
+                m.run = m.make()
+        try:
+            measure(group, plan, progress)
+        finally:
+            for m in group:
+                if m.make is not None:
+                    m.run = None
+        if any(m.make is not None for m in group) and case.shape.big:
+            gc.collect()  # torch modules and optimizers hold reference cycles: free their tables now
 
 
 def main(argv=None):

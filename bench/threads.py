@@ -49,10 +49,19 @@ def column_threads(tokens, dim, n):
     return min(threads_for(tokens * dim, n), column_blocks(dim))
 
 
-def fastembed_calls(op, data):
-    """The kernel calls a fastembed method of op makes on data: a list of (kind, tokens or rows, dim)."""
+def fastembed_calls(op, data, dense=False):
+    """The kernel calls a fastembed method of op makes on data: a list of (kind, tokens or rows, dim).
+
+    train and adapter rows go through layers (and fastembed.torch) whose exact calls are theirs to
+    choose; their labels assume the lookup (rows), the scatter or coalesce of the gradient (columns)
+    and, for train, an update of the touched rows (of every row with dense, the dense Adam row).
+    """
     s = data.shape
     N, D = s.tokens, s.dim
+    if op == "adapter":
+        return [("rows", N, D), ("cols", N, D)]
+    if op == "train":
+        return [("rows", N, D), ("cols", N, D), ("rows", s.vocab if dense else data.unique_rows()[0], D)]
     if op == "forward":
         return [("rows", N, D)]  # gather_add
     if op == "backward":
@@ -69,10 +78,10 @@ def fastembed_calls(op, data):
     raise ValueError(f"unknown op {op!r}")
 
 
-def fastembed_counts(op, data, n):
+def fastembed_counts(op, data, n, dense=False):
     """The distinct thread counts of op's kernel calls at fastembed's thread count n (read back)."""
     counts = set()
-    for kind, rows, dim in fastembed_calls(op, data):
+    for kind, rows, dim in fastembed_calls(op, data, dense):
         counts.add(threads_for(rows * dim, n) if kind == "rows" else column_threads(rows, dim, n))
     return sorted(counts)
 

@@ -20,7 +20,12 @@ class Method:
     run: the timed call. prepare: when set, it is called untimed before each
     call and returns the callable to time (for work that can run only once, like
     the reference's backward() on a fresh graph). result: the arrays the method
-    computes, from a clean state, for the equality check before timing.
+    computes, from a clean state, for the equality check before timing. make:
+    when set, it builds the method's state and returns run; the driver calls it
+    just before the method's group is timed and drops run after (so only one
+    group's tables are alive at a time). group: methods of one group compute the
+    same thing, are checked against the group's fastembed anchor and timed
+    round-robin together (a case of one group: every method at once).
     """
 
     name: str
@@ -33,7 +38,9 @@ class Method:
     exact: bool = True  # expected bitwise equal to fastembed (else: equal within float32 tolerance)
     scale: float = 1.0  # time multiplier (the memory limit runs on a capped buffer and scales up)
     note: str = ""
-    anchor: bool = False  # the family's reference point for the ratios of this case
+    anchor: bool = False  # the family's reference point for the ratios of this case (of its group)
+    make: Optional[Callable[[], Callable[[], object]]] = None
+    group: str = ""
     samples_ns: list = field(default_factory=list)
     number: int = 1  # calls per sample
 

@@ -25,7 +25,7 @@ if not os.path.isfile(os.path.join(ROOT, "bench", "__init__.py")):
 if ROOT not in sys.path:
     sys.path.append(ROOT)  # appended: an installed fastembed keeps precedence over the source folder
 
-from bench import cases, memlimit, report, shapes, targets, threads  # noqa: E402
+from bench import cases, memlimit, report, shapes, targets, threads, train  # noqa: E402
 from bench.timing import Method  # noqa: E402
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -69,7 +69,7 @@ def test_seed_default_rows_json_and_targets(tmp_path):
     for shape in ("seed-1x16", "seed-32x16"):
         rows = table_rows(text, shape)
         names = {(op, method) for op, method, _ in rows}
-        for op in cases.OPS:
+        for op in cases.KERNEL_OPS:
             assert (op, "fastembed") in names
             # A few hundred KB at most: the add is numpy's call overhead, named so, and no "memory limit".
             assert (op, "numpy call overhead (np.add on the same bytes)") in names
@@ -78,7 +78,9 @@ def test_seed_default_rows_json_and_targets(tmp_path):
         assert ("backward", "numpy np.add.at") in names
         assert ("sparse", "numpy unique + np.add.at") in names
         assert ("forward", "reference (Values)") in names and ("backward", "reference backward()") in names
-        assert not any("torch" in m for _, m in names)
+        # Without torch, train has the numpy API's rows alone (dense Adam included: 597 x 32 is small).
+        assert {m for op, m in names if op == "train"} == {train.numpy_row_name(g) for g in train.GROUPS}
+        assert not any("torch" in m or "FBGEMM" in m for _, m in names)
         # At most 32 x 16 ids of dim 32 (16,384 elements) and a 597 x 32 table (19,104): every fastembed
         # call is below the 32,768-element serial threshold, and every other method is one thread.
         assert {t for _, _, t in rows} == {"1"}
@@ -90,9 +92,15 @@ def test_seed_default_rows_json_and_targets(tmp_path):
         assert key in env
     assert env["torch"] is None
     targets_found = {t["target"]: t["status"] for t in doc["targets"]}
-    assert set(targets_found.values()) <= {"PASS", "MISS"}
+    assert {s for t, s in targets_found.items() if not t.startswith("train:")} <= {"PASS", "MISS"}
+    for t in doc["targets"]:  # a train target needs a torch or FBGEMM row, none of which ran
+        if t["target"].startswith("train:"):
+            assert t["status"] == "SKIPPED" and ("torch" in t["note"] or "FBGEMM" in t["note"]), t
     assert "seed forward, one sentence" in targets_found and "seed fused backward into both tables" in targets_found
     assert any("--no-torch" in n for n in doc["notes"])
+    assert "adapter: skipped: every row needs PyTorch [seed-1x16, seed-32x16]" in doc["notes"]
+    assert "train: torch, fastembed.torch and FBGEMM rows: skipped (no PyTorch in this run) [seed-1x16, seed-32x16]" \
+        in doc["notes"]
     checks = {(r["op"], r["method"]): r["check"] for r in doc["results"] if r["shape"] == "seed-1x16"}
     assert checks[("forward", "numpy tok[ids] + pos[p]")] == "bitwise"
     assert checks[("backward", "numpy np.add.at")] == "bitwise"
@@ -210,7 +218,7 @@ def test_memory_limit_is_capped_and_scaled_past_its_cap(monkeypatch):
 def test_seed_case_has_call_overhead_and_one_thread_labels(monkeypatch):
     data = shapes.make_data(shapes.SEED_SHAPES[1])
     ctx = cases.Context(threads=2, fe_threads=(2,))  # set to 2, as a 2-CPU run is
-    for op in cases.OPS:
+    for op in cases.KERNEL_OPS:
         case = cases.build_case(data, op, ctx)
         by_family = {}
         for m in case.methods:
@@ -379,3 +387,321 @@ def test_big_targets_compare_equal_thread_counts():
     rows[-1] = row(shape, "forward", "memory", "memory limit", 0.5)
     forward = {v.target: v for v in targets.judge(rows, [], [shape])}[forward.target]
     assert (forward.measured, forward.status) == ("2x", "MISS")
+
+
+# ---------------------------------------------------------------- ops train and adapter
+
+
+def fbgemm_imports():
+    """Whether FBGEMM's TBE imports here (installed and built for this torch); asked only by torch tests."""
+    try:
+        importlib.import_module("fbgemm_gpu.split_table_batched_embeddings_ops_training")
+    except ImportError:
+        return False
+    return True
+
+
+# Ids with repeats (24 ids into 9 rows) and rows no id touches: a tiny stand-in for every shape.
+TINY = shapes.Shape("seed-1x16", 9, 6, 32, 4, 6)
+
+
+def tiny_data():
+    data = shapes.make_data(TINY)
+    data.ids[0, :3] = 2  # a row looked up three times in one sequence
+    data.ids[data.ids == 8] = 7  # row 8 untouched
+    return data
+
+
+def torch_ctx():
+    import torch
+
+    return cases.Context(threads=1, fe_threads=(1,), torch=torch, torch_threads=torch.get_num_threads())
+
+
+def expected_train(data, group, steps):
+    """The table after `steps` steps of the group's optimizer with train.CHECK_HYPER, in float64 numpy:
+    the same summed gradient G every step (rows no id touches keep their weight)."""
+    h = train.CHECK_HYPER[group]
+    w = data.token_table.astype(np.float64)
+    G = np.zeros_like(w)
+    np.add.at(G, data.ids.reshape(-1), data.grad_hidden.reshape(-1, TINY.dim).astype(np.float64))
+    touched = np.zeros(len(w), bool)
+    touched[data.ids.reshape(-1)] = True
+    if group == "Adam":
+        touched[:] = True  # dense: every row takes a step (a zero gradient moves it by 0)
+    m, v = np.zeros_like(w), np.zeros_like(w)
+    for t in range(1, steps + 1):
+        if group == "SGD":
+            upd = h["lr"] * G
+        elif group == "Adagrad":
+            v += G * G
+            upd = h["lr"] * G / (np.sqrt(v) + h["eps"])
+        elif group == "RowWiseAdagrad":
+            v += (G * G).mean(axis=1, keepdims=True)
+            upd = h["lr"] * G / (np.sqrt(v) + h["eps"])
+        else:  # SparseAdam and Adam: the first is the lazy one, the same on the rows it touches
+            b1, b2 = h["betas"]
+            m = b1 * m + (1 - b1) * G
+            v = b2 * v + (1 - b2) * G * G
+            upd = h["lr"] * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + h["eps"])
+        w = np.where(touched[:, None], w - np.nan_to_num(upd), w)
+    return w, touched
+
+
+def check_train_row(m, data):
+    """m's table after CHECK_STEPS steps against the float64 oracle; untouched rows bitwise unchanged."""
+    (got,) = m.result()
+    want, touched = expected_train(data, m.group, train.CHECK_STEPS)
+    np.testing.assert_allclose(got[touched], want[touched], rtol=0, atol=2e-6, err_msg=m.name)
+    np.testing.assert_array_equal(got[~touched], data.token_table[~touched], err_msg=m.name)
+    assert not np.array_equal(got[touched], data.token_table[touched]), m.name
+
+
+def test_train_numpy_api_rows_step_as_their_optimizers():
+    data = tiny_data()
+    built = train.train_methods(data, cases.Context(threads=1, fe_threads=(1,)))
+    assert [(m.name, m.group) for m in built.methods] == [(train.numpy_row_name(g), g) for g in train.GROUPS]
+    for m in built.methods:
+        check_train_row(m, data)
+    assert built.skips == ["torch, fastembed.torch and FBGEMM rows: skipped (no PyTorch in this run)"]
+
+
+def test_train_oracle_sees_a_missing_zero_grad(monkeypatch):
+    """The two-step check catches a step that keeps the previous gradient (the second step then uses 2G)."""
+    data = tiny_data()
+
+    def sticky_state(data, group, hyper):
+        layer = fastembed.Embedding.from_pretrained(data.token_table, sparse=True)
+        opt = fastembed.optim.SGD(layer.parameters(), **hyper)
+
+        def step():
+            layer(data.ids)
+            layer.backward(data.grad_hidden)
+            opt.step()  # no zero_grad: backward merges into the old gradient
+
+        return step, lambda: (layer.weight,)
+
+    monkeypatch.setattr(train, "numpy_api_state", sticky_state)
+    [sgd] = [m for m in train.train_methods(data, cases.Context(threads=1, fe_threads=(1,))).methods
+             if m.group == "SGD"]
+    with pytest.raises(AssertionError, match="SGD"):
+        check_train_row(sgd, data)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed")
+def test_train_torch_and_fbgemm_rows_step_as_their_optimizers():
+    data = tiny_data()
+    built = train.train_methods(data, torch_ctx())
+    names = {m.name: m for m in built.methods}
+    for group in ("SGD", "Adagrad", "SparseAdam", "Adam"):
+        assert names[train.torch_row_name(group)].family == "torch" and names[train.torch_row_name(group)].anchor
+    if fbgemm_imports():
+        assert {n for n, *_ in train.FBGEMM_ROWS} <= set(names)
+    else:
+        assert any(s.startswith("FBGEMM rows: skipped (fbgemm_gpu does not import") for s in built.skips)
+    for m in built.methods:
+        check_train_row(m, data)
+    # Each row steps its own copy: the timed steps of every row leave the shared table (which every row
+    # copies from) as it was, so no row updates memory another row reads.
+    before = data.token_table.copy()
+    for m in built.methods:
+        m.make()()
+    np.testing.assert_array_equal(data.token_table, before)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed")
+def test_fastembed_torch_rows_from_their_table(monkeypatch):
+    """Rows come from FASTEMBED_TORCH_ROWS: a drop-in row runs fastembed.torch.Embedding + the class (here
+    torch.optim's, which the drop-ins copy); a missing module or class, or an Embedding without fused=,
+    is a note, not a crash."""
+    fake = types.ModuleType("fake_fused")
+    fake.FusedSGD = lambda lr: object()  # an Embedding that has no fused= raises TypeError for it
+    monkeypatch.setitem(sys.modules, "fake_fused", fake)
+    monkeypatch.setattr(train, "FASTEMBED_TORCH_ROWS", (
+        ("drop-in SGD", "SGD", "torch.optim", "SGD", "drop-in"),
+        ("drop-in Adagrad", "Adagrad", "torch.optim", "Adagrad", "drop-in"),
+        ("drop-in SparseAdam", "SparseAdam", "torch.optim", "SparseAdam", "drop-in"),
+        ("no such module", "SGD", "fastembed.no_such_module", "SGD", "drop-in"),
+        ("no such class", "SGD", "torch.optim", "NoSuchOptimizer", "drop-in"),
+        ("fused SGD", "SGD", "fake_fused", "FusedSGD", "fused"),
+    ))
+    data = tiny_data()
+    built = train.train_methods(data, torch_ctx())
+    rows = {m.name: m for m in built.methods}
+    for name in ("drop-in SGD", "drop-in Adagrad", "drop-in SparseAdam"):
+        assert rows[name].family == "fastembed" and not rows[name].anchor
+        check_train_row(rows[name], data)
+    notes = "\n".join(built.skips)
+    assert "no such module: not available (fastembed.no_such_module does not import" in notes
+    assert "no such class: not available (torch.optim has no NoSuchOptimizer)" in notes
+    assert "fused SGD: not available (fastembed.torch.Embedding(V, D, fused=" in notes
+    assert not {"no such module", "no such class", "fused SGD"} & set(rows)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed")
+def test_fused_row_is_backward_alone(monkeypatch):
+    """A fused row builds Embedding(V, D, fused=cls(**hyper)), copies the table in, and times forward +
+    backward with no optimizer step: here an Embedding stand-in whose backward applies SGD."""
+    import torch
+
+    import fastembed.torch as fet
+
+    class FusedSGD:
+        def __init__(self, lr):
+            self.lr = lr
+
+    class FusingEmbedding(fet.Embedding):
+        def __init__(self, num_embeddings, embedding_dim, fused=None):
+            super().__init__(num_embeddings, embedding_dim, sparse=True)
+
+            def update(weight):
+                with torch.no_grad():
+                    weight.add_(weight.grad, alpha=-fused.lr)
+                weight.grad = None
+
+            self.weight.register_post_accumulate_grad_hook(update)
+
+    fake = types.ModuleType("fake_fused")
+    fake.FusedSGD = FusedSGD
+    monkeypatch.setitem(sys.modules, "fake_fused", fake)
+    monkeypatch.setattr(fet, "Embedding", FusingEmbedding)
+    monkeypatch.setattr(train, "FASTEMBED_TORCH_ROWS", (("fused SGD", "SGD", "fake_fused", "FusedSGD", "fused"),))
+    data = tiny_data()
+    built = train.train_methods(data, torch_ctx())
+    [fused] = [m for m in built.methods if m.name == "fused SGD"]
+    check_train_row(fused, data)  # two steps of SGD: each backward did one update, nothing else did
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed")
+def test_adapter_rows_give_autograds_gradients():
+    data = tiny_data()
+    built = train.adapter_methods(data, torch_ctx())
+    assert [m.name for m in built.methods] == [name for name, *_ in train.ADAPTER_ROWS]
+    tok = np.zeros((TINY.vocab, TINY.dim))
+    np.add.at(tok, data.ids.reshape(-1), data.grad_hidden.reshape(-1, TINY.dim).astype(np.float64))
+    pos = data.grad_hidden.astype(np.float64).sum(axis=0)  # positions arange(T): one row per position
+    for m in built.methods:
+        want = (tok, pos) if m.group == "TokenPositionEmbedding" else (tok,)
+        got = m.result()
+        assert len(got) == len(want), m.name
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=0, atol=1e-5, err_msg=m.name)
+        m.make()()  # the timed call runs on a state of its own
+    far = shapes.make_data(shapes.Shape("wide-uniform", 9, 6, 32, 4, 6, big=True))
+    assert train.adapter_methods(far, torch_ctx()).methods == []
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed")
+def test_train_and_adapter_ops_print_every_row(tmp_path):
+    text, doc = run_bench(tmp_path, "--all", "--scale", "0.001", "--ops", "train,adapter", "--threads", "1")
+    for shape in shapes.ALL_SHAPES:
+        rows = table_rows(text, shape.name)
+        names = {m for op, m, _ in rows if op == "train"}
+        expected = {train.numpy_row_name(g) for g in train.GROUPS}  # dense Adam too: the tables are scaled
+        expected |= {train.torch_row_name(g) for g in ("SGD", "Adagrad", "SparseAdam", "Adam")}
+        if fbgemm_imports():
+            expected |= {n for n, *_ in train.FBGEMM_ROWS}
+        for name, *_ in train.FASTEMBED_TORCH_ROWS:  # each one a row, or a note saying why not
+            if name not in names:
+                assert any(n.startswith(f"train: {name}: not available") and shape.name in n for n in doc["notes"])
+        assert expected <= names, expected - names
+        adapter = {m for op, m, _ in rows if op == "adapter"}
+        if shape.name in train.ADAPTER_SHAPES:
+            assert adapter == {name for name, *_ in train.ADAPTER_ROWS}
+        else:
+            assert adapter == set()
+    results = [r for r in doc["results"] if r["op"] == "train"]
+    # Every row checked against its group's numpy API row; every ratio against its group's torch row.
+    assert all(r["check"] == "baseline" or r["check"] == "bitwise" or r["check"].startswith("close") for r in results)
+    by = {(r["shape"], r["method"]): r for r in results}
+    for (shape, method), r in by.items():
+        torch_row = by.get((shape, train.torch_row_name(r["group"])))
+        if torch_row is None:
+            assert r["vs_torch"] is None  # RowWiseAdagrad: torch has none
+        else:
+            assert r["vs_torch"] == pytest.approx(r["median_ns"] / torch_row["median_ns"])
+    judged = {(t["target"], t["shape"]) for t in doc["targets"]}
+    assert ("adapter: fastembed.torch.Embedding forward + backward vs torch nn.Embedding", "seed-1x16") in judged
+    assert ("train: fastembed numpy API + SGD no slower than torch nn.Embedding(sparse) + SGD", "wide-zipf") in judged
+
+
+def test_train_and_adapter_targets_are_the_issues():
+    """Issue 9's limits, each row against the row of the same optimizer (or module), per shape."""
+    def train_row(shape, name, ns):
+        return row(shape, "train", "fastembed", name, ns)
+
+    rows = []
+    for shape in targets.TRAIN_SHAPES:
+        rows += [train_row(shape, train.torch_row_name(g), 100.0) for g in ("SGD", "Adagrad", "SparseAdam")]
+        rows += [train_row(shape, name, 40.0) for name, *_ in train.FASTEMBED_TORCH_ROWS]
+        rows += [train_row(shape, train.numpy_row_name("SGD"), 90.0)]
+        rows += [train_row(shape, name, 50.0) for name, *_ in train.FBGEMM_ROWS]
+    verdicts = {(v.target, v.shape): v for v in targets.judge(rows, [], list(targets.TRAIN_SHAPES))
+                if v.target.startswith("train:")}
+
+    def verdict(name, against, shape):
+        return verdicts[(f"train: {name} vs {train.torch_row_name(against)}", shape)]
+
+    for shape, sgd, adagrad, fused_adagrad in (("seed-1x16", "1", "1", "1"), ("seed-32x16", "0.8", "0.5", "0.5"),
+                                               ("medium", "0.8", "0.5", "0.3"), ("wide-zipf", "0.8", "0.5", "0.3")):
+        assert verdict("fastembed.torch + optim.SGD", "SGD", shape).limit == f"<= {sgd}x"
+        assert verdict("fastembed.torch fused SGD", "SGD", shape).limit == f"<= {sgd}x"
+        assert verdict("fastembed.torch + optim.Adagrad", "Adagrad", shape).limit == f"<= {adagrad}x"
+        assert verdict("fastembed.torch + optim.SparseAdam", "SparseAdam", shape).limit == f"<= {adagrad}x"
+        assert verdict("fastembed.torch fused Adagrad", "Adagrad", shape).limit == f"<= {fused_adagrad}x"
+        assert verdict("fastembed.torch fused SparseAdam", "SparseAdam", shape).limit == f"<= {fused_adagrad}x"
+        # 40 / 100 = 0.4x: under every limit but the fused 0.3x
+        status = verdict("fastembed.torch fused SparseAdam", "SparseAdam", shape).status
+        assert status == ("MISS" if fused_adagrad == "0.3" else "PASS")
+        numpy_sgd = verdicts[(f"train: {train.numpy_row_name('SGD')} no slower than {train.torch_row_name('SGD')}",
+                              shape)]
+        assert (numpy_sgd.measured, numpy_sgd.limit, numpy_sgd.status) == ("0.9x", "<= 1x", "PASS")
+        fbgemm = [v for (t, s), v in verdicts.items() if s == shape and "faster than FBGEMM" in t]
+        # numpy API, drop-in and fused against each FBGEMM optimizer (SKIPPED where a row is absent)
+        assert len(fbgemm) == 3 * 3 and all(v.limit == "<= 1x" for v in fbgemm)
+        assert verdicts[("train: fastembed.torch fused SGD faster than FBGEMM TBE EXACT_SGD", shape)].measured == "0.8x"
+    missing = verdicts[(f"train: {train.numpy_row_name('Adagrad')} faster than FBGEMM TBE EXACT_ADAGRAD", "medium")]
+    assert missing.status == "SKIPPED" and train.numpy_row_name("Adagrad") in missing.note
+    # Without any train row on a shape, no train target is listed there.
+    assert not [v for v in targets.judge(rows[:1], [], ["medium"]) if v.target.startswith("train:")]
+
+    adapter = [row(s, "adapter", f, n, ns) for s in targets.BOOK_SHAPES for f, n, ns in (
+        ("fastembed", "fastembed.torch.Embedding", 90.0), ("torch", "torch nn.Embedding", 100.0),
+        ("fastembed", "fastembed.torch.TokenPositionEmbedding", 90.0), ("torch", "torch 2 nn.Embedding + add", 100.0))]
+    found = {(v.target, v.shape): v for v in targets.judge(adapter, [], list(targets.BOOK_SHAPES))
+             if v.target.startswith("adapter:")}
+    assert len(found) == 4
+    for shape in targets.BOOK_SHAPES:
+        emb = found[("adapter: fastembed.torch.Embedding forward + backward vs torch nn.Embedding", shape)]
+        tpe = found[("adapter: fastembed.torch.TokenPositionEmbedding forward + backward vs torch 2 nn.Embedding + add",
+                     shape)]
+        assert (emb.limit, emb.status) == ("<= 1x", "PASS") and (tpe.limit, tpe.status) == ("<= 0.8x", "MISS")
+
+
+def test_grouped_case_builds_each_groups_state_only_while_it_is_timed(monkeypatch):
+    import bench.run as run_module
+    from bench.timing import Plan
+
+    alive, seen = set(), []
+
+    def method(name, group):
+        def make():
+            alive.add(name)
+            return lambda: seen.append((name, frozenset(alive)))
+        return Method(name, "fastembed", make=make, group=group)
+
+    real_measure = run_module.measure
+
+    def measure_then_release(group, plan, progress):
+        counts = real_measure(group, plan, progress)
+        alive.difference_update(m.name for m in group)  # the driver drops run (the state) after this call
+        return counts
+
+    monkeypatch.setattr(run_module, "measure", measure_then_release)
+    methods = [method("a1", "A"), method("a2", "A"), method("b1", "B")]
+    case = cases.Case(shapes.SEED_SHAPES[0], "train", None, methods)
+    run_module.measure_case(case, Plan(repeats=2, min_repeats=1, warmup=0, sample_ns=1, budget_ns=10**9), None)
+    # Each group timed on its own: its states alive, no other group's; every run dropped after.
+    assert {n for n, _ in seen} == {"a1", "a2", "b1"}
+    assert all(live == ({"a1", "a2"} if n.startswith("a") else {"b1"}) for n, live in seen)
+    assert all(m.run is None and len(m.samples_ns) == 2 for m in methods)

@@ -1,0 +1,377 @@
+"""The ops `train` and `adapter`: training steps and autograd round trips, row by row.
+
+train: one step of one token table = forward (look up ids), backward (the fixed
+upstream gradient g), the optimizer's update, the gradient dropped (as a user's
+``zero_grad()`` does). Rows are grouped by optimizer; the rows of a group compute
+the same update and are checked equal, timed round-robin together, and compared
+with the group's torch row (``nn.Embedding(sparse=True)`` + the same torch.optim
+optimizer; dense ``nn.Embedding`` + ``Adam(fused=True)`` for dense Adam).
+
+adapter: forward + backward through torch autograd, the gradient dropped after
+each call: ``fastembed.torch.Embedding`` (dense and sparse gradient) against
+``torch.nn.Embedding``, ``fastembed.torch.TokenPositionEmbedding`` against two
+``nn.Embedding``s and an add.
+
+Every row builds its own copy of the table (and its own optimizer state) when
+its group is about to be timed, and drops it after: one row's updates never
+touch another row's memory, and only one group's tables are alive at a time.
+"""
+import importlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import fastembed as fe
+
+from .timing import Method
+
+LR = 0.01
+BETAS, ADAM_EPS = (0.85, 0.99), 1e-8  # the book's Adam, as in the step ops
+ADAGRAD_EPS = 1e-10  # torch's default, FBGEMM's set to it
+# The dense-Adam rows rewrite every row of the table each step: kept to tables up to this many
+# elements (the seed shapes and medium; the wide 1M x 64 table is the op step-dense's job).
+DENSE_MAX_ELEMENTS = 40_000_000
+ADAPTER_SHAPES = ("seed-1x16", "seed-32x16", "medium")
+
+HYPER = {  # each optimizer's settings, the same for every row of its group
+    "SGD": {"lr": LR},
+    "Adagrad": {"lr": LR, "eps": ADAGRAD_EPS},
+    "RowWiseAdagrad": {"lr": LR, "eps": ADAGRAD_EPS},
+    "SparseAdam": {"lr": LR, "betas": BETAS, "eps": ADAM_EPS},
+    "Adam": {"lr": LR, "betas": BETAS, "eps": ADAM_EPS},
+}
+GROUPS = tuple(HYPER)
+# The equality check's settings: SparseAdam's with eps 1e-30. torch (and its drop-ins) add eps to
+# sqrt(v) before the bias correction, fastembed's numpy API after it; the two are the same formula only
+# as eps goes to 0 (at 1e-8, an element whose gradient is near 1e-5 moves about 1% differently on the
+# first step), and torch refuses eps 0. The timed rows keep eps 1e-8: the work is the same.
+CHECK_HYPER = {**HYPER, "SparseAdam": {**HYPER["SparseAdam"], "eps": 1e-30}}
+
+# fastembed.torch's rows, one line each: (label, group, module, class, mode). "drop-in": a
+# fastembed.torch.Embedding(sparse=True) and the class as a torch optimizer on its parameters;
+# "fused": fastembed.torch.Embedding(V, D, fused=Class(**HYPER[group])), whose backward updates the
+# table (no optimizer step). A row whose module or class is missing is skipped with a note.
+FASTEMBED_TORCH_ROWS = (
+    ("fastembed.torch + optim.SGD", "SGD", "fastembed.torch.optim", "SGD", "drop-in"),
+    ("fastembed.torch + optim.Adagrad", "Adagrad", "fastembed.torch.optim", "Adagrad", "drop-in"),
+    ("fastembed.torch + optim.RowWiseAdagrad", "RowWiseAdagrad", "fastembed.torch.optim", "RowWiseAdagrad",
+     "drop-in"),
+    ("fastembed.torch + optim.SparseAdam", "SparseAdam", "fastembed.torch.optim", "SparseAdam", "drop-in"),
+    ("fastembed.torch fused SGD", "SGD", "fastembed.torch.optim", "FusedSGD", "fused"),
+    ("fastembed.torch fused Adagrad", "Adagrad", "fastembed.torch.optim", "FusedAdagrad", "fused"),
+    ("fastembed.torch fused RowWiseAdagrad", "RowWiseAdagrad", "fastembed.torch.optim", "FusedRowWiseAdagrad",
+     "fused"),
+    ("fastembed.torch fused SparseAdam", "SparseAdam", "fastembed.torch.optim", "FusedSparseAdam", "fused"),
+)
+# FBGEMM's CPU TBE with its fused optimizer of the same name; pooling NONE (one row per id, a sequence
+# embedding, what the other rows compute). EXACT_* are the variants that sum duplicate ids first.
+FBGEMM_ROWS = (
+    ("FBGEMM TBE EXACT_SGD", "SGD", "EXACT_SGD"),
+    ("FBGEMM TBE EXACT_ADAGRAD", "Adagrad", "EXACT_ADAGRAD"),
+    ("FBGEMM TBE EXACT_ROWWISE_ADAGRAD", "RowWiseAdagrad", "EXACT_ROWWISE_ADAGRAD"),
+)
+TORCH_SPARSE_ROWS = {  # group -> torch.optim class, on nn.Embedding(sparse=True): each group's anchor
+    "SGD": "SGD", "Adagrad": "Adagrad", "SparseAdam": "SparseAdam",
+}
+
+
+def numpy_row_name(group):
+    """The fastembed numpy API row of an optimizer group."""
+    return "fastembed numpy API dense + Adam" if group == "Adam" else f"fastembed numpy API + {group}"
+
+
+def torch_row_name(group):
+    """The torch row of a group: every other row of the group is compared with it."""
+    return "torch nn.Embedding + Adam(fused=True)" if group == "Adam" else f"torch nn.Embedding(sparse) + {group}"
+
+
+@dataclass
+class Built:
+    """A case's methods and the rows it left out, each with why (printed in the report's notes)."""
+
+    methods: list
+    skips: list = field(default_factory=list)
+
+
+CHECK_STEPS = 2  # two steps: a gradient not dropped after the first would double the second's
+
+
+def row(name, family, group, factory, threads, anchor=False):
+    """A Method whose state factory(hyper) builds: (step, weights). Timed: a state with HYPER built when
+    the group is measured (make); checked: a fresh state with CHECK_HYPER, CHECK_STEPS steps, a copy of
+    its tables (result)."""
+    def make():
+        return factory(HYPER[group])[0]
+
+    def result():
+        step, weights = factory(CHECK_HYPER[group])
+        for _ in range(CHECK_STEPS):
+            step()
+        return tuple(np.array(w) for w in weights())
+
+    return Method(name, family, make=make, result=result, threads=threads, exact=False, group=group, anchor=anchor)
+
+
+def _table_copy(data):
+    """A fresh copy of the token table: each row updates its own memory."""
+    return np.array(data.token_table, copy=True)
+
+
+# ---------------------------------------------------------------- train: fastembed's numpy API
+
+def numpy_api_state(data, group, hyper):
+    """fe.Embedding (sparse, or dense for Adam) and fe.optim.<group> on a fresh copy of the table."""
+    layer = fe.Embedding.from_pretrained(data.token_table, sparse=(group != "Adam"))  # from_pretrained copies
+    opt = getattr(fe.optim, group)(layer.parameters(), **hyper)
+    ids, g = data.ids, data.grad_hidden
+
+    def step():
+        layer(ids)
+        layer.backward(g)
+        opt.step()
+        opt.zero_grad()
+
+    return step, lambda: (layer.weight,)
+
+
+# ---------------------------------------------------------------- train: torch, fastembed.torch
+
+def autograd_step(module, opt, ids, g):
+    """forward, backward, the optimizer's step (when there is one), the gradient dropped."""
+    if opt is None:  # fused: backward updated the table
+        def step():
+            module(ids).backward(g)
+        return step
+
+    def step():
+        module(ids).backward(g)
+        opt.step()
+        opt.zero_grad()
+
+    return step
+
+
+def torch_state(data, torch, group, hyper):
+    """nn.Embedding(sparse=True) + torch.optim.<group>, or dense nn.Embedding + Adam(fused=True)."""
+    weight = torch.from_numpy(_table_copy(data))
+    emb = torch.nn.Embedding.from_pretrained(weight, freeze=False, sparse=(group != "Adam"))
+    if group == "Adam":
+        opt = torch.optim.Adam(emb.parameters(), fused=True, **hyper)
+    else:
+        opt = getattr(torch.optim, TORCH_SPARSE_ROWS[group])(emb.parameters(), **hyper)
+    step = autograd_step(emb, opt, torch.from_numpy(data.ids), torch.from_numpy(data.grad_hidden))
+    return step, lambda: (emb.weight.detach().numpy(),)
+
+
+def fastembed_torch_class(module, cls):
+    """(the class, None) when module.cls imports, else (None, why not)."""
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        return None, f"{module} does not import ({exc})"
+    if not hasattr(mod, cls):
+        return None, f"{module} has no {cls}"
+    return getattr(mod, cls), None
+
+
+def fastembed_torch_state(data, torch, cls, mode, hyper):
+    """fastembed.torch.Embedding on a fresh copy of the table: sparse + cls as an optimizer (drop-in), or
+    fused with cls(**hyper) (its backward is the update)."""
+    from fastembed.torch import Embedding
+
+    weight = torch.from_numpy(_table_copy(data))
+    if mode == "drop-in":
+        emb = Embedding.from_pretrained(weight, freeze=False, sparse=True)
+        opt = cls(emb.parameters(), **hyper)
+    else:
+        V, D = weight.shape
+        emb = Embedding(V, D, fused=cls(**hyper))
+        with torch.no_grad():
+            emb.weight.copy_(weight)
+        opt = None
+    step = autograd_step(emb, opt, torch.from_numpy(data.ids), torch.from_numpy(data.grad_hidden))
+    return step, lambda: (emb.weight.detach().numpy(),)
+
+
+def fastembed_torch_rows(data, ctx, skips):
+    """The rows of FASTEMBED_TORCH_ROWS that this build has; a skip note for each one it has not."""
+    torch, methods = ctx.torch, []
+    for name, group, module, cls_name, mode in FASTEMBED_TORCH_ROWS:
+        cls, why = fastembed_torch_class(module, cls_name)
+        if cls is None:
+            skips.append(f"{name}: not available ({why})")
+            continue
+        if mode == "fused":
+            why = fused_support(torch, cls, group)
+            if why:
+                skips.append(f"{name}: not available ({why})")
+                continue
+        factory = (lambda hyper, c=cls, m=mode: fastembed_torch_state(data, torch, c, m, hyper))
+        methods.append(row(name, "fastembed", group, factory, ctx.threads))
+    return methods
+
+
+def fused_support(torch, cls, group):
+    """None when fastembed.torch.Embedding takes fused=cls(...), else why not (the lead's API may lag)."""
+    from fastembed.torch import Embedding
+
+    refused = (TypeError, ValueError, NotImplementedError)  # how a signature or a mode says no
+    try:
+        fused = cls(**HYPER[group])
+    except refused as exc:
+        return f"{cls.__name__}(**{HYPER[group]}) raised {type(exc).__name__}: {exc}"
+    try:
+        Embedding(4, 4, fused=fused)
+    except refused as exc:
+        return f"fastembed.torch.Embedding(V, D, fused={cls.__name__}(...)) raised {type(exc).__name__}: {exc}"
+    return None
+
+
+# ---------------------------------------------------------------- train: FBGEMM
+
+def fbgemm_modules():
+    """(the TBE class and its enums, None), or (None, why FBGEMM rows are skipped)."""
+    try:
+        from fbgemm_gpu.split_embedding_configs import EmbOptimType
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+        from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+            ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen)
+    except ImportError as exc:
+        return None, (f"fbgemm_gpu does not import ({exc}); `pip install fbgemm-gpu-cpu==1.8.0` pairs with "
+                      "torch 2.13.0")
+    return (SplitTableBatchedEmbeddingBagsCodegen, EmbOptimType, EmbeddingLocation, PoolingMode, ComputeDevice), None
+
+
+def fbgemm_state(data, torch, mods, optimizer, hyper):
+    """FBGEMM's CPU TBE, one table holding a copy of the token table, pooling NONE, its fused optimizer:
+    forward on every id (offsets 0, 1, ..., N: one id per bag), backward applies the update."""
+    TBE, EmbOptimType, EmbeddingLocation, PoolingMode, ComputeDevice = mods
+    V, D = data.token_table.shape
+    tbe = TBE([(V, D, EmbeddingLocation.HOST, ComputeDevice.CPU)], optimizer=getattr(EmbOptimType, optimizer),
+              learning_rate=hyper["lr"], eps=hyper.get("eps", ADAGRAD_EPS), pooling_mode=PoolingMode.NONE)
+    weight = tbe.split_embedding_weights()[0]
+    with torch.no_grad():
+        weight.copy_(torch.from_numpy(data.token_table))
+    ids = torch.from_numpy(data.ids.reshape(-1))
+    offsets = torch.arange(ids.numel() + 1, dtype=torch.int64)
+    g = torch.from_numpy(data.grad_hidden.reshape(-1, D))
+
+    def step():
+        tbe(ids, offsets).backward(g)
+
+    return step, lambda: (tbe.split_embedding_weights()[0].detach().numpy(),)
+
+
+# ---------------------------------------------------------------- train: the case
+
+def train_methods(data, ctx):
+    """Every train row this run can build, grouped by optimizer, and a note for each row left out."""
+    skips, methods = [], []
+    torch = ctx.torch
+    dense_ok = data.token_table.size <= DENSE_MAX_ELEMENTS
+    by_group = {g: [] for g in GROUPS}
+    for group in GROUPS:
+        if group == "Adam" and not dense_ok:
+            continue
+        factory = (lambda hyper, g=group: numpy_api_state(data, g, hyper))
+        by_group[group].append(row(numpy_row_name(group), "fastembed", group, factory, ctx.threads, anchor=True))
+    if not dense_ok:
+        skips.append(f"{numpy_row_name('Adam')}, {torch_row_name('Adam')}: skipped, a dense step rewrites all "
+                     f"{data.token_table.size:,} elements of the table (over {DENSE_MAX_ELEMENTS:,}); the op "
+                     "step-dense measures dense Adam at this shape")
+    if torch is None:
+        skips.append("torch, fastembed.torch and FBGEMM rows: skipped (no PyTorch in this run)")
+    else:
+        for group in GROUPS:
+            if group in TORCH_SPARSE_ROWS or (group == "Adam" and dense_ok):
+                factory = (lambda hyper, g=group: torch_state(data, torch, g, hyper))
+                by_group[group].append(row(torch_row_name(group), "torch", group, factory, ctx.torch_threads,
+                                           anchor=True))
+        for m in fastembed_torch_rows(data, ctx, skips):
+            by_group[m.group].append(m)
+        mods, why = fbgemm_modules()
+        if mods is None:
+            skips.append(f"FBGEMM rows: skipped ({why})")
+        else:
+            for name, group, optimizer in FBGEMM_ROWS:
+                factory = (lambda hyper, o=optimizer: fbgemm_state(data, torch, mods, o, hyper))
+                by_group[group].append(row(name, "fbgemm", group, factory, ctx.torch_threads))
+    for group in GROUPS:
+        methods += by_group[group]
+    return Built(methods, skips)
+
+
+# ---------------------------------------------------------------- adapter
+
+def adapter_state(data, torch, kind):
+    """One module on fresh copies of the tables: (forward + backward with the grads dropped, the grads)."""
+    import fastembed.torch as fet
+
+    tok = torch.from_numpy(_table_copy(data))
+    ids, g = torch.from_numpy(data.ids), torch.from_numpy(data.grad_hidden)
+    if kind in ("fastembed", "fastembed sparse", "torch", "torch sparse"):
+        cls = fet.Embedding if kind.startswith("fastembed") else torch.nn.Embedding
+        emb = cls.from_pretrained(tok, freeze=False, sparse=kind.endswith("sparse"))
+        params = (emb.weight,)
+
+        def forward():
+            return emb(ids)
+    elif kind == "fastembed tpe":
+        layer = fet.TokenPositionEmbedding.from_pretrained(tok, torch.from_numpy(data.position_table.copy()),
+                                                           freeze=False)
+        params = (layer.token.weight, layer.position.weight)
+
+        def forward():
+            return layer(ids)
+    else:  # "torch tpe": two nn.Embeddings and an add
+        emb_t = torch.nn.Embedding.from_pretrained(tok, freeze=False)
+        emb_p = torch.nn.Embedding.from_pretrained(torch.from_numpy(data.position_table.copy()), freeze=False)
+        p = torch.from_numpy(data.positions)
+        params = (emb_t.weight, emb_p.weight)
+
+        def forward():
+            return emb_t(ids) + emb_p(p)
+
+    def step():
+        forward().backward(g)
+        for w in params:
+            w.grad = None
+
+    def grads():
+        forward().backward(g)
+        out = tuple((w.grad.to_dense() if w.grad.is_sparse else w.grad).numpy() for w in params)
+        for w in params:
+            w.grad = None
+        return out
+
+    return step, grads
+
+
+ADAPTER_ROWS = (  # (name, family, group, kind): the torch row of each group is its anchor
+    ("fastembed.torch.Embedding", "fastembed", "Embedding", "fastembed"),
+    ("torch nn.Embedding", "torch", "Embedding", "torch"),
+    ("fastembed.torch.Embedding(sparse=True)", "fastembed", "Embedding sparse", "fastembed sparse"),
+    ("torch nn.Embedding(sparse=True)", "torch", "Embedding sparse", "torch sparse"),
+    ("fastembed.torch.TokenPositionEmbedding", "fastembed", "TokenPositionEmbedding", "fastembed tpe"),
+    ("torch 2 nn.Embedding + add", "torch", "TokenPositionEmbedding", "torch tpe"),
+)
+
+
+def adapter_methods(data, ctx):
+    """forward + backward through autograd, fastembed.torch against torch (seed and medium shapes)."""
+    if ctx.torch is None:
+        return Built([], ["skipped: every row needs PyTorch"])
+    if data.shape.name not in ADAPTER_SHAPES:
+        return Built([], [f"skipped: measured at {', '.join(ADAPTER_SHAPES)} only"])
+    torch, methods = ctx.torch, []
+    for name, family, group, kind in ADAPTER_ROWS:
+        def make(k=kind):
+            return adapter_state(data, torch, k)[0]
+
+        def result(k=kind):
+            return adapter_state(data, torch, k)[1]()
+
+        threads = ctx.threads if family == "fastembed" else ctx.torch_threads
+        methods.append(Method(name, family, make=make, result=result, threads=threads, exact=False, group=group,
+                              anchor=True))
+    return Built(methods)
