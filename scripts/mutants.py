@@ -76,6 +76,7 @@ ERRORS, KERNELS = "tests/test_errors.py", "tests/test_kernels.py"
 NN_OPTIM, H_OPTIM = "tests/test_nn_optim.py", "tests/test_hardening_optim.py"
 THREADED = "tests/test_threaded_paths.py"  # issue 12, item 3: the observable threaded path
 ORACLES = "tests/test_optim_oracles.py"  # issue 12, item 2: the optimizers against transcriptions
+FUSED = "tests/test_fused.py"  # issue 9, item 3: the fused rules and layers
 
 MUTANTS = [
     # ---------------------------------------------------------------- kernels: checks
@@ -415,6 +416,70 @@ MUTANTS = [
            "        _update_rows(kind, w, s, g, D, rows, 0, U, lr, eps)",
            "each thread of the SGD/Adagrad team updates every row, not its share: rows move twice",
            ("tests/test_optim_kernels.py", "-k", "threaded or transcription or old_numpy"), threads=True),
+    # ---------------------------------------------------------------- fused rules and layers (issue 9, item 3)
+    Mutant("fused-adagrad-decay-from-first-step", OPTIM,
+           "clr, eps = self.lr / (1 + (t - 1) * self.lr_decay), self.eps",
+           "clr, eps = self.lr / (1 + t * self.lr_decay), self.eps",
+           "FusedAdagrad decays the lr from its first step (Adagrad's first step uses lr itself)",
+           (FUSED, "-k", "adagrad and equals")),
+    Mutant("fused-adagrad-step-frozen", OPTIM,
+           "            _kernels.adagrad_step(weight, state_sum, values, rows, clr, eps)\n            step[()] = t\n",
+           "            _kernels.adagrad_step(weight, state_sum, values, rows, clr, eps)\n",
+           "FusedAdagrad never advances the table's step count: lr_decay never applies",
+           (FUSED, "-k", "adagrad")),
+    Mutant("fused-adam-step-frozen", OPTIM,
+           "1 - b1**t, 1 - b2**t)\n            step[()] = t\n", "1 - b1**t, 1 - b2**t)\n",
+           "FusedSparseAdam never advances the step count: every update is bias-corrected as the first",
+           (FUSED, "-k", "adam and (equals or untouched)")),
+    Mutant("fused-adam-bias-swapped", OPTIM,
+           "1 - b1**t, 1 - b2**t)\n            step", "1 - b2**t, 1 - b1**t)\n            step",
+           "FusedSparseAdam passes the two bias corrections in the wrong order",
+           (FUSED, "-k", "adam and equals")),
+    Mutant("fused-empty-update-no-step", OPTIM,
+           "        rows, values = _coalesced_rows(weight, ids, grad_out, padding_idx)\n        (b1, b2)",
+           "        rows, values = _coalesced_rows(weight, ids, grad_out, padding_idx)\n"
+           "        if not len(rows):\n            return lambda: None\n        (b1, b2)",
+           "FusedSparseAdam skips an update that touches no row, step count included (SparseAdam counts it)",
+           (FUSED, "-k", "empty_update and adam")),
+    Mutant("fused-rowwise-eps-dropped", OPTIM,
+           "            _kernels.rowwise_adagrad_step(weight, state_sum, values, rows, lr, eps)",
+           "            _kernels.rowwise_adagrad_step(weight, state_sum, values, rows, lr, 0.0)",
+           "FusedRowWiseAdagrad forgets eps in the update",
+           (FUSED, "-k", "rowwise and equals")),
+    Mutant("fused-padding-kept", OPTIM,
+           "    if pad is not None:\n        keep = rows != pad", "    if False:\n        keep = rows != pad",
+           "the coalescing rules update the padding_idx row like any other",
+           (FUSED, "-k", "padding")),
+    Mutant("fused-negative-padding-not-normalised", OPTIM,
+           "    return int(padding_idx) % num_rows", "    return int(padding_idx)",
+           "a negative padding_idx is compared with the ids as given (torch counts it from the end)",
+           (FUSED, "-k", "padding")),
+    Mutant("fused-check-only-moves", OPTIM,
+           "        if not check_only:\n            apply()", "        if True:\n            apply()",
+           "update(check_only=True) applies the step",
+           (FUSED, "-k", "check_only")),
+    Mutant("fused-step-count-read-only-unchecked", OPTIM,
+           "    if not step.flags.writeable:", "    if False:",
+           "a read-only step count is found only when it is written, after the weight moved",
+           (FUSED, "-k", "read_only")),
+    Mutant("fused-initial-accumulator-unchecked", OPTIM,
+           'for name in ("lr_decay", "initial_accumulator_value", "eps"):', 'for name in ("lr_decay", "eps"):',
+           "FusedAdagrad accepts a negative initial_accumulator_value",
+           (FUSED, "-k", "out_of_range")),
+    Mutant("fused-token-position-moves-before-checking", NN,
+           "            move_token = self.token.fused._prepare(self.token.weight, self.token.state, ids, grad_hidden)\n",
+           "            self.token.fused.update(self.token.weight, self.token.state, ids, grad_hidden)\n"
+           "            move_token = lambda: None\n",
+           "the fused TokenPositionEmbedding moves the token table before it checks the position update",
+           (FUSED, "-k", "token_position and bad")),
+    Mutant("fused-with-sparse-accepted", NN,
+           '    if sparse:\n        raise ValueError("a fused', '    if False:\n        raise ValueError("a fused',
+           "a layer accepts fused= together with sparse=True",
+           (FUSED, "-k", "sparse_together")),
+    Mutant("fused-pretrained-state-of-the-placeholder", NN,
+           "        layer.state = None if fused is None else fused.new_state(weight)\n", "",
+           "Embedding.from_pretrained keeps the state made for its (0, 0) placeholder table",
+           (FUSED, "-k", "own_weight or equals")),
 ]
 
 
