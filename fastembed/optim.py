@@ -374,13 +374,40 @@ class _FusedRule:
         return f"{type(self).__name__}({self._repr_fields()})"
 
 
+def _check_sgd_scatter(weight, ids, grad_out):
+    """sgd_scatter's checks, in its order and with its exception types, without its loop: the
+    kernel has no check_only, and a layer with two tables checks both before either moves."""
+    if not (isinstance(weight, np.ndarray) and weight.dtype == np.float32):
+        raise TypeError(f"weight must be float32 (fastembed never casts tables), got "
+                        f"{getattr(weight, 'dtype', type(weight).__name__)}")
+    if not weight.flags.writeable:
+        raise ValueError("weight is read-only; fastembed writes into it in place, never into a silent copy")
+    if not (weight.flags.c_contiguous and weight.flags.aligned):
+        raise ValueError("weight must be C-contiguous and aligned to be written in place")
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be 2-D (rows, dim), got weight.shape={weight.shape}")
+    if not (isinstance(grad_out, np.ndarray) and grad_out.dtype == np.float32):
+        raise TypeError(f"grad_out must be float32, got {getattr(grad_out, 'dtype', type(grad_out).__name__)}")
+    V, D = weight.shape
+    if grad_out.shape != ids.shape + (D,):
+        raise ValueError(f"grad_out must have shape ids.shape + (D,) = {ids.shape + (D,)}, got "
+                         f"grad_out.shape={grad_out.shape}")
+    for other, name in ((ids, "ids"), (grad_out, "grad_out")):
+        if np.may_share_memory(weight, other):
+            raise ValueError(f"weight shares memory with {name}; pass separate arrays")
+    if ids.size and (ids.min() < 0 or ids.max() >= V):
+        bad = int(np.flatnonzero((ids.reshape(-1) < 0) | (ids.reshape(-1) >= V))[0])
+        raise IndexError(f"ids (flat index {bad}) = {ids.reshape(-1)[bad]} is out of range for weight "
+                         f"with {V} rows")
+
+
 class FusedSGD(_FusedRule):
     """``weight[ids[i]] -= lr * grad_out[i]`` for each i in the row-major order of ids, with no
     coalescing: a row named twice moves twice, one occurrence after the other. In float32 with lr
     rounded to it; fma=False rounds the product and then the difference (numpy's ``w - lr * g``),
-    fma=True rounds once (torch's ``add_(g, alpha=-lr)``). Without repeated ids this equals SGD on the
-    layer's dense or sparse gradient (fma=False) bit for bit; with them, the sequential updates
-    differ from one update by the summed gradient by rounding. No state: ``new_state`` is ``{}``.
+    fma=True rounds once (torch's ``add_(g, alpha=-lr)``). Without repeated ids, fma=False equals SGD
+    on the layer's dense or sparse gradient bit for bit; with them, the sequential updates differ from
+    one update by the summed gradient by rounding. No state: ``new_state`` is ``{}``.
     """
 
     def __init__(self, lr, *, fma=False):
@@ -391,18 +418,23 @@ class FusedSGD(_FusedRule):
         _table(weight)
         return {}
 
+    def update(self, weight, state, ids, grad_out, *, padding_idx=None, check_only=False):
+        if check_only or padding_idx is not None:
+            return super().update(weight, state, ids, grad_out, padding_idx=padding_idx, check_only=check_only)
+        # One table, nothing filtered: the kernel checks everything before its loop writes.
+        _check_sgd_state(state)
+        _kernels.sgd_scatter(weight, _ops.as_ids(ids), grad_out, self.lr, fma=self.fma)
+
     def _prepare(self, weight, state, ids, grad_out, padding_idx=None):
-        if not isinstance(state, dict):
-            raise ValueError(f"state must be the dict that new_state(weight) gave, got {type(state).__name__}")
-        lr, fma = self.lr, self.fma
-        _table(weight)
+        _check_sgd_state(state)
         ids = _ops.as_ids(ids)
-        _kernels.sgd_scatter(weight, ids, grad_out, lr, fma=fma, check_only=True)
+        _check_sgd_scatter(weight, ids, grad_out)
         pad = _padding_row(padding_idx, weight.shape[0])
         if pad is not None:
             keep = ids != pad
             if not keep.all():
                 ids, grad_out = ids[keep], grad_out[keep]
+        lr, fma = self.lr, self.fma
 
         def apply():
             _kernels.sgd_scatter(weight, ids, grad_out, lr, fma=fma)
@@ -410,6 +442,11 @@ class FusedSGD(_FusedRule):
 
     def _repr_fields(self):
         return f"lr={self.lr!r}, fma={self.fma}"
+
+
+def _check_sgd_state(state):
+    if not isinstance(state, dict):
+        raise ValueError(f"state must be the dict that new_state(weight) gave, got {type(state).__name__}")
 
 
 class FusedAdagrad(_FusedRule):
