@@ -343,6 +343,27 @@ def test_fma_rounds_once():
     assert float(out[True][0, 0]) == -(2**-11 + 2**-24)  # 1 - (1 + 2**-12)**2, exact in float32
 
 
+def test_fused_sgd_fma_is_torchs_sparse_sgd():
+    """A fused layer with FusedSGD(fma=True) against torch's nn.Embedding(sparse=True) and
+    torch.optim.SGD over three steps with repeated ids, bit for bit (torch adds an uncoalesced sparse
+    gradient one entry at a time, one rounding each)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(11)
+    w0 = rng.standard_normal((20, 7)).astype(np.float32)
+    layer = fe.Embedding.from_pretrained(w0, fused=FusedSGD(0.05, fma=True))
+    ref = torch.nn.Embedding.from_pretrained(torch.from_numpy(w0.copy()), freeze=False, sparse=True)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    for _ in range(3):
+        ids = rng.integers(0, 20, size=(4, 9))
+        g = gradient(rng, ids.shape + (7,))
+        layer(ids)
+        layer.backward(g)
+        opt.zero_grad()
+        ref(torch.from_numpy(ids)).backward(torch.from_numpy(g))
+        opt.step()
+    assert_bitwise(layer.weight, ref.weight.detach().numpy())
+
+
 @FAST
 @given(V=st.integers(1, 10), D=st.integers(0, 4), seed=st.integers(0, 2**32 - 1),
        lr=st.sampled_from([0.1, 0.01, 1.0]), data=st.data())
@@ -526,9 +547,13 @@ def _bad_cases(kind):
         ("grad_wrong_leading", lambda w, s, i, g: (w, s, i, np.ones((3, 1, 3), np.float32), {}), ValueError),
         ("ids_float", lambda w, s, i, g: (w, s, i.astype(np.float64), g, {}), TypeError),
         ("padding_out_of_range", lambda w, s, i, g: (w, s, i, g, {"padding_idx": 6}), ValueError),
+        ("weight_fortran", lambda w, s, i, g: (np.asfortranarray(w), s, i, g, {}), ValueError),
+        ("grad_big_endian", lambda w, s, i, g: (w, s, i, g.astype(">f4"), {}), TypeError),
     ]
-    if kind == "sgd":
-        cases.append(("state_not_a_dict", lambda w, s, i, g: (w, None, i, g, {}), ValueError))
+    if kind == "sgd":  # the coalescing rules read grad_out into a new array: sharing memory is harmless there
+        cases += [("state_not_a_dict", lambda w, s, i, g: (w, None, i, g, {}), ValueError),
+                  ("grad_is_a_view_of_weight", lambda w, s, i, g: (w, s, i, w[:3].reshape(1, 3, 3), {}), ValueError),
+                  ("weight_one_d", lambda w, s, i, g: (w.reshape(-1), s, i, g, {}), ValueError)]
     if kind == "adagrad":
         cases += [("sum_too_short", state_with("sum", np.zeros((5, 3), np.float32)), ValueError),
                   ("sum_per_row", state_with("sum", np.zeros(6, np.float32)), ValueError),
@@ -550,6 +575,8 @@ BAD = [c for kind in ALL for c in _bad_cases(kind)]
 
 @pytest.mark.parametrize("kind,name,change,error", BAD, ids=[f"{c[0]}-{c[1]}" for c in BAD])
 def test_bad_input_raises_and_moves_nothing(kind, name, change, error):
+    """The same error from a plain update, from check_only=True and with a padding_idx (FusedSGD checks
+    those two in Python, a plain update in its kernel), and nothing moved by any of them."""
     rng = np.random.default_rng(2)
     rule = make_rule(kind, 0.1, hyperparameters(kind))
     w = rng.standard_normal((6, 3)).astype(np.float32)
@@ -557,9 +584,10 @@ def test_bad_input_raises_and_moves_nothing(kind, name, change, error):
     rule.update(w, state, np.array([1, 2]), gradient(rng, (2, 3)))  # a state that is not all zeros
     w, state, ids, g, kwargs = change(w, state, np.array([[0, 5, 2]]), gradient(rng, (1, 3, 3)))
     snap = Snapshot(w=w, **(state if isinstance(state, dict) else {}))
-    with pytest.raises(error):
-        rule.update(w, state, ids, g, **kwargs)
-    snap.assert_unchanged()
+    for extra in ({}, {"check_only": True}, {"padding_idx": 5}):
+        with pytest.raises(error):
+            rule.update(w, state, ids, g, **{**extra, **kwargs})
+        snap.assert_unchanged()
 
 
 @pytest.mark.parametrize("kind", ALL)
