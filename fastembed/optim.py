@@ -335,8 +335,11 @@ def _coalesced_rows(weight, ids, grad_out, padding_idx):
     """(rows, values) of the step: ids' distinct rows, increasing, and grad_out summed per row, without
     padding_idx's row. coalesce refuses negative ids and a grad_out that is not ids.shape + (D,); the
     row kernel's check (check_only) refuses ids past the table and a D that is not weight's."""
-    pad = _padding_row(padding_idx, _table(weight)[0])
+    V = _table(weight)[0]
+    pad = _padding_row(padding_idx, V)
     rows, values = _ops.coalesce(ids, grad_out)
+    if len(rows) and rows[-1] >= V:  # the kernel would refuse it too, but would call it a row, not an id
+        raise IndexError(f"ids hold {rows[-1]}, out of range for weight with {V} rows (valid ids are 0 to {V - 1})")
     if pad is not None:
         keep = rows != pad
         if not keep.all():
@@ -396,9 +399,11 @@ def _check_sgd_scatter(weight, ids, grad_out):
         if np.may_share_memory(weight, other):
             raise ValueError(f"weight shares memory with {name}; pass separate arrays")
     if ids.size and (ids.min() < 0 or ids.max() >= V):
-        bad = int(np.flatnonzero((ids.reshape(-1) < 0) | (ids.reshape(-1) >= V))[0])
-        raise IndexError(f"ids (flat index {bad}) = {ids.reshape(-1)[bad]} is out of range for weight "
-                         f"with {V} rows")
+        flat = ids.reshape(-1)
+        bad = int(np.flatnonzero((flat < 0) | (flat >= V))[0])
+        where = ", ".join(map(str, np.unravel_index(bad, ids.shape))) if ids.ndim else ""
+        raise IndexError(f"ids[{where}] = {flat[bad]} is out of range for weight with {V} rows "
+                         f"(valid ids are 0 to {V - 1})")
 
 
 class FusedSGD(_FusedRule):
