@@ -304,10 +304,12 @@ def _padding_row(padding_idx, num_rows):
 
 
 def _table(weight):
-    """The (V, D) shape of a float32 table a state is made for."""
-    if not (isinstance(weight, np.ndarray) and weight.dtype == np.float32 and weight.ndim == 2):
-        raise TypeError(f"weight must be a 2-D float32 array, got {getattr(weight, 'dtype', type(weight).__name__)} "
-                        f"of shape {getattr(weight, 'shape', '?')}")
+    """The (V, D) shape of a float32 table, refused as the kernels refuse it (TypeError, ValueError)."""
+    if not (isinstance(weight, np.ndarray) and weight.dtype == np.float32):
+        raise TypeError(f"weight must be float32 (fastembed never casts tables), got "
+                        f"{getattr(weight, 'dtype', type(weight).__name__)}")
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be 2-D (rows, dim), got weight.shape={weight.shape}")
     return weight.shape
 
 
