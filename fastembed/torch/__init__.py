@@ -4,9 +4,16 @@
 is the book's first op, ``token.weight[ids] + position.weight[positions]``. Both
 are `torch.autograd.Function`s whose forward and backward call `fastembed.ops` on
 the tensors' own memory (``tensor.numpy()`` shares it): no copy of a table, and
-no arithmetic here. Sparse gradients are `torch.sparse_coo_tensor`s built from
-`fastembed.coalesce`, so they are already coalesced and marked so (and a hook keeps
-``weight.grad`` marked: see `_keep_coalesced_flag`). Double backward is refused.
+no arithmetic here. A sparse gradient has torch's own layout: one entry per
+lookup, uncoalesced, in the order of the ids (minus ``padding_idx`` entries), so
+code written for ``nn.Embedding(sparse=True)`` reads the same ``_indices()``;
+fastembed's optimizers (`fastembed.torch.optim`) take it without a sort.
+Double backward is refused.
+
+With ``fused=`` (a rule from `fastembed.torch.optim`, e.g. ``FusedAdagrad(lr=0.1)``)
+the backward applies the optimizer update to the rows it touches, straight from
+the incoming gradient, and stores no gradient; the optimizer's state is kept in
+the module's buffers (``optim_*``), so ``state_dict()`` saves it.
 
 PyTorch is optional: ``import fastembed`` never imports it.
 """
@@ -50,7 +57,17 @@ def _table(tensor, name):
 
 
 def _ids(tensor, name="ids"):
-    """A CPU int32 or int64 tensor's memory as a numpy array."""
+    """A CPU int32 or int64 tensor's memory as a numpy array (the checks below run only when it is not one)."""
+    try:
+        if tensor.dtype in _ID_DTYPES:
+            return tensor.numpy()  # raises for a tensor that is not dense on the CPU
+    except (AttributeError, TypeError, RuntimeError):
+        pass
+    return _checked_ids(tensor, name)
+
+
+def _checked_ids(tensor, name):
+    """`_ids` the slow way, raising the error that says what is wrong."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of int32 or int64, got {type(tensor).__name__}; "
                         "wrap it with torch.as_tensor")
@@ -70,33 +87,43 @@ def _grad(tensor, name):
     return tensor.numpy()
 
 
-def _sparse(rows, values, shape, padding_idx=None):
-    """A coalesced sparse COO gradient of the given dense shape, from `ops.coalesce`'s (rows, values)."""
+def _sparse(ids, grad_out, shape, padding_idx=None):
+    """torch's sparse embedding gradient: one entry per lookup, in the order of ids, uncoalesced; the
+    entries of padding_idx left out. The values are grad_out's rows (a view when it is contiguous)."""
+    index = ids.reshape(1, -1)
+    if index.dtype != torch.int64:
+        index = index.long()
+    values = grad_out.reshape(-1, shape[1])
     if padding_idx is not None:
-        keep = rows != padding_idx
-        rows, values = rows[keep], values[keep]
-    return torch.sparse_coo_tensor(torch.from_numpy(rows)[None], torch.from_numpy(values), shape,
-                                   is_coalesced=True, check_invariants=False)
+        keep = index[0] != padding_idx
+        index, values = index[:, keep], values[keep]
+    return torch.sparse_coo_tensor(index, values, shape, check_invariants=False)
 
 
-def _keep_coalesced_flag(param):
-    """Mark ``param.grad`` coalesced again when its rows are strictly increasing (one O(U) check).
+class _View:
+    """A parameter's memory as a numpy array, checked and made once and remade only when the tensor's
+    memory, dtype, shape or strides change (``weight.data = ...``). The cached view keeps the old memory
+    alive, so a new tensor can never sit at the same address."""
 
-    torch's AccumulateGrad stores a sparse gradient into ``.grad`` as a shallow copy
-    that drops the coalesced flag; without it an optimizer would sort the rows again.
-    """
-    grad = param.grad
-    if grad is not None and grad.is_sparse and not grad.is_coalesced() and grad.sparse_dim() == 1:
-        rows = grad._indices()[0]
-        if rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all()):
-            grad._coalesced_(True)
+    __slots__ = ("key", "array")
+
+    def __init__(self):
+        self.key = self.array = None
+
+    def __call__(self, tensor, name):
+        key = (tensor.data_ptr(), tensor.dtype, tensor.shape, tensor.stride())
+        if key != self.key:
+            self.array, self.key = _table(tensor, name), key
+        return self.array
 
 
-def _watch_sparse_grad(param):
-    """Give param the `_keep_coalesced_flag` hook once (a deepcopy or an unpickled module loses its hooks)."""
-    hooks = getattr(param, "_post_accumulate_grad_hooks", None)
-    if param.requires_grad and not (hooks and _keep_coalesced_flag in hooks.values()):
-        param.register_post_accumulate_grad_hook(_keep_coalesced_flag)
+def _check_version(ctx, ids):
+    """The ids tensor must not have been changed in place between forward and backward (as torch checks
+    the tensors it saves)."""
+    if ids._version != ctx.ids_version:
+        raise RuntimeError("one of the variables needed for gradient computation has been modified by an "
+                           f"inplace operation: the ids given to forward are at version {ids._version}; "
+                           f"expected version {ctx.ids_version} instead")
 
 
 def _positions(positions, name="positions"):
@@ -110,80 +137,97 @@ def _positions(positions, name="positions"):
 
 # ---------------------------------------------------------------- autograd functions
 
+def _fused_update(fused, table, ids, g, padding_idx, check_only=False):
+    """Apply (or, check_only, only check) a fused optimizer rule to the rows of ids; fused is
+    (rule, buffers), the buffers holding the rule's state as the module keeps it."""
+    rule, buffers = fused
+    rule.update(table, {key: buf.numpy() for key, buf in buffers.items()}, ids, g, padding_idx=padding_idx,
+                check_only=check_only)
+
+
 class _EmbeddingFunction(torch.autograd.Function):
-    """out = weight[ids]; d weight = scatter-add of d out into the rows of ids (none into padding_idx)."""
+    """out = weight[ids]; d weight = scatter-add of d out into the rows of ids (none into padding_idx),
+    or with a fused rule, the rule's update of those rows and no gradient."""
 
     @staticmethod
-    def forward(ctx, weight, ids, padding_idx, sparse):
-        out = ops.gather(_table(weight, "weight"), _ids(ids))
-        ctx.save_for_backward(ids)
-        ctx.shape, ctx.padding_idx, ctx.sparse = tuple(weight.shape), padding_idx, sparse
+    def forward(ctx, weight, ids, table, padding_idx, sparse, fused):
+        idn = _ids(ids)
+        out = ops.gather(table, idn)
+        ctx.ids, ctx.ids_np, ctx.ids_version = ids, idn, ids._version
+        ctx.table, ctx.padding_idx, ctx.sparse, ctx.fused = table, padding_idx, sparse, fused
         return torch.from_numpy(out)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        (ids,) = ctx.saved_tensors
-        g = _grad(grad_out, "the embedding output")
+            return None, None, None, None, None, None
+        _check_version(ctx, ctx.ids)
         if ctx.sparse:
-            return _sparse(*ops.coalesce(ids.numpy(), g), ctx.shape, ctx.padding_idx), None, None, None
-        grad = np.zeros(ctx.shape, dtype=np.float32)
-        ops.scatter_add(grad, ids.numpy(), g)
+            return _sparse(ctx.ids, grad_out, ctx.table.shape, ctx.padding_idx), None, None, None, None, None
+        g = _grad(grad_out, "the embedding output")
+        if ctx.fused is not None:
+            _fused_update(ctx.fused, ctx.table, ctx.ids_np, g, ctx.padding_idx)
+            return None, None, None, None, None, None
+        grad = np.zeros(ctx.table.shape, dtype=np.float32)
+        ops.scatter_add(grad, ctx.ids_np, g)
         if ctx.padding_idx is not None:
             grad[ctx.padding_idx] = 0.0  # as torch: the padding row gets no gradient
-        return torch.from_numpy(grad), None, None, None
+        return torch.from_numpy(grad), None, None, None, None, None
 
 
 class _TokenPositionFunction(torch.autograd.Function):
     """hidden = token_weight[ids] + position_weight[positions], and its backward into both tables."""
 
     @staticmethod
-    def forward(ctx, token_weight, position_weight, ids, positions, sparse):
+    def forward(ctx, token_weight, position_weight, ids, positions, tables, sparse, fused):
+        idn = _ids(ids)
         pos = _positions(positions)
-        hidden = ops.gather_add(_table(token_weight, "token weight"), _table(position_weight, "position weight"),
-                                _ids(ids), positions=pos)
-        if isinstance(positions, torch.Tensor):
-            ctx.save_for_backward(ids, positions)
-            ctx.start = None
-        else:
-            ctx.save_for_backward(ids)
-            ctx.start = pos
-        ctx.shapes, ctx.sparse = (tuple(token_weight.shape), tuple(position_weight.shape)), sparse
+        hidden = ops.gather_add(tables[0], tables[1], idn, positions=pos)
+        ctx.ids, ctx.ids_np, ctx.ids_version, ctx.positions = ids, idn, ids._version, pos
+        ctx.tables, ctx.sparse, ctx.fused = tables, sparse, fused
         return torch.from_numpy(hidden)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_hidden):
         need_token, need_position = ctx.needs_input_grad[:2]
+        none = (None,) * 5
         if not (need_token or need_position):
-            return None, None, None, None, None
-        saved = ctx.saved_tensors
-        ids = saved[0].numpy()
-        positions = saved[1].numpy() if len(saved) > 1 else ctx.start
-        g = _grad(grad_hidden, "hidden")
-        token_shape, position_shape = ctx.shapes
-        token_grad = position_grad = None
+            return (None, None) + none
+        _check_version(ctx, ctx.ids)
+        ids, positions = ctx.ids_np, ctx.positions
+        (token_table, position_table), token_grad, position_grad = ctx.tables, None, None
         if ctx.sparse:
             if need_token:
-                token_grad = _sparse(*ops.coalesce(ids, g), token_shape)
+                token_grad = _sparse(ctx.ids, grad_hidden, token_table.shape)
             if need_position:
-                position_grad = _sparse(*ops.coalesce(ops.positions_array(ids, positions), g), position_shape)
+                pos_ids = torch.from_numpy(ops.positions_array(ids, positions))
+                position_grad = _sparse(pos_ids, grad_hidden, position_table.shape)
+            return (token_grad, position_grad) + none
+        g = _grad(grad_hidden, "hidden")
+        if ctx.fused is not None:
+            token_fused, position_fused = ctx.fused
+            pos_ids = ops.positions_array(ids, positions) if need_position else None
+            for check_only in (True, False):  # both tables checked before either moves
+                if need_token:
+                    _fused_update(token_fused, token_table, ids, g, None, check_only)
+                if need_position:
+                    _fused_update(position_fused, position_table, pos_ids, g, None, check_only)
         elif need_token and need_position:
-            token_grad = np.zeros(token_shape, dtype=np.float32)
-            position_grad = np.zeros(position_shape, dtype=np.float32)
+            token_grad = np.zeros(token_table.shape, dtype=np.float32)
+            position_grad = np.zeros(position_table.shape, dtype=np.float32)
             ops.gather_add_backward(g, ids, token_grad, position_grad, positions=positions)
             token_grad, position_grad = torch.from_numpy(token_grad), torch.from_numpy(position_grad)
         elif need_token:  # a frozen position table: do not allocate its gradient
-            token_grad = np.zeros(token_shape, dtype=np.float32)
+            token_grad = np.zeros(token_table.shape, dtype=np.float32)
             ops.scatter_add(token_grad, ids, g)
             token_grad = torch.from_numpy(token_grad)
         else:
-            position_grad = np.zeros(position_shape, dtype=np.float32)
+            position_grad = np.zeros(position_table.shape, dtype=np.float32)
             ops.scatter_add(position_grad, ops.positions_array(ids, positions), g)
             position_grad = torch.from_numpy(position_grad)
-        return token_grad, position_grad, None, None, None
+        return (token_grad, position_grad) + none
 
 
 # ---------------------------------------------------------------- modules
@@ -199,20 +243,29 @@ class Embedding(torch.nn.Module):
     """A drop-in for ``torch.nn.Embedding`` on CPU, float32, on fastembed's kernels.
 
     Same constructor, attributes, initialisation (N(0, 1), the padding row zero)
-    and results; ``padding_idx`` rows get no gradient; ``sparse=True`` gives a
-    coalesced sparse gradient. ``max_norm`` and ``scale_grad_by_freq`` are not
-    supported (NotImplementedError), nor are devices other than CPU, dtypes other
-    than float32, and double backward.
+    and results; ``padding_idx`` rows get no gradient; ``sparse=True`` gives
+    torch's sparse gradient (one uncoalesced entry per lookup). ``max_norm`` and
+    ``scale_grad_by_freq`` are not supported (NotImplementedError), nor are
+    devices other than CPU, dtypes other than float32, and double backward.
+
+    ``fused``: a rule from `fastembed.torch.optim` (``FusedSGD``, ``FusedAdagrad``,
+    ``FusedRowWiseAdagrad``, ``FusedSparseAdam``). Backward then updates the rows
+    it touches in place and leaves ``weight.grad`` None (no optimizer step to call);
+    the rule's state lives in this module's buffers ``optim_<name>``, saved by
+    ``state_dict()``. Set ``module.fused.lr`` to schedule the learning rate.
     """
 
     def __init__(self, num_embeddings, embedding_dim, padding_idx=None, max_norm=None, norm_type=2.0,
-                 scale_grad_by_freq=False, sparse=False, _weight=None, _freeze=False, device=None, dtype=None):
+                 scale_grad_by_freq=False, sparse=False, _weight=None, _freeze=False, device=None, dtype=None,
+                 fused=None):
         super().__init__()
         if max_norm is not None:
             raise NotImplementedError("fastembed.torch.Embedding does not support max_norm (use torch.nn.Embedding)")
         if scale_grad_by_freq:
             raise NotImplementedError(
                 "fastembed.torch.Embedding does not support scale_grad_by_freq (use torch.nn.Embedding)")
+        if fused is not None and sparse:
+            raise ValueError("a fused Embedding stores no gradient: pass fused= or sparse=True, not both")
         _check_cpu_float32(device, dtype)
         if padding_idx is not None:
             if not -num_embeddings <= padding_idx < num_embeddings:
@@ -220,6 +273,7 @@ class Embedding(torch.nn.Module):
             padding_idx = padding_idx % num_embeddings
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse = None, norm_type, False, bool(sparse)
+        self._view = _View()
         if _weight is None:
             self.weight = torch.nn.Parameter(torch.empty(num_embeddings, embedding_dim, dtype=torch.float32),
                                              requires_grad=not _freeze)
@@ -230,6 +284,17 @@ class Embedding(torch.nn.Module):
                                  f"got {tuple(_weight.shape)}")
             _table(_weight, "_weight")
             self.weight = torch.nn.Parameter(_weight, requires_grad=not _freeze)
+        self.fused = fused
+        if fused is not None:
+            for key, arr in fused.new_state(_table(self.weight, "weight")).items():
+                self.register_buffer("optim_" + key, torch.from_numpy(arr))
+
+    def _fused_state(self):
+        """(rule, {state name: buffer}) for the autograd function, or None."""
+        if self.fused is None:
+            return None
+        return self.fused, {name[6:]: buf for name, buf in self.named_buffers(recurse=False)
+                            if name.startswith("optim_")}
 
     def reset_parameters(self):
         torch.nn.init.normal_(self.weight)
@@ -238,9 +303,9 @@ class Embedding(torch.nn.Module):
                 self.weight[self.padding_idx].fill_(0)
 
     def forward(self, input):
-        if self.sparse:
-            _watch_sparse_grad(self.weight)
-        return _EmbeddingFunction.apply(self.weight, input, self.padding_idx, self.sparse)
+        weight = self.weight
+        return _EmbeddingFunction.apply(weight, input, self._view(weight, "weight"), self.padding_idx,
+                                        self.sparse, self._fused_state())
 
     def extra_repr(self):
         s = f"{self.num_embeddings}, {self.embedding_dim}"
@@ -248,18 +313,21 @@ class Embedding(torch.nn.Module):
             s += f", padding_idx={self.padding_idx}"
         if self.sparse:
             s += ", sparse=True"
+        if self.fused is not None:
+            s += f", fused={self.fused!r}"
         return s
 
     @classmethod
     def from_pretrained(cls, embeddings, freeze=True, padding_idx=None, max_norm=None, norm_type=2.0,
-                        scale_grad_by_freq=False, sparse=False):
+                        scale_grad_by_freq=False, sparse=False, fused=None):
         """An Embedding whose weight is ``embeddings`` itself (shared, as in torch): 2-D, CPU, float32, contiguous."""
         if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
             raise ValueError("embeddings must be a 2-D torch.Tensor (rows, dim)")
         _table(embeddings, "embeddings")
         rows, dim = embeddings.shape
         return cls(rows, dim, padding_idx=padding_idx, max_norm=max_norm, norm_type=norm_type,
-                   scale_grad_by_freq=scale_grad_by_freq, sparse=sparse, _weight=embeddings, _freeze=freeze)
+                   scale_grad_by_freq=scale_grad_by_freq, sparse=sparse, _weight=embeddings, _freeze=freeze,
+                   fused=fused)
 
 
 class TokenPositionEmbedding(torch.nn.Module):
@@ -269,17 +337,21 @@ class TokenPositionEmbedding(torch.nn.Module):
     positions None means ``arange(T)`` along the last axis, an int s means
     ``s + arange(T)`` (a decode step), an integer tensor broadcastable to
     ids.shape is used as given. Returns float32 (..., T, D). The backward fills
-    both tables in one pass (dense), or gives each a coalesced sparse gradient
-    (``sparse=True``). ``token`` and ``position`` are `Embedding`s, initialised
-    as the book does (Gaussian, std 0.08).
+    both tables in one pass (dense), or gives each torch's sparse gradient
+    (``sparse=True``), or, with ``fused=`` a rule of `fastembed.torch.optim`,
+    updates both tables in place (each with its own state, in ``token`` and
+    ``position``'s buffers; both updates are checked before either moves).
+    ``token`` and ``position`` are `Embedding`s, initialised as the book does
+    (Gaussian, std 0.08).
     """
 
-    def __init__(self, vocab_size, context_length, embedding_dim, sparse=False, device=None, dtype=None):
+    def __init__(self, vocab_size, context_length, embedding_dim, sparse=False, device=None, dtype=None,
+                 fused=None):
         super().__init__()
         _check_cpu_float32(device, dtype)
-        self.token = Embedding(vocab_size, embedding_dim, sparse=sparse)
-        self.position = Embedding(context_length, embedding_dim, sparse=sparse)
-        self.sparse = bool(sparse)
+        self.token = Embedding(vocab_size, embedding_dim, sparse=sparse, fused=fused)
+        self.position = Embedding(context_length, embedding_dim, sparse=sparse, fused=fused)
+        self.sparse, self.fused = bool(sparse), fused
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -287,22 +359,25 @@ class TokenPositionEmbedding(torch.nn.Module):
             torch.nn.init.normal_(table, std=INIT_STD)
 
     @classmethod
-    def from_pretrained(cls, token_weight, position_weight, freeze=True, sparse=False):
+    def from_pretrained(cls, token_weight, position_weight, freeze=True, sparse=False, fused=None):
         """A layer whose tables are the given tensors themselves (2-D, CPU, float32, contiguous, same dim)."""
         layer = cls(0, 0, 0, sparse=sparse)
-        layer.token = Embedding.from_pretrained(token_weight, freeze=freeze, sparse=sparse)
-        layer.position = Embedding.from_pretrained(position_weight, freeze=freeze, sparse=sparse)
+        layer.token = Embedding.from_pretrained(token_weight, freeze=freeze, sparse=sparse, fused=fused)
+        layer.position = Embedding.from_pretrained(position_weight, freeze=freeze, sparse=sparse, fused=fused)
+        layer.fused = fused
         if layer.token.embedding_dim != layer.position.embedding_dim:
             raise ValueError(f"token and position tables must have the same dim, got {tuple(token_weight.shape)} "
                              f"and {tuple(position_weight.shape)}")
         return layer
 
     def forward(self, ids, positions=None):
-        if self.sparse:
-            _watch_sparse_grad(self.token.weight)
-            _watch_sparse_grad(self.position.weight)
-        return _TokenPositionFunction.apply(self.token.weight, self.position.weight, ids, positions, self.sparse)
+        token, position = self.token, self.position
+        tw, pw = token.weight, position.weight
+        tables = (token._view(tw, "token weight"), position._view(pw, "position weight"))
+        fused = None if self.fused is None else (token._fused_state(), position._fused_state())
+        return _TokenPositionFunction.apply(tw, pw, ids, positions, tables, self.sparse, fused)
 
     def extra_repr(self):
         return (f"{self.token.num_embeddings}, {self.position.num_embeddings}, {self.token.embedding_dim}"
-                + (", sparse=True" if self.sparse else ""))
+                + (", sparse=True" if self.sparse else "")
+                + (f", fused={self.fused!r}" if self.fused is not None else ""))
