@@ -3,7 +3,10 @@
 There is no graph here: a layer remembers what its last forward call needs, and
 `backward(grad)` is that call's vector-Jacobian product. Dense gradients are a
 float32 (V, D) array that accumulates over backward calls until `zero_grad()`;
-sparse gradients are a `SparseGrad(rows, values)` of the touched rows only.
+sparse gradients are a `SparseGrad(rows, values)` of the touched rows only. A fused
+layer (``fused=`` a rule of `fastembed.optim`, e.g. ``FusedSparseAdam()``) stores no
+gradient: its backward applies the optimizer step to the rows it touched, with the
+optimizer state kept in ``layer.state``.
 """
 import threading
 from typing import NamedTuple
@@ -62,6 +65,20 @@ def _check_grad_shape(grad, ids, dim, name):
         raise ValueError(f"{name} must have shape ids.shape + (D,) = {expected}, got {name}.shape={grad.shape}")
 
 
+def _fused_rule(fused, sparse):
+    """fused as given (None, or a rule of fastembed.optim), refused with sparse=True."""
+    if fused is None:
+        return None
+    from .optim import _FusedRule  # optim imports this module: import it when a rule is given
+
+    if not isinstance(fused, _FusedRule):
+        raise TypeError(f"fused must be None or a fused rule of fastembed.optim (FusedSGD, FusedAdagrad, "
+                        f"FusedRowWiseAdagrad, FusedSparseAdam), got {type(fused).__name__}")
+    if sparse:
+        raise ValueError("a fused layer stores no gradient, so sparse=True means nothing with fused: drop one")
+    return fused
+
+
 def _merge(grad, rows, values):
     """Add a new sparse contribution to an accumulated one (earlier rows first, as in a dense sum)."""
     if grad is None:
@@ -75,26 +92,35 @@ class Embedding:
     ``layer(ids)`` returns ``weight[ids]`` (shape ids.shape + (D,)) and keeps ids;
     ``layer.backward(grad_out)`` adds ``grad_out`` into the rows of ids: into the
     dense ``grad`` (V, D), or, with ``sparse=True``, into a `SparseGrad`.
+
+    With ``fused=rule`` (`fastembed.optim.FusedSGD`, ``FusedAdagrad``, ``FusedRowWiseAdagrad``,
+    ``FusedSparseAdam``), backward instead applies one optimizer step to the rows of ids
+    (``rule.update``; ``grad`` stays None) and ``layer.state`` holds the optimizer state that
+    ``rule.new_state(weight)`` made. The result is the unfused layer's with ``sparse=True`` and
+    the matching optimizer stepping after each backward (FusedSGD: see its own doc).
     """
 
-    def __init__(self, num_embeddings, embedding_dim, *, sparse=False, seed=None):
+    def __init__(self, num_embeddings, embedding_dim, *, sparse=False, fused=None, seed=None):
         if num_embeddings < 0 or embedding_dim < 0:
             raise ValueError(f"sizes must be >= 0, got ({num_embeddings}, {embedding_dim})")
         rng = np.random.default_rng(seed)
         self.weight = (rng.standard_normal((num_embeddings, embedding_dim)) * INIT_STD).astype(np.float32)
         self.sparse = bool(sparse)
+        self.fused = _fused_rule(fused, self.sparse)
+        self.state = None if fused is None else fused.new_state(self.weight)
         self.grad = None
         self._ids = None
         self._lock = threading.Lock()  # backward is a read-modify-write of grad: one at a time
 
     @classmethod
-    def from_pretrained(cls, weight, *, sparse=False):
+    def from_pretrained(cls, weight, *, sparse=False, fused=None):
         """An Embedding whose weight is a float32 copy of the given (V, D) array."""
         weight = np.array(weight, dtype=np.float32, order="C", copy=True)
         if weight.ndim != 2:
             raise ValueError(f"weight must be 2-D (rows, dim), got weight.shape={weight.shape}")
-        layer = cls(0, 0, sparse=sparse)
+        layer = cls(0, 0, sparse=sparse, fused=fused)
         layer.weight = weight
+        layer.state = None if fused is None else fused.new_state(weight)
         return layer
 
     @property
@@ -106,7 +132,8 @@ class Embedding:
         return self.weight.shape[1]
 
     def __repr__(self):
-        return f"Embedding({self.num_embeddings}, {self.embedding_dim}, sparse={self.sparse})"
+        fused = "" if self.fused is None else f", fused={self.fused!r}"
+        return f"Embedding({self.num_embeddings}, {self.embedding_dim}, sparse={self.sparse}{fused})"
 
     def __call__(self, ids, *, out=None):
         result = ops.gather(self.weight, ids, out=out)  # the caller's ids: ops checks out against them
@@ -116,13 +143,17 @@ class Embedding:
     forward = __call__
 
     def backward(self, grad_out):
-        """Add the gradient of the last forward call's output into ``grad``."""
+        """Add the gradient of the last forward call's output into ``grad`` (fused: step the rows it read)."""
         if self._ids is None:
             raise RuntimeError("backward() called before any forward call")
         with self._lock:
             self._backward(grad_out)
 
     def _backward(self, grad_out):
+        if self.fused is not None:
+            _check_grad_shape(grad_out, self._ids, self.embedding_dim, "grad_out")
+            self.fused.update(self.weight, self.state, self._ids, grad_out)
+            return
         if self.sparse:
             _check_grad_shape(grad_out, self._ids, self.embedding_dim, "grad_out")
             self.grad = _merge(self.grad, *ops.coalesce(self._ids, grad_out))
@@ -175,25 +206,35 @@ class TokenPositionEmbedding:
     ``s + arange(T)``, an array is used as given. ``layer.backward(grad_hidden)``
     adds into ``token.grad`` and ``position.grad`` in one fused pass (dense), or
     gives each a `SparseGrad` (sparse=True).
+
+    With ``fused=rule`` backward steps both tables instead (see `Embedding`), each with its
+    own state (``token.state``, ``position.state``); both updates are checked before either
+    table moves.
     """
 
-    def __init__(self, vocab_size, context_length, embedding_dim, *, sparse=False, seed=None):
+    def __init__(self, vocab_size, context_length, embedding_dim, *, sparse=False, fused=None, seed=None):
         seeds = np.random.SeedSequence(seed).spawn(2)
-        self.token = Embedding(vocab_size, embedding_dim, sparse=sparse, seed=seeds[0])
-        self.position = Embedding(context_length, embedding_dim, sparse=sparse, seed=seeds[1])
+        self.token = Embedding(vocab_size, embedding_dim, sparse=sparse, fused=fused, seed=seeds[0])
+        self.position = Embedding(context_length, embedding_dim, sparse=sparse, fused=fused, seed=seeds[1])
         self.sparse = bool(sparse)
         self._saved = None
 
     @classmethod
-    def from_pretrained(cls, token_weight, position_weight, *, sparse=False):
-        layer = cls(0, 0, 0, sparse=sparse)
-        layer.token = Embedding.from_pretrained(token_weight, sparse=sparse)
-        layer.position = Embedding.from_pretrained(position_weight, sparse=sparse)
+    def from_pretrained(cls, token_weight, position_weight, *, sparse=False, fused=None):
+        layer = cls(0, 0, 0, sparse=sparse, fused=fused)
+        layer.token = Embedding.from_pretrained(token_weight, sparse=sparse, fused=fused)
+        layer.position = Embedding.from_pretrained(position_weight, sparse=sparse, fused=fused)
         return layer
 
+    @property
+    def fused(self):
+        """The token table's rule (the position table's is the same unless one was replaced)."""
+        return self.token.fused
+
     def __repr__(self):
+        fused = "" if self.fused is None else f", fused={self.fused!r}"
         return (f"TokenPositionEmbedding({self.token.num_embeddings}, {self.position.num_embeddings}, "
-                f"{self.token.embedding_dim}, sparse={self.sparse})")
+                f"{self.token.embedding_dim}, sparse={self.sparse}{fused})")
 
     def __call__(self, ids, positions=None, *, out=None):
         # The caller's arrays go to ops (which checks out against them); the layer keeps its own copies.
@@ -236,6 +277,18 @@ class TokenPositionEmbedding:
             self._backward(grad_hidden, *self._saved)
 
     def _backward(self, grad_hidden, ids, positions):
+        if self.token.fused is not None or self.position.fused is not None:
+            if self.token.fused is None or self.position.fused is None:
+                raise ValueError("a TokenPositionEmbedding is fused in both tables or in neither; got "
+                                 f"token.fused={self.token.fused!r}, position.fused={self.position.fused!r}")
+            _check_grad_shape(grad_hidden, ids, self.token.embedding_dim, "grad_hidden")
+            # Both prepared (every check run) before either table moves.
+            move_token = self.token.fused._prepare(self.token.weight, self.token.state, ids, grad_hidden)
+            move_position = self.position.fused._prepare(self.position.weight, self.position.state,
+                                                         ops.positions_array(ids, positions), grad_hidden)
+            move_token()
+            move_position()
+            return
         if self.sparse:
             _check_grad_shape(grad_hidden, ids, self.token.embedding_dim, "grad_hidden")
             token_part = ops.coalesce(ids, grad_hidden)

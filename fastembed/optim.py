@@ -7,9 +7,11 @@ None, a dense array of weight's shape, or a `SparseGrad(rows, values)`; an
 import numpy as np
 
 from . import _kernels
+from . import ops as _ops
 from .nn import SparseGrad
 
-__all__ = ["SGD", "Adagrad", "RowWiseAdagrad", "Adam", "SparseAdam", "linear_decay"]
+__all__ = ["SGD", "Adagrad", "RowWiseAdagrad", "Adam", "SparseAdam", "linear_decay",
+           "FusedSGD", "FusedAdagrad", "FusedRowWiseAdagrad", "FusedSparseAdam"]
 
 BOOK_LR = 0.01
 BOOK_BETAS = (0.85, 0.99)
@@ -280,3 +282,292 @@ class SparseAdam(_AdamFamily):
         for i in touched:
             self.steps[i] += 1
         self.t += 1
+
+
+# ---------------------------------------------------------------- fused rules (issue 9, item 3)
+#
+# A fused layer applies its optimizer's update inside backward, to the rows it looked up, and
+# stores no gradient; the state (moments, accumulators, step counts) lives with the layer, as
+# plain numpy arrays a layer or a torch module can save. A rule holds only the hyperparameters,
+# so one rule can serve several tables (TokenPositionEmbedding's two, each with its own state).
+
+
+def _padding_row(padding_idx, num_rows):
+    """padding_idx as a row in [0, num_rows), or None; a negative one counts from the end, as in torch."""
+    if padding_idx is None:
+        return None
+    if isinstance(padding_idx, (bool, np.bool_)) or not isinstance(padding_idx, (int, np.integer)):
+        raise TypeError(f"padding_idx must be an int or None, got {type(padding_idx).__name__}")
+    if not -num_rows <= padding_idx < num_rows:
+        raise ValueError(f"padding_idx must be in [-{num_rows}, {num_rows}), got {padding_idx}")
+    return int(padding_idx) % num_rows
+
+
+def _table(weight):
+    """The (V, D) shape of a float32 table, refused as the kernels refuse it (TypeError, ValueError)."""
+    if not (isinstance(weight, np.ndarray) and weight.dtype == np.float32):
+        raise TypeError(f"weight must be float32 (fastembed never casts tables), got "
+                        f"{getattr(weight, 'dtype', type(weight).__name__)}")
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be 2-D (rows, dim), got weight.shape={weight.shape}")
+    return weight.shape
+
+
+def _state_entry(state, key):
+    """state[key], with an error that says what a state is when it is missing."""
+    try:
+        return state[key]
+    except (KeyError, TypeError, IndexError):
+        raise ValueError(f"state must be the dict that new_state(weight) gave, with {key!r}; got "
+                         f"{type(state).__name__} with keys {list(state) if isinstance(state, dict) else '?'}") from None
+
+
+def _step_counter(state):
+    """The writeable 0-d int64 step count of a state."""
+    step = _state_entry(state, "step")
+    if not (isinstance(step, np.ndarray) and step.dtype == np.int64 and step.shape == ()):
+        raise TypeError(f"state['step'] must be a 0-d int64 array, got {getattr(step, 'dtype', type(step).__name__)} "
+                        f"of shape {getattr(step, 'shape', '?')}")
+    if not step.flags.writeable:
+        raise ValueError("state['step'] is read-only; the update counts its steps in it")
+    return step
+
+
+def _coalesced_rows(weight, ids, grad_out, padding_idx):
+    """(rows, values) of the step: ids' distinct rows, increasing, and grad_out summed per row, without
+    padding_idx's row. coalesce refuses negative ids and a grad_out that is not ids.shape + (D,); the
+    row kernel's check (check_only) refuses ids past the table and a D that is not weight's."""
+    V = _table(weight)[0]
+    pad = _padding_row(padding_idx, V)
+    rows, values = _ops.coalesce(ids, grad_out)
+    if len(rows) and rows[-1] >= V:  # the kernel would refuse it too, but would call it a row, not an id
+        raise IndexError(f"ids hold {rows[-1]}, out of range for weight with {V} rows (valid ids are 0 to {V - 1})")
+    if pad is not None:
+        keep = rows != pad
+        if not keep.all():
+            rows, values = rows[keep], values[keep]
+    return rows, values
+
+
+class _FusedRule:
+    """What the fused rules share: a learning rate that refuses to go negative, and ``update`` as
+    ``_prepare`` (every check, nothing moved) followed by the step it returns."""
+
+    def __init__(self, lr):
+        self.lr = lr
+
+    lr = _Optimizer.lr
+
+    def update(self, weight, state, ids, grad_out, *, padding_idx=None, check_only=False):
+        """One optimizer step of weight's rows named by ids (any shape, int32 or int64), from grad_out
+        (float32, ids.shape + (D,)), with state from ``new_state(weight)``. Every check runs before
+        anything moves; check_only: run them all, change nothing. Ids equal to padding_idx contribute
+        nothing: their row and its state keep their values."""
+        apply = self._prepare(weight, state, ids, grad_out, padding_idx)
+        if not check_only:
+            apply()
+
+    def _prepare(self, weight, state, ids, grad_out, padding_idx=None):
+        """Run every check of an update and return a callable that applies it (no argument, no check
+        left that could fail): a layer with two tables prepares both before it moves either."""
+        raise NotImplementedError
+
+    def _repr_fields(self):
+        return f"lr={self.lr!r}"
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self._repr_fields()})"
+
+
+def _check_sgd_scatter(weight, ids, grad_out):
+    """sgd_scatter's checks, in its order and with its exception types, without its loop: the
+    kernel has no check_only, and a layer with two tables checks both before either moves."""
+    if not (isinstance(weight, np.ndarray) and weight.dtype == np.float32):
+        raise TypeError(f"weight must be float32 (fastembed never casts tables), got "
+                        f"{getattr(weight, 'dtype', type(weight).__name__)}")
+    if not weight.flags.writeable:
+        raise ValueError("weight is read-only; fastembed writes into it in place, never into a silent copy")
+    if not (weight.flags.c_contiguous and weight.flags.aligned):
+        raise ValueError("weight must be C-contiguous and aligned to be written in place")
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be 2-D (rows, dim), got weight.shape={weight.shape}")
+    if not (isinstance(grad_out, np.ndarray) and grad_out.dtype == np.float32):
+        raise TypeError(f"grad_out must be float32, got {getattr(grad_out, 'dtype', type(grad_out).__name__)}")
+    V, D = weight.shape
+    if grad_out.shape != ids.shape + (D,):
+        raise ValueError(f"grad_out must have shape ids.shape + (D,) = {ids.shape + (D,)}, got "
+                         f"grad_out.shape={grad_out.shape}")
+    for other, name in ((ids, "ids"), (grad_out, "grad_out")):
+        if np.may_share_memory(weight, other):
+            raise ValueError(f"weight shares memory with {name}; pass separate arrays")
+    if ids.size and (ids.min() < 0 or ids.max() >= V):
+        flat = ids.reshape(-1)
+        bad = int(np.flatnonzero((flat < 0) | (flat >= V))[0])
+        where = ", ".join(map(str, np.unravel_index(bad, ids.shape))) if ids.ndim else ""
+        raise IndexError(f"ids[{where}] = {flat[bad]} is out of range for weight with {V} rows "
+                         f"(valid ids are 0 to {V - 1})")
+
+
+class FusedSGD(_FusedRule):
+    """``weight[ids[i]] -= lr * grad_out[i]`` for each i in the row-major order of ids, with no
+    coalescing: a row named twice moves twice, one occurrence after the other. In float32 with lr
+    rounded to it; fma=False rounds the product and then the difference (numpy's ``w - lr * g``),
+    fma=True rounds once (torch's ``add_(g, alpha=-lr)``). Without repeated ids, fma=False equals SGD
+    on the layer's dense or sparse gradient bit for bit; with them, the sequential updates differ from
+    one update by the summed gradient by rounding. No state: ``new_state`` is ``{}``.
+    """
+
+    def __init__(self, lr, *, fma=False):
+        super().__init__(lr)
+        self.fma = bool(fma)
+
+    def new_state(self, weight):
+        _table(weight)
+        return {}
+
+    def update(self, weight, state, ids, grad_out, *, padding_idx=None, check_only=False):
+        if check_only or padding_idx is not None:
+            return super().update(weight, state, ids, grad_out, padding_idx=padding_idx, check_only=check_only)
+        # One table, nothing filtered: the kernel checks everything before its loop writes.
+        _check_sgd_state(state)
+        _kernels.sgd_scatter(weight, _ops.as_ids(ids), grad_out, self.lr, fma=self.fma)
+
+    def _prepare(self, weight, state, ids, grad_out, padding_idx=None):
+        _check_sgd_state(state)
+        ids = _ops.as_ids(ids)
+        _check_sgd_scatter(weight, ids, grad_out)
+        pad = _padding_row(padding_idx, weight.shape[0])
+        if pad is not None:
+            keep = ids != pad
+            if not keep.all():
+                ids, grad_out = ids[keep], grad_out[keep]
+        lr, fma = self.lr, self.fma
+
+        def apply():
+            _kernels.sgd_scatter(weight, ids, grad_out, lr, fma=fma)
+        return apply
+
+    def _repr_fields(self):
+        return f"lr={self.lr!r}, fma={self.fma}"
+
+
+def _check_sgd_state(state):
+    if not isinstance(state, dict):
+        raise ValueError(f"state must be the dict that new_state(weight) gave, got {type(state).__name__}")
+
+
+class FusedAdagrad(_FusedRule):
+    """`Adagrad` on the rows each backward touches: grad_out summed per row (coalesce), then at step
+    t (the table's step count, 1 on its first update) ``clr = lr / (1 + (t - 1) * lr_decay)``,
+    ``sum += g * g``, ``w -= clr * g / (sqrt(sum) + eps)``, the same kernel as ``Adagrad.step`` on the
+    layer's sparse gradient, bit for bit. State: ``sum`` (weight's shape, starting at
+    initial_accumulator_value) and ``step`` (0-d int64). Every update counts a step, one that touches
+    no row too (empty ids, or only padding), as Adagrad counts a step with an empty sparse gradient.
+    No weight decay: torch allows none with sparse gradients. Defaults are torch's.
+    """
+
+    def __init__(self, lr=0.01, lr_decay=0.0, initial_accumulator_value=0.0, eps=1e-10):
+        super().__init__(lr)
+        self.lr_decay, self.initial_accumulator_value, self.eps = lr_decay, initial_accumulator_value, eps
+        self._check_hyperparameters()
+
+    def _check_hyperparameters(self):
+        """At construction and again by each update: they are plain attributes a user may change."""
+        for name in ("lr_decay", "initial_accumulator_value", "eps"):
+            value = getattr(self, name)
+            if not value >= 0.0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+
+    def new_state(self, weight):
+        return {"sum": np.full(_table(weight), self.initial_accumulator_value, np.float32),
+                "step": np.zeros((), np.int64)}
+
+    def _prepare(self, weight, state, ids, grad_out, padding_idx=None):
+        self._check_hyperparameters()
+        state_sum, step = _state_entry(state, "sum"), _step_counter(state)
+        rows, values = _coalesced_rows(weight, ids, grad_out, padding_idx)
+        _kernels.adagrad_step(weight, state_sum, values, rows, 0.0, 0.0, True)
+        t = int(step) + 1
+        clr, eps = self.lr / (1 + (t - 1) * self.lr_decay), self.eps
+
+        def apply():
+            _kernels.adagrad_step(weight, state_sum, values, rows, clr, eps)
+            step[()] = t
+        return apply
+
+    def _repr_fields(self):
+        return (f"lr={self.lr!r}, lr_decay={self.lr_decay!r}, "
+                f"initial_accumulator_value={self.initial_accumulator_value!r}, eps={self.eps!r}")
+
+
+class FusedRowWiseAdagrad(_FusedRule):
+    """`RowWiseAdagrad` on the rows each backward touches: grad_out summed per row (coalesce), then
+    ``sum[r] += mean(g[r] ** 2)``, ``w[r] -= lr * g[r] / (sqrt(sum[r]) + eps)``, the same kernel as
+    ``RowWiseAdagrad.step`` on the layer's sparse gradient, bit for bit. State: ``sum``, one float32
+    per row (shape (V,), starting at 0); no step count (the rule has no decay).
+    """
+
+    def __init__(self, lr=0.01, eps=1e-10):
+        super().__init__(lr)
+        self.eps = eps
+        self._check_hyperparameters()
+
+    def _check_hyperparameters(self):
+        if not self.eps >= 0.0:
+            raise ValueError(f"eps must be >= 0, got {self.eps}")
+
+    def new_state(self, weight):
+        return {"sum": np.zeros(_table(weight)[0], np.float32)}
+
+    def _prepare(self, weight, state, ids, grad_out, padding_idx=None):
+        self._check_hyperparameters()
+        state_sum = _state_entry(state, "sum")
+        rows, values = _coalesced_rows(weight, ids, grad_out, padding_idx)
+        _kernels.rowwise_adagrad_step(weight, state_sum, values, rows, 0.0, 0.0, True)
+        lr, eps = self.lr, self.eps
+
+        def apply():
+            _kernels.rowwise_adagrad_step(weight, state_sum, values, rows, lr, eps)
+        return apply
+
+    def _repr_fields(self):
+        return f"lr={self.lr!r}, eps={self.eps!r}"
+
+
+class FusedSparseAdam(_FusedRule):
+    """`SparseAdam` (lazy Adam) on the rows each backward touches: grad_out summed per row
+    (coalesce), then the book's Adam update of those rows only, bias-corrected by the table's own
+    step count t (1 on its first update), the same kernel as ``SparseAdam.step`` on the layer's
+    sparse gradient, bit for bit. State: ``exp_avg``, ``exp_avg_sq`` (weight's shape, zeros) and
+    ``step`` (0-d int64). Every update counts a step, one that touches no row too (empty ids, or only
+    padding), as SparseAdam counts a step for a parameter whose sparse gradient is empty.
+    Defaults are the book's: lr 0.01, betas (0.85, 0.99), eps 1e-8.
+    """
+
+    def __init__(self, lr=BOOK_LR, betas=BOOK_BETAS, eps=BOOK_EPS):
+        super().__init__(lr)
+        self.betas, self.eps = tuple(betas), eps
+        self._check_hyperparameters()
+
+    _check_hyperparameters = _AdamFamily._check_hyperparameters
+
+    def new_state(self, weight):
+        shape = _table(weight)
+        return {"exp_avg": np.zeros(shape, np.float32), "exp_avg_sq": np.zeros(shape, np.float32),
+                "step": np.zeros((), np.int64)}
+
+    def _prepare(self, weight, state, ids, grad_out, padding_idx=None):
+        self._check_hyperparameters()
+        m, v, step = _state_entry(state, "exp_avg"), _state_entry(state, "exp_avg_sq"), _step_counter(state)
+        rows, values = _coalesced_rows(weight, ids, grad_out, padding_idx)
+        (b1, b2), lr, eps = self.betas, self.lr, self.eps
+        _kernels.adam_step(weight, m, v, values, rows, lr, b1, b2, eps, 1.0, 1.0, True)
+        t = int(step) + 1
+
+        def apply():
+            _kernels.adam_step(weight, m, v, values, rows, lr, b1, b2, eps, 1 - b1**t, 1 - b2**t)
+            step[()] = t
+        return apply
+
+    def _repr_fields(self):
+        return f"lr={self.lr!r}, betas={self.betas!r}, eps={self.eps!r}"
