@@ -44,7 +44,9 @@ def sgd_step(
     check_only: bool = False,
     fma: bool = False,
 ) -> None: ...
-def sgd_scatter(weight: _Float32, ids: _Ids, grad_out: _Float32, lr: float, fma: bool = False) -> None: ...
+def sgd_scatter(
+    weight: _Float32, ids: _Ids, grad_out: _Float32, lr: float, fma: bool = False, check_only: bool = False
+) -> None: ...
 def adagrad_step(
     weight: _Float32,
     state_sum: _Float32,

@@ -364,12 +364,13 @@ def gather_add(token_table, position_table, ids, positions=None, out=None):
 
 def scatter_add(grad_table, ids, grad_out):
     """grad_table[ids] += grad_out in place, duplicates summed in the row-major order of ids."""
-    _scatter(grad_table, ids, grad_out, "grad_table", ROW_ADD, 0.0)
+    _scatter(grad_table, ids, grad_out, "grad_table", ROW_ADD, 0.0, False)
 
 
-cdef int _scatter(object target, object ids, object grad_out, str name, int op, double lr) except -1:
-    """The checked scatter of scatter_add and sgd_scatter: every check, then the loop (threads own
-    columns, so each element sees its updates in ids order whatever the thread count)."""
+cdef int _scatter(object target, object ids, object grad_out, str name, int op, double lr,
+                  bint check_only) except -1:
+    """The checked scatter of scatter_add and sgd_scatter: every check, then (unless check_only) the
+    loop (threads own columns, so each element sees its updates in ids order whatever the thread count)."""
     cdef cnp.ndarray grad = _target(target, name)
     _check_2d(grad, name)
     cdef cnp.ndarray idx = _index_array(ids, "ids")
@@ -378,6 +379,8 @@ cdef int _scatter(object target, object ids, object grad_out, str name, int op, 
     _check_rows_shape(src, "grad_out", idx, D)
     _no_overlap(grad, name, (ids, grad_out), ("ids", "grad_out"))
     _check_range(idx, "ids", V, name)
+    if check_only:
+        return 0
     cdef float* g = <float*>cnp.PyArray_DATA(grad)
     cdef const float* s = <const float*>cnp.PyArray_DATA(src)
     cdef void* ip = cnp.PyArray_DATA(idx)

@@ -189,16 +189,17 @@ def sgd_step(weight, grad, rows, double lr, bint check_only=False, bint fma=Fals
         _run(SGD_FMA_UPDATE if fma else SGD_UPDATE, w, None, g, r, lr, 0.0)
 
 
-def sgd_scatter(weight, ids, grad_out, double lr, bint fma=False):
+def sgd_scatter(weight, ids, grad_out, double lr, bint fma=False, bint check_only=False):
     """SGD straight from a lookup's gradient, with no coalesce: ``weight[ids[i]] -= lr * grad_out[i]``
     in place, one lookup after another in the row-major order of ids (so a repeated id moves its row
     once per occurrence, as torch's SGD does with an uncoalesced sparse gradient). Each element becomes
     ``w - (lr * g)`` (numpy's rounding) or, with fma=True, ``fma(-lr, g, w)`` (torch's); lr is rounded to
     float32. ids: int32/int64 of any shape; grad_out: float32 of shape ids.shape + (D,).
-    Checked as scatter_add is; bitwise the same for every thread count."""
+    Checked as scatter_add is; bitwise the same for every thread count. check_only: run every
+    check, write nothing (a layer with two tables checks both before either moves)."""
     if lr < 0:
         raise ValueError(f"lr must be >= 0, got {lr}")
-    _scatter(weight, ids, grad_out, "weight", ROW_SGD_FMA if fma else ROW_SGD, lr)
+    _scatter(weight, ids, grad_out, "weight", ROW_SGD_FMA if fma else ROW_SGD, lr, check_only)
 
 
 def adagrad_step(weight, state_sum, grad, rows, double clr, double eps, bint check_only=False):

@@ -379,35 +379,6 @@ class _FusedRule:
         return f"{type(self).__name__}({self._repr_fields()})"
 
 
-def _check_sgd_scatter(weight, ids, grad_out):
-    """sgd_scatter's checks, in its order and with its exception types, without its loop: the
-    kernel has no check_only, and a layer with two tables checks both before either moves."""
-    if not (isinstance(weight, np.ndarray) and weight.dtype == np.float32):
-        raise TypeError(f"weight must be float32 (fastembed never casts tables), got "
-                        f"{getattr(weight, 'dtype', type(weight).__name__)}")
-    if not weight.flags.writeable:
-        raise ValueError("weight is read-only; fastembed writes into it in place, never into a silent copy")
-    if not (weight.flags.c_contiguous and weight.flags.aligned):
-        raise ValueError("weight must be C-contiguous and aligned to be written in place")
-    if weight.ndim != 2:
-        raise ValueError(f"weight must be 2-D (rows, dim), got weight.shape={weight.shape}")
-    if not (isinstance(grad_out, np.ndarray) and grad_out.dtype == np.float32):
-        raise TypeError(f"grad_out must be float32, got {getattr(grad_out, 'dtype', type(grad_out).__name__)}")
-    V, D = weight.shape
-    if grad_out.shape != ids.shape + (D,):
-        raise ValueError(f"grad_out must have shape ids.shape + (D,) = {ids.shape + (D,)}, got "
-                         f"grad_out.shape={grad_out.shape}")
-    for other, name in ((ids, "ids"), (grad_out, "grad_out")):
-        if np.may_share_memory(weight, other):
-            raise ValueError(f"weight shares memory with {name}; pass separate arrays")
-    if ids.size and (ids.min() < 0 or ids.max() >= V):
-        flat = ids.reshape(-1)
-        bad = int(np.flatnonzero((flat < 0) | (flat >= V))[0])
-        where = ", ".join(map(str, np.unravel_index(bad, ids.shape))) if ids.ndim else ""
-        raise IndexError(f"ids[{where}] = {flat[bad]} is out of range for weight with {V} rows "
-                         f"(valid ids are 0 to {V - 1})")
-
-
 class FusedSGD(_FusedRule):
     """``weight[ids[i]] -= lr * grad_out[i]`` for each i in the row-major order of ids, with no
     coalescing: a row named twice moves twice, one occurrence after the other. In float32 with lr
@@ -435,7 +406,7 @@ class FusedSGD(_FusedRule):
     def _prepare(self, weight, state, ids, grad_out, padding_idx=None):
         _check_sgd_state(state)
         ids = _ops.as_ids(ids)
-        _check_sgd_scatter(weight, ids, grad_out)
+        _kernels.sgd_scatter(weight, ids, grad_out, self.lr, fma=self.fma, check_only=True)
         pad = _padding_row(padding_idx, weight.shape[0])
         if pad is not None:
             keep = ids != pad

@@ -579,8 +579,8 @@ BAD = [c for kind in ALL for c in _bad_cases(kind)]
 
 @pytest.mark.parametrize("kind,name,change,error", BAD, ids=[f"{c[0]}-{c[1]}" for c in BAD])
 def test_bad_input_raises_and_moves_nothing(kind, name, change, error):
-    """The same error from a plain update, from check_only=True and with a padding_idx (FusedSGD checks
-    those two in Python, a plain update in its kernel), and nothing moved by any of them."""
+    """The same error from a plain update, from check_only=True and with a padding_idx (the kernel's
+    check_only pass for those two, its own checks before its loop for a plain update), and nothing moved by any of them."""
     rng = np.random.default_rng(2)
     rule = make_rule(kind, 0.1, hyperparameters(kind))
     w = rng.standard_normal((6, 3)).astype(np.float32)

@@ -124,14 +124,23 @@ def _bad_cases():
 
 @pytest.mark.parametrize("name,make,error", _bad_cases(), ids=[c[0] for c in _bad_cases()])
 @pytest.mark.parametrize("fma", [False, True])
-def test_bad_input_raises_and_writes_nothing(name, make, error, fma):
+@pytest.mark.parametrize("check_only", [False, True])
+def test_bad_input_raises_and_writes_nothing(name, make, error, fma, check_only):
     w, ids, g, lr = make()
     if w.flags.writeable:
         w[...] = np.arange(w.size, dtype=w.dtype).reshape(w.shape)
     snap = Snapshot(w=w, ids=ids, g=g)
     with pytest.raises(error):
-        _kernels.sgd_scatter(w, ids, g, lr, fma=fma)
+        _kernels.sgd_scatter(w, ids, g, lr, fma=fma, check_only=check_only)
     snap.assert_unchanged()
+
+
+def test_check_only_writes_nothing():
+    w = np.arange(15, dtype=f32).reshape(5, 3)
+    _kernels.sgd_scatter(w, np.array([0, 4, 4]), np.ones((3, 3), f32), 0.5, check_only=True)
+    assert_bitwise(w, np.arange(15, dtype=f32).reshape(5, 3))
+    _kernels.sgd_scatter(w, np.array([0, 4, 4]), np.ones((3, 3), f32), 0.5)
+    assert w[4, 0] == 12 - 1.0 and w[0, 0] == -0.5  # the same call without check_only does move
 
 
 def test_weight_and_grad_sharing_memory_is_refused():

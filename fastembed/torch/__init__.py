@@ -137,12 +137,16 @@ def _positions(positions, name="positions"):
 
 # ---------------------------------------------------------------- autograd functions
 
-def _fused_update(fused, table, ids, g, padding_idx, check_only=False):
-    """Apply (or, check_only, only check) a fused optimizer rule to the rows of ids; fused is
-    (rule, buffers), the buffers holding the rule's state as the module keeps it."""
+def _state(buffers):
+    """A fused rule's state as numpy views of the module's buffers (the state_dict's own memory)."""
+    return {key: buf.numpy() for key, buf in buffers.items()}
+
+
+def _prepared_update(fused, table, ids, g):
+    """A fused rule's update of the rows of ids, checked and ready to run (call it to move them);
+    fused is (rule, buffers)."""
     rule, buffers = fused
-    rule.update(table, {key: buf.numpy() for key, buf in buffers.items()}, ids, g, padding_idx=padding_idx,
-                check_only=check_only)
+    return rule._prepare(table, _state(buffers), ids, g)
 
 
 class _EmbeddingFunction(torch.autograd.Function):
@@ -167,7 +171,8 @@ class _EmbeddingFunction(torch.autograd.Function):
             return _sparse(ctx.ids, grad_out, ctx.table.shape, ctx.padding_idx), None, None, None, None, None
         g = _grad(grad_out, "the embedding output")
         if ctx.fused is not None:
-            _fused_update(ctx.fused, ctx.table, ctx.ids_np, g, ctx.padding_idx)
+            rule, buffers = ctx.fused
+            rule.update(ctx.table, _state(buffers), ctx.ids_np, g, padding_idx=ctx.padding_idx)
             return None, None, None, None, None, None
         grad = np.zeros(ctx.table.shape, dtype=np.float32)
         ops.scatter_add(grad, ctx.ids_np, g)
@@ -208,12 +213,14 @@ class _TokenPositionFunction(torch.autograd.Function):
         g = _grad(grad_hidden, "hidden")
         if ctx.fused is not None:
             token_fused, position_fused = ctx.fused
-            pos_ids = ops.positions_array(ids, positions) if need_position else None
-            for check_only in (True, False):  # both tables checked before either moves
-                if need_token:
-                    _fused_update(token_fused, token_table, ids, g, None, check_only)
-                if need_position:
-                    _fused_update(position_fused, position_table, pos_ids, g, None, check_only)
+            updates = []  # both tables checked before either moves
+            if need_token:
+                updates.append(_prepared_update(token_fused, token_table, ids, g))
+            if need_position:
+                updates.append(_prepared_update(position_fused, position_table,
+                                                ops.positions_array(ids, positions), g))
+            for update in updates:
+                update()
         elif need_token and need_position:
             token_grad = np.zeros(token_table.shape, dtype=np.float32)
             position_grad = np.zeros(position_table.shape, dtype=np.float32)
