@@ -69,6 +69,19 @@ FE_CLONES static void fe_sgd_row(float *FE_RESTRICT w, const float *FE_RESTRICT 
     for (ptrdiff_t d = 0; d < n; d++) w[d] -= lr * g[d];
 }
 
+/* The same update with torch's rounding: w[d] = fma(-lr, g[d], w[d]), one rounding (what torch's
+   `param.add_(grad, alpha=-lr)` gives on CPU). The AVX2+FMA clone does it in hardware; the default
+   clone calls fmaf, exact too, only slower. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FE_FMA_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define FE_FMA_CLONES
+#endif
+FE_FMA_CLONES static void fe_sgd_row_fma(float *FE_RESTRICT w, const float *FE_RESTRICT g, ptrdiff_t n, float lr) {
+    const float neg = -lr;
+    for (ptrdiff_t d = 0; d < n; d++) w[d] = fmaf(neg, g[d], w[d]);
+}
+
 /* One Adagrad update of n elements, in torch's order for a dense gradient: the sum of squares grows by
    g^2, then w moves by (clr * g) / (sqrt(sum) + eps). */
 FE_CLONES static void fe_adagrad_row(float *FE_RESTRICT w, float *FE_RESTRICT s, const float *FE_RESTRICT g,

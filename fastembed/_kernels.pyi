@@ -42,7 +42,9 @@ def sgd_step(
     rows: npt.NDArray[np.int64] | None,
     lr: float,
     check_only: bool = False,
+    fma: bool = False,
 ) -> None: ...
+def sgd_scatter(weight: _Float32, ids: _Ids, grad_out: _Float32, lr: float, fma: bool = False) -> None: ...
 def adagrad_step(
     weight: _Float32,
     state_sum: _Float32,

@@ -45,6 +45,7 @@ cdef extern from "_fastembed.h" nogil:
     void fe_adam_row(float* w, float* m, float* v, const float* g, Py_ssize_t n, float lr, float beta1,
                      float beta2, float eps, float inv_bias1, float inv_bias2)
     void fe_sgd_row(float* w, const float* g, Py_ssize_t n, float lr)
+    void fe_sgd_row_fma(float* w, const float* g, Py_ssize_t n, float lr)
     void fe_adagrad_row(float* w, float* s, const float* g, Py_ssize_t n, float clr, float eps)
     float fe_sum_squares(const float* g, Py_ssize_t n)
     void fe_scaled_row(float* w, const float* g, Py_ssize_t n, float lr, float std)
@@ -153,9 +154,28 @@ cdef Py_ssize_t _gather_add(const float* tok, Py_ssize_t V, const float* pos, Py
     return skipped
 
 
+cdef enum:
+    # What a scatter does to each destination row: add the source row, or subtract lr times it (SGD
+    # straight from the lookups' gradient, with numpy's rounding or with one rounding, as torch does).
+    ROW_ADD = 0
+    ROW_SGD = 1
+    ROW_SGD_FMA = 2
+
+
+cdef inline void _row_op(int op, float* dst, const float* src, Py_ssize_t n, float lr) noexcept nogil:
+    if op == ROW_ADD:
+        fe_add_into(dst, src, n)
+    elif op == ROW_SGD:
+        fe_sgd_row(dst, src, n, lr)
+    else:
+        fe_sgd_row_fma(dst, src, n, lr)
+
+
 cdef Py_ssize_t _scatter_cols(float* grad, Py_ssize_t V, Py_ssize_t D, const index_t* ids, Py_ssize_t N,
-                              const float* src, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t w0) noexcept nogil:
-    """grad[ids[i], c0:c1] (and w0:D) += src[i, same columns], i in order (the order of np.add.at)."""
+                              const float* src, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t w0,
+                              int op, float lr) noexcept nogil:
+    """grad[ids[i], c0:c1] (and w0:D) += src[i, same columns] (or -= lr * src[...], by op), i in order
+    (the order of np.add.at)."""
     cdef Py_ssize_t i, skipped = 0
     cdef int64_t r
     for i in range(N):
@@ -165,9 +185,9 @@ cdef Py_ssize_t _scatter_cols(float* grad, Py_ssize_t V, Py_ssize_t D, const ind
         if _outside(r, V):
             skipped += 1
             continue
-        fe_add_into(grad + r * D + c0, src + i * D + c0, c1 - c0)
+        _row_op(op, grad + r * D + c0, src + i * D + c0, c1 - c0, lr)
         if w0 < D:
-            fe_add_into(grad + r * D + w0, src + i * D + w0, D - w0)
+            _row_op(op, grad + r * D + w0, src + i * D + w0, D - w0, lr)
     return skipped
 
 
@@ -201,21 +221,21 @@ cdef Py_ssize_t _backward_cols(float* tok_grad, Py_ssize_t V, float* pos_grad, P
 
 
 cdef Py_ssize_t _scatter_add(float* grad, Py_ssize_t V, Py_ssize_t D, const index_t* ids, Py_ssize_t N,
-                             const float* src, int nthreads, int* team) noexcept nogil:
+                             const float* src, int op, float lr, int nthreads, int* team) noexcept nogil:
     # Threads own columns, not ids: each element is summed by one thread in ids order,
     # so the result is bitwise the same for every thread count.
     cdef int k
     cdef Py_ssize_t c0, c1, w0, skipped = 0, phase = _phase(grad)
     team[0] = 1
     if nthreads <= 1:
-        return _scatter_cols(grad, V, D, ids, N, src, 0, D, D)
+        return _scatter_cols(grad, V, D, ids, N, src, 0, D, D, op, lr)
     for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
         if k == 0:
             team[0] = fe_omp_team_size()
         c0 = _col_start(D, phase, k, nthreads)
         c1 = _col_end(D, phase, k, nthreads)
         w0 = _col_wrap(D, phase, k, nthreads)
-        skipped += _scatter_cols(grad, V, D, ids, N, src, c0, c1, w0)
+        skipped += _scatter_cols(grad, V, D, ids, N, src, c0, c1, w0, op, lr)
     return skipped
 
 
@@ -259,10 +279,11 @@ cdef Py_ssize_t _gather_add_any(const float* tok, Py_ssize_t V, const float* pos
 
 
 cdef Py_ssize_t _scatter_add_any(float* grad, Py_ssize_t V, Py_ssize_t D, const void* ids, bint wide,
-                                 Py_ssize_t N, const float* src, int nthreads, int* team) noexcept nogil:
+                                 Py_ssize_t N, const float* src, int op, float lr, int nthreads,
+                                 int* team) noexcept nogil:
     if wide:
-        return _scatter_add(grad, V, D, <const int64_t*>ids, N, src, nthreads, team)
-    return _scatter_add(grad, V, D, <const int32_t*>ids, N, src, nthreads, team)
+        return _scatter_add(grad, V, D, <const int64_t*>ids, N, src, op, lr, nthreads, team)
+    return _scatter_add(grad, V, D, <const int32_t*>ids, N, src, op, lr, nthreads, team)
 
 
 cdef Py_ssize_t _gather_add_backward_any(float* tok_grad, Py_ssize_t V, float* pos_grad, Py_ssize_t P,
@@ -343,14 +364,20 @@ def gather_add(token_table, position_table, ids, positions=None, out=None):
 
 def scatter_add(grad_table, ids, grad_out):
     """grad_table[ids] += grad_out in place, duplicates summed in the row-major order of ids."""
-    cdef cnp.ndarray grad = _target(grad_table, "grad_table")
-    _check_2d(grad, "grad_table")
+    _scatter(grad_table, ids, grad_out, "grad_table", ROW_ADD, 0.0)
+
+
+cdef int _scatter(object target, object ids, object grad_out, str name, int op, double lr) except -1:
+    """The checked scatter of scatter_add and sgd_scatter: every check, then the loop (threads own
+    columns, so each element sees its updates in ids order whatever the thread count)."""
+    cdef cnp.ndarray grad = _target(target, name)
+    _check_2d(grad, name)
     cdef cnp.ndarray idx = _index_array(ids, "ids")
     cdef cnp.ndarray src = _float_input(grad_out, "grad_out")
     cdef Py_ssize_t V = _rows(grad), D = _dim(grad), N = cnp.PyArray_SIZE(idx)
     _check_rows_shape(src, "grad_out", idx, D)
-    _no_overlap(grad, "grad_table", (ids, grad_out), ("ids", "grad_out"))
-    _check_range(idx, "ids", V, "grad_table")
+    _no_overlap(grad, name, (ids, grad_out), ("ids", "grad_out"))
+    _check_range(idx, "ids", V, name)
     cdef float* g = <float*>cnp.PyArray_DATA(grad)
     cdef const float* s = <const float*>cnp.PyArray_DATA(src)
     cdef void* ip = cnp.PyArray_DATA(idx)
@@ -360,11 +387,12 @@ def scatter_add(grad_table, ids, grad_out):
     cdef Py_ssize_t skipped
     if release:
         with nogil:
-            skipped = _scatter_add_any(g, V, D, ip, wide, N, s, nthreads, &team)
+            skipped = _scatter_add_any(g, V, D, ip, wide, N, s, op, <float>lr, nthreads, &team)
     else:
-        skipped = _scatter_add_any(g, V, D, ip, wide, N, s, nthreads, &team)
+        skipped = _scatter_add_any(g, V, D, ip, wide, N, s, op, <float>lr, nthreads, &team)
     _record(team, release)
     _raise_if_skipped(skipped, "ids")
+    return 0
 
 
 def gather_add_backward(grad_hidden, ids, token_grad, position_grad, positions=None):
@@ -530,9 +558,9 @@ def coalesce(ids, grad_out):
     cdef Py_ssize_t skipped
     if release:
         with nogil:
-            skipped = _scatter_add(vp, U, D, sp, N, s, nthreads, &team)
+            skipped = _scatter_add(vp, U, D, sp, N, s, ROW_ADD, 0.0, nthreads, &team)
     else:
-        skipped = _scatter_add(vp, U, D, sp, N, s, nthreads, &team)
+        skipped = _scatter_add(vp, U, D, sp, N, s, ROW_ADD, 0.0, nthreads, &team)
     _record(team, release)
     _raise_if_skipped(skipped, "ids")
     return rows, values

@@ -110,6 +110,7 @@ cdef enum:
     SGD_UPDATE = 0
     ADAGRAD_UPDATE = 1
     ROWWISE_UPDATE = 2
+    SGD_FMA_UPDATE = 3
 
 
 cdef void _update_rows(int kind, float* w, float* s, const float* g, Py_ssize_t D, const int64_t* rows,
@@ -127,6 +128,8 @@ cdef void _update_rows(int kind, float* w, float* s, const float* g, Py_ssize_t 
         r = rows[k] if rows != NULL else k
         if kind == SGD_UPDATE:
             fe_sgd_row(w + r * D, g + k * D, D, lr)
+        elif kind == SGD_FMA_UPDATE:
+            fe_sgd_row_fma(w + r * D, g + k * D, D, lr)
         elif kind == ADAGRAD_UPDATE:
             fe_adagrad_row(w + r * D, s + r * D, g + k * D, D, lr, eps)
         elif D > 0:  # a row of no columns has no mean square: its accumulator stays as it is
@@ -170,10 +173,11 @@ cdef int _run(int kind, cnp.ndarray w, cnp.ndarray s, cnp.ndarray g, cnp.ndarray
     return 0
 
 
-def sgd_step(weight, grad, rows, double lr, bint check_only=False):
+def sgd_step(weight, grad, rows, double lr, bint check_only=False, bint fma=False):
     """``weight[rows] -= lr * grad`` in place, in float32: each element becomes ``w - (lr * g)`` with
-    lr rounded to float32 (numpy's ``w -= np.float32(lr) * g``, bit for bit). rows None updates every
-    row (grad is (V, D)), else only rows (sorted distinct int64, grad is (len(rows), D)).
+    lr rounded to float32 (numpy's ``w -= np.float32(lr) * g``, bit for bit), or with fma=True
+    ``fma(-lr, g, w)``, rounded once (torch's ``w.add_(g, alpha=-lr)``, bit for bit). rows None
+    updates every row (grad is (V, D)), else only rows (sorted distinct int64, grad is (len(rows), D)).
     check_only: run every check, write nothing."""
     cdef cnp.ndarray w = _target(weight, "weight")
     cdef cnp.ndarray g = _float_input(grad, "grad")
@@ -182,7 +186,19 @@ def sgd_step(weight, grad, rows, double lr, bint check_only=False):
     _check_grad(g, _updates(r, w), _dim(w))
     _no_overlap(w, "weight", (grad, rows), ("grad", "rows"))
     if not check_only:
-        _run(SGD_UPDATE, w, None, g, r, lr, 0.0)
+        _run(SGD_FMA_UPDATE if fma else SGD_UPDATE, w, None, g, r, lr, 0.0)
+
+
+def sgd_scatter(weight, ids, grad_out, double lr, bint fma=False):
+    """SGD straight from a lookup's gradient, with no coalesce: ``weight[ids[i]] -= lr * grad_out[i]``
+    in place, one lookup after another in the row-major order of ids (so a repeated id moves its row
+    once per occurrence, as torch's SGD does with an uncoalesced sparse gradient). Each element becomes
+    ``w - (lr * g)`` (numpy's rounding) or, with fma=True, ``fma(-lr, g, w)`` (torch's); lr is rounded to
+    float32. ids: int32/int64 of any shape; grad_out: float32 of shape ids.shape + (D,).
+    Checked as scatter_add is; bitwise the same for every thread count."""
+    if lr < 0:
+        raise ValueError(f"lr must be >= 0, got {lr}")
+    _scatter(weight, ids, grad_out, "weight", ROW_SGD_FMA if fma else ROW_SGD, lr)
 
 
 def adagrad_step(weight, state_sum, grad, rows, double clr, double eps, bint check_only=False):

@@ -250,3 +250,25 @@ def adam_update(w, m, v, rows, g, lr, betas, eps, t):
         m[at] = md
         v[at] = vd
         w[at] = w[at] - (lr32 * (md * inv_bias1)) / (np.sqrt(vd * inv_bias2) + eps32)
+
+
+def fma32(a, b, c):
+    """a * b + c computed exactly and rounded once to float32 (an independent model of fmaf), for
+    float32 arrays. In float64 the product is exact (24 + 24 bits); the sum is rounded, and its rounding
+    error is found exactly (TwoSum). Rounding the float64 sum to float32 is then right except when it lands
+    exactly on a float32 midpoint that the exact sum was not on: there the error says which way to go."""
+    a, b, c = (np.asarray(x, np.float32) for x in (a, b, c))
+    p = a.astype(np.float64) * b.astype(np.float64)
+    c64 = c.astype(np.float64)
+    with np.errstate(all="ignore"):
+        s = p + c64
+        bv = s - p
+        err = (p - (s - bv)) + (c64 - bv)
+        r = s.astype(np.float32)
+        up = np.nextafter(r, np.float32(np.inf))
+        down = np.nextafter(r, np.float32(-np.inf))
+        mid_up = (r.astype(np.float64) + up.astype(np.float64)) / 2
+        mid_down = (r.astype(np.float64) + down.astype(np.float64)) / 2
+        r = np.where((s == mid_up) & (err > 0), up, r)
+        r = np.where((s == mid_down) & (err < 0), down, r)
+    return r.astype(np.float32)
