@@ -69,6 +69,9 @@ def assert_states(ours, theirs, exact):
         for key in a:
             assert type(a[key]) is type(b[key]), key
             if isinstance(b[key], torch.Tensor):
+                assert a[key].layout == b[key].layout, key
+                if b[key].is_sparse:  # torch's momentum buffer of a sparse gradient
+                    a, b = {key: a[key].to_dense()}, {key: b[key].to_dense()}
                 assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
                 if exact or key == "step":
                     assert torch.equal(a[key], b[key]), key
@@ -168,6 +171,33 @@ def test_empty_sparse_gradient_counts_a_step_and_moves_nothing(name):
     (pa, oa), (pb, ob) = results
     torch.testing.assert_close(pa, pb, **CLOSE)
     assert_states(oa, ob, exact=name == "SGD")
+
+
+@pytest.mark.parametrize("name,source,kernels", [
+    ("SGD", "dense", {"sgd_step"}), ("SGD", "stock", {"sgd_scatter"}), ("SGD", "fastembed", {"sgd_scatter"}),
+    ("Adagrad", "dense", {"adagrad_step"}), ("Adagrad", "stock", {"coalesce", "adagrad_step"}),
+    ("Adagrad", "fastembed", {"adagrad_step"}), ("SparseAdam", "stock", {"coalesce", "adam_step"}),
+    ("SparseAdam", "fastembed", {"adam_step"}), ("Adam", "dense", {"adam_step"}),
+])
+def test_float32_tables_run_on_the_kernels(name, source, kernels, monkeypatch):
+    """The float32 tables above are the kernels' (no silent hand-over to torch), each update checked
+    first, and a coalesced gradient not coalesced again."""
+    calls = []
+    for kernel in ("sgd_step", "sgd_scatter", "adagrad_step", "adam_step", "coalesce", "rowwise_adagrad_step"):
+        def spy(*args, _kernel=getattr(fo._kernels, kernel), _name=kernel, **kwargs):
+            calls.append((_name, kwargs.get("check_only", args[-1] if args and args[-1] is True else False)))
+            return _kernel(*args, **kwargs)
+        monkeypatch.setattr(fo._kernels, kernel, spy)
+    model = layer(source, 5, 2, torch.zeros(5, 2))
+    opt = getattr(fo, name)(model.parameters(), **OPTIONS[name])
+    for ids in (torch.tensor([1, 3, 1]), torch.tensor([0, 4])):
+        backward(model, ids, torch.ones(len(ids), 2))
+        del calls[:]  # the layer's own backward may coalesce
+        opt.step()
+        assert {k for k, _ in calls} == kernels
+        update = [c for c in calls if c[0] != "coalesce"]
+        checked = [] if update[-1][0] == "sgd_scatter" else [(update[-1][0], True)]  # no check-only mode
+        assert update == checked + [(update[-1][0], False)]
 
 
 # ---------------------------------------------------------------- state_dict, schedules, hooks
@@ -432,15 +462,18 @@ def test_adagrad_weight_decay_with_a_sparse_gradient_moves_nothing():
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_a_gradient_of_another_shape_moves_nothing(name):
-    """torch refuses ``p.grad = g`` of another shape, not ``p.grad.data = g``."""
+@pytest.mark.parametrize("which", [0, 2])
+def test_a_gradient_of_another_shape_moves_nothing(name, which):
+    """torch refuses ``p.grad = g`` of another shape, not ``p.grad.data = g``; a dense (4, 1) one
+    would broadcast in torch's own update of the float64 parameter."""
     params = three_params()
     opt = make(name, params)
     sparse = name == "SparseAdam"
     give_grads(params, sparse=sparse)
     opt.step()
     give_grads(params, sparse=sparse)
-    params[2].grad.data = torch.ones(5, 3).to_sparse(1) if sparse else torch.ones(5, 3)
+    bad = torch.ones(4, 1, dtype=params[which].dtype) if which == 0 else torch.ones(5, 3)
+    params[which].grad.data = bad.to_sparse(1) if sparse else bad
     before = snapshot(opt, params)
     with pytest.raises(ValueError, match="shape"):
         opt.step()

@@ -28,6 +28,7 @@ a negative (or NaN) lr set on a param_group after construction is refused by ste
 """
 import math
 
+import numpy as np
 import torch
 
 from .. import _kernels
@@ -104,6 +105,16 @@ def _coalesced(grad):
         return values, ids
     rows, summed = _kernels.coalesce(ids, values)
     return summed, rows
+
+
+def _check_rows(ids, values, w):
+    """What sgd_scatter would refuse about a sparse gradient's rows, found before any parameter moves."""
+    V = w.shape[0]
+    if len(ids) and not (0 <= ids.min() and ids.max() < V):
+        bad = int(ids[(ids < 0) | (ids >= V)][0])
+        raise IndexError(f"a sparse gradient has row {bad}, out of range for its parameter of {V} rows")
+    if np.may_share_memory(w, values):
+        raise ValueError("a sparse gradient's values share memory with its parameter")
 
 
 def _torch_step(optimizer, base, kernel_params):
@@ -196,8 +207,8 @@ class SGD(_KernelStep, torch.optim.SGD):
                 _kernels.sgd_step(w, values, None, lr, check_only, fma=True)
         else:
             def job(check_only):
-                if check_only:
-                    _kernels.sgd_scatter(w, ids, values, lr, fma=True, check_only=True)
+                if check_only:  # sgd_scatter checks before it writes, but has no check-only mode
+                    _check_rows(ids, values, w)
                 else:
                     _kernels.sgd_scatter(w, ids, values, lr, fma=True)
         return job
