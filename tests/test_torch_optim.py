@@ -22,7 +22,7 @@ fo = pytest.importorskip("fastembed.torch.optim")
 NAMES = ("SGD", "Adagrad", "SparseAdam", "Adam")
 # Hyperparameters away from the defaults, so that each one must reach the update.
 OPTIONS = {
-    "SGD": dict(lr=0.25),
+    "SGD": dict(lr=0.3),
     "Adagrad": dict(lr=0.5, lr_decay=0.25, initial_accumulator_value=0.125, eps=1e-6),
     "SparseAdam": dict(lr=0.1, betas=(0.8, 0.95), eps=1e-3),
     "Adam": dict(lr=0.1, betas=(0.8, 0.95), eps=1e-3),
