@@ -225,7 +225,8 @@ class Adagrad(_KernelStep, torch.optim.Adagrad):
     (summed per row) and moves only its rows. The update is torch's formula, ``sum += g * g``,
     ``w -= clr * g / (sqrt(sum) + eps)`` with ``clr = lr / (1 + (step - 1) * lr_decay)``, in
     float32, but torch rounds ``w + (-clr) * (g / std)`` where the kernel rounds
-    ``w - (clr * g) / std``: weights match torch's to float32 rounding, ``sum`` bit for bit.
+    ``w - (clr * g) / std``, its ``addcmul_`` may round ``sum + g * g`` once, and its coalesce may
+    sum repeated rows in another order: weights and ``sum`` match torch's to float32 rounding.
     Anything else is torch's own Adagrad.
     """
 
