@@ -583,8 +583,13 @@ def test_rowwise_adagrad_constructor_refuses():
         fo.RowWiseAdagrad([p], eps=-1.0)
     with pytest.raises(ValueError, match="2-D"):
         fo.RowWiseAdagrad([torch.nn.Parameter(torch.zeros(3))])
-    defaults = fo.RowWiseAdagrad([p]).defaults
-    assert (defaults["lr"], defaults["eps"]) == (0.01, 1e-10)
+    opt = fo.RowWiseAdagrad(iter([p]))
+    assert (opt.defaults["lr"], opt.defaults["eps"]) == (0.01, 1e-10)
+    with pytest.raises(ValueError, match="2-D"):
+        opt.add_param_group({"params": torch.nn.Parameter(torch.zeros(2, 2, 2)), "lr": 0.5})
+    opt.add_param_group({"params": (q for q in [torch.nn.Parameter(torch.zeros(4, 1))]), "lr": 0.5})
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 1]
+    assert [g["lr"] for g in opt.param_groups] == [0.01, 0.5]
 
 
 def test_constructors_are_torchs():

@@ -401,11 +401,15 @@ class RowWiseAdagrad(_KernelStep, torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "eps": eps})
 
     def add_param_group(self, param_group):
+        if isinstance(param_group, dict) and not isinstance(param_group.get("params"), set):  # torch refuses those
+            params = param_group["params"]
+            params = [params] if isinstance(params, torch.Tensor) else list(params)  # torch's own conversion
+            for p in params:  # refused before the group joins, so a refused group leaves no trace
+                if isinstance(p, torch.Tensor) and p.dim() != 2:
+                    raise ValueError(f"RowWiseAdagrad updates 2-D tables (rows, dim), got a parameter of shape "
+                                     f"{tuple(p.shape)}")
+            param_group = {**param_group, "params": params}
         super().add_param_group(param_group)
-        for p in self.param_groups[-1]["params"]:
-            if p.dim() != 2:
-                raise ValueError(f"RowWiseAdagrad updates 2-D tables (rows, dim), got a parameter of shape "
-                                 f"{tuple(p.shape)}")
 
     def _kernel_options(self, group):
         lr = _scalar(group["lr"])
