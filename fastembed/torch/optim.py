@@ -135,8 +135,10 @@ def _torch_step(optimizer, base, kernel_params):
 
 class _KernelStep:
     """The step shared by the drop-ins: plan, check every kernel update, torch's step for the rest,
-    then the kernel updates. A subclass gives `_torch` (the torch class), `_kernel_options(group)`,
-    `_refuse(group, p, g)` (torch's errors, raised up front) and `_job(group, p, grad)`."""
+    then the kernel updates. A subclass gives `_torch` (the torch class), `_kernel_options(group)`
+    (None: the group is torch's), `_refuse(group, p, g)` (torch's errors, raised up front) and
+    `_job(options, p, grad)`: None (the parameter is torch's) or ``job(check_only)``, which moves
+    nothing when check_only is true and cannot fail after its check passed."""
 
     def step(self, closure=None):
         """One optimization step; closure, if given, re-evaluates the model and returns the loss."""
