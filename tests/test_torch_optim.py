@@ -24,8 +24,8 @@ NAMES = ("SGD", "Adagrad", "SparseAdam", "Adam")
 OPTIONS = {
     "SGD": dict(lr=0.3),
     "Adagrad": dict(lr=0.5, lr_decay=0.25, initial_accumulator_value=0.125, eps=1e-6),
-    "SparseAdam": dict(lr=0.1, betas=(0.8, 0.95), eps=1e-3),
-    "Adam": dict(lr=0.1, betas=(0.8, 0.95), eps=1e-3),
+    "SparseAdam": dict(lr=0.1, betas=(0.8, 0.95), eps=1e-2),
+    "Adam": dict(lr=0.1, betas=(0.8, 0.95), eps=1e-2),
 }
 # Which gradients each optimizer takes: torch's Adam refuses sparse ones, SparseAdam dense ones.
 SOURCES = {
@@ -35,6 +35,8 @@ SOURCES = {
     "Adam": ("dense",),
 }
 # The kernels round some steps differently from torch (documented): weights and state within these.
+# Adam's eps is large enough that a gradient row summed to near zero from lookups (whose rounding
+# depends on the order of the sum) cannot swing m / (sqrt(v) + eps) by more than that.
 CLOSE = dict(rtol=2e-5, atol=2e-5)
 
 
