@@ -151,6 +151,18 @@ def test_matches_torch_optim_on_the_threaded_path(name, source):
     assert torch.equal(a.weight[40:], w0[40:])
 
 
+@pytest.mark.parametrize("name,source", [("SGD", "dense"), ("SGD", "stock"), ("Adagrad", "stock"), ("Adam", "dense")])
+def test_foreach_true_is_on_the_kernels_and_still_torchs_result(name, source):
+    """foreach picks torch's implementation, not the result; the kernels ignore it."""
+    problem = (6, 3, [(torch.tensor([0, 5, 5, 2]), 1), (torch.tensor([3, 5]), 2), (torch.tensor([1]), 3)])
+    _, (a, oa), (b, ob) = run_both(name, source, problem, foreach=True, **OPTIONS[name])
+    if name == "SGD":
+        assert torch.equal(a.weight, b.weight)
+    else:
+        torch.testing.assert_close(a.weight, b.weight, **CLOSE)
+    assert_states(oa, ob, exact=name == "SGD")
+
+
 def test_uncoalesced_duplicates_apply_in_order_for_sgd():
     """torch's SGD adds an uncoalesced gradient's entries one at a time in COO order; a sum of the
     duplicates first would round differently here (1 + 2^-24 + 2^-24: the sum moves, one at a time
