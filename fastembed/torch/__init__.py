@@ -93,7 +93,7 @@ def _sparse(ids, grad_out, shape, padding_idx=None):
     index = ids.reshape(1, -1)
     if index.dtype != torch.int64:
         index = index.long()
-    values = grad_out.reshape(-1, shape[1])
+    values = grad_out.reshape(index.shape[1], shape[1])
     if padding_idx is not None:
         keep = index[0] != padding_idx
         index, values = index[:, keep], values[keep]
