@@ -531,14 +531,19 @@ class FusedSparseAdam(_FusedRule):
         self._check_hyperparameters()
         m, v, step = _state_entry(state, "exp_avg"), _state_entry(state, "exp_avg_sq"), _step_counter(state)
         rows, values = _coalesced_rows(weight, ids, grad_out, padding_idx)
-        (b1, b2), lr, eps = self.betas, self.lr, self.eps
-        _kernels.adam_step(weight, m, v, values, rows, lr, b1, b2, eps, 1.0, 1.0, True)
+        (b1, b2), lr = self.betas, self.lr
         t = int(step) + 1
+        eps = self._kernel_eps(t)
+        _kernels.adam_step(weight, m, v, values, rows, lr, b1, b2, eps, 1.0, 1.0, True)
 
         def apply():
             _kernels.adam_step(weight, m, v, values, rows, lr, b1, b2, eps, 1 - b1**t, 1 - b2**t)
             step[()] = t
         return apply
+
+    def _kernel_eps(self, t):
+        """The eps the kernel adds to sqrt(v / (1 - beta2**t)) at step t: the book's, as given."""
+        return self.eps
 
     def _repr_fields(self):
         return f"lr={self.lr!r}, betas={self.betas!r}, eps={self.eps!r}"

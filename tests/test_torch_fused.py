@@ -188,3 +188,44 @@ def test_the_learning_rate_set_on_the_rule_is_used_from_the_next_backward():
 
 def test_repr_names_the_rule():
     assert "fused=FusedAdagrad(" in repr(ft.Embedding(V, D, fused=fo.FusedAdagrad(0.1)))
+
+
+# ---------------------------------------------------------------- fastembed.torch.optim's fused rules (torch's flavour)
+
+from fastembed.torch import optim as fto  # noqa: E402
+
+
+def test_torch_fused_sgd_rounds_as_torch_by_default():
+    ours, theirs, opt = fused_and_torch(fto.FusedSGD(lr=0.3), lambda p: torch.optim.SGD(p, lr=0.3))
+    train(ours, theirs, opt, batches(7))
+    assert torch.equal(ours.weight, theirs.weight)
+
+
+@pytest.mark.parametrize("hyper", [{}, {"lr": 0.05, "betas": (0.8, 0.9), "eps": 1e-3}])
+def test_torch_fused_sparse_adam_is_torch_sparse_adam_to_rounding(hyper):
+    """Default eps 1e-8 and small gradients (v near eps^2): where eps enters matters, and the rule
+    must put it where torch does (before the bias correction)."""
+    ours, theirs, opt = fused_and_torch(fto.FusedSparseAdam(**hyper), lambda p: torch.optim.SparseAdam(p, **hyper))
+    data = [(ids, g * 1e-7) for ids, g in batches(8, n=5)]
+    train(ours, theirs, opt, data)
+    torch.testing.assert_close(ours.weight, theirs.weight, rtol=1e-5, atol=1e-6)
+    state = opt.state[theirs.weight]
+    torch.testing.assert_close(ours.optim_exp_avg, state["exp_avg"], rtol=1e-5, atol=0)
+    # torch moves v by (g^2 - v) * (1 - b2), which cancels where g^2 is near v; the kernel's
+    # b2 * v + (1 - b2) * g^2 does not: a few float32 ulps apart after 5 steps
+    torch.testing.assert_close(ours.optim_exp_avg_sq, state["exp_avg_sq"], rtol=1e-4, atol=0)
+    assert int(ours.optim_step) == int(state["step"]) == 5
+
+
+def test_torch_fused_rules_defaults_are_torchs():
+    import inspect
+
+    def defaults(cls):
+        return {k: v.default for k, v in inspect.signature(cls).parameters.items()
+                if v.default is not inspect.Parameter.empty}
+
+    assert defaults(fto.FusedSparseAdam) == {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8}
+    assert defaults(torch.optim.SparseAdam) == {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "maximize": False}
+    adagrad = defaults(torch.optim.Adagrad)
+    assert {k: adagrad[k] for k in defaults(fto.FusedAdagrad)} == defaults(fto.FusedAdagrad)
+    assert fto.FusedSGD(0.1).fma and defaults(fto.FusedSGD)["lr"] == defaults(torch.optim.SGD)["lr"]

@@ -25,6 +25,13 @@ a negative (or NaN) lr set on a param_group after construction is refused by ste
 
 `RowWiseAdagrad` is FBGEMM's row-wise Adagrad (one accumulator per table row), a
 ``torch.optim.Optimizer`` of its own.
+
+The fused rules `FusedSGD`, `FusedAdagrad`, `FusedRowWiseAdagrad` and `FusedSparseAdam`
+are for ``fastembed.torch.Embedding(..., fused=rule)``: the backward itself updates the
+rows it touches (no gradient stored, no step to call). They are `fastembed.optim`'s
+rules with torch's defaults and torch's formulas: `FusedSGD` rounds once as
+torch.optim.SGD does (bit for bit the same result on the same lookups), `FusedSparseAdam`
+adds eps before the bias correction as torch.optim.SparseAdam does.
 """
 import math
 
@@ -32,6 +39,7 @@ import numpy as np
 import torch
 
 from .. import _kernels
+from .. import optim as _fe_optim
 
 try:
     from torch.optim.optimizer import _get_scalar_dtype
@@ -39,7 +47,8 @@ except ImportError:  # a private helper: torch's rule, restated, if it moves
     def _get_scalar_dtype():
         return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
-__all__ = ["SGD", "Adagrad", "SparseAdam", "Adam", "RowWiseAdagrad"]
+__all__ = ["SGD", "Adagrad", "SparseAdam", "Adam", "RowWiseAdagrad",
+           "FusedSGD", "FusedAdagrad", "FusedRowWiseAdagrad", "FusedSparseAdam"]
 
 
 # ---------------------------------------------------------------- what the kernels can take
@@ -446,3 +455,35 @@ class RowWiseAdagrad(_KernelStep, torch.optim.Optimizer):
                     state_sum.add_(g.square().mean(dim=1))
                     p.sub_((g * lr) / state_sum.sqrt().add_(eps)[:, None])
 
+
+
+# ---------------------------------------------------------------- fused rules (torch's defaults and formulas)
+
+class FusedSGD(_fe_optim.FusedSGD):
+    """`fastembed.optim.FusedSGD` rounding as torch does: ``w = fma(-lr, g, w)`` per lookup, in the
+    order of the ids: bit for bit ``nn.Embedding(sparse=True)`` + ``torch.optim.SGD(lr=lr)``."""
+
+    def __init__(self, lr=1e-3, *, fma=True):
+        super().__init__(lr, fma=fma)
+
+
+class FusedAdagrad(_fe_optim.FusedAdagrad):
+    """`fastembed.optim.FusedAdagrad`: torch.optim.Adagrad's defaults and formula (no weight decay,
+    which torch refuses with sparse gradients); equal to it to float32 rounding."""
+
+
+class FusedRowWiseAdagrad(_fe_optim.FusedRowWiseAdagrad):
+    """`fastembed.optim.FusedRowWiseAdagrad` (FBGEMM's row-wise Adagrad), the same as `RowWiseAdagrad`."""
+
+
+class FusedSparseAdam(_fe_optim.FusedSparseAdam):
+    """Lazy Adam as ``torch.optim.SparseAdam``: its defaults (lr 1e-3, betas (0.9, 0.999), eps 1e-8)
+    and its formula, ``w -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)`` (eps added before
+    the bias correction), t counted per table; equal to it to float32 rounding."""
+
+    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
+        super().__init__(lr, betas, eps)
+
+    def _kernel_eps(self, t):
+        # the kernel adds eps to sqrt(v / (1 - b2^t)); torch's eps before the correction is eps / sqrt(1 - b2^t) there
+        return self.eps / math.sqrt(1 - self.betas[1] ** t)
