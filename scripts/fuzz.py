@@ -358,6 +358,32 @@ def _optim_round(ctx, fe):
     fe.optim.linear_decay(ctx.scalar(), ctx.scalar(), ctx.size())
 
 
+def _fused_round(ctx, fe):
+    """A fused rule built with plausible or wrong hyperparameters, then updates of a layer's table
+    (through the layer, or the rule called directly with wrong state, ids or gradients)."""
+    src = ctx.src
+    cls = src.pick((fe.optim.FusedSGD, fe.optim.FusedAdagrad, fe.optim.FusedRowWiseAdagrad, fe.optim.FusedSparseAdam))
+    kwargs = {"lr": ctx.scalar()} if cls is fe.optim.FusedSGD or src.chance(1, 2) else {}
+    if cls is fe.optim.FusedSGD and src.chance(1, 2):
+        kwargs["fma"] = src.chance(1, 2)
+    if cls is not fe.optim.FusedSGD and src.chance(1, 3):
+        kwargs["eps"] = ctx.scalar()
+    rule = cls(**kwargs)
+    if src.chance(1, 2):
+        layer = src.pick((fe.Embedding(ctx.V, ctx.D, seed=0, fused=rule),
+                          fe.TokenPositionEmbedding(ctx.V, ctx.P, ctx.D, seed=0, fused=rule)))
+        for _ in range(src.below(3) + 1):
+            with ctx.np.errstate(all="ignore"):
+                layer(ctx.ids(ctx.V))
+                layer.backward(ctx.rows_like())
+        return
+    weight = ctx.table(ctx.V, True)
+    state = rule.new_state(weight) if src.chance(3, 4) else {k: _garbage(src, ctx.np) for k in ("sum", "step")}
+    with ctx.np.errstate(all="ignore"):
+        rule.update(weight, state, ctx.ids(ctx.V), ctx.rows_like(),
+                    padding_idx=src.pick((None, 0, -1, ctx.V, "x")), check_only=src.chance(1, 4))
+
+
 def _update_grad(ctx, V):
     """A gradient for an optimizer kernel: one row per table row, or a few rows."""
     return ctx.rows_like((V,)) if ctx.src.chance(1, 2) else ctx.rows_like((ctx.src.below(3),))
@@ -408,7 +434,7 @@ def _kernels_call(ctx, fe, info):
 
 
 TARGETS = ("gather", "gather_add", "scatter_add", "gather_add_backward", "coalesce", "as_ids", "positions_array",
-           "Embedding", "TokenPositionEmbedding", "SparseGrad", "optim", "set_num_threads",
+           "Embedding", "TokenPositionEmbedding", "SparseGrad", "optim", "fused", "set_num_threads",
            "_kernels", "_kernels", "_kernels")
 
 
@@ -439,6 +465,8 @@ def run_one(data, np, fe, info):
         fe.SparseGrad(ctx.ids(V, (src.below(4),)), ctx.rows_like((src.below(4),))).to_dense(ctx.size())
     elif target == "optim":
         _optim_round(ctx, fe)
+    elif target == "fused":
+        _fused_round(ctx, fe)
     elif target == "set_num_threads":
         try:
             fe.set_num_threads(src.pick((0, 1, 2, -1, 2**31, 2**63, 1.5, "2", None, True, np.int64(2))))
