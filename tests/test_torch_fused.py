@@ -163,6 +163,13 @@ def test_a_frozen_fused_table_does_not_move():
     assert torch.equal(ours.weight, before)
 
 
+def test_a_fused_that_is_not_a_rule_is_a_type_error():
+    with pytest.raises(TypeError, match="fused rule"):
+        ft.Embedding(V, D, fused=torch.optim.SGD)
+    with pytest.raises(TypeError, match="fused rule"):
+        ft.TokenPositionEmbedding(V, P, D, fused="adagrad")
+
+
 def test_fused_and_sparse_together_is_refused():
     with pytest.raises(ValueError, match="fused"):
         ft.Embedding(V, D, sparse=True, fused=fo.FusedSGD(0.1))

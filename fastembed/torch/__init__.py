@@ -31,7 +31,7 @@ import numpy as np
 from torch.autograd.function import once_differentiable
 
 from .. import ops
-from ..nn import INIT_STD
+from ..nn import INIT_STD, _fused_rule
 
 __all__ = ["Embedding", "TokenPositionEmbedding"]
 
@@ -271,8 +271,7 @@ class Embedding(torch.nn.Module):
         if scale_grad_by_freq:
             raise NotImplementedError(
                 "fastembed.torch.Embedding does not support scale_grad_by_freq (use torch.nn.Embedding)")
-        if fused is not None and sparse:
-            raise ValueError("a fused Embedding stores no gradient: pass fused= or sparse=True, not both")
+        fused = _fused_rule(fused, sparse)  # a rule of fastembed.optim or fastembed.torch.optim, not with sparse
         _check_cpu_float32(device, dtype)
         if padding_idx is not None:
             if not -num_embeddings <= padding_idx < num_embeddings:
