@@ -185,8 +185,20 @@ def test_training_steps_match_torch():
 
 # ---------------------------------------------------------------- errors
 
-def test_bad_inputs_raise_clear_errors():
-    ours, _ = pair()
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("bad", [V, -1, 2**40])
+def test_an_id_out_of_range_names_itself_and_the_row_count(sparse, bad):
+    """The same error from the dense lookup (fastembed's kernel) and the sparse one (torch's
+    F.embedding, whose own message says only 'index out of range in self')."""
+    ours, _ = pair(sparse=sparse)
+    with pytest.raises(IndexError, match=rf"ids\[1\] = {bad} is out of range for table with {V} rows"):
+        ours(torch.tensor([1, bad, 2]))
+    assert ours.weight.grad is None
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_bad_inputs_raise_clear_errors(sparse):
+    ours, _ = pair(sparse=sparse)
     with pytest.raises(TypeError, match="int32 or int64"):
         ours(torch.tensor([1.0, 2.0]))
     with pytest.raises(TypeError, match="int32 or int64"):
