@@ -25,6 +25,14 @@ def linear_decay(lr, step, num_steps):
     return lr * (1.0 - step / num_steps)
 
 
+def _check_nonnegative(holder, *names):
+    """Each named hyperparameter of holder >= 0 (NaN refused too), in the order given."""
+    for name in names:
+        value = getattr(holder, name)
+        if not value >= 0.0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+
+
 def _flatten(params):
     out = []
     for p in params:
@@ -135,10 +143,7 @@ class Adagrad(_Optimizer):
 
     def _check_hyperparameters(self):
         """Checked at construction and again by step(): they are plain attributes a user may change."""
-        for name in ("lr_decay", "weight_decay", "eps"):
-            value = getattr(self, name)
-            if not value >= 0.0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+        _check_nonnegative(self, "lr_decay", "weight_decay", "eps")
 
     def _checked(self, i):
         """(grad, rows) for parameter i's adagrad_step, every check passed (weight decay applied)."""
@@ -178,8 +183,7 @@ class RowWiseAdagrad(_Optimizer):
         self.state_sum = [np.zeros(p.weight.shape[0], np.float32) for p in self.params]
 
     def _check_hyperparameters(self):
-        if not self.eps >= 0.0:
-            raise ValueError(f"eps must be >= 0, got {self.eps}")
+        _check_nonnegative(self, "eps")
 
     def _checked(self, i):
         grad, rows = _grad_arrays(self.params[i])
@@ -219,8 +223,7 @@ class _AdamFamily(_Optimizer):
         construction and again by step(), since both are plain attributes a user may change."""
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
-        if not self.eps >= 0.0:
-            raise ValueError(f"eps must be >= 0, got {self.eps}")
+        _check_nonnegative(self, "eps")
 
 
 class Adam(_AdamFamily):
@@ -444,10 +447,7 @@ class FusedAdagrad(_FusedRule):
 
     def _check_hyperparameters(self):
         """At construction and again by each update: they are plain attributes a user may change."""
-        for name in ("lr_decay", "initial_accumulator_value", "eps"):
-            value = getattr(self, name)
-            if not value >= 0.0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+        _check_nonnegative(self, "lr_decay", "initial_accumulator_value", "eps")
 
     def new_state(self, weight):
         return {"sum": np.full(_table(weight), self.initial_accumulator_value, np.float32),
@@ -484,8 +484,7 @@ class FusedRowWiseAdagrad(_FusedRule):
         self._check_hyperparameters()
 
     def _check_hyperparameters(self):
-        if not self.eps >= 0.0:
-            raise ValueError(f"eps must be >= 0, got {self.eps}")
+        _check_nonnegative(self, "eps")
 
     def new_state(self, weight):
         return {"sum": np.zeros(_table(weight)[0], np.float32)}
