@@ -35,7 +35,6 @@ adds eps before the bias correction as torch.optim.SparseAdam does.
 """
 import math
 
-import numpy as np
 import torch
 
 from .. import _kernels
