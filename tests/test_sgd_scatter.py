@@ -96,6 +96,22 @@ def test_thread_counts_give_the_same_bits():
     assert_bitwise(results[0], sequential(w0, ids, g, 0.3, True))
 
 
+@pytest.mark.parametrize("fma", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_every_id_the_same_row_moves_it_once_per_lookup(fma, threads):
+    """The worst case for a scatter: 300 lookups of one row (the last one, at the boundary), each a
+    separate update in order; the other rows keep their bits."""
+    rng = np.random.default_rng(5)
+    w0 = rng.standard_normal((4, 96)).astype(f32)
+    ids = np.full(300, 3, np.int32)
+    g = rng.standard_normal((300, 96)).astype(f32)
+    w = w0.copy()
+    with serial_elements(0), num_threads(threads):
+        _kernels.sgd_scatter(w, ids, g, 0.01, fma=fma)
+    assert_bitwise(w, sequential(w0, ids, g, 0.01, fma))
+    assert_bitwise(w[:3], w0[:3])
+
+
 def test_empty_ids_change_nothing():
     w = np.ones((3, 4), f32)
     _kernels.sgd_scatter(w, np.zeros(0, np.int64), np.zeros((0, 4), f32), 0.5)

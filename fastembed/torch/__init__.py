@@ -261,7 +261,10 @@ class Embedding(torch.nn.Module):
     ``FusedRowWiseAdagrad``, ``FusedSparseAdam``). Backward then updates the rows
     it touches in place and leaves ``weight.grad`` None (no optimizer step to call);
     the rule's state lives in this module's buffers ``optim_<name>``, saved by
-    ``state_dict()``. Set ``module.fused.lr`` to schedule the learning rate.
+    ``state_dict()``. Set ``module.fused.lr`` to schedule the learning rate. The
+    update happens during backward (as in FBGEMM's TBE): a weight shared with
+    another layer (a tied output head) changes before that layer's own gradient
+    reaches it, so tie no fused table.
     """
 
     def __init__(self, num_embeddings, embedding_dim, padding_idx=None, max_norm=None, norm_type=2.0,
