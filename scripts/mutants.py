@@ -78,6 +78,7 @@ THREADED = "tests/test_threaded_paths.py"  # issue 12, item 3: the observable th
 ORACLES = "tests/test_optim_oracles.py"  # issue 12, item 2: the optimizers against transcriptions
 FUSED = "tests/test_fused.py"  # issue 9, item 3: the fused rules and layers
 TORCH_OPTIM, T_OPTIM = "fastembed/torch/optim.py", "tests/test_torch_optim.py"  # issue 9, item 2
+LIBRARY, T_COMPILE = "fastembed/torch/_library.py", "tests/test_torch_compile.py"  # issue 10, item 5
 
 MUTANTS = [
     # ---------------------------------------------------------------- kernels: checks
@@ -626,6 +627,25 @@ MUTANTS = [
            "state_sum.index_add_(0, rows, values.square().sum(dim=1))",
            "RowWiseAdagrad's torch-ops path accumulates the row's sum of squares, not its mean",
            (T_OPTIM, "-k", "rowwise and float64")),
+    # ---- issue 10, item 5: the kernels as torch custom operators (torch.compile, torch.export)
+    Mutant("lib-backward-padding-row-kept", LIBRARY,
+           "            table[padding_idx] = 0.0\n", "            pass\n",
+           "the custom op's dense backward gives the padding row a gradient (torch gives it none)",
+           (T_COMPILE, "-k", "backward_op_sums")),
+    Mutant("lib-double-backward-padding-unmasked", LIBRARY,
+           "        rows = rows.masked_fill((ids == ctx.padding_idx).unsqueeze(-1), 0)\n", "        pass\n",
+           "the backward of the backward hands the padding row's lookups a gradient back",
+           (T_COMPILE, "-k", "adjoint_is_torchs")),
+    Mutant("lib-fake-flattens-ids", LIBRARY,
+           "    return weight.new_empty((*ids.shape, weight.shape[1]))",
+           "    return weight.new_empty((ids.numel(), weight.shape[1]))",
+           "the fake lookup tells the tracer a flat (N, D) shape for ids of any shape",
+           (T_COMPILE, "-k", "opcheck or compiled")),
+    Mutant("lib-tp-backward-swapped-tables", LIBRARY,
+           "    return token_position(token_gg, position_gg, ids, positions, ctx.start), None, None, None, None, None",
+           "    return token_position(position_gg, token_gg, ids, positions, ctx.start), None, None, None, None, None",
+           "the token+position double backward looks the tables' grad-grads up in each other's places",
+           (T_COMPILE, "-k", "token_position_double or opcheck")),
 ]
 
 

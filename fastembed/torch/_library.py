@@ -1,0 +1,178 @@
+"""fastembed's kernels as PyTorch custom operators (``torch.ops.fastembed.*``), for compiled and exported
+models.
+
+Dynamo cannot trace into numpy calls, so a module that calls `fastembed.ops` from a Python autograd
+function breaks a ``torch.compile`` graph around it and cannot be exported. Registered here with
+``torch.library``, each kernel is one opaque node of a graph: a fake implementation tells the tracer the
+output's shape and dtype without running anything, and the registered autograd formulas make the
+backward (and the backward of the backward: torch's embedding allows double backward) ops of their own.
+
+The modules of `fastembed.torch` call these ops only while torch compiles or exports (see
+``torch.compiler.is_compiling``): in eager mode a custom op's Python dispatch costs more than the whole
+lookup at the book's size, and the autograd functions there are faster. Both paths run the same kernels.
+
+Each op takes what the kernels take (float32 CPU tables, int32 or int64 ids); any other table dtype is
+torch's own aten op, so an op always gives torch's result. No arithmetic here: the kernels do it.
+"""
+from typing import Optional
+
+import torch
+
+from .. import ops
+
+__all__ = ["embedding", "embedding_backward", "token_position", "token_position_backward"]
+
+Tensor = torch.Tensor
+
+
+def _kernel_table(weight):
+    """Whether fastembed's kernels take this table as it is (CPU, strided, float32, contiguous)."""
+    return (weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.layout == torch.strided
+            and weight.is_contiguous())
+
+
+def _np(tensor):
+    return tensor.detach().numpy()
+
+
+# ---------------------------------------------------------------- a lookup: weight[ids]
+
+@torch.library.custom_op("fastembed::embedding", mutates_args=(), device_types="cpu")
+def embedding(weight: Tensor, ids: Tensor, padding_idx: int) -> Tensor:
+    """``weight[ids]`` (padding_idx: a row in [0, rows) that gets no gradient, or -1 for none, as in aten)."""
+    if not _kernel_table(weight):
+        return torch.ops.aten.embedding.default(weight, ids, padding_idx)
+    return torch.from_numpy(ops.gather(_np(weight), _np(ids)))
+
+
+@embedding.register_fake
+def _(weight, ids, padding_idx):
+    return weight.new_empty((*ids.shape, weight.shape[1]))
+
+
+@torch.library.custom_op("fastembed::embedding_backward", mutates_args=(), device_types="cpu")
+def embedding_backward(grad: Tensor, ids: Tensor, num_weights: int, padding_idx: int) -> Tensor:
+    """The dense gradient of `embedding`'s table: grad's rows added into the rows of ids, in the order of
+    ids (deterministic); the padding row stays zero."""
+    if not _kernel_table(grad):
+        return torch.ops.aten.embedding_dense_backward.default(grad, ids, num_weights, padding_idx, False)
+    out = torch.zeros((num_weights, grad.shape[-1]), dtype=grad.dtype)
+    if ids.numel():
+        table = out.numpy()
+        ops.scatter_add(table, _np(ids), _np(grad))
+        if padding_idx >= 0:
+            table[padding_idx] = 0.0
+    return out
+
+
+@embedding_backward.register_fake
+def _(grad, ids, num_weights, padding_idx):
+    return grad.new_empty((num_weights, grad.shape[-1]))
+
+
+def _embedding_setup(ctx, inputs, output):
+    weight, ids, padding_idx = inputs
+    ctx.save_for_backward(ids)
+    ctx.num_weights, ctx.padding_idx = weight.shape[0], padding_idx
+
+
+def _embedding_grad(ctx, grad):
+    (ids,) = ctx.saved_tensors
+    return embedding_backward(grad, ids, ctx.num_weights, ctx.padding_idx), None, None
+
+
+embedding.register_autograd(_embedding_grad, setup_context=_embedding_setup)
+
+
+def _backward_setup(ctx, inputs, output):
+    grad, ids, num_weights, padding_idx = inputs
+    ctx.save_for_backward(ids)
+    ctx.padding_idx = padding_idx
+
+
+def _backward_grad(ctx, grad_grad):
+    """The backward of the backward: the scatter-add's adjoint is a lookup, with the lookups of the
+    padding row (which got no gradient) getting none back."""
+    (ids,) = ctx.saved_tensors
+    rows = embedding(grad_grad, ids, -1)
+    if ctx.padding_idx >= 0:
+        rows = rows.masked_fill((ids == ctx.padding_idx).unsqueeze(-1), 0)
+    return rows, None, None, None
+
+
+embedding_backward.register_autograd(_backward_grad, setup_context=_backward_setup)
+
+
+# ---------------------------------------------------------------- the book's first op: token[ids] + position[p]
+
+@torch.library.custom_op("fastembed::token_position", mutates_args=(), device_types="cpu")
+def token_position(token: Tensor, position: Tensor, ids: Tensor, positions: Optional[Tensor], start: int) -> Tensor:
+    """``token[ids] + position[p]``: p is positions (broadcast to ids.shape) when given, else
+    ``start + arange(T)`` along the last axis of ids."""
+    if not (_kernel_table(token) and _kernel_table(position)):
+        p = torch.from_numpy(ops.positions_array(_np(ids), start if positions is None else _np(positions)))
+        return torch.ops.aten.embedding.default(token, ids) + torch.ops.aten.embedding.default(position, p)
+    where = start if positions is None else _np(positions)
+    return torch.from_numpy(ops.gather_add(_np(token), _np(position), _np(ids), positions=where))
+
+
+@token_position.register_fake
+def _(token, position, ids, positions, start):
+    return token.new_empty((*ids.shape, token.shape[1]))
+
+
+@torch.library.custom_op("fastembed::token_position_backward", mutates_args=(), device_types="cpu")
+def token_position_backward(grad: Tensor, ids: Tensor, positions: Optional[Tensor], start: int, num_tokens: int,
+                            num_positions: int) -> tuple[Tensor, Tensor]:
+    """Both tables' dense gradients of `token_position`, in one pass over grad."""
+    where = start if positions is None else _np(positions)
+    token_grad = torch.zeros((num_tokens, grad.shape[-1]), dtype=grad.dtype)
+    position_grad = torch.zeros((num_positions, grad.shape[-1]), dtype=grad.dtype)
+    if not _kernel_table(grad):
+        p = torch.from_numpy(ops.positions_array(_np(ids), where))
+        d = grad.shape[-1]
+        token_grad.index_add_(0, ids.reshape(-1).long(), grad.reshape(-1, d))
+        position_grad.index_add_(0, p.reshape(-1), grad.reshape(-1, d))
+        return token_grad, position_grad
+    ops.gather_add_backward(_np(grad), _np(ids), token_grad.numpy(), position_grad.numpy(), positions=where)
+    return token_grad, position_grad
+
+
+@token_position_backward.register_fake
+def _(grad, ids, positions, start, num_tokens, num_positions):
+    d = grad.shape[-1]
+    return grad.new_empty((num_tokens, d)), grad.new_empty((num_positions, d))
+
+
+def _token_position_setup(ctx, inputs, output):
+    token, position, ids, positions, start = inputs
+    ctx.save_for_backward(ids, positions)
+    ctx.start, ctx.sizes = start, (token.shape[0], position.shape[0])
+
+
+def _token_position_grad(ctx, grad):
+    ids, positions = ctx.saved_tensors
+    token_grad, position_grad = token_position_backward(grad, ids, positions, ctx.start, *ctx.sizes)
+    return token_grad, position_grad, None, None, None
+
+
+token_position.register_autograd(_token_position_grad, setup_context=_token_position_setup)
+
+
+def _tp_backward_setup(ctx, inputs, output):
+    grad, ids, positions, start, num_tokens, num_positions = inputs
+    ctx.save_for_backward(ids, positions)
+    ctx.start, ctx.dim, ctx.dtype, ctx.sizes = start, grad.shape[-1], grad.dtype, (num_tokens, num_positions)
+
+
+def _tp_backward_grad(ctx, token_gg, position_gg):
+    """The adjoint of the two scatter-adds is the forward lookup itself, of the incoming tables."""
+    ids, positions = ctx.saved_tensors
+    if token_gg is None:
+        token_gg = ids.new_zeros((ctx.sizes[0], ctx.dim), dtype=ctx.dtype)
+    if position_gg is None:
+        position_gg = ids.new_zeros((ctx.sizes[1], ctx.dim), dtype=ctx.dtype)
+    return token_position(token_gg, position_gg, ids, positions, ctx.start), None, None, None, None, None
+
+
+token_position_backward.register_autograd(_tp_backward_grad, setup_context=_tp_backward_setup)

@@ -1,0 +1,204 @@
+"""fastembed's kernels as PyTorch custom operators (fastembed/torch/_library.py): what torch.compile and
+torch.export need of them, and their values.
+
+Oracles: torch's own ops (F.embedding, aten's embedding_dense_backward, double backward through
+nn.functional.embedding) and np.add.at, never fastembed's eager path; torch.library.opcheck checks each
+registration (schema, fake tensors, autograd, AOT dispatch) as torch's own custom-op tests do.
+"""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+L = pytest.importorskip("fastembed.torch._library")
+
+OPS = torch.ops.fastembed
+
+
+def _table(rows, dim, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, dim, generator=g, dtype=dtype)
+
+
+def _ids(rows, shape, seed, dtype=torch.int64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, rows, shape, generator=g).to(dtype)
+
+
+def _scatter_oracle(grad, ids, rows, padding_idx):
+    """np.add.at in float32, in the order of ids: the order fastembed's scatter-add promises."""
+    out = np.zeros((rows, grad.shape[-1]), dtype=np.float32)
+    np.add.at(out, ids.reshape(-1).numpy(), grad.reshape(-1, grad.shape[-1]).numpy())
+    if padding_idx >= 0:
+        out[padding_idx] = 0.0
+    return out
+
+
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (0,), (2, 0, 3)])
+def test_embedding_op_is_the_lookup(shape, id_dtype):
+    w = _table(11, 6, 1)
+    ids = _ids(11, shape, 2, id_dtype)
+    out = OPS.embedding(w, ids, -1)
+    assert out.shape == (*shape, 6) and out.dtype == torch.float32
+    assert torch.equal(out, F.embedding(ids.long(), w))
+
+
+@pytest.mark.parametrize("padding_idx", [-1, 0, 4])
+def test_embedding_backward_op_sums_in_order_and_skips_padding(padding_idx):
+    ids = torch.tensor([[4, 1, 4], [0, 4, 9]])  # a repeated id, and the padding row among them
+    grad = _table(6, 5, 3).reshape(2, 3, 5)
+    out = OPS.embedding_backward(grad, ids, 10, padding_idx)
+    assert out.shape == (10, 5)
+    np.testing.assert_array_equal(out.numpy(), _scatter_oracle(grad, ids, 10, padding_idx))
+    torch_grad = torch.ops.aten.embedding_dense_backward(grad, ids, 10, padding_idx, False)
+    torch.testing.assert_close(out, torch_grad)  # torch's own order of additions may round differently
+
+
+def test_embedding_backward_op_with_no_ids_is_zero():
+    out = OPS.embedding_backward(torch.empty(0, 4), torch.empty(0, dtype=torch.int64), 3, -1)
+    assert torch.equal(out, torch.zeros(3, 4))
+
+
+def test_an_id_out_of_range_raises_fastembeds_error():
+    w = _table(5, 3, 1)
+    with pytest.raises(IndexError, match="5"):
+        OPS.embedding(w, torch.tensor([0, 5]), -1)
+    with pytest.raises(IndexError):
+        OPS.embedding(w, torch.tensor([-1]), -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_other_table_dtypes_give_torchs_result(dtype):
+    w = _table(9, 4, 5, dtype)
+    ids = _ids(9, (3, 4), 6)
+    assert torch.equal(OPS.embedding(w, ids, -1), F.embedding(ids, w))
+    g = _table(12, 4, 7, dtype).reshape(3, 4, 4)
+    assert torch.equal(OPS.embedding_backward(g, ids, 9, 2),
+                       torch.ops.aten.embedding_dense_backward(g, ids, 9, 2, False))
+
+
+@pytest.mark.parametrize("positions", ["none", "start", "tensor"])
+def test_token_position_op_and_its_backward(positions):
+    tok, pos = _table(13, 6, 1), _table(9, 6, 2)
+    ids = _ids(13, (2, 4), 3)
+    p_tensor = torch.tensor([8, 0, 8, 3]) if positions == "tensor" else None
+    start = 5 if positions == "start" else 0
+    p = p_tensor.expand(2, 4) if p_tensor is not None else (start + torch.arange(4)).expand(2, 4)
+    out = OPS.token_position(tok, pos, ids, p_tensor, start)
+    assert torch.equal(out, F.embedding(ids, tok) + F.embedding(p, pos))
+    grad = _table(8, 6, 4).reshape(2, 4, 6)
+    tg, pg = OPS.token_position_backward(grad, ids, p_tensor, start, 13, 9)
+    np.testing.assert_array_equal(tg.numpy(), _scatter_oracle(grad, ids, 13, -1))
+    np.testing.assert_array_equal(pg.numpy(), _scatter_oracle(grad, p, 9, -1))
+
+
+OPCHECK_CASES = [
+    ("embedding", lambda: (_table(20, 4, 1).requires_grad_(), _ids(20, (3, 5), 2), -1)),
+    ("embedding", lambda: (_table(20, 4, 1).requires_grad_(), _ids(20, (6,), 2, torch.int32), 3)),
+    ("embedding_backward", lambda: (_table(15, 4, 3).reshape(3, 5, 4).requires_grad_(), _ids(20, (3, 5), 2), 20, 1)),
+    ("token_position", lambda: (_table(20, 4, 1).requires_grad_(), _table(5, 4, 2).requires_grad_(),
+                                _ids(20, (3, 5), 3), None, 0)),
+    ("token_position", lambda: (_table(20, 4, 1).requires_grad_(), _table(9, 4, 2).requires_grad_(),
+                                _ids(20, (2, 5), 3), _ids(9, (5,), 4), 0)),
+    ("token_position_backward", lambda: (_table(10, 4, 1).reshape(2, 5, 4).requires_grad_(), _ids(20, (2, 5), 3),
+                                         None, 2, 20, 7)),
+]
+
+
+@pytest.mark.parametrize("name,make", OPCHECK_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(OPCHECK_CASES)])
+def test_opcheck(name, make):
+    """torch's own checker of a custom op's registration: schema (no hidden aliasing or mutation), fake
+    implementation against the real one, autograd registered, and AOT dispatch with dynamic shapes."""
+    result = torch.library.opcheck(getattr(OPS, name).default, make())
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_double_backward_is_torchs():
+    ids = torch.tensor([[3, 1, 3], [0, 2, 3]])
+    for padding_idx in (-1, 3):
+        grads = []
+        for lookup in (lambda w: OPS.embedding(w, ids, padding_idx),
+                       lambda w: F.embedding(ids, w, None if padding_idx < 0 else padding_idx)):
+            w = _table(5, 4, 8).requires_grad_()
+            (g,) = torch.autograd.grad((lookup(w) ** 2).sum(), w, create_graph=True)
+            (gg,) = torch.autograd.grad((g ** 3).sum(), w)
+            grads.append((g, gg))
+        (g, gg), (tg, tgg) = grads
+        torch.testing.assert_close(g, tg)
+        torch.testing.assert_close(gg, tgg)
+        assert gg.abs().sum() > 0  # the second derivative is not trivially zero here
+
+
+def test_backward_op_adjoint_is_torchs():
+    """The backward's own gradient with respect to its incoming gradient (what double backward runs), taken
+    directly: the lookups of the padding row get nothing back, as in aten's embedding_dense_backward."""
+    ids = torch.tensor([[3, 1, 3], [0, 2, 3]])
+    c = _table(5, 4, 9)  # a gradient on every row, the padding row's included
+    for padding_idx in (-1, 3):
+        results = []
+        for backward in (OPS.embedding_backward, lambda *a: torch.ops.aten.embedding_dense_backward(*a, False)):
+            v = _table(6, 4, 10).reshape(2, 3, 4).requires_grad_()
+            (gv,) = torch.autograd.grad(backward(v, ids, 5, padding_idx), v, grad_outputs=c)
+            results.append(gv)
+        assert torch.equal(*results)
+        assert results[0].abs().sum() > 0
+
+
+def test_token_position_double_backward_is_torchs():
+    ids, tok0, pos0 = torch.tensor([[3, 1, 3]]), _table(5, 4, 1), _table(3, 4, 2)
+    results = []
+    for fast in (True, False):
+        tok, pos = tok0.clone().requires_grad_(), pos0.clone().requires_grad_()
+        h = OPS.token_position(tok, pos, ids, None, 0) if fast else F.embedding(ids, tok) + pos[:3]
+        gt, gp = torch.autograd.grad((h ** 2).sum(), (tok, pos), create_graph=True)
+        results.append(torch.autograd.grad((gt ** 3).sum() + (gp ** 2).sum(), (tok, pos)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+def _model(ops):
+    """A small graph around both lookups (ops=True: fastembed's custom ops; False: torch's)."""
+    def f(tok, pos, ids):
+        if ops:
+            h = OPS.token_position(tok, pos, ids, None, 0)
+            e = OPS.embedding(tok, ids, 2)
+        else:
+            h = F.embedding(ids, tok) + F.embedding(torch.arange(ids.shape[-1]).expand_as(ids), pos)
+            e = F.embedding(ids, tok, 2)
+        return (h * e).sum(-1).tanh().sum()
+    return f
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_graph_has_no_break_and_torchs_values(backend):
+    """fullgraph=True fails on any graph break. Compiled, the ops give the bits of torch's own lookups
+    compiled the same way (inductor fuses the arithmetic around them, which changes its rounding)."""
+    torch._dynamo.reset()
+    tok, pos, ids = _table(30, 8, 1), _table(6, 8, 2), _ids(30, (4, 6), 3)
+    results = []
+    for ops in (True, False):
+        t, p = tok.clone().requires_grad_(), pos.clone().requires_grad_()
+        loss = torch.compile(_model(ops), fullgraph=True, backend=backend)(t, p, ids)
+        results.append((loss, *torch.autograd.grad(loss, (t, p))))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_export_holds_one_node_per_lookup():
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = torch.nn.Parameter(_table(30, 8, 1))
+            self.pos = torch.nn.Parameter(_table(6, 8, 2))
+
+        def forward(self, ids):
+            return OPS.token_position(self.tok, self.pos, ids, None, 0) + OPS.embedding(self.tok, ids, -1)
+
+    m, ids = M(), _ids(30, (2, 6), 4)
+    exported = torch.export.export(m, (ids,))
+    targets = [n.target for n in exported.graph.nodes if n.op == "call_function"]
+    assert targets.count(OPS.token_position.default) == 1 and targets.count(OPS.embedding.default) == 1
+    assert not any("aten.embedding" in str(t) or "index" in str(t) for t in targets), targets
+    other = _ids(30, (2, 6), 5)
+    assert torch.equal(exported.module()(other), (F.embedding(other, m.tok) + m.pos) + F.embedding(other, m.tok))
