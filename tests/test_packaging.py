@@ -1,6 +1,7 @@
 """Packaging: the version's one source, the Qdrant name clash, stubs that match the code, and
 (with FASTEMBED_EXPECT_INSTALLED=1, as .ci/run and cibuildwheel set it) that the package under
-test is the installed one, not a source tree."""
+test is the installed one, not a source tree; with FASTEMBED_EXPECT_BUNDLED_LIBGOMP=1 (.ci/run, for
+the wheels auditwheel repaired) that it runs on the libgomp the wheel carries."""
 import ast
 import importlib
 import inspect
@@ -44,6 +45,45 @@ def test_the_package_under_test_is_the_installed_one():
     assert not (PACKAGE_DIR.parent / "setup.py").exists(), f"imported from a source tree: {PACKAGE_DIR}"
     for name in ("py.typed", "_kernels.pyi"):
         assert (PACKAGE_DIR / name).is_file(), f"the wheel lacks fastembed/{name}"
+
+
+_LIBGOMP_IN_USE = """
+import json, numpy as np
+import fastembed as fe
+fe.set_num_threads(2)
+table = np.ones((64, 1024), np.float32)
+out = fe.gather(table, np.zeros(64, np.int64))  # 65,536 elements: past the serial threshold
+maps = {line.split(None, 5)[5].strip() for line in open("/proc/self/maps") if len(line.split(None, 5)) == 6}
+print(json.dumps({"file": fe.__file__, "openmp": fe.openmp_enabled(), "threads": fe._kernels._last_call_threads(),
+                  "sum": float(out.sum()), "gomp": sorted(m for m in maps if "libgomp" in m.rsplit("/", 1)[-1])}))
+"""
+
+
+@pytest.mark.skipif(os.environ.get("FASTEMBED_EXPECT_BUNDLED_LIBGOMP") != "1",
+                    reason="set FASTEMBED_EXPECT_BUNDLED_LIBGOMP=1 when testing a wheel auditwheel repaired (Linux)")
+def test_the_repaired_wheel_runs_on_the_libgomp_it_carries(tmp_path):
+    """auditwheel copied libgomp into fastembed_kernels.libs/ and pointed the extension at the copy: a
+    fresh interpreter importing fastembed maps that copy and no other libgomp (not the system's,
+    which the machine that built the wheel had and a user's may lack), and a call past the serial
+    threshold really runs an OpenMP team on it."""
+    dist = metadata.distribution(DIST)
+    bundled = [f for f in dist.files or () if str(f).replace("\\", "/").startswith("fastembed_kernels.libs/libgomp-")]
+    assert len(bundled) == 1, f"the installed wheel lists {bundled} in fastembed_kernels.libs/, not one libgomp"
+    copy = Path(dist.locate_file(bundled[0])).resolve()
+    assert copy.is_file()
+    env = dict(os.environ, PYTHONPATH=str(PACKAGE_DIR.parent))
+    env.pop("FASTEMBED_NUM_THREADS", None)
+    env.pop("OMP_NUM_THREADS", None)
+    proc = subprocess.run([sys.executable, "-c", _LIBGOMP_IN_USE], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout.splitlines()[-1])
+    assert Path(seen["file"]).resolve() == Path(fe.__file__).resolve()
+    assert seen["openmp"] is True
+    assert [Path(m).resolve() for m in seen["gomp"]] == [copy], f"libgomp mapped: {seen['gomp']}, bundled: {copy}"
+    cpus = len(os.sched_getaffinity(0))
+    assert seen["threads"] == min(2, cpus)
+    assert seen["sum"] == 64 * 1024
 
 
 # ---------------------------------------------------------------- Qdrant's `fastembed`
