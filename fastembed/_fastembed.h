@@ -210,9 +210,15 @@ FE_F16C_FN static void fe_f16c_narrow(uint16_t *FE_RESTRICT h, const float *FE_R
 }
 /* 1: F16C; 0: the portable code. Set once at import (fe_f16_init) and by a private test hook. */
 static int fe_use_f16c = 0;
+#include <cpuid.h>
+/* CPUID leaf 1: F16C (ECX bit 29), AVX (28) and OSXSAVE (27), and the OS saving the YMM registers
+   (XCR0 bits 1-2); GCC and clang alike (clang's __builtin_cpu_supports may not know "f16c"). */
 static inline int fe_cpu_has_f16c(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+    unsigned a, b, c, d, lo, hi;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    if (!(c & (1u << 29)) || !(c & (1u << 28)) || !(c & (1u << 27))) return 0;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return (lo & 6u) == 6u;
 }
 #else
 #define FE_HAVE_F16C 0
