@@ -19,6 +19,10 @@ thread settings and the checks are one copy shared by every family):
                 backward, coalesce)
   _optim.pxi    optimizer row updates (sgd_step, adagrad_step, rowwise_adagrad_step,
                 adam_step)
+
+The lookups, scatters and coalesce are written once over the fused type elem_t (float32,
+float64, and the 16-bit float16 and bfloat16, whose row functions in _fastembed.h sum in
+float32); the optimizers take float32 only.
 """
 cimport numpy as cnp
 from cpython.pyport cimport PY_SSIZE_T_MAX
