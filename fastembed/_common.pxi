@@ -107,9 +107,8 @@ cdef int _check_same_dim(cnp.ndarray a, str a_name, cnp.ndarray b, str b_name) e
     return 0
 
 
-cdef cnp.ndarray _table(object a, str name):
-    """A 2-D, C-contiguous, aligned float32 table (read-only is fine)."""
-    cdef cnp.ndarray arr = _float_array(a, name)
+cdef cnp.ndarray _checked_table(cnp.ndarray arr, str name):
+    """arr if it is a 2-D, C-contiguous, aligned table (read-only is fine)."""
     _check_2d(arr, name)
     if not cnp.PyArray_IS_C_CONTIGUOUS(arr) or not cnp.PyArray_ISALIGNED(arr):
         raise ValueError(
@@ -120,9 +119,8 @@ cdef cnp.ndarray _table(object a, str name):
     return arr
 
 
-cdef cnp.ndarray _target(object a, str name):
-    """An array written in place: float32, C-contiguous, aligned and writeable."""
-    cdef cnp.ndarray arr = _float_array(a, name)
+cdef cnp.ndarray _checked_target(cnp.ndarray arr, str name):
+    """arr if it can be written in place: C-contiguous, aligned and writeable."""
     if not cnp.PyArray_ISWRITEABLE(arr):
         raise ValueError(f"{name} is read-only; fastembed writes into it in place, never into a silent copy")
     if not cnp.PyArray_IS_C_CONTIGUOUS(arr) or not cnp.PyArray_ISALIGNED(arr):
@@ -133,12 +131,127 @@ cdef cnp.ndarray _target(object a, str name):
     return arr
 
 
-cdef cnp.ndarray _float_input(object a, str name):
-    """A float32 input read once: made C-contiguous if it is not (a copy of an input loses nothing)."""
-    cdef cnp.ndarray arr = _float_array(a, name)
+cdef cnp.ndarray _contiguous_input(cnp.ndarray arr):
+    """An input read once, made C-contiguous if it is not (a copy of an input loses nothing)."""
     if cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISALIGNED(arr):
         return arr
     return np.array(arr, order="C")  # a 0-d array stays 0-d (np.ascontiguousarray would make it 1-d)
+
+
+cdef cnp.ndarray _table(object a, str name):
+    """A 2-D, C-contiguous, aligned float32 table (read-only is fine)."""
+    return _checked_table(_float_array(a, name), name)
+
+
+cdef cnp.ndarray _target(object a, str name):
+    """An array written in place: float32, C-contiguous, aligned and writeable."""
+    return _checked_target(_float_array(a, name), name)
+
+
+cdef cnp.ndarray _float_input(object a, str name):
+    """A float32 input read once: made C-contiguous if it is not (a copy of an input loses nothing)."""
+    return _contiguous_input(_float_array(a, name))
+
+
+# ---------------------------------------------------------------- element formats (lookup and scatter kernels)
+
+# The lookups, scatters and coalesce take tables of any of these formats; every other array of a call
+# that holds table elements (out, grad_out, the other table or gradient) must have the same dtype: a
+# mismatch is a TypeError naming both, never a cast. The optimizer kernels take float32 only (the
+# helpers above). FMT_* are fixed by the dtype alone, except that the private keyword
+# `_format="bfloat16"` makes a call read native uint16 arrays as bfloat16 bits: the torch adapter's way
+# to pass a bfloat16 tensor's memory without ml_dtypes (`tensor.view(torch.uint16).numpy()`). Without
+# it a uint16 array is refused, never taken for bfloat16.
+
+cdef extern from "numpy/arrayobject.h":
+    enum:
+        NPY_USERDEF  # the first type number of a dtype registered by a package (ml_dtypes.bfloat16)
+
+cdef enum:
+    FMT_F32 = 0
+    FMT_F64 = 1
+    FMT_F16 = 2
+    FMT_BF16 = 3
+    FMT_BY_DTYPE = -1  # no `_format`: the dtype decides
+
+_DTYPES = "float32, float64, float16 or bfloat16 (ml_dtypes.bfloat16)"
+
+
+cdef int _format_arg(object fmt) except -2:
+    """The private `_format` keyword: None (each array's dtype) or "bfloat16" (uint16 holds bfloat16 bits)."""
+    if fmt is None:
+        return FMT_BY_DTYPE
+    if isinstance(fmt, str) and fmt == "bfloat16":
+        return FMT_BF16
+    raise ValueError(f"_format must be None or 'bfloat16', got {fmt!r}")
+
+
+cdef cnp.ndarray _any_array(object a, str name, int forced, int* fmt):
+    """a as an ndarray of one of the formats (never cast), its format in fmt[0]: TypeError otherwise."""
+    if not cnp.PyArray_Check(a):
+        raise TypeError(f"{name} must be a numpy array of {_DTYPES}, got {type(a).__name__}")
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    cdef int t = cnp.PyArray_TYPE(arr)
+    cdef bint native = cnp.PyArray_ISNOTSWAPPED(arr)
+    if forced == FMT_BF16:
+        if t == cnp.NPY_UINT16 and native:
+            fmt[0] = FMT_BF16
+            return arr
+        raise TypeError(
+            f"{name} must be uint16 holding bfloat16 bits (the call has _format='bfloat16'), got {name}.dtype={arr.dtype}"
+        )
+    if native:
+        if t == cnp.NPY_FLOAT32:
+            fmt[0] = FMT_F32
+            return arr
+        if t == cnp.NPY_FLOAT64:
+            fmt[0] = FMT_F64
+            return arr
+        if t == cnp.NPY_FLOAT16:
+            fmt[0] = FMT_F16
+            return arr
+        if t >= NPY_USERDEF and cnp.PyArray_ITEMSIZE(arr) == 2 and arr.dtype.name == "bfloat16":
+            fmt[0] = FMT_BF16  # ml_dtypes.bfloat16, recognised without importing ml_dtypes
+            return arr
+    hint = "; a uint16 array is never read as bfloat16: view it as ml_dtypes.bfloat16" if t == cnp.NPY_UINT16 else ""
+    raise TypeError(f"{name} must be {_DTYPES} (fastembed never casts tables), got {name}.dtype={arr.dtype}{hint}")
+
+
+cdef cnp.ndarray _array_like(object a, str name, cnp.ndarray ref, str ref_name):
+    """a as an ndarray of ref's dtype (ref already checked): TypeError naming both dtypes otherwise."""
+    if not cnp.PyArray_Check(a):
+        raise TypeError(f"{name} must be a numpy array of {ref_name}'s dtype {ref.dtype}, got {type(a).__name__}")
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    if cnp.PyArray_TYPE(arr) != cnp.PyArray_TYPE(ref) or not cnp.PyArray_ISNOTSWAPPED(arr):
+        raise TypeError(
+            f"{name}.dtype={arr.dtype} does not match {ref_name}.dtype={ref.dtype}: the arrays of one call must "
+            f"share the table's dtype ({_DTYPES}); fastembed never casts"
+        )
+    return arr
+
+
+cdef inline cnp.ndarray _any_table(object a, str name, int forced, int* fmt):
+    return _checked_table(_any_array(a, name, forced, fmt), name)
+
+
+cdef inline cnp.ndarray _table_like(object a, str name, cnp.ndarray ref, str ref_name):
+    return _checked_table(_array_like(a, name, ref, ref_name), name)
+
+
+cdef inline cnp.ndarray _any_target(object a, str name, int forced, int* fmt):
+    return _checked_target(_any_array(a, name, forced, fmt), name)
+
+
+cdef inline cnp.ndarray _target_like(object a, str name, cnp.ndarray ref, str ref_name):
+    return _checked_target(_array_like(a, name, ref, ref_name), name)
+
+
+cdef inline cnp.ndarray _any_input(object a, str name, int forced, int* fmt):
+    return _contiguous_input(_any_array(a, name, forced, fmt))
+
+
+cdef inline cnp.ndarray _input_like(object a, str name, cnp.ndarray ref, str ref_name):
+    return _contiguous_input(_array_like(a, name, ref, ref_name))
 
 
 cdef cnp.ndarray _index_array(object a, str name):
@@ -192,8 +305,8 @@ cdef int _check_rows_shape(cnp.ndarray arr, str name, cnp.ndarray ids, Py_ssize_
     )
 
 
-cdef cnp.ndarray _new_rows(cnp.ndarray ids, Py_ssize_t D):
-    """An uninitialised float32 array of shape ids.shape + (D,)."""
+cdef cnp.ndarray _new_rows_of(cnp.ndarray ids, Py_ssize_t D, int type_num):
+    """An uninitialised array of numpy type type_num and shape ids.shape + (D,)."""
     cdef int nd = cnp.PyArray_NDIM(ids)
     cdef cnp.npy_intp dims[64]
     cdef int k
@@ -202,7 +315,12 @@ cdef cnp.ndarray _new_rows(cnp.ndarray ids, Py_ssize_t D):
     for k in range(nd):
         dims[k] = cnp.PyArray_DIM(ids, k)
     dims[nd] = D
-    return cnp.PyArray_EMPTY(nd + 1, dims, cnp.NPY_FLOAT32, 0)
+    return cnp.PyArray_EMPTY(nd + 1, dims, type_num, 0)
+
+
+cdef cnp.ndarray _new_rows(cnp.ndarray ids, Py_ssize_t D):
+    """An uninitialised float32 array of shape ids.shape + (D,)."""
+    return _new_rows_of(ids, D, cnp.NPY_FLOAT32)
 
 
 cdef cnp.ndarray _out_rows(object out, cnp.ndarray ids, Py_ssize_t D):
@@ -210,6 +328,15 @@ cdef cnp.ndarray _out_rows(object out, cnp.ndarray ids, Py_ssize_t D):
     if out is None:
         return _new_rows(ids, D)
     cdef cnp.ndarray arr = _target(out, "out")
+    _check_rows_shape(arr, "out", ids, D)
+    return arr
+
+
+cdef cnp.ndarray _out_rows_like(object out, cnp.ndarray ids, Py_ssize_t D, cnp.ndarray ref, str ref_name):
+    """The output array of ref's dtype: `out` checked, or a new one."""
+    if out is None:
+        return _new_rows_of(ids, D, cnp.PyArray_TYPE(ref))
+    cdef cnp.ndarray arr = _target_like(out, "out", ref, ref_name)
     _check_rows_shape(arr, "out", ids, D)
     return arr
 
@@ -354,50 +481,85 @@ cdef inline Py_ssize_t _part(Py_ssize_t n, int k, int parts) noexcept nogil:
     return n * k // parts
 
 
+cdef inline Py_ssize_t _phase_of(const void* table, size_t size) noexcept nogil:
+    """How many elements of `size` bytes row 0 starts past a 128-byte boundary (numpy's large arrays:
+    16 bytes, so 4 floats). Every row has the same phase when a row is a multiple of 128 bytes, as in
+    the design's shapes."""
+    return <Py_ssize_t>((<size_t>table % (COLUMN_BLOCK * sizeof(float))) // size)
+
+
 cdef inline Py_ssize_t _phase(const float* table) noexcept nogil:
-    """How many floats row 0 starts past a 128-byte boundary (numpy's large arrays: 16 bytes, so 4).
-    Every row has the same phase when D is a multiple of 32, as in the design's shapes."""
-    return <Py_ssize_t>((<size_t>table % (COLUMN_BLOCK * sizeof(float))) // sizeof(float))
+    return _phase_of(table, sizeof(float))
 
 
-cdef inline Py_ssize_t _blocks(Py_ssize_t D, Py_ssize_t phase) noexcept nogil:
-    """128-byte blocks per row. When D is a multiple of 32 they are cyclic: the block a row ends in is
-    the one the next row starts in, so it is one block (the head and tail columns of a row) with one owner."""
-    if D % COLUMN_BLOCK == 0:
-        return D // COLUMN_BLOCK
-    return (phase + D + COLUMN_BLOCK - 1) // COLUMN_BLOCK
+# Blocks are 128 bytes: `block` elements (COLUMN_BLOCK floats; 16 doubles, 64 16-bit elements).
+
+cdef inline Py_ssize_t _blocks_of(Py_ssize_t D, Py_ssize_t phase, Py_ssize_t block) noexcept nogil:
+    """128-byte blocks per row. When a row is a whole number of blocks they are cyclic: the block a row
+    ends in is the one the next row starts in, so it is one block (the head and tail columns of a row)
+    with one owner."""
+    if D % block == 0:
+        return D // block
+    return (phase + D + block - 1) // block
 
 
 # Thread k's columns are [_col_start, _col_end) plus [_col_wrap, D) when it owns the block that wraps
 # into the next row. (Three functions, each assigned in the prange body: Cython makes a variable
 # thread-private only when the loop assigns it, never when it is written through a pointer.)
 
-cdef inline bint _wraps(Py_ssize_t D, Py_ssize_t phase) noexcept nogil:
-    return D % COLUMN_BLOCK == 0 and phase > 0
+cdef inline bint _wraps_of(Py_ssize_t D, Py_ssize_t phase, Py_ssize_t block) noexcept nogil:
+    return D % block == 0 and phase > 0
 
 
-cdef inline Py_ssize_t _col_start(Py_ssize_t D, Py_ssize_t phase, int k, int parts) noexcept nogil:
-    cdef Py_ssize_t j = _blocks(D, phase) * k // parts
-    return 0 if j == 0 else min(D, j * COLUMN_BLOCK - phase)
+cdef inline Py_ssize_t _col_start_of(Py_ssize_t D, Py_ssize_t phase, int k, int parts, Py_ssize_t block) noexcept nogil:
+    cdef Py_ssize_t j = _blocks_of(D, phase, block) * k // parts
+    return 0 if j == 0 else min(D, j * block - phase)
 
 
-cdef inline Py_ssize_t _col_end(Py_ssize_t D, Py_ssize_t phase, int k, int parts) noexcept nogil:
-    cdef Py_ssize_t blocks = _blocks(D, phase)
+cdef inline Py_ssize_t _col_end_of(Py_ssize_t D, Py_ssize_t phase, int k, int parts, Py_ssize_t block) noexcept nogil:
+    cdef Py_ssize_t blocks = _blocks_of(D, phase, block)
     cdef Py_ssize_t j = blocks * (k + 1) // parts
     if j < blocks:
-        return min(D, j * COLUMN_BLOCK - phase)
-    return D - phase if _wraps(D, phase) else D  # the last partial block belongs to block 0's owner
+        return min(D, j * block - phase)
+    return D - phase if _wraps_of(D, phase, block) else D  # the last partial block belongs to block 0's owner
 
 
-cdef inline Py_ssize_t _col_wrap(Py_ssize_t D, Py_ssize_t phase, int k, int parts) noexcept nogil:
-    if k == 0 and _wraps(D, phase):
+cdef inline Py_ssize_t _col_wrap_of(Py_ssize_t D, Py_ssize_t phase, int k, int parts, Py_ssize_t block) noexcept nogil:
+    if k == 0 and _wraps_of(D, phase, block):
         return D - phase
     return D
 
 
-cdef inline int _column_threads(Py_ssize_t N, Py_ssize_t D, const float* table) noexcept nogil:
+cdef inline int _column_threads_of(Py_ssize_t N, Py_ssize_t D, const void* table, size_t size) noexcept nogil:
     cdef int n = _threads_for(N * D)
-    return <int>min(<Py_ssize_t>n, _blocks(D, _phase(table)))
+    cdef Py_ssize_t block = COLUMN_BLOCK * sizeof(float) // size
+    return <int>min(<Py_ssize_t>n, _blocks_of(D, _phase_of(table, size), block))
+
+
+# The float32 forms (COLUMN_BLOCK floats a block), for kernels that take float32 only.
+
+cdef inline Py_ssize_t _blocks(Py_ssize_t D, Py_ssize_t phase) noexcept nogil:
+    return _blocks_of(D, phase, COLUMN_BLOCK)
+
+
+cdef inline bint _wraps(Py_ssize_t D, Py_ssize_t phase) noexcept nogil:
+    return _wraps_of(D, phase, COLUMN_BLOCK)
+
+
+cdef inline Py_ssize_t _col_start(Py_ssize_t D, Py_ssize_t phase, int k, int parts) noexcept nogil:
+    return _col_start_of(D, phase, k, parts, COLUMN_BLOCK)
+
+
+cdef inline Py_ssize_t _col_end(Py_ssize_t D, Py_ssize_t phase, int k, int parts) noexcept nogil:
+    return _col_end_of(D, phase, k, parts, COLUMN_BLOCK)
+
+
+cdef inline Py_ssize_t _col_wrap(Py_ssize_t D, Py_ssize_t phase, int k, int parts) noexcept nogil:
+    return _col_wrap_of(D, phase, k, parts, COLUMN_BLOCK)
+
+
+cdef inline int _column_threads(Py_ssize_t N, Py_ssize_t D, const float* table) noexcept nogil:
+    return _column_threads_of(N, D, table, sizeof(float))
 
 
 cdef inline void _prefetch_row(const float* row, Py_ssize_t D) noexcept nogil:
@@ -410,6 +572,17 @@ cdef inline void _prefetch_row_write(const float* row, Py_ssize_t c0, Py_ssize_t
     cdef Py_ssize_t d
     for d in range(c0, min(c1, c0 + PREFETCH_FLOATS), 16):
         fe_prefetch_write(row + d)
+
+
+cdef inline void _prefetch_bytes(const char* row, Py_ssize_t nbytes, bint write) noexcept nogil:
+    """The first min(nbytes, 1 KiB) bytes of a row, a 64-byte line at a time (the other element types'
+    form of the two above)."""
+    cdef Py_ssize_t b
+    for b in range(0, min(nbytes, PREFETCH_FLOATS * <Py_ssize_t>sizeof(float)), 64):
+        if write:
+            fe_prefetch_write(row + b)
+        else:
+            fe_prefetch(row + b)
 
 
 cdef inline bint _outside(int64_t x, Py_ssize_t bound) noexcept nogil:

@@ -4,6 +4,7 @@
 #include <stdint.h>
 #include <stddef.h>
 #include <math.h>
+#include <string.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -109,6 +110,178 @@ static inline float fe_sum_squares(const float *g, ptrdiff_t n) {
 FE_CLONES static void fe_scaled_row(float *FE_RESTRICT w, const float *FE_RESTRICT g, ptrdiff_t n, float lr,
                                     float std) {
     for (ptrdiff_t d = 0; d < n; d++) w[d] -= lr * g[d] / std;
+}
+
+/* ---- Table element types other than float32 (the lookup and scatter kernels; the optimizers stay float32).
+   The two 16-bit formats are distinct structs so that a Cython fused type can tell them apart; they are
+   stored as 16 bits and every sum is formed in float32 (torch's rule on CPU), rounded to nearest even once
+   per stored result. */
+typedef struct { uint16_t bits; } fe_f16;   /* IEEE 754 binary16 (numpy float16) */
+typedef struct { uint16_t bits; } fe_bf16;  /* bfloat16: the top half of a float32 (ml_dtypes.bfloat16) */
+
+static inline uint32_t fe_float_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float fe_bits_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+/* bfloat16 <-> float: widening is exact (a shift); narrowing rounds to nearest even and turns every NaN into
+   the quiet NaN 0x7fc0, as torch's c10::BFloat16 does. Branch-free, so the row loops below vectorise. */
+static inline float fe_bf16_to_float(uint16_t h) { return fe_bits_float((uint32_t)h << 16); }
+static inline uint16_t fe_float_to_bf16(float f) {
+    uint32_t u = fe_float_bits(f);
+    uint16_t r = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    return (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)0x7fc0 : r;
+}
+
+/* binary16 <-> float in portable integer code: the fallback where the CPU has no F16C (and the model the
+   tests hold F16C to). Narrowing rounds to nearest even, keeps subnormals, overflows to inf at 65520,
+   and keeps a NaN a NaN (quiet, its top payload bits kept). */
+static inline float fe_f16_to_float_sw(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    if (e == 0x1f) return fe_bits_float(sign | 0x7f800000u | (m << 13));
+    if (e != 0) return fe_bits_float(sign | ((e + 112u) << 23) | (m << 13));
+    if (m == 0) return fe_bits_float(sign);
+    e = 113;  /* a subnormal: shift its leading one up to the implicit bit */
+    while (!(m & 0x400u)) { m <<= 1; e--; }
+    return fe_bits_float(sign | (e << 23) | ((m & 0x3ffu) << 13));
+}
+static inline uint16_t fe_float_to_f16_sw(float f) {
+    uint32_t u = fe_float_bits(f), a = u & 0x7fffffffu;
+    uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u | ((a >> 13) & 0x3ffu));
+    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);  /* >= 65520 (and inf): inf */
+    if (a >= 0x38800000u) {  /* a normal half: rebias the exponent, round at bit 13 */
+        uint32_t r = a - 0x38000000u;
+        return (uint16_t)(sign | ((r + 0xfffu + ((r >> 13) & 1u)) >> 13));
+    }
+    if (a < 0x33000000u) return sign;  /* below 2^-25, half the smallest subnormal: rounds to zero */
+    {   /* a subnormal half: the value in units of 2^-24, rounded to nearest even */
+        uint32_t mant = (a & 0x7fffffu) | 0x800000u, s = 126u - (a >> 23);
+        uint32_t q = mant >> s, rem = mant & ((1u << s) - 1u), half = 1u << (s - 1u);
+        q += (rem > half || (rem == half && (q & 1u)));
+        return (uint16_t)(sign | q);
+    }
+}
+
+/* F16C (x86: vcvtph2ps / vcvtps2ph, eight lanes) where the CPU has it, picked at run time; the compiler
+   flags for it apply inside these functions only, so the module still loads on any x86-64. GCC 12 does
+   not vectorise _Float16 conversions in a target_clones clone, hence intrinsics. */
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#include <immintrin.h>
+#define FE_HAVE_F16C 1
+#define FE_F16C_FN __attribute__((target("avx,f16c")))
+FE_F16C_FN static inline __m256 fe_f16c_load(const uint16_t *p, ptrdiff_t n) {
+    if (n >= 8) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    uint16_t tmp[8] = {0};
+    memcpy(tmp, p, (size_t)n * 2);
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)tmp));
+}
+FE_F16C_FN static inline void fe_f16c_store(uint16_t *p, __m256 x, ptrdiff_t n) {
+    __m128i h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    if (n >= 8) { _mm_storeu_si128((__m128i *)p, h); return; }
+    uint16_t tmp[8];
+    _mm_storeu_si128((__m128i *)tmp, h);
+    memcpy(p, tmp, (size_t)n * 2);
+}
+FE_F16C_FN static void fe_f16c_add_rows(uint16_t *FE_RESTRICT out, const uint16_t *FE_RESTRICT a,
+                                        const uint16_t *FE_RESTRICT b, ptrdiff_t n) {
+    for (ptrdiff_t d = 0; d < n; d += 8)
+        fe_f16c_store(out + d, _mm256_add_ps(fe_f16c_load(a + d, n - d), fe_f16c_load(b + d, n - d)), n - d);
+}
+FE_F16C_FN static void fe_f16c_add_into(uint16_t *FE_RESTRICT g, const uint16_t *FE_RESTRICT s, ptrdiff_t n) {
+    for (ptrdiff_t d = 0; d < n; d += 8)
+        fe_f16c_store(g + d, _mm256_add_ps(fe_f16c_load(g + d, n - d), fe_f16c_load(s + d, n - d)), n - d);
+}
+FE_F16C_FN static void fe_f16c_widen(float *FE_RESTRICT out, const uint16_t *FE_RESTRICT h, ptrdiff_t n) {
+    ptrdiff_t d = 0;
+    for (; d + 8 <= n; d += 8) _mm256_storeu_ps(out + d, fe_f16c_load(h + d, 8));
+    if (d < n) {
+        float tmp[8];
+        _mm256_storeu_ps(tmp, fe_f16c_load(h + d, n - d));
+        memcpy(out + d, tmp, (size_t)(n - d) * 4);
+    }
+}
+FE_F16C_FN static void fe_f16c_narrow(uint16_t *FE_RESTRICT h, const float *FE_RESTRICT f, ptrdiff_t n) {
+    ptrdiff_t d = 0;
+    for (; d + 8 <= n; d += 8) fe_f16c_store(h + d, _mm256_loadu_ps(f + d), 8);
+    if (d < n) {
+        float tmp[8] = {0};
+        memcpy(tmp, f + d, (size_t)(n - d) * 4);
+        fe_f16c_store(h + d, _mm256_loadu_ps(tmp), n - d);
+    }
+}
+/* 1: F16C; 0: the portable code. Set once at import (fe_f16_init) and by a private test hook. */
+static int fe_use_f16c = 0;
+#include <cpuid.h>
+/* CPUID leaf 1: F16C (ECX bit 29), AVX (28) and OSXSAVE (27), and the OS saving the YMM registers
+   (XCR0 bits 1-2); GCC and clang alike (clang's __builtin_cpu_supports may not know "f16c"). */
+static inline int fe_cpu_has_f16c(void) {
+    unsigned a, b, c, d, lo, hi;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    if (!(c & (1u << 29)) || !(c & (1u << 28)) || !(c & (1u << 27))) return 0;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return (lo & 6u) == 6u;
+}
+#else
+#define FE_HAVE_F16C 0
+static int fe_use_f16c = 0;
+static inline int fe_cpu_has_f16c(void) { return 0; }
+#endif
+
+static inline int fe_f16_init(void) { fe_use_f16c = fe_cpu_has_f16c(); return fe_use_f16c; }
+/* For the tests: 0 forces the portable code; 1 asks for F16C (granted only where the CPU has it). */
+static inline int fe_f16_set_hardware(int on) { fe_use_f16c = on && fe_cpu_has_f16c(); return fe_use_f16c; }
+static inline int fe_f16_hardware(void) { return fe_use_f16c; }
+
+/* The row operations of the kernels for each element type: out = a + b, and g += s (a scatter's add).
+   float64: in float64. 16-bit: widened to float32, added, rounded once per stored element; a scatter-add
+   thus rounds after each add, as torch's embedding_dense_backward does for half tables on CPU. */
+FE_CLONES static void fe_add_rows_f64(double *FE_RESTRICT out, const double *FE_RESTRICT a,
+                                      const double *FE_RESTRICT b, ptrdiff_t n) {
+    for (ptrdiff_t d = 0; d < n; d++) out[d] = a[d] + b[d];
+}
+FE_CLONES static void fe_add_into_f64(double *FE_RESTRICT g, const double *FE_RESTRICT s, ptrdiff_t n) {
+    for (ptrdiff_t d = 0; d < n; d++) g[d] += s[d];
+}
+FE_CLONES static void fe_add_rows_bf16(fe_bf16 *FE_RESTRICT out, const fe_bf16 *FE_RESTRICT a,
+                                       const fe_bf16 *FE_RESTRICT b, ptrdiff_t n) {
+    for (ptrdiff_t d = 0; d < n; d++)
+        out[d].bits = fe_float_to_bf16(fe_bf16_to_float(a[d].bits) + fe_bf16_to_float(b[d].bits));
+}
+FE_CLONES static void fe_add_into_bf16(fe_bf16 *FE_RESTRICT g, const fe_bf16 *FE_RESTRICT s, ptrdiff_t n) {
+    for (ptrdiff_t d = 0; d < n; d++)
+        g[d].bits = fe_float_to_bf16(fe_bf16_to_float(g[d].bits) + fe_bf16_to_float(s[d].bits));
+}
+FE_CLONES static void fe_widen_bf16(float *FE_RESTRICT out, const fe_bf16 *FE_RESTRICT h, ptrdiff_t n) {
+    for (ptrdiff_t d = 0; d < n; d++) out[d] = fe_bf16_to_float(h[d].bits);
+}
+FE_CLONES static void fe_narrow_bf16(fe_bf16 *FE_RESTRICT h, const float *FE_RESTRICT f, ptrdiff_t n) {
+    for (ptrdiff_t d = 0; d < n; d++) h[d].bits = fe_float_to_bf16(f[d]);
+}
+static void fe_add_rows_f16(fe_f16 *FE_RESTRICT out, const fe_f16 *FE_RESTRICT a, const fe_f16 *FE_RESTRICT b,
+                            ptrdiff_t n) {
+#if FE_HAVE_F16C
+    if (fe_use_f16c) { fe_f16c_add_rows((uint16_t *)out, (const uint16_t *)a, (const uint16_t *)b, n); return; }
+#endif
+    for (ptrdiff_t d = 0; d < n; d++)
+        out[d].bits = fe_float_to_f16_sw(fe_f16_to_float_sw(a[d].bits) + fe_f16_to_float_sw(b[d].bits));
+}
+static void fe_add_into_f16(fe_f16 *FE_RESTRICT g, const fe_f16 *FE_RESTRICT s, ptrdiff_t n) {
+#if FE_HAVE_F16C
+    if (fe_use_f16c) { fe_f16c_add_into((uint16_t *)g, (const uint16_t *)s, n); return; }
+#endif
+    for (ptrdiff_t d = 0; d < n; d++)
+        g[d].bits = fe_float_to_f16_sw(fe_f16_to_float_sw(g[d].bits) + fe_f16_to_float_sw(s[d].bits));
+}
+static void fe_widen_f16(float *FE_RESTRICT out, const fe_f16 *FE_RESTRICT h, ptrdiff_t n) {
+#if FE_HAVE_F16C
+    if (fe_use_f16c) { fe_f16c_widen(out, (const uint16_t *)h, n); return; }
+#endif
+    for (ptrdiff_t d = 0; d < n; d++) out[d] = fe_f16_to_float_sw(h[d].bits);
+}
+static void fe_narrow_f16(fe_f16 *FE_RESTRICT h, const float *FE_RESTRICT f, ptrdiff_t n) {
+#if FE_HAVE_F16C
+    if (fe_use_f16c) { fe_f16c_narrow((uint16_t *)h, f, n); return; }
+#endif
+    for (ptrdiff_t d = 0; d < n; d++) h[d].bits = fe_float_to_f16_sw(f[d]);
 }
 
 #if defined(__GNUC__) || defined(__clang__)

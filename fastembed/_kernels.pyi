@@ -1,41 +1,52 @@
 """Type stubs for the compiled module fastembed/_kernels.pyx.
 
 The `def` entry points check every input themselves: tables and gradients must be
-float32 ndarrays (never cast), ids native int32 or int64 ndarrays (fastembed.ops
+ndarrays, never cast: float32, float64, float16 or bfloat16 (ml_dtypes.bfloat16) for
+the lookups, scatters and coalesce (every element array of one call of the table's
+dtype; the private keyword `_format="bfloat16"` reads uint16 arrays as bfloat16
+bits), float32 for the optimizers; ids native int32 or int64 ndarrays (fastembed.ops
 converts other array-likes first), and positions None, an int start, or an int64
 array of ids.shape.
 
 The private test hooks (_get_serial_elements, _set_serial_elements, _last_call_threads,
-_last_call_released_gil) are left out on purpose: they are not API, and
+_last_call_released_gil, _f16_hardware, _narrow, _widen) are left out on purpose: they are not API, and
 tests/test_packaging.py compares only the public names with the module.
 """
 import numpy as np
 import numpy.typing as npt
 
 _Float32 = npt.NDArray[np.float32]
+# float32, float64, float16 or bfloat16 (a numpy dtype registered by ml_dtypes, which numpy's typing
+# cannot name); one call's element arrays share one dtype
+_Table = npt.NDArray[np.float32] | npt.NDArray[np.float64] | npt.NDArray[np.float16] | npt.NDArray[np.generic]
+_Format = str | None
 _Ids = npt.NDArray[np.int32] | npt.NDArray[np.int64]
 _Positions = int | npt.NDArray[np.int64] | None
 
 def openmp_enabled() -> bool: ...
 def get_num_threads() -> int: ...
 def set_num_threads(n: int) -> None: ...
-def gather(table: _Float32, ids: _Ids, out: _Float32 | None = None) -> _Float32: ...
+def gather(table: _Table, ids: _Ids, out: _Table | None = None, *, _format: _Format = None) -> _Table: ...
 def gather_add(
-    token_table: _Float32,
-    position_table: _Float32,
+    token_table: _Table,
+    position_table: _Table,
     ids: _Ids,
     positions: _Positions = None,
-    out: _Float32 | None = None,
-) -> _Float32: ...
-def scatter_add(grad_table: _Float32, ids: _Ids, grad_out: _Float32) -> None: ...
+    out: _Table | None = None,
+    *,
+    _format: _Format = None,
+) -> _Table: ...
+def scatter_add(grad_table: _Table, ids: _Ids, grad_out: _Table, *, _format: _Format = None) -> None: ...
 def gather_add_backward(
-    grad_hidden: _Float32,
+    grad_hidden: _Table,
     ids: _Ids,
-    token_grad: _Float32,
-    position_grad: _Float32,
+    token_grad: _Table,
+    position_grad: _Table,
     positions: _Positions = None,
+    *,
+    _format: _Format = None,
 ) -> None: ...
-def coalesce(ids: _Ids, grad_out: _Float32) -> tuple[npt.NDArray[np.int64], _Float32]: ...
+def coalesce(ids: _Ids, grad_out: _Table, *, _format: _Format = None) -> tuple[npt.NDArray[np.int64], _Table]: ...
 def sgd_step(
     weight: _Float32,
     grad: _Float32,

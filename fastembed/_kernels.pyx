@@ -19,12 +19,16 @@ thread settings and the checks are one copy shared by every family):
                 backward, coalesce)
   _optim.pxi    optimizer row updates (sgd_step, adagrad_step, rowwise_adagrad_step,
                 adam_step)
+
+The lookups, scatters and coalesce are written once over the fused type elem_t (float32,
+float64, and the 16-bit float16 and bfloat16, whose row functions in _fastembed.h sum in
+float32); the optimizers take float32 only.
 """
 cimport numpy as cnp
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from cython.parallel cimport prange
 from libc.math cimport sqrtf
-from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint16_t, uint64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy
 
@@ -50,10 +54,36 @@ cdef extern from "_fastembed.h" nogil:
     float fe_sum_squares(const float* g, Py_ssize_t n)
     void fe_scaled_row(float* w, const float* g, Py_ssize_t n, float lr, float std)
     void fe_prefetch_write(const void* p)
+    # The other element types of the lookup and scatter kernels (see _fastembed.h).
+    ctypedef struct fe_f16:
+        uint16_t bits
+    ctypedef struct fe_bf16:
+        uint16_t bits
+    void fe_add_rows_f64(double* out, const double* a, const double* b, Py_ssize_t n)
+    void fe_add_into_f64(double* g, const double* s, Py_ssize_t n)
+    void fe_add_rows_f16(fe_f16* out, const fe_f16* a, const fe_f16* b, Py_ssize_t n)
+    void fe_add_into_f16(fe_f16* g, const fe_f16* s, Py_ssize_t n)
+    void fe_widen_f16(float* out, const fe_f16* h, Py_ssize_t n)
+    void fe_narrow_f16(fe_f16* h, const float* f, Py_ssize_t n)
+    void fe_add_rows_bf16(fe_bf16* out, const fe_bf16* a, const fe_bf16* b, Py_ssize_t n)
+    void fe_add_into_bf16(fe_bf16* g, const fe_bf16* s, Py_ssize_t n)
+    void fe_widen_bf16(float* out, const fe_bf16* h, Py_ssize_t n)
+    void fe_narrow_bf16(fe_bf16* h, const float* f, Py_ssize_t n)
+    int fe_f16_init()
+    int fe_f16_set_hardware(int on)
+    int fe_f16_hardware()
 
 ctypedef fused index_t:
     int32_t
     int64_t
+
+# The element types of the lookup and scatter kernels' tables, one specialisation each (the float32 one
+# is the code these kernels had before the others came: the same loops and row functions).
+ctypedef fused elem_t:
+    float
+    double
+    fe_f16
+    fe_bf16
 
 cdef enum:
     # Below this many float32 elements of work a call keeps the GIL and one thread:
@@ -84,24 +114,63 @@ include "_common.pxi"
 # have range-checked them all, but ids in memory that another process or thread shares can change in
 # between. A changed id is skipped and counted, never followed out of bounds; the entry point raises.
 
-cdef Py_ssize_t _gather_rows(const float* table, Py_ssize_t V, Py_ssize_t D, const index_t* ids,
-                             Py_ssize_t lo, Py_ssize_t hi, float* out) noexcept nogil:
+# Per element type: the row functions of _fastembed.h (float32's are the ones it always had) and the
+# prefetches. float64 adds in float64; the 16-bit types add in float32 and round once per stored element.
+
+cdef inline void _add_rows(elem_t* out, const elem_t* a, const elem_t* b, Py_ssize_t n) noexcept nogil:
+    if elem_t is float:
+        fe_add_rows(out, a, b, n)
+    elif elem_t is double:
+        fe_add_rows_f64(out, a, b, n)
+    elif elem_t is fe_f16:
+        fe_add_rows_f16(out, a, b, n)
+    else:
+        fe_add_rows_bf16(out, a, b, n)
+
+
+cdef inline void _add_into(elem_t* g, const elem_t* s, Py_ssize_t n) noexcept nogil:
+    if elem_t is float:
+        fe_add_into(g, s, n)
+    elif elem_t is double:
+        fe_add_into_f64(g, s, n)
+    elif elem_t is fe_f16:
+        fe_add_into_f16(g, s, n)
+    else:
+        fe_add_into_bf16(g, s, n)
+
+
+cdef inline void _prefetch_elems(const elem_t* row, Py_ssize_t D) noexcept nogil:
+    if elem_t is float:
+        _prefetch_row(row, D)
+    else:
+        _prefetch_bytes(<const char*>row, D * <Py_ssize_t>sizeof(elem_t), False)
+
+
+cdef inline void _prefetch_elems_write(elem_t* row, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    if elem_t is float:
+        _prefetch_row_write(row, c0, c1)
+    else:
+        _prefetch_bytes(<const char*>(row + c0), (c1 - c0) * <Py_ssize_t>sizeof(elem_t), True)
+
+
+cdef Py_ssize_t _gather_rows(const elem_t* table, Py_ssize_t V, Py_ssize_t D, const index_t* ids,
+                             Py_ssize_t lo, Py_ssize_t hi, elem_t* out) noexcept nogil:
     """out[i] = table[ids[i]] for i in [lo, hi); returns the number of ids found out of range."""
     cdef Py_ssize_t i, skipped = 0
     cdef int64_t r
     for i in range(lo, hi):
         if i + PREFETCH_ROWS < hi:
-            _prefetch_row(table + <Py_ssize_t>ids[i + PREFETCH_ROWS] * D, D)  # a prefetch never faults
+            _prefetch_elems(table + <Py_ssize_t>ids[i + PREFETCH_ROWS] * D, D)  # a prefetch never faults
         r = ids[i]
         if _outside(r, V):
             skipped += 1
             continue
-        memcpy(out + i * D, table + r * D, D * sizeof(float))
+        memcpy(out + i * D, table + r * D, D * sizeof(elem_t))
     return skipped
 
 
-cdef Py_ssize_t _gather(const float* table, Py_ssize_t V, Py_ssize_t D, const index_t* ids, Py_ssize_t N,
-                        float* out, int nthreads, int* team) noexcept nogil:
+cdef Py_ssize_t _gather(const elem_t* table, Py_ssize_t V, Py_ssize_t D, const index_t* ids, Py_ssize_t N,
+                        elem_t* out, int nthreads, int* team) noexcept nogil:
     cdef int k
     cdef Py_ssize_t lo, hi, skipped = 0
     team[0] = 1
@@ -116,15 +185,15 @@ cdef Py_ssize_t _gather(const float* table, Py_ssize_t V, Py_ssize_t D, const in
     return skipped
 
 
-cdef Py_ssize_t _gather_add_rows(const float* tok, Py_ssize_t V, const float* pos, Py_ssize_t P, Py_ssize_t D,
+cdef Py_ssize_t _gather_add_rows(const elem_t* tok, Py_ssize_t V, const elem_t* pos, Py_ssize_t P, Py_ssize_t D,
                                  const index_t* ids, const int64_t* pos_ids, Py_ssize_t start, Py_ssize_t T,
-                                 Py_ssize_t lo, Py_ssize_t hi, float* out) noexcept nogil:
+                                 Py_ssize_t lo, Py_ssize_t hi, elem_t* out) noexcept nogil:
     """out[i] = tok[ids[i]] + pos[p_i] for i in [lo, hi); p_i = pos_ids[i], or start + i % T."""
     cdef Py_ssize_t i, skipped = 0, t = lo % T if T > 0 else 0
     cdef int64_t r, p
     for i in range(lo, hi):
         if i + PREFETCH_ROWS < hi:
-            _prefetch_row(tok + <Py_ssize_t>ids[i + PREFETCH_ROWS] * D, D)
+            _prefetch_elems(tok + <Py_ssize_t>ids[i + PREFETCH_ROWS] * D, D)
         r = ids[i]
         p = pos_ids[i] if pos_ids != NULL else start + t
         t += 1
@@ -133,13 +202,13 @@ cdef Py_ssize_t _gather_add_rows(const float* tok, Py_ssize_t V, const float* po
         if _outside(r, V) or _outside(p, P):
             skipped += 1
             continue
-        fe_add_rows(out + i * D, tok + r * D, pos + p * D, D)
+        _add_rows(out + i * D, tok + r * D, pos + p * D, D)
     return skipped
 
 
-cdef Py_ssize_t _gather_add(const float* tok, Py_ssize_t V, const float* pos, Py_ssize_t P, Py_ssize_t D,
+cdef Py_ssize_t _gather_add(const elem_t* tok, Py_ssize_t V, const elem_t* pos, Py_ssize_t P, Py_ssize_t D,
                             const index_t* ids, const int64_t* pos_ids, Py_ssize_t start, Py_ssize_t T,
-                            Py_ssize_t N, float* out, int nthreads, int* team) noexcept nogil:
+                            Py_ssize_t N, elem_t* out, int nthreads, int* team) noexcept nogil:
     cdef int k
     cdef Py_ssize_t lo, hi, skipped = 0
     team[0] = 1
@@ -162,17 +231,25 @@ cdef enum:
     ROW_SGD_FMA = 2
 
 
-cdef inline void _row_op(int op, float* dst, const float* src, Py_ssize_t n, float lr) noexcept nogil:
-    if op == ROW_ADD:
-        fe_add_into(dst, src, n)
-    elif op == ROW_SGD:
-        fe_sgd_row(dst, src, n, lr)
+cdef inline void _row_op(int op, elem_t* dst, const elem_t* src, Py_ssize_t n, float lr) noexcept nogil:
+    if elem_t is float:
+        if op == ROW_ADD:
+            fe_add_into(dst, src, n)
+        elif op == ROW_SGD:
+            fe_sgd_row(dst, src, n, lr)
+        else:
+            fe_sgd_row_fma(dst, src, n, lr)
     else:
-        fe_sgd_row_fma(dst, src, n, lr)
+        _add_into(dst, src, n)  # only scatter_add comes here (sgd_scatter takes float32 only)
 
 
-cdef Py_ssize_t _scatter_cols(float* grad, Py_ssize_t V, Py_ssize_t D, const index_t* ids, Py_ssize_t N,
-                              const float* src, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t w0,
+cdef inline Py_ssize_t _block_of(elem_t* p) noexcept nogil:
+    """Elements per 128-byte column block (p only picks the type)."""
+    return COLUMN_BLOCK * sizeof(float) // sizeof(elem_t)
+
+
+cdef Py_ssize_t _scatter_cols(elem_t* grad, Py_ssize_t V, Py_ssize_t D, const index_t* ids, Py_ssize_t N,
+                              const elem_t* src, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t w0,
                               int op, float lr) noexcept nogil:
     """grad[ids[i], c0:c1] (and w0:D) += src[i, same columns] (or -= lr * src[...], by op), i in order
     (the order of np.add.at)."""
@@ -180,7 +257,7 @@ cdef Py_ssize_t _scatter_cols(float* grad, Py_ssize_t V, Py_ssize_t D, const ind
     cdef int64_t r
     for i in range(N):
         if i + PREFETCH_ROWS < N:
-            _prefetch_row_write(grad + <Py_ssize_t>ids[i + PREFETCH_ROWS] * D, c0, c1)
+            _prefetch_elems_write(grad + <Py_ssize_t>ids[i + PREFETCH_ROWS] * D, c0, c1)
         r = ids[i]
         if _outside(r, V):
             skipped += 1
@@ -191,18 +268,18 @@ cdef Py_ssize_t _scatter_cols(float* grad, Py_ssize_t V, Py_ssize_t D, const ind
     return skipped
 
 
-cdef Py_ssize_t _backward_cols(float* tok_grad, Py_ssize_t V, float* pos_grad, Py_ssize_t P, Py_ssize_t D,
+cdef Py_ssize_t _backward_cols(elem_t* tok_grad, Py_ssize_t V, elem_t* pos_grad, Py_ssize_t P, Py_ssize_t D,
                                const index_t* ids, const int64_t* pos_ids, Py_ssize_t start, Py_ssize_t T,
-                               Py_ssize_t N, const float* src, Py_ssize_t c0, Py_ssize_t c1,
+                               Py_ssize_t N, const elem_t* src, Py_ssize_t c0, Py_ssize_t c1,
                                Py_ssize_t w0, Py_ssize_t p_lo, Py_ssize_t p_hi) noexcept nogil:
     """Both halves of the fused backward in one read of src: tok_grad[ids[i], columns [c0, c1) and [w0, D)]
     += src[i, same columns], and pos_grad[p_i] += src[i] for the position rows p_i in [p_lo, p_hi)."""
     cdef Py_ssize_t i, skipped = 0, t = 0
     cdef int64_t r, p
-    cdef const float* s
+    cdef const elem_t* s
     for i in range(N):
         if i + PREFETCH_ROWS < N:
-            _prefetch_row_write(tok_grad + <Py_ssize_t>ids[i + PREFETCH_ROWS] * D, c0, c1)
+            _prefetch_elems_write(tok_grad + <Py_ssize_t>ids[i + PREFETCH_ROWS] * D, c0, c1)
         r = ids[i]
         p = pos_ids[i] if pos_ids != NULL else start + t
         t += 1
@@ -212,83 +289,125 @@ cdef Py_ssize_t _backward_cols(float* tok_grad, Py_ssize_t V, float* pos_grad, P
             skipped += 1
             continue
         s = src + i * D
-        fe_add_into(tok_grad + r * D + c0, s + c0, c1 - c0)
+        _add_into(tok_grad + r * D + c0, s + c0, c1 - c0)
         if w0 < D:
-            fe_add_into(tok_grad + r * D + w0, s + w0, D - w0)
+            _add_into(tok_grad + r * D + w0, s + w0, D - w0)
         if p_lo <= p < p_hi:
-            fe_add_into(pos_grad + p * D, s, D)
+            _add_into(pos_grad + p * D, s, D)
     return skipped
 
 
-cdef Py_ssize_t _scatter_add(float* grad, Py_ssize_t V, Py_ssize_t D, const index_t* ids, Py_ssize_t N,
-                             const float* src, int op, float lr, int nthreads, int* team) noexcept nogil:
+cdef Py_ssize_t _scatter_add(elem_t* grad, Py_ssize_t V, Py_ssize_t D, const index_t* ids, Py_ssize_t N,
+                             const elem_t* src, int op, float lr, int nthreads, int* team) noexcept nogil:
     # Threads own columns, not ids: each element is summed by one thread in ids order,
     # so the result is bitwise the same for every thread count.
     cdef int k
-    cdef Py_ssize_t c0, c1, w0, skipped = 0, phase = _phase(grad)
+    cdef Py_ssize_t block = _block_of(grad)
+    cdef Py_ssize_t c0, c1, w0, skipped = 0, phase = _phase_of(grad, sizeof(elem_t))
     team[0] = 1
     if nthreads <= 1:
         return _scatter_cols(grad, V, D, ids, N, src, 0, D, D, op, lr)
     for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
         if k == 0:
             team[0] = fe_omp_team_size()
-        c0 = _col_start(D, phase, k, nthreads)
-        c1 = _col_end(D, phase, k, nthreads)
-        w0 = _col_wrap(D, phase, k, nthreads)
+        c0 = _col_start_of(D, phase, k, nthreads, block)
+        c1 = _col_end_of(D, phase, k, nthreads, block)
+        w0 = _col_wrap_of(D, phase, k, nthreads, block)
         skipped += _scatter_cols(grad, V, D, ids, N, src, c0, c1, w0, op, lr)
     return skipped
 
 
-cdef Py_ssize_t _gather_add_backward(float* tok_grad, Py_ssize_t V, float* pos_grad, Py_ssize_t P, Py_ssize_t D,
+cdef Py_ssize_t _gather_add_backward(elem_t* tok_grad, Py_ssize_t V, elem_t* pos_grad, Py_ssize_t P, Py_ssize_t D,
                                      const index_t* ids, const int64_t* pos_ids, Py_ssize_t start, Py_ssize_t T,
-                                     Py_ssize_t N, const float* src, int nthreads, int* team) noexcept nogil:
+                                     Py_ssize_t N, const elem_t* src, int nthreads, int* team) noexcept nogil:
     # The token table is split by columns (its rows come in random order); the position table, whose
     # rows come in sequence, by rows: split by columns, both threads would stream through the same lines.
     cdef int k
-    cdef Py_ssize_t c0, c1, w0, skipped = 0, phase = _phase(tok_grad)
+    cdef Py_ssize_t block = _block_of(tok_grad)
+    cdef Py_ssize_t c0, c1, w0, skipped = 0, phase = _phase_of(tok_grad, sizeof(elem_t))
     team[0] = 1
     if nthreads <= 1:
         return _backward_cols(tok_grad, V, pos_grad, P, D, ids, pos_ids, start, T, N, src, 0, D, D, 0, P)
     for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
         if k == 0:
             team[0] = fe_omp_team_size()
-        c0 = _col_start(D, phase, k, nthreads)
-        c1 = _col_end(D, phase, k, nthreads)
-        w0 = _col_wrap(D, phase, k, nthreads)
+        c0 = _col_start_of(D, phase, k, nthreads, block)
+        c1 = _col_end_of(D, phase, k, nthreads, block)
+        w0 = _col_wrap_of(D, phase, k, nthreads, block)
         skipped += _backward_cols(tok_grad, V, pos_grad, P, D, ids, pos_ids, start, T, N, src, c0, c1, w0,
                                   _part(P, k, nthreads), _part(P, k + 1, nthreads))
     return skipped
 
 
 # Small calls keep the GIL (releasing it costs about 90 ns, a seed-shape call's whole loop);
-# these dispatchers pick the id width so each entry point calls one of them once.
+# these dispatchers pick the id width (and, for the lookups and scatters, the element type) so that
+# each entry point calls one of them once.
 
-cdef Py_ssize_t _gather_any(const float* table, Py_ssize_t V, Py_ssize_t D, const void* ids, bint wide,
-                            Py_ssize_t N, float* out, int nthreads, int* team) noexcept nogil:
+cdef Py_ssize_t _gather_ids(const elem_t* table, Py_ssize_t V, Py_ssize_t D, const void* ids, bint wide,
+                            Py_ssize_t N, elem_t* out, int nthreads, int* team) noexcept nogil:
     if wide:
         return _gather(table, V, D, <const int64_t*>ids, N, out, nthreads, team)
     return _gather(table, V, D, <const int32_t*>ids, N, out, nthreads, team)
 
 
-cdef Py_ssize_t _gather_add_any(const float* tok, Py_ssize_t V, const float* pos, Py_ssize_t P, Py_ssize_t D,
+cdef Py_ssize_t _gather_any(const void* table, Py_ssize_t V, Py_ssize_t D, const void* ids, bint wide,
+                            Py_ssize_t N, void* out, int fmt, int nthreads, int* team) noexcept nogil:
+    if fmt == FMT_F32:
+        return _gather_ids(<const float*>table, V, D, ids, wide, N, <float*>out, nthreads, team)
+    if fmt == FMT_F64:
+        return _gather_ids(<const double*>table, V, D, ids, wide, N, <double*>out, nthreads, team)
+    # A gather is a row copy: one 16-bit specialisation serves float16 and bfloat16.
+    return _gather_ids(<const fe_f16*>table, V, D, ids, wide, N, <fe_f16*>out, nthreads, team)
+
+
+cdef Py_ssize_t _gather_add_ids(const elem_t* tok, Py_ssize_t V, const elem_t* pos, Py_ssize_t P, Py_ssize_t D,
                                 const void* ids, bint wide, const int64_t* pos_ids, Py_ssize_t start,
-                                Py_ssize_t T, Py_ssize_t N, float* out, int nthreads, int* team) noexcept nogil:
+                                Py_ssize_t T, Py_ssize_t N, elem_t* out, int nthreads, int* team) noexcept nogil:
     if wide:
         return _gather_add(tok, V, pos, P, D, <const int64_t*>ids, pos_ids, start, T, N, out, nthreads, team)
     return _gather_add(tok, V, pos, P, D, <const int32_t*>ids, pos_ids, start, T, N, out, nthreads, team)
 
 
-cdef Py_ssize_t _scatter_add_any(float* grad, Py_ssize_t V, Py_ssize_t D, const void* ids, bint wide,
-                                 Py_ssize_t N, const float* src, int op, float lr, int nthreads,
+cdef Py_ssize_t _gather_add_any(const void* tok, Py_ssize_t V, const void* pos, Py_ssize_t P, Py_ssize_t D,
+                                const void* ids, bint wide, const int64_t* pos_ids, Py_ssize_t start,
+                                Py_ssize_t T, Py_ssize_t N, void* out, int fmt, int nthreads,
+                                int* team) noexcept nogil:
+    if fmt == FMT_F32:
+        return _gather_add_ids(<const float*>tok, V, <const float*>pos, P, D, ids, wide, pos_ids, start, T, N,
+                               <float*>out, nthreads, team)
+    if fmt == FMT_F64:
+        return _gather_add_ids(<const double*>tok, V, <const double*>pos, P, D, ids, wide, pos_ids, start, T, N,
+                               <double*>out, nthreads, team)
+    if fmt == FMT_F16:
+        return _gather_add_ids(<const fe_f16*>tok, V, <const fe_f16*>pos, P, D, ids, wide, pos_ids, start, T, N,
+                               <fe_f16*>out, nthreads, team)
+    return _gather_add_ids(<const fe_bf16*>tok, V, <const fe_bf16*>pos, P, D, ids, wide, pos_ids, start, T, N,
+                           <fe_bf16*>out, nthreads, team)
+
+
+cdef Py_ssize_t _scatter_add_ids(elem_t* grad, Py_ssize_t V, Py_ssize_t D, const void* ids, bint wide,
+                                 Py_ssize_t N, const elem_t* src, int op, float lr, int nthreads,
                                  int* team) noexcept nogil:
     if wide:
         return _scatter_add(grad, V, D, <const int64_t*>ids, N, src, op, lr, nthreads, team)
     return _scatter_add(grad, V, D, <const int32_t*>ids, N, src, op, lr, nthreads, team)
 
 
-cdef Py_ssize_t _gather_add_backward_any(float* tok_grad, Py_ssize_t V, float* pos_grad, Py_ssize_t P,
+cdef Py_ssize_t _scatter_add_any(void* grad, Py_ssize_t V, Py_ssize_t D, const void* ids, bint wide,
+                                 Py_ssize_t N, const void* src, int fmt, int op, float lr, int nthreads,
+                                 int* team) noexcept nogil:
+    if fmt == FMT_F32:
+        return _scatter_add_ids(<float*>grad, V, D, ids, wide, N, <const float*>src, op, lr, nthreads, team)
+    if fmt == FMT_F64:
+        return _scatter_add_ids(<double*>grad, V, D, ids, wide, N, <const double*>src, op, lr, nthreads, team)
+    if fmt == FMT_F16:
+        return _scatter_add_ids(<fe_f16*>grad, V, D, ids, wide, N, <const fe_f16*>src, op, lr, nthreads, team)
+    return _scatter_add_ids(<fe_bf16*>grad, V, D, ids, wide, N, <const fe_bf16*>src, op, lr, nthreads, team)
+
+
+cdef Py_ssize_t _gather_add_backward_ids(elem_t* tok_grad, Py_ssize_t V, elem_t* pos_grad, Py_ssize_t P,
                                          Py_ssize_t D, const void* ids, bint wide, const int64_t* pos_ids,
-                                         Py_ssize_t start, Py_ssize_t T, Py_ssize_t N, const float* src,
+                                         Py_ssize_t start, Py_ssize_t T, Py_ssize_t N, const elem_t* src,
                                          int nthreads, int* team) noexcept nogil:
     if wide:
         return _gather_add_backward(tok_grad, V, pos_grad, P, D, <const int64_t*>ids, pos_ids, start, T, N,
@@ -297,19 +416,47 @@ cdef Py_ssize_t _gather_add_backward_any(float* tok_grad, Py_ssize_t V, float* p
                                 src, nthreads, team)
 
 
+cdef Py_ssize_t _gather_add_backward_any(void* tok_grad, Py_ssize_t V, void* pos_grad, Py_ssize_t P,
+                                         Py_ssize_t D, const void* ids, bint wide, const int64_t* pos_ids,
+                                         Py_ssize_t start, Py_ssize_t T, Py_ssize_t N, const void* src,
+                                         int fmt, int nthreads, int* team) noexcept nogil:
+    if fmt == FMT_F32:
+        return _gather_add_backward_ids(<float*>tok_grad, V, <float*>pos_grad, P, D, ids, wide, pos_ids, start,
+                                        T, N, <const float*>src, nthreads, team)
+    if fmt == FMT_F64:
+        return _gather_add_backward_ids(<double*>tok_grad, V, <double*>pos_grad, P, D, ids, wide, pos_ids, start,
+                                        T, N, <const double*>src, nthreads, team)
+    if fmt == FMT_F16:
+        return _gather_add_backward_ids(<fe_f16*>tok_grad, V, <fe_f16*>pos_grad, P, D, ids, wide, pos_ids, start,
+                                        T, N, <const fe_f16*>src, nthreads, team)
+    return _gather_add_backward_ids(<fe_bf16*>tok_grad, V, <fe_bf16*>pos_grad, P, D, ids, wide, pos_ids, start,
+                                    T, N, <const fe_bf16*>src, nthreads, team)
+
+
+cdef inline int _column_threads_fmt(Py_ssize_t N, Py_ssize_t D, const void* table, int fmt) noexcept nogil:
+    if fmt == FMT_F32:
+        return _column_threads(N, D, <const float*>table)
+    return _column_threads_of(N, D, table, 8 if fmt == FMT_F64 else 2)
+
+
 # ---------------------------------------------------------------- entry points
 
-def gather(table, ids, out=None):
+# The lookups, scatters and coalesce take float32, float64, float16 or bfloat16 tables (bfloat16 as
+# ml_dtypes.bfloat16, or as uint16 bits with the private keyword `_format="bfloat16"`; see _common.pxi);
+# every array of one call that holds table elements has the table's dtype. The optimizers take float32.
+
+def gather(table, ids, out=None, *, _format=None):
     """out[...] = table[ids]: checked, then a row copy per id without the GIL."""
-    cdef cnp.ndarray tab = _table(table, "table")
+    cdef int fmt
+    cdef cnp.ndarray tab = _any_table(table, "table", _format_arg(_format), &fmt)
     cdef cnp.ndarray idx = _index_array(ids, "ids")
     cdef Py_ssize_t V = _rows(tab), D = _dim(tab), N = cnp.PyArray_SIZE(idx)
-    cdef cnp.ndarray res = _out_rows(out, idx, D)
+    cdef cnp.ndarray res = _out_rows_like(out, idx, D, tab, "table")
     if out is not None:
         _no_overlap(res, "out", (tab, ids), ("table", "ids"))
     _check_range(idx, "ids", V, "table")
-    cdef const float* t = <const float*>cnp.PyArray_DATA(tab)
-    cdef float* o = <float*>cnp.PyArray_DATA(res)
+    cdef const void* t = cnp.PyArray_DATA(tab)
+    cdef void* o = cnp.PyArray_DATA(res)
     cdef void* p = cnp.PyArray_DATA(idx)
     cdef bint wide = cnp.PyArray_ITEMSIZE(idx) == 8
     cdef int nthreads = _threads_for(N * D), team
@@ -317,18 +464,19 @@ def gather(table, ids, out=None):
     cdef Py_ssize_t skipped
     if release:
         with nogil:
-            skipped = _gather_any(t, V, D, p, wide, N, o, nthreads, &team)
+            skipped = _gather_any(t, V, D, p, wide, N, o, fmt, nthreads, &team)
     else:
-        skipped = _gather_any(t, V, D, p, wide, N, o, nthreads, &team)
+        skipped = _gather_any(t, V, D, p, wide, N, o, fmt, nthreads, &team)
     _record(team, release)
     _raise_if_skipped(skipped, "ids")
     return res
 
 
-def gather_add(token_table, position_table, ids, positions=None, out=None):
+def gather_add(token_table, position_table, ids, positions=None, out=None, *, _format=None):
     """out[...] = token_table[ids] + position_table[positions], fused in one pass."""
-    cdef cnp.ndarray tok = _table(token_table, "token_table")
-    cdef cnp.ndarray pos = _table(position_table, "position_table")
+    cdef int fmt
+    cdef cnp.ndarray tok = _any_table(token_table, "token_table", _format_arg(_format), &fmt)
+    cdef cnp.ndarray pos = _table_like(position_table, "position_table", tok, "token_table")
     cdef cnp.ndarray idx = _index_array(ids, "ids")
     cdef Py_ssize_t V = _rows(tok), P = _rows(pos), D = _dim(tok), N = cnp.PyArray_SIZE(idx)
     cdef Py_ssize_t T = _seq_len(idx)
@@ -337,16 +485,16 @@ def gather_add(token_table, position_table, ids, positions=None, out=None):
     cdef cnp.ndarray pos_arr = None
     if start < 0:
         pos_arr = _positions_array(positions, idx)
-    cdef cnp.ndarray res = _out_rows(out, idx, D)
+    cdef cnp.ndarray res = _out_rows_like(out, idx, D, tok, "token_table")
     if out is not None:
         _no_overlap(res, "out", (tok, pos, ids, positions),
                     ("token_table", "position_table", "ids", "positions"))
     _check_range(idx, "ids", V, "token_table")
     _check_positions(pos_arr, start, T, N, P, "position_table")
     cdef const int64_t* pp = NULL if pos_arr is None else <const int64_t*>cnp.PyArray_DATA(pos_arr)
-    cdef const float* tp = <const float*>cnp.PyArray_DATA(tok)
-    cdef const float* qp = <const float*>cnp.PyArray_DATA(pos)
-    cdef float* o = <float*>cnp.PyArray_DATA(res)
+    cdef const void* tp = cnp.PyArray_DATA(tok)
+    cdef const void* qp = cnp.PyArray_DATA(pos)
+    cdef void* o = cnp.PyArray_DATA(res)
     cdef void* ip = cnp.PyArray_DATA(idx)
     cdef bint wide = cnp.PyArray_ITEMSIZE(idx) == 8
     cdef int nthreads = _threads_for(N * D), team
@@ -354,58 +502,75 @@ def gather_add(token_table, position_table, ids, positions=None, out=None):
     cdef Py_ssize_t skipped
     if release:
         with nogil:
-            skipped = _gather_add_any(tp, V, qp, P, D, ip, wide, pp, start, T, N, o, nthreads, &team)
+            skipped = _gather_add_any(tp, V, qp, P, D, ip, wide, pp, start, T, N, o, fmt, nthreads, &team)
     else:
-        skipped = _gather_add_any(tp, V, qp, P, D, ip, wide, pp, start, T, N, o, nthreads, &team)
+        skipped = _gather_add_any(tp, V, qp, P, D, ip, wide, pp, start, T, N, o, fmt, nthreads, &team)
     _record(team, release)
     _raise_if_skipped(skipped, "ids or positions")
     return res
 
 
-def scatter_add(grad_table, ids, grad_out):
+def scatter_add(grad_table, ids, grad_out, *, _format=None):
     """grad_table[ids] += grad_out in place, duplicates summed in the row-major order of ids."""
-    _scatter(grad_table, ids, grad_out, "grad_table", ROW_ADD, 0.0, False)
+    _scatter_fmt(grad_table, ids, grad_out, "grad_table", ROW_ADD, 0.0, False, _format_arg(_format))
 
 
 cdef int _scatter(object target, object ids, object grad_out, str name, int op, double lr,
                   bint check_only) except -1:
-    """The checked scatter of scatter_add and sgd_scatter: every check, then (unless check_only) the
-    loop (threads own columns, so each element sees its updates in ids order whatever the thread count)."""
-    cdef cnp.ndarray grad = _target(target, name)
+    """The checked scatter of sgd_scatter (float32 only)."""
+    return _scatter_fmt(target, ids, grad_out, name, op, lr, check_only, FMT_BY_DTYPE)
+
+
+cdef int _scatter_fmt(object target, object ids, object grad_out, str name, int op, double lr,
+                      bint check_only, int forced) except -1:
+    """The checked scatter of scatter_add (any element format) and sgd_scatter (float32): every check,
+    then (unless check_only) the loop (threads own columns, so each element sees its updates in ids
+    order whatever the thread count)."""
+    cdef int fmt = FMT_F32
+    cdef cnp.ndarray grad
+    if op == ROW_ADD:
+        grad = _any_target(target, name, forced, &fmt)
+    else:
+        grad = _target(target, name)
     _check_2d(grad, name)
     cdef cnp.ndarray idx = _index_array(ids, "ids")
-    cdef cnp.ndarray src = _float_input(grad_out, "grad_out")
+    cdef cnp.ndarray src
+    if op == ROW_ADD:
+        src = _input_like(grad_out, "grad_out", grad, name)
+    else:
+        src = _float_input(grad_out, "grad_out")
     cdef Py_ssize_t V = _rows(grad), D = _dim(grad), N = cnp.PyArray_SIZE(idx)
     _check_rows_shape(src, "grad_out", idx, D)
     _no_overlap(grad, name, (ids, grad_out), ("ids", "grad_out"))
     _check_range(idx, "ids", V, name)
     if check_only:
         return 0
-    cdef float* g = <float*>cnp.PyArray_DATA(grad)
-    cdef const float* s = <const float*>cnp.PyArray_DATA(src)
+    cdef void* g = cnp.PyArray_DATA(grad)
+    cdef const void* s = cnp.PyArray_DATA(src)
     cdef void* ip = cnp.PyArray_DATA(idx)
     cdef bint wide = cnp.PyArray_ITEMSIZE(idx) == 8
-    cdef int nthreads = _column_threads(N, D, g), team
+    cdef int nthreads = _column_threads_fmt(N, D, g, fmt), team
     cdef bint release = _releases(N * D)
     cdef Py_ssize_t skipped
     if release:
         with nogil:
-            skipped = _scatter_add_any(g, V, D, ip, wide, N, s, op, <float>lr, nthreads, &team)
+            skipped = _scatter_add_any(g, V, D, ip, wide, N, s, fmt, op, <float>lr, nthreads, &team)
     else:
-        skipped = _scatter_add_any(g, V, D, ip, wide, N, s, op, <float>lr, nthreads, &team)
+        skipped = _scatter_add_any(g, V, D, ip, wide, N, s, fmt, op, <float>lr, nthreads, &team)
     _record(team, release)
     _raise_if_skipped(skipped, "ids")
     return 0
 
 
-def gather_add_backward(grad_hidden, ids, token_grad, position_grad, positions=None):
+def gather_add_backward(grad_hidden, ids, token_grad, position_grad, positions=None, *, _format=None):
     """token_grad[ids] += grad_hidden and position_grad[positions] += grad_hidden, in one pass."""
-    cdef cnp.ndarray tgrad = _target(token_grad, "token_grad")
-    cdef cnp.ndarray pgrad = _target(position_grad, "position_grad")
+    cdef int fmt
+    cdef cnp.ndarray tgrad = _any_target(token_grad, "token_grad", _format_arg(_format), &fmt)
+    cdef cnp.ndarray pgrad = _target_like(position_grad, "position_grad", tgrad, "token_grad")
     _check_2d(tgrad, "token_grad")
     _check_2d(pgrad, "position_grad")
     cdef cnp.ndarray idx = _index_array(ids, "ids")
-    cdef cnp.ndarray src = _float_input(grad_hidden, "grad_hidden")
+    cdef cnp.ndarray src = _input_like(grad_hidden, "grad_hidden", tgrad, "token_grad")
     cdef Py_ssize_t V = _rows(tgrad), P = _rows(pgrad), D = _dim(tgrad), N = cnp.PyArray_SIZE(idx)
     cdef Py_ssize_t T = _seq_len(idx)
     _check_same_dim(tgrad, "token_grad", pgrad, "position_grad")
@@ -420,19 +585,19 @@ def gather_add_backward(grad_hidden, ids, token_grad, position_grad, positions=N
     _check_range(idx, "ids", V, "token_grad")
     _check_positions(pos_arr, start, T, N, P, "position_grad")
     cdef const int64_t* pp = NULL if pos_arr is None else <const int64_t*>cnp.PyArray_DATA(pos_arr)
-    cdef float* tg = <float*>cnp.PyArray_DATA(tgrad)
-    cdef float* pg = <float*>cnp.PyArray_DATA(pgrad)
-    cdef const float* s = <const float*>cnp.PyArray_DATA(src)
+    cdef void* tg = cnp.PyArray_DATA(tgrad)
+    cdef void* pg = cnp.PyArray_DATA(pgrad)
+    cdef const void* s = cnp.PyArray_DATA(src)
     cdef void* ip = cnp.PyArray_DATA(idx)
     cdef bint wide = cnp.PyArray_ITEMSIZE(idx) == 8
-    cdef int nthreads = _column_threads(N, D, tg), team
+    cdef int nthreads = _column_threads_fmt(N, D, tg, fmt), team
     cdef bint release = _releases(N * D)
     cdef Py_ssize_t skipped
     if release:
         with nogil:
-            skipped = _gather_add_backward_any(tg, V, pg, P, D, ip, wide, pp, start, T, N, s, nthreads, &team)
+            skipped = _gather_add_backward_any(tg, V, pg, P, D, ip, wide, pp, start, T, N, s, fmt, nthreads, &team)
     else:
-        skipped = _gather_add_backward_any(tg, V, pg, P, D, ip, wide, pp, start, T, N, s, nthreads, &team)
+        skipped = _gather_add_backward_any(tg, V, pg, P, D, ip, wide, pp, start, T, N, s, fmt, nthreads, &team)
     _record(team, release)
     _raise_if_skipped(skipped, "ids or positions")
 
@@ -540,10 +705,28 @@ cdef tuple _unique_slots(cnp.ndarray idx, Py_ssize_t N, bint release):
     return rows_arr, slots
 
 
-def coalesce(ids, grad_out):
-    """(rows, values): the distinct ids in increasing order (int64) and grad_out summed per id (float32)."""
+cdef void _widen_any(const void* h, int fmt, float* f, Py_ssize_t n) noexcept nogil:
+    """f[k] = h[k] as float32 (exact), for the 16-bit formats."""
+    if fmt == FMT_F16:
+        fe_widen_f16(f, <const fe_f16*>h, n)
+    else:
+        fe_widen_bf16(f, <const fe_bf16*>h, n)
+
+
+cdef void _narrow_any(const float* f, int fmt, void* h, Py_ssize_t n) noexcept nogil:
+    """h[k] = f[k] rounded to nearest even, for the 16-bit formats."""
+    if fmt == FMT_F16:
+        fe_narrow_f16(<fe_f16*>h, f, n)
+    else:
+        fe_narrow_bf16(<fe_bf16*>h, f, n)
+
+
+def coalesce(ids, grad_out, *, _format=None):
+    """(rows, values): the distinct ids in increasing order (int64) and grad_out summed per id (values in
+    grad_out's dtype; float16 and bfloat16 rows are summed in float32 in ids order and rounded once)."""
+    cdef int fmt
     cdef cnp.ndarray idx = _index_array(ids, "ids")
-    cdef cnp.ndarray src = _float_input(grad_out, "grad_out")
+    cdef cnp.ndarray src = _any_input(grad_out, "grad_out", _format_arg(_format), &fmt)
     if cnp.PyArray_NDIM(src) != cnp.PyArray_NDIM(idx) + 1:
         raise ValueError(
             f"grad_out must have shape ids.shape + (D,), got ids.shape={_shape(idx)} and grad_out.shape={_shape(src)}"
@@ -553,20 +736,83 @@ def coalesce(ids, grad_out):
     cdef bint release = _releases(N * D)
     rows, slots = _unique_slots(idx, N, release)
     cdef Py_ssize_t U = len(rows)
-    cdef cnp.ndarray values = np.zeros((U, D), dtype=np.float32)
-    cdef float* vp = <float*>cnp.PyArray_DATA(values)
+    cdef bint half = fmt == FMT_F16 or fmt == FMT_BF16
+    cdef int acc_fmt = FMT_F64 if fmt == FMT_F64 else FMT_F32
+    cdef cnp.ndarray values, acc, wide_src = src
+    if fmt == FMT_F32:
+        values = acc = np.zeros((U, D), dtype=np.float32)
+    elif fmt == FMT_F64:
+        values = acc = np.zeros((U, D), dtype=np.float64)
+    else:
+        # float32 copies of grad_out and of the sums: each row's duplicates are summed in float32, in
+        # ids order, and rounded to the 16-bit type once at the end.
+        wide_src = np.empty((N, D), dtype=np.float32)
+        acc = np.zeros((U, D), dtype=np.float32)
+        values = np.empty((U, D), dtype=src.dtype)
+    cdef void* ap = cnp.PyArray_DATA(acc)
+    cdef void* vp = cnp.PyArray_DATA(values)
+    cdef const void* hp = cnp.PyArray_DATA(src)
+    cdef float* wp = <float*>cnp.PyArray_DATA(wide_src)
     cdef const int64_t* sp = <const int64_t*>cnp.PyArray_DATA(<cnp.ndarray>slots)
-    cdef const float* s = <const float*>cnp.PyArray_DATA(src)
-    cdef int nthreads = _column_threads(N, D, vp), team
+    cdef const void* s = cnp.PyArray_DATA(wide_src)
+    cdef int nthreads = _column_threads_fmt(N, D, ap, acc_fmt), team
     cdef Py_ssize_t skipped
     if release:
         with nogil:
-            skipped = _scatter_add(vp, U, D, sp, N, s, ROW_ADD, 0.0, nthreads, &team)
+            if half:
+                _widen_any(hp, fmt, wp, N * D)
+            skipped = _scatter_add_any(ap, U, D, sp, True, N, s, acc_fmt, ROW_ADD, 0.0, nthreads, &team)
+            if half:
+                _narrow_any(<const float*>ap, fmt, vp, U * D)
     else:
-        skipped = _scatter_add(vp, U, D, sp, N, s, ROW_ADD, 0.0, nthreads, &team)
+        if half:
+            _widen_any(hp, fmt, wp, N * D)
+        skipped = _scatter_add_any(ap, U, D, sp, True, N, s, acc_fmt, ROW_ADD, 0.0, nthreads, &team)
+        if half:
+            _narrow_any(<const float*>ap, fmt, vp, U * D)
     _record(team, release)
     _raise_if_skipped(skipped, "ids")
     return rows, values
+
+
+# ---------------------------------------------------------------- 16-bit conversions (private, for the tests)
+
+fe_f16_init()  # F16C where the CPU has it
+
+
+def _f16_hardware(on=None):
+    """Whether float16 rows are converted with F16C (True) or the portable code (False); on=False forces
+    the portable code, on=True goes back to F16C where the CPU has it. Process-wide; for tests only."""
+    if on is not None:
+        fe_f16_set_hardware(1 if on else 0)
+    return bool(fe_f16_hardware())
+
+
+cdef int _half_format(str name) except -1:
+    if name == "float16":
+        return FMT_F16
+    if name == "bfloat16":
+        return FMT_BF16
+    raise ValueError(f"format must be 'float16' or 'bfloat16', got {name!r}")
+
+
+def _narrow(values, str format):
+    """float32 values (1-D) to the bits (uint16) of float16 or bfloat16, with the row conversion that
+    coalesce uses (F16C or portable per _f16_hardware). For tests only."""
+    cdef int fmt = _half_format(format)
+    cdef cnp.ndarray f = _float_input(values, "values")
+    cdef cnp.ndarray h = np.empty(cnp.PyArray_SIZE(f), dtype=np.uint16)
+    _narrow_any(<const float*>cnp.PyArray_DATA(f), fmt, cnp.PyArray_DATA(h), cnp.PyArray_SIZE(f))
+    return h
+
+
+def _widen(bits, str format):
+    """The bits (uint16, 1-D) of float16 or bfloat16 values to float32, as coalesce widens them. For tests only."""
+    cdef int fmt = _half_format(format)
+    cdef cnp.ndarray h = np.ascontiguousarray(bits, dtype=np.uint16)
+    cdef cnp.ndarray f = np.empty(cnp.PyArray_SIZE(h), dtype=np.float32)
+    _widen_any(cnp.PyArray_DATA(h), fmt, <float*>cnp.PyArray_DATA(f), cnp.PyArray_SIZE(h))
+    return f
 
 
 # ---------------------------------------------------------------- optimizers

@@ -5,6 +5,25 @@ int64 arrays; positions become None, an int start, or an int64 array of
 ids.shape) and documents shapes. Every check of the values themselves (dtype of
 the tables, shapes, id ranges, aliasing) happens once, in `_kernels`, before the
 first write.
+
+Dtypes: `gather`, `gather_add`, `scatter_add`, `gather_add_backward` and `coalesce`
+take float32, float64, float16 or bfloat16 tables (bfloat16 as numpy arrays of
+``ml_dtypes.bfloat16``, the type jax and tensorflow use with numpy; fastembed does not
+import ml_dtypes, it recognises the dtype). Every other array of the call that holds
+table elements (the position table, ``out``, ``grad_out``, the gradient tables) must
+have the table's dtype: a mismatch is a TypeError naming both, never a cast. float64
+is computed in float64. float16 and bfloat16 are stored as 16 bits and summed in
+float32: `gather_add` rounds each ``token + position`` once; `scatter_add` and
+`gather_add_backward` round after each add into the gradient table (what torch's
+dense embedding backward does on CPU, bitwise); `coalesce` sums the duplicates of a
+row in float32 in ids order and rounds once. The optimizer kernels (`fastembed.optim`)
+take float32 only.
+
+A uint16 array is refused, never read as bfloat16. Private, for callers without
+ml_dtypes such as the torch adapter: the five kernels in `fastembed._kernels` take the
+keyword ``_format="bfloat16"``, under which every element array of the call must be a
+native uint16 array of bfloat16 bits (``tensor.view(torch.uint16).numpy()``; results
+are uint16 too); give them ids from `as_ids` and positions as these wrappers do.
 """
 import operator
 
@@ -104,19 +123,19 @@ def _as_positions(positions, ids, targets=(), names=()):
 
 
 def gather(table, ids, *, out=None):
-    """Rows of a table: ``table[ids]``.
+    """Rows of a table: ``table[ids]`` (a copy of the bits, in any dtype).
 
     Parameters
     ----------
-    table : ndarray of float32, shape (V, D), C-contiguous
+    table : ndarray of float32, float64, float16 or bfloat16, shape (V, D), C-contiguous
     ids : array-like of int, any shape (...)
         Row ids in [0, V). int32 and int64 arrays are used without a copy.
-    out : ndarray of float32, shape ids.shape + (D,), optional
+    out : ndarray of table's dtype, shape ids.shape + (D,), optional
         Written in place; must be C-contiguous, writeable, and share no memory with the inputs.
 
     Returns
     -------
-    ndarray of float32, shape ids.shape + (D,)
+    ndarray of table's dtype, shape ids.shape + (D,)
     """
     if type(ids) is not _ndarray or ids.dtype not in _NATIVE_IDS:
         ids = _converted_ids(ids, (out,), ("out",))
@@ -126,19 +145,21 @@ def gather(table, ids, *, out=None):
 def gather_add(token_table, position_table, ids, *, positions=None, out=None):
     """The book's first op, fused: ``token_table[ids] + position_table[positions]``.
 
+    float16 and bfloat16 rows are added in float32 and rounded once.
+
     Parameters
     ----------
-    token_table : ndarray of float32, shape (V, D), C-contiguous
-    position_table : ndarray of float32, shape (P, D), C-contiguous
+    token_table : ndarray of float32, float64, float16 or bfloat16, shape (V, D), C-contiguous
+    position_table : ndarray of token_table's dtype, shape (P, D), C-contiguous
     ids : array-like of int, any shape (..., T)
     positions : None, int, or array-like of int broadcastable to ids.shape
         None means ``arange(T)`` along the last axis of ids; an int ``s`` means
         ``s + arange(T)`` (a decode step at position s); an array is used as given.
-    out : ndarray of float32, shape ids.shape + (D,), optional
+    out : ndarray of token_table's dtype, shape ids.shape + (D,), optional
 
     Returns
     -------
-    ndarray of float32, shape ids.shape + (D,)
+    ndarray of token_table's dtype, shape ids.shape + (D,)
     """
     if type(ids) is not _ndarray or ids.dtype not in _NATIVE_IDS:
         ids = _converted_ids(ids, (out,), ("out",))
@@ -151,13 +172,15 @@ def scatter_add(grad_table, ids, grad_out):
     """Accumulate in place: ``grad_table[ids] += grad_out``, repeated ids summed.
 
     Duplicates are added in the row-major order of ids, as ``np.add.at`` does: the
-    result is bitwise the same on every run and for every thread count.
+    result is bitwise the same on every run and for every thread count. A float16 or
+    bfloat16 gradient is rounded after each add (each add in float32), as ``np.add.at``
+    on it and torch's dense embedding backward on CPU do.
 
     Parameters
     ----------
-    grad_table : ndarray of float32, shape (V, D), C-contiguous and writeable
+    grad_table : ndarray of float32, float64, float16 or bfloat16, shape (V, D), C-contiguous and writeable
     ids : array-like of int, any shape (...)
-    grad_out : ndarray of float32, shape ids.shape + (D,)
+    grad_out : ndarray of grad_table's dtype, shape ids.shape + (D,)
     """
     if type(ids) is not _ndarray or ids.dtype not in _NATIVE_IDS:
         ids = _converted_ids(ids, (grad_table,), ("grad_table",))
@@ -168,14 +191,15 @@ def gather_add_backward(grad_hidden, ids, token_grad, position_grad, *, position
     """Backward of `gather_add`, into both gradient tables in one pass over grad_hidden.
 
     ``token_grad[ids] += grad_hidden`` and ``position_grad[positions] += grad_hidden``,
-    duplicates summed in the row-major order of ids.
+    duplicates summed in the row-major order of ids (float16 and bfloat16 rounded
+    after each add, as in `scatter_add`).
 
     Parameters
     ----------
-    grad_hidden : ndarray of float32, shape ids.shape + (D,)
+    grad_hidden : ndarray of token_grad's dtype, shape ids.shape + (D,)
     ids : array-like of int, any shape (..., T)
-    token_grad : ndarray of float32, shape (V, D), C-contiguous and writeable
-    position_grad : ndarray of float32, shape (P, D), C-contiguous and writeable
+    token_grad : ndarray of float32, float64, float16 or bfloat16, shape (V, D), C-contiguous and writeable
+    position_grad : ndarray of token_grad's dtype, shape (P, D), C-contiguous and writeable
     positions : None, int, or array-like of int broadcastable to ids.shape
         As in `gather_add`.
     """
@@ -193,15 +217,17 @@ def coalesce(ids, grad_out):
     Parameters
     ----------
     ids : array-like of int >= 0, any shape (...)
-    grad_out : ndarray of float32, shape ids.shape + (D,)
+    grad_out : ndarray of float32, float64, float16 or bfloat16, shape ids.shape + (D,)
 
     Returns
     -------
     rows : ndarray of int64, shape (U,)
         The distinct ids, in increasing order.
-    values : ndarray of float32, shape (U, D)
+    values : ndarray of grad_out's dtype, shape (U, D)
         ``values[k]`` is the sum of grad_out over the positions where ids == rows[k],
-        added in the row-major order of ids (bitwise equal to ``np.add.at`` into zeros).
+        added in the row-major order of ids (float32 and float64: bitwise equal to
+        ``np.add.at`` into zeros). float16 and bfloat16 rows are summed in float32 and
+        rounded once (a float32 copy of grad_out is made for it).
     """
     if type(ids) is not _ndarray or ids.dtype not in _NATIVE_IDS:
         ids = as_ids(ids)

@@ -75,6 +75,7 @@ OPS, NN, OPTIM, REF, TORCH = ("fastembed/ops.py", "fastembed/nn.py", "fastembed/
 ERRORS, KERNELS = "tests/test_errors.py", "tests/test_kernels.py"
 NN_OPTIM, H_OPTIM = "tests/test_nn_optim.py", "tests/test_hardening_optim.py"
 THREADED = "tests/test_threaded_paths.py"  # issue 12, item 3: the observable threaded path
+DTYPES = "tests/test_dtypes.py"  # issue 10, item 1: the table dtypes
 ORACLES = "tests/test_optim_oracles.py"  # issue 12, item 2: the optimizers against transcriptions
 FUSED = "tests/test_fused.py"  # issue 9, item 3: the fused rules and layers
 TORCH_OPTIM, T_OPTIM = "fastembed/torch/optim.py", "tests/test_torch_optim.py"  # issue 9, item 2
@@ -130,11 +131,12 @@ MUTANTS = [
            (ERRORS, "-k", "coalesce_negative_id")),
     # ---------------------------------------------------------------- kernels: loops
     Mutant("gather-memcpy-bytes", PYX,
-           "memcpy(out + i * D, table + r * D, D * sizeof(float))", "memcpy(out + i * D, table + r * D, D)",
+           "memcpy(out + i * D, table + r * D, D * sizeof(elem_t))", "memcpy(out + i * D, table + r * D, D)",
            "gather copies D bytes per row instead of D floats",
            (KERNELS, "-k", "gather_matches_numpy_indexing")),
     Mutant("add-into-assigns", HDR,
-           "g[d] += s[d];", "g[d] = s[d];",
+           "const float *FE_RESTRICT s, ptrdiff_t n) {\n    for (ptrdiff_t d = 0; d < n; d++) g[d] += s[d];",
+           "const float *FE_RESTRICT s, ptrdiff_t n) {\n    for (ptrdiff_t d = 0; d < n; d++) g[d] = s[d];",
            "the scatter inner loop assigns instead of adding: repeated ids and earlier gradients are lost",
            (KERNELS, "-k", "scatter_add_matches_add_at or duplicates_are_summed"), quick=True),
     Mutant("coalesce-rank-counts-itself", PYX,
@@ -170,10 +172,10 @@ MUTANTS = [
     Mutant("gather-add-start-plus-one", PYX,
            "        p = pos_ids[i] if pos_ids != NULL else start + t\n        t += 1\n        if t == T:\n"
            "            t = 0\n        if _outside(r, V) or _outside(p, P):\n            skipped += 1\n"
-           "            continue\n        fe_add_rows(",
+           "            continue\n        _add_rows(",
            "        p = pos_ids[i] if pos_ids != NULL else start + t + 1\n        t += 1\n        if t == T:\n"
            "            t = 0\n        if _outside(r, V) or _outside(p, P):\n            skipped += 1\n"
-           "            continue\n        fe_add_rows(",
+           "            continue\n        _add_rows(",
            "gather_add reads position start + t + 1 (off by one) when positions is None or an int",
            (KERNELS, "-k", "gather_add_matches_numpy or positions_semantics")),
     # ---------------------------------------------------------------- kernels: the threaded path
@@ -199,11 +201,11 @@ MUTANTS = [
            "a thread's column range ends one 128-byte block early: those gradient columns are never summed",
            (KERNELS, "-k", "threaded_path"), threads=True),
     Mutant("col-wrap-every-thread", COMMON,
-           "    if k == 0 and _wraps(D, phase):", "    if _wraps(D, phase):",
+           "    if k == 0 and _wraps_of(D, phase, block):", "    if _wraps_of(D, phase, block):",
            "every thread, not only block 0's owner, adds the columns that wrap into the next row",
            (KERNELS, "-k", "threaded_path"), threads=True),
     Mutant("backward-skips-wrap-columns", PYX,
-           "        if w0 < D:\n            fe_add_into(tok_grad + r * D + w0, s + w0, D - w0)",
+           "        if w0 < D:\n            _add_into(tok_grad + r * D + w0, s + w0, D - w0)",
            "        if w0 < D:\n            pass",
            "the fused backward skips the token-gradient columns that wrap into the next row",
            (KERNELS, "-k", "threaded_path"), threads=True),
@@ -420,8 +422,8 @@ MUTANTS = [
            "the fma row computes neg * g + w with two roundings (contraction is off in the build)",
            ("tests/test_sgd_scatter.py",)),
     Mutant("sgd-scatter-adds", PYX,
-           "    elif op == ROW_SGD:\n        fe_sgd_row(dst, src, n, lr)",
-           "    elif op == ROW_SGD:\n        fe_add_into(dst, src, n)",
+           "        elif op == ROW_SGD:\n            fe_sgd_row(dst, src, n, lr)",
+           "        elif op == ROW_SGD:\n            fe_add_into(dst, src, n)",
            "sgd_scatter (numpy rounding) adds the gradient instead of stepping against it",
            ("tests/test_sgd_scatter.py", "-k", "ids_order")),
     Mutant("sgd-scatter-negative-lr-accepted", OPTIM_PXI,
@@ -430,7 +432,7 @@ MUTANTS = [
            "sgd_scatter accepts a negative lr and moves the table uphill",
            ("tests/test_sgd_scatter.py", "-k", "bad_input")),
     Mutant("sgd-scatter-check-only-writes", PYX,
-           "    if check_only:\n        return 0\n    cdef float* g =", "    cdef float* g =",
+           "    if check_only:\n        return 0\n    cdef void* g =", "    cdef void* g =",
            "sgd_scatter(check_only=True) runs its loop: a two-table fused layer moves one table before "
            "checking the other",
            ("tests/test_sgd_scatter.py", "-k", "check_only")),
@@ -646,6 +648,60 @@ MUTANTS = [
            "    return token_position(position_gg, token_gg, ids, positions, ctx.start), None, None, None, None, None",
            "the token+position double backward looks the tables' grad-grads up in each other's places",
            (T_COMPILE, "-k", "token_position_double or opcheck")),
+
+    # ---------------------------------------------------------------- issue 10, item 1: table dtypes
+    Mutant("bf16-round-truncates", HDR,
+           "uint16_t r = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);", "uint16_t r = (uint16_t)(u >> 16);",
+           "float -> bfloat16 truncates instead of rounding to nearest even",
+           (DTYPES, "-k", "bfloat16_narrow")),
+    Mutant("bf16-ties-away", HDR,
+           "uint16_t r = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);", "uint16_t r = (uint16_t)((u + 0x8000u) >> 16);",
+           "float -> bfloat16 rounds ties away from zero, not to even",
+           (DTYPES, "-k", "bfloat16_narrow")),
+    Mutant("bf16-nan-unguarded", HDR,
+           "    return (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)0x7fc0 : r;", "    return r;",
+           "float -> bfloat16 rounds NaNs like numbers: a NaN with only low payload bits becomes inf",
+           (DTYPES, "-k", "bfloat16_narrow")),
+    Mutant("f16-portable-truncates", HDR,
+           "        return (uint16_t)(sign | ((r + 0xfffu + ((r >> 13) & 1u)) >> 13));",
+           "        return (uint16_t)(sign | (r >> 13));",
+           "the portable float -> float16 conversion truncates normal values",
+           (DTYPES, "-k", "float16_narrow")),
+    Mutant("f16-portable-flushes-subnormals", HDR,
+           "    if (a < 0x33000000u) return sign;", "    if (a < 0x38800000u) return sign;",
+           "the portable float -> float16 conversion flushes float16 subnormals to zero",
+           (DTYPES, "-k", "float16_narrow")),
+    Mutant("f16c-tail-dropped", HDR,
+           "    _mm_storeu_si128((__m128i *)tmp, h);\n    memcpy(p, tmp, (size_t)n * 2);",
+           "    _mm_storeu_si128((__m128i *)tmp, h);",
+           "F16C rows store nothing for the last D % 8 columns",
+           (DTYPES, "-k", "gather_add_rounds_once and float16")),
+    Mutant("f16c-rounds-toward-zero", HDR,
+           "_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)",
+           "_mm256_cvtps_ph(x, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC)",
+           "the F16C float -> float16 conversion truncates (rounding mode toward zero); needs a CPU with F16C",
+           (DTYPES, "-k", "float16_narrow")),
+    Mutant("f64-adds-in-float32", HDR,
+           "const double *FE_RESTRICT s, ptrdiff_t n) {\n    for (ptrdiff_t d = 0; d < n; d++) g[d] += s[d];",
+           "const double *FE_RESTRICT s, ptrdiff_t n) {\n    for (ptrdiff_t d = 0; d < n; d++) g[d] = (float)g[d] + (float)s[d];",
+           "the float64 scatter-add accumulates in float32",
+           (DTYPES, "-k", "scatter_add_rounds_each_add and float64")),
+    Mutant("half-coalesce-rounds-each-add", PYX,
+           "    cdef bint half = fmt == FMT_F16 or fmt == FMT_BF16\n"
+           "    cdef int acc_fmt = FMT_F64 if fmt == FMT_F64 else FMT_F32\n",
+           "    cdef bint half = False\n    cdef int acc_fmt = fmt\n",
+           "coalesce sums float16 and bfloat16 rows in their own type (rounded after each add, not once)",
+           (DTYPES, "-k", "coalesce_sums_in_float32")),
+    Mutant("uint16-taken-as-bf16", COMMON,
+           '        if t >= NPY_USERDEF and cnp.PyArray_ITEMSIZE(arr) == 2 and arr.dtype.name == "bfloat16":',
+           '        if t == cnp.NPY_UINT16 or (t >= NPY_USERDEF and arr.dtype.name == "bfloat16"):',
+           "a uint16 array is silently read as bfloat16",
+           (DTYPES, "-k", "refused_dtypes")),
+    Mutant("dtype-match-by-size", COMMON,
+           "    if cnp.PyArray_TYPE(arr) != cnp.PyArray_TYPE(ref) or not cnp.PyArray_ISNOTSWAPPED(arr):",
+           "    if cnp.PyArray_ITEMSIZE(arr) != cnp.PyArray_ITEMSIZE(ref) or not cnp.PyArray_ISNOTSWAPPED(arr):",
+           "the arrays of a call are matched by element size: float16 out for a bfloat16 table is accepted",
+           (DTYPES, "-k", "mismatched_dtypes")),
 ]
 
 

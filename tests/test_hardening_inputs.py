@@ -68,8 +68,9 @@ def same_floats(actual, expected):
     expected = np.asarray(expected)
     if actual.shape != expected.shape or actual.dtype != expected.dtype:
         return False
-    a = np.ascontiguousarray(actual).view(np.uint32)
-    e = np.ascontiguousarray(expected).view(np.uint32)
+    bits = np.dtype(f"u{actual.dtype.itemsize}")
+    a = np.ascontiguousarray(actual).view(bits)
+    e = np.ascontiguousarray(expected).view(bits)
     return bool(np.all((a == e) | (np.isnan(actual) & np.isnan(expected))))
 
 
@@ -135,21 +136,37 @@ def is_f32(a):
     return isinstance(a, np.ndarray) and a.dtype == F32
 
 
-def check_table(call, name, a):
-    """A table read by the call: float32 (TypeError), 2-D, C-contiguous and aligned (ValueError)."""
-    if not is_f32(a):
-        call.expect(TypeError, f"{name} is not a native float32 array")
+# The lookup and scatter kernels take tables of these dtypes (and bfloat16: tests/test_dtypes.py); the
+# other arrays of a call that hold table elements must have the table's dtype. The layers take float32.
+ELEM_DTYPES = (F32, np.dtype(np.float64), np.dtype(np.float16))
+ANY = "any"  # as `ref` below: the first table of a kernel call, which may have any of ELEM_DTYPES
+
+
+def is_elem(a, ref):
+    """Whether a call takes a: float32 when ref is None (the layers); else a native array of ELEM_DTYPES,
+    of ref's dtype when ref (the table it goes with) is one."""
+    if ref is None:
+        return is_f32(a)
+    if not (isinstance(a, np.ndarray) and a.dtype in ELEM_DTYPES):
+        return False
+    return not (isinstance(ref, np.ndarray) and ref.dtype in ELEM_DTYPES) or a.dtype == ref.dtype
+
+
+def check_table(call, name, a, ref=None):
+    """A table read by the call: its dtype (TypeError, see is_elem), 2-D, C-contiguous and aligned (ValueError)."""
+    if not is_elem(a, ref):
+        call.expect(TypeError, f"{name} is not a native array of an accepted dtype")
     elif a.ndim != 2:
         call.expect(ValueError, f"{name} is {a.ndim}-D")
     elif not (a.flags.c_contiguous and a.flags.aligned):
         call.expect(ValueError, f"{name} is not C-contiguous and aligned")
 
 
-def check_target(call, name, a, shape=None):
-    """An array written in place: float32 (TypeError); 2-D or the right shape, writeable,
+def check_target(call, name, a, shape=None, ref=None):
+    """An array written in place: its dtype (TypeError, see is_elem); 2-D or the right shape, writeable,
     C-contiguous and aligned (ValueError)."""
-    if not is_f32(a):
-        call.expect(TypeError, f"{name} is not a native float32 array")
+    if not is_elem(a, ref):
+        call.expect(TypeError, f"{name} is not a native array of an accepted dtype")
         return
     if shape is None and a.ndim != 2:
         call.expect(ValueError, f"{name} is {a.ndim}-D")
@@ -161,10 +178,10 @@ def check_target(call, name, a, shape=None):
         call.expect(ValueError, f"{name} is not C-contiguous and aligned")
 
 
-def check_read_once(call, name, a, shape):
-    """A float input read once (grad_out, grad_hidden): any layout, but float32 and the right shape."""
-    if not is_f32(a):
-        call.expect(TypeError, f"{name} is not a native float32 array")
+def check_read_once(call, name, a, shape, ref=None):
+    """A float input read once (grad_out, grad_hidden): any layout, but its dtype (see is_elem) and the right shape."""
+    if not is_elem(a, ref):
+        call.expect(TypeError, f"{name} is not a native array of an accepted dtype")
     elif a.shape != shape:
         call.expect(ValueError, f"{name}.shape {a.shape} != {shape}")
 
@@ -362,10 +379,10 @@ def out_arrays(draw, shape, call, inputs):
     return out
 
 
-def check_out(call, out, shape, inputs):
+def check_out(call, out, shape, inputs, ref=None):
     if out is None:
         return
-    check_target(call, "out", out, shape)
+    check_target(call, "out", out, shape, ref)
     check_aliasing(call, "out", out, inputs, strict=True)
 
 
@@ -456,11 +473,11 @@ def test_gather_adversarial(data):
     table = call.add("table", data.draw(tables((V, D), "input")))
     ids, values, id_error = data.draw(id_values(shape, real_rows(table, V)))
     call.add("ids", ids)
-    check_table(call, "table", table)
+    check_table(call, "table", table, ANY)
     if id_error:
         call.expect(id_error, "bad ids")
     out = call.add("out", data.draw(out_arrays(shape + (D,), call, {"table": table, "ids": ids})), target=True)
-    check_out(call, out, shape + (D,), {"table": table, "ids": ids})
+    check_out(call, out, shape + (D,), {"table": table, "ids": ids}, ref=table)
 
     def check(result, before):
         expected = np.asarray(before["table"])[ids_logical(values).reshape(shape)]
@@ -478,8 +495,8 @@ def test_gather_add_adversarial(data):
     V, P, D, shape = data.draw(ROWS), data.draw(ROWS), data.draw(DIMS), data.draw(id_shapes())
     tok = call.add("token_table", data.draw(tables((V, D), "input")))
     pos = call.add("position_table", data.draw(tables((P, data.draw(OTHER_DIM(D))), "input")))
-    check_table(call, "token_table", tok)
-    check_table(call, "position_table", pos)
+    check_table(call, "token_table", tok, ANY)
+    check_table(call, "position_table", pos, tok)
     ids, values, id_error = data.draw(id_values(shape, real_rows(tok, V)))
     call.add("ids", ids)
     if id_error:
@@ -488,8 +505,8 @@ def test_gather_add_adversarial(data):
     call.add("positions", positions)
     inputs = {"token_table": tok, "position_table": pos, "ids": ids, "positions": positions}
     out = call.add("out", data.draw(out_arrays(shape + (D,), call, inputs)), target=True)
-    check_out(call, out, shape + (D,), inputs)
-    if is_f32(tok) and is_f32(pos) and tok.ndim == 2 and pos.ndim == 2 and tok.shape[1] != pos.shape[1]:
+    check_out(call, out, shape + (D,), inputs, ref=tok)
+    if is_elem(tok, ANY) and is_elem(pos, tok) and tok.ndim == 2 and pos.ndim == 2 and tok.shape[1] != pos.shape[1]:
         call.expect(ValueError, "tables of different dims")
 
     def check(result, before):
@@ -509,7 +526,7 @@ def test_scatter_add_adversarial(data):
     call = Call()
     V, D, shape = data.draw(ROWS), data.draw(DIMS), data.draw(id_shapes())
     grad = call.add("grad_table", data.draw(tables((V, D), "target")), target=True)
-    check_target(call, "grad_table", grad)
+    check_target(call, "grad_table", grad, ref=ANY)
     ids, values, id_error = data.draw(id_values(shape, real_rows(grad, V)))
     call.add("ids", ids)
     if id_error:
@@ -521,7 +538,7 @@ def test_scatter_add_adversarial(data):
         flat = grad.reshape(-1)
         if 0 < n <= flat.size and grad.dtype == F32:
             grad_out = call.add("grad_out", flat[:n].reshape(shape + (D,)))
-    check_read_once(call, "grad_out", grad_out, shape + (D,))
+    check_read_once(call, "grad_out", grad_out, shape + (D,), ref=grad)
     check_aliasing(call, "grad_table", grad, {"ids": ids, "grad_out": grad_out}, strict=False)
 
     def check(result, before):
@@ -548,8 +565,8 @@ def test_gather_add_backward_adversarial(data):
     # aliasing error comes first and the range check decides.)
     P = real_rows(pgrad, P)
     call.add("position_grad", pgrad, target=True)
-    check_target(call, "token_grad", tgrad)
-    check_target(call, "position_grad", pgrad)
+    check_target(call, "token_grad", tgrad, ref=ANY)
+    check_target(call, "position_grad", pgrad, ref=tgrad)
     ids, values, id_error = data.draw(id_values(shape, real_rows(tgrad, V)))
     call.add("ids", ids)
     if id_error:
@@ -557,8 +574,8 @@ def test_gather_add_backward_adversarial(data):
     positions, meaning = data.draw(position_args(shape, P, call))
     call.add("positions", positions)
     grad_hidden = call.add("grad_hidden", data.draw(tables(shape + (D,), "input")))
-    check_read_once(call, "grad_hidden", grad_hidden, shape + (D,))
-    if all(is_f32(a) and a.ndim == 2 for a in (tgrad, pgrad)) and tgrad.shape[1] != pgrad.shape[1]:
+    check_read_once(call, "grad_hidden", grad_hidden, shape + (D,), ref=tgrad)
+    if is_elem(tgrad, ANY) and is_elem(pgrad, tgrad) and tgrad.ndim == 2 and pgrad.ndim == 2 and tgrad.shape[1] != pgrad.shape[1]:
         call.expect(ValueError, "gradient tables of different dims")
     if isinstance(tgrad, np.ndarray) and isinstance(pgrad, np.ndarray) and np.shares_memory(tgrad, pgrad):
         call.expect(ValueError, "token_grad and position_grad share memory")
@@ -589,14 +606,17 @@ def test_coalesce_adversarial(data):
     if id_error:
         call.expect(id_error, "negative ids, or above the int64 maximum")
     grad_out = call.add("grad_out", data.draw(tables(shape + (D,), "input")))
-    check_read_once(call, "grad_out", grad_out, shape + (D,))
+    check_read_once(call, "grad_out", grad_out, shape + (D,), ref=ANY)
 
     def check(result, before):
         rows, sums = result
         flat = ids_logical(values)
         expected_rows, inverse = np.unique(flat, return_inverse=True)
-        expected = np.zeros((len(expected_rows), D), np.float32)
-        np.add.at(expected, inverse.reshape(-1), np.asarray(before["grad_out"]).reshape(size_of(shape), D))
+        g = np.asarray(before["grad_out"]).reshape(size_of(shape), D)
+        acc = np.float32 if g.dtype == np.float16 else g.dtype  # float16 rows are summed in float32
+        expected = np.zeros((len(expected_rows), D), acc)
+        np.add.at(expected, inverse.reshape(-1), g.astype(acc))
+        expected = expected.astype(g.dtype)
         assert bitwise(rows, expected_rows.astype(np.int64)), f"rows {rows} != {expected_rows}"
         assert same_floats(sums, expected)
 

@@ -135,6 +135,7 @@ def cases():
     read_only = np.zeros((V, D), np.float32)
     read_only.flags.writeable = False
     tok64 = tok.astype(np.float64)
+    tok_int = tok.astype(np.int32)  # a dtype no kernel takes (float64 tables are taken since issue 10)
     float_ids = ids.astype(np.float64)
     not_increasing = np.array([3, 1], np.int64)
     w, m, v = (np.zeros((V, D), np.float32) for _ in range(3))
@@ -199,7 +200,9 @@ def cases():
         "gather IndexError": (raising(lambda: fe.gather(tok, bad_ids), IndexError), [tok, bad_ids]),
         "gather IndexError uint64": (raising(lambda: fe.gather(tok, big_u64), IndexError), [tok, big_u64]),
         "gather TypeError ids": (raising(lambda: fe.gather(tok, float_ids), TypeError), [tok, float_ids]),
-        "gather TypeError table": (raising(lambda: fe.gather(tok64, ids), TypeError), [tok64, ids]),
+        "gather TypeError table": (raising(lambda: fe.gather(tok_int, ids), TypeError), [tok_int, ids]),
+        "gather TypeError out of another dtype": (
+            raising(lambda: fe.gather(tok64, ids, out=tok[:0]), TypeError), [tok64, ids, tok]),
         "gather ValueError out aliasing": (raising(lambda: fe.gather(tok, ids, out=tok[:T]), ValueError), [tok, ids]),
         "gather_add IndexError positions": (
             raising(lambda: fe.gather_add(tok, pos, ids, positions=1), IndexError), [tok, pos, ids]),
