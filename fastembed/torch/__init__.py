@@ -164,6 +164,12 @@ class _EmbeddingFunction(torch.autograd.Function):
         return torch.from_numpy(out)
 
     @staticmethod
+    def jvp(ctx, weight_tangent, *_):
+        """Forward-mode AD: the lookup is linear in the weight, so the tangent is the tangent's rows
+        (as torch's: max_norm's renorm is outside autograd in torch too)."""
+        return torch.nn.functional.embedding(ctx.ids, weight_tangent)
+
+    @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         if not ctx.needs_input_grad[0]:
@@ -271,10 +277,11 @@ def _uses_kernels(weight, input):
 _TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)  # subclasses have their own __torch_function__: torch's path
 
 
-def _renorm_needs_torch(max_norm, norm_type):
+def _renorm_needs_torch(weight, max_norm, norm_type):
     """A max_norm or norm_type fastembed's renorm refuses (negative or NaN max_norm, NaN norm_type) but
-    torch applies anyway: torch's own embedding_renorm_ then, for torch's result."""
-    return not max_norm >= 0 or norm_type != norm_type
+    torch applies anyway, or rows of no columns (whose inf, -inf and negative norms torch refuses):
+    torch's own embedding_renorm_ then, for torch's result or error."""
+    return not max_norm >= 0 or norm_type != norm_type or weight.shape[1] == 0
 
 
 def _embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse, fused=None,
@@ -283,17 +290,22 @@ def _embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_fr
     `Embedding.forward` and `functional.embedding`. fused is (rule, buffers) or None; view a `_View`
     that caches the table's numpy view (the module's), or None."""
     if fused is None and (scale_grad_by_freq or not _uses_kernels(weight, input)
-                          or (max_norm is not None and _renorm_needs_torch(max_norm, norm_type))):
+                          or (max_norm is not None and _renorm_needs_torch(weight, max_norm, norm_type))):
         # torch's own lookup: torch's result, gradient and errors, padding_idx checked by torch
         return torch.nn.functional.embedding(input, weight, padding_idx, max_norm, norm_type,
                                              scale_grad_by_freq, sparse)
     padding_idx = _padding_index(padding_idx, weight.size(0))
     table = view(weight, "weight") if view is not None else _table(weight, "weight")
-    if max_norm is not None:
-        _renorm(weight, table, input, max_norm, norm_type)
-    if sparse and weight.requires_grad and torch.is_grad_enabled():
-        return _sparse_lookup(weight, table, input, padding_idx)
-    return _EmbeddingFunction.apply(weight, input, table, padding_idx, sparse, fused)
+    try:
+        if max_norm is not None:
+            _renorm(weight, table, input, max_norm, norm_type)
+        if sparse and weight.requires_grad and torch.is_grad_enabled():
+            return _sparse_lookup(weight, table, input, padding_idx)
+        return _EmbeddingFunction.apply(weight, input, table, padding_idx, sparse, fused)
+    except IndexError as exc:
+        # torch's words first (code and torch's own tests match "index out of range in self"), then
+        # fastembed's, which name the id, where it stands and the number of rows
+        raise IndexError(f"index out of range in self: {exc}") from None
 
 
 def _renorm(weight, table, input, max_norm, norm_type):
