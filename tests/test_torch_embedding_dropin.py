@@ -277,6 +277,58 @@ def test_common_nn_embedding_sparse(impl):
         0, ids.reshape(-1), torch.ones(4, 3, dtype=torch.double)))
 
 
+# common_methods_invocations' OpInfo for nn.functional.embedding: its sample inputs (M = 10 rows,
+# S = 5 columns), for its dtypes (floating, half, bfloat16 and complex), and its error inputs
+
+def opinfo_samples(make):
+    """(weight, ids, kwargs) in the OpInfo's order; make(shape) draws a weight."""
+    def ids(shape, high):
+        return torch.randint(0, high, shape)
+
+    yield make((10, 5)), ids((), 10), {}
+    yield make((10, 5)), ids((5,), 10), {}
+    yield make((10, 5)), ids((5, 5), 10), {}
+    idx = ids((2, 2), 5)
+    idx[0, 0] = idx[1, 1] = 2
+    yield make((5, 5)), idx, {"padding_idx": 2}
+    idx = ids((2, 2), 5)
+    idx[0, 0] = idx[1, 1] = 4
+    yield make((5, 5)), idx, {"padding_idx": -1}
+    yield make((5, 5)) * 2, ids((2, 2), 5), {"max_norm": 1.0}
+    yield make((5, 5)) * 2, ids((2, 2), 5), {"max_norm": 1.0, "norm_type": 1.0}
+    idx = ids((2, 2), 5)
+    idx[0, 0] = idx[0, 1] = 1
+    yield make((5, 5)), idx, {"scale_grad_by_freq": True}
+    yield make((5, 5)), ids((2, 2), 5), {"sparse": True}
+    idx = ids((3, 3), 5)
+    idx[0, 0] = idx[0, 1] = 1
+    idx[1, 0] = 0
+    yield make((5, 5)) * 2, idx, {"sparse": True, "scale_grad_by_freq": True, "padding_idx": 0, "max_norm": 1.0}
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES + (torch.complex64,))
+def test_opinfo_samples(dtype):
+    torch.manual_seed(0)
+    samples = list(opinfo_samples(lambda shape: torch.randn(shape, dtype=dtype)))
+    for weight, ids, kwargs in samples:
+        def case(Embedding, embedding):
+            w = weight.clone().requires_grad_(not dtype.is_complex)
+
+            def run():
+                out = embedding(ids, w, **kwargs)
+                if w.requires_grad:
+                    out.backward(torch.ones_like(out))
+                return out.detach(), w.grad
+            return outcome(run), w.detach()
+
+        theirs, ours = run_both(case)
+        assert_same(theirs, ours, **TOL.get(dtype, {}))
+    # the OpInfo's error inputs: a weight that is not 2-D
+    for weight in (torch.tensor(1.0), torch.tensor(1.0).reshape(1, 1, 1)):
+        with pytest.raises(RuntimeError, match="'weight' must be 2-D"):
+            ftf.embedding(torch.rand(2, 2).long(), weight)
+
+
 # common_modules' ModuleInfo for nn.Embedding: its error inputs, and what its generic tests check
 
 def test_common_modules_error_inputs(impl):
