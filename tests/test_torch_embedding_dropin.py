@@ -719,8 +719,12 @@ def numpy_renorm(table, ids, max_norm, p):
     for r in np.unique(np.asarray(ids).reshape(-1)):
         row = out[r]
         with np.errstate(divide="ignore"):
-            norm = (np.abs(row).max(initial=0.0) if p == math.inf else np.abs(row).min(initial=0.0) if p == -math.inf
-                    else float(np.count_nonzero(row)) if p == 0 else np.sum(np.abs(row) ** p) ** (1.0 / p))
+            if row.size == 0:
+                norm = 0.0 if p >= 0 or p == -math.inf else math.inf  # (an empty sum to a negative power)
+            elif abs(p) == math.inf:
+                norm = np.abs(row).max() if p > 0 else np.abs(row).min()
+            else:
+                norm = float(np.count_nonzero(row)) if p == 0 else np.sum(np.abs(row) ** p) ** (1.0 / p)
         if abs(norm - max_norm) <= 1e-5 * max(max_norm, 1e-30):
             unclear.append(r)
         elif norm > max_norm:
