@@ -82,3 +82,7 @@ __all__ = [
     "Embedding", "TokenPositionEmbedding", "SparseGrad",
     "optim", "reference", "get_num_threads", "set_num_threads", "openmp_enabled",
 ]
+
+from .ops import renorm  # noqa: E402  (torch's max_norm for a lookup, in place)
+
+__all__.append("renorm")

@@ -818,3 +818,4 @@ def _widen(bits, str format):
 # ---------------------------------------------------------------- optimizers
 
 include "_optim.pxi"
+include "_norm.pxi"

@@ -705,6 +705,121 @@ MUTANTS = [
 ]
 
 
+# ---------------------------------------------------------------- issue 10: max_norm's renorm kernel, and
+# fastembed.torch.Embedding / functional.embedding with every option of torch's
+NORM_PXI = "fastembed/_norm.pxi"
+KERNEL_FILES += (NORM_PXI,)  # included by _kernels.pyx: compiled into the extension, so its mutants rebuild
+DROPIN = "tests/test_torch_embedding_dropin.py"
+MUTANTS += [
+    Mutant("renorm-scales-rows-below", NORM_PXI,
+           "        if norm > max_norm:\n", "        if norm != max_norm:\n",
+           "renorm scales every row whose norm is not max_norm: rows below it are scaled up",
+           (DROPIN, "-k", "renorm_kernel_against_reference"), quick=True),
+    Mutant("renorm-no-epsilon", NORM_PXI,
+           "scale = <float>(max_norm / (norm + 1e-7))", "scale = <float>(max_norm / norm)",
+           "renorm's factor misses torch's + 1e-7 in the denominator",
+           (DROPIN, "-k", "renorm_empty_ids_and_exact_values or renorm_kernel_against_reference")),
+    Mutant("renorm-norm-kept-double", NORM_PXI,
+           "norm = <double><float>_row_norm(row, D, kind, p)", "norm = _row_norm(row, D, kind, p)",
+           "renorm compares and divides by the double norm, not torch's float32 one: other factors",
+           (DROPIN, "-k", "renorm_kernel_against_reference")),
+    Mutant("renorm-last-distinct-row-skipped", NORM_PXI,
+           "        _renorm_rows(table, D, rows, 0, U, max_norm, kind, p)\n",
+           "        _renorm_rows(table, D, rows, 0, U - 1, max_norm, kind, p)\n",
+           "the serial renorm loop stops one distinct row early (the largest id is never renormalised)",
+           (DROPIN, "-k", "renorm_kernel_against_reference or renorm_empty_ids")),
+    Mutant("renorm-thread-split-drops-a-row", NORM_PXI,
+           "_renorm_rows(table, D, rows, _part(U, k, nthreads), _part(U, k + 1, nthreads), max_norm, kind, p)",
+           "_renorm_rows(table, D, rows, _part(U, k, nthreads), _part(U, k + 1, nthreads) - (k == 0), max_norm, kind, p)",
+           "the threaded renorm's first thread stops one row before its part ends",
+           (DROPIN, "-k", "renorm_threaded_path"), threads=True),
+    Mutant("renorm-range-unchecked", NORM_PXI,
+           '    _check_range(idx, "ids", V, "table")\n    # The distinct ids',
+           "    # The distinct ids",
+           "renorm does not range-check the ids: id == rows or -1 is scaled out of bounds",
+           (DROPIN, "-k", "renorm_rejects_an_id_out_of_range")),
+    Mutant("renorm-inf-as-p", NORM_PXI,
+           '    if p == float("inf"):\n        return NORM_MAX', '    if p == float("inf"):\n        return NORM_P',
+           "norm_type inf goes through the general p formula (pow(|x|, inf)), not max |x|",
+           (DROPIN, "-k", "renorm_kernel_against_reference")),
+    Mutant("renorm-p-root-missing", NORM_PXI,
+           "    return c_pow(acc, 1.0 / p)", "    return acc",
+           "the general p-norm forgets the 1/p root (sum |x|^p)",
+           (DROPIN, "-k", "renorm_kernel_against_reference")),
+    Mutant("renorm-nan-max-norm-accepted", NORM_PXI,
+           "    if not max_norm >= 0:", "    if max_norm < 0:",
+           "renorm accepts a NaN max_norm (nothing is ever scaled, silently)",
+           (DROPIN, "-k", "renorm_bad_arguments")),
+    Mutant("ref-renorm-no-epsilon", REF,
+           "scale = _float32(max_norm / (norm + 1e-7))", "scale = _float32(max_norm / norm)",
+           "the reference renorm misses the + 1e-7 (the kernel is checked against it bitwise)",
+           (DROPIN, "-k", "renorm_kernel_against_reference")),
+    Mutant("tdrop-padding-negative-kept", TORCH,
+           "            padding_idx = num_embeddings + padding_idx\n", "",
+           "a negative padding_idx is not normalised (torch stores num_embeddings + padding_idx)",
+           (DROPIN, "-k", "padding_idx_positive_negative or extra_repr"), quick=True),
+    Mutant("tdrop-padding-error-type", TORCH,
+           "            if padding_idx >= num_embeddings:\n                raise AssertionError(_PADDING_MESSAGE)",
+           "            if padding_idx >= num_embeddings:\n                raise ValueError(_PADDING_MESSAGE)",
+           "padding_idx >= num_embeddings raises ValueError where torch raises AssertionError",
+           (DROPIN, "-k", "padding_idx")),
+    Mutant("tdrop-kernels-take-float64", TORCH,
+           "return (type(weight) in _TENSOR_TYPES and weight.dtype == torch.float32 and weight.is_cpu",
+           "return (type(weight) in _TENSOR_TYPES and weight.dtype in (torch.float32, torch.float64) and weight.is_cpu",
+           "the kernel predicate takes float64 tables, which the float32 kernels refuse",
+           (DROPIN, "-k", "every_float_dtype")),
+    Mutant("tdrop-default-dtype-ignored", TORCH,
+           "torch.empty((num_embeddings, embedding_dim), device=device, dtype=dtype),",
+           "torch.empty((num_embeddings, embedding_dim), device=device, dtype=dtype or torch.float32),",
+           "the weight is float32 whatever torch.get_default_dtype() says",
+           (DROPIN, "-k", "default_dtype or from_pretrained_options")),
+    Mutant("tdrop-max-norm-ignored-on-kernels", TORCH,
+           "            _renorm(weight, table, input, max_norm, norm_type)\n", "            pass\n",
+           "max_norm is ignored on the kernel path (float32 CPU tables)",
+           (DROPIN, "-k", "max_norm")),
+    Mutant("tdrop-renorm-after-lookup", TORCH,
+           "        if max_norm is not None:\n            _renorm(weight, table, input, max_norm, norm_type)\n"
+           "        if sparse and weight.requires_grad and torch.is_grad_enabled():\n"
+           "            return _sparse_lookup(weight, table, input, padding_idx)\n"
+           "        return _EmbeddingFunction.apply(weight, input, table, padding_idx, sparse, fused)\n",
+           "        if sparse and weight.requires_grad and torch.is_grad_enabled():\n"
+           "            out = _sparse_lookup(weight, table, input, padding_idx)\n"
+           "        else:\n"
+           "            out = _EmbeddingFunction.apply(weight, input, table, padding_idx, sparse, fused)\n"
+           "        if max_norm is not None:\n            _renorm(weight, table, input, max_norm, norm_type)\n"
+           "        return out\n",
+           "the rows are renormalised after the lookup: the output has the old rows (torch's the new ones)",
+           (DROPIN, "-k", "max_norm")),
+    Mutant("tdrop-version-not-bumped", TORCH,
+           "    torch.autograd.graph.increment_version(weight)\n", "",
+           "the in-place renorm does not move the weight's version counter (torch's does)",
+           (DROPIN, "-k", "renorm_kernel_and_moves_the_version")),
+    Mutant("tdrop-scale-grad-by-freq-ignored", TORCH,
+           "if fused is None and (scale_grad_by_freq or not _uses_kernels(weight, input)",
+           "if fused is None and (not _uses_kernels(weight, input)",
+           "scale_grad_by_freq is ignored for float32 CPU tables (the kernels do not scale)",
+           (DROPIN, "-k", "scale_grad_by_freq")),
+    Mutant("tdrop-repr-norm-type-always", TORCH,
+           "        if self.norm_type != 2:\n", "        if self.norm_type is not None:\n",
+           "extra_repr shows norm_type=2.0 where torch's leaves the default out",
+           (DROPIN, "-k", "extra_repr")),
+    Mutant("tdrop-weight-shape-unchecked", TORCH,
+           "            if list(_weight.shape) != [num_embeddings, embedding_dim]:\n",
+           "            if list(_weight.shape)[1:] != [embedding_dim]:\n",
+           "_weight's row count is not checked against num_embeddings",
+           (DROPIN, "-k", "weight_and_freeze")),
+    Mutant("tdrop-weight-freeze-ignored", TORCH,
+           "            self.weight = torch.nn.Parameter(_weight, requires_grad=not _freeze)",
+           "            self.weight = torch.nn.Parameter(_weight)",
+           "_freeze is ignored for a given _weight (from_pretrained's tables are trainable)",
+           (DROPIN, "-k", "weight_and_freeze or from_pretrained_freeze")),
+    Mutant("tdrop-index-error-words", TORCH,
+           'raise IndexError(f"index out of range in self: {exc}") from None', "raise",
+           "an out-of-range id's IndexError lacks torch's words, which code and torch's tests match",
+           (DROPIN, "-k", "error_inputs or bad_id")),
+]
+
+
 # ---------------------------------------------------------------- running
 
 
