@@ -33,10 +33,12 @@ class BagArgumentError(ValueError, RuntimeError):
     """Bad bag offsets or padding_idx. A ValueError (fastembed's answer to a bad value) that is also the
     RuntimeError torch raises for the same input, so code written for either catches it (as numpy's
     AxisError is both a ValueError and an IndexError)."""
+    __module__ = "fastembed"  # its public name: fastembed.BagArgumentError
 
 
 class BagModeError(ValueError, NotImplementedError):
     """per_sample_weights with a mode other than "sum": a ValueError, and the NotImplementedError torch raises."""
+    __module__ = "fastembed"
 
 
 # ---------------------------------------------------------------- checks (GIL held)
