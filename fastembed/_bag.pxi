@@ -17,6 +17,7 @@ cdef extern from "_fastembed.h" nogil:
     void fe_bag_axpy(float* out, const float* a, Py_ssize_t n, float s)
     void fe_bag_max(float* out, int64_t* arg, const float* a, Py_ssize_t n, int64_t r)
     void fe_bag_div(float* out, Py_ssize_t n, float c)
+    void fe_bag_scale(float* out, const float* a, Py_ssize_t n, float s)
     float fe_bag_dot(const float* a, const float* b, Py_ssize_t n)
 
 # The table's element type, named once here so that the dtype work can template it (the entry points
@@ -370,8 +371,12 @@ cdef Py_ssize_t _bag_rows_out(Py_ssize_t V, Py_ssize_t D, const index_t* ids, co
                 skipped += 1
                 continue
             rows[j] = r
-            memset(values + j * D, 0, D * sizeof(bag_t))
-            _bag_row_op(values + j * D, g + b * D, D, mode, psw, i, inv)
+            if mode == BAG_MEAN:
+                fe_bag_scale(values + j * D, g + b * D, D, inv)
+            elif psw != NULL:
+                fe_bag_scale(values + j * D, g + b * D, D, psw[i])
+            else:
+                memcpy(values + j * D, g + b * D, D * sizeof(bag_t))
             j += 1
     while j < j_hi:
         rows[j] = 0

@@ -139,6 +139,11 @@ FE_CLONES static void fe_bag_max(float *FE_RESTRICT out, int64_t *FE_RESTRICT ar
     }
 }
 
+/* out[d] = s * a[d]: a sparse gradient's entry, written (not added to +0.0, which would turn -0.0 into +0.0). */
+FE_CLONES static void fe_bag_scale(float *FE_RESTRICT out, const float *FE_RESTRICT a, ptrdiff_t n, float s) {
+    for (ptrdiff_t d = 0; d < n; d++) out[d] = s * a[d];
+}
+
 /* out[d] /= c: a mean bag's sum divided by its count (a division, not a reciprocal's product, as torch's
    forward `output /= bag_size`). */
 FE_CLONES static void fe_bag_div(float *FE_RESTRICT out, ptrdiff_t n, float c) {
