@@ -90,3 +90,6 @@ __all__ += [
     "embedding_bag", "embedding_bag_backward", "embedding_bag_grad_rows", "embedding_bag_weights_grad",
     "BagArgumentError", "BagModeError",
 ]
+from .nn import EmbeddingBag
+
+__all__ += ["EmbeddingBag"]

@@ -659,3 +659,66 @@ def test_threaded_is_bitwise_one_thread(threaded, case):
                 case["table"], case["ids"], case["offsets"], g, padding_idx=case["padding_idx"],
                 include_last_offset=case["include_last_offset"]))
     assert_bitwise(out1, bag_oracle(case)[0])
+
+
+# ---------------------------------------------------------------- the nn layer against torch's nn.EmbeddingBag
+
+@FEW
+@given(bag_cases(trailing=False), st.booleans())
+def test_layer_matches_torch_module(case, sparse):
+    torch = pytest.importorskip("torch")
+    assume(_torch_can(case))
+    sparse = sparse and case["mode"] != "max"
+    theirs = torch.nn.EmbeddingBag.from_pretrained(
+        torch.tensor(case["table"]), freeze=False, mode=case["mode"], padding_idx=case["padding_idx"],
+        include_last_offset=case["include_last_offset"], sparse=sparse)
+    ours = fe.EmbeddingBag.from_pretrained(case["table"], mode=case["mode"], padding_idx=case["padding_idx"],
+                                           include_last_offset=case["include_last_offset"], sparse=sparse)
+    psw = case["per_sample_weights"]
+    tpsw = None if psw is None else torch.tensor(psw, requires_grad=True)
+    want = theirs(torch.tensor(case["ids"].astype(np.int64)), torch.tensor(case["offsets"].astype(np.int64)), tpsw)
+    got = ours(case["ids"], case["offsets"], psw)
+    scale = 1.0 + np.abs(case["table"]).sum()
+    _close(got, want.detach().numpy(), scale)
+    g = _grad_out(case)
+    want.backward(torch.tensor(g), retain_graph=True)
+    weights_grad = ours.backward(g)
+    want.backward(torch.tensor(g) * 2)  # gradients accumulate over backward calls, dense and sparse
+    ours.backward(g * 2)
+    expected = theirs.weight.grad.to_dense() if sparse else theirs.weight.grad
+    wscale = np.abs(psw).max(initial=1) if psw is not None else 1
+    _close(ours.dense_grad(), expected.numpy(), 1.0 + 3 * np.abs(g).sum() * wscale)
+    if sparse:
+        assert isinstance(ours.grad, fe.SparseGrad)
+        assert_bitwise(ours.grad.rows, np.unique(ours.grad.rows))
+    if psw is None:
+        assert weights_grad is None
+    else:
+        _close(weights_grad * 3, tpsw.grad.numpy(), 1.0 + 3 * np.abs(g).sum() * np.abs(case["table"]).max(initial=0))
+
+
+def test_layer_options_and_errors():
+    layer = fe.EmbeddingBag(6, 4, mode="sum", padding_idx=-2, seed=1)
+    assert layer.padding_idx == 4 and not layer.weight[4].any() and layer.weight[3].any()
+    ids, offsets = np.array([1, 4, 4, 2]), np.array([0, 3])
+    out = layer(ids, offsets)
+    assert_bitwise(out, np.stack([layer.weight[1], layer.weight[2]]))
+    ids[:] = 0  # the layer keeps its own copy of ids
+    offsets[:] = 0
+    layer.backward(np.ones((2, 4), np.float32))
+    want = np.zeros((6, 4), np.float32)
+    want[[1, 2]] = 1
+    assert_bitwise(layer.grad, want)
+    with pytest.raises(ValueError):
+        layer.backward(np.ones((3, 4), np.float32))
+    assert_bitwise(layer.grad, want)  # a refused backward adds nothing
+    with pytest.raises(ValueError, match="sparse"):
+        fe.EmbeddingBag(6, 4, mode="max", sparse=True)
+    with pytest.raises(ValueError, match="-6 through 5"):
+        fe.EmbeddingBag(6, 4, padding_idx=6)
+    with pytest.raises(ValueError, match="mode"):
+        fe.EmbeddingBag(6, 4, mode="avg")
+    with pytest.raises(RuntimeError, match="before any forward"):
+        fe.EmbeddingBag(6, 4).backward(np.ones((1, 4), np.float32))
+    pre = fe.EmbeddingBag.from_pretrained(np.ones((3, 2)), padding_idx=0)
+    assert pre.weight.dtype == np.float32 and pre.weight[0].all()  # from_pretrained keeps the padding row
