@@ -722,3 +722,27 @@ def test_layer_options_and_errors():
         fe.EmbeddingBag(6, 4).backward(np.ones((1, 4), np.float32))
     pre = fe.EmbeddingBag.from_pretrained(np.ones((3, 2)), padding_idx=0)
     assert pre.weight.dtype == np.float32 and pre.weight[0].all()  # from_pretrained keeps the padding row
+
+
+def test_layer_sparse_and_dense_agree_with_weights():
+    """The same sum layer, dense and sparse, with per_sample_weights: one gradient, and the weights' gradient."""
+    rng = np.random.default_rng(5)
+    table = rng.standard_normal((7, 5)).astype(np.float32)
+    ids, offsets = np.array([3, 1, 3, 6, 0, 3]), np.array([0, 2, 2])
+    psw = rng.standard_normal(6).astype(np.float32)
+    g = rng.standard_normal((3, 5)).astype(np.float32)
+    grads = []
+    for sparse in (False, True):
+        layer = fe.EmbeddingBag.from_pretrained(table, mode="sum", padding_idx=6, sparse=sparse)
+        layer(ids, offsets, psw)
+        weights_grad = layer.backward(g)
+        assert_bitwise(weights_grad, fe.embedding_bag_weights_grad(table, ids, offsets, g, padding_idx=6))
+        assert weights_grad[3] == 0 and weights_grad[0] != 0  # the padding id's weight has no gradient
+        grads.append(layer.dense_grad())
+    want = np.zeros_like(table)
+    for b, (lo, hi) in enumerate([(0, 2), (2, 2), (2, 6)]):
+        for i in range(lo, hi):
+            if ids[i] != 6:
+                want[ids[i]] += g[b] * psw[i]
+    np.testing.assert_allclose(grads[0], want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(grads[1], want, rtol=1e-6, atol=1e-6)
