@@ -7,9 +7,9 @@
 # reads past grad_out: not followed). Ids equal to padding_idx are left out of their bag, and of a mean's
 # count. An empty bag (or one of padding only) gives zeros, and in max mode argmax 0, as torch reports it.
 #
-# Axes: B bags, N ids, D columns, V table rows. Threads own bags in the forward (each bag one thread's, in
-# ids order) and columns in the backward (as scatter_add): the results are bitwise the same for every
-# thread count.
+# Axes: B bags, N ids, D columns, V table rows. Threads own bags (each bag one thread's, in ids order) in the
+# forward, the sparse rows and the weights' gradient, and columns in the dense backward (as scatter_add):
+# the results are bitwise the same for every thread count.
 
 from libc.string cimport memset
 

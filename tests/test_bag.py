@@ -56,6 +56,8 @@ def bag_cases(draw, max_rows=8, max_dim=6, max_ids=14, max_bags=6, trailing=True
         psw = rng.standard_normal(N).astype(np.float32)
         psw[rng.random(N) < 0.1] = 0.0  # a zero weight: a -0.0 product must stay -0.0 where torch keeps it
     padding_idx = draw(st.one_of(st.none(), st.integers(-V, V - 1)))
+    if N and padding_idx is not None and draw(st.booleans()):  # an id that occurs, so that a bag holds it
+        padding_idx = int(ids[draw(st.integers(0, N - 1))]) - draw(st.sampled_from([0, V]))
     values = draw(st.sampled_from(["normal", "small-ints"]))
     if values == "normal":
         table = rng.standard_normal((V, D)).astype(np.float32)
@@ -245,6 +247,13 @@ def test_hand_computed_bags():
     out, arg = fe.embedding_bag(table, ids, offsets, mode="max", return_argmax=True)
     assert_bitwise(out, np.array([[0, 0], [3, 5], [3, 5], [3, 2]], np.float32))
     assert_bitwise(arg, np.array([[0, 0], [1, 2], [3, 2], [1, 0]], np.int64))  # ties: the first stays
+    grad = np.zeros_like(table)  # mean with padding: bag [0 1 2] counts 2, bag [2 3] counts 1
+    fe.embedding_bag_backward(grad, ids, offsets, np.arange(8, dtype=np.float32).reshape(4, 2), mode="mean",
+                              padding_idx=2)
+    assert_bitwise(grad, np.array([[1 + 6 / 2, 1.5 + 7 / 2], [1 + 6 / 2, 1.5 + 7 / 2], [0, 0], [4, 5]], np.float32))
+    grad = np.zeros_like(table)  # max: each column into its argmax row; the empty bag's into none
+    fe.embedding_bag_backward(grad, ids, offsets, np.arange(8, dtype=np.float32).reshape(4, 2), mode="max", argmax=arg)
+    assert_bitwise(grad, np.array([[0, 7], [2 + 6, 0], [0, 3 + 5], [4, 0]], np.float32))
     # include_last_offset: the last bag is ids[3:5]; ids[5:] are in no bag
     assert_bitwise(fe.embedding_bag(table, ids, offsets, mode="sum", include_last_offset=True),
                    np.array([[0, 0], [4, 6], [3, 10]], np.float32))
