@@ -9,7 +9,8 @@ Targets: fe.gather, fe.gather_add, fe.scatter_add, fe.gather_add_backward,
 fe.coalesce, fe.ops.as_ids / positions_array, fe.Embedding and
 fe.TokenPositionEmbedding (construction, forward, backward, from_pretrained),
 fe.SparseGrad.to_dense, fe.optim (SGD, Adam, SparseAdam, linear_decay),
-fe.set_num_threads, the bag functions (fe.embedding_bag and its three backward functions), and every public function of the private fastembed._kernels
+fe.set_num_threads, the bag functions (fe.embedding_bag and its three backward
+functions), and every public function of the private fastembed._kernels
 module, called with any number of arguments of any type.
 
 Each input is decoded from a byte string: which target, then for every argument
