@@ -394,7 +394,7 @@ class EmbeddingBag(Embedding):
                                                        per_sample_weights=weights, **bags)
             self.grad = _merge(self.grad, *ops.coalesce(rows, values))
             return weights_grad
-        grad = self.grad if self.grad is not None else np.zeros_like(self.weight)
+        grad = np.zeros_like(self.weight) if self.grad is None else self.grad
         ops.embedding_bag_backward(grad, ids, offsets, grad_out, mode=self.mode, per_sample_weights=weights,
                                    argmax=argmax, **bags)
         self.grad = grad
