@@ -86,3 +86,15 @@ __all__ = [
 from .ops import renorm  # noqa: E402  (torch's max_norm for a lookup, in place)
 
 __all__.append("renorm")
+
+
+from ._kernels import BagArgumentError, BagModeError
+from .ops import embedding_bag, embedding_bag_backward, embedding_bag_grad_rows, embedding_bag_weights_grad
+
+__all__ += [
+    "embedding_bag", "embedding_bag_backward", "embedding_bag_grad_rows", "embedding_bag_weights_grad",
+    "BagArgumentError", "BagModeError",
+]
+from .nn import EmbeddingBag
+
+__all__ += ["EmbeddingBag"]

@@ -819,3 +819,4 @@ def _widen(bits, str format):
 
 include "_optim.pxi"
 include "_norm.pxi"
+include "_bag.pxi"

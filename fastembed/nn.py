@@ -307,3 +307,95 @@ class TokenPositionEmbedding:
 
     def parameters(self):
         return [self.token, self.position]
+
+
+__all__ += ["EmbeddingBag"]
+
+
+class EmbeddingBag(Embedding):
+    """Bags of rows, each reduced to one row: torch's ``nn.EmbeddingBag`` on numpy tables.
+
+    ``layer(ids, offsets=None, per_sample_weights=None)`` returns the (B, D) bags of
+    `fastembed.ops.embedding_bag` (1-D ids with offsets, or 2-D ids: one bag per row) and keeps
+    what backward needs. ``layer.backward(grad_out)`` adds the table's gradient into the dense
+    ``grad`` (V, D), or with ``sparse=True`` (modes sum and mean, as torch) into a coalesced
+    `SparseGrad`; it returns the gradient of the forward's per_sample_weights (ids' shape), or None
+    when there were none.
+
+    ``padding_idx`` (negative: counted from the end) is left out of every bag and of a mean's count,
+    gets no gradient, and its row starts at zero (as torch's constructor makes it; `from_pretrained`
+    keeps the row given). ``max_norm``, ``scale_grad_by_freq`` and a fused optimizer are not here yet.
+    """
+
+    def __init__(self, num_embeddings, embedding_dim, *, mode="mean", padding_idx=None,
+                 include_last_offset=False, sparse=False, seed=None):
+        super().__init__(num_embeddings, embedding_dim, sparse=sparse, seed=seed)
+        self._configure(mode, padding_idx, include_last_offset)
+        if self.padding_idx is not None:
+            self.weight[self.padding_idx] = 0.0
+        self._saved = None
+
+    def _configure(self, mode, padding_idx, include_last_offset):
+        if mode not in ("sum", "mean", "max"):
+            raise ValueError(f"mode has to be one of sum, mean or max, got mode={mode!r}")
+        if self.sparse and mode == "max":
+            raise ValueError("max mode does not support sparse weights (as in torch): use sparse=False")
+        if padding_idx is not None:
+            V = self.num_embeddings
+            if isinstance(padding_idx, bool) or not isinstance(padding_idx, (int, np.integer)):
+                raise TypeError(f"padding_idx must be None or an int, got {type(padding_idx).__name__}")
+            if not -V <= padding_idx < V:
+                raise ValueError(f"padding_idx must be within num_embeddings, {-V} through {V - 1}, got {padding_idx}")
+            padding_idx = int(padding_idx) % V
+        self.mode, self.padding_idx, self.include_last_offset = mode, padding_idx, bool(include_last_offset)
+
+    @classmethod
+    def from_pretrained(cls, weight, *, mode="mean", padding_idx=None, include_last_offset=False, sparse=False):
+        """An EmbeddingBag whose weight is a float32 copy of the given (V, D) array (padding row kept)."""
+        layer = cls(0, 0, sparse=sparse, mode="sum")
+        layer.weight = Embedding.from_pretrained(weight).weight
+        layer._configure(mode, padding_idx, include_last_offset)
+        return layer
+
+    def __repr__(self):
+        pad = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
+        return (f"EmbeddingBag({self.num_embeddings}, {self.embedding_dim}, mode={self.mode!r}{pad}, "
+                f"include_last_offset={self.include_last_offset}, sparse={self.sparse})")
+
+    def __call__(self, ids, offsets=None, per_sample_weights=None, *, out=None):
+        result = ops.embedding_bag(self.weight, ids, offsets, mode=self.mode, per_sample_weights=per_sample_weights,
+                                   padding_idx=self.padding_idx, include_last_offset=self.include_last_offset,
+                                   out=out, return_argmax=self.mode == "max")
+        result, argmax = result if self.mode == "max" else (result, None)
+        # The layer's own copies: the caller may reuse its buffers before backward.
+        own = None if offsets is None else np.array(offsets, copy=True)
+        weights = None if per_sample_weights is None else np.array(per_sample_weights, copy=True)
+        self._saved = (_own_ids(ids), own, weights, argmax)
+        self._ids = self._saved[0]
+        return result
+
+    forward = __call__
+
+    def backward(self, grad_out):
+        """Add the gradient of the last forward's bags into ``grad``; return per_sample_weights' gradient."""
+        if self._saved is None:
+            raise RuntimeError("backward() called before any forward call")
+        with self._lock:
+            return self._backward(grad_out)
+
+    def _backward(self, grad_out):
+        ids, offsets, weights, argmax = self._saved
+        bags = dict(padding_idx=self.padding_idx, include_last_offset=self.include_last_offset)
+        weights_grad = None
+        if weights is not None:  # first: it writes nothing, so a bad grad_out leaves grad as it was
+            weights_grad = ops.embedding_bag_weights_grad(self.weight, ids, offsets, grad_out, **bags)
+        if self.sparse:
+            rows, values = ops.embedding_bag_grad_rows(self.num_embeddings, ids, offsets, grad_out, mode=self.mode,
+                                                       per_sample_weights=weights, **bags)
+            self.grad = _merge(self.grad, *ops.coalesce(rows, values))
+            return weights_grad
+        grad = np.zeros_like(self.weight) if self.grad is None else self.grad
+        ops.embedding_bag_backward(grad, ids, offsets, grad_out, mode=self.mode, per_sample_weights=weights,
+                                   argmax=argmax, **bags)
+        self.grad = grad
+        return weights_grad

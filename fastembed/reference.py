@@ -239,3 +239,64 @@ def renorm(table, ids, max_norm, norm_type=2.0):
         if norm > max_norm:
             scale = _float32(max_norm / (norm + 1e-7))
             table[r] = [_float32(x * scale) for x in table[r]]
+
+
+def embedding_bag(weight, ids, offsets=None, *, mode="mean", per_sample_weights=None, padding_idx=None,
+                  include_last_offset=False):
+    """torch's F.embedding_bag on Values: one row of Values per bag.
+
+    weight is a list of rows of Values (an Embedding's weight); ids a list of ints with offsets, or a list
+    of equal-length lists of ints (one bag each) without. per_sample_weights (mode "sum" only): one number
+    or Value per id, in ids' nesting. Bag b is ids[offsets[b]:offsets[b + 1]], the last one ending at
+    len(ids), or at offsets[-1] with include_last_offset. Ids equal to padding_idx (negative: counted from
+    the end) are left out, also from a mean's count; an empty bag gives a row of Value(0.0).
+    """
+    rows = len(weight)
+    if ids and not isinstance(ids[0], int):
+        if offsets is not None:
+            raise ValueError("offsets must be None when ids is a list of bags")
+        offsets = [len(ids[0]) * b for b in range(len(ids))]
+        ids = [i for bag in ids for i in bag]
+        if per_sample_weights is not None:
+            per_sample_weights = [w for bag in per_sample_weights for w in bag]
+        include_last_offset = False
+    elif offsets is None:
+        raise ValueError("offsets is needed for a flat list of ids (a list of lists of ids needs none)")
+    if mode not in ("sum", "mean", "max"):
+        raise ValueError(f"mode must be sum, mean or max, got {mode!r}")
+    if per_sample_weights is not None and (mode != "sum" or len(per_sample_weights) != len(ids)):
+        raise ValueError("per_sample_weights needs mode 'sum' and one weight per id")
+    offsets = list(offsets)
+    bounds = offsets + ([] if include_last_offset else [len(ids)])
+    if (offsets[:1] not in ([], [0]) or any(b < a for a, b in zip(bounds, bounds[1:]))
+            or any(o > len(ids) for o in offsets) or (include_last_offset and not offsets)):
+        raise ValueError(f"offsets must be non-decreasing from 0 to at most len(ids) = {len(ids)}, got {offsets}")
+    if padding_idx is not None:
+        if not -rows <= padding_idx < rows:
+            raise ValueError(f"padding_idx {padding_idx} is out of range for a table of {rows} rows")
+        padding_idx %= rows
+    for i in ids:
+        _check_id(i, rows, "ids")
+    dim = len(weight[0]) if weight else 0
+    out = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        kept = [k for k in range(lo, hi) if ids[k] != padding_idx]
+        out.append([_bag_column(weight, ids, kept, d, mode, per_sample_weights) for d in range(dim)])
+    return out
+
+
+def _bag_column(weight, ids, kept, d, mode, per_sample_weights):
+    """Column d of one bag: kept are the positions (in ids) of its lookups."""
+    if not kept:
+        return Value(0.0)
+    if mode == "max":
+        best = weight[ids[kept[0]]][d]
+        for k in kept[1:]:
+            if weight[ids[k]][d].data > best.data:  # strictly: the first of equal values stays
+                best = weight[ids[k]][d]
+        return best.add(0.0)
+    total = Value(0.0)
+    for k in kept:
+        term = weight[ids[k]][d]
+        total = total + (term * per_sample_weights[k] if per_sample_weights is not None else term)
+    return total / len(kept) if mode == "mean" else total

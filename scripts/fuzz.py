@@ -9,7 +9,8 @@ Targets: fe.gather, fe.gather_add, fe.scatter_add, fe.gather_add_backward,
 fe.coalesce, fe.ops.as_ids / positions_array, fe.Embedding and
 fe.TokenPositionEmbedding (construction, forward, backward, from_pretrained),
 fe.SparseGrad.to_dense, fe.optim (SGD, Adam, SparseAdam, linear_decay),
-fe.set_num_threads, and every public function of the private fastembed._kernels
+fe.set_num_threads, the bag functions (fe.embedding_bag and its three backward
+functions), and every public function of the private fastembed._kernels
 module, called with any number of arguments of any type.
 
 Each input is decoded from a byte string: which target, then for every argument
@@ -433,9 +434,53 @@ def _kernels_call(ctx, fe, info):
     return fn(*args)
 
 
+def _bag_offsets(ctx, n):
+    """Offsets for n ids: valid (sorted, from 0, at most n) most of the time, else broken at one place."""
+    np, src = ctx.np, ctx.src
+    if src.chance(1, 10):
+        return ctx.keep(_garbage(src, np))
+    rng = np.random.default_rng(src.seed())
+    offsets = np.sort(rng.integers(0, n + 1, size=src.pick((0, 1, 2, 3, 5))))
+    if len(offsets):
+        offsets[0] = 0
+        if src.chance(1, 4):
+            offsets[src.below(len(offsets))] = src.pick((-1, 1, n, n + 1, 2**31, 2**63 - 1, -(2**63)))
+    dtype = src.pick(("int64", "int32", "int16", "uint64", "float64"))
+    with np.errstate(all="ignore"):
+        return ctx.keep(offsets.astype(dtype))
+
+
+def _bag_round(ctx, fe):
+    """One call of a bag function with plausible or hostile bag arguments (issue 10's bags)."""
+    np, src, V = ctx.np, ctx.src, ctx.V
+    ids = ctx.ids(V, src.pick(((src.below(9),), (2, 3), (3, 0), ())))
+    n = int(np.size(ids)) if isinstance(ids, np.ndarray) else 0
+    offsets = None if isinstance(ids, np.ndarray) and ids.ndim == 2 and src.chance(3, 4) else _bag_offsets(ctx, n)
+    mode = src.pick(("sum", "sum", "mean", "max", "avg", None, 2))
+    shape = ids.shape if isinstance(ids, np.ndarray) and src.chance(7, 8) else (src.below(9),)
+    psw = None if src.chance(1, 2) else ctx.keep(_garbage(src, np)) if src.chance(1, 8) else \
+        ctx.keep(random_array(src, np, shape, kind="float32" if src.chance(4, 5) else None))
+    kw = dict(per_sample_weights=psw, padding_idx=src.pick((None, None, 0, -1, V, -V - 1, 1.5, True)),
+              include_last_offset=src.chance(1, 3))
+    B = src.pick((0, 1, 2, 3, 5))
+    grad_out = ctx.rows_like((B,))
+    kind = src.below(4)
+    if kind == 0:
+        fe.embedding_bag(ctx.table(V), ids, offsets, mode=mode, out=ctx.out() if src.chance(1, 3) else None,
+                         return_argmax=src.chance(1, 3), **kw)
+    elif kind == 1:
+        argmax = None if src.chance(1, 2) else ctx.ids(V, (B, ctx.D))
+        fe.embedding_bag_backward(ctx.table(V, True), ids, offsets, grad_out, mode=mode, argmax=argmax, **kw)
+    elif kind == 2:
+        fe.embedding_bag_grad_rows(ctx.size(), ids, offsets, grad_out, mode=mode, **kw)
+    else:
+        kw.pop("per_sample_weights")
+        fe.embedding_bag_weights_grad(ctx.table(V), ids, offsets, grad_out, **kw)
+
+
 TARGETS = ("gather", "gather_add", "scatter_add", "gather_add_backward", "coalesce", "as_ids", "positions_array",
            "Embedding", "TokenPositionEmbedding", "SparseGrad", "optim", "fused", "set_num_threads",
-           "_kernels", "_kernels", "_kernels")
+           "_kernels", "_kernels", "_kernels", "bag", "bag")
 
 
 def run_one(data, np, fe, info):
@@ -472,6 +517,8 @@ def run_one(data, np, fe, info):
             fe.set_num_threads(src.pick((0, 1, 2, -1, 2**31, 2**63, 1.5, "2", None, True, np.int64(2))))
         finally:
             fe.set_num_threads(0)
+    elif target == "bag":
+        _bag_round(ctx, fe)
     else:
         _kernels_call(ctx, fe, info)
 

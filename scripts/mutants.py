@@ -819,6 +819,92 @@ MUTANTS += [
            (DROPIN, "-k", "error_inputs or bad_id")),
 ]
 
+# ---------------------------------------------------------------- embedding bags (issue 10, items 6 and 7)
+# _bag.pxi is compiled into the extension: its mutants rebuild (Mutant.kernel reads KERNEL_FILES when asked).
+BAG_PXI, BAG = "fastembed/_bag.pxi", "tests/test_bag.py"
+KERNEL_FILES = KERNEL_FILES + (BAG_PXI,)
+MUTANTS += [
+    Mutant("bag-mean-counts-padding", BAG_PXI,
+           "            if r == pad:\n                continue\n            if mode == BAG_MAX:",
+           "            if r == pad:\n                count += mode == BAG_MEAN\n                continue\n"
+           "            if mode == BAG_MAX:",
+           "a mean bag divides by its length with the padding ids in it (torch leaves them out of the count)",
+           (BAG, "-k", "transcription or padding_idx_range or hand_computed"), quick=True),
+    Mutant("bag-max-ties-last", HDR,
+           "        if (a[d] > out[d]) {", "        if (a[d] >= out[d]) {",
+           "max mode keeps the last of equal values (torch keeps the first: its argmax, and so its gradient, differ)",
+           (BAG, "-k", "forward_matches_transcription or hand_computed")),
+    Mutant("bag-last-offset-ignored", BAG_PXI,
+           "    if wide:\n        return _bag_forward(table, V, D, <const int64_t*>ids, offs, L, N, B, mode, psw, pad, out, arg,\n"
+           "                            nthreads, team)\n"
+           "    return _bag_forward(table, V, D, <const int32_t*>ids, offs, L, N, B, mode, psw, pad, out, arg, nthreads, team)",
+           "    if wide:\n        return _bag_forward(table, V, D, <const int64_t*>ids, offs, B, N, B, mode, psw, pad, out, arg,\n"
+           "                            nthreads, team)\n"
+           "    return _bag_forward(table, V, D, <const int32_t*>ids, offs, B, N, B, mode, psw, pad, out, arg, nthreads, team)",
+           "with include_last_offset the forward's last bag runs to len(ids), not to offsets[-1]",
+           (BAG, "-k", "forward_matches_transcription or hand_computed")),
+    Mutant("bag-offsets-past-end", BAG_PXI,
+           "        if x > N:\n", "        if x > N + 1:\n",
+           "an offset of len(ids) + 1 passes the check (the last bag would read one id past the end)",
+           (BAG, "-k", "bad_offsets")),
+    Mutant("bag-offsets-decreasing-unchecked", BAG_PXI,
+           "        if k > 0 and x < offs[k - 1]:", "        if False and x < offs[k - 1]:",
+           "decreasing offsets are not refused",
+           (BAG, "-k", "bad_offsets")),
+    Mutant("bag-psw-any-mode", BAG_PXI,
+           "    if mode != BAG_SUM:\n        name =", "    if False:\n        name =",
+           "per_sample_weights are accepted with mode mean or max (torch refuses them) and silently ignored",
+           (BAG, "-k", "per_sample_weights_need_sum")),
+    Mutant("bag-backward-mean-counts-padding", BAG_PXI,
+           "        if mode == BAG_MEAN:\n            inv = _bag_inv(_bag_kept(ids, lo, hi, pad))\n"
+           "        for i in range(lo, hi):\n            if i + PREFETCH_ROWS < hi:",
+           "        if mode == BAG_MEAN:\n            inv = _bag_inv(hi - lo)\n"
+           "        for i in range(lo, hi):\n            if i + PREFETCH_ROWS < hi:",
+           "the dense mean backward scales by 1 / bag length, padding included",
+           (BAG, "-k", "dense_backward_matches_transcription or hand_computed")),
+    Mutant("bag-max-backward-empty-bag-to-row-0", BAG_PXI,
+           "            if _bag_kept(ids, lo, hi, pad) == 0:\n                continue",
+           "            if False:\n                continue",
+           "max mode's backward sends an empty bag's gradient to its argmax, row 0 (torch sends it nowhere)",
+           (BAG, "-k", "dense_backward_matches_transcription or match_torch or hand_computed")),
+    Mutant("bag-sparse-mean-unscaled", BAG_PXI,
+           "                fe_bag_scale(values + j * D, g + b * D, D, inv)",
+           "                memcpy(values + j * D, g + b * D, D * sizeof(bag_t))",
+           "the sparse rows of a mean bag are not divided by the bag's count",
+           (BAG, "-k", "grad_rows")),
+    Mutant("bag-psw-grad-padding", BAG_PXI,
+           "            out[i] = 0 if r == pad else fe_bag_dot(table + r * D, g + b * D, D)",
+           "            out[i] = fe_bag_dot(table + r * D, g + b * D, D)",
+           "per_sample_weights' gradient is nonzero at padding ids (torch gives 0: they are not in the bag)",
+           (BAG, "-k", "weights_grad")),
+    Mutant("bag-psw-grad-thread-local-bag", BAG_PXI,
+           "            out[i] = 0 if r == pad else fe_bag_dot(table + r * D, g + b * D, D)",
+           "            out[i] = 0 if r == pad else fe_bag_dot(table + r * D, g + (b - b0) * D, D)",
+           "per_sample_weights' gradient reads the grad of the wrong bag on every thread but the first",
+           (BAG, "-k", "threaded"), threads=True),
+    Mutant("bag-threads-last-bag-dropped", BAG_PXI,
+           "    if k == parts:\n        return B\n", "    if k == parts:\n        return B - 1\n",
+           "on the threaded path no thread owns the last bag: its output row is never written",
+           (BAG, "-k", "threaded"), threads=True),
+    Mutant("bag-ops-2d-psw-not-flattened", OPS,
+           "            per_sample_weights = per_sample_weights.reshape(-1)\n", "",
+           "2-D ids are flattened but their per_sample_weights are not (the kernel refuses them)",
+           (BAG, "-k", "two_dimensional")),
+    Mutant("bag-nn-sparse-drops-weights", NN,
+           "mode=self.mode,\n                                                       per_sample_weights=weights, **bags)",
+           "mode=self.mode,\n                                                       **bags)",
+           "a sparse EmbeddingBag layer ignores per_sample_weights in the table's gradient",
+           (BAG, "-k", "layer_sparse_and_dense")),
+    Mutant("bag-nn-padding-row-kept", NN,
+           "        if self.padding_idx is not None:\n            self.weight[self.padding_idx] = 0.0\n", "",
+           "a new EmbeddingBag's padding row is not zeroed (torch's constructor zeroes it)",
+           (BAG, "-k", "layer_options")),
+    Mutant("bag-reference-max-ties-last", REF,
+           "            if weight[ids[k]][d].data > best.data:", "            if weight[ids[k]][d].data >= best.data:",
+           "the reference's max keeps the last of equal values: its gradient goes to another row",
+           (BAG, "-k", "reference_forward_and_gradients")),
+]
+
 
 # ---------------------------------------------------------------- running
 
