@@ -82,3 +82,11 @@ __all__ = [
     "Embedding", "TokenPositionEmbedding", "SparseGrad",
     "optim", "reference", "get_num_threads", "set_num_threads", "openmp_enabled",
 ]
+
+from ._kernels import BagArgumentError, BagModeError
+from .ops import embedding_bag, embedding_bag_backward, embedding_bag_grad_rows, embedding_bag_weights_grad
+
+__all__ += [
+    "embedding_bag", "embedding_bag_backward", "embedding_bag_grad_rows", "embedding_bag_weights_grad",
+    "BagArgumentError", "BagModeError",
+]

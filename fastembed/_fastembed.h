@@ -119,4 +119,37 @@ FE_CLONES static void fe_scaled_row(float *FE_RESTRICT w, const float *FE_RESTRI
 #define fe_prefetch_write(p) ((void)0)
 #endif
 
+/* ---------------------------------------------------------------- embedding bags (_bag.pxi) */
+
+/* out[d] += s * a[d]: the product rounded, then the sum (the build turns FMA contraction off), as torch's
+   per-lookup gradient `grad[bag] * weight` followed by an add. */
+FE_CLONES static void fe_bag_axpy(float *FE_RESTRICT out, const float *FE_RESTRICT a, ptrdiff_t n, float s) {
+    for (ptrdiff_t d = 0; d < n; d++) out[d] += s * a[d];
+}
+
+/* A bag's running max: where a[d] > out[d], out[d] = a[d] and arg[d] = r. Strictly greater, as torch's CPU
+   kernel: on a tie the earlier row stays, and a NaN already in out stays (NaN > x and x > NaN are false). */
+FE_CLONES static void fe_bag_max(float *FE_RESTRICT out, int64_t *FE_RESTRICT arg, const float *FE_RESTRICT a,
+                                 ptrdiff_t n, int64_t r) {
+    for (ptrdiff_t d = 0; d < n; d++) {
+        if (a[d] > out[d]) {
+            out[d] = a[d];
+            arg[d] = r;
+        }
+    }
+}
+
+/* out[d] /= c: a mean bag's sum divided by its count (a division, not a reciprocal's product, as torch's
+   forward `output /= bag_size`). */
+FE_CLONES static void fe_bag_div(float *FE_RESTRICT out, ptrdiff_t n, float c) {
+    for (ptrdiff_t d = 0; d < n; d++) out[d] /= c;
+}
+
+/* The dot product in column order, one float32 rounding per step (a fixed order a transcription can follow). */
+static inline float fe_bag_dot(const float *a, const float *b, ptrdiff_t n) {
+    float acc = 0.0f;
+    for (ptrdiff_t d = 0; d < n; d++) acc += a[d] * b[d];
+    return acc;
+}
+
 #endif

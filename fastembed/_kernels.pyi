@@ -79,3 +79,48 @@ def adam_step(
     bias2: float,
     check_only: bool = False,
 ) -> None: ...
+
+# embedding bags (_bag.pxi); BagArgumentError and BagModeError are exported as fastembed.BagArgumentError
+# and fastembed.BagModeError.
+class BagArgumentError(ValueError, RuntimeError): ...
+class BagModeError(ValueError, NotImplementedError): ...
+
+def embedding_bag(
+    table: _Float32,
+    ids: _Ids,
+    offsets: _Ids,
+    mode: str,
+    per_sample_weights: _Float32 | None = None,
+    padding_idx: int | None = None,
+    include_last_offset: bool = False,
+    out: _Float32 | None = None,
+) -> _Float32 | tuple[_Float32, npt.NDArray[np.int64]]: ...
+def embedding_bag_backward(
+    grad_table: _Float32,
+    ids: _Ids,
+    offsets: _Ids,
+    grad_out: _Float32,
+    mode: str,
+    per_sample_weights: _Float32 | None = None,
+    padding_idx: int | None = None,
+    include_last_offset: bool = False,
+    argmax: npt.NDArray[np.int64] | None = None,
+) -> None: ...
+def embedding_bag_grad_rows(
+    num_embeddings: int,
+    ids: _Ids,
+    offsets: _Ids,
+    grad_out: _Float32,
+    mode: str,
+    per_sample_weights: _Float32 | None = None,
+    padding_idx: int | None = None,
+    include_last_offset: bool = False,
+) -> tuple[npt.NDArray[np.int64], _Float32]: ...
+def embedding_bag_weights_grad(
+    table: _Float32,
+    ids: _Ids,
+    offsets: _Ids,
+    grad_out: _Float32,
+    padding_idx: int | None = None,
+    include_last_offset: bool = False,
+) -> _Float32: ...

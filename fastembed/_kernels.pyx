@@ -572,3 +572,4 @@ def coalesce(ids, grad_out):
 # ---------------------------------------------------------------- optimizers
 
 include "_optim.pxi"
+include "_bag.pxi"

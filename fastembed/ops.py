@@ -220,3 +220,155 @@ def positions_array(ids, positions=None):
     if ids.ndim == 0:
         return np.array(start, dtype=np.int64)
     return np.asarray(np.broadcast_to(start + np.arange(ids.shape[-1], dtype=np.int64), ids.shape), order="C")
+
+
+# ---------------------------------------------------------------- embedding bags (torch's F.embedding_bag)
+
+__all__ += ["embedding_bag", "embedding_bag_backward", "embedding_bag_grad_rows", "embedding_bag_weights_grad"]
+
+
+def _bag_args(ids, offsets, per_sample_weights, include_last_offset, targets, names):
+    """(ids, offsets, per_sample_weights, include_last_offset, shape of ids) as the kernels take them:
+    2-D ids are B bags of ids.shape[1] ids each (torch's rule: offsets must then be None)."""
+    original = ids
+    if type(ids) is not _ndarray or ids.dtype not in _NATIVE_IDS:
+        ids = _converted_ids(ids, targets, names)
+    shape = ids.shape
+    if ids.ndim == 2:
+        if offsets is not None:
+            raise ValueError(
+                "if ids is 2-D, offsets has to be None: each row of ids is one bag (torch's rule); "
+                f"got offsets of type {type(offsets).__name__}"
+            )
+        if isinstance(per_sample_weights, np.ndarray):
+            if per_sample_weights.shape != shape:
+                raise ValueError(
+                    f"per_sample_weights must have the same shape as ids, got per_sample_weights.shape="
+                    f"{per_sample_weights.shape} and ids.shape={shape}"
+                )
+            per_sample_weights = per_sample_weights.reshape(-1)
+        # A row of length 0 makes B empty bags (torch refuses it: arange's step would be 0).
+        offsets = np.arange(shape[0], dtype=np.int64) * shape[1]
+        ids = _check_apart(original, ids.reshape(-1), "ids", targets, names)
+        return ids, offsets, per_sample_weights, False, shape
+    if ids.ndim != 1:
+        raise ValueError(f"ids has to be 1-D (with offsets) or 2-D (fixed-length bags), got ids.shape={shape}")
+    if offsets is None:
+        raise ValueError("offsets has to be a 1-D integer array for 1-D ids, got None (2-D ids need none)")
+    if type(offsets) is not _ndarray or offsets.dtype not in _NATIVE_IDS:
+        offsets = as_ids(offsets, "offsets")  # the kernels copy offsets anyway: no aliasing to check
+    return ids, offsets, per_sample_weights, bool(include_last_offset), shape
+
+
+def embedding_bag(table, ids, offsets=None, *, mode="mean", per_sample_weights=None, padding_idx=None,
+                  include_last_offset=False, out=None, return_argmax=False):
+    """Bags of rows, each reduced to one row: torch's ``F.embedding_bag`` (CPU), in one pass per bag.
+
+    Bag b holds ``ids[offsets[b]:offsets[b + 1]]``; the last bag ends at ``len(ids)``, or with
+    ``include_last_offset=True`` (offsets then has B + 1 entries) at ``offsets[B]``: ids past it are in no
+    bag. 2-D ids are B bags of ``ids.shape[1]`` ids each, and offsets must be None.
+
+    Parameters
+    ----------
+    table : ndarray of float32, shape (V, D), C-contiguous
+    ids : array-like of int, shape (N,) with offsets, or (B, L) without
+    offsets : array-like of int, shape (B,) or (B + 1,) with include_last_offset
+        Non-decreasing, from 0 to at most N.
+    mode : "sum", "mean" or "max"
+    per_sample_weights : ndarray of float32, ids' shape, optional
+        Each row is multiplied by its weight before the sum; mode "sum" only (torch's rule).
+    padding_idx : int, optional
+        Ids equal to it (negative: counted from the end, ``V + padding_idx``) are left out of their bag and
+        of the mean's count.
+    out : ndarray of float32, shape (B, D), optional
+    return_argmax : bool
+        Mode "max" only: also return argmax, what ``embedding_bag_backward`` needs.
+
+    Returns
+    -------
+    out : ndarray of float32, shape (B, D)
+        An empty bag (or one of padding only) gives zeros. Sums run in the order of the ids; a mean is the
+        sum divided by the count; a max keeps the first of equal values (and a NaN once it holds one).
+    argmax : ndarray of int64, shape (B, D), with return_argmax
+        The row each column's max came from; 0 for an empty bag, as torch reports it.
+
+    Errors: offsets not starting at 0, decreasing, negative or past the ids, and a padding_idx outside
+    [-V, V), raise ``BagArgumentError``, a ValueError that is also the RuntimeError torch raises;
+    per_sample_weights with a mode other than sum raise ``BagModeError`` (ValueError and torch's
+    NotImplementedError); ids out of range raise IndexError. Nothing is written when a call raises.
+    """
+    if return_argmax and mode != "max":
+        raise ValueError(f"return_argmax is for mode='max' only, got mode={mode!r}")
+    ids, offsets, per_sample_weights, include_last_offset, _ = _bag_args(
+        ids, offsets, per_sample_weights, include_last_offset, (out,), ("out",))
+    result = _kernels.embedding_bag(table, ids, offsets, mode, per_sample_weights, padding_idx,
+                                    include_last_offset, out)
+    if mode == "max" and not return_argmax:
+        return result[0]
+    return result
+
+
+def embedding_bag_backward(grad_table, ids, offsets, grad_out, *, mode="mean", per_sample_weights=None,
+                           padding_idx=None, include_last_offset=False, argmax=None):
+    """The dense gradient of `embedding_bag`, accumulated in place into grad_table.
+
+    ``grad_table[ids[i]] += grad_out[b] * s_i`` for every id i of bag b that is not padding, with s_i = 1
+    (sum), ``per_sample_weights[i]`` (sum with weights) or ``1 / count`` (mean, count without padding);
+    in mode "max", ``grad_table[argmax[b, d], d] += grad_out[b, d]`` for every bag that is not empty.
+    Additions run in bag order, then ids order: bitwise the same for every thread count.
+
+    Parameters
+    ----------
+    grad_table : ndarray of float32, shape (V, D), C-contiguous and writeable
+    ids, offsets, mode, per_sample_weights, padding_idx, include_last_offset : as in `embedding_bag`
+    grad_out : ndarray of float32, shape (B, D)
+    argmax : ndarray of int64, shape (B, D)
+        Mode "max" only (and needed there): from ``embedding_bag(..., return_argmax=True)``.
+    """
+    targets, names = (grad_table,), ("grad_table",)
+    ids, offsets, per_sample_weights, include_last_offset, _ = _bag_args(
+        ids, offsets, per_sample_weights, include_last_offset, targets, names)
+    _kernels.embedding_bag_backward(grad_table, ids, offsets, grad_out, mode, per_sample_weights, padding_idx,
+                                    include_last_offset, argmax)
+
+
+def embedding_bag_grad_rows(num_embeddings, ids, offsets, grad_out, *, mode="mean", per_sample_weights=None,
+                            padding_idx=None, include_last_offset=False):
+    """The sparse gradient of `embedding_bag` in torch's layout (``sparse=True``): one entry per lookup.
+
+    Entries follow the ids, uncoalesced, leaving out padding_idx and ids in no bag, as torch's
+    ``weight.grad._indices()`` and ``._values()`` do. Mode "max" has no sparse gradient (as in torch).
+
+    Parameters
+    ----------
+    num_embeddings : int
+        V, the table's rows (ids are checked against it).
+    ids, offsets, mode, per_sample_weights, padding_idx, include_last_offset : as in `embedding_bag`
+    grad_out : ndarray of float32, shape (B, D)
+
+    Returns
+    -------
+    rows : ndarray of int64, shape (K,)
+    values : ndarray of float32, shape (K, D)
+        ``values[k] = grad_out[b] * s_i`` for the k-th kept lookup i, of bag b (s_i as in
+        `embedding_bag_backward`). ``scatter_add(zeros, rows, values)`` is bitwise the dense gradient.
+    """
+    ids, offsets, per_sample_weights, include_last_offset, _ = _bag_args(
+        ids, offsets, per_sample_weights, include_last_offset, (), ())
+    return _kernels.embedding_bag_grad_rows(num_embeddings, ids, offsets, grad_out, mode, per_sample_weights,
+                                            padding_idx, include_last_offset)
+
+
+def embedding_bag_weights_grad(table, ids, offsets, grad_out, *, padding_idx=None, include_last_offset=False):
+    """The gradient of `embedding_bag` (mode "sum") with respect to per_sample_weights.
+
+    ``result[i] = table[ids[i]] . grad_out[b]`` for id i of bag b, summed in column order in float32;
+    0 for padding and for ids in no bag.
+
+    Returns
+    -------
+    ndarray of float32, ids' shape
+    """
+    ids, offsets, _, include_last_offset, shape = _bag_args(ids, offsets, None, include_last_offset, (), ())
+    result = _kernels.embedding_bag_weights_grad(table, ids, offsets, grad_out, padding_idx, include_last_offset)
+    return result.reshape(shape)

@@ -28,3 +28,51 @@ def gather_add_backward(
 ) -> None: ...
 def coalesce(ids: npt.ArrayLike, grad_out: _Float32) -> tuple[npt.NDArray[np.int64], _Float32]: ...
 def positions_array(ids: npt.ArrayLike, positions: _Positions = None) -> npt.NDArray[np.int64]: ...
+
+# embedding bags
+__all__ += ["embedding_bag", "embedding_bag_backward", "embedding_bag_grad_rows", "embedding_bag_weights_grad"]
+
+def embedding_bag(
+    table: _Float32,
+    ids: npt.ArrayLike,
+    offsets: npt.ArrayLike | None = None,
+    *,
+    mode: str = "mean",
+    per_sample_weights: _Float32 | None = None,
+    padding_idx: int | None = None,
+    include_last_offset: bool = False,
+    out: _Float32 | None = None,
+    return_argmax: bool = False,
+) -> _Float32 | tuple[_Float32, npt.NDArray[np.int64]]: ...
+def embedding_bag_backward(
+    grad_table: _Float32,
+    ids: npt.ArrayLike,
+    offsets: npt.ArrayLike | None,
+    grad_out: _Float32,
+    *,
+    mode: str = "mean",
+    per_sample_weights: _Float32 | None = None,
+    padding_idx: int | None = None,
+    include_last_offset: bool = False,
+    argmax: npt.NDArray[np.int64] | None = None,
+) -> None: ...
+def embedding_bag_grad_rows(
+    num_embeddings: int,
+    ids: npt.ArrayLike,
+    offsets: npt.ArrayLike | None,
+    grad_out: _Float32,
+    *,
+    mode: str = "mean",
+    per_sample_weights: _Float32 | None = None,
+    padding_idx: int | None = None,
+    include_last_offset: bool = False,
+) -> tuple[npt.NDArray[np.int64], _Float32]: ...
+def embedding_bag_weights_grad(
+    table: _Float32,
+    ids: npt.ArrayLike,
+    offsets: npt.ArrayLike | None,
+    grad_out: _Float32,
+    *,
+    padding_idx: int | None = None,
+    include_last_offset: bool = False,
+) -> _Float32: ...
