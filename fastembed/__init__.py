@@ -90,3 +90,7 @@ __all__ += [
     "embedding_bag", "embedding_bag_backward", "embedding_bag_grad_rows", "embedding_bag_weights_grad",
     "BagArgumentError", "BagModeError",
 ]
+
+from .ops import renorm  # noqa: E402  (torch's max_norm for a lookup, in place)
+
+__all__.append("renorm")

@@ -124,3 +124,6 @@ def embedding_bag_weights_grad(
     padding_idx: int | None = None,
     include_last_offset: bool = False,
 ) -> _Float32: ...
+
+def renorm(table: _Float32, ids: npt.NDArray[np.int32] | npt.NDArray[np.int64], max_norm: float,
+           norm_type: float = 2.0) -> None: ...

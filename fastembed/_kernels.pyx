@@ -573,3 +573,5 @@ def coalesce(ids, grad_out):
 
 include "_optim.pxi"
 include "_bag.pxi"
+
+include "_norm.pxi"

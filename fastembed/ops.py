@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _kernels
 
-__all__ = ["gather", "gather_add", "scatter_add", "gather_add_backward", "coalesce", "as_ids"]
+__all__ = ["gather", "gather_add", "scatter_add", "gather_add_backward", "coalesce", "as_ids", "renorm"]
 
 _ndarray = np.ndarray
 _NATIVE_IDS = (np.dtype(np.int64), np.dtype(np.int32))  # int64 first: the common case matches by identity
@@ -372,3 +372,27 @@ def embedding_bag_weights_grad(table, ids, offsets, grad_out, *, padding_idx=Non
     ids, offsets, _, include_last_offset, shape = _bag_args(ids, offsets, None, include_last_offset, (), ())
     result = _kernels.embedding_bag_weights_grad(table, ids, offsets, grad_out, padding_idx, include_last_offset)
     return result.reshape(shape)
+
+def renorm(table, ids, max_norm, norm_type=2.0):
+    """torch's ``max_norm`` for a lookup (``torch.embedding_renorm_``), in place.
+
+    Each distinct row ``r`` of table that ids name whose ``norm_type``-norm exceeds
+    ``max_norm`` is multiplied by ``max_norm / (norm + 1e-7)``; other rows are left
+    as they are. The norm is summed in float64 and rounded to float32 (torch's is
+    a float32 value); the factor is formed in float64 and applied in float32.
+    Deterministic: the same bits for any number of threads.
+
+    Parameters
+    ----------
+    table : ndarray of float32, shape (V, D), C-contiguous and writeable
+    ids : array-like of int in [0, V), any shape (duplicates count once)
+    max_norm : float >= 0
+    norm_type : float, the p of the p-norm: inf and -inf (max and min of
+        abs(x)), 0 (the number of nonzero x) and any other p (torch's).
+
+    Every check happens before the first write: an id out of range is an
+    IndexError and leaves every row as it was.
+    """
+    if type(ids) is not _ndarray or ids.dtype not in _NATIVE_IDS:
+        ids = as_ids(ids)
+    _kernels.renorm(table, ids, max_norm, norm_type)

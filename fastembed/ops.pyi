@@ -5,7 +5,7 @@ import numpy.typing as npt
 _Float32 = npt.NDArray[np.float32]
 _Positions = int | npt.ArrayLike | None
 
-__all__ = ["gather", "gather_add", "scatter_add", "gather_add_backward", "coalesce", "as_ids"]
+__all__ = ["gather", "gather_add", "scatter_add", "gather_add_backward", "coalesce", "as_ids", "renorm"]
 
 def as_ids(ids: npt.ArrayLike, name: str = "ids") -> npt.NDArray[np.int32] | npt.NDArray[np.int64]: ...
 def gather(table: _Float32, ids: npt.ArrayLike, *, out: _Float32 | None = None) -> _Float32: ...
@@ -76,3 +76,5 @@ def embedding_bag_weights_grad(
     padding_idx: int | None = None,
     include_last_offset: bool = False,
 ) -> _Float32: ...
+
+def renorm(table: _Float32, ids: npt.ArrayLike, max_norm: float, norm_type: float = 2.0) -> None: ...

@@ -188,3 +188,54 @@ def _zip_nested(ids, positions, fn):
     if isinstance(ids, int):
         return fn(ids, positions)
     return [_zip_nested(i, p, fn) for i, p in zip(ids, positions, strict=True)]
+
+
+def _float32(x):
+    """x rounded to the nearest float32 (as a Python float)."""
+    import struct
+
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def _norm(row, p):
+    """The p-norm of a row of floats as torch defines it for every p, summed in order in double."""
+    if p == math.inf or p == -math.inf:
+        if not row:
+            return 0.0
+        best = abs(row[0])
+        for x in row[1:]:
+            a = abs(x)
+            if a != a or (a > best if p > 0 else a < best):  # NaN wins, as in torch
+                best = a
+        return best
+    if p == 0:
+        return float(sum(1 for x in row if x != 0))
+    total = 0.0
+    for x in row:
+        a = abs(x)
+        if p == 2:
+            total += a * a
+        elif p == 1:
+            total += a
+        else:
+            total += math.inf if a == 0 and p < 0 else a ** p  # Python's 0.0 ** -p raises; C's pow is inf
+    if p == 2:
+        return math.sqrt(total)
+    if p == 1:
+        return total
+    return math.inf if total == 0 and p < 0 else total ** (1.0 / p)
+
+
+def renorm(table, ids, max_norm, norm_type=2.0):
+    """torch's embedding_renorm_ on nested lists: each distinct row r of table named in ids (a flat list of
+    ints) whose norm_type-norm, rounded to float32, exceeds max_norm is multiplied in place by the float32
+    nearest max_norm / (norm + 1e-7), each product rounded to float32. Rows must hold float32 values.
+    Every id is checked before any row changes."""
+    rows = len(table)
+    for i in ids:
+        _check_id(i, rows, "ids")
+    for r in sorted(set(ids)):
+        norm = _float32(_norm(table[r], norm_type))
+        if norm > max_norm:
+            scale = _float32(max_norm / (norm + 1e-7))
+            table[r] = [_float32(x * scale) for x in table[r]]

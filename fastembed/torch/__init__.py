@@ -34,7 +34,7 @@ from torch.autograd.function import once_differentiable
 from .. import ops
 from ..nn import INIT_STD, _fused_rule
 
-__all__ = ["Embedding", "TokenPositionEmbedding"]
+__all__ = ["Embedding", "TokenPositionEmbedding", "functional"]
 
 _ID_DTYPES = (torch.int32, torch.int64)
 
@@ -237,6 +237,87 @@ class _TokenPositionFunction(torch.autograd.Function):
         return (token_grad, position_grad) + none
 
 
+# ---------------------------------------------------------------- the lookup (module and functional)
+
+_PADDING_MESSAGE = "Padding_idx must be within num_embeddings"  # torch's words, for code that matches them
+
+
+def _padding_index(padding_idx, num_embeddings):
+    """padding_idx normalised as torch does it (negative counts from the end; None stays None), with
+    torch's AssertionError when it is out of range."""
+    if padding_idx is not None:
+        if padding_idx > 0:
+            if padding_idx >= num_embeddings:
+                raise AssertionError(_PADDING_MESSAGE)
+        elif padding_idx < 0:
+            if padding_idx < -num_embeddings:
+                raise AssertionError(_PADDING_MESSAGE)
+            padding_idx = num_embeddings + padding_idx
+    return padding_idx
+
+
+def _uses_kernels(weight, input):
+    """Whether a lookup runs on fastembed's kernels: a dense, contiguous, 2-D float32 CPU table and dense
+    CPU int32/int64 ids. Everything else torch accepts (float64, float16 and bfloat16 tables, integer
+    tables from from_pretrained, strided tables, the meta device, ...) and everything it refuses goes to
+    torch's own F.embedding, so that it gives torch's result or torch's error. This is the one place
+    that decides: when the kernels take more dtypes, only this predicate widens."""
+    return (type(weight) in _TENSOR_TYPES and weight.dtype == torch.float32 and weight.is_cpu
+            and weight.layout == torch.strided and weight.dim() == 2 and weight.is_contiguous()
+            and isinstance(input, torch.Tensor) and input.dtype in _ID_DTYPES and input.is_cpu
+            and input.layout == torch.strided)
+
+
+_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)  # subclasses have their own __torch_function__: torch's path
+
+
+def _renorm_needs_torch(max_norm, norm_type):
+    """A max_norm or norm_type fastembed's renorm refuses (negative or NaN max_norm, NaN norm_type) but
+    torch applies anyway: torch's own embedding_renorm_ then, for torch's result."""
+    return not max_norm >= 0 or norm_type != norm_type
+
+
+def _embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse, fused=None,
+               view=None):
+    """F.embedding's semantics, on fastembed's kernels when `_uses_kernels`; the one path of both
+    `Embedding.forward` and `functional.embedding`. fused is (rule, buffers) or None; view a `_View`
+    that caches the table's numpy view (the module's), or None."""
+    if fused is None and (scale_grad_by_freq or not _uses_kernels(weight, input)
+                          or (max_norm is not None and _renorm_needs_torch(max_norm, norm_type))):
+        # torch's own lookup: torch's result, gradient and errors, padding_idx checked by torch
+        return torch.nn.functional.embedding(input, weight, padding_idx, max_norm, norm_type,
+                                             scale_grad_by_freq, sparse)
+    padding_idx = _padding_index(padding_idx, weight.size(0))
+    table = view(weight, "weight") if view is not None else _table(weight, "weight")
+    if max_norm is not None:
+        _renorm(weight, table, input, max_norm, norm_type)
+    if sparse and weight.requires_grad and torch.is_grad_enabled():
+        return _sparse_lookup(weight, table, input, padding_idx)
+    return _EmbeddingFunction.apply(weight, input, table, padding_idx, sparse, fused)
+
+
+def _renorm(weight, table, input, max_norm, norm_type):
+    """torch's max_norm: the rows input looks up, renormalised in place before the lookup (as torch,
+    outside autograd, the weight's version counter moved once). fastembed's renorm checks every id
+    first, so a bad id changes nothing (torch's renorm may already have scaled some rows)."""
+    ops.renorm(table, _ids(input), float(max_norm), float(norm_type))
+    torch.autograd.graph.increment_version(weight)
+
+
+def _sparse_lookup(weight, table, ids, padding_idx):
+    """A lookup whose gradient is torch's sparse one: there is nothing to compute in its backward
+    (one entry per lookup), so it is torch's own F.embedding, whose C++ autograd node costs less
+    than a Python autograd.Function (about 17 us for an empty one, against 11 us for F.embedding's
+    whole forward at the book's size on the 2-core machine): the same bits, faster. The ids and
+    the table are checked as everywhere else first, and an id out of range gets fastembed's error."""
+    idn = _ids(ids)
+    try:
+        return torch.nn.functional.embedding(ids, weight, padding_idx, None, 2.0, False, True)
+    except IndexError:
+        ops.gather(table, idn)  # raises the IndexError that names the id, where it stands, and the rows
+        raise
+
+
 # ---------------------------------------------------------------- modules
 
 def _check_cpu_float32(device, dtype):
@@ -247,54 +328,68 @@ def _check_cpu_float32(device, dtype):
 
 
 class Embedding(torch.nn.Module):
-    """A drop-in for ``torch.nn.Embedding`` on CPU, float32, on fastembed's kernels.
+    """A drop-in for ``torch.nn.Embedding``: swap the class and torch code gets torch's results.
 
-    Same constructor, attributes, initialisation (N(0, 1), the padding row zero)
-    and results; ``padding_idx`` rows get no gradient; ``sparse=True`` gives
+    Every constructor argument of ``nn.Embedding`` (``padding_idx``, ``max_norm``,
+    ``norm_type``, ``scale_grad_by_freq``, ``sparse``, ``_weight``, ``_freeze``,
+    ``device``, ``dtype``; the default dtype is ``torch.get_default_dtype()``), its
+    errors (an out-of-range ``padding_idx`` is torch's AssertionError), attributes,
+    initialisation (N(0, 1), the padding row zero), ``from_pretrained``,
+    ``reset_parameters``, ``extra_repr`` and ``state_dict`` (one ``weight``,
+    loadable into and from ``nn.Embedding``).
+
+    Which path a lookup takes (one predicate, `_uses_kernels`): a float32, dense,
+    contiguous CPU table with int32/int64 ids runs on fastembed's kernels: the
+    gather, the scatter-add backward, and, for ``max_norm``, fastembed's renorm
+    (the looked-up rows scaled in place before the lookup, as torch does; it checks
+    every id first, so a bad id changes no row, where torch's may have scaled some).
+    Every other dtype or device torch accepts (float64, float16, bfloat16, an
+    integer table from ``from_pretrained``, ``meta``, a strided table) is torch's
+    own ``F.embedding`` for now, so it gives torch's result; when the kernels take
+    those dtypes, the predicate widens. ``scale_grad_by_freq=True`` is torch's own
+    ``F.embedding`` too (there is no kernel for it yet). ``sparse=True`` gives
     torch's sparse gradient (one uncoalesced entry per lookup): such a lookup,
-    whose backward computes nothing, is torch's own ``F.embedding`` (cheaper to
-    call than any Python autograd function), after fastembed's checks. ``max_norm`` and
-    ``scale_grad_by_freq`` are not supported (NotImplementedError), nor are
-    devices other than CPU, dtypes other than float32, and double backward.
+    whose backward computes nothing, is torch's ``F.embedding`` (cheaper to call
+    than any Python autograd function), after fastembed's checks. Double backward
+    on the kernel path is refused.
 
     ``fused``: a rule from `fastembed.torch.optim` (``FusedSGD``, ``FusedAdagrad``,
-    ``FusedRowWiseAdagrad``, ``FusedSparseAdam``). Backward then updates the rows
-    it touches in place and leaves ``weight.grad`` None (no optimizer step to call);
-    the rule's state lives in this module's buffers ``optim_<name>``, saved by
-    ``state_dict()``. Set ``module.fused.lr`` to schedule the learning rate. The
-    update happens during backward (as in FBGEMM's TBE): a weight shared with
-    another layer (a tied output head) changes before that layer's own gradient
-    reaches it, so tie no fused table.
+    ``FusedRowWiseAdagrad``, ``FusedSparseAdam``); fastembed's own option, for
+    float32 CPU tables only and not with ``sparse`` or ``scale_grad_by_freq``.
+    Backward then updates the rows it touches in place and leaves ``weight.grad``
+    None (no optimizer step to call); the rule's state lives in this module's
+    buffers ``optim_<name>``, saved by ``state_dict()`` (so such a state_dict has
+    more keys than ``nn.Embedding``'s). Set ``module.fused.lr`` to schedule the
+    learning rate. The update happens during backward (as in FBGEMM's TBE): a
+    weight shared with another layer (a tied output head) changes before that
+    layer's own gradient reaches it, so tie no fused table.
     """
+
+    __constants__ = ["num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
+                     "scale_grad_by_freq", "sparse"]
 
     def __init__(self, num_embeddings, embedding_dim, padding_idx=None, max_norm=None, norm_type=2.0,
                  scale_grad_by_freq=False, sparse=False, _weight=None, _freeze=False, device=None, dtype=None,
                  fused=None):
         super().__init__()
-        if max_norm is not None:
-            raise NotImplementedError("fastembed.torch.Embedding does not support max_norm (use torch.nn.Embedding)")
-        if scale_grad_by_freq:
-            raise NotImplementedError(
-                "fastembed.torch.Embedding does not support scale_grad_by_freq (use torch.nn.Embedding)")
         fused = _fused_rule(fused, sparse)  # a rule of fastembed.optim or fastembed.torch.optim, not with sparse
-        _check_cpu_float32(device, dtype)
-        if padding_idx is not None:
-            if not -num_embeddings <= padding_idx < num_embeddings:
-                raise ValueError(f"padding_idx must be within num_embeddings={num_embeddings}, got {padding_idx}")
-            padding_idx = padding_idx % num_embeddings
-        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
-        self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse = None, norm_type, False, bool(sparse)
+        if fused is not None and scale_grad_by_freq:
+            raise NotImplementedError("fused= does not take scale_grad_by_freq=True (no fused kernel scales "
+                                      "by frequency); use fused=None with a fastembed.torch.optim optimizer")
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.padding_idx = _padding_index(padding_idx, num_embeddings)
+        self.max_norm, self.norm_type, self.scale_grad_by_freq = max_norm, norm_type, scale_grad_by_freq
         self._view = _View()
         if _weight is None:
-            self.weight = torch.nn.Parameter(torch.empty(num_embeddings, embedding_dim, dtype=torch.float32),
-                                             requires_grad=not _freeze)
+            self.weight = torch.nn.Parameter(
+                torch.empty((num_embeddings, embedding_dim), device=device, dtype=dtype),
+                requires_grad=not _freeze)
             self.reset_parameters()
         else:
-            if tuple(_weight.shape) != (num_embeddings, embedding_dim):
-                raise ValueError(f"_weight must have shape {(num_embeddings, embedding_dim)}, "
-                                 f"got {tuple(_weight.shape)}")
-            _table(_weight, "_weight")
+            if list(_weight.shape) != [num_embeddings, embedding_dim]:
+                raise AssertionError("Shape of weight does not match num_embeddings and embedding_dim")
             self.weight = torch.nn.Parameter(_weight, requires_grad=not _freeze)
+        self.sparse = sparse
         self.fused = fused
         if fused is not None:
             for key, arr in fused.new_state(_table(self.weight, "weight")).items():
@@ -314,30 +409,20 @@ class Embedding(torch.nn.Module):
                 self.weight[self.padding_idx].fill_(0)
 
     def forward(self, input):
-        weight = self.weight
-        table = self._view(weight, "weight")
-        if self.sparse and weight.requires_grad and torch.is_grad_enabled():
-            return self._sparse_lookup(weight, table, input)
-        return _EmbeddingFunction.apply(weight, input, table, self.padding_idx, self.sparse, self._fused_state())
-
-    def _sparse_lookup(self, weight, table, ids):
-        """A lookup whose gradient is torch's sparse one: there is nothing to compute in its backward
-        (one entry per lookup), so it is torch's own F.embedding, whose C++ autograd node costs less
-        than a Python autograd.Function (about 17 us for an empty one, against 11 us for F.embedding's
-        whole forward at the book's size on the 2-core machine): the same bits, faster. The ids and
-        the table are checked as everywhere else first, and an id out of range gets fastembed's error."""
-        idn = _ids(ids)
-        try:
-            return torch.nn.functional.embedding(ids, weight, self.padding_idx, None, 2.0, False, True)
-        except IndexError:
-            ops.gather(table, idn)  # raises the IndexError that names the id, where it stands, and the rows
-            raise
+        return _embedding(input, self.weight, self.padding_idx, self.max_norm, self.norm_type,
+                          self.scale_grad_by_freq, self.sparse, self._fused_state(), self._view)
 
     def extra_repr(self):
         s = f"{self.num_embeddings}, {self.embedding_dim}"
         if self.padding_idx is not None:
             s += f", padding_idx={self.padding_idx}"
-        if self.sparse:
+        if self.max_norm is not None:
+            s += f", max_norm={self.max_norm}"
+        if self.norm_type != 2:
+            s += f", norm_type={self.norm_type}"
+        if self.scale_grad_by_freq is not False:
+            s += f", scale_grad_by_freq={self.scale_grad_by_freq}"
+        if self.sparse is not False:
             s += ", sparse=True"
         if self.fused is not None:
             s += f", fused={self.fused!r}"
@@ -346,14 +431,14 @@ class Embedding(torch.nn.Module):
     @classmethod
     def from_pretrained(cls, embeddings, freeze=True, padding_idx=None, max_norm=None, norm_type=2.0,
                         scale_grad_by_freq=False, sparse=False, fused=None):
-        """An Embedding whose weight is ``embeddings`` itself (shared, as in torch): 2-D, CPU, float32, contiguous."""
-        if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
-            raise ValueError("embeddings must be a 2-D torch.Tensor (rows, dim)")
-        _table(embeddings, "embeddings")
-        rows, dim = embeddings.shape
-        return cls(rows, dim, padding_idx=padding_idx, max_norm=max_norm, norm_type=norm_type,
-                   scale_grad_by_freq=scale_grad_by_freq, sparse=sparse, _weight=embeddings, _freeze=freeze,
-                   fused=fused)
+        """An Embedding whose weight is ``embeddings`` itself (shared, as in torch), 2-D, of any dtype
+        torch takes (float32 CPU contiguous for the kernels and for ``fused``)."""
+        if embeddings.dim() != 2:
+            raise AssertionError("Embeddings parameter is expected to be 2-dimensional")
+        rows, cols = embeddings.shape
+        return cls(num_embeddings=rows, embedding_dim=cols, _weight=embeddings, _freeze=freeze,
+                   padding_idx=padding_idx, max_norm=max_norm, norm_type=norm_type,
+                   scale_grad_by_freq=scale_grad_by_freq, sparse=sparse, fused=fused)
 
 
 class TokenPositionEmbedding(torch.nn.Module):
@@ -375,8 +460,9 @@ class TokenPositionEmbedding(torch.nn.Module):
                  fused=None):
         super().__init__()
         _check_cpu_float32(device, dtype)
-        self.token = Embedding(vocab_size, embedding_dim, sparse=sparse, fused=fused)
-        self.position = Embedding(context_length, embedding_dim, sparse=sparse, fused=fused)
+        # float32 whatever torch's default dtype: the fused op has float32 kernels only
+        self.token = Embedding(vocab_size, embedding_dim, sparse=sparse, fused=fused, dtype=torch.float32)
+        self.position = Embedding(context_length, embedding_dim, sparse=sparse, fused=fused, dtype=torch.float32)
         self.sparse, self.fused = bool(sparse), fused
         self.reset_parameters()
 
@@ -387,6 +473,10 @@ class TokenPositionEmbedding(torch.nn.Module):
     @classmethod
     def from_pretrained(cls, token_weight, position_weight, freeze=True, sparse=False, fused=None):
         """A layer whose tables are the given tensors themselves (2-D, CPU, float32, contiguous, same dim)."""
+        for weight, name in ((token_weight, "token_weight"), (position_weight, "position_weight")):
+            if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+                raise ValueError(f"{name} must be a 2-D torch.Tensor (rows, dim)")
+            _table(weight, name)
         layer = cls(0, 0, 0, sparse=sparse)
         layer.token = Embedding.from_pretrained(token_weight, freeze=freeze, sparse=sparse, fused=fused)
         layer.position = Embedding.from_pretrained(position_weight, freeze=freeze, sparse=sparse, fused=fused)
@@ -397,6 +487,7 @@ class TokenPositionEmbedding(torch.nn.Module):
         return layer
 
     def forward(self, ids, positions=None):
+        """The fused lookup (float32 CPU tables only: a table of another dtype is refused, never cast)."""
         token, position = self.token, self.position
         tw, pw = token.weight, position.weight
         tables = (token._view(tw, "token weight"), position._view(pw, "position weight"))
@@ -407,3 +498,6 @@ class TokenPositionEmbedding(torch.nn.Module):
         return (f"{self.token.num_embeddings}, {self.position.num_embeddings}, {self.token.embedding_dim}"
                 + (", sparse=True" if self.sparse else "")
                 + (f", fused={self.fused!r}" if self.fused is not None else ""))
+
+
+from . import functional  # noqa: E402  (it calls _embedding above: fastembed.torch.functional.embedding)
