@@ -501,3 +501,6 @@ class TokenPositionEmbedding(torch.nn.Module):
 
 
 from . import functional  # noqa: E402  (it calls _embedding above: fastembed.torch.functional.embedding)
+from ._bag import EmbeddingBag  # noqa: E402
+
+__all__.append("EmbeddingBag")

@@ -18,6 +18,7 @@ of the ids, and the backward is bitwise the same for every thread count: the wei
 entry per lookup in the order of the ids, uncoalesced, padding left out); per_sample_weights get theirs.
 """
 import torch
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from .. import ops
 
@@ -130,13 +131,24 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2, scale
 
     See the module's docstring for which calls run on the kernels; every other is torch's own.
     """
+    if has_torch_function_variadic(input, weight, offsets, per_sample_weights):  # tensor subclasses, modes
+        return handle_torch_function(
+            embedding_bag, (input, weight, offsets, per_sample_weights), input, weight, offsets=offsets,
+            max_norm=max_norm, norm_type=norm_type, scale_grad_by_freq=scale_grad_by_freq, mode=mode, sparse=sparse,
+            per_sample_weights=per_sample_weights, include_last_offset=include_last_offset, padding_idx=padding_idx)
     if not _uses_kernels(input, weight, offsets, per_sample_weights, scale_grad_by_freq):
         return torch.nn.functional.embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq,
                                                  mode, sparse, per_sample_weights, include_last_offset, padding_idx)
     _check_arguments(input, offsets, mode, sparse, scale_grad_by_freq, per_sample_weights)
     if max_norm is not None:
-        with torch.no_grad():  # the looked-up rows renormalised in place, as torch does, before the lookup
-            ops.renorm(weight.detach().numpy(), input.numpy(), max_norm, norm_type)
+        # The looked-up rows are renormalised in place before the lookup, as torch does; but first every
+        # argument is checked, by a lookup whose result is dropped (the bag kernels have no check-only pass
+        # yet: the rows are read twice), so a call that raises leaves the weight as it was (torch's may not).
+        table, idn = weight.detach().numpy(), input.numpy()
+        ops.embedding_bag(table, idn, None if offsets is None else offsets.numpy(), mode=mode,
+                          per_sample_weights=None if per_sample_weights is None else per_sample_weights.detach().numpy(),
+                          padding_idx=padding_idx, include_last_offset=include_last_offset)
+        ops.renorm(table, idn, max_norm, norm_type)
     return _BagFunction.apply(weight, per_sample_weights, input, offsets, mode, padding_idx, include_last_offset,
                               sparse)
 
