@@ -216,3 +216,54 @@ def test_threaded_path_gives_the_same_bits():
         results.append((out.detach().clone(), w.grad.clone(), psw.grad.clone()))
     for a, b in zip(*results):
         np.testing.assert_array_equal(a.numpy().view(np.uint32), b.numpy().view(np.uint32))
+
+
+FUSED_PAIRS = [("FusedSGD", "SGD", dict(lr=0.5)), ("FusedAdagrad", "Adagrad", dict(lr=0.5)),
+               ("FusedSparseAdam", "SparseAdam", dict(lr=0.1)), ("FusedRowWiseAdagrad", "RowWiseAdagrad", dict(lr=0.5))]
+
+
+@pytest.mark.parametrize("fused_name,optim_name,hyper", FUSED_PAIRS, ids=[p[0] for p in FUSED_PAIRS])
+@pytest.mark.parametrize("mode,psw", [("sum", False), ("sum", True), ("mean", False)])
+def test_fused_bag_is_the_sparse_bag_and_its_optimizer(fused_name, optim_name, hyper, mode, psw):
+    """Fused: backward moves the looked-up rows as sparse=True + the matching fastembed.torch.optim
+    optimizer does (bitwise: the same gradient rows, the same kernel), and as torch's own optimizer
+    on torch's nn.EmbeddingBag does (to float32 rounding; torch's for SGD, Adagrad, SparseAdam)."""
+    fo = pytest.importorskip("fastembed.torch.optim")
+    g = torch.Generator().manual_seed(11)
+    w0 = torch.randn(12, 5, generator=g)
+    batches = [(torch.randint(0, 12, (9,), generator=g), torch.tensor([0, 3, 3, 7]), torch.randn(9, generator=g))
+               for _ in range(3)]  # repeated ids across and within bags; an empty bag
+    fused = ft.EmbeddingBag.from_pretrained(w0.clone(), freeze=False, mode=mode, padding_idx=4,
+                                            fused=getattr(fo, fused_name)(**hyper))
+    plain = ft.EmbeddingBag.from_pretrained(w0.clone(), freeze=False, mode=mode, padding_idx=4, sparse=True)
+    opt = getattr(fo, optim_name)(plain.parameters(), **hyper)
+    stock = torch.nn.EmbeddingBag.from_pretrained(w0.clone(), freeze=False, mode=mode, padding_idx=4, sparse=True)
+    stock_opt = getattr(torch.optim, optim_name)(stock.parameters(), **hyper) if optim_name != "RowWiseAdagrad" else None
+    for ids, offsets, weights in batches:
+        w = weights if psw else None
+        up = torch.randn(4, 5, generator=g)
+        fused(ids, offsets, w).backward(up)
+        assert fused.weight.grad is None
+        for module, optimizer in ((plain, opt), (stock, stock_opt)):
+            if optimizer is not None:
+                optimizer.zero_grad()
+                module(ids, offsets, w).backward(up)
+                optimizer.step()
+    assert torch.equal(fused.weight, plain.weight)
+    assert not torch.equal(fused.weight, w0)
+    if stock_opt is not None:
+        torch.testing.assert_close(fused.weight, stock.weight, rtol=2e-5, atol=2e-5)
+    state = fused.state_dict()
+    assert all(k == "weight" or k.startswith("optim_") for k in state)
+    assert (set(state) == {"weight"}) == (fused_name == "FusedSGD")  # SGD keeps no state
+
+
+def test_fused_bag_refuses_what_it_cannot_update():
+    fo = pytest.importorskip("fastembed.torch.optim")
+    with pytest.raises(NotImplementedError, match="max"):
+        ft.EmbeddingBag(5, 3, mode="max", fused=fo.FusedSGD(lr=0.1))
+    with pytest.raises(ValueError):
+        ft.EmbeddingBag(5, 3, sparse=True, fused=fo.FusedSGD(lr=0.1))
+    with pytest.raises(TypeError, match="float32"):
+        ft.EmbeddingBag(5, 3, dtype=torch.float64, fused=fo.FusedSGD(lr=0.1))
+    assert "fused=" in repr(ft.EmbeddingBag(5, 3, fused=fo.FusedSGD(lr=0.1)))

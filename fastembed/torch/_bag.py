@@ -21,6 +21,7 @@ import torch
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from .. import ops
+from ..nn import _fused_rule
 
 __all__ = ["EmbeddingBag", "embedding_bag"]
 
@@ -79,7 +80,8 @@ class _BagFunction(torch.autograd.Function):
     layout) and into per_sample_weights."""
 
     @staticmethod
-    def forward(ctx, weight, per_sample_weights, ids, offsets, mode, padding_idx, include_last_offset, sparse):
+    def forward(ctx, weight, per_sample_weights, ids, offsets, mode, padding_idx, include_last_offset, sparse,
+                fused=None):
         table = weight.detach().numpy()
         idn = ids.numpy()
         offn = None if offsets is None else offsets.numpy()
@@ -91,7 +93,7 @@ class _BagFunction(torch.autograd.Function):
         else:
             out = ops.embedding_bag(table, idn, offn, per_sample_weights=psw, **args)
         ctx.table, ctx.ids, ctx.offsets, ctx.psw, ctx.argmax, ctx.args = table, idn, offn, psw, argmax, args
-        ctx.sparse = sparse
+        ctx.sparse, ctx.fused = sparse, fused
         # Saved so that autograd refuses a backward after any of them changed in place (torch's own check);
         # the weight only where per_sample_weights' gradient reads it.
         need_weight = per_sample_weights is not None and per_sample_weights.requires_grad
@@ -106,9 +108,20 @@ class _BagFunction(torch.autograd.Function):
                             f"dtype={grad_out.dtype}, layout={grad_out.layout}, device={grad_out.device}")
         g = grad_out.numpy()
         weight_grad = psw_grad = None
+        if ctx.needs_input_grad[1]:  # first: a fused update below moves the rows this gradient reads
+            psw_grad = torch.from_numpy(ops.embedding_bag_weights_grad(
+                ctx.table, ctx.ids, ctx.offsets, g, padding_idx=ctx.args["padding_idx"],
+                include_last_offset=ctx.args["include_last_offset"]))
         if ctx.needs_input_grad[0]:
             rows = ctx.table.shape[0]
-            if ctx.sparse:
+            if ctx.fused is not None:
+                # the rule's update of the rows the bags looked up, from their per-lookup gradient rows:
+                # the result of sparse=True and the matching optimizer, with no gradient stored
+                rule, buffers = ctx.fused
+                index, values = ops.embedding_bag_grad_rows(rows, ctx.ids, ctx.offsets, g, per_sample_weights=ctx.psw,
+                                                            **ctx.args)
+                rule.update(ctx.table, {k: b.numpy() for k, b in buffers.items()}, index, values)
+            elif ctx.sparse:
                 index, values = ops.embedding_bag_grad_rows(rows, ctx.ids, ctx.offsets, g, per_sample_weights=ctx.psw,
                                                             **ctx.args)
                 weight_grad = torch.sparse_coo_tensor(torch.from_numpy(index).reshape(1, -1),
@@ -118,11 +131,7 @@ class _BagFunction(torch.autograd.Function):
                 weight_grad = torch.zeros(ctx.table.shape, dtype=torch.float32)
                 ops.embedding_bag_backward(weight_grad.numpy(), ctx.ids, ctx.offsets, g, per_sample_weights=ctx.psw,
                                            argmax=ctx.argmax, **ctx.args)
-        if ctx.needs_input_grad[1]:
-            psw_grad = torch.from_numpy(ops.embedding_bag_weights_grad(
-                ctx.table, ctx.ids, ctx.offsets, g, padding_idx=ctx.args["padding_idx"],
-                include_last_offset=ctx.args["include_last_offset"]))
-        return weight_grad, psw_grad, None, None, None, None, None, None
+        return weight_grad, psw_grad, None, None, None, None, None, None, None
 
 
 def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2, scale_grad_by_freq=False, mode="mean",
@@ -131,12 +140,20 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2, scale
 
     See the module's docstring for which calls run on the kernels; every other is torch's own.
     """
+    return _embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq, mode, sparse,
+                          per_sample_weights, include_last_offset, padding_idx)
+
+
+def _embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq, mode, sparse, per_sample_weights,
+                   include_last_offset, padding_idx, fused=None):
+    """`embedding_bag`, and the fused module's path (fused: (rule, buffers); the module checked that the
+    kernels take its weight)."""
     if has_torch_function_variadic(input, weight, offsets, per_sample_weights):  # tensor subclasses, modes
         return handle_torch_function(
             embedding_bag, (input, weight, offsets, per_sample_weights), input, weight, offsets=offsets,
             max_norm=max_norm, norm_type=norm_type, scale_grad_by_freq=scale_grad_by_freq, mode=mode, sparse=sparse,
             per_sample_weights=per_sample_weights, include_last_offset=include_last_offset, padding_idx=padding_idx)
-    if not _uses_kernels(input, weight, offsets, per_sample_weights, scale_grad_by_freq):
+    if fused is None and not _uses_kernels(input, weight, offsets, per_sample_weights, scale_grad_by_freq):
         return torch.nn.functional.embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq,
                                                  mode, sparse, per_sample_weights, include_last_offset, padding_idx)
     _check_arguments(input, offsets, mode, sparse, scale_grad_by_freq, per_sample_weights)
@@ -150,7 +167,7 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2, scale
                           padding_idx=padding_idx, include_last_offset=include_last_offset)
         ops.renorm(table, idn, max_norm, norm_type)
     return _BagFunction.apply(weight, per_sample_weights, input, offsets, mode, padding_idx, include_last_offset,
-                              sparse)
+                              sparse, fused)
 
 
 class EmbeddingBag(torch.nn.EmbeddingBag):
@@ -159,8 +176,56 @@ class EmbeddingBag(torch.nn.EmbeddingBag):
     Everything but ``forward`` is torch's own class: the same constructor and defaults, attributes,
     initialisation, ``from_pretrained``, ``extra_repr`` and ``state_dict``; ``isinstance(m,
     torch.nn.EmbeddingBag)`` holds.
+
+    ``fused`` (keyword only; also taken by ``from_pretrained``): a rule of `fastembed.torch.optim`
+    (``FusedSGD``, ``FusedAdagrad``, ``FusedRowWiseAdagrad``, ``FusedSparseAdam``), as for
+    `fastembed.torch.Embedding`: backward updates the rows the bags looked up, in place, from their
+    per-lookup gradient rows, and stores no gradient: the result of ``sparse=True`` and the matching
+    optimizer. Its state lives in the buffers ``optim_<name>`` (saved by ``state_dict()``). A float32
+    CPU contiguous weight, modes sum and mean (max mode has no per-lookup gradient, as it has no sparse
+    one), no ``sparse`` nor ``scale_grad_by_freq``. The update happens during backward: tie no fused table.
     """
 
+    def __init__(self, num_embeddings, embedding_dim, max_norm=None, norm_type=2.0, scale_grad_by_freq=False,
+                 mode="mean", sparse=False, _weight=None, include_last_offset=False, padding_idx=None, device=None,
+                 dtype=None, *, fused=None):
+        super().__init__(num_embeddings, embedding_dim, max_norm, norm_type, scale_grad_by_freq, mode, sparse,
+                         _weight, include_last_offset, padding_idx, device, dtype)
+        self._set_fused(fused)
+
+    def _set_fused(self, fused):
+        fused = _fused_rule(fused, self.sparse)
+        if fused is not None:
+            if self.mode == "max":
+                raise NotImplementedError("fused= takes modes sum and mean: max mode gives no gradient rows per "
+                                          "lookup to update from (torch has no sparse max either)")
+            if self.scale_grad_by_freq:
+                raise NotImplementedError("fused= does not take scale_grad_by_freq=True")
+            w = self.weight
+            if not (w.dtype == torch.float32 and w.device.type == "cpu" and w.layout == torch.strided
+                    and w.is_contiguous()):
+                raise TypeError(f"fused= needs a contiguous CPU float32 weight, got dtype={w.dtype}, "
+                                f"device={w.device}, contiguous={w.is_contiguous()}")
+            for key, arr in fused.new_state(w.detach().numpy()).items():
+                self.register_buffer("optim_" + key, torch.from_numpy(arr))
+        self.fused = fused
+
+    @classmethod
+    def from_pretrained(cls, embeddings, freeze=True, max_norm=None, norm_type=2.0, scale_grad_by_freq=False,
+                        mode="mean", sparse=False, include_last_offset=False, padding_idx=None, *, fused=None):
+        bag = super().from_pretrained(embeddings, freeze, max_norm, norm_type, scale_grad_by_freq, mode, sparse,
+                                      include_last_offset, padding_idx)
+        bag._set_fused(fused)
+        return bag
+
     def forward(self, input, offsets=None, per_sample_weights=None):
-        return embedding_bag(input, self.weight, offsets, self.max_norm, self.norm_type, self.scale_grad_by_freq,
-                             self.mode, self.sparse, per_sample_weights, self.include_last_offset, self.padding_idx)
+        if self.fused is None:
+            return embedding_bag(input, self.weight, offsets, self.max_norm, self.norm_type, self.scale_grad_by_freq,
+                                 self.mode, self.sparse, per_sample_weights, self.include_last_offset,
+                                 self.padding_idx)
+        buffers = {name[6:]: b for name, b in self.named_buffers(recurse=False) if name.startswith("optim_")}
+        return _embedding_bag(input, self.weight, offsets, self.max_norm, self.norm_type, False, self.mode, False,
+                              per_sample_weights, self.include_last_offset, self.padding_idx, (self.fused, buffers))
+
+    def extra_repr(self):
+        return super().extra_repr() + ("" if self.fused is None else f", fused={self.fused!r}")
