@@ -83,12 +83,12 @@ __all__ = [
     "optim", "reference", "get_num_threads", "set_num_threads", "openmp_enabled",
 ]
 
-from ._kernels import BagArgumentError, BagModeError
+from ._kernels import BagArgumentError, BagIndexError, BagModeError
 from .ops import embedding_bag, embedding_bag_backward, embedding_bag_grad_rows, embedding_bag_weights_grad
 
 __all__ += [
     "embedding_bag", "embedding_bag_backward", "embedding_bag_grad_rows", "embedding_bag_weights_grad",
-    "BagArgumentError", "BagModeError",
+    "BagArgumentError", "BagIndexError", "BagModeError",
 ]
 
 from .ops import renorm  # noqa: E402  (torch's max_norm for a lookup, in place)

@@ -240,15 +240,21 @@ def test_fused_bag_is_the_sparse_bag_and_its_optimizer(fused_name, optim_name, h
     stock = torch.nn.EmbeddingBag.from_pretrained(w0.clone(), freeze=False, mode=mode, padding_idx=4, sparse=True)
     stock_opt = getattr(torch.optim, optim_name)(stock.parameters(), **hyper) if optim_name != "RowWiseAdagrad" else None
     for ids, offsets, weights in batches:
-        w = weights if psw else None
         up = torch.randn(4, 5, generator=g)
-        fused(ids, offsets, w).backward(up)
-        assert fused.weight.grad is None
-        for module, optimizer in ((plain, opt), (stock, stock_opt)):
+        psw_grads = []
+        for module, optimizer in ((fused, None), (plain, opt), (stock, stock_opt)):
+            if module is stock and optimizer is None:
+                continue
+            w = weights.clone().requires_grad_() if psw else None
             if optimizer is not None:
                 optimizer.zero_grad()
-                module(ids, offsets, w).backward(up)
+            module(ids, offsets, w).backward(up)
+            if optimizer is not None:
                 optimizer.step()
+            psw_grads.append(None if w is None else w.grad)
+        assert fused.weight.grad is None
+        if psw:  # the weights' gradient reads the rows before the fused update moves them
+            assert torch.equal(psw_grads[0], psw_grads[1])
     assert torch.equal(fused.weight, plain.weight)
     assert not torch.equal(fused.weight, w0)
     if stock_opt is not None:

@@ -337,3 +337,22 @@ def test_fused_and_sparse_layers_run_eagerly_inside_a_compiled_model(kind):
         assert torch.equal(a, b)
     with pytest.raises(Exception, match="(?i)graph break|skip|disable"):
         torch.compile(lambda i: layer(i).sum(), fullgraph=True, backend="aot_eager")(ids)
+
+
+@pytest.mark.parametrize("positions", [None, 2, "tensor"])
+def test_eager_token_position_double_backward_is_torchs(positions):
+    ids = torch.tensor([[3, 1, 3], [0, 2, 3]])
+    p = torch.tensor([4, 0, 4]) if positions == "tensor" else positions
+    rows = (torch.arange(3) + (positions or 0)) if not isinstance(p, torch.Tensor) else p
+    c_tok, c_pos = _table(5, 4, 9), _table(6, 4, 10)
+    results = []
+    for fast in (True, False):
+        torch.manual_seed(1)
+        layer = fet.TokenPositionEmbedding(5, 6, 4)
+        tok, pos = layer.token.weight, layer.position.weight
+        h = layer(ids, p) if fast else F.embedding(ids, tok) + F.embedding(rows.expand_as(ids), pos)
+        gt, gp = torch.autograd.grad((h ** 2).sum(), (tok, pos), create_graph=True)
+        results.append(torch.autograd.grad((gt * c_tok).sum() + (gp ** 3).sum() + (gp * c_pos).sum(), (tok, pos)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+        assert a.abs().sum() > 0
