@@ -674,8 +674,10 @@ MUTANTS = [
            "the sparse bag gradient is coalesced: not torch's layout (one entry per lookup, in ids order)",
            (T_BAG, "-k", "layout")),
     Mutant("tbag-fused-drops-weights", TORCH_BAG,
-           "                index, values = ops.embedding_bag_grad_rows(rows, ctx.ids, ctx.offsets, g, per_sample_weights=ctx.psw,",
-           "                index, values = ops.embedding_bag_grad_rows(rows, ctx.ids, ctx.offsets, g, per_sample_weights=None,",
+           "                rule, buffers = ctx.fused\n                index, values = ops.embedding_bag_grad_rows(rows, "
+           "ctx.ids, ctx.offsets, g, per_sample_weights=ctx.psw,",
+           "                rule, buffers = ctx.fused\n                index, values = ops.embedding_bag_grad_rows(rows, "
+           "ctx.ids, ctx.offsets, g, per_sample_weights=None,",
            "a fused bag updates from unweighted rows, ignoring per_sample_weights",
            (T_BAG, "-k", "fused and True")),
     Mutant("tbag-psw-grad-after-update", TORCH_BAG,
