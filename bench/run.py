@@ -175,6 +175,11 @@ def run_cases(chosen, args, torch, progress, notes):
     return rows
 
 
+def _big_table(shape):
+    """Whether the shape's token table is large enough (64 MiB) to collect garbage for as soon as it is dropped."""
+    return shape.vocab * shape.dim * 4 > 2**26
+
+
 def measure_case(case, plan, progress):
     """Time each group of the case's methods round-robin; a method with make() gets its state built just
     before its group and dropped after, so one group's tables (and optimizer states) are alive at a time."""
@@ -188,8 +193,10 @@ def measure_case(case, plan, progress):
             for m in group:
                 if m.make is not None:
                     m.run = None
-        if any(m.make is not None for m in group) and case.shape.big:
-            gc.collect()  # torch modules and optimizers hold reference cycles: free their tables now
+        if any(m.make is not None for m in group) and _big_table(case.shape):
+            # torch modules and optimizers hold reference cycles: free their tables now (a full collection
+            # takes about half a second once torch is imported, too slow to pay for small tables)
+            gc.collect()
 
 
 def main(argv=None):
