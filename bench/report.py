@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import re
 import time
 
 import numpy as np
@@ -185,7 +186,8 @@ def bag_targets_markdown(verdicts):
             if v.status == "SKIPPED":
                 skipped.setdefault((column, v.note), []).append(shape)
             else:
-                hows.setdefault(column, v.note)  # the rows compared, and their threads (the same in every case)
+                # the rows compared and their threads, the same in every case (FBGEMM's pooling is the case's mode)
+                hows.setdefault(column, re.sub(r", pooling [A-Z]+", ", pooling by the case's mode", v.note))
         lines.append(line)
     header = ["shape", "case"] + [f"{column} (<= {limit:g}x)" for column, _, limit in columns]
     text = table(header, lines)

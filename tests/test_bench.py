@@ -764,7 +764,8 @@ def test_bag_forward_bytes_by_hand():
         ids, offsets = bag.bags(data, size)
         out = fastembed.embedding_bag(data.token_table, ids, offsets, mode="sum")
         touched = data.token_table[np.unique(ids)]
-        assert bag.forward_bytes(ids, offsets, BAG_TINY.dim) == ids.nbytes + offsets.nbytes + touched.nbytes + out.nbytes
+        expected = ids.nbytes + offsets.nbytes + touched.nbytes + out.nbytes
+        assert bag.forward_bytes(ids, offsets, BAG_TINY.dim) == expected
 
 
 def test_bag_memory_limit_moves_the_groups_bytes(monkeypatch):
@@ -929,6 +930,8 @@ def test_bag_targets_judge_each_case_against_its_own_rows():
     text = report.bag_targets_markdown(verdicts)
     assert "| wide-zipf | 64 ids/bag, max | 0.1x PASS | 0.4x PASS | 0.6x MISS | SKIPPED | SKIPPED |" in text
     assert "TBE has no max pooling [3 cases of wide-zipf]" in text
+    assert (f"- forward vs FBGEMM: {bag.MODULE_ROW} [2 threads] vs {bag.FBGEMM_ROW}, pooling by the case's mode "
+            "[2 threads]") in text
 
 
 def by_case(rows, shape, case, target):
