@@ -7,5 +7,7 @@ memory limit: its add measures numpy's call overhead and is labelled so
 (bench/memlimit.py). The threads column says what each method ran on
 (bench/threads.py). The ops train and adapter (bench/train.py) time training steps
 per optimizer and autograd round trips, each row against the torch row doing the
-same thing. See bench/run.py for the options.
+same thing. The op bag (bench/bag.py) times bags of 1, 8 and 64 ids reduced by sum,
+mean or max, forward and backward, at the medium and wide shapes: it runs when asked
+(``--ops bag``) or with ``--all``. See bench/run.py for the options.
 """

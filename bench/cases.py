@@ -10,6 +10,9 @@ Operations (each case builds its methods from the same `shapes.Data`):
                fastembed.torch (drop-in optimizers and fused), FBGEMM (bench/train.py)
   adapter      forward + backward through torch autograd: fastembed.torch against
                torch.nn (bench/train.py)
+  bag          bags of 1, 8 and 64 ids reduced by sum, mean or max, forward and dense
+               backward: numpy API, fastembed.torch, torch, FBGEMM (bench/bag.py); medium
+               and wide shapes only, run when asked (--ops bag) or with --all
 The upstream gradient g is a fixed array: the steps measure the embedding layer's
 share of a training step, not the rest of a model.
 """
@@ -22,12 +25,14 @@ import fastembed as fe
 from fastembed import reference
 
 from . import threads as ran
-from . import train
+from . import bag, train
 from .memlimit import LIMIT_MIN_BYTES, OVERHEAD_NAME, MemoryLimit, is_limit
 from .timing import Method
 
 KERNEL_OPS = ("forward", "backward", "sparse", "step-sparse", "step-dense")  # each with a byte count and a limit
-OPS = KERNEL_OPS + ("train", "adapter")
+OPS = KERNEL_OPS + ("train", "adapter", "bag")
+DEFAULT_OPS = KERNEL_OPS + ("train", "adapter")  # `python -m bench` without --ops or --all
+BIG_ONLY_OPS = ("bag",)  # ops with nothing to run at the seed shapes
 OP_TITLES = {
     "forward": "forward (gather + position add)",
     "backward": "dense backward into both tables",
@@ -36,6 +41,7 @@ OP_TITLES = {
     "step-dense": "training step, dense Adam",
     "train": "training step of one table (forward, backward, update), per optimizer",
     "adapter": "forward + backward through torch autograd",
+    "bag": "bags of ids reduced by sum, mean or max (cases: direction, ids per bag, mode)",
 }
 LR, BETAS, EPS = 0.01, (0.85, 0.99), 1e-8  # the book's Adam, for every optimizer here
 
@@ -69,8 +75,8 @@ class Case:
 
 
 def method_key(m):
-    """A method's name with the thread count it is set to: unique within a case."""
-    return f"{m.name} [{m.threads}t]"
+    """A method's name with the thread count it is set to, and its group: unique within a case."""
+    return f"{m.name} [{m.threads}t]" + (f" ({m.group})" if m.group else "")
 
 
 def method_label(m):
@@ -108,7 +114,7 @@ def traffic(op, data):
     if op == "step-dense":
         full = f * D * (s.vocab + s.context)
         return forward + backward + full + 7 * full  # zero the new grads; Adam reads g, rewrites w, m, v
-    if op in ("train", "adapter"):
+    if op in ("train", "adapter", "bag"):
         return None  # each optimizer (each module) moves other bytes: see the rows' ratios instead
     raise ValueError(f"unknown op {op!r}")
 
@@ -445,6 +451,7 @@ BUILDERS = {
     "step-dense": functools.partial(step_methods, sparse=False),
     "train": train.train_methods,
     "adapter": train.adapter_methods,
+    "bag": bag.bag_methods,
 }
 
 
@@ -456,7 +463,7 @@ def build_case(data, op, ctx):
     methods, skips = (built.methods, built.skips) if isinstance(built, train.Built) else (built, [])
     nbytes = traffic(op, data)
     if nbytes is None:
-        pass  # no byte count (train, adapter): neither a memory limit nor a call-overhead row
+        pass  # no case-wide byte count (train, adapter, bag): no limit here (bag adds one per forward group)
     elif is_limit(nbytes):
         for n in sorted(set(ctx.fe_threads)):
             limit = MemoryLimit(nbytes, n)
@@ -468,7 +475,8 @@ def build_case(data, op, ctx):
                               note=f"{nbytes / 1024:.3g} KB < {LIMIT_MIN_BYTES / 2**20:g} MiB: a call's fixed cost, "
                                    "no limit"))
     for m in methods:
-        m.ran = threads_ran(m, op, data)
+        if not m.ran:  # bag's builder labels its own rows (each group's kernel calls differ)
+            m.ran = threads_ran(m, op, data)
     return Case(data.shape, op, nbytes, methods, skips=skips)
 
 
@@ -531,6 +539,9 @@ def verify(case, ctx):
                 continue
             status = compare(expected, m.result(), f"{case.shape.name} {case.op}: {method_label(m)}")
             case.checks[method_key(m)] = status
+            if m.strict and status != "bitwise":
+                raise CheckError(f"{case.shape.name} {case.op} {m.group}: {method_label(m)} must be bitwise equal "
+                                 f"to {method_label(base)} but is {status}")
             if m.exact and status != "bitwise":
                 case.warnings.append(f"{method_label(m)} is expected bitwise equal to {method_label(base)} "
                                      f"but is {status}")

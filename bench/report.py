@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import re
 import time
 
 import numpy as np
@@ -21,6 +22,9 @@ import numpy as np
 import fastembed as fe
 
 from .cases import OP_TITLES, method_key
+
+GROUPS_AS_CASES = ("bag",)  # ops whose groups are cases of their own (train's groups show in the row names)
+PLOT_BAG_GROUPS = ("forward, 8 ids/bag, sum", "backward, 8 ids/bag, sum")
 from .memlimit import LIMIT_MIN_BYTES, OVERHEAD_NAME
 from .targets import THREAD_OPS
 from .threads import SERIAL_ELEMENTS
@@ -34,10 +38,11 @@ def _anchor(case, family, group=""):
     return anchors[0] if anchors else None
 
 
-def _memory_limit(case, threads):
-    """The case's memory limit set to threads (None when it has none at that count, or none at all:
-    a limit at another thread count is no limit for this row)."""
-    same = [m for m in case.methods if m.family == "memory" and m.samples_ns and m.threads == threads]
+def _memory_limit(case, threads, group=""):
+    """The memory limit of the row's group set to threads (None when it has none at that count, or none at
+    all: a limit at another thread count, or of another group's bytes, is no limit for this row)."""
+    same = [m for m in case.methods
+            if m.family == "memory" and m.samples_ns and m.threads == threads and m.group == group]
     return same[0] if same else None
 
 
@@ -47,7 +52,8 @@ def case_rows(case):
     for m in case.methods:
         numpy, torch = _anchor(case, "numpy", m.group), _anchor(case, "torch", m.group)
         t = m.median_ns
-        memory = _memory_limit(case, m.threads)
+        memory = _memory_limit(case, m.threads, m.group)
+        nbytes = m.nbytes if m.nbytes is not None else case.nbytes
         rows.append({
             "shape": case.shape.name,
             "op": case.op,
@@ -60,8 +66,8 @@ def case_rows(case):
             "median_ns": t,
             "samples_ns": [s * m.scale for s in m.samples_ns],
             "calls_per_sample": m.number,
-            "bytes": case.nbytes,
-            "gbps": case.nbytes / t if case.nbytes is not None and t > 0 else math.nan,
+            "bytes": nbytes,
+            "gbps": nbytes / t if nbytes is not None and t > 0 else math.nan,
             "vs_numpy": t / numpy.median_ns if numpy else None,
             "vs_torch": t / torch.median_ns if torch else None,
             "vs_memory": t / memory.median_ns if memory else None,
@@ -125,13 +131,18 @@ def _fmt_gbps(x):
     return "-" if x is None or not math.isfinite(x) else f"{x:.3g}"
 
 
+def op_label(r):
+    """The op column: the op, and for bag its case within the op (direction, ids per bag, mode)."""
+    return f"{r['op']}: {r['group']}" if r["op"] in GROUPS_AS_CASES and r.get("group") else r["op"]
+
+
 def results_markdown(rows, shapes):
     """One table per shape: every op and method with its time, GB/s and ratios."""
     parts = []
     for shape in shapes:
         lines = []
         for r in (r for r in rows if r["shape"] == shape.name):
-            lines.append([r["op"], r["method"], r["threads"], fmt_time(r["median_ns"]), _fmt_gbps(r["gbps"]),
+            lines.append([op_label(r), r["method"], r["threads"], fmt_time(r["median_ns"]), _fmt_gbps(r["gbps"]),
                           fmt_ratio(r["vs_numpy"]), fmt_ratio(r["vs_torch"]), fmt_ratio(r["vs_memory"]),
                           r["note"] or r["check"]])
         if lines:
@@ -153,6 +164,37 @@ def targets_markdown(verdicts):
     lines = [[v.target, v.shape, v.measured, v.limit, v.status, v.note] for v in verdicts]
     header = ["target (from DESIGN.md, compared like with like)", "shape", "measured", "target", "status", "how"]
     return table(header, lines)
+
+
+def bag_targets_markdown(verdicts):
+    """The bag targets as one line per shape and case (ids per bag, mode), one column per target; which rows
+    each column compares and why a cell was skipped are listed once below the table."""
+    from .targets import BAG_TARGETS
+
+    columns = BAG_TARGETS
+    by = {(v.shape, v.case, v.target): v for v in verdicts}
+    keys = list(dict.fromkeys((v.shape, v.case) for v in verdicts))
+    lines, hows, skipped = [], {}, {}
+    for shape, case in keys:
+        line = [shape, case]
+        for column, target, _ in columns:
+            v = by.get((shape, case, target))
+            if v is None:
+                line.append("-")
+                continue
+            line.append(v.status if v.status == "SKIPPED" else f"{v.measured} {v.status}")
+            if v.status == "SKIPPED":
+                skipped.setdefault((column, v.note), []).append(shape)
+            else:
+                # the rows compared and their threads, the same in every case (FBGEMM's pooling is the case's mode)
+                hows.setdefault(column, re.sub(r", pooling [A-Z]+", ", pooling by the case's mode", v.note))
+        lines.append(line)
+    header = ["shape", "case"] + [f"{column} (<= {limit:g}x)" for column, _, limit in columns]
+    text = table(header, lines)
+    notes = [f"- {column}: {how}" for column, how in hows.items()]
+    notes += [f"- {column} SKIPPED: {why} [{len(where)} case{'s' if len(where) > 1 else ''} of "
+              f"{', '.join(dict.fromkeys(where))}]" for (column, why), where in skipped.items()]
+    return text + ("\n\n" + "\n".join(notes) if notes else "")
 
 
 def environment_markdown(env):
@@ -184,7 +226,11 @@ def markdown(env, rows, shapes, scaling, verdicts, notes):
     ]
     if scaling:
         parts += ["### fastembed threads: 1 vs 2", scaling_markdown(scaling)]
-    parts += ["### speed targets", targets_markdown(verdicts)]
+    parts += ["### speed targets", targets_markdown([v for v in verdicts if not v.case])]
+    bag_verdicts = [v for v in verdicts if v.case]
+    if bag_verdicts:
+        parts += ["### bag targets (issue 10; measured ratio and status per case, same threads)",
+                  bag_targets_markdown(bag_verdicts)]
     if notes:
         parts += ["### notes", "\n".join(f"- {n}" for n in notes)]
     return "\n\n".join(parts) + "\n"
@@ -303,6 +349,9 @@ def write_plot(path, rows, threads):
     import matplotlib.pyplot as plt
 
     shown = [r for r in rows if r["threads_set"] == threads or r["family"] not in ("fastembed", "memory")]
+    # bag has 18 cases a shape: the plot shows one of each direction, its rows named by direction.
+    shown = [dict(r, method=f"{r['group'].split(',')[0]}: {r['method']}") if r["op"] in GROUPS_AS_CASES else r
+             for r in shown if r["op"] not in GROUPS_AS_CASES or r["group"] in PLOT_BAG_GROUPS]
     ops = [op for op in OP_TITLES if any(r["op"] == op for r in shown)]
     shapes = list(dict.fromkeys(r["shape"] for r in shown))
     fig, axes = plt.subplots(len(ops), 1, figsize=(13, 3.2 * len(ops)), squeeze=False)
@@ -318,7 +367,7 @@ def write_plot(path, rows, threads):
         ax.set_axisbelow(True)
         ax.set_xticks(range(len(shapes)), shapes)
         ax.set_ylabel("time per call (us)")
-        ax.set_title(OP_TITLES[op])
+        ax.set_title(OP_TITLES[op] + (" (8 ids/bag, sum)" if op in GROUPS_AS_CASES else ""))
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         ax.grid(axis="y", which="both", alpha=0.3)
     fig.suptitle(f"fastembed benchmark ({threads} threads; log scale, lower is faster)")

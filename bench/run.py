@@ -7,9 +7,9 @@ import time
 
 import fastembed as fe
 
-from . import report, shapes, targets
+from . import bag, report, shapes, targets
 from .threads import read_back
-from .cases import OPS, Context, build_case, groups, verify
+from .cases import BIG_ONLY_OPS, DEFAULT_OPS, OPS, Context, build_case, groups, verify
 from .timing import Plan, loop_overhead_ns, measure
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -26,12 +26,16 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="fastembed against numpy, PyTorch, the pure-Python reference and the memory limit.")
-    parser.add_argument("--all", action="store_true", help="every shape: seed, medium, wide (about 5-10 minutes for the "
-                        "kernel ops; train and adapter add their own rows at every shape, so budget more)")
+    parser.add_argument("--all", action="store_true", help="every shape: seed, medium, wide, and every op (bag "
+                        "included) unless --ops says otherwise (about 5-10 minutes for the kernel ops; train, adapter "
+                        "and bag add their own rows, so budget more)")
     parser.add_argument("--shapes", type=_names, default=None,
                         help="comma-separated shape names, of " + ", ".join(s.name for s in shapes.ALL_SHAPES)
                         + " (default: the seed shapes)")
-    parser.add_argument("--ops", type=_names, default=list(OPS), help=f"comma-separated ops (default: {','.join(OPS)})")
+    parser.add_argument("--ops", type=_names, default=None,
+                        help=f"comma-separated ops, of {','.join(OPS)} (default: {','.join(DEFAULT_OPS)}; with --all, "
+                        f"every op). {','.join(BIG_ONLY_OPS)} runs at the medium and wide shapes only: asked for "
+                        "alone without --shapes, it runs at those")
     parser.add_argument("--threads", type=int, default=report.usable_cpus(),
                         help="threads for fastembed, torch and the memory limit (default: all usable CPUs; "
                         "fastembed caps it at the processor count, and torch follows fastembed)")
@@ -44,6 +48,8 @@ def parse_args(argv):
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even when it is installed")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     args = parser.parse_args(argv)
+    if args.ops is None:
+        args.ops = list(OPS if args.all else DEFAULT_OPS)
     unknown = [op for op in args.ops if op not in OPS]
     if unknown:
         parser.error(f"unknown op(s) {unknown}; known: {list(OPS)}")
@@ -169,6 +175,11 @@ def run_cases(chosen, args, torch, progress, notes):
     return rows
 
 
+def _big_table(shape):
+    """Whether the shape's token table is large enough (64 MiB) to collect garbage for as soon as it is dropped."""
+    return shape.vocab * shape.dim * 4 > 2**26
+
+
 def measure_case(case, plan, progress):
     """Time each group of the case's methods round-robin; a method with make() gets its state built just
     before its group and dropped after, so one group's tables (and optimizer states) are alive at a time."""
@@ -182,8 +193,10 @@ def measure_case(case, plan, progress):
             for m in group:
                 if m.make is not None:
                     m.run = None
-        if any(m.make is not None for m in group) and case.shape.big:
-            gc.collect()  # torch modules and optimizers hold reference cycles: free their tables now
+        if any(m.make is not None for m in group) and _big_table(case.shape):
+            # torch modules and optimizers hold reference cycles: free their tables now (a full collection
+            # takes about half a second once torch is imported, too slow to pay for small tables)
+            gc.collect()
 
 
 def main(argv=None):
@@ -214,7 +227,9 @@ def run_suite(args, torch, mods, notes):
     elif main_threads < args.threads:
         notes.append(f"fastembed runs at {main_threads} threads, not the {args.threads} asked for: "
                      "set_num_threads caps at the processor count (torch and the memory limit follow fastembed)")
-    chosen = shapes.select(args.shapes, args.all, args.scale)
+    # Ops that run at the big shapes alone (bag), asked for without --shapes: their shapes, not the seed ones.
+    big_only = not args.shapes and not args.all and set(args.ops) <= set(BIG_ONLY_OPS)
+    chosen = shapes.select(args.shapes, args.all, args.scale, default=bag.SHAPES if big_only else None)
     env = report.environment(args.threads, torch, loop_overhead_ns())
     started = time.perf_counter()
     progress = Progress(mods["tqdm"], quiet=args.quick, cases=len(chosen) * len(args.ops))

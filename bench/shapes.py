@@ -55,8 +55,11 @@ def scaled(shape, scale):
                  shape.ids, shape.big)
 
 
-def select(names=None, run_all=False, scale=1.0):
-    """The shapes to run: the named ones, every shape (run_all), or the seed shapes (the default)."""
+def select(names=None, run_all=False, scale=1.0, default=None):
+    """The shapes to run: the named ones, every shape (run_all), or the default (names; the seed shapes
+    when None)."""
+    if not names and not run_all and default:
+        names = default
     if names:
         by_name = {s.name: s for s in ALL_SHAPES}
         unknown = [n for n in names if n not in by_name]

@@ -12,6 +12,7 @@ target says SKIPPED and why.
 """
 from dataclasses import dataclass
 
+from . import bag
 from .train import FASTEMBED_TORCH_ROWS, FBGEMM_ROWS, numpy_row_name, torch_row_name
 
 BIG = ("medium", "wide-uniform", "wide-zipf")
@@ -29,6 +30,7 @@ class Verdict:
     limit: str
     status: str  # PASS, MISS, SKIPPED, or INFO (a figure shown for information, judged against nothing)
     note: str = ""
+    case: str = ""  # the case within the op (bag: direction, ids per bag, mode), when the op has several
 
 
 class Rows:
@@ -38,10 +40,12 @@ class Rows:
         self.rows = rows
         self.shapes_run = set(shapes_run)
 
-    def find(self, shape, op, family, name=None, threads=None, anchor=None):
+    def find(self, shape, op, family, name=None, threads=None, anchor=None, group=None):
         """The first row that matches (family None: any; threads: the count it was set to), or None."""
         for r in self.rows:
             if (r["shape"], r["op"]) != (shape, op) or family not in (None, r["family"]):
+                continue
+            if group is not None and r.get("group") != group:
                 continue
             if name is not None and r["method"] != name:
                 continue
@@ -259,6 +263,58 @@ def adapter_targets(rows):
     return out
 
 
+# Issue 10's bag targets: (column of the report's bag table, target, limit). Each is judged per shape, ids
+# per bag and mode; the limits of "torch" and "FBGEMM" targets are at equal threads (every bag row runs at
+# the run's count, torch set to it).
+BAG_MEMORY = "bag forward within 1.25x of the memory limit, same threads"
+BAG_TARGETS = (
+    ("forward vs mem limit", BAG_MEMORY, 1.25),
+    ("forward vs torch", f"bag forward: {bag.MODULE_ROW} <= 0.5x of {bag.TORCH_ROW}, same threads", 0.5),
+    ("backward vs torch", f"bag backward: {bag.MODULE_ROW} <= 0.5x of {bag.TORCH_ROW}, same threads", 0.5),
+    ("forward vs FBGEMM", f"bag forward: {bag.MODULE_ROW} faster than {bag.FBGEMM_ROW}", 1.0),
+    ("backward vs FBGEMM", f"bag backward: {bag.MODULE_ROW} faster than {bag.FBGEMM_ROW}", 1.0),
+)
+
+
+def bag_targets(rows):
+    """The bag forward (numpy API) against its memory limit; fastembed.torch.EmbeddingBag forward and
+    backward against torch's nn.EmbeddingBag and FBGEMM's TBE, module against module through autograd
+    (both backwards allocate the dense gradient), in every case (ids per bag, mode) of every shape run."""
+    out = []
+    for shape in bag.SHAPES:
+        if not _ran_op(rows, shape, "bag"):
+            continue
+        for size in bag.BAG_SIZES:
+            for mode in bag.MODES:
+                for column, target, limit in BAG_TARGETS:
+                    direction = column.split()[0]
+                    group = bag.group_name(direction, size, mode)
+                    case = group.split(", ", 1)[1]
+                    v = bag_verdict(rows, shape, group, column, target, limit)
+                    v.case = case
+                    out.append(v)
+    return out
+
+
+def bag_verdict(rows, shape, group, column, target, limit):
+    """One bag target in one case (group) of one shape."""
+    find = lambda family, name=None: rows.find(shape, "bag", family, name=name, group=group)  # noqa: E731
+    if column == "forward vs mem limit":
+        ours, memory = find("fastembed", bag.NUMPY_ROW), find("memory")
+        if ours is not None and memory is None and find("overhead") is not None:
+            return Verdict(target, shape, "-", _fmt_limit(limit, True), "SKIPPED",
+                           "too few bytes for a memory limit (only numpy's call overhead was timed)")
+        return ratio_verdict(target, shape, ours, memory, limit, rows, "the memory limit")
+    ours = find("fastembed", bag.MODULE_ROW)
+    if column.endswith("torch"):
+        return ratio_verdict(target, shape, ours, find("torch", bag.TORCH_ROW), limit, rows,
+                             f"{bag.MODULE_ROW} or {bag.TORCH_ROW} (see the notes)")
+    if group.endswith("max"):
+        return Verdict(target, shape, "-", _fmt_limit(limit, True), "SKIPPED", "TBE has no max pooling")
+    return ratio_verdict(target, shape, ours, find("fbgemm"), limit, rows,
+                         f"{bag.MODULE_ROW} or {bag.FBGEMM_ROW} (see the notes)")
+
+
 def thread_targets(rows, scaling):
     """2 threads against 1 on medium and wide: >= 1.6x and bitwise identical."""
     out = []
@@ -290,7 +346,8 @@ def judge(rows, scaling, shapes_run, scale=1.0, busy=False):
     if busy:  # a verdict on thread scaling means little when other processes held the cores
         for v in threads:
             v.note = "machine busy, see notes; " + v.note
-    verdicts = seed_targets(r) + big_targets(r) + step_targets(r) + threads + train_targets(r) + adapter_targets(r)
+    verdicts = (seed_targets(r) + big_targets(r) + step_targets(r) + threads + train_targets(r) + adapter_targets(r)
+                + bag_targets(r))
     verdicts = [v for v in verdicts if v.shape in r.shapes_run]
     if scale != 1.0:
         for v in verdicts:

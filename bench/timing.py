@@ -25,7 +25,10 @@ class Method:
     just before the method's group is timed and drops run after (so only one
     group's tables are alive at a time). group: methods of one group compute the
     same thing, are checked against the group's fastembed anchor and timed
-    round-robin together (a case of one group: every method at once).
+    round-robin together (a case of one group: every method at once). strict: a
+    result that is close but not bitwise fails the check (where no rounding may
+    differ, as in a max). nbytes: the row's own byte count (the op bag's groups
+    move different bytes), else the case's.
     """
 
     name: str
@@ -41,6 +44,8 @@ class Method:
     anchor: bool = False  # the family's reference point for the ratios of this case (of its group)
     make: Optional[Callable[[], Callable[[], object]]] = None
     group: str = ""
+    strict: bool = False  # must be bitwise equal to its group's anchor: any difference fails the check
+    nbytes: Optional[int] = None  # the bytes this row's work must move, when they differ within a case
     samples_ns: list = field(default_factory=list)
     number: int = 1  # calls per sample
 

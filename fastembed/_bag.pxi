@@ -37,12 +37,31 @@ class BagArgumentError(ValueError, RuntimeError):
     __module__ = "fastembed"  # its public name: fastembed.BagArgumentError
 
 
+class BagIndexError(IndexError, RuntimeError):
+    """An id out of the table in a bag call: fastembed's IndexError, which is also the RuntimeError torch's
+    embedding_bag raises for it (torch's own type even depends on max_norm: IndexError with, RuntimeError
+    without)."""
+    __module__ = "fastembed"
+
+
+class BagOffsetError(BagArgumentError, IndexError):
+    """A negative offset: a BagArgumentError like every bad offset, and the IndexError torch raises for it."""
+
+
 class BagModeError(ValueError, NotImplementedError):
     """per_sample_weights with a mode other than "sum": a ValueError, and the NotImplementedError torch raises."""
     __module__ = "fastembed"
 
 
 # ---------------------------------------------------------------- checks (GIL held)
+
+cdef int _check_bag_range(cnp.ndarray idx, str name, Py_ssize_t V, str table) except -1:
+    """The shared id check, its IndexError raised as a BagIndexError (also torch's RuntimeError)."""
+    try:
+        _check_range(idx, name, V, table)
+    except IndexError as exc:
+        raise BagIndexError(str(exc)) from None
+    return 0
 
 cdef int _bag_mode(object mode) except -1:
     if isinstance(mode, str):
@@ -107,7 +126,8 @@ cdef int _check_offsets(cnp.ndarray offs, Py_ssize_t N) except -1:
         msg = f"offsets[{k}] = {x} is smaller than offsets[{k - 1}] = {o[k - 1]}"
     else:
         msg = f"offsets[{k}] = {x} points past the ids (len(ids) = {N})"
-    raise BagArgumentError(msg + f"; offsets must be non-decreasing, from 0 to at most len(ids) = {N}")
+    raise (BagOffsetError if why == 0 else BagArgumentError)(
+        msg + f"; offsets must be non-decreasing, from 0 to at most len(ids) = {N}")
 
 
 cdef cnp.ndarray _bag_ids(object ids):
@@ -514,7 +534,7 @@ def embedding_bag(table, ids, offsets, mode, per_sample_weights=None, padding_id
         _check_bag_rows(res, "out", B, D)
         _no_overlap(res, "out", (tab, ids, offsets, per_sample_weights),
                     ("table", "ids", "offsets", "per_sample_weights"))
-    _check_range(idx, "ids", V, "table")
+    _check_bag_range(idx, "ids", V, "table")
     cdef cnp.ndarray arg = np.empty((B, D), dtype=np.int64) if m == BAG_MAX else None
     cdef const bag_t* t = <const bag_t*>cnp.PyArray_DATA(tab)
     cdef bag_t* o = <bag_t*>cnp.PyArray_DATA(res)
@@ -563,7 +583,7 @@ def embedding_bag_backward(grad_table, ids, offsets, grad_out, mode, per_sample_
         raise ValueError(f"argmax is for mode='max' only, got mode={mode!r}")
     _no_overlap(grad, "grad_table", (ids, offsets, grad_out, per_sample_weights, argmax),
                 ("ids", "offsets", "grad_out", "per_sample_weights", "argmax"))
-    _check_range(idx, "ids", V, "grad_table")
+    _check_bag_range(idx, "ids", V, "grad_table")
     if am is not None:
         _check_range(am, "argmax", V, "grad_table")
     cdef bag_t* g = <bag_t*>cnp.PyArray_DATA(grad)
@@ -607,7 +627,7 @@ def embedding_bag_grad_rows(num_embeddings, ids, offsets, grad_out, mode, per_sa
     if cnp.PyArray_NDIM(src) != 2 or cnp.PyArray_DIM(src, 0) != B:
         raise ValueError(f"grad_out must have shape (bags, D) with bags = {B}, got grad_out.shape={_shape(src)}")
     cdef Py_ssize_t D = cnp.PyArray_DIM(src, 1)
-    _check_range(idx, "ids", V, "the table")
+    _check_bag_range(idx, "ids", V, "the table")
     cdef const int64_t* op = <const int64_t*>cnp.PyArray_DATA(offs)
     cdef void* ip = cnp.PyArray_DATA(idx)
     cdef bint wide = cnp.PyArray_ITEMSIZE(idx) == 8
@@ -651,7 +671,7 @@ def embedding_bag_weights_grad(table, ids, offsets, grad_out, padding_idx=None, 
     cdef int64_t pad = _bag_padding(padding_idx, V)
     cdef cnp.ndarray src = _float_input(grad_out, "grad_out")
     _check_bag_rows(src, "grad_out", B, D)
-    _check_range(idx, "ids", V, "table")
+    _check_bag_range(idx, "ids", V, "table")
     cdef cnp.ndarray res = np.zeros(N, dtype=np.float32)
     cdef const bag_t* t = <const bag_t*>cnp.PyArray_DATA(tab)
     cdef const bag_t* s = <const bag_t*>cnp.PyArray_DATA(src)

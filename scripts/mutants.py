@@ -80,6 +80,7 @@ ORACLES = "tests/test_optim_oracles.py"  # issue 12, item 2: the optimizers agai
 FUSED = "tests/test_fused.py"  # issue 9, item 3: the fused rules and layers
 TORCH_OPTIM, T_OPTIM = "fastembed/torch/optim.py", "tests/test_torch_optim.py"  # issue 9, item 2
 LIBRARY, T_COMPILE = "fastembed/torch/_library.py", "tests/test_torch_compile.py"  # issue 10, item 5
+TORCH_BAG, T_BAG = "fastembed/torch/_bag.py", "tests/test_torch_bag.py"  # issue 10, item 3
 
 MUTANTS = [
     # ---------------------------------------------------------------- kernels: checks
@@ -903,6 +904,45 @@ MUTANTS += [
            "            if weight[ids[k]][d].data > best.data:", "            if weight[ids[k]][d].data >= best.data:",
            "the reference's max keeps the last of equal values: its gradient goes to another row",
            (BAG, "-k", "reference_forward_and_gradients")),
+
+    # ---- issue 10: the torch modules compiled and exported, double backward, EmbeddingBag
+    Mutant("lib-traced-lookup-is-torchs", TORCH,
+           "    return _library.embedding(weight, input, -1 if padding_idx is None else padding_idx)",
+           "    return torch.nn.functional.embedding(input, weight, padding_idx)",
+           "a compiled Embedding is traced as torch's lookup, not fastembed's op (the kernels never run)",
+           (T_COMPILE, "-k", "call_fastembeds_ops or export")),
+    Mutant("lib-eager-create-graph-not-differentiable", TORCH,
+           "        if torch.is_grad_enabled() and ctx.fused is None:",
+           "        if False:",
+           "backward(create_graph=True) through Embedding gives a constant gradient: double backward is silently 0",
+           (T_COMPILE, "-k", "eager_double_backward")),
+    Mutant("lib-eager-tp-create-graph-not-differentiable", TORCH,
+           "        if torch.is_grad_enabled() and not ctx.sparse and ctx.fused is None:",
+           "        if False:",
+           "the token+position layer's double backward is silently 0",
+           (T_COMPILE, "-k", "eager_token_position_double")),
+    Mutant("tbag-renorm-before-checks", TORCH_BAG,
+           "        ops.embedding_bag(table, idn, None if offsets is None else offsets.numpy(), mode=mode,",
+           "        0 and ops.embedding_bag(table, idn, None if offsets is None else offsets.numpy(), mode=mode,",
+           "EmbeddingBag(max_norm) renormalises the rows before the offsets are checked: a bad call changes the weight",
+           (T_BAG, "-k", "bad_calls and 0.5")),
+    Mutant("tbag-sparse-grad-coalesced", TORCH_BAG,
+           "                                                      check_invariants=False)",
+           "                                                      check_invariants=False).coalesce()",
+           "the sparse bag gradient is coalesced: not torch's layout (one entry per lookup, in ids order)",
+           (T_BAG, "-k", "layout")),
+    Mutant("tbag-fused-drops-weights", TORCH_BAG,
+           "                rule, buffers = ctx.fused\n                index, values = ops.embedding_bag_grad_rows(rows, "
+           "ctx.ids, ctx.offsets, g, per_sample_weights=ctx.psw,",
+           "                rule, buffers = ctx.fused\n                index, values = ops.embedding_bag_grad_rows(rows, "
+           "ctx.ids, ctx.offsets, g, per_sample_weights=None,",
+           "a fused bag updates from unweighted rows, ignoring per_sample_weights",
+           (T_BAG, "-k", "fused and True")),
+    Mutant("tbag-psw-grad-after-update", TORCH_BAG,
+           "        if ctx.needs_input_grad[1]:  # first",
+           "        if False:  # first",
+           "per_sample_weights get no gradient (or, moved after the fused update, one from the moved rows)",
+           (T_BAG, "-k", "fused and True")),
 ]
 
 

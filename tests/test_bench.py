@@ -25,7 +25,7 @@ if not os.path.isfile(os.path.join(ROOT, "bench", "__init__.py")):
 if ROOT not in sys.path:
     sys.path.append(ROOT)  # appended: an installed fastembed keeps precedence over the source folder
 
-from bench import cases, memlimit, report, shapes, targets, threads, train  # noqa: E402
+from bench import bag, cases, memlimit, report, shapes, targets, threads, train  # noqa: E402
 from bench.timing import Method  # noqa: E402
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -86,6 +86,9 @@ def test_seed_default_rows_json_and_targets(tmp_path):
         assert {t for _, _, t in rows} == {"1"}
     seed_rows = [r for r in doc["results"] if r["shape"].startswith("seed")]
     assert all(r["vs_memory"] is None for r in seed_rows)
+    # The op bag runs when asked (or with --all): not in the default run, not even as a note.
+    assert doc["args"]["ops"] == list(cases.DEFAULT_OPS) and "bag" not in {r["op"] for r in doc["results"]}
+    assert not any(n.startswith("bag") for n in doc["notes"]) and "### bag targets" not in text
     assert "medium" not in {r["shape"] for r in doc["results"]}
     env = doc["environment"]
     for key in ("python", "numpy", "torch", "fastembed", "cpu_count", "threads"):
@@ -128,6 +131,18 @@ def test_all_scaled_has_every_shape_threads_and_skipped_torch_targets(tmp_path):
         if r["family"] != "fastembed" and r["family"] != "memory":
             assert r["threads"] == "1"  # numpy, the reference, the call overhead (no torch here)
     assert {s["name"] for s in doc["shapes"]} == {s.name for s in shapes.ALL_SHAPES}
+    # --all runs bag too: at the big shapes the numpy API row of every case (no torch here), at the seed
+    # shapes nothing but a note.
+    for shape in bag.SHAPES:
+        bag_rows = {(r["group"], r["method"]) for r in doc["results"] if (r["shape"], r["op"]) == (shape, "bag")}
+        assert {g for g, m in bag_rows if m == bag.NUMPY_ROW} == {
+            bag.group_name(d, n, m) for d in bag.DIRECTIONS for n in bag.BAG_SIZES for m in bag.MODES}
+        assert {m for _, m in bag_rows} == {bag.NUMPY_ROW, memlimit.OVERHEAD_NAME}
+    assert not [r for r in doc["results"] if r["op"] == "bag" and r["shape"].startswith("seed")]
+    assert "bag: torch, fastembed.torch and FBGEMM rows: skipped (no PyTorch in this run) [medium, wide-uniform, " \
+        "wide-zipf]" in doc["notes"]
+    assert any(n.startswith("bag: skipped: measured at medium, wide-uniform, wide-zipf only") and "seed-1x16" in n
+               for n in doc["notes"])
     if threaded:
         scaling = doc["thread_scaling"]
         assert len(scaling) == 12 and all(s["bitwise"] for s in scaling)
@@ -705,3 +720,279 @@ def test_grouped_case_builds_each_groups_state_only_while_it_is_timed(monkeypatc
     assert {n for n, _ in seen} == {"a1", "a2", "b1"}
     assert all(live == ({"a1", "a2"} if n.startswith("a") else {"b1"}) for n, live in seen)
     assert all(m.run is None and len(m.samples_ns) == 2 for m in methods)
+
+
+# ---------------------------------------------------------------- op bag
+
+# A big shape shrunk by hand: 4 x 32 = 128 ids (bags of 1, 8 and 64 divide it), repeats among 40 rows, and
+# rows no id touches.
+BAG_TINY = shapes.Shape("medium", 40, 8, 32, 4, 32, big=True)
+
+
+def bag_data():
+    data = shapes.make_data(BAG_TINY)
+    data.ids[data.ids >= 30] = 3  # rows 30-39 untouched, row 3 named often (also twice in some bags)
+    return data
+
+
+def bag_oracle(data, direction, size, mode):
+    """What a group computes, from numpy on bags of `size` consecutive ids (size divides N here)."""
+    table = data.token_table.astype(np.float64)
+    D = BAG_TINY.dim
+    ids = data.ids.reshape(-1, size)
+    rows = table[ids]  # (B, L, D)
+    if direction == "forward":
+        return {"sum": rows.sum(1), "mean": rows.mean(1), "max": rows.max(1)}[mode]
+    g = data.grad_hidden.reshape(-1, D)[:len(ids)].astype(np.float64)
+    grad = np.zeros_like(table)
+    if mode == "max":
+        first = rows.argmax(1)  # the first of equal values, as torch keeps it
+        np.add.at(grad, (np.take_along_axis(ids, first, 1), np.arange(D)[None, :]), g)
+    else:
+        scale = 1.0 if mode == "sum" else 1.0 / size
+        np.add.at(grad, ids.reshape(-1), np.repeat(g * scale, size, axis=0))
+    return grad
+
+
+def test_bag_forward_bytes_by_hand():
+    ids = np.array([3, 1, 3, 0, 1, 7], np.int64)
+    offsets = np.array([0, 2, 4], np.int64)
+    # ids 6 x 8 + offsets 3 x 8 + 4 distinct rows (0, 1, 3, 7) x 4 floats x 4 + output 3 bags x 4 x 4
+    assert bag.forward_bytes(ids, offsets, 4) == 48 + 24 + 64 + 48
+    data = bag_data()
+    for size in bag.BAG_SIZES:
+        ids, offsets = bag.bags(data, size)
+        out = fastembed.embedding_bag(data.token_table, ids, offsets, mode="sum")
+        touched = data.token_table[np.unique(ids)]
+        expected = ids.nbytes + offsets.nbytes + touched.nbytes + out.nbytes
+        assert bag.forward_bytes(ids, offsets, BAG_TINY.dim) == expected
+
+
+def test_bag_memory_limit_moves_the_groups_bytes(monkeypatch):
+    group = bag.group_name("forward", 8, "mean")
+    m = bag.limit_method(3 * 2**20, 2, group)
+    limit = m.make()
+    assert (m.name, m.family, m.group, m.nbytes) == ("memory limit", "memory", group, 3 * 2**20)
+    assert 12 * len(limit.c) * limit.scale == pytest.approx(3 * 2**20)
+    assert m.ran == str(limit.parts) and m.note == limit.describe()
+    small = bag.limit_method(2**19, 2, group)
+    assert (small.name, small.family, small.ran) == (memlimit.OVERHEAD_NAME, "overhead", "1")
+
+
+def bag_case(ctx):
+    return cases.build_case(bag_data(), "bag", ctx)
+
+
+def test_bag_groups_compute_the_numpy_oracle():
+    """Each group's anchor (the numpy API) against numpy on the same bags: the harness feeds every group its
+    own bag size and mode, and a backward group its gradient."""
+    data = bag_data()
+    ctx = cases.Context(threads=1, fe_threads=(1,))
+    case = cases.build_case(data, "bag", ctx)
+    groups = {m.group: m for m in case.methods if m.family == "fastembed" and m.anchor}
+    assert len(groups) == 2 * 3 * 3
+    for direction in bag.DIRECTIONS:
+        for size in bag.BAG_SIZES:
+            for mode in bag.MODES:
+                (got,) = groups[bag.group_name(direction, size, mode)].result()
+                want = bag_oracle(data, direction, size, mode)
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"{direction} {size} {mode}")
+    # Every forward group has its own limit row (numpy's call overhead at this size); no backward group has one.
+    limits = [m.group for m in case.methods if m.family in ("memory", "overhead")]
+    assert sorted(limits) == sorted(g for g in groups if g.startswith("forward"))
+    cases.verify(case, ctx)
+    # One check per row with a result: the keys tell the groups apart.
+    assert len(case.checks) == sum(m.result is not None for m in case.methods)
+
+
+def test_bag_wrong_rows_fail_the_check():
+    ctx = cases.Context(threads=1, fe_threads=(1,))
+    data = bag_data()
+    ids, offsets = bag.bags(data, 8)
+    table = data.token_table
+
+    def with_row(group, fn):
+        case = cases.build_case(data, "bag", ctx)
+        case.methods.append(Method("numpy, wrong", "numpy", run=fn, result=fn, group=group))
+        return case
+
+    # a sum where the group computes a mean
+    wrong_mode = lambda: (fastembed.embedding_bag(table, ids, offsets, mode="sum"),)  # noqa: E731
+    with pytest.raises(cases.CheckError, match="numpy, wrong"):
+        cases.verify(with_row(bag.group_name("forward", 8, "mean"), wrong_mode), ctx)
+    # a max one ulp off in one element: close, but a max must be bitwise
+    def off_by_an_ulp():
+        out = fastembed.embedding_bag(table, ids, offsets, mode="max")
+        out[0, 0] = np.nextafter(out[0, 0], np.float32(np.inf))
+        return (out,)
+
+    case = with_row(bag.group_name("forward", 8, "max"), off_by_an_ulp)
+    case.methods[-1].strict = True
+    with pytest.raises(cases.CheckError, match="must be bitwise"):
+        cases.verify(case, ctx)
+    # the same row in a sum group is within the tolerance of sums in another order, and passes
+    case = with_row(bag.group_name("forward", 8, "sum"), lambda: (
+        fastembed.embedding_bag(table, ids, offsets, mode="sum") * np.float32(1 + 2**-22),))
+    cases.verify(case, ctx)
+    assert case.checks[cases.method_key(case.methods[-1])].startswith("close")
+    # a backward that misses the last bag's gradient
+    g = data.grad_hidden.reshape(-1, BAG_TINY.dim)[:len(offsets)].copy()
+    g[-1] = 0
+
+    def missing_bag():
+        grad = np.zeros_like(table)
+        fastembed.embedding_bag_backward(grad, ids, offsets, g, mode="sum")
+        return (grad,)
+
+    with pytest.raises(cases.CheckError, match="numpy, wrong"):
+        cases.verify(with_row(bag.group_name("backward", 8, "sum"), missing_bag), ctx)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed")
+def test_bag_torch_rows_are_strict_where_a_max_is():
+    case = bag_case(torch_ctx())
+    by_group = {}
+    for m in case.methods:
+        by_group.setdefault(m.group, []).append(m)
+    for group, methods in by_group.items():
+        names = {m.name for m in methods}
+        assert {bag.NUMPY_ROW, bag.MODULE_ROW, bag.TORCH_ROW} <= names, group
+        assert any(n.startswith(bag.FBGEMM_ROW) for n in names) == (fbgemm_imports() and not group.endswith("max"))
+        max_forward = group.startswith("forward") and group.endswith("max")
+        for m in methods:
+            if m.name != bag.NUMPY_ROW and m.family not in ("memory", "overhead"):
+                assert m.strict == max_forward, (group, m.name)  # a max does not round: bitwise or wrong
+
+
+@pytest.mark.parametrize("direction,size", [("forward", 1), ("forward", 64), ("backward", 1), ("backward", 8)])
+@pytest.mark.parametrize("tokens,dim", [(200, 32), (4096, 32), (1024, 64)])
+def test_bag_thread_labels_are_what_the_kernels_run(direction, size, tokens, dim):
+    from fastembed import _kernels
+
+    rng = np.random.default_rng(tokens + size)
+    table = rng.standard_normal((97, dim)).astype(np.float32)
+    ids = rng.integers(0, 97, size=tokens)
+    offsets = np.arange(0, tokens, size, dtype=np.int64)
+    n = fastembed.get_num_threads()
+    if direction == "forward":
+        fastembed.embedding_bag(table, ids, offsets, mode="sum")
+    else:
+        g = np.ones((len(offsets), dim), np.float32)
+        fastembed.embedding_bag_backward(np.zeros_like(table), ids, offsets, g, mode="sum")
+    assert str(_kernels._last_call_threads()) == bag.thread_label(direction, ids, offsets, dim, n)
+
+
+def bag_row(shape, group, family, method, ns, threads_set=2):
+    return dict(row(shape, "bag", family, method, ns, threads_set=threads_set), group=group)
+
+
+def test_bag_targets_judge_each_case_against_its_own_rows():
+    shape = "wide-zipf"
+    rows = []
+    for size in bag.BAG_SIZES:
+        for mode in bag.MODES:
+            fwd, bwd = bag.group_name("forward", size, mode), bag.group_name("backward", size, mode)
+            rows += [bag_row(shape, fwd, "fastembed", bag.NUMPY_ROW, 100.0),
+                     bag_row(shape, fwd, "memory", "memory limit", 80.0 if size != 64 else 1000.0),
+                     bag_row(shape, fwd, "fastembed", bag.MODULE_ROW, 40.0),
+                     bag_row(shape, fwd, "torch", bag.TORCH_ROW, 100.0),
+                     bag_row(shape, bwd, "fastembed", bag.MODULE_ROW, 60.0),
+                     bag_row(shape, bwd, "torch", bag.TORCH_ROW, 100.0)]
+            if mode != "max":
+                rows += [bag_row(shape, fwd, "fbgemm", f"{bag.FBGEMM_ROW}, pooling {mode.upper()}", 50.0),
+                         bag_row(shape, bwd, "fbgemm", f"{bag.FBGEMM_ROW}, pooling {mode.upper()}", 50.0)]
+    verdicts = [v for v in targets.judge(rows, [], [shape, "medium"]) if v.case]
+    assert len(verdicts) == 9 * 5 and {v.shape for v in verdicts} == {shape}  # medium ran no bag: none there
+    by = {(v.case, v.target): v for v in verdicts}
+    t = {column: target for column, target, _ in targets.BAG_TARGETS}
+    for size in bag.BAG_SIZES:
+        for mode in bag.MODES:
+            case = f"{size} ids/bag, {mode}"
+            memory = by[(case, t["forward vs mem limit"])]
+            # 100 / 80 = 1.25x passes; the 64-ids groups' own limit (1000) gives 0.1x: each group its own limit
+            assert (memory.measured, memory.status) == (("0.1x", "PASS") if size == 64 else ("1.25x", "PASS"))
+            assert (by[(case, t["forward vs torch"])].measured, by[(case, t["forward vs torch"])].status) == \
+                ("0.4x", "PASS")
+            assert (by[(case, t["backward vs torch"])].measured, by[(case, t["backward vs torch"])].status) == \
+                ("0.6x", "MISS")
+            fbgemm_fwd, fbgemm_bwd = by[(case, t["forward vs FBGEMM"])], by[(case, t["backward vs FBGEMM"])]
+            if mode == "max":
+                assert fbgemm_fwd.status == fbgemm_bwd.status == "SKIPPED" and "no max pooling" in fbgemm_fwd.note
+            else:
+                assert (fbgemm_fwd.measured, fbgemm_fwd.status) == ("0.8x", "PASS")
+                assert (fbgemm_bwd.measured, fbgemm_bwd.status) == ("1.2x", "MISS")
+    # Without the memory row, the forward target says what is missing; with only the call overhead, why.
+    fwd = bag.group_name("forward", 8, "sum")
+    rest = [r for r in rows if not (r["group"] == fwd and r["family"] == "memory")]
+    assert by_case(rest, shape, "8 ids/bag, sum", t["forward vs mem limit"]).status == "SKIPPED"
+    rest.append(bag_row(shape, fwd, "overhead", memlimit.OVERHEAD_NAME, 1.0, threads_set=1))
+    assert "too few bytes" in by_case(rest, shape, "8 ids/bag, sum", t["forward vs mem limit"]).note
+    text = report.bag_targets_markdown(verdicts)
+    assert "| wide-zipf | 64 ids/bag, max | 0.1x PASS | 0.4x PASS | 0.6x MISS | SKIPPED | SKIPPED |" in text
+    assert "TBE has no max pooling [3 cases of wide-zipf]" in text
+    assert (f"- forward vs FBGEMM: {bag.MODULE_ROW} [2 threads] vs {bag.FBGEMM_ROW}, pooling by the case's mode "
+            "[2 threads]") in text
+
+
+def by_case(rows, shape, case, target):
+    return next(v for v in targets.judge(rows, [], [shape]) if (v.case, v.target) == (case, target))
+
+
+def test_bag_op_runs_when_asked_at_its_shapes(tmp_path):
+    """`--ops bag` alone runs at medium and wide (scaled), every row checked; the default run has no bag."""
+    text, doc = run_bench(tmp_path, "--ops", "bag", "--scale", "0.01", "--threads", "1")
+    assert [s["name"] for s in doc["shapes"]] == list(bag.SHAPES)
+    results = doc["results"]
+    assert {r["op"] for r in results} == {"bag"}
+    torch_rows = HAS_TORCH and [bag.MODULE_ROW, bag.TORCH_ROW] or []
+    for shape in bag.SHAPES:
+        printed = {(op, method) for op, method, _ in table_rows(text, shape)}
+        for direction in bag.DIRECTIONS:
+            for size in bag.BAG_SIZES:
+                for mode in bag.MODES:
+                    group = bag.group_name(direction, size, mode)
+                    names = {r["method"]: r for r in results if (r["shape"], r["group"]) == (shape, group)}
+                    expected = {bag.NUMPY_ROW, *torch_rows}
+                    if direction == "forward":
+                        expected.add(memlimit.OVERHEAD_NAME)  # scaled by 0.01: under 1 MiB
+                    if HAS_TORCH and fbgemm_imports() and mode != "max":
+                        expected.add(f"{bag.FBGEMM_ROW}, pooling {mode.upper()}")
+                    assert set(names) == expected, (shape, group)
+                    assert all((f"bag: {group}", m) in printed for m in expected)
+                    assert names[bag.NUMPY_ROW]["check"] == "baseline"
+                    for name, r in names.items():
+                        if r["family"] in ("torch", "fbgemm") or name == bag.MODULE_ROW:
+                            ok = ("bitwise",) if (direction, mode) == ("forward", "max") else ("bitwise", "close")
+                            assert r["check"].startswith(ok), (group, name, r["check"])
+                    if direction == "forward":
+                        ids, offsets = bag.bags(shapes.make_data(shapes.scaled(
+                            next(s for s in shapes.BIG_SHAPES if s.name == shape), 0.01)), size)
+                        assert names[bag.NUMPY_ROW]["bytes"] == bag.forward_bytes(ids, offsets, shapes_dim(shape))
+    verdicts = [t for t in doc["targets"] if t["case"]]
+    assert len(verdicts) == 3 * 9 * 5
+    assert all(t["status"] == "SKIPPED" and "too few bytes" in t["note"] for t in verdicts
+               if t["target"] == targets.BAG_MEMORY)
+    if HAS_TORCH:
+        against_torch = [t for t in verdicts if bag.TORCH_ROW in t["target"]]
+        assert len(against_torch) == 3 * 9 * 2 and all(t["status"] in ("PASS", "MISS") for t in against_torch)
+    assert "### bag targets" in text
+
+
+def shapes_dim(name):
+    return next(s.dim for s in shapes.BIG_SHAPES if s.name == name)
+
+
+def test_bag_rows_take_their_groups_limit_and_bytes():
+    groups = [bag.group_name("forward", 1, "sum"), bag.group_name("forward", 64, "sum")]
+    methods = []
+    for k, group in enumerate(groups):
+        methods += [Method(bag.NUMPY_ROW, "fastembed", threads=2, group=group, anchor=True, nbytes=1000 * (k + 1),
+                           samples_ns=[100.0]),
+                    Method("memory limit", "memory", threads=2, group=group, anchor=True, nbytes=1000 * (k + 1),
+                           samples_ns=[50.0 * (k + 1)])]
+    case = cases.Case(shapes.BIG_SHAPES[0], "bag", None, methods)
+    rows = [r for r in report.case_rows(case) if r["family"] == "fastembed"]
+    assert [r["vs_memory"] for r in rows] == [2.0, 1.0]  # 100 / 50 and 100 / 100: each against its own group
+    assert [r["bytes"] for r in rows] == [1000, 2000] and [r["gbps"] for r in rows] == [10.0, 20.0]
+    assert [report.op_label(r) for r in rows] == [f"bag: {g}" for g in groups]
+    assert report.op_label({"op": "train", "group": "SGD"}) == "train"  # train's groups show in its row names

@@ -202,3 +202,157 @@ def test_export_holds_one_node_per_lookup():
     assert not any("aten.embedding" in str(t) or "index" in str(t) for t in targets), targets
     other = _ids(30, (2, 6), 5)
     assert torch.equal(exported.module()(other), (F.embedding(other, m.tok) + m.pos) + F.embedding(other, m.tok))
+
+
+# ---------------------------------------------------------------- the modules, compiled and exported
+
+import fastembed.torch as fet  # noqa: E402
+
+
+class _Model(torch.nn.Module):
+    """A tiny GPT's first steps: one module's lookup, a projection back to the vocabulary."""
+
+    def __init__(self, embed_mod, tp_mod, rows=30, dim=8):
+        super().__init__()
+        self.embed, self.tp = embed_mod, tp_mod
+        self.head = torch.nn.Linear(dim, rows)
+
+    def forward(self, ids):
+        if self.tp is not None:
+            h = self.tp(ids)
+        else:
+            h = self.embed(ids)
+        return torch.log_softmax(self.head(torch.tanh(h)), -1).sum()
+
+
+def _pair(kind, **kw):
+    """The same model twice, with the same parameters: with fastembed's modules and with torch's."""
+    torch.manual_seed(0)
+    if kind == "embedding":
+        fast = _Model(fet.Embedding(30, 8, **kw), None)
+        ref = _Model(torch.nn.Embedding(30, 8, **kw), None)
+    else:
+        fast = _Model(None, fet.TokenPositionEmbedding(30, 6, 8, **kw))
+        ref = _Model(None, _TorchTokenPosition(fast.tp))
+    ref.load_state_dict(fast.state_dict(), strict=False)
+    ref.head.load_state_dict(fast.head.state_dict())
+    return fast, ref
+
+
+class _TorchTokenPosition(torch.nn.Module):
+    def __init__(self, like):
+        super().__init__()
+        self.token = torch.nn.Embedding.from_pretrained(like.token.weight.detach().clone(), freeze=False)
+        self.position = torch.nn.Embedding.from_pretrained(like.position.weight.detach().clone(), freeze=False)
+
+    def forward(self, ids):
+        return self.token(ids) + self.position(torch.arange(ids.shape[-1]))
+
+
+@pytest.mark.parametrize("kind,kw", [("embedding", {}), ("embedding", {"padding_idx": 3}),
+                                     ("embedding", {"sparse": True}), ("tp", {})])
+def test_compiled_module_has_no_graph_break_and_torchs_results(kind, kw):
+    torch._dynamo.reset()
+    fast, ref = _pair(kind, **kw)
+    ids = _ids(30, (4, 6), 1)
+    ids[0, 0] = 3  # the padding row among the lookups
+    results = []
+    for model in (fast, ref):
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        loss = compiled(ids)
+        params = [p for p in model.parameters()]
+        results.append((loss, *torch.autograd.grad(loss, params)))
+    for a, b in zip(*results):
+        if a.is_sparse:
+            a, b = a.coalesce(), b.coalesce()
+            assert torch.equal(a.indices(), b.indices())
+            a, b = a.values(), b.values()
+        assert torch.equal(a, b)
+
+
+def test_exported_model_holds_fastembeds_op():
+    fast, ref = _pair("embedding")
+    ids = _ids(30, (2, 6), 2)
+    exported = torch.export.export(fast, (ids,))
+    targets = [n.target for n in exported.graph.nodes if n.op == "call_function"]
+    assert OPS.embedding.default in targets
+    assert torch.equal(exported.module()(ids), ref(ids))
+
+
+@pytest.mark.parametrize("padding_idx", [None, 3])
+def test_eager_double_backward_is_torchs(padding_idx):
+    ids = torch.tensor([[3, 1, 3], [0, 2, 3]])
+    results = []
+    for cls in (fet.Embedding, torch.nn.Embedding):
+        torch.manual_seed(1)
+        m = cls(5, 4, padding_idx=padding_idx)
+        c = _table(5, 4, 9)
+        (g,) = torch.autograd.grad((m(ids) ** 2).sum(), m.weight, create_graph=True)
+        (gg,) = torch.autograd.grad((g * c).sum() + (g ** 3).sum(), m.weight)
+        results.append((g, gg))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+def test_compiled_modules_call_fastembeds_ops():
+    """The graphs Dynamo captures hold the custom ops (not torch's lookups, nor a break around numpy)."""
+    torch._dynamo.reset()
+    seen = []
+
+    def recording(gm, example_inputs):
+        seen.extend(n.target for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    embed, tp = fet.Embedding(30, 8, padding_idx=2), fet.TokenPositionEmbedding(30, 6, 8)
+    ids = _ids(30, (2, 6), 1)
+    compiled = torch.compile(lambda i: embed(i).sum() + tp(i).sum() + tp(i, 0).sum() + tp(i, ids[0] % 6).sum(),
+                             fullgraph=True, backend=recording)
+    compiled(ids)
+    assert seen.count(OPS.embedding.default) == 1 and seen.count(OPS.token_position.default) == 3, seen
+
+
+@pytest.mark.parametrize("kind", ["embedding", "tp", "tp-sparse"])
+def test_fused_and_sparse_layers_run_eagerly_inside_a_compiled_model(kind):
+    """A fused layer's backward moves its weight and a sparse token+position layer builds torch's sparse
+    gradients in Python: both run eagerly (a graph break), with the eager results; fullgraph=True refuses."""
+    from fastembed.torch.optim import FusedAdagrad
+    torch._dynamo.reset()
+    ids = _ids(30, (3, 6), 7)
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(2)
+        if kind == "embedding":
+            layer = fet.Embedding(30, 8, fused=FusedAdagrad(lr=0.5))
+        else:
+            layer = fet.TokenPositionEmbedding(30, 6, 8, sparse=kind == "tp-sparse",
+                                               fused=None if kind == "tp-sparse" else FusedAdagrad(lr=0.5))
+        step = (lambda i: torch.tanh(layer(i)).sum())
+        if compiled:
+            step = torch.compile(step, backend="aot_eager")
+        for _ in range(2):
+            step(ids).backward()
+        results.append([p.detach().clone() for p in layer.parameters()]
+                       + [p.grad.to_dense() for p in layer.parameters() if p.grad is not None])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    with pytest.raises(Exception, match="(?i)graph break|skip|disable"):
+        torch.compile(lambda i: layer(i).sum(), fullgraph=True, backend="aot_eager")(ids)
+
+
+@pytest.mark.parametrize("positions", [None, 2, "tensor"])
+def test_eager_token_position_double_backward_is_torchs(positions):
+    ids = torch.tensor([[3, 1, 3], [0, 2, 3]])
+    p = torch.tensor([4, 0, 4]) if positions == "tensor" else positions
+    rows = (torch.arange(3) + (positions or 0)) if not isinstance(p, torch.Tensor) else p
+    c_tok, c_pos = _table(5, 4, 9), _table(6, 4, 10)
+    results = []
+    for fast in (True, False):
+        torch.manual_seed(1)
+        layer = fet.TokenPositionEmbedding(5, 6, 4)
+        tok, pos = layer.token.weight, layer.position.weight
+        h = layer(ids, p) if fast else F.embedding(ids, tok) + F.embedding(rows.expand_as(ids), pos)
+        gt, gp = torch.autograd.grad((h ** 2).sum(), (tok, pos), create_graph=True)
+        results.append(torch.autograd.grad((gt * c_tok).sum() + (gp ** 3).sum() + (gp * c_pos).sum(), (tok, pos)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+        assert a.abs().sum() > 0

@@ -29,10 +29,10 @@ except ImportError as exc:
     ) from exc
 
 import numpy as np
-from torch.autograd.function import once_differentiable
 
 from .. import ops
 from ..nn import INIT_STD, _fused_rule
+from . import _library
 
 __all__ = ["Embedding", "TokenPositionEmbedding", "functional"]
 
@@ -170,11 +170,16 @@ class _EmbeddingFunction(torch.autograd.Function):
         return torch.nn.functional.embedding(ctx.ids, weight_tangent)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None
         _check_version(ctx, ctx.ids)  # (a sparse Embedding is torch's F.embedding: never here)
+        if torch.is_grad_enabled() and ctx.fused is None:
+            # backward(create_graph=True): the gradient must itself be differentiable (double backward,
+            # as torch's embedding allows), so it is the custom op, whose own backward is registered
+            padding_idx = -1 if ctx.padding_idx is None else ctx.padding_idx
+            return (_library.embedding_backward(grad_out, ctx.ids, ctx.table.shape[0], padding_idx),
+                    None, None, None, None, None)
         g = _grad(grad_out, "the embedding output")
         if ctx.fused is not None:
             rule, buffers = ctx.fused
@@ -196,17 +201,23 @@ class _TokenPositionFunction(torch.autograd.Function):
         pos = _positions(positions)
         hidden = ops.gather_add(tables[0], tables[1], idn, positions=pos)
         ctx.ids, ctx.ids_np, ctx.ids_version, ctx.positions = ids, idn, ids._version, pos
+        ctx.positions_tensor = positions if isinstance(positions, torch.Tensor) else None
         ctx.tables, ctx.sparse, ctx.fused = tables, sparse, fused
         return torch.from_numpy(hidden)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_hidden):
         need_token, need_position = ctx.needs_input_grad[:2]
         none = (None,) * 5
         if not (need_token or need_position):
             return (None, None) + none
         _check_version(ctx, ctx.ids)
+        if torch.is_grad_enabled() and not ctx.sparse and ctx.fused is None:
+            # backward(create_graph=True): differentiable gradients, from the custom op (double backward)
+            start = ctx.positions if isinstance(ctx.positions, int) else 0
+            token_grad, position_grad = _library.token_position_backward(
+                grad_hidden, ctx.ids, ctx.positions_tensor, start, ctx.tables[0].shape[0], ctx.tables[1].shape[0])
+            return (token_grad if need_token else None, position_grad if need_position else None) + none
         ids, positions = ctx.ids_np, ctx.positions
         (token_table, position_table), token_grad, position_grad = ctx.tables, None, None
         if ctx.sparse:
@@ -284,11 +295,41 @@ def _renorm_needs_torch(weight, max_norm, norm_type):
     return not max_norm >= 0 or norm_type != norm_type or weight.shape[1] == 0
 
 
+def _traced_embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse, fused):
+    """`_embedding` while torch compiles or exports: a kernel lookup is one custom op
+    (``torch.ops.fastembed.embedding``, traced through its fake implementation, backward registered);
+    what the op does not cover (sparse, max_norm, scale_grad_by_freq, other dtypes) is torch's F.embedding,
+    traced as torch's own; a fused table runs eagerly (its backward updates the weight: a graph break,
+    so ``fullgraph=True`` refuses it)."""
+    if fused is not None:
+        return _eager_embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse, fused)
+    if sparse or scale_grad_by_freq or max_norm is not None or not _traceable_kernels(weight, input):
+        return torch.nn.functional.embedding(input, weight, padding_idx, max_norm, norm_type,
+                                             scale_grad_by_freq, sparse)
+    padding_idx = _padding_index(padding_idx, weight.size(0))
+    return _library.embedding(weight, input, -1 if padding_idx is None else padding_idx)
+
+
+def _traceable_kernels(weight, input):
+    """`_uses_kernels` for the traced tensors of compile and export (fake or functional tensors, whose
+    type is not torch.Tensor's; the op itself hands a non-contiguous table to aten)."""
+    return (weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.layout == torch.strided
+            and weight.dim() == 2 and isinstance(input, torch.Tensor) and input.dtype in _ID_DTYPES
+            and input.device.type == "cpu" and input.layout == torch.strided)
+
+
+@torch.compiler.disable
+def _eager_embedding(*args):
+    return _embedding(*args)
+
+
 def _embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse, fused=None,
                view=None):
     """F.embedding's semantics, on fastembed's kernels when `_uses_kernels`; the one path of both
     `Embedding.forward` and `functional.embedding`. fused is (rule, buffers) or None; view a `_View`
     that caches the table's numpy view (the module's), or None."""
+    if torch.compiler.is_compiling():
+        return _traced_embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse, fused)
     if fused is None and (scale_grad_by_freq or not _uses_kernels(weight, input)
                           or (max_norm is not None and _renorm_needs_torch(weight, max_norm, norm_type))):
         # torch's own lookup: torch's result, gradient and errors, padding_idx checked by torch
@@ -500,11 +541,26 @@ class TokenPositionEmbedding(torch.nn.Module):
 
     def forward(self, ids, positions=None):
         """The fused lookup (float32 CPU tables only: a table of another dtype is refused, never cast)."""
+        if torch.compiler.is_compiling():
+            return self._traced(ids, positions)
         token, position = self.token, self.position
         tw, pw = token.weight, position.weight
         tables = (token._view(tw, "token weight"), position._view(pw, "position weight"))
         fused = None if self.fused is None else (token._fused_state(), position._fused_state())
         return _TokenPositionFunction.apply(tw, pw, ids, positions, tables, self.sparse, fused)
+
+    def _traced(self, ids, positions):
+        """forward while torch compiles or exports: one custom op (``torch.ops.fastembed.token_position``);
+        sparse and fused layers run eagerly (a graph break)."""
+        if self.sparse or self.fused is not None or not isinstance(positions, (type(None), int, torch.Tensor)):
+            return self._eager(ids, positions)
+        tensor = positions if isinstance(positions, torch.Tensor) else None
+        start = positions if isinstance(positions, int) else 0
+        return _library.token_position(self.token.weight, self.position.weight, ids, tensor, start)
+
+    @torch.compiler.disable
+    def _eager(self, ids, positions):
+        return self.forward(ids, positions)
 
     def extra_repr(self):
         return (f"{self.token.num_embeddings}, {self.position.num_embeddings}, {self.token.embedding_dim}"
@@ -513,3 +569,6 @@ class TokenPositionEmbedding(torch.nn.Module):
 
 
 from . import functional  # noqa: E402  (it calls _embedding above: fastembed.torch.functional.embedding)
+from ._bag import EmbeddingBag  # noqa: E402
+
+__all__.append("EmbeddingBag")

@@ -33,3 +33,6 @@ def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, sca
     return _embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
 
 
+from ._bag import embedding_bag  # noqa: E402  (F.embedding_bag on the bag kernels)
+
+__all__.append("embedding_bag")
