@@ -88,12 +88,12 @@ from .ops import renorm  # noqa: E402  (torch's max_norm for a lookup, in place)
 __all__.append("renorm")
 
 
-from ._kernels import BagArgumentError, BagIndexError, BagModeError
+from ._kernels import BagArgumentError, BagIndexError, BagModeError, BagOffsetError
 from .ops import embedding_bag, embedding_bag_backward, embedding_bag_grad_rows, embedding_bag_weights_grad
 
 __all__ += [
     "embedding_bag", "embedding_bag_backward", "embedding_bag_grad_rows", "embedding_bag_weights_grad",
-    "BagArgumentError", "BagIndexError", "BagModeError",
+    "BagArgumentError", "BagIndexError", "BagModeError", "BagOffsetError",
 ]
 from .nn import EmbeddingBag
 

@@ -46,6 +46,7 @@ class BagIndexError(IndexError, RuntimeError):
 
 class BagOffsetError(BagArgumentError, IndexError):
     """A negative offset: a BagArgumentError like every bad offset, and the IndexError torch raises for it."""
+    __module__ = "fastembed"
 
 
 class BagModeError(ValueError, NotImplementedError):

@@ -9,7 +9,16 @@ lookup, uncoalesced, in the order of the ids (minus ``padding_idx`` entries), so
 code written for ``nn.Embedding(sparse=True)`` reads the same ``_indices()``;
 fastembed's optimizers (`fastembed.torch.optim`) take it without a sort. (A sparse
 `Embedding`'s lookup is torch's own F.embedding: its backward has nothing to compute.)
-Double backward is refused.
+Double backward works as torch's: under ``create_graph=True`` the backward is the
+custom op of `_library`, whose own backward is registered.
+
+Compiled and exported models (``torch.compile``, ``torch.export``): while torch
+traces, a kernel lookup is one custom operator (``torch.ops.fastembed.embedding``,
+``torch.ops.fastembed.token_position``, see `_library`); what those do not cover
+(sparse, ``max_norm``, ``scale_grad_by_freq``, other dtypes) is traced as torch's own
+F.embedding, and fused layers (and sparse token+position layers) run eagerly, a
+graph break that ``fullgraph=True`` refuses. `EmbeddingBag` (``_bag.py``) is
+torch's own op while torch traces.
 
 With ``fused=`` (a rule from `fastembed.torch.optim`, e.g. ``FusedAdagrad(lr=0.1)``)
 the backward applies the optimizer update to the rows it touches, straight from
@@ -404,7 +413,8 @@ class Embedding(torch.nn.Module):
     torch's sparse gradient (one uncoalesced entry per lookup): such a lookup,
     whose backward computes nothing, is torch's ``F.embedding`` (cheaper to call
     than any Python autograd function), after fastembed's checks. Double backward
-    on the kernel path is refused.
+    works as torch's (``create_graph=True``), and ``torch.compile``/``torch.export``
+    trace a kernel lookup as one custom op (see the module's docstring).
 
     ``fused``: a rule from `fastembed.torch.optim` (``FusedSGD``, ``FusedAdagrad``,
     ``FusedRowWiseAdagrad``, ``FusedSparseAdam``); fastembed's own option, for
