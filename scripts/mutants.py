@@ -943,6 +943,16 @@ MUTANTS += [
            "        if False:  # first",
            "per_sample_weights get no gradient (or, moved after the fused update, one from the moved rows)",
            (T_BAG, "-k", "fused and True")),
+    Mutant("torch-dtypes-float32-only", TORCH,
+           "_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16)\n",
+           "_KERNEL_DTYPES = (torch.float32,)\n",
+           "float64 and float16 tables never reach the kernels (torch's path serves them all)",
+           ("tests/test_torch_embedding_dropin.py", "-k", "every_float_dtype")),
+    Mutant("torch-dense-grad-float32", TORCH,
+           "        grad = np.zeros(ctx.table.shape, dtype=ctx.table.dtype)\n",
+           "        grad = np.zeros(ctx.table.shape, dtype=np.float32)\n",
+           "the dense gradient of a float64 or float16 table is made float32",
+           ("tests/test_torch_embedding_dropin.py", "-k", "every_float_dtype")),
 ]
 
 

@@ -46,6 +46,10 @@ from . import _library
 __all__ = ["Embedding", "TokenPositionEmbedding", "functional"]
 
 _ID_DTYPES = (torch.int32, torch.int64)
+# The table dtypes a lookup runs on the kernels with (numpy views of their memory). bfloat16 has kernels too,
+# but numpy has no bfloat16 of its own: its tables are torch's F.embedding until the adapter passes them
+# as uint16 bits. max_norm's renorm and the fused rules are float32 only.
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16)
 
 
 # ---------------------------------------------------------------- tensors as numpy views, checked
@@ -57,8 +61,9 @@ def _table(tensor, name):
     if not tensor.is_cpu or tensor.layout != torch.strided:
         raise TypeError(f"fastembed runs on dense CPU tensors only, got {name} on {tensor.device}, "
                         f"layout {tensor.layout}")
-    if tensor.dtype != torch.float32:
-        raise TypeError(f"{name} must be float32 (fastembed never casts tables), got {name}.dtype={tensor.dtype}; "
+    if tensor.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"{name} must be float32, float64 or float16 (fastembed never casts tables), got "
+                        f"{name}.dtype={tensor.dtype}; "
                         "convert once with .float()")
     if not tensor.is_contiguous():
         raise ValueError(f"{name} must be contiguous (a table is never copied behind your back), got "
@@ -91,8 +96,9 @@ def _checked_ids(tensor, name):
 
 def _grad(tensor, name):
     """The incoming gradient as a numpy array (the kernels make a strided one contiguous)."""
-    if not tensor.is_cpu or tensor.layout != torch.strided or tensor.dtype != torch.float32:
-        raise TypeError(f"the gradient of {name} must be a dense CPU float32 tensor, got dtype={tensor.dtype}, "
+    if not tensor.is_cpu or tensor.layout != torch.strided or tensor.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"the gradient of {name} must be a dense CPU float32, float64 or float16 tensor, got "
+                        f"dtype={tensor.dtype}, "
                         f"device={tensor.device}, layout={tensor.layout}")
     return tensor.numpy()
 
@@ -194,7 +200,7 @@ class _EmbeddingFunction(torch.autograd.Function):
             rule, buffers = ctx.fused
             rule.update(ctx.table, _state(buffers), ctx.ids_np, g, padding_idx=ctx.padding_idx)
             return None, None, None, None, None, None
-        grad = np.zeros(ctx.table.shape, dtype=np.float32)
+        grad = np.zeros(ctx.table.shape, dtype=ctx.table.dtype)
         ops.scatter_add(grad, ctx.ids_np, g)
         if ctx.padding_idx is not None:
             grad[ctx.padding_idx] = 0.0  # as torch: the padding row gets no gradient
@@ -288,7 +294,7 @@ def _uses_kernels(weight, input):
     tables from from_pretrained, strided tables, the meta device, ...) and everything it refuses goes to
     torch's own F.embedding, so that it gives torch's result or torch's error. This is the one place
     that decides: when the kernels take more dtypes, only this predicate widens."""
-    return (type(weight) in _TENSOR_TYPES and weight.dtype == torch.float32 and weight.is_cpu
+    return (type(weight) in _TENSOR_TYPES and weight.dtype in _KERNEL_DTYPES and weight.is_cpu
             and weight.layout == torch.strided and weight.dim() == 2 and weight.is_contiguous()
             and isinstance(input, torch.Tensor) and input.dtype in _ID_DTYPES and input.is_cpu
             and input.layout == torch.strided)
@@ -301,7 +307,8 @@ def _renorm_needs_torch(weight, max_norm, norm_type):
     """A max_norm or norm_type fastembed's renorm refuses (negative or NaN max_norm, NaN norm_type) but
     torch applies anyway, or rows of no columns (whose inf, -inf and negative norms torch refuses):
     torch's own embedding_renorm_ then, for torch's result or error."""
-    return not max_norm >= 0 or norm_type != norm_type or weight.shape[1] == 0
+    return (not max_norm >= 0 or norm_type != norm_type or weight.shape[1] == 0
+            or weight.dtype != torch.float32)  # the renorm kernel is float32
 
 
 def _traced_embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse, fused):
@@ -322,7 +329,7 @@ def _traced_embedding(input, weight, padding_idx, max_norm, norm_type, scale_gra
 def _traceable_kernels(weight, input):
     """`_uses_kernels` for the traced tensors of compile and export (fake or functional tensors, whose
     type is not torch.Tensor's; the op itself hands a non-contiguous table to aten)."""
-    return (weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.layout == torch.strided
+    return (weight.dtype in _KERNEL_DTYPES and weight.device.type == "cpu" and weight.layout == torch.strided
             and weight.dim() == 2 and isinstance(input, torch.Tensor) and input.dtype in _ID_DTYPES
             and input.device.type == "cpu" and input.layout == torch.strided)
 
@@ -400,15 +407,17 @@ class Embedding(torch.nn.Module):
     ``reset_parameters``, ``extra_repr`` and ``state_dict`` (one ``weight``,
     loadable into and from ``nn.Embedding``).
 
-    Which path a lookup takes (one predicate, `_uses_kernels`): a float32, dense,
-    contiguous CPU table with int32/int64 ids runs on fastembed's kernels: the
-    gather, the scatter-add backward, and, for ``max_norm``, fastembed's renorm
-    (the looked-up rows scaled in place before the lookup, as torch does; it checks
-    every id first, so a bad id changes no row, where torch's may have scaled some).
-    Every other dtype or device torch accepts (float64, float16, bfloat16, an
-    integer table from ``from_pretrained``, ``meta``, a strided table) is torch's
-    own ``F.embedding`` for now, so it gives torch's result; when the kernels take
-    those dtypes, the predicate widens. ``scale_grad_by_freq=True`` is torch's own
+    Which path a lookup takes (one predicate, `_uses_kernels`): a float32, float64
+    or float16, dense, contiguous CPU table with int32/int64 ids runs on fastembed's
+    kernels: the gather and the scatter-add backward (float16 gradients added one
+    rounding at a time, as torch's CPU backward adds them), and, for ``max_norm`` on
+    a float32 table, fastembed's renorm (the looked-up rows scaled in place before
+    the lookup, as torch does; it checks every id first, so a bad id changes no row,
+    where torch's may have scaled some). Every other dtype or device torch accepts
+    (bfloat16, whose kernels the adapter does not reach yet, an integer table from
+    ``from_pretrained``, ``meta``, a strided table, ``max_norm`` on a float64 or
+    float16 table) is torch's own ``F.embedding``, so it gives torch's result.
+    ``scale_grad_by_freq=True`` is torch's own
     ``F.embedding`` too (there is no kernel for it yet). ``sparse=True`` gives
     torch's sparse gradient (one uncoalesced entry per lookup): such a lookup,
     whose backward computes nothing, is torch's ``F.embedding`` (cheaper to call

@@ -26,9 +26,12 @@ Tensor = torch.Tensor
 
 
 def _kernel_table(weight):
-    """Whether fastembed's kernels take this table as it is (CPU, strided, float32, contiguous)."""
-    return (weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.layout == torch.strided
+    """Whether fastembed's kernels take this table as it is (CPU, strided, float32/64 or float16, contiguous)."""
+    return (weight.dtype in _KERNEL_DTYPES and weight.device.type == "cpu" and weight.layout == torch.strided
             and weight.is_contiguous())
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16)  # (bfloat16: aten's, numpy has no such dtype)
 
 
 def _np(tensor):
@@ -109,7 +112,7 @@ embedding_backward.register_autograd(_backward_grad, setup_context=_backward_set
 def token_position(token: Tensor, position: Tensor, ids: Tensor, positions: Optional[Tensor], start: int) -> Tensor:
     """``token[ids] + position[p]``: p is positions (broadcast to ids.shape) when given, else
     ``start + arange(T)`` along the last axis of ids."""
-    if not (_kernel_table(token) and _kernel_table(position)):
+    if not (_kernel_table(token) and _kernel_table(position) and token.dtype == position.dtype):
         p = torch.from_numpy(ops.positions_array(_np(ids), start if positions is None else _np(positions)))
         return torch.ops.aten.embedding.default(token, ids) + torch.ops.aten.embedding.default(position, p)
     where = start if positions is None else _np(positions)
