@@ -903,7 +903,7 @@ MUTANTS += [
     Mutant("bag-reference-max-ties-last", REF,
            "            if weight[ids[k]][d].data > best.data:", "            if weight[ids[k]][d].data >= best.data:",
            "the reference's max keeps the last of equal values: its gradient goes to another row",
-           (BAG, "-k", "reference_forward_and_gradients")),
+           (BAG, "-k", "reference_forward_and_gradients or reference_max_ties")),
 
     # ---- issue 10: the torch modules compiled and exported, double backward, EmbeddingBag
     Mutant("lib-traced-lookup-is-torchs", TORCH,

@@ -316,6 +316,23 @@ def test_reference_forward_and_gradients(case):
         np.testing.assert_allclose(res, [w.grad for w in psw], rtol=1e-5, atol=1e-5)
 
 
+def test_reference_max_ties_go_to_the_first_row_as_the_kernels():
+    """Equal values in different rows (rare among random floats): the first in the bag wins, in the
+    reference as in the kernels and torch, so its row gets the gradient."""
+    table = np.array([[1.0, 2.0], [2.0, 1.0], [2.0, 2.0]], dtype=np.float32)
+    layer = R.Embedding.from_rows(table.tolist())
+    out = R.embedding_bag(layer.weight, [0, 1, 2], [0], mode="max")
+    assert [v.data for v in out[0]] == [2.0, 2.0]
+    (out[0][0] * 3.0 + out[0][1] * 5.0).backward()
+    expected = np.zeros_like(table)
+    _, argmax = fe.embedding_bag(table, np.array([0, 1, 2]), np.array([0]), mode="max", return_argmax=True)
+    assert argmax.tolist() == [[1, 0]]
+    fe.embedding_bag_backward(expected, np.array([0, 1, 2]), np.array([0]), np.array([[3.0, 5.0]], np.float32),
+                              mode="max", argmax=argmax)
+    np.testing.assert_array_equal(np.array(layer.grad), expected)
+    assert expected[1, 0] == 3.0 and expected[0, 1] == 5.0
+
+
 def test_reference_refuses_what_the_kernels_refuse():
     w = R.Embedding.from_rows([[1.0], [2.0]]).weight
     for offsets in ([1], [0, 3], [0, 2, 1]):
