@@ -273,3 +273,55 @@ def test_fused_bag_refuses_what_it_cannot_update():
     with pytest.raises(TypeError, match="float32"):
         ft.EmbeddingBag(5, 3, dtype=torch.float64, fused=fo.FusedSGD(lr=0.1))
     assert "fused=" in repr(ft.EmbeddingBag(5, 3, fused=fo.FusedSGD(lr=0.1)))
+
+
+def test_max_norm_moves_the_weights_version_as_torch():
+    """The renorm is an in-place change: a graph that saved the weight before it refuses to backward."""
+    for fn in (F.embedding_bag, ft.functional.embedding_bag):
+        w = (torch.randn(5, 3, generator=torch.Generator().manual_seed(0)) * 3).requires_grad_()
+        y = (w * w).sum()
+        out = fn(torch.tensor([1, 2, 3, 4]), w, torch.tensor([0, 2]), max_norm=1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            (y + out.sum()).backward()
+
+
+@pytest.mark.parametrize("max_norm,norm_type", [(-1.0, 2.0), (1.0, float("nan"))])
+def test_max_norm_values_the_kernel_refuses_are_torchs(max_norm, norm_type):
+    results = []
+    for fn in (F.embedding_bag, ft.functional.embedding_bag):
+        w = torch.randn(5, 3, generator=torch.Generator().manual_seed(1)) * 3
+        results.append((fn(torch.tensor([1, 2, 3]), w, torch.tensor([0, 1]), max_norm=max_norm, norm_type=norm_type), w))
+    for a, b in zip(*results):
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+
+
+def test_create_graph_gives_first_order_gradients():
+    fo = pytest.importorskip("fastembed.torch.optim")
+    ids, offsets = torch.tensor([1, 2, 1]), torch.tensor([0, 2])
+    for module in (ft.EmbeddingBag(5, 3, mode="sum"), ft.EmbeddingBag(5, 3, mode="sum", fused=fo.FusedSGD(lr=0.5))):
+        torch.manual_seed(0)
+        ref = torch.nn.EmbeddingBag(5, 3, mode="sum")
+        ref.load_state_dict({"weight": module.weight.detach().clone()})
+        s = torch.randn(2, 3, requires_grad=True)
+        (module(ids, offsets) * s).sum().backward(create_graph=True)
+        (ref(ids, offsets) * s).sum().backward(create_graph=True)
+        if module.fused is None:
+            assert torch.equal(module.weight.grad, ref.weight.grad)
+        else:
+            torch.testing.assert_close(module.weight.detach(), (ref.weight - 0.5 * ref.weight.grad).detach())
+
+
+def test_a_torch_function_mode_keeps_the_fused_rule():
+    fo = pytest.importorskip("fastembed.torch.optim")
+    m = ft.EmbeddingBag(5, 3, mode="sum", fused=fo.FusedSGD(lr=1.0))
+    before = m.weight.detach().clone()
+    with torch.device("cpu"):  # a TorchFunctionMode: torch functions dispatch through it
+        out = m(torch.tensor([1, 2]), torch.tensor([0]))
+    out.sum().backward()
+    assert m.weight.grad is None and torch.equal(m.weight[1], before[1] - 1.0)
+
+
+def test_two_d_ids_with_no_columns_are_torchs_error():
+    for fn in (F.embedding_bag, ft.functional.embedding_bag):
+        with pytest.raises(RuntimeError):
+            fn(torch.empty(3, 0, dtype=torch.long), torch.randn(5, 3), mode="sum")

@@ -356,3 +356,30 @@ def test_eager_token_position_double_backward_is_torchs(positions):
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)
         assert a.abs().sum() > 0
+
+
+def test_export_refuses_fused_layers_and_takes_sparse_ones():
+    from fastembed.torch.optim import FusedSGD
+    ids = _ids(5, (2, 4), 3)
+    for layer in (fet.Embedding(5, 3, fused=FusedSGD(lr=1.0)), fet.TokenPositionEmbedding(5, 4, 3, fused=FusedSGD(lr=1.0))):
+        with pytest.raises(RuntimeError, match="cannot be exported"):
+            torch.export.export(layer, (ids,))
+    layer = fet.TokenPositionEmbedding(5, 4, 3, sparse=True)
+    exported = torch.export.export(layer, (ids,))
+    assert torch.equal(exported.module()(ids), layer(ids))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_token_position_tables_of_other_dtypes_train_as_torch(dtype):
+    tok, pos = _table(5, 3, 1, dtype), _table(4, 3, 2, dtype)
+    ids = torch.tensor([[1, 3, 1, 0]])
+    layer = fet.TokenPositionEmbedding.from_pretrained(tok.clone(), pos.clone(), freeze=False)
+    layer(ids).sum().backward()
+    t, p = tok.clone().requires_grad_(), pos.clone().requires_grad_()
+    (F.embedding(ids, t) + F.embedding(torch.arange(4).expand_as(ids), p)).sum().backward()
+    assert torch.equal(layer.token.weight.grad, t.grad) and torch.equal(layer.position.weight.grad, p.grad)
+
+
+def test_token_position_op_refuses_tables_of_two_dtypes():
+    with pytest.raises(TypeError, match="same dtype"):
+        OPS.token_position(_table(5, 3, 1), _table(4, 3, 2, torch.float64), torch.tensor([[1, 2]]), None, 0)

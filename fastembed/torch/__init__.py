@@ -100,7 +100,7 @@ def _grad(tensor, name):
         raise TypeError(f"the gradient of {name} must be a dense CPU float32, float64 or float16 tensor, got "
                         f"dtype={tensor.dtype}, "
                         f"device={tensor.device}, layout={tensor.layout}")
-    return tensor.numpy()
+    return tensor.detach().numpy()
 
 
 def _sparse(ids, grad_out, shape, padding_idx=None):
@@ -254,16 +254,16 @@ class _TokenPositionFunction(torch.autograd.Function):
             for update in updates:
                 update()
         elif need_token and need_position:
-            token_grad = np.zeros(token_table.shape, dtype=np.float32)
-            position_grad = np.zeros(position_table.shape, dtype=np.float32)
+            token_grad = np.zeros(token_table.shape, dtype=token_table.dtype)
+            position_grad = np.zeros(position_table.shape, dtype=position_table.dtype)
             ops.gather_add_backward(g, ids, token_grad, position_grad, positions=positions)
             token_grad, position_grad = torch.from_numpy(token_grad), torch.from_numpy(position_grad)
         elif need_token:  # a frozen position table: do not allocate its gradient
-            token_grad = np.zeros(token_table.shape, dtype=np.float32)
+            token_grad = np.zeros(token_table.shape, dtype=token_table.dtype)
             ops.scatter_add(token_grad, ids, g)
             token_grad = torch.from_numpy(token_grad)
         else:
-            position_grad = np.zeros(position_table.shape, dtype=np.float32)
+            position_grad = np.zeros(position_table.shape, dtype=position_table.dtype)
             ops.scatter_add(position_grad, ops.positions_array(ids, positions), g)
             position_grad = torch.from_numpy(position_grad)
         return (token_grad, position_grad) + none
@@ -318,6 +318,9 @@ def _traced_embedding(input, weight, padding_idx, max_norm, norm_type, scale_gra
     traced as torch's own; a fused table runs eagerly (its backward updates the weight: a graph break,
     so ``fullgraph=True`` refuses it)."""
     if fused is not None:
+        if torch.compiler.is_exporting():
+            raise RuntimeError("a fused fastembed.torch.Embedding cannot be exported: its backward updates the weight; "
+                               "export a module built with fused=None over the same weight")
         return _eager_embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse, fused)
     if sparse or scale_grad_by_freq or max_norm is not None or not _traceable_kernels(weight, input):
         return torch.nn.functional.embedding(input, weight, padding_idx, max_norm, norm_type,
@@ -336,15 +339,15 @@ def _traceable_kernels(weight, input):
 
 @torch.compiler.disable
 def _eager_embedding(*args):
-    return _embedding(*args)
+    return _embedding(*args, traced=False)  # (not traced again: non-strict export keeps is_compiling() True)
 
 
 def _embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse, fused=None,
-               view=None):
+               view=None, traced=True):
     """F.embedding's semantics, on fastembed's kernels when `_uses_kernels`; the one path of both
     `Embedding.forward` and `functional.embedding`. fused is (rule, buffers) or None; view a `_View`
     that caches the table's numpy view (the module's), or None."""
-    if torch.compiler.is_compiling():
+    if traced and torch.compiler.is_compiling():
         return _traced_embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse, fused)
     if fused is None and (scale_grad_by_freq or not _uses_kernels(weight, input)
                           or (max_norm is not None and _renorm_needs_torch(weight, max_norm, norm_type))):
@@ -562,6 +565,9 @@ class TokenPositionEmbedding(torch.nn.Module):
         """The fused lookup (float32 CPU tables only: a table of another dtype is refused, never cast)."""
         if torch.compiler.is_compiling():
             return self._traced(ids, positions)
+        return self._forward(ids, positions)
+
+    def _forward(self, ids, positions):
         token, position = self.token, self.position
         tw, pw = token.weight, position.weight
         tables = (token._view(tw, "token weight"), position._view(pw, "position weight"))
@@ -570,8 +576,14 @@ class TokenPositionEmbedding(torch.nn.Module):
 
     def _traced(self, ids, positions):
         """forward while torch compiles or exports: one custom op (``torch.ops.fastembed.token_position``);
-        sparse and fused layers run eagerly (a graph break)."""
-        if self.sparse or self.fused is not None or not isinstance(positions, (type(None), int, torch.Tensor)):
+        sparse and fused layers run eagerly (a graph break); exported, a sparse layer is the op (its
+        forward is the same) and a fused one is refused (its backward updates the tables)."""
+        exporting = torch.compiler.is_exporting()
+        if self.fused is not None and exporting:
+            raise RuntimeError("a fused fastembed.torch.TokenPositionEmbedding cannot be exported: its backward "
+                               "updates the tables; export a layer built with fused=None over the same tables")
+        if ((self.sparse and not exporting) or self.fused is not None or isinstance(positions, bool)
+                or not isinstance(positions, (type(None), int, torch.Tensor))):
             return self._eager(ids, positions)
         tensor = positions if isinstance(positions, torch.Tensor) else None
         start = positions if isinstance(positions, int) else 0
@@ -579,7 +591,7 @@ class TokenPositionEmbedding(torch.nn.Module):
 
     @torch.compiler.disable
     def _eager(self, ids, positions):
-        return self.forward(ids, positions)
+        return self._forward(ids, positions)
 
     def extra_repr(self):
         return (f"{self.token.num_embeddings}, {self.position.num_embeddings}, {self.token.embedding_dim}"

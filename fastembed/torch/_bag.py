@@ -18,10 +18,12 @@ of the ids, and the backward is bitwise the same for every thread count: the wei
 entry per lookup in the order of the ids, uncoalesced, padding left out); per_sample_weights get theirs.
 """
 import torch
+from torch.autograd.function import once_differentiable
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from .. import ops
 from ..nn import _fused_rule
+from . import _renorm_needs_torch  # (defined before fastembed.torch imports this module)
 
 __all__ = ["EmbeddingBag", "embedding_bag"]
 
@@ -54,6 +56,8 @@ def _check_arguments(input, offsets, mode, sparse, scale_grad_by_freq, per_sampl
         raise ValueError(f"embedding_bag: If per_sample_weights ({per_sample_weights.shape}) is not None, "
                          f"then it must have the same shape as the input ({input.shape})")
     if input.dim() == 2:
+        if input.size(1) == 0:  # torch makes the offsets with arange(0, numel, step 0)
+            raise RuntimeError("step must be nonzero: 2-D input with no columns has no bags to cut")
         if offsets is not None:
             raise ValueError("if input is 2D, then offsets has to be None, as input is treated as a mini-batch of "
                              f"fixed length sequences; got offsets of type {type(offsets)}")
@@ -101,12 +105,10 @@ class _BagFunction(torch.autograd.Function):
         return torch.from_numpy(out)
 
     @staticmethod
+    @once_differentiable  # first order under create_graph=True too; its backward is refused, as torch's
     def backward(ctx, grad_out):
         ctx.saved_tensors  # raises if the ids, offsets, weights or weight changed in place since forward
-        if grad_out.dtype != torch.float32 or grad_out.layout != torch.strided or not grad_out.is_cpu:
-            raise TypeError(f"the gradient of embedding_bag's output must be a dense CPU float32 tensor, got "
-                            f"dtype={grad_out.dtype}, layout={grad_out.layout}, device={grad_out.device}")
-        g = grad_out.numpy()
+        g = grad_out.detach().numpy()
         weight_grad = psw_grad = None
         if ctx.needs_input_grad[1]:  # first: a fused update below moves the rows this gradient reads
             psw_grad = torch.from_numpy(ops.embedding_bag_weights_grad(
@@ -140,6 +142,11 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2, scale
 
     See the module's docstring for which calls run on the kernels; every other is torch's own.
     """
+    if has_torch_function_variadic(input, weight, offsets, per_sample_weights):  # tensor subclasses, modes
+        return handle_torch_function(
+            embedding_bag, (input, weight, offsets, per_sample_weights), input, weight, offsets=offsets,
+            max_norm=max_norm, norm_type=norm_type, scale_grad_by_freq=scale_grad_by_freq, mode=mode, sparse=sparse,
+            per_sample_weights=per_sample_weights, include_last_offset=include_last_offset, padding_idx=padding_idx)
     return _embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq, mode, sparse,
                           per_sample_weights, include_last_offset, padding_idx)
 
@@ -147,13 +154,9 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2, scale
 def _embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq, mode, sparse, per_sample_weights,
                    include_last_offset, padding_idx, fused=None):
     """`embedding_bag`, and the fused module's path (fused: (rule, buffers); the module checked that the
-    kernels take its weight)."""
-    if has_torch_function_variadic(input, weight, offsets, per_sample_weights):  # tensor subclasses, modes
-        return handle_torch_function(
-            embedding_bag, (input, weight, offsets, per_sample_weights), input, weight, offsets=offsets,
-            max_norm=max_norm, norm_type=norm_type, scale_grad_by_freq=scale_grad_by_freq, mode=mode, sparse=sparse,
-            per_sample_weights=per_sample_weights, include_last_offset=include_last_offset, padding_idx=padding_idx)
-    if fused is None and not _uses_kernels(input, weight, offsets, per_sample_weights, scale_grad_by_freq):
+    kernels take its weight; a fused rule is never dispatched to torch, which would drop it)."""
+    if fused is None and (not _uses_kernels(input, weight, offsets, per_sample_weights, scale_grad_by_freq)
+                          or (max_norm is not None and _renorm_needs_torch(weight, max_norm, norm_type))):
         return torch.nn.functional.embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq,
                                                  mode, sparse, per_sample_weights, include_last_offset, padding_idx)
     _check_arguments(input, offsets, mode, sparse, scale_grad_by_freq, per_sample_weights)
@@ -166,6 +169,7 @@ def _embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_fr
                           per_sample_weights=None if per_sample_weights is None else per_sample_weights.detach().numpy(),
                           padding_idx=padding_idx, include_last_offset=include_last_offset)
         ops.renorm(table, idn, max_norm, norm_type)
+        torch.autograd.graph.increment_version(weight)  # an in-place change: autograd must see it, as torch's
     return _BagFunction.apply(weight, per_sample_weights, input, offsets, mode, padding_idx, include_last_offset,
                               sparse, fused)
 

@@ -108,11 +108,18 @@ embedding_backward.register_autograd(_backward_grad, setup_context=_backward_set
 
 # ---------------------------------------------------------------- the book's first op: token[ids] + position[p]
 
+def _same_dtype(token, position):
+    """The two tables of one lookup share a dtype (as the eager layer requires; never cast)."""
+    if token.dtype != position.dtype:
+        raise TypeError(f"token and position tables must have the same dtype, got {token.dtype} and {position.dtype}")
+
+
 @torch.library.custom_op("fastembed::token_position", mutates_args=(), device_types="cpu")
 def token_position(token: Tensor, position: Tensor, ids: Tensor, positions: Optional[Tensor], start: int) -> Tensor:
     """``token[ids] + position[p]``: p is positions (broadcast to ids.shape) when given, else
     ``start + arange(T)`` along the last axis of ids."""
-    if not (_kernel_table(token) and _kernel_table(position) and token.dtype == position.dtype):
+    _same_dtype(token, position)
+    if not (_kernel_table(token) and _kernel_table(position)):
         p = torch.from_numpy(ops.positions_array(_np(ids), start if positions is None else _np(positions)))
         return torch.ops.aten.embedding.default(token, ids) + torch.ops.aten.embedding.default(position, p)
     where = start if positions is None else _np(positions)
@@ -121,6 +128,7 @@ def token_position(token: Tensor, position: Tensor, ids: Tensor, positions: Opti
 
 @token_position.register_fake
 def _(token, position, ids, positions, start):
+    _same_dtype(token, position)
     return token.new_empty((*ids.shape, token.shape[1]))
 
 
