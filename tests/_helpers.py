@@ -47,7 +47,8 @@ class Snapshot:
             copy, writeable = self.copies[name]
             assert arr.flags.writeable == writeable, f"{name}: writeable flag changed"
             assert arr.shape == copy.shape and arr.dtype == copy.dtype, f"{name}: shape or dtype changed"
-            assert arr.tobytes() == copy.tobytes(), f"{name} was modified by a call that raised"
+            same = arr.tobytes() == copy.tobytes()  # outside the assert: pytest would diff the bytes
+            assert same, f"{name} was modified by a call that raised"
 
 
 @contextlib.contextmanager

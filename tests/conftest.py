@@ -11,6 +11,7 @@ import os
 import sys
 
 import pytest
+from hypothesis import settings
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
@@ -22,6 +23,15 @@ _REQUIREMENTS = {
     "fuzz": ("scripts/fuzz.py must be beside tests/ (copy scripts/ with the tests)",
              lambda: os.path.exists(os.path.join(os.path.dirname(_HERE), "scripts", "fuzz.py"))),
 }
+
+
+# Hypothesis loads its "ci" profile when the environment says CI (the CI variable, among others); that
+# profile derandomizes: one fixed seed per test, and --hypothesis-seed, which .ci/run and
+# scripts/mutants.py print so a failure can be replayed, would be ignored. The suite is meant to pass
+# with any seed, and CI is where that is checked: keep the profile's other settings, not that one.
+if settings.default.derandomize:
+    settings.register_profile("fastembed-ci", parent=settings.default, derandomize=False)
+    settings.load_profile("fastembed-ci")
 
 
 def pytest_configure(config):

@@ -92,6 +92,21 @@ def assert_same(actual, expected):
         f"{actual[tuple(np.argwhere(bad)[0])]!r} vs {expected[tuple(np.argwhere(bad)[0])]!r}")
 
 
+def assert_bits(actual, expected):
+    """The same bits, NaN payloads included. Checked with numpy and explained by the first difference:
+    an `assert a.tobytes() == b.tobytes()` on the megabytes of an exhaustive test would have pytest diff
+    the two byte strings, which with CI set in the environment takes minutes (a timeout, not a failure)."""
+    actual, expected = np.ascontiguousarray(actual), np.ascontiguousarray(expected)
+    assert actual.shape == expected.shape and actual.dtype.itemsize == expected.dtype.itemsize, (
+        f"{actual.dtype}{actual.shape} vs {expected.dtype}{expected.shape}")
+    bits = np.dtype(f"u{actual.dtype.itemsize}")
+    bad = actual.view(bits) != expected.view(bits)
+    if bad.any():
+        i = tuple(int(k) for k in np.argwhere(bad)[0])
+        raise AssertionError(f"{int(bad.sum())} of {bad.size} elements differ, first at {list(i)}: bits "
+                             f"{int(actual.view(bits)[i]):#x} vs {int(expected.view(bits)[i]):#x}")
+
+
 # ---------------------------------------------------------------- data
 
 def values(rng, shape, dtype, scale=1.0, specials=False):
@@ -485,7 +500,7 @@ def test_float16_narrow_every_value_and_tie(f16_path):
 
 def test_bfloat16_widen_every_bit_pattern():
     got = _kernels._widen(ALL_BITS, "bfloat16")
-    assert got.tobytes() == (ALL_BITS.astype(np.uint32) << 16).tobytes()
+    assert_bits(got, ALL_BITS.astype(np.uint32) << 16)
 
 
 @needs_ml_dtypes
@@ -496,9 +511,9 @@ def test_bfloat16_narrow_every_value_tie_and_random_float32():
     got = _kernels._narrow(x, "bfloat16")
     nan = np.isnan(x)
     assert np.isnan(widen(got[nan].view(BF16))).all(), "a NaN must stay a NaN"
-    assert got[~nan].tobytes() == bf16_bits(x[~nan]).tobytes()
+    assert_bits(got[~nan], bf16_bits(x[~nan]))
     with np.errstate(over="ignore"):
-        assert got[~nan].tobytes() == x[~nan].astype(BF16).tobytes()  # ml_dtypes agrees with the model
+        assert_bits(got[~nan], x[~nan].astype(BF16))  # ml_dtypes agrees with the model
 
 
 def test_bfloat16_model_rounds_to_nearest_even():
