@@ -235,17 +235,18 @@ def coalesce(ids, grad_out):
 
 
 def positions_array(ids, positions=None):
-    """The positions that `gather_add` uses for ids, as an int64 array of ids.shape."""
+    """The positions that `gather_add` uses for ids, as a new int64 array of ids.shape (writeable, sharing
+    no memory with positions: a sparse gradient's indices are made of it)."""
     ids = as_ids(ids)
     positions = _as_positions(positions, ids)
     if isinstance(positions, np.ndarray):
-        return positions
+        return positions.copy()
     start = positions or 0
     if not 0 <= start <= 2**62:
         raise IndexError(f"positions start {start} is out of range (must be >= 0 and fit int64 with T added)")
     if ids.ndim == 0:
         return np.array(start, dtype=np.int64)
-    return np.asarray(np.broadcast_to(start + np.arange(ids.shape[-1], dtype=np.int64), ids.shape), order="C")
+    return np.array(np.broadcast_to(start + np.arange(ids.shape[-1], dtype=np.int64), ids.shape), order="C")
 
 
 def renorm(table, ids, max_norm, norm_type=2.0):

@@ -1,6 +1,7 @@
 """fastembed.torch against torch.nn.Embedding: outputs, dense and sparse gradients, padding, errors."""
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -318,8 +319,52 @@ def test_token_position_init_from_pretrained_and_errors():
         layer(torch.tensor([1, 2]), P - 1)
     with pytest.raises(TypeError, match="positions"):
         layer(torch.tensor([1, 2]), 1.5)
-    with pytest.raises(NotImplementedError):
-        ft.TokenPositionEmbedding(V, P, D, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="bfloat16"):
+        ft.TokenPositionEmbedding(V, P, D, dtype=torch.bfloat16)
+    with pytest.raises(NotImplementedError, match="CPU"):
+        ft.TokenPositionEmbedding(V, P, D, device="meta")
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_token_position_tables_of_each_dtype_match_two_torch_embeddings(dtype, sparse):
+    # the oracle: torch's own lookups and add (sum in float32, one rounding for float16), and torch's
+    # dense backward (float16 rounds after each add, as the kernels do, in the same order)
+    torch.manual_seed(3)
+    ours = ft.TokenPositionEmbedding(V, P, D, sparse=sparse, dtype=dtype)
+    assert ours.token.weight.dtype == ours.position.weight.dtype == dtype
+    tok = torch.nn.Embedding.from_pretrained(ours.token.weight.detach().clone(), freeze=False, sparse=sparse)
+    pos = torch.nn.Embedding.from_pretrained(ours.position.weight.detach().clone(), freeze=False, sparse=sparse)
+    ids = torch.tensor([[3, 3, 12, 0, 3], [5, 3, 0, 0, 11]])
+    grad_out = torch.randn(2, 5, D).to(dtype)
+    hidden = ours(ids)
+    expected = tok(ids) + pos(torch.arange(5).expand(2, 5))
+    assert hidden.dtype == dtype and torch.equal(hidden, expected)
+    hidden.backward(grad_out)
+    expected.backward(grad_out)
+    for got, want in ((ours.token.weight.grad, tok.weight.grad), (ours.position.weight.grad, pos.weight.grad)):
+        assert got.dtype == dtype and got.is_sparse == sparse
+        if sparse:
+            got, want = got.coalesce().to_dense(), want.coalesce().to_dense()
+        assert torch.equal(got, want)
+
+
+def test_sparse_token_position_backward_of_one_sentence_warns_nothing():
+    # 1-D ids: the positions are arange(T); torch.from_numpy of a read-only array would warn "not writable"
+    layer = ft.TokenPositionEmbedding(V, P, D, sparse=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(torch.tensor([4, 1, 4])).sum().backward()
+    assert layer.position.weight.grad._indices().tolist() == [[0, 1, 2]]
+    assert layer.token.weight.grad._indices().tolist() == [[4, 1, 4]]
+    # positions given as a tensor: the gradient's indices are a copy of them, not the caller's memory
+    layer.zero_grad()
+    positions = torch.tensor([[2, 0, 1], [1, 1, 0]])  # int64 of ids.shape: the kernels could take it as it is
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(torch.tensor([[4, 1, 4], [0, 0, 0]]), positions).sum().backward()
+    positions.fill_(6)
+    assert layer.position.weight.grad._indices().tolist() == [[2, 0, 1, 1, 1, 0]]
 
 
 # ---------------------------------------------------------------- torch stays optional
