@@ -1,4 +1,4 @@
-"""PyTorch autograd for fastembed's kernels (CPU, float32 tables, int32 or int64 ids).
+"""PyTorch autograd for fastembed's kernels (CPU tables of float32, float64 or float16; int32 or int64 ids).
 
 `Embedding` is a drop-in for ``torch.nn.Embedding`` and `TokenPositionEmbedding`
 is the book's first op, ``token.weight[ids] + position.weight[positions]``. Both
@@ -46,10 +46,11 @@ from . import _library
 __all__ = ["Embedding", "TokenPositionEmbedding", "functional"]
 
 _ID_DTYPES = (torch.int32, torch.int64)
-# The table dtypes a lookup runs on the kernels with (numpy views of their memory). bfloat16 has kernels too,
-# but numpy has no bfloat16 of its own: its tables are torch's F.embedding until the adapter passes them
-# as uint16 bits. max_norm's renorm and the fused rules are float32 only.
-_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16)
+# The table dtypes a lookup runs on the kernels with (numpy views of their memory), one list for the modules
+# and the custom ops. bfloat16 has kernels too, but numpy has no bfloat16 of its own: its tables are torch's
+# F.embedding until the adapter passes them as uint16 bits. max_norm's renorm and the fused rules are
+# float32 only.
+_KERNEL_DTYPES = _library._KERNEL_DTYPES
 
 
 # ---------------------------------------------------------------- tensors as numpy views, checked
@@ -392,11 +393,18 @@ def _sparse_lookup(weight, table, ids, padding_idx):
 
 # ---------------------------------------------------------------- modules
 
-def _check_cpu_float32(device, dtype):
+def _token_position_dtype(device, dtype):
+    """The tables' dtype of a new TokenPositionEmbedding: float32 unless asked (the book's; torch's default
+    dtype is not followed, as the layer has no torch counterpart to match), float64 or float16."""
     if device is not None and torch.device(device).type != "cpu":
         raise NotImplementedError(f"fastembed.torch runs on CPU only, got device={device}")
-    if dtype is not None and dtype != torch.float32:
-        raise NotImplementedError(f"fastembed.torch tables are float32 only, got dtype={dtype}")
+    if dtype is None:
+        return torch.float32
+    if dtype not in _KERNEL_DTYPES:
+        raise NotImplementedError(
+            f"TokenPositionEmbedding tables are float32, float64 or float16, got dtype={dtype} (for bfloat16, "
+            "two fastembed.torch.Embedding and an add give torch's own result)")
+    return dtype
 
 
 class Embedding(torch.nn.Module):
@@ -522,7 +530,7 @@ class TokenPositionEmbedding(torch.nn.Module):
     ``forward(ids, positions=None)``: ids an int32 or int64 tensor (..., T);
     positions None means ``arange(T)`` along the last axis, an int s means
     ``s + arange(T)`` (a decode step), an integer tensor broadcastable to
-    ids.shape is used as given. Returns float32 (..., T, D). The backward fills
+    ids.shape is used as given. Returns (..., T, D) of the tables' dtype. The backward fills
     both tables in one pass (dense), or gives each torch's sparse gradient
     (``sparse=True``), or, with ``fused=`` a rule of `fastembed.torch.optim`,
     updates both tables in place (each with its own state, in ``token`` and
@@ -534,10 +542,9 @@ class TokenPositionEmbedding(torch.nn.Module):
     def __init__(self, vocab_size, context_length, embedding_dim, sparse=False, device=None, dtype=None,
                  fused=None):
         super().__init__()
-        _check_cpu_float32(device, dtype)
-        # float32 whatever torch's default dtype: the fused op has float32 kernels only
-        self.token = Embedding(vocab_size, embedding_dim, sparse=sparse, fused=fused, dtype=torch.float32)
-        self.position = Embedding(context_length, embedding_dim, sparse=sparse, fused=fused, dtype=torch.float32)
+        dtype = _token_position_dtype(device, dtype)
+        self.token = Embedding(vocab_size, embedding_dim, sparse=sparse, fused=fused, dtype=dtype)
+        self.position = Embedding(context_length, embedding_dim, sparse=sparse, fused=fused, dtype=dtype)
         self.sparse, self.fused = bool(sparse), fused
         self.reset_parameters()
 
@@ -547,7 +554,8 @@ class TokenPositionEmbedding(torch.nn.Module):
 
     @classmethod
     def from_pretrained(cls, token_weight, position_weight, freeze=True, sparse=False, fused=None):
-        """A layer whose tables are the given tensors themselves (2-D, CPU, float32, contiguous, same dim)."""
+        """A layer whose tables are the given tensors themselves (2-D, CPU, contiguous, of one dtype: float32,
+        float64 or float16, float32 with ``fused``; the same dim)."""
         for weight, name in ((token_weight, "token_weight"), (position_weight, "position_weight")):
             if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
                 raise ValueError(f"{name} must be a 2-D torch.Tensor (rows, dim)")
@@ -562,7 +570,7 @@ class TokenPositionEmbedding(torch.nn.Module):
         return layer
 
     def forward(self, ids, positions=None):
-        """The fused lookup (float32 CPU tables only: a table of another dtype is refused, never cast)."""
+        """The fused lookup (tables of float32, float64 or float16: another dtype is refused, never cast)."""
         if torch.compiler.is_compiling():
             return self._traced(ids, positions)
         return self._forward(ids, positions)

@@ -11,8 +11,8 @@ The modules of `fastembed.torch` call these ops only while torch compiles or exp
 ``torch.compiler.is_compiling``): in eager mode a custom op's Python dispatch costs more than the whole
 lookup at the book's size, and the autograd functions there are faster. Both paths run the same kernels.
 
-Each op takes what the kernels take (float32 CPU tables, int32 or int64 ids); any other table dtype is
-torch's own aten op, so an op always gives torch's result. No arithmetic here: the kernels do it.
+Each op takes what the kernels take (CPU tables of float32, float64 or float16, int32 or int64 ids); any other
+table dtype (bfloat16, integers) is torch's own aten op, so an op always gives torch's result. No arithmetic here: the kernels do it.
 """
 from typing import Optional
 
@@ -31,7 +31,11 @@ def _kernel_table(weight):
             and weight.is_contiguous())
 
 
-_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16)  # (bfloat16: aten's, numpy has no such dtype)
+
+
+# The table dtypes the kernels take; fastembed.torch's modules take the same list from here (bfloat16 is
+# aten's: numpy has no such dtype, and the kernels' bfloat16 path needs ml_dtypes or uint16 views).
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16)
 
 
 def _np(tensor):
