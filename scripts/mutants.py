@@ -955,6 +955,27 @@ MUTANTS += [
            ("tests/test_torch_embedding_dropin.py", "-k", "every_float_dtype")),
 ]
 
+# this session's fixes in fastembed.torch: the fused update told to autograd, positions copied, dtypes
+MUTANTS += [
+    Mutant("torch-fused-update-unseen", TORCH,
+           "            _moved(ctx.weight)\n", "            pass\n",
+           "a fused Embedding's update is not told to autograd: a penalty on the table reads the moved rows",
+           ("tests/test_torch_fused.py", "-k", "saved_a_fused")),
+    Mutant("tbag-fused-update-unseen", TORCH_BAG,
+           "                _moved(ctx.weight)\n", "                pass\n",
+           "a fused EmbeddingBag's update is not told to autograd: a penalty on the table reads the moved rows",
+           ("tests/test_torch_fused.py", "-k", "saved_a_fused")),
+    Mutant("positions-array-aliases", OPS,
+           "        return positions.copy()\n", "        return positions\n",
+           "positions_array returns the caller's positions: a sparse gradient's indices alias them",
+           ("tests/test_torch_adapter.py", "-k", "warns_nothing")),
+    Mutant("tpe-dtype-ignored", TORCH,
+           "        self.token = Embedding(vocab_size, embedding_dim, sparse=sparse, fused=fused, dtype=dtype)",
+           "        self.token = Embedding(vocab_size, embedding_dim, sparse=sparse, fused=fused, dtype=torch.float32)",
+           "TokenPositionEmbedding(dtype=float64) makes a float32 token table",
+           ("tests/test_torch_adapter.py", "-k", "each_dtype")),
+]
+
 
 # ---------------------------------------------------------------- running
 

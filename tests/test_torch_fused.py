@@ -236,3 +236,42 @@ def test_torch_fused_rules_defaults_are_torchs():
     adagrad = defaults(torch.optim.Adagrad)
     assert {k: adagrad[k] for k in defaults(fto.FusedAdagrad)} == defaults(fto.FusedAdagrad)
     assert fto.FusedSGD(0.1).fma and defaults(fto.FusedSGD)["lr"] == defaults(torch.optim.SGD)["lr"]
+
+
+# ---------------------------------------------------------------- the in-place update is visible to autograd
+
+def _fused_modules():
+    torch.manual_seed(5)
+    return {
+        "Embedding": (ft.Embedding(V, D, fused=fto.FusedSGD(lr=0.5)), lambda m, ids: m(ids), lambda m: [m.weight]),
+        "EmbeddingBag": (ft.EmbeddingBag(V, D, mode="sum", fused=fto.FusedSGD(lr=0.5)), lambda m, ids: m(ids),
+                         lambda m: [m.weight]),
+        "TokenPositionEmbedding": (ft.TokenPositionEmbedding(V, P, D, fused=fto.FusedSGD(lr=0.5)),
+                                   lambda m, ids: m(ids), lambda m: [m.token.weight, m.position.weight]),
+    }
+
+
+@pytest.mark.parametrize("name", ["Embedding", "EmbeddingBag", "TokenPositionEmbedding"])
+def test_a_node_that_saved_a_fused_table_refuses_after_the_update(name):
+    # An L2 penalty built before the lookup runs its backward after the lookup's, which moves the rows:
+    # it must refuse (torch's in-place check), not give 2 * (the updated table) as its gradient.
+    module, lookup, tables = _fused_modules()[name]
+    ids = torch.tensor([[1, 4, 4], [0, 2, 9]])
+    penalty = sum((w ** 2).sum() for w in tables(module))
+    loss = lookup(module, ids).sum() + penalty
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("name", ["Embedding", "EmbeddingBag", "TokenPositionEmbedding"])
+def test_a_penalty_built_after_the_lookup_reads_the_table_before_the_update(name):
+    # built after: its backward runs first, on the rows as they were; then the fused update moves them
+    module, lookup, tables = _fused_modules()[name]
+    ids = torch.tensor([[1, 4, 4], [0, 2, 9]])
+    before = [w.detach().clone() for w in tables(module)]
+    out = lookup(module, ids)
+    loss = out.sum() + sum((w ** 2).sum() for w in tables(module))
+    loss.backward()
+    for w, w0 in zip(tables(module), before):
+        assert torch.equal(w.grad, 2 * w0)  # the penalty's gradient only: the lookup's went into the update
+        assert not torch.equal(w.detach(), w0)  # and the update happened

@@ -159,6 +159,13 @@ def _state(buffers):
     return {key: buf.numpy() for key, buf in buffers.items()}
 
 
+def _moved(weight):
+    """Tell autograd that a fused update changed weight in place during backward (as an optimizer's step
+    would, but earlier): a node that saved weight and has yet to run refuses with torch's in-place error
+    instead of reading the new rows (say an L2 penalty on the table built before the lookup)."""
+    torch.autograd.graph.increment_version(weight)
+
+
 def _prepared_update(fused, table, ids, g):
     """A fused rule's update of the rows of ids, checked and ready to run (call it to move them);
     fused is (rule, buffers)."""
@@ -177,6 +184,7 @@ class _EmbeddingFunction(torch.autograd.Function):
         out = ops.gather(table, idn)
         ctx.ids, ctx.ids_np, ctx.ids_version = ids, idn, ids._version
         ctx.table, ctx.padding_idx, ctx.sparse, ctx.fused = table, padding_idx, sparse, fused
+        ctx.weight = weight if fused is not None else None  # (a leaf: no reference cycle)
         return torch.from_numpy(out)
 
     @staticmethod
@@ -200,6 +208,7 @@ class _EmbeddingFunction(torch.autograd.Function):
         if ctx.fused is not None:
             rule, buffers = ctx.fused
             rule.update(ctx.table, _state(buffers), ctx.ids_np, g, padding_idx=ctx.padding_idx)
+            _moved(ctx.weight)
             return None, None, None, None, None, None
         grad = np.zeros(ctx.table.shape, dtype=ctx.table.dtype)
         ops.scatter_add(grad, ctx.ids_np, g)
@@ -219,6 +228,7 @@ class _TokenPositionFunction(torch.autograd.Function):
         ctx.ids, ctx.ids_np, ctx.ids_version, ctx.positions = ids, idn, ids._version, pos
         ctx.positions_tensor = positions if isinstance(positions, torch.Tensor) else None
         ctx.tables, ctx.sparse, ctx.fused = tables, sparse, fused
+        ctx.weights = (token_weight, position_weight) if fused is not None else None
         return torch.from_numpy(hidden)
 
     @staticmethod
@@ -254,6 +264,9 @@ class _TokenPositionFunction(torch.autograd.Function):
                                                 ops.positions_array(ids, positions), g))
             for update in updates:
                 update()
+            for weight, moved in zip(ctx.weights, (need_token, need_position)):
+                if moved:
+                    _moved(weight)
         elif need_token and need_position:
             token_grad = np.zeros(token_table.shape, dtype=token_table.dtype)
             position_grad = np.zeros(position_table.shape, dtype=position_table.dtype)

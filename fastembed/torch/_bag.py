@@ -23,7 +23,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from .. import ops
 from ..nn import _fused_rule
-from . import _renorm_needs_torch  # (defined before fastembed.torch imports this module)
+from . import _moved, _renorm_needs_torch  # (defined before fastembed.torch imports this module)
 
 __all__ = ["EmbeddingBag", "embedding_bag"]
 
@@ -98,6 +98,7 @@ class _BagFunction(torch.autograd.Function):
             out = ops.embedding_bag(table, idn, offn, per_sample_weights=psw, **args)
         ctx.table, ctx.ids, ctx.offsets, ctx.psw, ctx.argmax, ctx.args = table, idn, offn, psw, argmax, args
         ctx.sparse, ctx.fused = sparse, fused
+        ctx.weight = weight if fused is not None else None  # to tell autograd of the update (a leaf: no cycle)
         # Saved so that autograd refuses a backward after any of them changed in place (torch's own check);
         # the weight only where per_sample_weights' gradient reads it.
         need_weight = per_sample_weights is not None and per_sample_weights.requires_grad
@@ -123,6 +124,7 @@ class _BagFunction(torch.autograd.Function):
                 index, values = ops.embedding_bag_grad_rows(rows, ctx.ids, ctx.offsets, g, per_sample_weights=ctx.psw,
                                                             **ctx.args)
                 rule.update(ctx.table, {k: b.numpy() for k, b in buffers.items()}, index, values)
+                _moved(ctx.weight)
             elif ctx.sparse:
                 index, values = ops.embedding_bag_grad_rows(rows, ctx.ids, ctx.offsets, g, per_sample_weights=ctx.psw,
                                                             **ctx.args)
