@@ -10,8 +10,12 @@ Oracles, independent of the kernel:
     block, bitwise np.add.at(zeros, ids, g);
   - np.array_split's block sizes for row_bounds.
 Bad input (ids out of [0, num_rows), bad bounds of each kind, wrong dtypes) raises the documented type
-with the value and where it stands, and leaves every argument as it was.
+with the value and where it stands, and leaves every argument as it was; ids that another thread rewrites
+during a GIL-free call give an error or a consistent plan, never one with rows outside their blocks.
 """
+import subprocess
+import sys
+import textwrap
 import tracemalloc
 
 import numpy as np
@@ -217,6 +221,51 @@ def test_the_gil_free_path_is_the_same_plan(case):
         plan = fe.exchange_plan(ids, bounds)
         assert _kernels._last_call_released_gil()
     assert_plan(ids, bounds, plan)
+
+
+REWRITTEN_IDS_CHILD = """
+import threading, time, numpy as np, fastembed as fe
+bounds = np.array([0, 5, 5, 16], dtype=np.int64)
+ids = np.arange(1 << 16, dtype=np.int64) % 16
+stop = False
+def mutate():
+    while not stop:  # the last id, read last by the entry check and by the loop: mostly in range when checked
+        ids[-1] = 1 << 40
+        ids[-1] = 3
+        ids[-1] = -1
+        ids[-1] = 3
+t = threading.Thread(target=mutate)
+t.start()
+results = errors = 0
+try:
+    deadline = time.time() + 2.0
+    while time.time() < deadline:
+        try:
+            counts, rows, inverse = fe.exchange_plan(ids, bounds)
+        except (IndexError, RuntimeError):  # the entry check, or a changed id the loop skipped
+            errors += 1
+            continue
+        results += 1
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        assert starts[-1] == len(rows) and inverse.min() >= 0 and inverse.max() < len(rows), (counts, inverse)
+        for r in range(3):
+            mine = rows[starts[r]:starts[r + 1]]
+            assert len(mine) == 0 or (mine.min() >= 0 and mine.max() < bounds[r + 1] - bounds[r]), (r, mine)
+finally:
+    stop = True
+    t.join()
+print("survived", results, errors)
+"""
+
+
+def test_ids_rewritten_during_a_gil_free_call_give_an_error_or_a_consistent_plan():
+    """Each id is read once in the loop and checked again as it is read: an id rewritten after the entry
+    check to a value out of range (1 << 40, or -1, the hash table's empty mark) is a RuntimeError, never a
+    row outside its block or an inverse outside rows. In a child process (a bug could crash it)."""
+    proc = subprocess.run([sys.executable, "-c", REWRITTEN_IDS_CHILD], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "survived" in proc.stdout, (
+        f"return code {proc.returncode}: {proc.stdout[-500:]} {proc.stderr[-2000:]}")
 
 
 def test_exported():
