@@ -11,7 +11,7 @@ write; the `cdef` loops below trust what they are given. The callers (ops.py)
 pass ids as numpy arrays of native int32 or int64 and positions as None, an int
 start, or a C-contiguous int64 array of ids.shape.
 
-One extension module in five files, one family each (Cython `include`, so the
+One extension module in six files, one family each (Cython `include`, so the
 thread settings and the checks are one copy shared by every family):
   _common.pxi   the thread policy and its private test hooks, the input checks,
                 the helpers that split work between threads
@@ -22,6 +22,7 @@ thread settings and the checks are one copy shared by every family):
   _norm.pxi     max_norm's renorm (torch's embedding_renorm_)
   _bag.pxi      embedding bags (embedding_bag, its dense and sparse backward, the
                 per_sample_weights gradient)
+  _shard.pxi    the id exchange of a table sharded by rows (exchange_plan)
 
 The lookups, scatters and coalesce are written once over the fused type elem_t (float32,
 float64, and the 16-bit float16 and bfloat16, whose row functions in _fastembed.h sum in
