@@ -105,7 +105,7 @@ if [ "$QUICK" = 1 ]; then
     export FASTEMBED_LEAK_CALLS="${FASTEMBED_LEAK_CALLS:-2000}"
     RUNS=(tests/test_hardening_inputs.py tests/test_hardening_optim.py tests/test_hardening_offsets.py
           tests/test_hardening_threads.py tests/test_hardening_leaks.py tests/test_hardening_fuzz.py
-          tests/test_errors.py tests/test_kernels.py tests/test_dtypes.py tests/test_bag.py)
+          tests/test_errors.py tests/test_kernels.py tests/test_dtypes.py tests/test_bag.py tests/test_exchange_plan.py)
 else
     export FASTEMBED_LEAK_CALLS="${FASTEMBED_LEAK_CALLS:-5000}"
     export FASTEMBED_FUZZ_SECONDS="${FASTEMBED_FUZZ_SECONDS:-60}"
