@@ -98,3 +98,7 @@ __all__ += [
 from .nn import EmbeddingBag
 
 __all__ += ["EmbeddingBag"]
+
+from .ops import exchange_plan, row_bounds  # noqa: E402  (the id exchange of a table sharded by rows)
+
+__all__ += ["exchange_plan", "row_bounds"]

@@ -139,3 +139,8 @@ def embedding_bag_weights_grad(
     padding_idx: int | None = None,
     include_last_offset: bool = False,
 ) -> _Float32: ...
+
+# a table sharded by rows (_shard.pxi)
+def exchange_plan(
+    ids: _Ids, bounds: _Ids
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...

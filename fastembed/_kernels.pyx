@@ -823,3 +823,4 @@ def _widen(bits, str format):
 include "_optim.pxi"
 include "_norm.pxi"
 include "_bag.pxi"
+include "_shard.pxi"

@@ -424,3 +424,100 @@ def embedding_bag_weights_grad(table, ids, offsets, grad_out, *, padding_idx=Non
     ids, offsets, _, include_last_offset, shape = _bag_args(ids, offsets, None, include_last_offset, (), ())
     result = _kernels.embedding_bag_weights_grad(table, ids, offsets, grad_out, padding_idx, include_last_offset)
     return result.reshape(shape)
+
+
+# ---------------------------------------------------------------- a table sharded by rows (the id exchange)
+
+__all__ += ["exchange_plan", "row_bounds"]
+
+
+def _count_arg(value, name, least):
+    """value as an int >= least: TypeError for a non-integer (bool included), ValueError below least or past int64."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an int, got a bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if not least <= value <= _INT64_MAX:
+        raise ValueError(f"{name} must be in [{least}, 2**63), got {name}={value}")
+    return value
+
+
+def row_bounds(num_rows, world_size):
+    """The row blocks of a table of num_rows rows split over world_size ranks, as even as can be.
+
+    Rank r owns the rows ``bounds[r]`` to ``bounds[r + 1] - 1``. The first ``num_rows % world_size``
+    ranks get one row more than the others (the split of ``np.array_split`` and
+    ``torch.tensor_split``): no two ranks differ by more than one row, and a rank is empty only
+    when there are fewer rows than ranks. (TorchRec's row-wise sharding uses blocks of
+    ``ceil(num_rows / world_size)`` instead, which can leave the last ranks short or empty; pass
+    such bounds to `exchange_plan` directly if you need them.)
+
+    Parameters
+    ----------
+    num_rows : int >= 0
+    world_size : int >= 1
+
+    Returns
+    -------
+    bounds : ndarray of int64, shape (world_size + 1,)
+        ``bounds[0] == 0``, ``bounds[-1] == num_rows``, non-decreasing.
+    """
+    num_rows = _count_arg(num_rows, "num_rows", 0)
+    world_size = _count_arg(world_size, "world_size", 1)
+    base, extra = divmod(num_rows, world_size)
+    sizes = np.full(world_size, base, dtype=np.int64)
+    sizes[:extra] += 1
+    bounds = np.zeros(world_size + 1, dtype=np.int64)
+    np.cumsum(sizes, out=bounds[1:])
+    return bounds
+
+
+def exchange_plan(ids, bounds):
+    """The send plan of one rank's batch of ids over a table sharded by rows.
+
+    Rank r of W owns the global rows ``bounds[r]`` to ``bounds[r + 1] - 1``. Before the all-to-all
+    that fetches rows, each rank asks every owner once for each distinct id it needs:
+
+    Parameters
+    ----------
+    ids : array-like of int in [0, bounds[-1]), any shape (empty allowed); global row ids
+    bounds : array-like of int, shape (W + 1,), W >= 1: ``bounds[0] == 0``, non-decreasing
+        (``bounds[r] == bounds[r + 1]`` for an empty rank), ``bounds[-1]`` the table's rows
+        (e.g. `row_bounds`). int32 and int64 arrays are taken as they are, other integer
+        array-likes converted; it is copied to int64 before it is checked.
+
+    Returns
+    -------
+    counts : ndarray of int64, shape (W,)
+        The number of distinct ids owned by each rank (an id repeated in ids is sent once).
+    rows : ndarray of int64, shape (sum(counts),)
+        The local row numbers (``id - bounds[r]``) to request, grouped by owner rank in rank
+        order; within a rank in order of first occurrence in ``ids.ravel()``.
+    inverse : ndarray of int64, shape ids.shape
+        For each id, the index of its row in `rows`. With ``R`` the rows received back,
+        concatenated in rank order (shape ``(sum(counts), D)``), ``R[inverse]`` is
+        ``table[ids]``; a gradient ``g`` of shape ``ids.shape + (D,)`` is summed once per sent
+        row by ``scatter_add(zeros((sum(counts), D)), inverse, g)`` (in the row-major order of
+        ids, as ``np.add.at``).
+
+    The plan depends on ids and bounds alone: the same bits on every run and thread count (it
+    runs on one thread, without the GIL for large batches). Memory is O(len(ids)) whatever the
+    number of rows: a hash table of the batch's ids, never an array over the table.
+
+    Every check happens before any result is made: an id outside [0, bounds[-1]) is an
+    IndexError naming it and where it stands; bad bounds are a ValueError naming the entry
+    (TypeError for a non-integer dtype of either).
+
+    Examples
+    --------
+    >>> counts, rows, inverse = exchange_plan([7, 2, 7, 9, 0, 2], [0, 3, 3, 8, 10])
+    >>> counts.tolist(), rows.tolist(), inverse.tolist()
+    ([2, 0, 1, 1], [2, 0, 4, 1], [2, 0, 2, 3, 1, 0])
+    """
+    if type(ids) is not _ndarray or ids.dtype not in _NATIVE_IDS:
+        ids = as_ids(ids)
+    if type(bounds) is not _ndarray or bounds.dtype not in _NATIVE_IDS:
+        bounds = as_ids(bounds, "bounds")
+    return _kernels.exchange_plan(ids, bounds)

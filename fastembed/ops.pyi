@@ -77,3 +77,11 @@ def embedding_bag_weights_grad(
     padding_idx: int | None = None,
     include_last_offset: bool = False,
 ) -> _Float32: ...
+
+# a table sharded by rows (the id exchange)
+__all__ += ["exchange_plan", "row_bounds"]
+
+def row_bounds(num_rows: int, world_size: int) -> npt.NDArray[np.int64]: ...
+def exchange_plan(
+    ids: npt.ArrayLike, bounds: npt.ArrayLike
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
