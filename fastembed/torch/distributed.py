@@ -135,9 +135,10 @@ class ShardedEmbedding(torch.nn.Module):
     per rank that looked the row up). Duplicate ids of one rank's batch are fetched once and their
     gradients summed on that rank before they are sent, so a row's gradient is the sum over ranks (in
     rank order) of per-rank sums. Concatenate the ranks' batches in rank order and give them to one
-    ``nn.Embedding``: where no id repeats within a rank's batch the gradients are bitwise equal (each
-    row's additions happen in the same order); where one does, the grouping of the additions differs
-    and they agree to the rounding of the table's dtype.
+    ``nn.Embedding``: where no id repeats within a rank's batch the dense gradients are bitwise equal
+    (each row's additions happen in the same order); where one does, the grouping of the additions
+    differs and they agree to the rounding of the table's dtype. (A sparse gradient's entries for one
+    row, one per rank, are summed by torch when it coalesces, in torch's order.)
 
     Collectives: every forward and every backward is a set of all-to-alls over the group, so every rank
     of the group must call forward the same number of times in the same order, and run backward
@@ -157,8 +158,8 @@ class ShardedEmbedding(torch.nn.Module):
         The ranks that share the table (the default group when None); ``torch.distributed`` must be
         initialised. Ranks are the group's ranks.
     padding_idx : int or None
-        A global row (negative counts from the end) whose gradient stays zero, as in nn.Embedding; it
-        is initialised to zeros on the rank that owns it.
+        A global row (negative counts from the end) whose gradient stays zero, as in nn.Embedding; the
+        default initialisation makes it zero on the rank that owns it (a given _weight is kept as is).
     sparse : bool
         Give the block a sparse COO gradient instead of a dense one.
     dtype : torch.dtype
@@ -217,6 +218,8 @@ class ShardedEmbedding(torch.nn.Module):
                 self.weight[self._padding_row].fill_(0)
 
     def forward(self, ids):
+        """This rank's rows of the whole table: ``table[ids]`` for global ids, shape ids.shape + (D,).
+        A collective: every rank of the group calls it (see the class)."""
         return _ShardedLookup.apply(self.weight, ids, self)
 
     def extra_repr(self):
