@@ -1006,6 +1006,40 @@ MUTANTS += [
 ]
 
 
+# ---------------------------------------------------------------- a table sharded by rows (issue 11, item 2)
+# _shard.pxi is compiled into the extension: its mutants rebuild (Mutant.kernel reads KERNEL_FILES when asked).
+SHARD_PXI, PLAN = "fastembed/_shard.pxi", "tests/test_exchange_plan.py"
+KERNEL_FILES = KERNEL_FILES + (SHARD_PXI,)
+MUTANTS += [
+    Mutant("plan-owner-bound-to-previous-rank", SHARD_PXI,
+           "        if bounds[mid] <= x:\n", "        if bounds[mid] < x:\n",
+           "an id equal to a rank's first row is sent to the rank before it (a strict compare in the owner search)",
+           (PLAN, "-k", "dict_oracle or on_a_bound or hand_computed")),
+    Mutant("plan-rows-global", SHARD_PXI,
+           "        rows[p] = first[u] - bounds[r]\n", "        rows[p] = first[u]\n",
+           "the plan asks owners for global ids, not their local row numbers",
+           (PLAN, "-k", "dict_oracle or round_trip or hand_computed")),
+    Mutant("plan-duplicates-sent-again", SHARD_PXI,
+           "            if key == x:\n                slots[i] = table[2 * h + 1]\n",
+           "            if False:\n                slots[i] = table[2 * h + 1]\n",
+           "the hash lookup never finds an id seen before: a repeated id is sent once per occurrence",
+           (PLAN, "-k", "dict_oracle or hand_computed")),
+    Mutant("plan-inverse-first-occurrence", SHARD_PXI,
+           "            inverse[i] = owner[inverse[i]]\n", "            pass\n",
+           "inverse indexes the distinct ids in order of first occurrence, not rows (grouped by rank)",
+           (PLAN, "-k", "dict_oracle or round_trip or hand_computed")),
+    Mutant("plan-range-off-by-one", SHARD_PXI,
+           "    _check_range(idx, \"ids\", V, \"the sharded table\")\n",
+           "    _check_range(idx, \"ids\", V + 1, \"the sharded table\")\n",
+           "the entry check lets id == num_rows through (the loop then skips it: a RuntimeError, not the IndexError)",
+           (PLAN, "-k", "num_rows")),
+    Mutant("plan-bounds-decreasing-unchecked", SHARD_PXI,
+           "        if b[r] < b[r - 1]:\n", "        if False:\n",
+           "decreasing bounds are not refused (a rank would own a negative number of rows)",
+           (PLAN, "-k", "bad_bounds")),
+]
+
+
 # ---------------------------------------------------------------- running
 
 
