@@ -1003,6 +1003,21 @@ MUTANTS += [
            "        rank, world_size = dist.get_rank(), dist.get_world_size(group)\n",
            "a subgroup's member takes the block of its global rank, not its rank in the group",
            (T_SHARDED, "-k", "same_answer and pair13_distinct")),
+    Mutant("sharded-plan-on-module", SHARDED,
+           "        ctx.plan, ctx.module, ctx.shape = plan, module, block.shape\n"
+           "        return torch.from_numpy(out)\n\n"
+           "    @staticmethod\n"
+           "    def backward(ctx, grad_out):\n"
+           "        # (Under create_graph=True the gradient is first order and not itself differentiable.)\n"
+           "        module, plan = ctx.module, ctx.plan\n",
+           "        module._plan, ctx.module, ctx.shape = plan, module, block.shape\n"
+           "        return torch.from_numpy(out)\n\n"
+           "    @staticmethod\n"
+           "    def backward(ctx, grad_out):\n"
+           "        # (Under create_graph=True the gradient is first order and not itself differentiable.)\n"
+           "        module, plan = ctx.module, ctx.module._plan\n",
+           "the exchange plan is kept on the module, not per call: a backward through two lookups uses the last one's",
+           (T_SHARDED, "-k", "same_answer and two_lookups")),
 ]
 
 

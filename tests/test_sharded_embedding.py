@@ -31,20 +31,19 @@ COLLECTIVE_TIMEOUT = timedelta(seconds=60)  # a hung collective fails the child 
 LR = 0.5
 
 
-def _case(name, group, num_embeddings, dim, dtype, id_dtype, batches, *, padding_idx=None, sparse=False,
-          seed=0):
-    """One scenario: a random table, each member's batch (listed in group-rank order) and its gradient."""
+def _case(name, group, num_embeddings, dim, dtype, id_dtype, *lookups, padding_idx=None, sparse=False, seed=0):
+    """One scenario: a random table and its lookups (usually one; more are made before one backward
+    through all of them), each a list of the members' batches in group-rank order, with their gradients."""
     gen = torch.Generator().manual_seed(seed)
-    batches = [torch.as_tensor(np.asarray(b, dtype=np.int64)).to(id_dtype) for b in batches]
-    assert len(batches) == len(GROUPS[group])
-    return {
-        "name": name, "group": group, "V": num_embeddings, "D": dim, "padding_idx": padding_idx,
-        "sparse": sparse,
-        "table": torch.randn(num_embeddings, dim, generator=gen, dtype=torch.float64).to(dtype),
-        "ids": batches,
-        "grad_out": [torch.randn(tuple(b.shape) + (dim,), generator=gen, dtype=torch.float64).to(dtype)
-                     for b in batches],
-    }
+    case = {"name": name, "group": group, "V": num_embeddings, "D": dim, "padding_idx": padding_idx,
+            "sparse": sparse, "table": torch.randn(num_embeddings, dim, generator=gen, dtype=torch.float64).to(dtype),
+            "lookups": []}
+    for batches in lookups:
+        batches = [torch.as_tensor(np.asarray(b, dtype=np.int64)).to(id_dtype) for b in batches]
+        assert len(batches) == len(GROUPS[group])
+        grads = [torch.randn(tuple(b.shape) + (dim,), generator=gen, dtype=torch.float64).to(dtype) for b in batches]
+        case["lookups"].append((batches, grads))
+    return case
 
 
 def _random_batches(seed, num_embeddings, members, most):
@@ -69,13 +68,17 @@ CASES = [
           [[9, 0], [1, 8, 4], [5], [2, 7, 3, 6]], sparse=True, seed=5),
     # fewer rows than ranks: the last rank holds no rows
     _case("rows_lt_ranks", "world", 3, 2, torch.float32, torch.int64, [[2, 2], [0], [1, 0], np.zeros(0)], seed=6),
-    _case("bad_ids", "world", 11, 2, torch.float32, torch.int32, [[0], [1], [2], [3]], seed=7),
+    _case("bad_ids", "world", 11, 2, torch.float32, torch.int32, seed=7),
     _case("random_w4", "world", 1001, 8, torch.float32, torch.int64, _random_batches(8, 1001, 4, 400),
           padding_idx=17, seed=8),
     _case("f16_dups_w4", "world", 11, 3, torch.float16, torch.int64,
           [[5, 5, 0, 10], [10, 2], [0, 0, 0], [[7, 5], [5, 3]]], seed=12),
     _case("f16_sparse_distinct_w4", "world", 9, 2, torch.float16, torch.int32,
           [[8, 1], [0], [4, 6, 2], [3, 5, 7]], sparse=True, seed=13),
+    # two lookups of one table before one backward: each keeps its own exchange
+    _case("two_lookups_w4", "world", 11, 3, torch.float32, torch.int64,
+          [[1, 2], [3, 4, 4], [10], np.zeros(0)], [[9, 1, 6], np.zeros(0), [2, 0, 7], [[5], [10]]],
+          padding_idx=0, seed=14),
     _case("pair01_dense", "pair01", 7, 4, torch.float32, torch.int64, [[6, 6, 0, 3], [[3, 5], [5, 6]]],
           padding_idx=-1, seed=9),
     _case("pair13_sparse", "pair13", 5, 3, torch.float64, torch.int32, [[4, 4, 0, 1], np.zeros(0)], sparse=True,
@@ -95,9 +98,9 @@ def _run_case(case, group, group_rank):
     emb = ShardedEmbedding(case["V"], case["D"], group, padding_idx=case["padding_idx"], sparse=case["sparse"],
                            _weight=table)
     result = {"shard_rows": emb.shard_rows, "block": emb.weight.detach().clone()}
-    out = emb(case["ids"][group_rank])
-    out.backward(case["grad_out"][group_rank])
-    result["out"], result["grad"] = out.detach(), emb.weight.grad
+    outs = [emb(batches[group_rank]) for batches, _ in case["lookups"]]
+    torch.autograd.backward(outs, [grads[group_rank] for _, grads in case["lookups"]])
+    result["outs"], result["grad"] = [out.detach() for out in outs], emb.weight.grad
     torch.optim.SGD(emb.parameters(), lr=LR).step()
     result["stepped"] = emb.weight.detach().clone()
     result["_weight_unchanged"] = torch.equal(table, case["table"])  # the block is a copy of _weight's rows
@@ -184,24 +187,31 @@ def results(tmp_path_factory):
 
 
 def _oracle(case):
-    """One nn.Embedding over the whole table on the batches concatenated in rank order, one SGD step."""
+    """One nn.Embedding over the whole table, each lookup on the batches concatenated in rank order (its
+    rows split back per rank), one backward through all of them, one SGD step."""
     emb = torch.nn.Embedding(case["V"], case["D"], padding_idx=case["padding_idx"], sparse=case["sparse"],
                              _weight=case["table"].clone())
-    ids = torch.cat([b.reshape(-1).long() for b in case["ids"]])
-    out = emb(ids)
-    out.backward(torch.cat([g.reshape(-1, case["D"]) for g in case["grad_out"]]))
+    outs = [emb(torch.cat([b.reshape(-1).long() for b in batches])) for batches, _ in case["lookups"]]
+    torch.autograd.backward(outs, [torch.cat([g.reshape(-1, case["D"]) for g in grads])
+                                   for _, grads in case["lookups"]])
     grad = emb.weight.grad.to_dense() if case["sparse"] else emb.weight.grad
     torch.optim.SGD(emb.parameters(), lr=LR).step()
-    sizes = [b.numel() for b in case["ids"]]
-    return list(out.detach().split(sizes)), grad, emb.weight.detach()
+    rows = [list(out.detach().split([b.numel() for b in batches])) for out, (batches, _) in zip(outs, case["lookups"])]
+    return rows, grad, emb.weight.detach()
+
+
+def _all_ids(case):
+    return torch.cat([b.reshape(-1).long() for batches, _ in case["lookups"] for b in batches])
 
 
 def _repeats_within_a_rank(case):
-    return any(len(np.unique(b.numpy())) < b.numel() for b in case["ids"])
+    if len(case["lookups"]) > 1:  # the two lookups' gradients are summed per rank too
+        return True
+    return any(len(np.unique(b.numpy())) < b.numel() for b in case["lookups"][0][0])
 
 
 def _repeats_anywhere(case):
-    ids = torch.cat([b.reshape(-1) for b in case["ids"]]).numpy()
+    ids = _all_ids(case).numpy()
     return len(np.unique(ids)) < len(ids)
 
 
@@ -209,8 +219,8 @@ def _rounding_bound(case):
     """How far apart two sums of a row's gradient terms, grouped differently, can be: per element, the
     number of terms times the dtype's eps times the sum of their magnitudes (each rounding of either
     grouping is at most eps/2 of a partial sum, which is at most that sum)."""
-    ids = torch.cat([b.reshape(-1).long() for b in case["ids"]])
-    magnitudes = torch.cat([g.reshape(-1, case["D"]).abs().double() for g in case["grad_out"]])
+    ids = _all_ids(case)
+    magnitudes = torch.cat([g.reshape(-1, case["D"]).abs().double() for _, grads in case["lookups"] for g in grads])
     total = torch.zeros(case["V"], case["D"], dtype=torch.float64).index_add_(0, ids, magnitudes)
     terms = torch.zeros(case["V"], dtype=torch.float64).index_add_(0, ids, torch.ones(len(ids), dtype=torch.float64))
     return terms[:, None] * torch.finfo(case["table"].dtype).eps * total
@@ -240,9 +250,11 @@ def test_same_answer_as_one_embedding(results, case):
         start = int(block[0]) if len(block) else sum(len(b) for b in blocks[:group_rank])
         assert res["shard_rows"] == (start, start + len(block))
         assert torch.equal(res["block"], case["table"][start:start + len(block)])
-        ids = case["ids"][group_rank]
-        assert res["out"].shape == tuple(ids.shape) + (case["D"],) and res["out"].dtype == case["table"].dtype
-        assert torch.equal(res["out"].reshape(-1, case["D"]), outs[group_rank]), f"rank {group_rank}'s rows"
+        for lookup, ((batches, _), out) in enumerate(zip(case["lookups"], res["outs"])):
+            ids = batches[group_rank]
+            assert out.shape == tuple(ids.shape) + (case["D"],) and out.dtype == case["table"].dtype
+            assert torch.equal(out.reshape(-1, case["D"]), outs[lookup][group_rank]), \
+                f"rank {group_rank}'s rows of lookup {lookup}"
         assert res["grad"].dtype == case["table"].dtype and res["grad"].is_sparse == case["sparse"]
         assert res["_weight_unchanged"], f"rank {group_rank}'s SGD step wrote into the _weight it was given"
 
@@ -265,7 +277,7 @@ def test_sparse_gradient_has_one_entry_per_rank_and_row(results, case):
     members = GROUPS[case["group"]]
     bounds = np.cumsum([0] + [len(b) for b in np.array_split(np.arange(case["V"]), len(members))])
     pad = case["padding_idx"] % case["V"] if case["padding_idx"] is not None else None
-    asked = [set(b.reshape(-1).tolist()) - {pad} for b in case["ids"]]
+    asked = [set(b.reshape(-1).tolist()) - {pad} for b in case["lookups"][0][0]]
     for group_rank, rank in enumerate(members):
         grad = results[rank][case["name"]]["grad"]
         lo, hi = bounds[group_rank], bounds[group_rank + 1]
