@@ -1,4 +1,4 @@
-"""fastembed.torch.distributed.ShardedEmbedding on real process groups: 4 spawned processes on this
+"""fastembed.torch.distributed.ShardedEmbedding on real process groups: 4 processes on this
 machine (gloo over a file:// rendezvous in tmp_path, no ports), which run every case on the whole
 group (4 ranks), on the ranks {0, 1} and on the ranks {1, 3} (groups of 2 whose group ranks are not
 the global ranks). The processes are started once for the whole file; each case's inputs are written by
@@ -6,14 +6,16 @@ the parent and its results read back from files, and every assertion runs in the
 
 The oracle is one torch.nn.Embedding (not fastembed) holding the whole table, run on the ranks' batches
 concatenated in group-rank order: each rank's rows are bitwise its slice of the oracle's output; the
-ranks' block gradients, concatenated in rank order, are the oracle's gradient, bitwise where no id
-repeats within a rank's batch (a row's additions then happen in the same order), else to the table
-dtype's rounding, since a rank sums its duplicates before sending them. The same holds for the tables
-after one torch.optim.SGD step.
+ranks' block gradients, concatenated in rank order, are the oracle's gradient: bitwise where no id
+repeats within a rank's batch (a row's additions then happen in the same order; for a sparse gradient,
+whose entries torch sums in its own order, where no id repeats at all), else within a bound on the
+rounding of the table's dtype (`_rounding_bound`), since a rank sums its duplicates before sending them.
+The same holds for the tables after one torch.optim.SGD step.
 """
-import multiprocessing
+import os
+import subprocess
+import sys
 import time
-import traceback
 from datetime import timedelta
 
 import numpy as np
@@ -107,10 +109,9 @@ def _run_case(case, group, group_rank):
     return result
 
 
-def _bad_ids(rank):
+def _bad_ids(rank, case):
     from fastembed.torch.distributed import ShardedEmbedding
 
-    case = next(c for c in CASES if c["name"] == "bad_ids")
     emb = ShardedEmbedding(case["V"], case["D"], _weight=case["table"])
     if rank != BAD_RANK:
         return None
@@ -136,51 +137,60 @@ def _default_init(rank):
             "weight64": emb64.weight.detach().clone()}
 
 
-def _child(rank, tmp):
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD,
-                                timeout=COLLECTIVE_TIMEOUT)
-        groups = {name: None if name == "world" else dist.new_group(ranks) for name, ranks in GROUPS.items()}
-        cases = torch.load(f"{tmp}/cases.pt")
-        results = {"default_init": _default_init(rank)}
-        for case in cases:
-            members = GROUPS[case["group"]]
-            if case["name"] == "bad_ids":
-                results["bad_ids"] = _bad_ids(rank)
-            elif rank in members:
-                results[case["name"]] = _run_case(case, groups[case["group"]], members.index(rank))
-        torch.save(results, f"{tmp}/result{rank}.pt")
-        dist.destroy_process_group()
-    except BaseException:
-        with open(f"{tmp}/error{rank}.txt", "w") as f:
-            f.write(traceback.format_exc())
-        raise
+def _child(rank, tmp, package):
+    """One rank (this file run as a script; its traceback goes to its log, which the parent reads)."""
+    import fastembed
+
+    if os.path.dirname(os.path.abspath(fastembed.__file__)) != package:
+        raise RuntimeError(f"the child imported {fastembed.__file__}, the parent {package}")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD,
+                            timeout=COLLECTIVE_TIMEOUT)
+    groups = {name: None if name == "world" else dist.new_group(ranks) for name, ranks in GROUPS.items()}
+    cases = torch.load(f"{tmp}/cases.pt")
+    results = {"default_init": _default_init(rank)}
+    for case in cases:
+        members = GROUPS[case["group"]]
+        if case["name"] == "bad_ids":
+            results["bad_ids"] = _bad_ids(rank, case)
+        elif rank in members:
+            results[case["name"]] = _run_case(case, groups[case["group"]], members.index(rank))
+    torch.save(results, f"{tmp}/result{rank}.pt")
+    dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- the parent
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
+    # The children run this file as a script (not a multiprocessing target, which they would have to
+    # import by the module name pytest gave it), with the parent's fastembed first on their path.
+    import fastembed
+
     tmp = tmp_path_factory.mktemp("sharded")
     torch.save(CASES, tmp / "cases.pt")
-    context = multiprocessing.get_context("spawn")
-    procs = [context.Process(target=_child, args=(rank, str(tmp)), daemon=True) for rank in range(WORLD)]
-    for proc in procs:
-        proc.start()
-    deadline = time.monotonic() + JOIN_TIMEOUT
-    for proc in procs:
-        proc.join(max(0.0, deadline - time.monotonic()))
-    hung = [rank for rank, proc in enumerate(procs) if proc.is_alive()]
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    failures = [f"rank {rank} exited with {proc.exitcode}" for rank, proc in enumerate(procs) if proc.exitcode]
-    failures += [f"rank {rank} still running after {JOIN_TIMEOUT} s (killed)" for rank in hung]
+    package = os.path.dirname(os.path.abspath(fastembed.__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(package),
+                                                                     os.environ.get("PYTHONPATH")])))
+    procs = []
     for rank in range(WORLD):
-        if (tmp / f"error{rank}.txt").exists():
-            failures.append(f"rank {rank}:\n{(tmp / f'error{rank}.txt').read_text()}")
+        with open(tmp / f"log{rank}.txt", "w") as log:
+            procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), str(rank), str(tmp), package],
+                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env))
+    deadline, failures = time.monotonic() + JOIN_TIMEOUT, []
+    for rank, proc in enumerate(procs):
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            failures.append(f"rank {rank} still running after {JOIN_TIMEOUT} s (killed)")
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    for rank, proc in enumerate(procs):
+        if proc.returncode:
+            failures.append(f"rank {rank} exited with {proc.returncode}; its log ends:\n"
+                            + (tmp / f"log{rank}.txt").read_text()[-6000:])
     if failures:
         pytest.fail("the sharded group failed:\n" + "\n".join(failures))
     return [torch.load(tmp / f"result{rank}.pt") for rank in range(WORLD)]
@@ -355,3 +365,7 @@ def test_group_of_one_is_nn_embedding(group_of_one):
     out.backward(grad_out)
     expected.backward(grad_out)
     assert torch.equal(emb.weight.grad, oracle.weight.grad)  # one rank: the same additions in the same order
+
+
+if __name__ == "__main__":
+    _child(int(sys.argv[1]), sys.argv[2], sys.argv[3])
