@@ -976,6 +976,50 @@ MUTANTS += [
            ("tests/test_torch_adapter.py", "-k", "each_dtype")),
 ]
 
+# ---------------------------------------------------------------- the sharded table's module (issue 11, items 1 and 3)
+SHARDED, T_SHARDED = "fastembed/torch/distributed.py", "tests/test_sharded_embedding.py"
+MUTANTS += [
+    Mutant("sharded-duplicates-overwrite", SHARDED,
+           "    ops.scatter_add(summed, plan.inverse, grad_out)\n",
+           "    summed[plan.inverse.reshape(-1)] = grad_out.reshape(-1, dim)\n",
+           "a rank's gradient rows of a repeated id overwrite each other instead of summing before they are sent",
+           (T_SHARDED, "-k", "same_answer and dups_w4")),
+    Mutant("sharded-dense-padding-grad", SHARDED,
+           "        grad[padding_row] = 0.0  # as nn.Embedding: the padding row gets no gradient\n",
+           "        pass\n",
+           "the owner of padding_idx gives its row a dense gradient",
+           (T_SHARDED, "-k", "same_answer and distinct_w4")),
+    Mutant("sharded-sparse-padding-entries", SHARDED,
+           "            keep = index[0] != padding_row\n", "            keep = index[0] >= 0\n",
+           "a sparse block gradient keeps the entries of padding_idx",
+           (T_SHARDED, "-k", "sparse_dups_w4")),
+    Mutant("sharded-block-aliases-weight", SHARDED,
+           "            block = _weight.detach()[start:stop].clone(memory_format=torch.contiguous_format)\n",
+           "            block = _weight.detach()[start:stop].contiguous()\n",
+           "the block is a view of the _weight given (contiguous() copies nothing): an optimizer step writes into it",
+           (T_SHARDED, "-k", "same_answer and distinct_w4")),
+    Mutant("sharded-global-rank", SHARDED,
+           "        rank, world_size = dist.get_rank(group), dist.get_world_size(group)\n",
+           "        rank, world_size = dist.get_rank(), dist.get_world_size(group)\n",
+           "a subgroup's member takes the block of its global rank, not its rank in the group",
+           (T_SHARDED, "-k", "same_answer and pair13_distinct")),
+    Mutant("sharded-plan-on-module", SHARDED,
+           "        ctx.plan, ctx.module, ctx.shape = plan, module, block.shape\n"
+           "        return torch.from_numpy(out)\n\n"
+           "    @staticmethod\n"
+           "    def backward(ctx, grad_out):\n"
+           "        # (Under create_graph=True the gradient is first order and not itself differentiable.)\n"
+           "        module, plan = ctx.module, ctx.plan\n",
+           "        module._plan, ctx.module, ctx.shape = plan, module, block.shape\n"
+           "        return torch.from_numpy(out)\n\n"
+           "    @staticmethod\n"
+           "    def backward(ctx, grad_out):\n"
+           "        # (Under create_graph=True the gradient is first order and not itself differentiable.)\n"
+           "        module, plan = ctx.module, ctx.module._plan\n",
+           "the exchange plan is kept on the module, not per call: a backward through two lookups uses the last one's",
+           (T_SHARDED, "-k", "same_answer and two_lookups")),
+]
+
 
 # ---------------------------------------------------------------- a table sharded by rows (issue 11, item 2)
 # _shard.pxi is compiled into the extension: its mutants rebuild (Mutant.kernel reads KERNEL_FILES when asked).
