@@ -369,3 +369,29 @@ def test_group_of_one_is_nn_embedding(group_of_one):
 
 if __name__ == "__main__":
     _child(int(sys.argv[1]), sys.argv[2], sys.argv[3])
+
+
+def test_readme_script_runs_under_torchrun(tmp_path):
+    """The README's training script, as a user runs it: torchrun with 2 processes."""
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    if not os.path.exists(readme):
+        pytest.skip("README.md is not beside tests/ (an installed-package stage)")
+    with open(readme) as f:
+        text = f.read()
+    section = text.split("## A table sharded over processes", 1)[1]
+    script = section.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "train_sharded.py").write_text(script)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(  # the fastembed this suite tests, not another
+        [os.path.dirname(os.path.dirname(os.path.abspath(_fastembed_file()))), os.environ.get("PYTHONPATH", "")]))
+    # --standalone: a local rendezvous on a free port (parallel runs of the suite never collide)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "train_sharded.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "rank 0: rows (0, 500)" in run.stdout and "rank 1: rows (500, 1000)" in run.stdout, run.stdout
+    losses = [float(line.rsplit(" ", 1)[1]) for line in run.stdout.splitlines() if "last loss" in line]
+    assert len(losses) == 2 and all(0 < x < 0.95 for x in losses), losses  # N(0,1) rows start at 1.0: it learned
+
+
+def _fastembed_file():
+    import fastembed
+    return fastembed.__file__
