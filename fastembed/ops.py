@@ -508,7 +508,8 @@ def exchange_plan(ids, bounds):
 
     Every check happens before any result is made: an id outside [0, bounds[-1]) is an
     IndexError naming it and where it stands; bad bounds are a ValueError naming the entry
-    (TypeError for a non-integer dtype of either).
+    (TypeError for a non-integer dtype of either; a bound past int64, as any integer past int64
+    given for ids, is `as_ids`'s IndexError).
 
     Examples
     --------

@@ -321,6 +321,8 @@ def test_token_position_init_from_pretrained_and_errors():
         layer(torch.tensor([1, 2]), 1.5)
     with pytest.raises(NotImplementedError, match="bfloat16"):
         ft.TokenPositionEmbedding(V, P, D, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="one dtype"):
+        ft.TokenPositionEmbedding.from_pretrained(tok.double(), pos.half())
     with pytest.raises(NotImplementedError, match="CPU"):
         ft.TokenPositionEmbedding(V, P, D, device="meta")
 

@@ -573,6 +573,9 @@ class TokenPositionEmbedding(torch.nn.Module):
             if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
                 raise ValueError(f"{name} must be a 2-D torch.Tensor (rows, dim)")
             _table(weight, name)
+        if token_weight.dtype != position_weight.dtype:
+            raise TypeError(f"token and position tables must have one dtype (fastembed never casts), got "
+                            f"{token_weight.dtype} and {position_weight.dtype}")
         layer = cls(0, 0, 0, sparse=sparse)
         layer.token = Embedding.from_pretrained(token_weight, freeze=freeze, sparse=sparse, fused=fused)
         layer.position = Embedding.from_pretrained(position_weight, freeze=freeze, sparse=sparse, fused=fused)

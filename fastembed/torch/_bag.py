@@ -190,6 +190,9 @@ class EmbeddingBag(torch.nn.EmbeddingBag):
     optimizer. Its state lives in the buffers ``optim_<name>`` (saved by ``state_dict()``). A float32
     CPU contiguous weight, modes sum and mean (max mode has no per-lookup gradient, as it has no sparse
     one), no ``sparse`` nor ``scale_grad_by_freq``. The update happens during backward: tie no fused table.
+    It moves the weight's version as an in-place write does: a node that saved the weight and runs after
+    it (another lookup of the same fused bag with per_sample_weights that need a gradient, a penalty on
+    the weight built before the lookup) raises torch's in-place error rather than read the moved rows.
     """
 
     def __init__(self, num_embeddings, embedding_dim, max_norm=None, norm_type=2.0, scale_grad_by_freq=False,
