@@ -19,6 +19,7 @@ changed; ranks in different collectives (another table, another lookup's backwar
 runs on after both. Dead and hung ranks: tests/test_sharded_faults.py.
 """
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -517,6 +518,35 @@ def test_group_of_one_is_nn_embedding(group_of_one):
     assert torch.equal(emb.weight.grad, oracle.weight.grad)  # one rank: the same additions in the same order
 
 
+def test_copies_and_state(group_of_one, tmp_path):
+    import copy
+
+    from fastembed.torch.distributed import ShardedEmbedding
+
+    table = torch.randn(6, 3, generator=torch.Generator().manual_seed(16))
+    emb = ShardedEmbedding(6, 3, _weight=table)
+    twin = copy.deepcopy(emb)  # as an EMA of a model or a trainer's copy would
+    assert twin.process_group is emb.process_group and twin.weight is not emb.weight
+    with torch.no_grad():
+        twin.weight.mul_(2)
+    assert torch.equal(emb.weight, table) and torch.equal(twin(torch.tensor([4, 1])), 2 * table[[4, 1]])
+    with pytest.raises(TypeError, match="state_dict"):
+        torch.save(emb, tmp_path / "module.pt")
+
+    state = emb.state_dict()
+    assert state["_extra_state"] == {"num_embeddings": 6, "embedding_dim": 3, "shard_rows": (0, 6), "world_size": 1}
+    torch.save(state, tmp_path / "state.pt")
+    twin.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert torch.equal(twin.weight, table)
+    # a block of another table, or of another world size, is refused before anything is copied
+    for key, value in [("num_embeddings", 7), ("shard_rows", [0, 3]), ("world_size", 2)]:
+        other = dict(state, _extra_state=dict(state["_extra_state"], **{key: value}))
+        other["weight"] = torch.zeros(6, 3)
+        with pytest.raises(ValueError, match="save_sharded and load_sharded"):
+            twin.load_state_dict(other)
+        assert torch.equal(twin.weight, table), key
+
+
 if __name__ == "__main__":
     _child(int(sys.argv[1]), sys.argv[2], sys.argv[3])
 
@@ -538,9 +568,17 @@ def test_readme_script_runs_under_torchrun(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(  # the fastembed this suite tests, not another
         [os.path.dirname(os.path.dirname(os.path.abspath(_fastembed_file()))), os.environ.get("PYTHONPATH", "")]))
     # --standalone: a local rendezvous on a free port (parallel runs of the suite never collide)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "train_sharded.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    # its own session: on a timeout the whole process group goes (torchrun and its workers), not torchrun alone
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "train_sharded.py"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail("torchrun ran past 300 s (killed with its workers):\n" + stdout[-2000:] + stderr[-3000:])
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
     printed = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)]
     assert printed[0].startswith("rank 0: rows (0, 500)") and printed[1].startswith("rank 1: rows (500, 1000)")
     losses = [float(line.rsplit(" ", 1)[1]) for line in printed]

@@ -20,6 +20,8 @@ any backend that has it); no sockets of fastembed's own.
 
 Every rank of the group must take part in every collective: see `ShardedEmbedding`.
 """
+import copy
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -394,6 +396,50 @@ class ShardedEmbedding(torch.nn.Module):
         """This rank's rows of the whole table: ``table[ids]`` for global ids, shape ids.shape + (D,).
         A collective: every rank of the group calls it (see the class)."""
         return _ShardedLookup.apply(self.weight, ids, self)
+
+    # ------------------------------------------------------------ copies and state
+
+    def get_extra_state(self):
+        """What a state_dict holds beside the block: where the block sits in which table, so that loading
+        it on a rank that holds other rows (another world size) is refused, not silently misplaced."""
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
+                "shard_rows": tuple(self.shard_rows), "world_size": self.world_size}
+
+    def set_extra_state(self, state):
+        self._check_extra_state(state)
+
+    def _check_extra_state(self, state):
+        mine = self.get_extra_state()
+        theirs = {}
+        if isinstance(state, dict):
+            theirs = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in state.items()}
+        if any(theirs.get(k) != v for k, v in mine.items()):
+            raise ValueError(f"this state_dict holds {state} of a sharded table, rank {self.rank} holds "
+                             f"{mine}: a block loads only on the rank that holds the same rows of the same "
+                             "table; to change the world size, use save_sharded and load_sharded")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # checked before torch copies the block in: a refused load changes nothing
+        key = prefix + torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
+        if key in state_dict:
+            self._check_extra_state(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def __deepcopy__(self, memo):
+        """A copy with its own block (and fused state) on the same process group: a process group is a
+        handle on the job's ranks, shared, never copied (nor can it be)."""
+        memo[id(self.process_group)] = self.process_group
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
+    def __getstate__(self):
+        raise TypeError("a ShardedEmbedding holds a torch.distributed process group, which cannot be pickled: "
+                        "save module.state_dict() (this rank's block, with where it sits), or the whole table "
+                        "with fastembed.torch.distributed.save_sharded")
 
     def extra_repr(self):
         s = (f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}/{self.world_size}, "
