@@ -300,12 +300,38 @@ def exchange_bytes(results, name):
     return out
 
 
+def distinct_per_owner(batches, num_rows):
+    """n[r, o]: the distinct ids of rank r's batch that rank o owns (the rows r asks o for in a step)."""
+    world = len(batches)
+    bounds = fe.row_bounds(num_rows, world)
+    n = np.zeros((world, world), dtype=np.int64)
+    for r, (ids, _) in enumerate(batches):
+        n[r] = np.bincount(np.searchsorted(bounds, np.unique(ids), side="right") - 1, minlength=world)
+    return n
+
+
+def projected_exchange(n, dim, itemsize=4, id_bytes=8):
+    """A step's all_to_all_single traffic computed from n (distinct_per_owner): per stage {rows, cross, self}
+    summed over the ranks as exchange_bytes reports it, and the bytes each rank sends and receives on its
+    link (lists by rank, its own part excluded)."""
+    world, row = len(n), dim * itemsize
+    own = np.diag(n)
+    stages = {"plan: counts": (np.ones_like(n), id_bytes), "plan: ids": (n, id_bytes), "rows": (n, row),
+              "gradient rows": (n, row)}
+    out = {stage: {"rows": int(m.sum()), "cross": int((m.sum() - np.trace(m)) * size), "self": int(np.trace(m) * size)}
+           for stage, (m, size) in stages.items()}
+    asks, served = n.sum(1) - own, n.sum(0) - own  # rows rank r asks of others, rows others ask of r
+    sent = (world - 1) * id_bytes + asks * (id_bytes + row) + served * row  # counts, ids, grads out; rows served
+    received = (world - 1) * id_bytes + served * (id_bytes + row) + asks * row
+    return out, sent.tolist(), received.tolist()
+
+
 def _median(xs):
     return statistics.median(xs) if xs else math.nan
 
 
-def summarize(results, shape, world, rank_threads):
-    """One row of the step table (a dict, times in ns)."""
+def summarize(results, shape, world, rank_threads, batches):
+    """One row of the step table (a dict, times in ns); batches: the ranks' (ids, grad)."""
     per = [r["shapes"][shape.name] for r in results]
     steps = list(zip(*(p["step_ns"] for p in per)))  # per step, each rank's time
     rank_step = [_median(p["step_ns"]) for p in per]
@@ -319,7 +345,8 @@ def summarize(results, shape, world, rank_threads):
            "bytes": nbytes, "cross_bytes": sum(v["cross"] for v in nbytes.values()),
            "self_bytes": sum(v["self"] for v in nbytes.values()),
            "baseline_ns": {t: _median(v) for t, v in per[0]["baseline_ns"].items()},
-           "calls": [p["calls"] for p in per]}
+           "calls": [p["calls"] for p in per],
+           "from_ids": projected_exchange(distinct_per_owner(batches, shape.vocab), shape.dim)[0]}
     row["vs_baseline"] = {t: row["step_ns"] / b for t, b in row["baseline_ns"].items()}
     return row
 
@@ -362,6 +389,30 @@ def bytes_table(rows):
                          "bytes to self"], lines)
 
 
+def projection_rows(chosen, worlds, gbps):
+    """For each shape and W: a step's traffic counted from the ids (as the ranks would split them), and the
+    time the busiest rank's link needs for it at gbps (full duplex, at line rate, no latency)."""
+    out = []
+    for shape in chosen:
+        for world in worlds:
+            stages, sent, received = projected_exchange(distinct_per_owner(rank_batches(shape, world), shape.vocab),
+                                                        shape.dim)
+            out.append({"shape": shape.name, "world": world, "per_rank": per_rank_label(shape, world),
+                        "cross_bytes": sum(v["cross"] for v in stages.values()), "sent": sent, "received": received,
+                        "busiest_sent": max(sent), "busiest_received": max(received), "gbps": gbps,
+                        "wire_ns": max(sent + received) / (gbps * 1e9 / 8) * 1e9})
+    return out
+
+
+def projection_table(rows):
+    header = ["shape", "W", "ids per rank", "bytes crossing", "busiest rank sends", "busiest rank receives",
+              "its link's time"]
+    lines = [[r["shape"], r["world"], r["per_rank"], _fmt_bytes(r["cross_bytes"]), _fmt_bytes(r["busiest_sent"]),
+              _fmt_bytes(r["busiest_received"]), f"{report.fmt_time(r['wire_ns'])} at {r['gbps']:g} Gb/s"]
+             for r in rows]
+    return report.table(header, lines)
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m bench.sharded", description=__doc__.split("\n\n")[0])
     parser.add_argument("--world", type=_ints, default=[2], help="world sizes, comma-separated (default: 2)")
@@ -373,14 +424,19 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="2 steps per shape: a smoke test, not a measurement")
     parser.add_argument("--timeout", type=int, default=COLLECTIVE_TIMEOUT_S,
                         help=f"seconds before a collective waiting for a dead rank fails (default {COLLECTIVE_TIMEOUT_S})")
+    parser.add_argument("--project", type=_ints, default=[8],
+                        help="world sizes whose traffic per step is counted from the ids, no processes (default: 8)")
+    parser.add_argument("--gbps", type=float, default=25.0, help="link speed for the projection (default: 25 Gb/s)")
     parser.add_argument("--output", default=RESULTS_DIR, help=f"directory for the JSON (default: {RESULTS_DIR})")
     parser.add_argument("--no-json", action="store_true", help="print the tables only")
     args = parser.parse_args(argv)
     unknown = [n for n in args.shapes if n not in SHAPE_NAMES]
     if unknown:
         parser.error(f"unknown shape(s) {unknown}; known: {list(SHAPE_NAMES)}")
-    if any(w < 1 for w in args.world):
-        parser.error(f"--world must be >= 1, got {args.world}")
+    if any(w < 1 for w in args.world + args.project):
+        parser.error(f"--world and --project must be >= 1, got {args.world} and {args.project}")
+    if not args.gbps > 0:
+        parser.error(f"--gbps must be > 0, got {args.gbps}")
     if not 0 < args.scale <= 1:
         parser.error(f"--scale must be in (0, 1], got {args.scale}")
     if args.repeats is not None and args.repeats < 1:
@@ -414,7 +470,11 @@ def main(argv=None):
     for world in args.world:
         results, rank_threads, baseline_threads = run_world(world, chosen, plans, args, cpus)
         thread_counts.update(baseline_threads)
-        rows += [summarize(results, s, world, rank_threads) for s in chosen]
+        rows += [summarize(results, s, world, rank_threads, rank_batches(s, world)) for s in chosen]
+        mismatch = [r["shape"] for r in rows[-len(chosen):] if r["bytes"] != r["from_ids"]]
+        if mismatch:
+            notes.append(f"world {world}: the bytes recorded at the collectives differ from the count from the ids "
+                         f"on {mismatch}: the projection below does not describe this build")
         imported = {r["fastembed"] for r in results}
         if imported != {fe.__file__}:
             notes.append(f"world {world}: the ranks imported fastembed from {sorted(imported)}, not {fe.__file__}")
@@ -430,6 +490,7 @@ def main(argv=None):
     if busy:
         notes.append(busy)
     baseline_threads = sorted(thread_counts)
+    projected = projection_rows(chosen, args.project, args.gbps)
     notes += [
         f"optimizer: {OPTIMIZER} (lr {LR}) for the sharded table and for the single process "
         "(fastembed.torch.Embedding(sparse=True)); a step is forward, backward, opt.step(), opt.zero_grad()",
@@ -448,6 +509,11 @@ def main(argv=None):
         "1-process step (above 1: slower)",
         "seed shapes: each rank its own batch of the seed's size (W times the work); wide shapes: the main "
         "bench's ids split over the ranks by sequences (the same work at every W)",
+        "traffic counted from the ids: each rank asks each owner once per distinct id (8 B), the owner sends "
+        "the row back and the rank sends its gradient row (D x 4 B each), plus W - 1 counts of 8 B; equal to "
+        "what the collectives were given at the measured W (checked each run and by tests/test_bench_sharded.py). "
+        "`its link's time`: the busiest rank's larger direction at line rate (full duplex), no latency, no "
+        "protocol overhead: a lower bound of the wire time per step",
     ]
     if args.scale != 1.0:
         notes.append(f"--scale {args.scale}: the wide shapes are shrunk ({', '.join(s.label() for s in chosen if s.big)})")
@@ -461,13 +527,15 @@ def main(argv=None):
         step_table(rows, baseline_threads),
         "### bytes exchanged per step",
         bytes_table(rows),
+        f"### traffic per step at W = {', '.join(map(str, args.project))}, counted from the ids (no processes)",
+        projection_table(projected),
         "### notes",
         "\n".join(f"- {n}" for n in notes),
     ]) + "\n"
     if not args.no_json:
         os.makedirs(args.output, exist_ok=True)
         path = os.path.join(args.output, "sharded-" + time.strftime("%Y%m%d-%H%M%S") + ".json")
-        doc = {"environment": env, "args": vars(args), "rows": rows, "notes": notes,
+        doc = {"environment": env, "args": vars(args), "rows": rows, "projected": projected, "notes": notes,
                "shapes": [{"name": s.name, "vocab": s.vocab, "dim": s.dim, "ids_shape": [s.batch, s.seq],
                            "ids": s.ids} for s in chosen]}
         with open(path, "w") as f:

@@ -55,7 +55,7 @@ def expected_calls(batches, num_rows, dim, world):
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded-bench")
     cmd = [sys.executable, "-m", "bench.sharded", "--world", str(WORLD), "--quick", "--scale", str(SCALE),
-           "--shapes", ",".join(SHAPES), "--output", str(out), "--timeout", "60"]
+           "--shapes", ",".join(SHAPES), "--output", str(out), "--timeout", "60", "--project", f"{WORLD},8"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-4000:]
     files = list(out.glob("sharded-*.json"))
@@ -97,6 +97,28 @@ def test_recorded_exchange_equals_the_count_from_the_ids(run):
         assert all(v["cross"] > 0 and v["self"] > 0 for v in row["bytes"].values())
 
 
+def test_projection_from_the_ids_equals_the_recorded_exchange(run):
+    # The traffic the bench projects to other world sizes (counted from the ids, no processes), at the
+    # measured W: the recorded calls' per-stage sums, and the busiest rank's bytes on its link.
+    _, doc = run
+    for row in doc["rows"]:
+        assert row["from_ids"] == row["bytes"], row["shape"]
+        sent, received = [0] * WORLD, [0] * WORLD
+        for r, calls in enumerate(row["calls"]):
+            for c in calls:
+                for dest, n in enumerate(c["send_rows"]):
+                    if dest != r:
+                        sent[r] += n * c["row_bytes"]
+                        received[dest] += n * c["row_bytes"]
+        (proj,) = [p for p in doc["projected"] if (p["shape"], p["world"]) == (row["shape"], WORLD)]
+        assert (proj["sent"], proj["received"]) == (sent, received), row["shape"]
+        assert (proj["busiest_sent"], proj["busiest_received"]) == (max(sent), max(received))
+        assert proj["cross_bytes"] == row["cross_bytes"] == sum(sent)
+        assert proj["wire_ns"] == max(sent) / (25e9 / 8) * 1e9
+    assert sorted((p["shape"], p["world"]) for p in doc["projected"]) == sorted(
+        (name, w) for name in SHAPES for w in (WORLD, 8))
+
+
 def test_tables_name_every_shape_stage_and_baseline(run):
     text, doc = run
     steps = table_lines(text, "step time per shape and world size")
@@ -117,6 +139,8 @@ def test_tables_name_every_shape_stage_and_baseline(run):
         b = by_shape[line[0]]["bytes"][line[2]]
         assert line[3:] == [f"{b['rows']:,}", sharded._fmt_bytes(b["cross"]), sharded._fmt_bytes(b["self"])]
     assert "sparse=True + fastembed.torch.optim.SGD" in text
+    projected = table_lines(text, f"traffic per step at W = {WORLD}, 8")
+    assert [(line[0], line[1]) for line in projected] == [(name, str(w)) for name in SHAPES for w in (WORLD, 8)]
 
 
 def test_rank_batches_split_the_bench_batch_or_draw_one_per_rank():
