@@ -201,7 +201,6 @@ def _run_shape(torch, dist, recorder, cfg, tmp, name, rank):
             if k >= plan.warmup:
                 result["baseline_ns"][str(threads)].append(t)
         _set_threads(torch, cfg["rank_threads"])
-    del emb, opt, baselines
     return result
 
 
@@ -339,7 +338,8 @@ def summarize(results, shape, world, rank_threads, batches):
     rank_local = [_median([s - c for s, c in zip(p["step_ns"], p["collective_ns"])]) for p in per]
     nbytes = exchange_bytes(results, shape.name)
     row = {"shape": shape.name, "world": world, "rank_threads": rank_threads, "optimizer": OPTIMIZER,
-           "per_rank": per_rank_label(shape, world), "ids_total": world * shape.tokens if not shape.big else shape.tokens,
+           "per_rank": per_rank_label(shape, world),
+           "ids_total": shape.tokens if shape.big else world * shape.tokens,
            "step_ns": _median([max(s) for s in steps]), "rank_step_ns": rank_step, "rank_collective_ns": rank_coll,
            "rank_local_ns": rank_local, "repeats": len(steps),
            "bytes": nbytes, "cross_bytes": sum(v["cross"] for v in nbytes.values()),
@@ -384,7 +384,8 @@ def bytes_table(rows):
     lines = []
     for r in rows:
         for stage, b in r["bytes"].items():
-            lines.append([r["shape"], r["world"], stage, f"{b['rows']:,}", _fmt_bytes(b["cross"]), _fmt_bytes(b["self"])])
+            lines.append([r["shape"], r["world"], stage, f"{b['rows']:,}", _fmt_bytes(b["cross"]),
+                          _fmt_bytes(b["self"])])
     return report.table(["shape", "W", "all_to_all_single", "rows sent (all ranks)", "bytes crossing",
                          "bytes to self"], lines)
 
@@ -423,7 +424,8 @@ def parse_args(argv):
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per shape (default: 41 seed, 11 wide)")
     parser.add_argument("--quick", action="store_true", help="2 steps per shape: a smoke test, not a measurement")
     parser.add_argument("--timeout", type=int, default=COLLECTIVE_TIMEOUT_S,
-                        help=f"seconds before a collective waiting for a dead rank fails (default {COLLECTIVE_TIMEOUT_S})")
+                        help="seconds before a collective waiting for a dead rank fails "
+                        f"(default {COLLECTIVE_TIMEOUT_S})")
     parser.add_argument("--project", type=_ints, default=[8],
                         help="world sizes whose traffic per step is counted from the ids, no processes (default: 8)")
     parser.add_argument("--gbps", type=float, default=25.0, help="link speed for the projection (default: 25 Gb/s)")
@@ -483,7 +485,8 @@ def main(argv=None):
                          f"{rank_threads} thread share {cpus} cores, so a rank waits for the CPU as well as for "
                          f"the others; these times are not what {world} machines would give")
         else:
-            notes.append(f"world {world}: {world} processes of {rank_threads} thread(s) on {cpus} usable CPUs")
+            notes.append(f"world {world}: {world} process{'es' if world > 1 else ''} of {rank_threads} thread(s) "
+                         f"on {cpus} usable CPUs")
     env["seconds"] = round(time.perf_counter() - started, 1)
     env["load_average_end"] = report.load_average()
     busy = report.busy_note(env)
@@ -516,7 +519,8 @@ def main(argv=None):
         "protocol overhead: a lower bound of the wire time per step",
     ]
     if args.scale != 1.0:
-        notes.append(f"--scale {args.scale}: the wide shapes are shrunk ({', '.join(s.label() for s in chosen if s.big)})")
+        shrunk = ", ".join(s.label() for s in chosen if s.big)
+        notes.append(f"--scale {args.scale}: the wide shapes are shrunk ({shrunk})")
     if args.quick:
         notes.append("--quick: 2 steps per shape, for tests; the times are not measurements")
     text = "\n\n".join([
