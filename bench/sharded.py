@@ -39,6 +39,7 @@ import numpy as np
 import fastembed as fe
 
 from . import report, shapes
+from .threads import read_back
 from .timing import Plan
 from .train import LR
 
@@ -234,8 +235,9 @@ def worker(rank, tmp):
 
 def run_world(world, chosen, plans, args, cpus):
     """Start the W ranks on the chosen shapes; return their results (a list by rank)."""
-    rank_threads = max(1, cpus // world)
-    baseline_threads = sorted({1, cpus})
+    # As fastembed will run them (capped at the processors; 1 without OpenMP), so a column says what ran.
+    rank_threads = read_back(fe.set_num_threads, fe.get_num_threads, max(1, cpus // world))
+    baseline_threads = sorted({read_back(fe.set_num_threads, fe.get_num_threads, n) for n in (1, cpus)})
     with tempfile.TemporaryDirectory(prefix="fastembed-sharded-") as tmp:
         for shape in chosen:
             for rank, (ids, grad) in enumerate(rank_batches(shape, world)):
