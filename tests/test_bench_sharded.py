@@ -1,0 +1,163 @@
+"""`python -m bench.sharded` runs 2 ranks end to end in quick mode, and its exchange counts are right.
+
+Never timing: the bytes the harness records from the calls to all_to_all_single in the rank processes
+are checked against a count made here from the ranks' ids alone (the distinct ids of each (rank, owner)
+pair, the owners from the row split the docs state, not from fastembed), and the printed tables against
+the JSON. Skipped without torch's gloo backend or where bench/ is not beside tests/.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if not os.path.isfile(os.path.join(ROOT, "bench", "sharded.py")):
+    pytest.skip("bench/ is not beside tests/ (a copy of the tests alone)", allow_module_level=True)
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
+if ROOT not in sys.path:
+    sys.path.append(ROOT)
+
+from bench import shapes, sharded  # noqa: E402
+
+WORLD, SCALE = 2, 0.01
+SHAPES = ("seed-32x16", "wide-zipf")  # V = 597 (odd: blocks of 299 and 298) and 10,000; both repeat ids
+STAGES = ("plan: counts", "plan: ids", "rows", "gradient rows")
+
+
+def owners(ids, num_rows, world):
+    """The rank owning each id: contiguous blocks, the first num_rows % world one row longer."""
+    base, extra = divmod(num_rows, world)
+    stops = np.cumsum([base + (r < extra) for r in range(world)])
+    return np.searchsorted(stops, ids, side="right")
+
+
+def expected_calls(batches, num_rows, dim, world):
+    """Per rank, the four all_to_all_single calls of a step as (phase, dtype, bytes per row, rows sent to
+    each rank): n[r][o] distinct ids of rank r owned by o; r sends o its n[r][o] local row numbers (int64)
+    and gradient rows, and o sends r those rows."""
+    n = np.zeros((world, world), dtype=np.int64)
+    for r, (ids, _) in enumerate(batches):
+        distinct = np.unique(ids)
+        n[r] = np.bincount(owners(distinct, num_rows, world), minlength=world)
+    row = dim * 4
+    return [[("forward", "int64", 8, [1] * world), ("forward", "int64", 8, n[r].tolist()),
+             ("forward", "float32", row, n[:, r].tolist()), ("backward", "float32", row, n[r].tolist())]
+            for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharded-bench")
+    cmd = [sys.executable, "-m", "bench.sharded", "--world", str(WORLD), "--quick", "--scale", str(SCALE),
+           "--shapes", ",".join(SHAPES), "--output", str(out), "--timeout", "60", "--project", f"{WORLD},8"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-4000:]
+    files = list(out.glob("sharded-*.json"))
+    assert len(files) == 1, files
+    return proc.stdout, json.loads(files[0].read_text())
+
+
+def _shape(name):
+    return shapes.select([name], scale=SCALE)[0]
+
+
+def table_lines(text, title):
+    """The cells of each body line of the markdown table under the heading title."""
+    section = text.split(f"### {title}")[1].split("###")[0]
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines()
+             if line.startswith("|")]
+    return cells[2:]  # past the header and the --- line
+
+
+def test_recorded_exchange_equals_the_count_from_the_ids(run):
+    _, doc = run
+    rows = {(r["shape"], r["world"]): r for r in doc["rows"]}
+    assert set(rows) == {(name, WORLD) for name in SHAPES}
+    for name in SHAPES:
+        shape, row = _shape(name), rows[(name, WORLD)]
+        want = expected_calls(sharded.rank_batches(shape, WORLD), shape.vocab, shape.dim, WORLD)
+        got = [[(c["phase"], c["dtype"], c["row_bytes"], c["send_rows"]) for c in calls] for calls in row["calls"]]
+        assert got == want, name
+        assert [[c["rank"] for c in calls] for calls in row["calls"]] == [[r] * 4 for r in range(WORLD)]
+        # the per-stage sums of the table: crossing = sent to another rank, self = sent to oneself
+        for k, stage in enumerate(STAGES):
+            cross = sum(calls[k][2] * n for r, calls in enumerate(want) for o, n in enumerate(calls[k][3]) if o != r)
+            own = sum(calls[k][2] * calls[k][3][r] for r, calls in enumerate(want))
+            rows_sent = sum(sum(calls[k][3]) for calls in want)
+            assert row["bytes"][stage] == {"rows": rows_sent, "cross": cross, "self": own}, (name, stage)
+        assert row["cross_bytes"] == sum(v["cross"] for v in row["bytes"].values())
+        assert row["self_bytes"] == sum(v["self"] for v in row["bytes"].values())
+        # each stage moves something both ways (the ids repeat, yet every rank asks every owner)
+        assert all(v["cross"] > 0 and v["self"] > 0 for v in row["bytes"].values())
+
+
+def test_projection_from_the_ids_equals_the_recorded_exchange(run):
+    # The traffic the bench projects to other world sizes (counted from the ids, no processes), at the
+    # measured W: the recorded calls' per-stage sums, and the busiest rank's bytes on its link.
+    _, doc = run
+    for row in doc["rows"]:
+        assert row["from_ids"] == row["bytes"], row["shape"]
+        sent, received = [0] * WORLD, [0] * WORLD
+        for r, calls in enumerate(row["calls"]):
+            for c in calls:
+                for dest, n in enumerate(c["send_rows"]):
+                    if dest != r:
+                        sent[r] += n * c["row_bytes"]
+                        received[dest] += n * c["row_bytes"]
+        (proj,) = [p for p in doc["projected"] if (p["shape"], p["world"]) == (row["shape"], WORLD)]
+        assert (proj["sent"], proj["received"]) == (sent, received), row["shape"]
+        assert (proj["busiest_sent"], proj["busiest_received"]) == (max(sent), max(received))
+        assert proj["cross_bytes"] == row["cross_bytes"] == sum(sent)
+        assert proj["wire_ns"] == max(sent) / (25e9 / 8) * 1e9
+    assert sorted((p["shape"], p["world"]) for p in doc["projected"]) == sorted(
+        (name, w) for name in SHAPES for w in (WORLD, 8))
+
+
+def test_tables_name_every_shape_stage_and_baseline(run):
+    text, doc = run
+    steps = table_lines(text, "step time per shape and world size")
+    assert [(line[0], line[1]) for line in steps] == [(name, str(WORLD)) for name in SHAPES]
+    header = text.split("### step time per shape and world size")[1].split("\n")[2]
+    for column in ("collective + wait", "local", "bytes crossing", "1 process, 1 thr", "vs 1 process, 1 thr"):
+        assert f" {column} |" in header
+    by_shape = {r["shape"]: r for r in doc["rows"]}
+    for line in steps:
+        row = by_shape[line[0]]
+        assert line[7] == sharded._fmt_bytes(row["cross_bytes"]) and line[8] == sharded._fmt_bytes(row["self_bytes"])
+        assert row["repeats"] == sharded.QUICK_PLAN.repeats
+        assert len(row["rank_step_ns"]) == WORLD and all(t > 0 for t in row["rank_step_ns"])
+        assert set(row["baseline_ns"]) >= {"1"} and all(t > 0 for t in row["baseline_ns"].values())
+    exchange = table_lines(text, "bytes exchanged per step")
+    assert [(line[0], line[2]) for line in exchange] == [(name, stage) for name in SHAPES for stage in STAGES]
+    for line in exchange:
+        b = by_shape[line[0]]["bytes"][line[2]]
+        assert line[3:] == [f"{b['rows']:,}", sharded._fmt_bytes(b["cross"]), sharded._fmt_bytes(b["self"])]
+    assert "sparse=True + fastembed.torch.optim.SGD" in text
+    projected = table_lines(text, f"traffic per step at W = {WORLD}, 8")
+    assert [(line[0], line[1]) for line in projected] == [(name, str(w)) for name in SHAPES for w in (WORLD, 8)]
+
+
+def test_rank_batches_split_the_bench_batch_or_draw_one_per_rank():
+    wide = _shape("wide-uniform")
+    parts = sharded.rank_batches(wide, 4)
+    data = shapes.make_data(wide)
+    assert [p[0].shape for p in parts] == [(16, wide.seq)] * 4
+    np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), data.ids)
+    np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), data.grad_hidden)
+    seed = _shape("seed-32x16")
+    a, b = sharded.rank_batches(seed, 2)
+    assert a[0].shape == b[0].shape == (32, 16) and a[1].shape == (32, 16, 32)
+    assert not np.array_equal(a[0], b[0])  # each rank its own batch
+    np.testing.assert_array_equal(sharded.rank_batches(seed, 3)[1][0], b[0])  # rank r's batch whatever W
+    assert a[0].min() >= 0 and a[0].max() < seed.vocab
+
+
+def test_owners_oracle_matches_the_documented_split():
+    # the test's own owner rule against the README's: 10 rows over 4 ranks are blocks of 3, 3, 2, 2
+    assert owners(np.arange(10), 10, 4).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
