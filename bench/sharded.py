@@ -52,8 +52,10 @@ BIG_PLAN = Plan(repeats=11, warmup=2)
 QUICK_PLAN = Plan(repeats=2, min_repeats=1, warmup=1)
 COLLECTIVE_TIMEOUT_S = 120  # a hung rank fails the others in this time instead of hanging them
 # The collectives of one step, in the order fastembed.torch.distributed calls them (checked per call:
-# phase, dtype and the counts' one row per rank; a call that does not fit is named by its position).
-STAGES = (("forward", "plan: counts"), ("forward", "plan: ids"), ("forward", "rows"), ("backward", "gradient rows"))
+# phase, dtype and the headers' one row per rank; a call that does not fit is named by its position).
+STAGES = (("forward", "header"), ("forward", "plan: ids"), ("forward", "rows"), ("backward", "backward header"),
+          ("backward", "gradient rows"))
+HEADER_BYTES = 7 * 8  # fastembed.torch.distributed._Header: 7 int64 per peer (counts, checks, what collective)
 
 
 # ---------------------------------------------------------------- the batches
@@ -283,7 +285,9 @@ def run_world(world, chosen, plans, args, cpus):
 def stage_names(calls):
     """The name of each call of a step: STAGES where the calls fit them, else phase and position."""
     fits = (len(calls) == len(STAGES) and all(c["phase"] == p for c, (p, _) in zip(calls, STAGES))
-            and calls[0]["dtype"] == "int64" and set(calls[0]["send_rows"]) == {1} and calls[1]["dtype"] == "int64")
+            and all(calls[k]["dtype"] == "int64" and set(calls[k]["send_rows"]) == {1}
+                    and calls[k]["row_bytes"] == HEADER_BYTES for k in (0, 3))
+            and calls[1]["dtype"] == "int64")
     return [s for _, s in STAGES] if fits else [f"{c['phase']} call {k}" for k, c in enumerate(calls)]
 
 
@@ -317,13 +321,15 @@ def projected_exchange(n, dim, itemsize=4, id_bytes=8):
     link (lists by rank, its own part excluded)."""
     world, row = len(n), dim * itemsize
     own = np.diag(n)
-    stages = {"plan: counts": (np.ones_like(n), id_bytes), "plan: ids": (n, id_bytes), "rows": (n, row),
-              "gradient rows": (n, row)}
+    ones = np.ones_like(n)
+    stages = {"header": (ones, HEADER_BYTES), "plan: ids": (n, id_bytes), "rows": (n, row),
+              "backward header": (ones, HEADER_BYTES), "gradient rows": (n, row)}
     out = {stage: {"rows": int(m.sum()), "cross": int((m.sum() - np.trace(m)) * size), "self": int(np.trace(m) * size)}
            for stage, (m, size) in stages.items()}
     asks, served = n.sum(1) - own, n.sum(0) - own  # rows rank r asks of others, rows others ask of r
-    sent = (world - 1) * id_bytes + asks * (id_bytes + row) + served * row  # counts, ids, grads out; rows served
-    received = (world - 1) * id_bytes + served * (id_bytes + row) + asks * row
+    headers = 2 * (world - 1) * HEADER_BYTES  # forward's and backward's, one row per peer
+    sent = headers + asks * (id_bytes + row) + served * row  # ids and gradient rows out; rows served
+    received = headers + served * (id_bytes + row) + asks * row
     return out, sent.tolist(), received.tolist()
 
 
@@ -501,8 +507,9 @@ def main(argv=None):
         "(fastembed.torch.Embedding(sparse=True)); a step is forward, backward, opt.step(), opt.zero_grad()",
         "step: each step starts with a barrier on every rank (untimed); the step's time is its slowest rank's, "
         "the median over the repeats; `rank medians`: the spread of each rank's own median",
-        "collective + wait: the time inside torch.distributed.all_to_all_single (4 calls a step: the plan's "
-        "counts and ids, the rows, the gradient rows), which includes waiting for the slowest rank; local: the "
+        "collective + wait: the time inside torch.distributed.all_to_all_single (5 calls a step: the forward's "
+        "header (counts and checks) and ids, the rows, the backward's header, the gradient rows), which "
+        "includes waiting for the slowest rank; local: the "
         "rest of the step (exchange_plan, gathers, the gradient sums, the optimizer, Python); ranges are the "
         "ranks' medians",
         "bytes: the rows handed to all_to_all_single times their bytes, summed over the ranks, for one step; "
@@ -515,7 +522,7 @@ def main(argv=None):
         "seed shapes: each rank its own batch of the seed's size (W times the work); wide shapes: the main "
         "bench's ids split over the ranks by sequences (the same work at every W)",
         "traffic counted from the ids: each rank asks each owner once per distinct id (8 B), the owner sends "
-        "the row back and the rank sends its gradient row (D x 4 B each), plus W - 1 counts of 8 B; equal to "
+        "the row back and the rank sends its gradient row (D x 4 B each), plus 2 (W - 1) headers of 56 B; equal to "
         "what the collectives were given at the measured W (checked each run and by tests/test_bench_sharded.py). "
         "`its link's time`: the busiest rank's larger direction at line rate (full duplex), no latency, no "
         "protocol overhead: a lower bound of the wire time per step",

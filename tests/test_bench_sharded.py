@@ -27,7 +27,8 @@ from bench import shapes, sharded  # noqa: E402
 
 WORLD, SCALE = 2, 0.01
 SHAPES = ("seed-32x16", "wide-zipf")  # V = 597 (odd: blocks of 299 and 298) and 10,000; both repeat ids
-STAGES = ("plan: counts", "plan: ids", "rows", "gradient rows")
+STAGES = ("header", "plan: ids", "rows", "backward header", "gradient rows")
+HEADER = 7 * 8  # a ShardedEmbedding header: 7 int64 per peer
 
 
 def owners(ids, num_rows, world):
@@ -38,16 +39,17 @@ def owners(ids, num_rows, world):
 
 
 def expected_calls(batches, num_rows, dim, world):
-    """Per rank, the four all_to_all_single calls of a step as (phase, dtype, bytes per row, rows sent to
-    each rank): n[r][o] distinct ids of rank r owned by o; r sends o its n[r][o] local row numbers (int64)
-    and gradient rows, and o sends r those rows."""
+    """Per rank, the five all_to_all_single calls of a step as (phase, dtype, bytes per row, rows sent to
+    each rank): n[r][o] distinct ids of rank r owned by o; r sends every rank a header row in forward and
+    in backward, and o its n[r][o] local row numbers (int64) and gradient rows, and o sends r those rows."""
     n = np.zeros((world, world), dtype=np.int64)
     for r, (ids, _) in enumerate(batches):
         distinct = np.unique(ids)
         n[r] = np.bincount(owners(distinct, num_rows, world), minlength=world)
     row = dim * 4
-    return [[("forward", "int64", 8, [1] * world), ("forward", "int64", 8, n[r].tolist()),
-             ("forward", "float32", row, n[:, r].tolist()), ("backward", "float32", row, n[r].tolist())]
+    return [[("forward", "int64", HEADER, [1] * world), ("forward", "int64", 8, n[r].tolist()),
+             ("forward", "float32", row, n[:, r].tolist()), ("backward", "int64", HEADER, [1] * world),
+             ("backward", "float32", row, n[r].tolist())]
             for r in range(world)]
 
 
@@ -84,7 +86,7 @@ def test_recorded_exchange_equals_the_count_from_the_ids(run):
         want = expected_calls(sharded.rank_batches(shape, WORLD), shape.vocab, shape.dim, WORLD)
         got = [[(c["phase"], c["dtype"], c["row_bytes"], c["send_rows"]) for c in calls] for calls in row["calls"]]
         assert got == want, name
-        assert [[c["rank"] for c in calls] for calls in row["calls"]] == [[r] * 4 for r in range(WORLD)]
+        assert [[c["rank"] for c in calls] for calls in row["calls"]] == [[r] * len(STAGES) for r in range(WORLD)]
         # the per-stage sums of the table: crossing = sent to another rank, self = sent to oneself
         for k, stage in enumerate(STAGES):
             cross = sum(calls[k][2] * n for r, calls in enumerate(want) for o, n in enumerate(calls[k][3]) if o != r)
