@@ -285,9 +285,8 @@ def run_world(world, chosen, plans, args, cpus):
 def stage_names(calls):
     """The name of each call of a step: STAGES where the calls fit them, else phase and position."""
     fits = (len(calls) == len(STAGES) and all(c["phase"] == p for c, (p, _) in zip(calls, STAGES))
-            and all(calls[k]["dtype"] == "int64" and calls[k]["row_bytes"] == HEADER_BYTES
-                    and calls[k]["send_rows"] == [int(o != calls[k]["rank"]) for o in range(len(calls[k]["send_rows"]))]
-                    for k in (0, 3))
+            and all(calls[k]["dtype"] == "int64" and set(calls[k]["send_rows"]) == {1}
+                    and calls[k]["row_bytes"] == HEADER_BYTES for k in (0, 3))
             and calls[1]["dtype"] == "int64")
     return [s for _, s in STAGES] if fits else [f"{c['phase']} call {k}" for k, c in enumerate(calls)]
 
@@ -322,12 +321,11 @@ def projected_exchange(n, dim, itemsize=4, id_bytes=8):
     link (lists by rank, its own part excluded)."""
     world, row = len(n), dim * itemsize
     own = np.diag(n)
-    # a rank's own part is copied by fastembed, never handed to the collective; one rank makes no call
-    peers = n - np.diag(own)
-    ones = np.ones_like(n) - np.eye(world, dtype=n.dtype)
-    stages = {"header": (ones, HEADER_BYTES), "plan: ids": (peers, id_bytes), "rows": (peers, row),
-              "backward header": (ones, HEADER_BYTES), "gradient rows": (peers, row)} if world > 1 else {}
-    out = {stage: {"rows": int(m.sum()), "cross": int(m.sum() * size), "self": 0} for stage, (m, size) in stages.items()}
+    ones = np.ones_like(n)
+    stages = {"header": (ones, HEADER_BYTES), "plan: ids": (n, id_bytes), "rows": (n, row),
+              "backward header": (ones, HEADER_BYTES), "gradient rows": (n, row)}
+    out = {stage: {"rows": int(m.sum()), "cross": int((m.sum() - np.trace(m)) * size), "self": int(np.trace(m) * size)}
+           for stage, (m, size) in stages.items()}
     asks, served = n.sum(1) - own, n.sum(0) - own  # rows rank r asks of others, rows others ask of r
     headers = 2 * (world - 1) * HEADER_BYTES  # forward's and backward's, one row per peer
     sent = headers + asks * (id_bytes + row) + served * row  # ids and gradient rows out; rows served
@@ -353,6 +351,7 @@ def summarize(results, shape, world, rank_threads, batches):
            "step_ns": _median([max(s) for s in steps]), "rank_step_ns": rank_step, "rank_collective_ns": rank_coll,
            "rank_local_ns": rank_local, "repeats": len(steps),
            "bytes": nbytes, "cross_bytes": sum(v["cross"] for v in nbytes.values()),
+           "self_bytes": sum(v["self"] for v in nbytes.values()),
            "baseline_ns": {t: _median(v) for t, v in per[0]["baseline_ns"].items()},
            "calls": [p["calls"] for p in per],
            "from_ids": projected_exchange(distinct_per_owner(batches, shape.vocab), shape.dim)[0]}
@@ -375,12 +374,13 @@ def _fmt_bytes(n):
 def step_table(rows, baseline_threads):
     """The time table: one line per shape and world size."""
     header = ["shape", "W", "ids per rank", "step (slowest rank)", "rank medians", "collective + wait",
-              "local", "bytes crossing"]
+              "local", "bytes crossing", "bytes to self"]
     header += [f"1 process, {t} thr" for t in baseline_threads] + [f"vs 1 process, {t} thr" for t in baseline_threads]
     lines = []
     for r in rows:
         line = [r["shape"], r["world"], r["per_rank"], report.fmt_time(r["step_ns"]), _span(r["rank_step_ns"]),
-                _span(r["rank_collective_ns"]), _span(r["rank_local_ns"]), _fmt_bytes(r["cross_bytes"])]
+                _span(r["rank_collective_ns"]), _span(r["rank_local_ns"]), _fmt_bytes(r["cross_bytes"]),
+                _fmt_bytes(r["self_bytes"])]
         line += [report.fmt_time(r["baseline_ns"].get(str(t), math.nan)) for t in baseline_threads]
         line += [report.fmt_ratio(r["vs_baseline"].get(str(t))) for t in baseline_threads]
         lines.append(line)
@@ -392,8 +392,10 @@ def bytes_table(rows):
     lines = []
     for r in rows:
         for stage, b in r["bytes"].items():
-            lines.append([r["shape"], r["world"], stage, f"{b['rows']:,}", _fmt_bytes(b["cross"])])
-    return report.table(["shape", "W", "all_to_all_single", "rows sent (all ranks)", "bytes crossing"], lines)
+            lines.append([r["shape"], r["world"], stage, f"{b['rows']:,}", _fmt_bytes(b["cross"]),
+                          _fmt_bytes(b["self"])])
+    return report.table(["shape", "W", "all_to_all_single", "rows sent (all ranks)", "bytes crossing",
+                         "bytes to self"], lines)
 
 
 def projection_rows(chosen, worlds, gbps):
@@ -510,9 +512,8 @@ def main(argv=None):
         "includes waiting for the slowest rank; local: the "
         "rest of the step (exchange_plan, gathers, the gradient sums, the optimizer, Python); ranges are the "
         "ranks' medians",
-        "bytes: the rows handed to all_to_all_single times their bytes, summed over the ranks, for one step (a "
-        "rank's part for itself is copied in its own memory, never handed to the collective; one rank makes no "
-        "collective call at all). The processes talk "
+        "bytes: the rows handed to all_to_all_single times their bytes, summed over the ranks, for one step; "
+        "`to self` is a rank's part for itself (a copy in its own memory, never on a wire). The processes talk "
         "through gloo over loopback TCP on one machine: the collectives' times are copies and socket calls, not "
         "a network",
         "1 process: fastembed.torch.Embedding on the ranks' batches concatenated in rank order (the same total "
@@ -520,8 +521,8 @@ def main(argv=None):
         "1-process step (above 1: slower)",
         "seed shapes: each rank its own batch of the seed's size (W times the work); wide shapes: the main "
         "bench's ids split over the ranks by sequences (the same work at every W)",
-        "traffic counted from the ids: each rank asks each other owner once per distinct id (8 B), the owner "
-        "sends the row back and the rank sends its gradient row (D x 4 B each), plus 2 (W - 1) headers of 56 B; equal to "
+        "traffic counted from the ids: each rank asks each owner once per distinct id (8 B), the owner sends "
+        "the row back and the rank sends its gradient row (D x 4 B each), plus 2 (W - 1) headers of 56 B; equal to "
         "what the collectives were given at the measured W (checked each run and by tests/test_bench_sharded.py). "
         "`its link's time`: the busiest rank's larger direction at line rate (full duplex), no latency, no "
         "protocol overhead: a lower bound of the wire time per step",

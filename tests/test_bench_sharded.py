@@ -47,10 +47,8 @@ def expected_calls(batches, num_rows, dim, world):
         distinct = np.unique(ids)
         n[r] = np.bincount(owners(distinct, num_rows, world), minlength=world)
     row = dim * 4
-    np.fill_diagonal(n, 0)  # a rank's own part is copied, never handed to the collective
-    peers = [[int(o != r) for o in range(world)] for r in range(world)]
-    return [[("forward", "int64", HEADER, peers[r]), ("forward", "int64", 8, n[r].tolist()),
-             ("forward", "float32", row, n[:, r].tolist()), ("backward", "int64", HEADER, peers[r]),
+    return [[("forward", "int64", HEADER, [1] * world), ("forward", "int64", 8, n[r].tolist()),
+             ("forward", "float32", row, n[:, r].tolist()), ("backward", "int64", HEADER, [1] * world),
              ("backward", "float32", row, n[r].tolist())]
             for r in range(world)]
 
@@ -94,10 +92,11 @@ def test_recorded_exchange_equals_the_count_from_the_ids(run):
             cross = sum(calls[k][2] * n for r, calls in enumerate(want) for o, n in enumerate(calls[k][3]) if o != r)
             own = sum(calls[k][2] * calls[k][3][r] for r, calls in enumerate(want))
             rows_sent = sum(sum(calls[k][3]) for calls in want)
-            assert own == 0 and row["bytes"][stage] == {"rows": rows_sent, "cross": cross, "self": 0}, (name, stage)
+            assert row["bytes"][stage] == {"rows": rows_sent, "cross": cross, "self": own}, (name, stage)
         assert row["cross_bytes"] == sum(v["cross"] for v in row["bytes"].values())
+        assert row["self_bytes"] == sum(v["self"] for v in row["bytes"].values())
         # each stage moves something both ways (the ids repeat, yet every rank asks every owner)
-        assert all(v["cross"] > 0 for v in row["bytes"].values())
+        assert all(v["cross"] > 0 and v["self"] > 0 for v in row["bytes"].values())
 
 
 def test_projection_from_the_ids_equals_the_recorded_exchange(run):
@@ -132,7 +131,7 @@ def test_tables_name_every_shape_stage_and_baseline(run):
     by_shape = {r["shape"]: r for r in doc["rows"]}
     for line in steps:
         row = by_shape[line[0]]
-        assert line[7] == sharded._fmt_bytes(row["cross_bytes"])
+        assert line[7] == sharded._fmt_bytes(row["cross_bytes"]) and line[8] == sharded._fmt_bytes(row["self_bytes"])
         assert row["repeats"] == sharded.QUICK_PLAN.repeats
         assert len(row["rank_step_ns"]) == WORLD and all(t > 0 for t in row["rank_step_ns"])
         assert set(row["baseline_ns"]) >= {"1"} and all(t > 0 for t in row["baseline_ns"].values())
@@ -140,7 +139,7 @@ def test_tables_name_every_shape_stage_and_baseline(run):
     assert [(line[0], line[2]) for line in exchange] == [(name, stage) for name in SHAPES for stage in STAGES]
     for line in exchange:
         b = by_shape[line[0]]["bytes"][line[2]]
-        assert line[3:] == [f"{b['rows']:,}", sharded._fmt_bytes(b["cross"])]
+        assert line[3:] == [f"{b['rows']:,}", sharded._fmt_bytes(b["cross"]), sharded._fmt_bytes(b["self"])]
     assert "sparse=True + fastembed.torch.optim.SGD" in text
     projected = table_lines(text, f"traffic per step at W = {WORLD}, 8")
     assert [(line[0], line[1]) for line in projected] == [(name, str(w)) for name in SHAPES for w in (WORLD, 8)]

@@ -44,34 +44,16 @@ class CollectiveError(RuntimeError):
 def _all_to_all(send, recv_counts, send_counts, module, stage):
     """One all_to_all_single over module's group: send[sum(send_counts[:r]):...] goes to rank r, the
     result holds what each rank sent here, in rank order. Counts are rows of send (its first axis). A
-    failure of the collective (a peer gone, the group's timeout) is a CollectiveError naming the stage.
-
-    A rank's part for itself is copied here, not handed to the backend: gloo moves it through its own
-    transport at about the speed of the others (measured by bench.sharded: 33 MB to self cost 33 ms a
-    step on one rank), where a copy costs a few ms; the peers' parts are then packed around it."""
-    rank = module.rank
+    failure of the collective (a peer gone, the group's timeout) is a CollectiveError naming the stage."""
     recv = send.new_empty((sum(recv_counts),) + tuple(send.shape[1:]))
-    own, at_send, at_recv = send_counts[rank], sum(send_counts[:rank]), sum(recv_counts[:rank])
-    recv[at_recv:at_recv + own] = send[at_send:at_send + own]
-    if module.world_size == 1:
-        return recv
-    peers_send, peers_recv = send, recv
-    if own:
-        send_counts, recv_counts = list(send_counts), list(recv_counts)
-        send_counts[rank] = recv_counts[rank] = 0
-        peers_send = torch.cat([send[:at_send], send[at_send + own:]])
-        peers_recv = recv.new_empty((recv.shape[0] - own,) + tuple(recv.shape[1:]))
     try:
-        dist.all_to_all_single(peers_recv, peers_send, output_split_sizes=recv_counts,
-                               input_split_sizes=send_counts, group=module.process_group)
+        dist.all_to_all_single(recv, send, output_split_sizes=recv_counts, input_split_sizes=send_counts,
+                               group=module.process_group)
     except RuntimeError as exc:
         raise CollectiveError(
             f"ShardedEmbedding({module.num_embeddings}, {module.embedding_dim}) on rank {module.rank} of "
             f"{module.world_size}: the all-to-all of {stage} failed: a rank of the group died or did not "
             f"reach it within the process group's timeout (init_process_group(timeout=...)): {exc}") from exc
-    if own:
-        recv[:at_recv] = peers_recv[:at_recv]
-        recv[at_recv + own:] = peers_recv[at_recv:]
     return recv
 
 
