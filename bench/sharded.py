@@ -324,6 +324,8 @@ def projected_exchange(n, dim, itemsize=4, id_bytes=8):
     ones = np.ones_like(n)
     stages = {"header": (ones, HEADER_BYTES), "plan: ids": (n, id_bytes), "rows": (n, row),
               "backward header": (ones, HEADER_BYTES), "gradient rows": (n, row)}
+    if world == 1:  # a group of one makes no collective call
+        stages = {}
     out = {stage: {"rows": int(m.sum()), "cross": int((m.sum() - np.trace(m)) * size), "self": int(np.trace(m) * size)}
            for stage, (m, size) in stages.items()}
     asks, served = n.sum(1) - own, n.sum(0) - own  # rows rank r asks of others, rows others ask of r
@@ -513,7 +515,8 @@ def main(argv=None):
         "rest of the step (exchange_plan, gathers, the gradient sums, the optimizer, Python); ranges are the "
         "ranks' medians",
         "bytes: the rows handed to all_to_all_single times their bytes, summed over the ranks, for one step; "
-        "`to self` is a rank's part for itself (a copy in its own memory, never on a wire). The processes talk "
+        "`to self` is a rank's part for itself (a copy in its own memory, never on a wire; a group of one "
+        "rank makes no collective call). The processes talk "
         "through gloo over loopback TCP on one machine: the collectives' times are copies and socket calls, not "
         "a network",
         "1 process: fastembed.torch.Embedding on the ranks' batches concatenated in rank order (the same total "

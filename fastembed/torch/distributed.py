@@ -44,7 +44,14 @@ class CollectiveError(RuntimeError):
 def _all_to_all(send, recv_counts, send_counts, module, stage):
     """One all_to_all_single over module's group: send[sum(send_counts[:r]):...] goes to rank r, the
     result holds what each rank sent here, in rank order. Counts are rows of send (its first axis). A
-    failure of the collective (a peer gone, the group's timeout) is a CollectiveError naming the stage."""
+    failure of the collective (a peer gone, the group's timeout) is a CollectiveError naming the stage.
+
+    A group of one rank exchanges nothing: send is what it receives, returned as it is (no copy; every
+    caller builds send afresh and only reads the result). With peers, a rank's own part goes through the
+    backend with the rest: copying it here and packing the peers' parts around it was slower with gloo
+    (an A/B in one run, 2 ranks, 8.4 MB each: 52 ms against 30 ms)."""
+    if module.world_size == 1:
+        return send
     recv = send.new_empty((sum(recv_counts),) + tuple(send.shape[1:]))
     try:
         dist.all_to_all_single(recv, send, output_split_sizes=recv_counts, input_split_sizes=send_counts,
