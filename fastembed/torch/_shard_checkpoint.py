@@ -264,6 +264,7 @@ def _write_rank_file(directory, name, payload):
         os.fsync(f.fileno())
     digest, size = _sha256(tmp)
     os.replace(tmp, final)
+    _fsync_dir(directory)  # the name is durable before the manifest that names it can be
     return size, digest
 
 
