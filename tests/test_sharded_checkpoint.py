@@ -510,5 +510,41 @@ def test_state_that_is_neither_rows_nor_replicated_is_refused_at_save(tmp_path, 
     assert not (tmp_path / "ck").exists() or os.listdir(tmp_path / "ck") == []
 
 
+def test_fastembed_drop_in_and_torch_optimizer_load_each_others_checkpoints(run, group_of_one):
+    """fastembed.torch.optim.Adam keeps torch.optim.Adam's state: its world-4 checkpoint loads into torch's."""
+    from fastembed.torch._shard_checkpoint import load_sharded
+    from fastembed.torch.distributed import ShardedEmbedding
+
+    tmp, results = run
+    case = BY_NAME["fe_adam"]
+    emb = ShardedEmbedding(case["V"], case["D"])
+    opt = torch.optim.Adam(emb.parameters(), lr=1.0)
+    load_sharded(str(tmp / "ckA" / "fe_adam"), emb, opt)
+    whole = _whole([results[r]["fe_adam"]["saved"] for r in range(WORLD)])
+    _check_rows([_snapshot(emb, opt)], whole, case["V"], "fastembed's Adam checkpoint in torch's Adam")
+    assert opt.param_groups[0]["lr"] == OPTIMIZERS["fe_adam"][2]["lr"]
+
+
+def test_python_number_state_round_trips(tmp_path, group_of_one):
+    """SparseAdam counts its step in a Python int: saved once, given back as an int."""
+    from fastembed.torch._shard_checkpoint import load_sharded, save_sharded
+    from fastembed.torch.distributed import ShardedEmbedding
+    from fastembed.torch.optim import SparseAdam
+
+    emb = ShardedEmbedding(5, 2, sparse=True)
+    opt = SparseAdam(emb.parameters(), lr=0.1)
+    for ids in ([0, 3], [3, 4, 1]):
+        opt.zero_grad()
+        emb(torch.tensor(ids)).sum().backward()
+        opt.step()
+    assert type(opt.state[emb.weight]["step"]) is int
+    save_sharded(str(tmp_path / "ck"), emb, opt)
+    emb2 = ShardedEmbedding(5, 2, sparse=True)
+    opt2 = SparseAdam(emb2.parameters(), lr=0.5, betas=(0.5, 0.5))
+    load_sharded(str(tmp_path / "ck"), emb2, opt2)
+    _check_rows([_snapshot(emb2, opt2)], _whole([_snapshot(emb, opt)]), 5, "SparseAdam's state")
+    assert opt2.param_groups[0]["betas"] == (0.9, 0.999) and opt2.param_groups[0]["lr"] == 0.1
+
+
 if __name__ == "__main__":
     _child(int(sys.argv[1]), sys.argv[2], sys.argv[3])
