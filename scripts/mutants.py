@@ -995,8 +995,8 @@ MUTANTS += [
            "a sparse block gradient keeps the entries of padding_idx",
            (T_SHARDED, "-k", "sparse_dups_w4")),
     Mutant("sharded-block-aliases-weight", SHARDED,
-           "            block = _weight.detach()[start:stop].clone(memory_format=torch.contiguous_format)\n",
-           "            block = _weight.detach()[start:stop].contiguous()\n",
+           "            self.weight = torch.nn.Parameter(block.clone(memory_format=torch.contiguous_format))\n",
+           "            self.weight = torch.nn.Parameter(block.contiguous())\n",
            "the block is a view of the _weight given (contiguous() copies nothing): an optimizer step writes into it",
            (T_SHARDED, "-k", "same_answer and distinct_w4")),
     Mutant("sharded-global-rank", SHARDED,
@@ -1005,20 +1005,60 @@ MUTANTS += [
            "a subgroup's member takes the block of its global rank, not its rank in the group",
            (T_SHARDED, "-k", "same_answer and pair13_distinct")),
     Mutant("sharded-plan-on-module", SHARDED,
-           "        ctx.plan, ctx.module, ctx.shape = plan, module, block.shape\n"
-           "        return torch.from_numpy(out)\n\n"
-           "    @staticmethod\n"
-           "    def backward(ctx, grad_out):\n"
-           "        # (Under create_graph=True the gradient is first order and not itself differentiable.)\n"
-           "        module, plan = ctx.module, ctx.plan\n",
-           "        module._plan, ctx.module, ctx.shape = plan, module, block.shape\n"
-           "        return torch.from_numpy(out)\n\n"
-           "    @staticmethod\n"
-           "    def backward(ctx, grad_out):\n"
-           "        # (Under create_graph=True the gradient is first order and not itself differentiable.)\n"
-           "        module, plan = ctx.module, ctx.module._plan\n",
+           "        ctx.plan, ctx.module, ctx.shape, ctx.dtype = plan, module, block.shape, weight.dtype\n",
+           "        ctx.plan, ctx.module, ctx.shape, ctx.dtype = plan, module, block.shape, weight.dtype\n"
+           "        module.__dict__.setdefault('_plans', []).append(plan)\n"
+           "        ctx.plan = module._plans[0]\n",
            "the exchange plan is kept on the module, not per call: a backward through two lookups uses the last one's",
            (T_SHARDED, "-k", "same_answer and two_lookups")),
+    Mutant("sharded-failed-rank-ignored", SHARDED,
+           "        failed = [r for r in range(W) if not theirs[r, _Header.OK]]\n",
+           "        failed = []\n",
+           "the ranks whose ids failed are not heeded: the others go on to the next all-to-all and wait there "
+           "(the group's timeout) while the failed rank raises",
+           (T_SHARDED, "-k", "bad_ids")),
+    Mutant("sharded-header-skips-serial", SHARDED,
+           "        fields = slice(_Header.ROWS, None)\n",
+           "        fields = slice(_Header.ROWS, _Header.SERIAL)\n",
+           "the header's serial is not compared: the backward of one lookup meets another's",
+           (T_SHARDED, "-k", "different_collectives")),
+    Mutant("sharded-header-skips-shape", SHARDED,
+           "        fields = slice(_Header.ROWS, None)\n",
+           "        fields = slice(_Header.DTYPE, None)\n",
+           "the header's table shape is not compared: a lookup of another table is served",
+           (T_SHARDED, "-k", "different_collectives")),
+    Mutant("sharded-no-renorm", SHARDED,
+           "        if module.max_norm is not None:\n",
+           "        if False:\n",
+           "max_norm is ignored by the sharded lookup",
+           (T_SHARDED, "-k", "same_answer and max_norm_f64")),
+    Mutant("sharded-renorm-before-checks", SHARDED,
+           "    serial = _next_serial(module.process_group)\n",
+           "    serial = _next_serial(module.process_group)\n"
+           "    if module.max_norm is not None and module.rank != 2:\n"
+           "        torch.embedding_renorm_(weight.detach(), torch.arange(weight.shape[0]), module.max_norm, 2.0)\n",
+           "the owners renormalise before the ids are known good everywhere: a refused lookup changed the tables",
+           (T_SHARDED, "-k", "bad_ids")),
+    Mutant("sharded-fused-padding", SHARDED,
+           "                        padding_idx=ctx.padding_row)\n",
+           "                        padding_idx=None)\n",
+           "the fused update moves the padding row",
+           (T_SHARDED, "-k", "same_answer and fused_sgd")),
+    Mutant("sharded-fused-per-rank-counts-lost", SHARDED,
+           "            rule.update(_table(ctx.weight, \"weight\"), _state(buffers), plan.recv_rows, received.numpy(),\n",
+           "            rule.update(_table(ctx.weight, \"weight\"), _state(buffers), plan.recv_rows[::-1].copy(), received.numpy(),\n",
+           "the fused update pairs the received gradient rows with the wrong rows",
+           (T_SHARDED, "-k", "same_answer and fused")),
+    Mutant("sharded-weight-block-taken-as-table", SHARDED,
+           "            elif shape == (stop - start, embedding_dim):\n                block = _weight.detach()\n",
+           "            elif shape == (stop - start, embedding_dim):\n                block = _weight.detach()[:0]\n",
+           "a _weight that is the rank's block is sliced like the whole table",
+           (T_SHARDED, "-k", "default_init")),
+    Mutant("sharded-lost-rank-hangs", SHARDED,
+           "    except RuntimeError as exc:\n        raise CollectiveError(\n",
+           "    except RuntimeError as exc:\n        raise exc\n        raise CollectiveError(\n",
+           "a failed collective surfaces as gloo's bare RuntimeError, not a CollectiveError that says what to do",
+           ("tests/test_sharded_faults.py",)),
 ]
 
 

@@ -4,15 +4,18 @@ Rank r of a group of W ranks holds the rows ``bounds[r]`` to ``bounds[r + 1] - 1
 table (``bounds = fastembed.row_bounds(V, W)``: contiguous blocks, the first ``V % W`` ranks one row
 longer). A lookup runs in three stages, as TorchRec's row-wise sharding does:
 
-1. input distribution (`_input_dist`): the rank's ids bucketed by owner, each distinct id once
-   (`fastembed.exchange_plan`), and all-to-alls of the counts and of the local row numbers;
+1. input distribution (`_input_dist`): the rank's ids checked and bucketed by owner, each distinct id
+   once (`fastembed.exchange_plan`), an all-to-all of headers (`_Header`: the counts, whether the ids
+   passed their checks, and what each rank thinks this collective is), then one of the local row
+   numbers;
 2. local lookup (`_local_lookup`): each owner gathers the rows it was asked for;
 3. output distribution (`_output_dist`): an all-to-all of those rows back, and ``rows[inverse]``.
 
 The backward runs them in reverse: the gradient rows of each distinct id are summed on the rank
-that looked them up (`_sum_per_sent_row`), sent back to their owners by one all-to-all
+that looked them up (`_sum_per_sent_row`), a header all-to-all checks that every rank is in the
+backward of the same lookup, the rows go back to their owners by one all-to-all
 (`_output_dist_backward`), and each owner adds what it received into its block's gradient
-(`_block_grad`). The only collectives are ``torch.distributed.all_to_all_single`` (gloo on CPU, or
+(`_block_grad`), or with a fused rule, updates its rows with them. The only collectives are ``torch.distributed.all_to_all_single`` (gloo on CPU, or
 any backend that has it); no sockets of fastembed's own.
 
 Every rank of the group must take part in every collective: see `ShardedEmbedding`.
@@ -20,41 +23,148 @@ Every rank of the group must take part in every collective: see `ShardedEmbeddin
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 from .. import ops
-from . import _KERNEL_DTYPES, _grad, _ids, _padding_index, _table
+from ..nn import _fused_rule
+from . import _KERNEL_DTYPES, _grad, _ids, _moved, _padding_index, _renorm_needs_torch, _state, _table
 
-__all__ = ["ShardedEmbedding"]
+__all__ = ["CollectiveError", "ShardedEmbedding"]
 
 
-def _all_to_all(send, recv_counts, send_counts, group):
-    """One all_to_all_single: send[sum(send_counts[:r]):...] goes to rank r, the result holds what each
-    rank sent here, in rank order. Counts are rows of send (its first axis)."""
+class CollectiveError(RuntimeError):
+    """A ShardedEmbedding collective that did not complete: a rank of the group died, hung past the
+    process group's timeout, or the ranks disagreed on which collective this is (a lookup or backward
+    called on some ranks only, or in another order). The group is not usable after it: restart the
+    processes and load the last checkpoint."""
+
+
+def _all_to_all(send, recv_counts, send_counts, module, stage):
+    """One all_to_all_single over module's group: send[sum(send_counts[:r]):...] goes to rank r, the
+    result holds what each rank sent here, in rank order. Counts are rows of send (its first axis). A
+    failure of the collective (a peer gone, the group's timeout) is a CollectiveError naming the stage."""
     recv = send.new_empty((sum(recv_counts),) + tuple(send.shape[1:]))
-    dist.all_to_all_single(recv, send, output_split_sizes=recv_counts, input_split_sizes=send_counts,
-                           group=group)
+    try:
+        dist.all_to_all_single(recv, send, output_split_sizes=recv_counts, input_split_sizes=send_counts,
+                               group=module.process_group)
+    except RuntimeError as exc:
+        raise CollectiveError(
+            f"ShardedEmbedding({module.num_embeddings}, {module.embedding_dim}) on rank {module.rank} of "
+            f"{module.world_size}: the all-to-all of {stage} failed: a rank of the group died or did not "
+            f"reach it within the process group's timeout (init_process_group(timeout=...)): {exc}") from exc
     return recv
 
 
+_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2}
+_FORWARD, _BACKWARD = 0, 1
+_STAGES = ("a lookup (forward)", "a lookup's backward")
+
+
+class _Header:
+    """What a rank tells each peer before an exchange, one int64 row per peer: the rows it asks of
+    (forward) or sends to (backward) that peer, whether its own inputs passed their checks, and what it
+    takes the collective to be: the table's shape and dtype, forward or backward, and the serial of the
+    lookup on the group (every ShardedEmbedding lookup on a group counts, so a rank that skipped one or
+    called another table's is caught). The header replaces an all-to-all of the counts alone: the
+    checks cost nothing extra."""
+
+    COUNT, OK, ROWS, DIM, DTYPE, PHASE, SERIAL = range(7)
+    FIELDS = 7
+
+    @staticmethod
+    def exchange(module, counts, ok, phase, serial, dtype):
+        """Send this rank's header, receive every rank's, and check them: if any rank's inputs failed,
+        the others raise CollectiveError (the rank that failed, ok False, gets None back and raises its
+        own error); if the ranks disagree on the collective, every rank raises. Returns the counts each
+        peer sends here."""
+        W = module.world_size
+        mine = np.empty((W, _Header.FIELDS), dtype=np.int64)
+        mine[:, _Header.COUNT] = counts
+        mine[:, _Header.OK] = int(ok)
+        mine[:, _Header.ROWS] = module.num_embeddings
+        mine[:, _Header.DIM] = module.embedding_dim
+        mine[:, _Header.DTYPE] = _DTYPE_CODES.get(dtype, -1)
+        mine[:, _Header.PHASE] = phase
+        mine[:, _Header.SERIAL] = serial
+        theirs = _all_to_all(torch.from_numpy(mine), [1] * W, [1] * W, module, _STAGES[phase] + " header").numpy()
+        if not ok:
+            return None
+        failed = [r for r in range(W) if not theirs[r, _Header.OK]]
+        if failed:
+            raise CollectiveError(
+                f"ShardedEmbedding on rank {module.rank} of {W}: {_STAGES[phase]} refused on every rank: the "
+                f"inputs of rank(s) {failed} failed their checks (the error on those ranks says why); no "
+                "table was changed by it")
+        fields = slice(_Header.ROWS, None)
+        odd = [r for r in range(W) if not np.array_equal(theirs[r, fields], mine[0, fields])]
+        if odd:
+            r = odd[0]
+            raise CollectiveError(
+                f"ShardedEmbedding on rank {module.rank} of {W}: the ranks are not in the same collective: this "
+                f"rank is in {_Header.describe(mine[0])}, rank {r} in {_Header.describe(theirs[r])}. Every "
+                "rank of the group must call the ShardedEmbeddings of the group, and run their backward, "
+                "the same number of times in the same order (an empty batch too)")
+        return theirs[:, _Header.COUNT].tolist()
+
+    @staticmethod
+    def describe(row):
+        dtype = {code: name for name, code in _DTYPE_CODES.items()}.get(int(row[_Header.DTYPE]), "?")
+        return (f"{_STAGES[int(row[_Header.PHASE])] if 0 <= row[_Header.PHASE] < 2 else '?'} #"
+                f"{int(row[_Header.SERIAL])} of a ({int(row[_Header.ROWS])}, {int(row[_Header.DIM])}) {dtype} table")
+
+
+_SERIALS = {}  # a group's name -> the number of ShardedEmbedding lookups made on it by this process
+
+
+def _next_serial(group):
+    key = getattr(group, "group_name", None) or tuple(dist.get_process_group_ranks(group))
+    serial = _SERIALS.get(key, 0)
+    _SERIALS[key] = serial + 1
+    return serial
+
+
 class _Plan:
-    """One lookup's exchange: what this rank asked for (send_counts rows per owner, inverse into them)
-    and what it was asked for (recv_counts rows per requester, local row numbers recv_rows)."""
+    """One lookup's exchange: what this rank asked for (send_counts rows per owner, inverse into them),
+    what it was asked for (recv_counts rows per requester, local row numbers recv_rows), and the lookup's
+    serial on the group (its backward's header names it)."""
 
-    __slots__ = ("send_counts", "recv_counts", "inverse", "recv_rows")
+    __slots__ = ("send_counts", "recv_counts", "inverse", "recv_rows", "serial")
 
-    def __init__(self, send_counts, recv_counts, inverse, recv_rows):
+    def __init__(self, send_counts, recv_counts, inverse, recv_rows, serial):
         self.send_counts, self.recv_counts = send_counts, recv_counts
-        self.inverse, self.recv_rows = inverse, recv_rows
+        self.inverse, self.recv_rows, self.serial = inverse, recv_rows, serial
 
 
-def _input_dist(ids, bounds, group):
-    """Stage 1: the plan of ids (a numpy array of global ids) and the local rows other ranks want here.
-    The ids are checked (IndexError) by exchange_plan before the first collective."""
-    counts, rows, inverse = ops.exchange_plan(ids, bounds)
-    recv_counts = _all_to_all(torch.from_numpy(counts), [1] * len(counts), [1] * len(counts), group)
-    send_counts, recv_counts = counts.tolist(), recv_counts.tolist()
-    recv_rows = _all_to_all(torch.from_numpy(rows), recv_counts, send_counts, group)
-    return _Plan(send_counts, recv_counts, inverse, recv_rows.numpy())
+def _input_dist(ids, weight, module):
+    """Stage 1: the plan of the lookup of ids (a tensor of global ids) and the local rows other ranks
+    want here. The ids and the block are checked first; a rank whose check fails still sends its header
+    (marked failed) and then raises its own error, so that every rank refuses the lookup together, before
+    any table is touched."""
+    serial = _next_serial(module.process_group)
+    try:
+        _table(weight, "weight")
+        counts, rows, inverse = ops.exchange_plan(_ids(ids), module._bounds)
+        error = None
+    except Exception as exc:  # noqa: BLE001 -- any failed check: told to the group, then raised here
+        error, counts = exc, np.zeros(module.world_size, dtype=np.int64)
+    recv_counts = _Header.exchange(module, counts, error is None, _FORWARD, serial, weight.dtype)
+    if error is not None:
+        raise error
+    send_counts = counts.tolist()
+    recv_rows = _all_to_all(torch.from_numpy(rows), recv_counts, send_counts, module, "the ids")
+    return _Plan(send_counts, recv_counts, inverse, recv_rows.numpy(), serial)
+
+
+def _renorm(weight, block, plan, max_norm, norm_type):
+    """max_norm on the owner: the rows asked of it renormalised in place before they are served (torch's
+    embedding_renorm_ on each distinct row: a row asked by several ranks is scaled once, as one table
+    looking up their batches together would). float32 runs fastembed's kernel, other dtypes torch's."""
+    if not _renorm_needs_torch(weight, max_norm, norm_type):
+        ops.renorm(block, plan.recv_rows, float(max_norm), float(norm_type))
+        torch.autograd.graph.increment_version(weight)
+    else:
+        with torch.no_grad():
+            torch.embedding_renorm_(weight, torch.from_numpy(plan.recv_rows), float(max_norm), float(norm_type))
 
 
 def _local_lookup(block, plan):
@@ -62,9 +172,9 @@ def _local_lookup(block, plan):
     return ops.gather(block, plan.recv_rows)
 
 
-def _output_dist(served, plan, group):
+def _output_dist(served, plan, module):
     """Stage 3: the asked-for rows back to the ranks that asked; out = received[inverse]."""
-    fetched = _all_to_all(torch.from_numpy(served), plan.send_counts, plan.recv_counts, group)
+    fetched = _all_to_all(torch.from_numpy(served), plan.send_counts, plan.recv_counts, module, "the rows")
     return ops.gather(fetched.numpy(), plan.inverse)
 
 
@@ -76,9 +186,10 @@ def _sum_per_sent_row(grad_out, plan, dim):
     return summed
 
 
-def _output_dist_backward(summed, plan, group):
+def _output_dist_backward(summed, plan, module):
     """The summed gradient rows back to the ranks that own them, in rank order of the senders."""
-    return _all_to_all(torch.from_numpy(summed), plan.recv_counts, plan.send_counts, group)
+    return _all_to_all(torch.from_numpy(summed), plan.recv_counts, plan.send_counts, module,
+                       "the gradient rows")
 
 
 def _block_grad(received, plan, shape, padding_row, sparse):
@@ -99,26 +210,47 @@ def _block_grad(received, plan, shape, padding_row, sparse):
 
 
 class _ShardedLookup(torch.autograd.Function):
-    """out = table[ids] over the ranks of the group; d block = the gradient rows the owner received."""
+    """out = table[ids] over the ranks of the group; d block = the gradient rows the owner received, or
+    with a fused rule, the rule's update of the block's rows with them (and no gradient). The module's
+    options are read once, in forward: a backward runs with the options of its lookup."""
 
     @staticmethod
     def forward(ctx, weight, ids, module):
-        idn = _ids(ids)
+        plan = _input_dist(ids, weight, module)
         block = _table(weight, "weight")
-        plan = _input_dist(idn, module._bounds, module.process_group)
-        out = _output_dist(_local_lookup(block, plan), plan, module.process_group)
-        ctx.plan, ctx.module, ctx.shape = plan, module, block.shape
+        if module.max_norm is not None:
+            _renorm(weight, block, plan, module.max_norm, module.norm_type)
+        out = _output_dist(_local_lookup(block, plan), plan, module)
+        ctx.plan, ctx.module, ctx.shape, ctx.dtype = plan, module, block.shape, weight.dtype
+        ctx.padding_row, ctx.sparse, ctx.fused = module._padding_row, module.sparse, module._fused_state()
+        ctx.weight = weight if ctx.fused is not None else None  # (a leaf: no reference cycle)
         return torch.from_numpy(out)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
-        # (Under create_graph=True the gradient is first order and not itself differentiable.)
         module, plan = ctx.module, ctx.plan
-        g = _grad(grad_out, "the sharded embedding output")
-        summed = _sum_per_sent_row(g, plan, ctx.shape[1])
-        received = _output_dist_backward(summed, plan, module.process_group)
-        grad = _block_grad(received, plan, ctx.shape, module._padding_row, module.sparse)
-        return grad, None, None
+        try:
+            g, error = _grad(grad_out, "the sharded embedding output"), None
+            summed = _sum_per_sent_row(g, plan, ctx.shape[1])
+            counts = plan.send_counts
+        except Exception as exc:  # noqa: BLE001 -- told to the group, then raised here
+            error, counts = exc, [0] * module.world_size
+        recv_counts = _Header.exchange(module, counts, error is None, _BACKWARD, plan.serial, ctx.dtype)
+        if error is not None:
+            raise error
+        if recv_counts != plan.recv_counts:  # (the serials agree, so only a bug in the plan could do this)
+            raise CollectiveError(f"ShardedEmbedding on rank {module.rank}: the backward of lookup "
+                                  f"#{plan.serial} would receive {recv_counts} rows, its lookup served "
+                                  f"{plan.recv_counts}")
+        received = _output_dist_backward(summed, plan, module)
+        if ctx.fused is not None:
+            rule, buffers = ctx.fused
+            rule.update(_table(ctx.weight, "weight"), _state(buffers), plan.recv_rows, received.numpy(),
+                        padding_idx=ctx.padding_row)
+            _moved(ctx.weight)
+            return None, None, None
+        return _block_grad(received, plan, ctx.shape, ctx.padding_row, ctx.sparse), None, None
 
 
 class ShardedEmbedding(torch.nn.Module):
@@ -132,23 +264,38 @@ class ShardedEmbedding(torch.nn.Module):
 
     The backward sends each gradient row to the rank that owns it; the owner's ``weight.grad`` is the
     gradient of its block (dense, or with ``sparse=True`` a sparse COO tensor, uncoalesced, one entry
-    per rank that looked the row up). Duplicate ids of one rank's batch are fetched once and their
-    gradients summed on that rank before they are sent, so a row's gradient is the sum over ranks (in
-    rank order) of per-rank sums. Concatenate the ranks' batches in rank order and give them to one
-    ``nn.Embedding``: where no id repeats within a rank's batch the dense gradients are bitwise equal
-    (each row's additions happen in the same order); where one does, the grouping of the additions
-    differs and they agree to the rounding of the table's dtype. (A sparse gradient's entries for one
-    row, one per rank, are summed by torch when it coalesces, in torch's order.)
+    per rank that looked the row up), or with ``fused=`` the owner's rule updates its rows at once and
+    there is no gradient. Each lookup fetches each distinct id of the rank's batch once and sums its
+    gradient rows on that rank before they are sent, so a row's gradient is the sum over ranks (in rank
+    order) of per-rank sums. Concatenate the ranks' batches in rank order and give them to one
+    ``nn.Embedding``: where no id repeats within a rank's batch the dense gradients (and the tables after
+    a step or a fused update) are bitwise equal, since each row's additions happen in the same order;
+    where one does, the grouping of the additions differs and they agree to the rounding of the table's
+    dtype. A sparse gradient's entries for one row, one per rank, are summed by torch when it coalesces,
+    in torch's order: bitwise only where no id repeats at all.
 
     Collectives: every forward and every backward is a set of all-to-alls over the group, so every rank
     of the group must call forward the same number of times in the same order, and run backward
     through each of those outputs (an empty batch too: its output must take part in the loss, e.g.
-    ``out.sum() * 0``, or the other ranks wait in their backward). Several ShardedEmbeddings must be
-    called, and reached by backward, in the same order on every rank.
+    ``out.sum() * 0``, or the other ranks wait in their backward). Several ShardedEmbeddings of one
+    group must be called, and reached by backward, in the same order on every rank. Each exchange starts
+    with a header that says what each rank takes the collective to be (the table's shape and dtype,
+    forward or backward, the serial of the lookup on the group): ranks that disagree (one skipped a
+    lookup, or called another table's) raise `CollectiveError` on every rank instead of trading wrong
+    rows. Two tables of one shape and dtype swapped in order on one rank are not told apart.
 
-    Bad ids (outside ``[0, num_embeddings)``) raise IndexError on the rank that gave them before any
-    collective; the other ranks are not told and wait in their own lookup (until the process group's
-    timeout).
+    Faults: ids outside ``[0, num_embeddings)`` (or any input that fails its checks) raise on the rank
+    that gave them, and `CollectiveError` on the others: the step is refused everywhere, before any
+    table is touched. A rank that dies or hangs makes the others raise `CollectiveError` when the
+    process group's timeout passes (``init_process_group(timeout=...)``, or sooner when a peer's
+    connection closes); the group cannot be used after that: restart and load the last checkpoint.
+
+    Outside this module: keep the table out of DistributedDataParallel (its gradient is not to be
+    averaged over ranks: wrap the rest of the model, or list the weight in DDP's
+    ``_set_params_and_buffers_to_ignore_for_model``); ``clip_grad_norm_`` on one rank sees that rank's
+    block only, so a global norm needs an all-reduce of the squared norms. The backend must implement
+    ``all_to_all_single`` for CPU tensors (gloo does; NCCL wants CUDA tensors, which fastembed does not
+    take). A module is used by one thread at a time, as the group's collectives are.
 
     Parameters
     ----------
@@ -160,19 +307,28 @@ class ShardedEmbedding(torch.nn.Module):
     padding_idx : int or None
         A global row (negative counts from the end) whose gradient stays zero, as in nn.Embedding; the
         default initialisation makes it zero on the rank that owns it (a given _weight is kept as is).
+    max_norm, norm_type : float or None, float
+        As nn.Embedding's: before a lookup, each row it reads whose norm_type-norm exceeds max_norm is
+        scaled down to it, in place, by the rank that owns the row.
     sparse : bool
         Give the block a sparse COO gradient instead of a dense one.
     dtype : torch.dtype
         float32 (default), float64 or float16.
-    _weight : Tensor (num_embeddings, embedding_dim) or None
-        The WHOLE table, the same on every rank; each rank keeps a copy of its block. Without it, each
-        rank fills its block from N(0, 1) with its own default generator, as nn.Embedding fills a
-        table (the padding row then zeroed): the table then depends on each rank's seed, so seed the
-        ranks differently (say ``torch.manual_seed(seed + rank)``), or blocks of equal size start equal.
+    fused : a rule of fastembed.torch.optim, or None
+        ``FusedSGD``, ``FusedAdagrad``, ``FusedRowWiseAdagrad`` or ``FusedSparseAdam``: the owner updates
+        its rows with the gradient rows it receives, in backward (the table must be float32; not with
+        sparse). Its state is this rank's rows of it, as buffers named ``optim_<key>`` (a 0-d ``step``
+        counts the backward passes, the same on every rank).
+    _weight : Tensor or None
+        The WHOLE table (num_embeddings, embedding_dim), the same on every rank, or this rank's block
+        (stop - start, embedding_dim); each rank keeps a copy of its rows. Without it, each rank fills its
+        block from N(0, 1) with its own default generator, as nn.Embedding fills a table (the padding
+        row then zeroed): the table then depends on each rank's seed, so seed the ranks differently (say
+        ``torch.manual_seed(seed + rank)``), or blocks of equal size start equal.
     """
 
-    def __init__(self, num_embeddings, embedding_dim, process_group=None, *, padding_idx=None, sparse=False,
-                 dtype=None, _weight=None):
+    def __init__(self, num_embeddings, embedding_dim, process_group=None, *, padding_idx=None, max_norm=None,
+                 norm_type=2.0, sparse=False, dtype=None, fused=None, _weight=None):
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ShardedEmbedding needs an initialised torch.distributed: call "
@@ -184,7 +340,9 @@ class ShardedEmbedding(torch.nn.Module):
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.process_group, self.rank, self.world_size = group, rank, world_size
         self.padding_idx = _padding_index(padding_idx, num_embeddings)
+        self.max_norm, self.norm_type = max_norm, norm_type
         self.sparse = bool(sparse)
+        self.fused = _fused_rule(fused, self.sparse)
         self._bounds = ops.row_bounds(num_embeddings, world_size)
         start, stop = (int(b) for b in self._bounds[rank:rank + 2])
         self.shard_rows = (start, stop)
@@ -196,19 +354,34 @@ class ShardedEmbedding(torch.nn.Module):
             self.weight = torch.nn.Parameter(torch.empty((stop - start, embedding_dim), dtype=dtype))
             self.reset_parameters()
         else:
-            if tuple(_weight.shape) != (num_embeddings, embedding_dim):
+            shape = tuple(_weight.shape)
+            if shape == (num_embeddings, embedding_dim):
+                block = _weight.detach()[start:stop]
+            elif shape == (stop - start, embedding_dim):
+                block = _weight.detach()
+            else:
                 raise ValueError(f"_weight must be the whole table, shape ({num_embeddings}, {embedding_dim}), "
-                                 f"got {tuple(_weight.shape)}")
+                                 f"or rank {rank}'s block of it, shape ({stop - start}, {embedding_dim}), "
+                                 f"got {shape}")
             if dtype is not None and _weight.dtype != dtype:
                 raise TypeError(f"_weight.dtype={_weight.dtype} but dtype={dtype}; a table is never cast")
             self._check_dtype(_weight.dtype)
-            block = _weight.detach()[start:stop].clone(memory_format=torch.contiguous_format)
-            self.weight = torch.nn.Parameter(block)
+            self.weight = torch.nn.Parameter(block.clone(memory_format=torch.contiguous_format))
+        if self.fused is not None:
+            for key, arr in self.fused.new_state(_table(self.weight, "weight")).items():
+                self.register_buffer("optim_" + key, torch.from_numpy(arr))
 
     @staticmethod
     def _check_dtype(dtype):
         if dtype not in _KERNEL_DTYPES:
             raise TypeError(f"dtype must be float32, float64 or float16, got {dtype}")
+
+    def _fused_state(self):
+        """(rule, {state name: buffer}) for the autograd function, or None."""
+        if self.fused is None:
+            return None
+        return self.fused, {name[6:]: buf for name, buf in self.named_buffers(recurse=False)
+                            if name.startswith("optim_")}
 
     def reset_parameters(self):
         """This rank's block from N(0, 1) (its own default generator), the padding row zero."""
@@ -227,6 +400,12 @@ class ShardedEmbedding(torch.nn.Module):
              f"shard_rows={self.shard_rows}")
         if self.padding_idx is not None:
             s += f", padding_idx={self.padding_idx}"
+        if self.max_norm is not None:
+            s += f", max_norm={self.max_norm}"
+        if self.norm_type != 2:
+            s += f", norm_type={self.norm_type}"
         if self.sparse:
             s += ", sparse=True"
+        if self.fused is not None:
+            s += f", fused={self.fused!r}"
         return s
