@@ -48,6 +48,10 @@ OPTIMIZERS = {  # name: (module, class, constructor arguments); the fresh module
     "sgd_momentum": ("torch.optim", "SGD", {"lr": 0.1, "momentum": 0.9}),
     "adagrad": ("fastembed.torch.optim", "Adagrad", {"lr": 0.1}),
     "fe_adam": ("fastembed.torch.optim", "Adam", {"lr": 0.02}),
+    # fused rules (ShardedEmbedding(fused=...)): the state is the module's optim_* buffers, no optimizer
+    "fused_adagrad": ("fastembed.torch.optim", "FusedAdagrad", {"lr": 0.1}),
+    "fused_rowwise": ("fastembed.torch.optim", "FusedRowWiseAdagrad", {"lr": 0.1}),
+    "fused_sparse_adam": ("fastembed.torch.optim", "FusedSparseAdam", {"lr": 0.05}),
 }
 
 
@@ -81,42 +85,60 @@ CASES = [
     _case("sgd_momentum_f64", "sgd_momentum", 7, 2, torch.float64, seed=3),
     _case("adagrad_tiny", "adagrad", 3, 2, torch.float32, seed=4),
     _case("fe_adam", "fe_adam", 11, 4, torch.float32, seed=5),
+    _case("fused_adagrad", "fused_adagrad", 10, 3, torch.float32, padding_idx=7, seed=6),
+    _case("fused_rowwise", "fused_rowwise", 10, 2, torch.float32, seed=7),
+    _case("fused_sparse_adam_tiny", "fused_sparse_adam", 3, 2, torch.float32, seed=8),
 ]
 BY_NAME = {c["name"]: c for c in CASES}
 
 
 # ---------------------------------------------------------------- the child processes
 
-def _optimizer(case, params, scale=1.0):
+def _is_fused(case):
+    return case["optimizer"].startswith("fused")
+
+
+def _optimizer(case, params=None, scale=1.0):
+    """The case's optimizer over params, or its fused rule (params None)."""
     import importlib
 
     module, cls, kwargs = OPTIMIZERS[case["optimizer"]]
     kwargs = dict(kwargs, lr=kwargs["lr"] * scale)
-    return getattr(importlib.import_module(module), cls)(params, **kwargs)
+    cls = getattr(importlib.import_module(module), cls)
+    return cls(**kwargs) if params is None else cls(params, **kwargs)
 
 
 def _module(case, group, fresh):
-    """The trained module (the case's table), or a fresh one to load into: another table (7.0
-    everywhere) and another lr, which a load must replace."""
+    """The trained module (the case's table) and its optimizer (None with a fused rule), or a fresh
+    pair to load into: another table (7.0 everywhere) and another lr, which a load must replace."""
     from fastembed.torch.distributed import ShardedEmbedding
 
     table = torch.full_like(case["table"], 7.0) if fresh else case["table"]
-    emb = ShardedEmbedding(case["V"], case["D"], group, padding_idx=case["padding_idx"], _weight=table)
-    return emb, _optimizer(case, emb.parameters(), 3.0 if fresh else 1.0)
+    scale = 3.0 if fresh else 1.0
+    fused = _optimizer(case, None, scale) if _is_fused(case) else None
+    emb = ShardedEmbedding(case["V"], case["D"], group, padding_idx=case["padding_idx"], fused=fused, _weight=table)
+    return emb, None if fused else _optimizer(case, emb.parameters(), scale)
 
 
 def _train(emb, opt, case, steps, world, group_rank):
     for s in steps:
         ids, grads = case["steps"][s]["splits"][world][group_rank]
-        opt.zero_grad()
-        emb(ids).backward(grads)
-        opt.step()
+        if opt is not None:
+            opt.zero_grad()
+        emb(ids).backward(grads)  # with a fused rule, this is the update
+        if opt is not None:
+            opt.step()
 
 
 def _snapshot(emb, opt):
-    state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[emb.weight].items()}
-    return {"shard_rows": emb.shard_rows, "block": emb.weight.detach().clone(), "state": state,
-            "lr": opt.param_groups[0]["lr"]}
+    """The block, the state (the optimizer's for the weight, or the fused rule's buffers) and the lr."""
+    if opt is None:
+        state = {name[len("optim_"):]: buf.clone() for name, buf in emb.named_buffers() if name.startswith("optim_")}
+        lr = emb.fused.lr
+    else:
+        state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[emb.weight].items()}
+        lr = opt.param_groups[0]["lr"]
+    return {"shard_rows": emb.shard_rows, "block": emb.weight.detach().clone(), "state": state, "lr": lr}
 
 
 def _errors(fn):
@@ -343,15 +365,27 @@ def test_resumed_training_is_uninterrupted_training(run, case):
     for key in resumed[1]:
         _same_bits(resumed[1][key], uninterrupted[1][key], f"the resumed {key}")
 
-    emb = torch.nn.Embedding(case["V"], case["D"], padding_idx=case["padding_idx"], _weight=case["table"].clone())
-    opt = _optimizer(case, emb.parameters())
+    if _is_fused(case):  # one fastembed.torch.Embedding with the same fused rule
+        from fastembed.torch import Embedding
+
+        emb = Embedding(case["V"], case["D"], padding_idx=case["padding_idx"], _weight=case["table"].clone(),
+                        fused=_optimizer(case))
+        opt = None
+    else:
+        emb = torch.nn.Embedding(case["V"], case["D"], padding_idx=case["padding_idx"], _weight=case["table"].clone())
+        opt = _optimizer(case, emb.parameters())
     for step in case["steps"]:
-        opt.zero_grad()
-        emb(step["ids"]).backward(step["grads"])
-        opt.step()
-    _same_bits(uninterrupted[0], emb.weight.detach(), "the sharded run against one nn.Embedding")
-    for key, value in opt.state[emb.weight].items():
-        _same_bits(uninterrupted[1][key], value, f"the sharded run's {key} against one nn.Embedding")
+        _train(emb, opt, {"steps": [{"splits": {1: [(step["ids"], step["grads"])]}}]}, [0], 1, 0)
+    one = _snapshot_of_one(emb, opt)
+    _same_bits(uninterrupted[0], one["block"], "the sharded run against one embedding")
+    assert sorted(one["state"]) == sorted(uninterrupted[1])
+    for key, value in one["state"].items():
+        _same_bits(uninterrupted[1][key], value, f"the sharded run's {key} against one embedding")
+
+
+def _snapshot_of_one(emb, opt):
+    emb.shard_rows = None  # (_snapshot reads it; a single-process layer has none)
+    return _snapshot(emb, opt)
 
 
 def test_unequal_replicated_entry_is_refused_at_save(run):

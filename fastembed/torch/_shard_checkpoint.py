@@ -20,6 +20,7 @@ copies the overlapping rows: the world size may differ from the save's (4 ranks 
 and the result is bitwise the rows of the saved table. Both functions are collectives over the module's
 process group: a rank that fails tells the others, and all of them raise before anything changes.
 """
+import copy
 import hashlib
 import json
 import os
@@ -163,7 +164,14 @@ def _fused_buffers(module):
 
 
 def _fused_hyperparameters(rule):
-    return {k: _encode(v, f"fused.{k}") for k, v in sorted(vars(rule).items()) if not k.startswith("_")}
+    """A fused rule's hyperparameters: its public attributes, and those behind a property (lr is kept in
+    _lr and checked by its setter)."""
+    out = {}
+    for k, v in sorted(vars(rule).items()):
+        name = k[1:] if k.startswith("_") and isinstance(getattr(type(rule), k[1:], None), property) else k
+        if not name.startswith("_"):
+            out[name] = _encode(v, f"fused.{name}")
+    return out
 
 
 def _group_info(module):
@@ -510,6 +518,12 @@ def _prepare_load(directory, module, optimizer):
     rule_hyper = None
     if manifest["fused"] is not None and manifest["fused"]["hyperparameters"] is not None:
         rule_hyper = {k: _decode(v) for k, v in manifest["fused"]["hyperparameters"].items()}
+        trial = copy.copy(module.fused)  # the rule's own checks (its lr setter), on a copy
+        for k, v in rule_hyper.items():
+            if not hasattr(trial, k):
+                raise ValueError(f"the checkpoint's fused rule has a hyperparameter {k!r} that "
+                                 f"{type(trial).__name__} has not")
+            setattr(trial, k, v)
     return blocks[("weight", None)], fused, rule_hyper, group, state, hyper
 
 
