@@ -1133,6 +1133,14 @@ MUTANTS += [
            "    _raise_if_any_failed([], rank, error, \"load_sharded\")",
            "a load commits on the ranks that read their rows though another rank failed (the group left half loaded)",
            (T_CKPT, "-k", "fails_to_load")),
+    Mutant("ckpt-fused-buffers-not-loaded", CKPT,
+           "            buffers[key].copy_(value)\n", "            pass\n",
+           "a load leaves the fused rule's optim_* buffers as they were (the weight alone is loaded)",
+           (T_CKPT, "-k", "its_rows_of_the_saved_table and fused_rowwise")),
+    Mutant("ckpt-fused-hyperparameters-not-restored", CKPT,
+           "            setattr(module.fused, k, v)\n", "            pass\n",
+           "a load keeps the fused rule's own lr, not the saved one (an optimizer's param_group gets the saved lr)",
+           (T_CKPT, "-k", "its_rows_of_the_saved_table and fused_adagrad")),
 ]
 
 
