@@ -435,6 +435,7 @@ def test_a_save_that_died_leaves_the_previous_checkpoint(run, group_of_one):
         if rank != CRASH_RANK:  # the survivors were told the save failed
             error = torch.load(tmp / f"crash_error{rank}.pt")
             assert error is not None, f"rank {rank}'s save returned though rank {CRASH_RANK} died"
+            assert error[0] == "CollectiveError" and "save_sharded (writing the rank files)" in error[1], error
     manifest = json.loads((ck / "manifest.json").read_text())
     names = {f["name"] for f in manifest["files"]}
     strays = [n for n in os.listdir(ck) if n.startswith("shard-") and n not in names]

@@ -18,7 +18,9 @@ place, rank 0 removes the rank files no manifest names (the previous checkpoint'
 Loading reads, on each rank, only the saved files whose rows overlap its current ``shard_rows`` and
 copies the overlapping rows: the world size may differ from the save's (4 ranks saved, 2 load, and back),
 and the result is bitwise the rows of the saved table. Both functions are collectives over the module's
-process group: a rank that fails tells the others, and all of them raise before anything changes.
+process group: a rank that fails tells the others, and all of them raise before anything changes; a
+rank that dies (or hangs past the process group's timeout) makes the others raise
+`fastembed.torch.distributed.CollectiveError`.
 """
 import copy
 import hashlib
@@ -179,10 +181,17 @@ def _group_info(module):
     return group, dist.get_rank(group), dist.get_world_size(group)
 
 
-def _exchange(item, group, world_size):
-    """Every rank's item, in group-rank order (a collective)."""
+def _exchange(item, group, world_size, action):
+    """Every rank's item, in group-rank order (a collective). A collective that fails (a rank died, or
+    hung past the group's timeout) is a CollectiveError, as ShardedEmbedding's own."""
+    from .distributed import CollectiveError  # (distributed re-exports this module's functions)
+
     items = [None] * world_size
-    dist.all_gather_object(items, item, group=group)
+    try:
+        dist.all_gather_object(items, item, group=group)
+    except Exception as exc:  # noqa: BLE001  (gloo raises RuntimeError or its DistBackendError subclass)
+        raise CollectiveError(f"{action}: a collective over the group failed (a rank died, or hung past the "
+                              f"process group's timeout); the group is not usable after it: {exc}") from exc
     return items
 
 
@@ -327,7 +336,7 @@ def save_sharded(directory, module, optimizer=None):
     except Exception as exc:  # noqa: BLE001  (told to the other ranks, then raised)
         error = exc
     # rank 0's id names this save's files: never the names of a checkpoint already in the directory
-    items = _exchange((_status(error), desc, uuid.uuid4().hex), group, world_size)
+    items = _exchange((_status(error), desc, uuid.uuid4().hex), group, world_size, "save_sharded")
     _raise_if_any_failed([s for s, _, _ in items], rank, error, "save_sharded")
     descs, save_id = [d for _, d, _ in items], items[0][2]
     try:
@@ -343,7 +352,7 @@ def save_sharded(directory, module, optimizer=None):
     except Exception as exc:  # noqa: BLE001
         error = exc
     # the barrier: the manifest is written only when every rank's file is in place
-    items = _exchange((_status(error), info), group, world_size)
+    items = _exchange((_status(error), info), group, world_size, "save_sharded (writing the rank files)")
     _raise_if_any_failed([s for s, _ in items], rank, error, "save_sharded (writing the rank files)")
 
     if rank == 0:
@@ -362,7 +371,7 @@ def save_sharded(directory, module, optimizer=None):
             except OSError:  # the checkpoint is committed; a file left behind is only space
                 pass
     # every rank returns only once the checkpoint is committed (or raises if it was not)
-    statuses = _exchange(_status(error), group, world_size)
+    statuses = _exchange(_status(error), group, world_size, "save_sharded (writing the manifest)")
     _raise_if_any_failed(statuses, rank, error, "save_sharded (writing the manifest)")
 
 
@@ -551,7 +560,7 @@ def load_sharded(directory, module, optimizer=None):
         prepared = _prepare_load(directory, module, optimizer)
     except Exception as exc:  # noqa: BLE001  (told to the other ranks, then raised)
         error = exc
-    statuses = _exchange(_status(error), group_, world_size)
+    statuses = _exchange(_status(error), group_, world_size, "load_sharded")
     _raise_if_any_failed(statuses, rank, error, "load_sharded")
 
     weight, fused, rule_hyper, group, state, hyper = prepared
