@@ -15,8 +15,9 @@ entries (Adam's step) bitwise the saved ones, its lr the saved one.
 
 Each step's ids are distinct across the whole group, so a row's gradient is one term however the
 batch is split among ranks: the tables after training resumed at world 2 are then bitwise those of the
-uninterrupted world-4 run, and both are bitwise one torch.nn.Embedding with the same torch optimizer
-trained on the steps' batches concatenated (these optimizers are elementwise, or row-wise, on each block).
+uninterrupted world-4 run, and both are bitwise one layer holding the whole table trained on the steps'
+batches concatenated: a torch.nn.Embedding with the case's optimizer (these are elementwise, or
+row-wise, on each block), or a fastembed.torch.Embedding with the case's fused rule.
 (Where an id repeated within a rank's batch, a rank would sum its duplicates before sending them, and
 the resumed and uninterrupted tables would agree only to rounding; no case here does.)
 """
@@ -356,7 +357,7 @@ def test_load_gives_each_rank_its_rows_of_the_saved_table(run, case, load, sourc
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_resumed_training_is_uninterrupted_training(run, case):
     """4 ranks train SAVED_AT steps and save; 2 ranks load and train the rest: bitwise the 4 ranks'
-    uninterrupted run, and one torch.nn.Embedding's (see the module docstring)."""
+    uninterrupted run, and one layer's over the whole table (see the module docstring)."""
     _, results = run
     resumed = _whole([results[r][case["name"]]["resumed_w2"] for r in range(2)])
     uninterrupted = _whole([results[r][case["name"]]["uninterrupted"] for r in range(WORLD)])
