@@ -1100,6 +1100,49 @@ MUTANTS += [
            (PLAN, "-k", "rewritten")),
 ]
 
+# issue 11, item 4: checkpoints of a sharded table, resharded on load
+CKPT, T_CKPT = "fastembed/torch/_shard_checkpoint.py", "tests/test_sharded_checkpoint.py"
+MUTANTS += [
+    Mutant("ckpt-load-source-rows-from-file-start", CKPT,
+           "out[(part, key)][a - start:b - start].copy_(saved[a - lo:b - lo])",
+           "out[(part, key)][a - start:b - start].copy_(saved[:b - a])",
+           "a load copies a saved file's first rows, not the rows that overlap its block (same shape, wrong rows)",
+           (T_CKPT, "-k", "its_rows_of_the_saved_table and adam")),
+    Mutant("ckpt-load-target-rows-from-block-start", CKPT,
+           "out[(part, key)][a - start:b - start].copy_(saved[a - lo:b - lo])",
+           "out[(part, key)][:b - a].copy_(saved[a - lo:b - lo])",
+           "a load puts each overlapping file's rows at the start of its block (later files overwrite earlier)",
+           (T_CKPT, "-k", "its_rows_of_the_saved_table and adam")),
+    Mutant("ckpt-replicated-values-unchecked", CKPT,
+           "                        if not _same_bits(a[\"state\"][key], b[\"state\"][key]):",
+           "                        if a[\"state\"][key][0] != b[\"state\"][key][0]:",
+           "a save compares only the kinds of the state entries: a step that differs between ranks is saved (rank 0's)",
+           (T_CKPT, "-k", "unequal_replicated")),
+    Mutant("ckpt-fixed-file-names", CKPT,
+           "name = f\"shard-{save_id}-{rank:05d}-of-{world_size:05d}.pt\"",
+           "name = f\"shard-{'0' * 32}-{rank:05d}-of-{world_size:05d}.pt\"",
+           "every save writes the same file names: a save that dies has overwritten files the previous manifest names",
+           (T_CKPT, "-k", "save_that_died")),
+    Mutant("ckpt-checksum-unchecked", CKPT,
+           "    if size != entry[\"bytes\"] or digest != entry[\"sha256\"]:",
+           "    if False:",
+           "a load does not compare a file's size and SHA-256 with the manifest's",
+           (T_CKPT, "-k", "corrupt_file")),
+    Mutant("ckpt-load-ignores-other-ranks", CKPT,
+           "    _raise_if_any_failed(statuses, rank, error, \"load_sharded\")",
+           "    _raise_if_any_failed([], rank, error, \"load_sharded\")",
+           "a load commits on the ranks that read their rows though another rank failed (the group left half loaded)",
+           (T_CKPT, "-k", "fails_to_load")),
+    Mutant("ckpt-fused-buffers-not-loaded", CKPT,
+           "            buffers[key].copy_(value)\n", "            pass\n",
+           "a load leaves the fused rule's optim_* buffers as they were (the weight alone is loaded)",
+           (T_CKPT, "-k", "its_rows_of_the_saved_table and fused_rowwise")),
+    Mutant("ckpt-fused-hyperparameters-not-restored", CKPT,
+           "            setattr(module.fused, k, v)\n", "            pass\n",
+           "a load keeps the fused rule's own lr, not the saved one (an optimizer's param_group gets the saved lr)",
+           (T_CKPT, "-k", "its_rows_of_the_saved_table and fused_adagrad")),
+]
+
 
 # ---------------------------------------------------------------- running
 
