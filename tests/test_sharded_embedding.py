@@ -518,6 +518,14 @@ def test_group_of_one_is_nn_embedding(group_of_one):
     assert torch.equal(emb.weight.grad, oracle.weight.grad)  # one rank: the same additions in the same order
 
 
+def test_checkpoints_are_exported_beside_the_module():
+    import fastembed.torch._shard_checkpoint as checkpoint
+    import fastembed.torch.distributed as distributed
+
+    assert distributed.save_sharded is checkpoint.save_sharded and distributed.load_sharded is checkpoint.load_sharded
+    assert {"save_sharded", "load_sharded", "CollectiveError", "ShardedEmbedding"} <= set(distributed.__all__)
+
+
 def test_copies_and_state(group_of_one, tmp_path):
     import copy
 

@@ -31,7 +31,7 @@ from .. import ops
 from ..nn import _fused_rule
 from . import _KERNEL_DTYPES, _grad, _ids, _moved, _padding_index, _renorm_needs_torch, _state, _table
 
-__all__ = ["CollectiveError", "ShardedEmbedding"]
+__all__ = ["CollectiveError", "ShardedEmbedding", "load_sharded", "save_sharded"]
 
 
 class CollectiveError(RuntimeError):
@@ -462,3 +462,6 @@ class ShardedEmbedding(torch.nn.Module):
         if self.fused is not None:
             s += f", fused={self.fused!r}"
         return s
+
+
+from ._shard_checkpoint import load_sharded, save_sharded  # noqa: E402 -- after the class it checkpoints
