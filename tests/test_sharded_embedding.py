@@ -182,14 +182,16 @@ def _bad_ids(rank, case):
 
 
 def _disagree(rank):
-    """Ranks that are not in the same collective: rank 0 looks up another table (forward), then runs the
-    backward of its lookups in the other order. Every rank records its errors, then a lookup and backward
-    that all agree on shows the group runs on."""
+    """Ranks that are not in the same collective: rank 0 looks up another table (forward: one of another
+    shape, then one of the same shape), then runs the backward of its lookups in the other order. Every
+    rank records its errors, then a lookup and backward that all agree on shows the group runs on."""
     from fastembed.torch.distributed import ShardedEmbedding
 
     a = ShardedEmbedding(11, 2, _weight=torch.arange(22.0).reshape(11, 2))
     b = ShardedEmbedding(11, 3, _weight=torch.zeros(11, 3))
-    result = {"forward": _error(lambda: (b if rank == 0 else a)(torch.tensor([1, 7])))}
+    twin = ShardedEmbedding(11, 2, _weight=torch.zeros(11, 2))  # a's shape and dtype: told apart by its number
+    result = {"forward": _error(lambda: (b if rank == 0 else a)(torch.tensor([1, 7]))),
+              "twin": _error(lambda: (twin if rank == 0 else a)(torch.tensor([1, 7])))}
     first, second = a(torch.tensor([rank])), a(torch.tensor([10 - rank, 4]))
     order = [second, first] if rank == 0 else [first, second]
     result["backward"] = [_error(lambda out=out: out.sum().backward()) for out in order]
@@ -438,6 +440,10 @@ def test_ranks_in_different_collectives_raise_everywhere(results):
         assert "not in the same collective" in res["forward"][1]
         other = "(11, 2)" if rank == 0 else "(11, 3)"
         assert other in res["forward"][1].split("rank 0" if rank else "rank 1", 1)[1], res["forward"][1]
+        # a table of the same shape and dtype: the table's number tells them apart (a: 3, twin: 5, in the
+        # order of making on the world group, after _default_init's three)
+        assert res["twin"][0] == "CollectiveError" and "not in the same collective" in res["twin"][1], res["twin"]
+        assert ("of table 5" if rank else "of table 3") in res["twin"][1].split("rank 0" if rank else "rank 1", 1)[1]
         # the backward of lookup #s on rank 0 met the backward of another lookup on the others, twice
         assert [e and e[0] for e in res["backward"]] == ["CollectiveError"] * 2, res["backward"]
         assert all("a lookup's backward #" in e[1] for e in res["backward"])

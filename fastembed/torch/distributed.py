@@ -21,6 +21,7 @@ any backend that has it); no sockets of fastembed's own.
 Every rank of the group must take part in every collective: see `ShardedEmbedding`.
 """
 import copy
+import weakref
 
 import numpy as np
 import torch
@@ -72,13 +73,14 @@ _STAGES = ("a lookup (forward)", "a lookup's backward")
 class _Header:
     """What a rank tells each peer before an exchange, one int64 row per peer: the rows it asks of
     (forward) or sends to (backward) that peer, whether its own inputs passed their checks, and what it
-    takes the collective to be: the table's shape and dtype, forward or backward, and the serial of the
-    lookup on the group (every ShardedEmbedding lookup on a group counts, so a rank that skipped one or
-    called another table's is caught). The header replaces an all-to-all of the counts alone: the
-    checks cost nothing extra."""
+    takes the collective to be: the table (its number among the group's tables, in the order they were
+    made, and its shape and dtype), forward or backward, and the serial of the lookup on the group (every
+    ShardedEmbedding lookup on a group counts, so a rank that skipped one or called another table's is
+    caught, even a table of the same shape). The forward's header replaces an all-to-all of the counts
+    alone: its checks cost no extra collective."""
 
-    COUNT, OK, ROWS, DIM, DTYPE, PHASE, SERIAL = range(7)
-    FIELDS = 7
+    COUNT, OK, TABLE, ROWS, DIM, DTYPE, PHASE, SERIAL = range(8)
+    FIELDS = 8
 
     @staticmethod
     def exchange(module, counts, ok, phase, serial, dtype):
@@ -90,6 +92,7 @@ class _Header:
         mine = np.empty((W, _Header.FIELDS), dtype=np.int64)
         mine[:, _Header.COUNT] = counts
         mine[:, _Header.OK] = int(ok)
+        mine[:, _Header.TABLE] = module._table_number
         mine[:, _Header.ROWS] = module.num_embeddings
         mine[:, _Header.DIM] = module.embedding_dim
         mine[:, _Header.DTYPE] = _DTYPE_CODES.get(dtype, -1)
@@ -104,7 +107,7 @@ class _Header:
                 f"ShardedEmbedding on rank {module.rank} of {W}: {_STAGES[phase]} refused on every rank: the "
                 f"inputs of rank(s) {failed} failed their checks (the error on those ranks says why); no "
                 "table was changed by it")
-        fields = slice(_Header.ROWS, None)
+        fields = slice(_Header.TABLE, None)
         odd = [r for r in range(W) if not np.array_equal(theirs[r, fields], mine[0, fields])]
         if odd:
             r = odd[0]
@@ -119,17 +122,24 @@ class _Header:
     def describe(row):
         dtype = {code: name for name, code in _DTYPE_CODES.items()}.get(int(row[_Header.DTYPE]), "?")
         return (f"{_STAGES[int(row[_Header.PHASE])] if 0 <= row[_Header.PHASE] < 2 else '?'} #"
-                f"{int(row[_Header.SERIAL])} of a ({int(row[_Header.ROWS])}, {int(row[_Header.DIM])}) {dtype} table")
+                f"{int(row[_Header.SERIAL])} of table {int(row[_Header.TABLE])} of the group, a "
+                f"({int(row[_Header.ROWS])}, {int(row[_Header.DIM])}) {dtype} table")
 
 
-_SERIALS = {}  # a group's name -> the number of ShardedEmbedding lookups made on it by this process
+# Per process group (the object: a group made again after destroy_process_group starts afresh): the
+# number of ShardedEmbeddings made on it and of lookups made on it, by this process.
+_COUNTERS = weakref.WeakKeyDictionary()
+
+
+def _next(group, what):
+    counters = _COUNTERS.setdefault(group, {"tables": 0, "lookups": 0})
+    number = counters[what]
+    counters[what] = number + 1
+    return number
 
 
 def _next_serial(group):
-    key = getattr(group, "group_name", None) or tuple(dist.get_process_group_ranks(group))
-    serial = _SERIALS.get(key, 0)
-    _SERIALS[key] = serial + 1
-    return serial
+    return _next(group, "lookups")
 
 
 class _Plan:
@@ -245,13 +255,9 @@ class _ShardedLookup(torch.autograd.Function):
             counts = plan.send_counts
         except Exception as exc:  # noqa: BLE001 -- told to the group, then raised here
             error, counts = exc, [0] * module.world_size
-        recv_counts = _Header.exchange(module, counts, error is None, _BACKWARD, plan.serial, ctx.dtype)
+        _Header.exchange(module, counts, error is None, _BACKWARD, plan.serial, ctx.dtype)
         if error is not None:
             raise error
-        if recv_counts != plan.recv_counts:  # (the serials agree, so only a bug in the plan could do this)
-            raise CollectiveError(f"ShardedEmbedding on rank {module.rank}: the backward of lookup "
-                                  f"#{plan.serial} would receive {recv_counts} rows, its lookup served "
-                                  f"{plan.recv_counts}")
         received = _output_dist_backward(summed, plan, module)
         if ctx.fused is not None:
             rule, buffers = ctx.fused
@@ -287,11 +293,12 @@ class ShardedEmbedding(torch.nn.Module):
     of the group must call forward the same number of times in the same order, and run backward
     through each of those outputs (an empty batch too: its output must take part in the loss, e.g.
     ``out.sum() * 0``, or the other ranks wait in their backward). Several ShardedEmbeddings of one
-    group must be called, and reached by backward, in the same order on every rank. Each exchange starts
-    with a header that says what each rank takes the collective to be (the table's shape and dtype,
-    forward or backward, the serial of the lookup on the group): ranks that disagree (one skipped a
-    lookup, or called another table's) raise `CollectiveError` on every rank instead of trading wrong
-    rows. Two tables of one shape and dtype swapped in order on one rank are not told apart.
+    group must be made in the same order on every rank (as one model's code does), and called, and
+    reached by backward, in the same order. Each exchange starts with a header that says what each rank
+    takes the collective to be (the table: its number in the group's order of making, its shape and
+    dtype; forward or backward; the serial of the lookup on the group): ranks that disagree (one skipped
+    a lookup, or called another table, even one of the same shape) raise `CollectiveError` on every rank
+    instead of trading wrong rows.
 
     Faults: ids outside ``[0, num_embeddings)`` (or any input that fails its checks) raise on the rank
     that gave them, and `CollectiveError` on the others: the step is refused everywhere, before any
@@ -352,6 +359,7 @@ class ShardedEmbedding(torch.nn.Module):
         self.max_norm, self.norm_type = max_norm, norm_type
         self.sparse = bool(sparse)
         self.fused = _fused_rule(fused, self.sparse)
+        self._table_number = _next(group, "tables")  # the header tells the group's tables apart by it
         self._bounds = ops.row_bounds(num_embeddings, world_size)
         start, stop = (int(b) for b in self._bounds[rank:rank + 2])
         self.shard_rows = (start, stop)
@@ -427,7 +435,8 @@ class ShardedEmbedding(torch.nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # checked before torch copies the block in: a refused load changes nothing
+        # checked before torch copies the block in: a refused load leaves this block as it was (a parent's
+        # load_state_dict may have loaded the modules before this one)
         key = prefix + torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
         if key in state_dict:
             self._check_extra_state(state_dict[key])
@@ -441,6 +450,7 @@ class ShardedEmbedding(torch.nn.Module):
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        new._table_number = _next(self.process_group, "tables")  # a table of its own (copy on every rank)
         return new
 
     def __getstate__(self):
