@@ -55,7 +55,7 @@ COLLECTIVE_TIMEOUT_S = 120  # a hung rank fails the others in this time instead 
 # phase, dtype and the headers' one row per rank; a call that does not fit is named by its position).
 STAGES = (("forward", "header"), ("forward", "plan: ids"), ("forward", "rows"), ("backward", "backward header"),
           ("backward", "gradient rows"))
-HEADER_BYTES = 7 * 8  # fastembed.torch.distributed._Header: 7 int64 per peer (counts, checks, what collective)
+HEADER_BYTES = 8 * 8  # fastembed.torch.distributed._Header: 8 int64 per peer (counts, checks, what collective)
 
 
 # ---------------------------------------------------------------- the batches
@@ -525,7 +525,7 @@ def main(argv=None):
         "seed shapes: each rank its own batch of the seed's size (W times the work); wide shapes: the main "
         "bench's ids split over the ranks by sequences (the same work at every W)",
         "traffic counted from the ids: each rank asks each owner once per distinct id (8 B), the owner sends "
-        "the row back and the rank sends its gradient row (D x 4 B each), plus 2 (W - 1) headers of 56 B; equal to "
+        "the row back and the rank sends its gradient row (D x 4 B each), plus 2 (W - 1) headers of 64 B; equal to "
         "what the collectives were given at the measured W (checked each run and by tests/test_bench_sharded.py). "
         "`its link's time`: the busiest rank's larger direction at line rate (full duplex), no latency, no "
         "protocol overhead: a lower bound of the wire time per step",

@@ -28,7 +28,7 @@ from bench import shapes, sharded  # noqa: E402
 WORLD, SCALE = 2, 0.01
 SHAPES = ("seed-32x16", "wide-zipf")  # V = 597 (odd: blocks of 299 and 298) and 10,000; both repeat ids
 STAGES = ("header", "plan: ids", "rows", "backward header", "gradient rows")
-HEADER = 7 * 8  # a ShardedEmbedding header: 7 int64 per peer
+HEADER = 8 * 8  # a ShardedEmbedding header: 8 int64 per peer (test_header_size_is_the_benchs says if it changes)
 
 
 def owners(ids, num_rows, world):
@@ -163,3 +163,11 @@ def test_rank_batches_split_the_bench_batch_or_draw_one_per_rank():
 def test_owners_oracle_matches_the_documented_split():
     # the test's own owner rule against the README's: 10 rows over 4 ranks are blocks of 3, 3, 2, 2
     assert owners(np.arange(10), 10, 4).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
+
+
+def test_header_size_is_the_benchs():
+    # The bench names the calls and counts their bytes with the header's size; a header that grows a
+    # field makes the counts above fail: this says where to look.
+    from fastembed.torch.distributed import _Header
+
+    assert _Header.FIELDS * 8 == HEADER == sharded.HEADER_BYTES, "update bench.sharded.HEADER_BYTES and HEADER here"
