@@ -376,6 +376,21 @@ def test_import_fastembed_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_import_and_eager_use_do_not_load_the_compiler():
+    # torch._dynamo costs seconds of CPU per process (every rank of a sharded table pays it); fastembed.torch
+    # needs it only once torch compiles. An eager step through every module must not load it either.
+    code = (
+        "import sys, torch, fastembed.torch as fet, fastembed.torch.distributed\n"
+        "assert 'torch._dynamo' not in sys.modules, 'at import'\n"
+        "ids = torch.tensor([[1, 2, 1]])\n"
+        "fet.Embedding(5, 3, sparse=True)(ids).sum().backward()\n"
+        "fet.TokenPositionEmbedding(5, 4, 3)(ids).sum().backward()\n"
+        "fet.EmbeddingBag(5, 3, mode='max')(ids).sum().backward()\n"
+        "assert 'torch._dynamo' not in sys.modules, 'after an eager step'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_without_torch_the_error_says_how_to_install_it():
     code = (
         "import sys\n"

@@ -43,6 +43,15 @@ from .. import ops
 from ..nn import INIT_STD, _fused_rule
 from . import _library
 
+
+def _run_eagerly(fn):
+    """``torch.compiler.disable(fn)``, except that torch._dynamo is imported at fn's first call and not at
+    fastembed.torch's import: that import costs seconds of CPU, and most processes (every rank of a sharded
+    table, any eager user) never compile. fn runs only while torch compiles, when torch._dynamo is loaded
+    already. torch's own lazy form is private; without it, the public decorator."""
+    lazy = getattr(getattr(torch, "_compile", None), "_disable_dynamo", None)
+    return lazy(fn) if callable(lazy) else torch.compiler.disable(fn)
+
 __all__ = ["Embedding", "TokenPositionEmbedding", "functional"]
 
 _ID_DTYPES = (torch.int32, torch.int64)
@@ -351,7 +360,7 @@ def _traceable_kernels(weight, input):
             and input.device.type == "cpu" and input.layout == torch.strided)
 
 
-@torch.compiler.disable
+@_run_eagerly
 def _eager_embedding(*args):
     return _embedding(*args, traced=False)  # (not traced again: non-strict export keeps is_compiling() True)
 
@@ -613,7 +622,7 @@ class TokenPositionEmbedding(torch.nn.Module):
         start = positions if isinstance(positions, int) else 0
         return _library.token_position(self.token.weight, self.position.weight, ids, tensor, start)
 
-    @torch.compiler.disable
+    @_run_eagerly
     def _eager(self, ids, positions):
         return self._forward(ids, positions)
 
