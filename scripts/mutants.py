@@ -1038,8 +1038,8 @@ MUTANTS += [
            "max_norm is ignored by the sharded lookup",
            (T_SHARDED, "-k", "same_answer and max_norm_f64")),
     Mutant("sharded-renorm-before-checks", SHARDED,
-           "    serial = _next_serial(module.process_group)\n",
-           "    serial = _next_serial(module.process_group)\n"
+           '    serial = _next(module.process_group, "lookups")\n',
+           '    serial = _next(module.process_group, "lookups")\n'
            "    if module.max_norm is not None and module.rank != 2:\n"
            "        torch.embedding_renorm_(weight.detach(), torch.arange(weight.shape[0]), module.max_norm, 2.0)\n",
            "the owners renormalise before the ids are known good everywhere: a refused lookup changed the tables",

@@ -138,10 +138,6 @@ def _next(group, what):
     return number
 
 
-def _next_serial(group):
-    return _next(group, "lookups")
-
-
 class _Plan:
     """One lookup's exchange: what this rank asked for (send_counts rows per owner, inverse into them),
     what it was asked for (recv_counts rows per requester, local row numbers recv_rows), and the lookup's
@@ -156,12 +152,12 @@ class _Plan:
 
 def _input_dist(ids, weight, module):
     """Stage 1: the plan of the lookup of ids (a tensor of global ids) and the local rows other ranks
-    want here. The ids and the block are checked first; a rank whose check fails still sends its header
-    (marked failed) and then raises its own error, so that every rank refuses the lookup together, before
-    any table is touched."""
-    serial = _next_serial(module.process_group)
+    want here, and the block (the weight's memory, checked). The ids and the block are checked first; a
+    rank whose check fails still sends its header (marked failed) and then raises its own error, so that
+    every rank refuses the lookup together, before any table is touched."""
+    serial = _next(module.process_group, "lookups")
     try:
-        _table(weight, "weight")
+        block = _table(weight, "weight")
         counts, rows, inverse = ops.exchange_plan(_ids(ids), module._bounds)
         error = None
     except Exception as exc:  # noqa: BLE001 -- any failed check: told to the group, then raised here
@@ -171,7 +167,7 @@ def _input_dist(ids, weight, module):
         raise error
     send_counts = counts.tolist()
     recv_rows = _all_to_all(torch.from_numpy(rows), recv_counts, send_counts, module, "the ids")
-    return _Plan(send_counts, recv_counts, inverse, recv_rows.numpy(), serial)
+    return _Plan(send_counts, recv_counts, inverse, recv_rows.numpy(), serial), block
 
 
 def _renorm(weight, block, plan, max_norm, norm_type):
@@ -235,8 +231,7 @@ class _ShardedLookup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, ids, module):
-        plan = _input_dist(ids, weight, module)
-        block = _table(weight, "weight")
+        plan, block = _input_dist(ids, weight, module)
         if module.max_norm is not None:
             _renorm(weight, block, plan, module.max_norm, module.norm_type)
         out = _output_dist(_local_lookup(block, plan), plan, module)
