@@ -5,6 +5,11 @@ FASTEMBED_REQUIRE=torch,fuzz (any subset, comma-separated) turns the skips that 
 optional part into an error at start-up: `torch` needs PyTorch importable, `fuzz` needs scripts/fuzz.py
 beside tests/. .ci/run sets it for every stage that tests an installed artifact, so a stage cannot pass
 by skipping the torch adapter or the fuzz run.
+
+FASTEMBED_EXPECTED_SKIPS=word|word... fails the session when a test skips for a reason that contains none
+of the words (case-insensitive). The stages without torch set it to the reasons they expect (torch missing,
+an installed package without the source tree), so a test of the kernels that starts skipping there for
+another reason fails the stage instead of hiding in the count of torch skips.
 """
 import importlib.util
 import os
@@ -42,3 +47,26 @@ def pytest_configure(config):
     missing = [message for w in wanted for message, present in [_REQUIREMENTS[w]] if not present()]
     if missing:
         raise pytest.UsageError("FASTEMBED_REQUIRE: " + "; ".join(missing))
+
+
+def _expected_skips():
+    return [w.strip().lower() for w in os.environ.get("FASTEMBED_EXPECTED_SKIPS", "").split("|") if w.strip()]
+
+
+_UNEXPECTED_SKIPS = []
+
+
+def pytest_runtest_logreport(report):
+    words = _expected_skips()
+    if words and report.skipped and not hasattr(report, "wasxfail"):
+        reason = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr)
+        if not any(w in reason.lower() for w in words):
+            _UNEXPECTED_SKIPS.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _UNEXPECTED_SKIPS:
+        print("\nFASTEMBED_EXPECTED_SKIPS: tests skipped for a reason this stage does not expect:", file=sys.stderr)
+        for line in _UNEXPECTED_SKIPS:
+            print(f"  {line}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

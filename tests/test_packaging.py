@@ -185,3 +185,17 @@ def test_stub_matches_the_module(module_name):
 
 def test_py_typed_marker_is_shipped():
     assert (PACKAGE_DIR / "py.typed").is_file()
+
+
+@pytest.mark.parametrize("expected, rc", [("torch|processors", 1), ("torch|FASTEMBED_EXPECT_INSTALLED", 0)])
+def test_a_skip_the_stage_does_not_expect_fails_the_run(expected, rc):
+    # The stages without torch set FASTEMBED_EXPECTED_SKIPS (tests/conftest.py): a test that skips there for
+    # a reason other than the ones named must fail the run, not pass as one more skip.
+    tests = Path(__file__).resolve().parent
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTEMBED_EXPECT_INSTALLED", "FASTEMBED_REQUIRE")}
+    env["FASTEMBED_EXPECTED_SKIPS"] = expected
+    node = "tests/test_packaging.py::test_the_package_under_test_is_the_installed_one"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--import-mode=importlib",
+                          node], cwd=tests.parent, env=env, capture_output=True, text=True)
+    assert run.returncode == rc, run.stdout + run.stderr
+    assert ("FASTEMBED_EXPECT_INSTALLED=1 when testing" in run.stderr) == (rc == 1)
