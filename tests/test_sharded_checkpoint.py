@@ -1,5 +1,6 @@
 """Checkpoints of a ShardedEmbedding (fastembed.torch._shard_checkpoint): saved by 4 ranks, loaded by
-2, 4 and 1, saved by 2 and loaded by 4; training resumed after a reload; a save that dies half-way.
+2, 4 and 1, saved by 2 and loaded by 4; training resumed after a reload; a save that dies half-way; a
+save into a directory that is not shared (node-local disks), refused on every rank.
 
 Four processes (gloo over a file:// rendezvous in tmp_path, no ports) are started once for the whole
 file, as in test_sharded_embedding.py: the parent writes the cases, the children run them and write
@@ -23,6 +24,7 @@ the resumed and uninterrupted tables would agree only to rounding; no case here 
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -212,6 +214,22 @@ def _one_rank_fails_load(rank, tmp):
     return {"error": error, "before": before, "after": _snapshot(emb, opt)}
 
 
+def _node_local(rank, tmp):
+    """Checkpoint D saved whole in node0/ck after one step; after a second step, a save in which ranks 0
+    and 1 name node0/ck and ranks 2 and 3 node1/ck: one path on disks local to two nodes, each seen by
+    its own ranks only (save_sharded compares no paths: the rank files are all it sees)."""
+    from fastembed.torch._shard_checkpoint import save_sharded
+
+    case, shared = BY_NAME["adam"], f"{tmp}/node0/ck"
+    emb, opt = _module(case, None, fresh=False)
+    _train(emb, opt, case, range(1), 4, rank)
+    save_sharded(shared, emb, opt)
+    saved = _snapshot(emb, opt)
+    _train(emb, opt, case, range(1, 2), 4, rank)
+    error = _errors(lambda: save_sharded(shared if rank < 2 else f"{tmp}/node1/ck", emb, opt))
+    return {"saved": saved, "error": error}
+
+
 def _crash(rank, tmp):
     """Checkpoint C saved whole, one more step, then a save during which rank CRASH_RANK dies right
     after writing its file (before the barrier the manifest waits for). The last thing the group does."""
@@ -249,6 +267,7 @@ def _child(rank, tmp, package):
     results = {case["name"]: _run_case(case, rank, tmp, pair, single) for case in cases}
     results["unequal_step"] = _unequal_step(rank, tmp)
     results["one_rank_fails_load"] = _one_rank_fails_load(rank, tmp)
+    results["node_local"] = _node_local(rank, tmp)
     torch.save(results, f"{tmp}/result{rank}.pt")
     _crash(rank, tmp)
     # the group lost a rank: leave without destroy_process_group, which could wait on it
@@ -452,6 +471,60 @@ def test_a_save_that_died_leaves_the_previous_checkpoint(run, group_of_one):
     save_sharded(str(ck), emb, opt)  # a later save removes the crashed save's files and the old ones
     manifest = json.loads((ck / "manifest.json").read_text())
     assert sorted(os.listdir(ck)) == sorted(["manifest.json", manifest["files"][0]["name"]])
+
+
+def test_a_directory_rank_0_does_not_fully_see_is_refused_everywhere(run, group_of_one):
+    """Node-local directories (`_node_local`): rank 0 does not see ranks 2 and 3's files, so every rank
+    raises the same error naming them, no manifest is written, each rank's file of the refused save is
+    gone from its own directory, and the checkpoint already in node0/ck loads as it was saved."""
+    from fastembed.torch._shard_checkpoint import load_sharded
+
+    tmp, results = run
+    errors = [results[rank]["node_local"]["error"] for rank in range(WORLD)]
+    assert errors[0] is not None and errors[0][0] == "NotSharedError", errors[0]
+    assert all(e == errors[0] for e in errors), errors  # the same type and words on every rank
+    message = errors[0][1]
+    for rank in (2, 3):
+        assert re.search(rf"shard-[0-9a-f]{{32}}-0000{rank}-of-00004\.pt \(rank {rank}'s\): missing", message), message
+    assert "(rank 0's)" not in message and "(rank 1's)" not in message, message
+    assert "shared by all ranks" in message and "No manifest was written" in message
+
+    ck = tmp / "node0" / "ck"
+    manifest = json.loads((ck / "manifest.json").read_text())
+    assert sorted(os.listdir(ck)) == sorted(["manifest.json"] + [f["name"] for f in manifest["files"]])
+    assert os.listdir(tmp / "node1" / "ck") == []
+    case = BY_NAME["adam"]
+    emb, opt = _module(case, None, fresh=True)
+    load_sharded(str(ck), emb, opt)
+    whole = _whole([results[rank]["node_local"]["saved"] for rank in range(WORLD)])
+    _check_rows([_snapshot(emb, opt)], whole, case["V"], "the checkpoint before the refused save")
+
+
+def test_a_rank_file_rank_0_sees_shorter_is_refused(tmp_path, group_of_one, monkeypatch):
+    """A file that rank 0 finds with another size than its rank wrote (a copy cut short on the way):
+    refused as a file it does not see, the previous checkpoint kept."""
+    from fastembed.torch import _shard_checkpoint as ckpt
+    from fastembed.torch.distributed import ShardedEmbedding
+
+    ck = tmp_path / "ck"
+    emb = ShardedEmbedding(6, 3)
+    ckpt.save_sharded(str(ck), emb)
+    before = {name: (ck / name).read_bytes() for name in os.listdir(ck)}
+    write = ckpt._write_rank_file
+
+    def write_then_cut(directory, name, payload):
+        size, digest = write(directory, name, payload)
+        os.truncate(os.path.join(directory, name), size - 1)
+        return size, digest
+
+    monkeypatch.setattr(ckpt, "_write_rank_file", write_then_cut)
+    with torch.no_grad():
+        emb.weight.add_(1)
+    with pytest.raises(ckpt.NotSharedError, match=r"-00000-of-00001\.pt \(rank 0's\): (\d+) bytes, its rank wrote") as info:
+        ckpt.save_sharded(str(ck), emb)
+    cut, wrote = re.search(r"(\d+) bytes, its rank wrote (\d+)", str(info.value)).groups()
+    assert int(cut) == int(wrote) - 1
+    assert {name: (ck / name).read_bytes() for name in os.listdir(ck)} == before, "the refused save changed the directory"
 
 
 def _copy_checkpoint(run, tmp_path, name="adam"):
