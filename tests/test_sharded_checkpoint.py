@@ -527,6 +527,40 @@ def test_a_rank_file_rank_0_sees_shorter_is_refused(tmp_path, group_of_one, monk
     assert {name: (ck / name).read_bytes() for name in os.listdir(ck)} == before, "the refused save changed the directory"
 
 
+def test_a_fused_rule_shared_by_other_tables_keeps_its_values(tmp_path, group_of_one):
+    """One rule object given to two sharded tables and a fastembed.torch.Embedding: loading a checkpoint
+    into one table gives that table the saved hyperparameters and leaves the rule (so the others) as it was."""
+    from fastembed.torch import Embedding
+    from fastembed.torch._shard_checkpoint import load_sharded, save_sharded
+    from fastembed.torch.distributed import ShardedEmbedding
+    from fastembed.torch.optim import FusedSparseAdam
+
+    ids, grad = torch.tensor([0, 4, 4]), torch.linspace(-1, 1, 9).reshape(3, 3)
+    saved = ShardedEmbedding(6, 3, fused=FusedSparseAdam(lr=0.05, betas=(0.8, 0.9), eps=1e-6))
+    saved(ids).backward(grad)
+    save_sharded(str(tmp_path / "ck"), saved)
+
+    shared = FusedSparseAdam(lr=0.5)
+    a, b = ShardedEmbedding(6, 3, fused=shared), ShardedEmbedding(6, 3, fused=shared)
+    local = Embedding(6, 3, fused=shared)
+    load_sharded(str(tmp_path / "ck"), a)
+    assert (shared.lr, shared.betas, shared.eps) == (0.5, (0.9, 0.999), 1e-8), shared
+    assert b.fused is shared and local.fused is shared
+    assert type(a.fused) is FusedSparseAdam and (a.fused.lr, a.fused.betas, a.fused.eps) == (0.05, (0.8, 0.9), 1e-6)
+
+    # each table steps with its own values: a as the saved table does, b as a table with a rule of its own
+    twin = ShardedEmbedding(6, 3, fused=FusedSparseAdam(lr=0.5), _weight=b.weight.detach())
+    for table in (saved, a, b, twin):
+        table(ids).backward(grad)
+    assert torch.equal(a.weight, saved.weight) and torch.equal(b.weight, twin.weight)
+
+    # a rule that already holds the saved values stays the module's (shared with whoever holds it)
+    same = FusedSparseAdam(lr=0.05, betas=(0.8, 0.9), eps=1e-6)
+    c = ShardedEmbedding(6, 3, fused=same)
+    load_sharded(str(tmp_path / "ck"), c)
+    assert c.fused is same
+
+
 def _copy_checkpoint(run, tmp_path, name="adam"):
     tmp, _ = run
     ck = tmp_path / "ck"

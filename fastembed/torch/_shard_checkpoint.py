@@ -574,8 +574,9 @@ def _prepare_load(directory, module, optimizer):
             state[key] = blocks[("optimizer", key)] if kind[0] == "rows" else _scalar_value(kind[1], device)
         hyper = {k: _decode(v) for k, v in manifest["optimizer"]["hyperparameters"].items()}
     rule_hyper = None
-    if manifest["fused"] is not None and manifest["fused"]["hyperparameters"] is not None:
-        rule_hyper = {k: _decode(v) for k, v in manifest["fused"]["hyperparameters"].items()}
+    saved_hyper = None if manifest["fused"] is None else manifest["fused"]["hyperparameters"]
+    if saved_hyper is not None and not _same_bits(saved_hyper, _fused_hyperparameters(module.fused)):
+        rule_hyper = {k: _decode(v) for k, v in saved_hyper.items()}
         trial = copy.copy(module.fused)  # the rule's own checks (its lr setter), on a copy
         for k, v in rule_hyper.items():
             if not hasattr(trial, k):
@@ -597,7 +598,10 @@ def load_sharded(directory, module, optimizer=None):
     the world size may differ from the save's. Row-sharded state entries are resharded the same way,
     replicated ones (a step count) given to every rank; the optimizer's state for the weight is
     replaced by the loaded one and the weight's param_group takes the saved hyperparameters (as
-    ``Optimizer.load_state_dict`` does: other parameters of that group see them too).
+    ``Optimizer.load_state_dict`` does: other parameters of that group see them too). A fused rule's
+    hyperparameters are the module's own: the rule object it was given is never changed (other tables
+    may hold it); where the saved ones differ from its values, ``module.fused`` becomes a copy of it
+    holding the saved ones (change the lr there after such a load, not on the rule first given).
 
     Every rank reads and checks everything before anything changes; if any rank fails, every rank
     raises (the failing one its own error, the others a RuntimeError naming it) and no module or
@@ -619,6 +623,9 @@ def load_sharded(directory, module, optimizer=None):
         for key, value in fused.items():
             buffers[key].copy_(value)
     if rule_hyper is not None:
+        # The rule given to the module may be shared by other tables (sharded or not), which must keep its
+        # values: the module gets a rule of its own holding the checkpoint's.
+        module.fused = copy.copy(module.fused)
         for k, v in rule_hyper.items():
             setattr(module.fused, k, v)
     if group is not None:
