@@ -26,9 +26,7 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
-import time
 from datetime import timedelta
 
 import numpy as np
@@ -38,6 +36,11 @@ torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.append(ROOT)  # bench/ranks.py starts the ranks (appended: an installed fastembed keeps precedence)
+
+from bench import ranks  # noqa: E402
 
 WORLD = 4
 STEPS, SAVED_AT = 5, 3
@@ -284,28 +287,9 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sharded_ckpt")
     torch.save(CASES, tmp / "cases.pt")
     package = os.path.dirname(os.path.abspath(fastembed.__file__))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(package),
-                                                                     os.environ.get("PYTHONPATH")])))
-    procs = []
-    for rank in range(WORLD):
-        with open(tmp / f"log{rank}.txt", "w") as log:
-            procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), str(rank), str(tmp), package],
-                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env))
-    deadline, failures = time.monotonic() + JOIN_TIMEOUT, []
-    for rank, proc in enumerate(procs):
-        try:
-            proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            failures.append(f"rank {rank} still running after {JOIN_TIMEOUT} s (killed)")
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    for rank, proc in enumerate(procs):
-        expected = CRASH_EXIT if rank == CRASH_RANK else 0
-        if proc.returncode != expected:
-            failures.append(f"rank {rank} exited with {proc.returncode}, not {expected}; its log ends:\n"
-                            + (tmp / f"log{rank}.txt").read_text()[-6000:])
+    done = ranks.run([[sys.executable, os.path.abspath(__file__), str(rank), str(tmp), package] for rank in range(WORLD)],
+                     str(tmp), JOIN_TIMEOUT, env=ranks.env_with_path(os.path.dirname(package)))
+    failures = done.failures(expected={rank: CRASH_EXIT if rank == CRASH_RANK else 0 for rank in range(WORLD)})
     if failures:
         pytest.fail("the sharded group failed:\n" + "\n".join(failures))
     return tmp, [torch.load(tmp / f"result{rank}.pt") for rank in range(WORLD)]
