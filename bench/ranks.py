@@ -91,7 +91,8 @@ class Ranks:
                 out.append(f"rank {rank} still running after {self.timeout} s (killed); its log ends:\n"
                            + self.log(rank, tail))
             elif rank in expect and code != expect[rank]:
-                out.append(f"rank {rank} exited with {code}, not {expect[rank]}; its log ends:\n" + self.log(rank, tail))
+                out.append(f"rank {rank} exited with {code}, not {expect[rank]}; its log ends:\n"
+                           + self.log(rank, tail))
         return out
 
 

@@ -176,7 +176,7 @@ def test_header_size_is_the_benchs():
     assert _Header.FIELDS * 8 == HEADER == sharded.HEADER_BYTES, "update bench.sharded.HEADER_BYTES and HEADER here"
 
 
-# ---------------------------------------------------------------- bench/ranks.py: the launcher of the sharded tests and bench
+# ---------------------------------------------------------------- bench/ranks.py, the sharded tests' and bench's launcher
 
 # A rank that starts a process of its own, says both pids (written whole: the test polls for the file),
 # prints a line to its log and sleeps.
@@ -204,7 +204,8 @@ def _gone(pid, within=30.0):
     deadline = time.monotonic() + within
     while _running(pid):
         if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)  # (not left running after the test)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)  # (not left running after the test)
             return False
         time.sleep(0.05)
     return True
@@ -222,9 +223,10 @@ def test_ranks_past_the_deadline_are_killed_with_what_they_started(tmp_path):
                      20.0)
     assert done.late == [0] and done.returncodes == [-signal.SIGKILL, 3], done
     rank, child = _pids(pids)
-    assert _gone(rank) and _gone(child), "a rank past the deadline, or a process it started, still runs"
+    assert [_gone(rank), _gone(child)] == [True, True], "a rank past the deadline, or a process it started, runs on"
     late, bad = done.failures(expected=0, tail=100)
-    assert late.startswith("rank 0 still running after 20.0 s (killed); its log ends:\n") and late.endswith("sleeping\n")
+    assert late.startswith("rank 0 still running after 20.0 s (killed); its log ends:\n"), late
+    assert late.endswith("sleeping\n"), late
     assert bad == "rank 1 exited with 3, not 0; its log ends:\nboom\n"
     assert done.failures(expected={1: 3}) == [done.failures()[0]]  # a late rank is a failure whatever its status
 
@@ -237,7 +239,7 @@ def test_only_the_ranks_waited_for_are_waited_for(tmp_path):
                      str(tmp_path), 100.0, wait_for=[0])
     assert time.monotonic() - start < 80, "the launcher waited for rank 1 (it sleeps 300 s)"
     assert done.late == [] and done.returncodes == [0, -signal.SIGKILL] and done.failures(expected={0: 0}) == []
-    assert all(_gone(pid) for pid in _pids(pids))
+    assert [_gone(pid) for pid in _pids(pids)] == [True, True]  # (each checked, and killed if it runs)
 
 
 class _Stop(Exception):
@@ -261,7 +263,7 @@ def test_an_interrupted_wait_kills_the_ranks(tmp_path):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
-    assert all(_gone(pid) for pid in _pids(pids))
+    assert [_gone(pid) for pid in _pids(pids)] == [True, True]  # (each checked, and killed if it runs)
 
 
 @needs_proc
@@ -271,12 +273,12 @@ def test_ranks_die_with_a_launcher_that_is_killed(tmp_path):
     its deadline): its ranks go with it, though no signal to its process group reaches them."""
     pids = tmp_path / "pids"
     inner = ("import sys\nfrom bench import ranks\n"
-             f"ranks.run([[sys.executable, '-c', sys.argv[1], sys.argv[2]]], sys.argv[3], 250.0)\n")
+             "ranks.run([[sys.executable, '-c', sys.argv[1], sys.argv[2]]], sys.argv[3], 250.0)\n")
     done = ranks.run([[sys.executable, "-c", inner, SLEEPER, str(pids), str(tmp_path / "inner")],
                       [sys.executable, "-c", WAIT_FOR_FILE, str(pids)]], str(tmp_path / "outer"), 250.0,
                      env=ranks.env_with_path(ROOT), wait_for=[1])
-    assert done.returncodes == [-signal.SIGKILL, 0], done
     rank, child = _pids(pids)
-    assert _gone(rank), "the killed launcher's rank still runs"
     with contextlib.suppress(ProcessLookupError):
         os.kill(child, signal.SIGKILL)  # (the rank's own child: its group, which no one killed, is left to us)
+    assert done.returncodes == [-signal.SIGKILL, 0], done
+    assert _gone(rank), "the killed launcher's rank still runs"

@@ -287,8 +287,8 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sharded_ckpt")
     torch.save(CASES, tmp / "cases.pt")
     package = os.path.dirname(os.path.abspath(fastembed.__file__))
-    done = ranks.run([[sys.executable, os.path.abspath(__file__), str(rank), str(tmp), package] for rank in range(WORLD)],
-                     str(tmp), JOIN_TIMEOUT, env=ranks.env_with_path(os.path.dirname(package)))
+    argv = [[sys.executable, os.path.abspath(__file__), str(rank), str(tmp), package] for rank in range(WORLD)]
+    done = ranks.run(argv, str(tmp), JOIN_TIMEOUT, env=ranks.env_with_path(os.path.dirname(package)))
     failures = done.failures(expected={rank: CRASH_EXIT if rank == CRASH_RANK else 0 for rank in range(WORLD)})
     if failures:
         pytest.fail("the sharded group failed:\n" + "\n".join(failures))
@@ -504,11 +504,13 @@ def test_a_rank_file_rank_0_sees_shorter_is_refused(tmp_path, group_of_one, monk
     monkeypatch.setattr(ckpt, "_write_rank_file", write_then_cut)
     with torch.no_grad():
         emb.weight.add_(1)
-    with pytest.raises(ckpt.NotSharedError, match=r"-00000-of-00001\.pt \(rank 0's\): (\d+) bytes, its rank wrote") as info:
+    cut_short = r"-00000-of-00001\.pt \(rank 0's\): (\d+) bytes, its rank wrote"
+    with pytest.raises(ckpt.NotSharedError, match=cut_short) as info:
         ckpt.save_sharded(str(ck), emb)
     cut, wrote = re.search(r"(\d+) bytes, its rank wrote (\d+)", str(info.value)).groups()
     assert int(cut) == int(wrote) - 1
-    assert {name: (ck / name).read_bytes() for name in os.listdir(ck)} == before, "the refused save changed the directory"
+    after = {name: (ck / name).read_bytes() for name in os.listdir(ck)}
+    assert after == before, "the refused save changed the directory"
 
 
 def test_a_fused_rule_shared_by_other_tables_keeps_its_values(tmp_path, group_of_one):

@@ -256,8 +256,8 @@ def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sharded")
     torch.save(CASES, tmp / "cases.pt")
     package = os.path.dirname(os.path.abspath(fastembed.__file__))
-    done = ranks.run([[sys.executable, os.path.abspath(__file__), str(rank), str(tmp), package] for rank in range(WORLD)],
-                     str(tmp), JOIN_TIMEOUT, env=ranks.env_with_path(os.path.dirname(package)))
+    argv = [[sys.executable, os.path.abspath(__file__), str(rank), str(tmp), package] for rank in range(WORLD)]
+    done = ranks.run(argv, str(tmp), JOIN_TIMEOUT, env=ranks.env_with_path(os.path.dirname(package)))
     failures = done.failures(expected=0)
     if failures:
         pytest.fail("the sharded group failed:\n" + "\n".join(failures))

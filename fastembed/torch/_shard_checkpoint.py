@@ -12,10 +12,11 @@ already in the directory; each file is written under a temporary name, flushed a
 every rank has reported its file (a collective) and group rank 0 has found every reported file, of the
 reported size, in the directory as it sees it (one filesystem shared by all ranks: in a node-local
 directory rank 0 would not see the other nodes' files, and the save is refused on every rank) does
-rank 0 write the manifest, under a temporary name, then ``os.replace`` it over the old one. The manifest is the commit point: a save that dies
-before it leaves the previous checkpoint loadable (its manifest and files untouched), and the files of
-a half-finished save are named by no manifest, so they are never read. After the new manifest is in
-place, rank 0 removes the rank files no manifest names (the previous checkpoint's, a crashed save's).
+rank 0 write the manifest, under a temporary name, then ``os.replace`` it over the old one. The
+manifest is the commit point: a save that dies before it leaves the previous checkpoint loadable (its
+manifest and files untouched), and the files of a half-finished save are named by no manifest, so they
+are never read. After the new manifest is in place, rank 0 removes the rank files no manifest names
+(the previous checkpoint's, a crashed save's).
 
 Loading reads, on each rank, only the saved files whose rows overlap its current ``shard_rows`` and
 copies the overlapping rows: the world size may differ from the save's (4 ranks saved, 2 load, and back),
