@@ -40,8 +40,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.append(ROOT)  # bench/ranks.py starts the ranks (appended: an installed fastembed keeps precedence)
 
-from bench import ranks  # noqa: E402
-
 WORLD = 4
 STEPS, SAVED_AT = 5, 3
 JOIN_TIMEOUT = 150.0  # seconds for the whole group, torch's import included, on a busy machine
@@ -283,6 +281,7 @@ def _child(rank, tmp, package):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     import fastembed
+    from bench import ranks  # here, not at import: a rank (this file run as a script) may see another bench/
 
     tmp = tmp_path_factory.mktemp("sharded_ckpt")
     torch.save(CASES, tmp / "cases.pt")

@@ -35,8 +35,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.append(ROOT)  # bench/ranks.py starts the ranks (appended: an installed fastembed keeps precedence)
 
-from bench import ranks  # noqa: E402
-
 WORLD = 4
 GROUPS = {"world": [0, 1, 2, 3], "pair01": [0, 1], "pair13": [1, 3]}
 JOIN_TIMEOUT = 150.0  # seconds for the whole group, torch's import included, on a busy machine
@@ -252,6 +250,7 @@ def results(tmp_path_factory):
     # The children run this file as a script (not a multiprocessing target, which they would have to
     # import by the module name pytest gave it), with the parent's fastembed first on their path.
     import fastembed
+    from bench import ranks  # here, not at import: a rank (this file run as a script) may see another bench/
 
     tmp = tmp_path_factory.mktemp("sharded")
     torch.save(CASES, tmp / "cases.pt")

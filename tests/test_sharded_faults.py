@@ -20,8 +20,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.append(ROOT)  # bench/ranks.py starts the ranks (appended: an installed fastembed keeps precedence)
 
-from bench import ranks  # noqa: E402
-
 GROUP_TIMEOUT = 4.0  # seconds: the process group's timeout, which a hung peer must trip
 JOIN_TIMEOUT = 120.0  # the parent's wait for rank 0 (torch's import included, on a busy machine)
 V, D = 9, 3
@@ -62,6 +60,7 @@ def _child(rank, tmp, scenario):
 
 def _run(tmp, scenario):
     import fastembed
+    from bench import ranks  # here, not at import: a rank (this file run as a script) may see another bench/
 
     package = os.path.dirname(os.path.dirname(os.path.abspath(fastembed.__file__)))
     # only rank 0 is waited for: rank 1 is the one that hangs (killed then) or dies
