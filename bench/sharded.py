@@ -28,7 +28,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ import numpy as np
 
 import fastembed as fe
 
-from . import report, shapes
+from . import ranks, report, shapes
 from .threads import read_back
 from .timing import Plan
 from .train import LR
@@ -252,27 +251,9 @@ def run_world(world, chosen, plans, args, cpus):
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg, f)
         # -m from the repository root: the ranks import this bench/ and the fastembed beside it, as we do.
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-        procs = []
-        for rank in range(world):
-            with open(os.path.join(tmp, f"log{rank}.txt"), "w") as log:
-                procs.append(subprocess.Popen([sys.executable, "-m", "bench.sharded", "--worker", str(rank), tmp],
-                                              cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
-                                              stderr=subprocess.STDOUT, env=env))
-        deadline, failures = time.monotonic() + args.timeout * 4 + 60, []
-        for rank, proc in enumerate(procs):
-            try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                failures.append(f"rank {rank} still running at the deadline (killed)")
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        for rank, proc in enumerate(procs):
-            if proc.returncode:
-                with open(os.path.join(tmp, f"log{rank}.txt")) as f:
-                    failures.append(f"rank {rank} exited with {proc.returncode}; its log ends:\n{f.read()[-4000:]}")
+        done = ranks.run([[sys.executable, "-m", "bench.sharded", "--worker", str(rank), tmp] for rank in range(world)],
+                         tmp, args.timeout * 4 + 60, env=ranks.env_with_path(ROOT), cwd=ROOT)
+        failures = done.failures(expected=0, tail=4000)
         if failures:
             raise SystemExit(f"world {world}: the ranks failed:\n" + "\n".join(failures))
         results = []

@@ -1420,5 +1420,45 @@ def main(argv=None):
     return 0
 
 
+# issue 11, checkpoints: a directory rank 0 does not fully see, and a fused rule shared by several tables
+MUTANTS += [
+    Mutant("ckpt-manifest-names-unseen-files", CKPT,
+           "    unseen = _unseen_files(directory, [i for _, i in items]) if rank == 0 else None",
+           "    unseen = None",
+           "rank 0 writes the manifest without looking for the rank files: node-local directories commit a "
+           "checkpoint naming files rank 0 cannot see (and rank 0 deletes the previous checkpoint's)",
+           (T_CKPT, "-k", "does_not_fully_see")),
+    Mutant("ckpt-unseen-size-unchecked", CKPT,
+           "            if size != info[\"bytes\"]:", "            if False:",
+           "rank 0 checks only that the rank files exist: a file it sees cut short is named by the manifest",
+           (T_CKPT, "-k", "sees_shorter")),
+    Mutant("ckpt-load-changes-a-shared-rule", CKPT,
+           "        module.fused = copy.copy(module.fused)\n", "",
+           "a load sets the saved hyperparameters on the rule object the module was given, which other tables share",
+           (T_CKPT, "-k", "shared_by_other_tables")),
+]
+
+# bench/ranks.py: the one launcher of the multi-process tests and the sharded bench
+RANKS, T_RANKS = "bench/ranks.py", "tests/test_bench_sharded.py"
+MUTANTS += [
+    Mutant("ranks-kill-the-rank-alone", RANKS,
+           "            os.killpg(proc.pid, signal.SIGKILL)", "            os.kill(proc.pid, signal.SIGKILL)",
+           "a rank past the deadline is killed but not the processes it started (its process group)",
+           (T_RANKS, "-k", "past_the_deadline")),
+    Mutant("ranks-wait-for-every-rank", RANKS,
+           "        for rank in wait_for:", "        for rank in range(len(commands)):",
+           "wait_for is ignored: the faults test would wait for its hung rank until the deadline",
+           (T_RANKS, "-k", "waited_for")),
+    Mutant("ranks-kill-only-after-a-normal-wait", RANKS,
+           "    finally:\n        for proc in procs:", "    except ImportError:\n        raise\n    if True:\n        for proc in procs:",
+           "the ranks are killed after the wait returns, not when it is interrupted (an exception, Ctrl-C): they run on",
+           (T_RANKS, "-k", "interrupted")),
+    Mutant("ranks-no-parent-death-signal", RANKS,
+           "    pre = None if _PRCTL is None else _die_with_parent", "    pre = None",
+           "ranks outlive a launcher that is killed (the bench killed at a test's deadline leaves its ranks running)",
+           (T_RANKS, "-k", "die_with_a_launcher")),
+]
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,10 +5,13 @@ are checked against a count made here from the ranks' ids alone (the distinct id
 pair, the owners from the row split the docs state, not from fastembed), and the printed tables against
 the JSON. Skipped without torch's gloo backend or where bench/ is not beside tests/.
 """
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -23,7 +26,7 @@ if not dist.is_available() or not dist.is_gloo_available():
 if ROOT not in sys.path:
     sys.path.append(ROOT)
 
-from bench import shapes, sharded  # noqa: E402
+from bench import ranks, shapes, sharded  # noqa: E402
 
 WORLD, SCALE = 2, 0.01
 SHAPES = ("seed-32x16", "wide-zipf")  # V = 597 (odd: blocks of 299 and 298) and 10,000; both repeat ids
@@ -171,3 +174,111 @@ def test_header_size_is_the_benchs():
     from fastembed.torch.distributed import _Header
 
     assert _Header.FIELDS * 8 == HEADER == sharded.HEADER_BYTES, "update bench.sharded.HEADER_BYTES and HEADER here"
+
+
+# ---------------------------------------------------------------- bench/ranks.py, the sharded tests' and bench's launcher
+
+# A rank that starts a process of its own, says both pids (written whole: the test polls for the file),
+# prints a line to its log and sleeps.
+SLEEPER = ("import os, subprocess, sys, time\n"
+           "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
+           "with open(sys.argv[1] + '.tmp', 'w') as f:\n"
+           "    f.write(f'{os.getpid()} {child.pid}')\n"
+           "os.replace(sys.argv[1] + '.tmp', sys.argv[1])\n"
+           "print('sleeping', flush=True)\n"
+           "time.sleep(300)\n")
+WAIT_FOR_FILE = "import os, sys, time\nwhile not os.path.exists(sys.argv[1]):\n    time.sleep(0.05)\n"
+needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads process states from /proc")
+
+
+def _running(pid):
+    """pid is a process that has not exited (a zombie has: nobody may reap it here)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _gone(pid, within=30.0):
+    deadline = time.monotonic() + within
+    while _running(pid):
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)  # (not left running after the test)
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _pids(path):
+    return [int(p) for p in path.read_text().split()]
+
+
+@needs_proc
+def test_ranks_past_the_deadline_are_killed_with_what_they_started(tmp_path):
+    pids = tmp_path / "pids"
+    code = "import sys; print('boom', flush=True); sys.exit(3)"
+    done = ranks.run([[sys.executable, "-c", SLEEPER, str(pids)], [sys.executable, "-c", code]], str(tmp_path / "logs"),
+                     20.0)
+    assert done.late == [0] and done.returncodes == [-signal.SIGKILL, 3], done
+    rank, child = _pids(pids)
+    assert [_gone(rank), _gone(child)] == [True, True], "a rank past the deadline, or a process it started, runs on"
+    late, bad = done.failures(expected=0, tail=100)
+    assert late.startswith("rank 0 still running after 20.0 s (killed); its log ends:\n"), late
+    assert late.endswith("sleeping\n"), late
+    assert bad == "rank 1 exited with 3, not 0; its log ends:\nboom\n"
+    assert done.failures(expected={1: 3}) == [done.failures()[0]]  # a late rank is a failure whatever its status
+
+
+@needs_proc
+def test_only_the_ranks_waited_for_are_waited_for(tmp_path):
+    pids = tmp_path / "pids"
+    start = time.monotonic()
+    done = ranks.run([[sys.executable, "-c", WAIT_FOR_FILE, str(pids)], [sys.executable, "-c", SLEEPER, str(pids)]],
+                     str(tmp_path), 100.0, wait_for=[0])
+    assert time.monotonic() - start < 80, "the launcher waited for rank 1 (it sleeps 300 s)"
+    assert done.late == [] and done.returncodes == [0, -signal.SIGKILL] and done.failures(expected={0: 0}) == []
+    assert [_gone(pid) for pid in _pids(pids)] == [True, True]  # (each checked, and killed if it runs)
+
+
+class _Stop(Exception):
+    pass
+
+
+@needs_proc
+def test_an_interrupted_wait_kills_the_ranks(tmp_path):
+    pids = tmp_path / "pids"
+
+    def stop_once_started(signum, frame):
+        if pids.exists():
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            raise _Stop
+
+    old = signal.signal(signal.SIGALRM, stop_once_started)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.1, 0.1)
+        with pytest.raises(_Stop):
+            ranks.run([[sys.executable, "-c", SLEEPER, str(pids)]], str(tmp_path), 250.0)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert [_gone(pid) for pid in _pids(pids)] == [True, True]  # (each checked, and killed if it runs)
+
+
+@needs_proc
+@pytest.mark.skipif(ranks._PRCTL is None, reason="PR_SET_PDEATHSIG is Linux's")
+def test_ranks_die_with_a_launcher_that_is_killed(tmp_path):
+    """A launcher (the bench) whose ranks run in sessions of their own, killed by its own launcher (a test at
+    its deadline): its ranks go with it, though no signal to its process group reaches them."""
+    pids = tmp_path / "pids"
+    inner = ("import sys\nfrom bench import ranks\n"
+             "ranks.run([[sys.executable, '-c', sys.argv[1], sys.argv[2]]], sys.argv[3], 250.0)\n")
+    done = ranks.run([[sys.executable, "-c", inner, SLEEPER, str(pids), str(tmp_path / "inner")],
+                      [sys.executable, "-c", WAIT_FOR_FILE, str(pids)]], str(tmp_path / "outer"), 250.0,
+                     env=ranks.env_with_path(ROOT), wait_for=[1])
+    rank, child = _pids(pids)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(child, signal.SIGKILL)  # (the rank's own child: its group, which no one killed, is left to us)
+    assert done.returncodes == [-signal.SIGKILL, 0], done
+    assert _gone(rank), "the killed launcher's rank still runs"

@@ -1,5 +1,6 @@
 """Checkpoints of a ShardedEmbedding (fastembed.torch._shard_checkpoint): saved by 4 ranks, loaded by
-2, 4 and 1, saved by 2 and loaded by 4; training resumed after a reload; a save that dies half-way.
+2, 4 and 1, saved by 2 and loaded by 4; training resumed after a reload; a save that dies half-way; a
+save into a directory that is not shared (node-local disks), refused on every rank.
 
 Four processes (gloo over a file:// rendezvous in tmp_path, no ports) are started once for the whole
 file, as in test_sharded_embedding.py: the parent writes the cases, the children run them and write
@@ -23,10 +24,9 @@ the resumed and uninterrupted tables would agree only to rounding; no case here 
 """
 import json
 import os
+import re
 import shutil
-import subprocess
 import sys
-import time
 from datetime import timedelta
 
 import numpy as np
@@ -36,6 +36,9 @@ torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.append(ROOT)  # bench/ranks.py starts the ranks (appended: an installed fastembed keeps precedence)
 
 WORLD = 4
 STEPS, SAVED_AT = 5, 3
@@ -212,6 +215,22 @@ def _one_rank_fails_load(rank, tmp):
     return {"error": error, "before": before, "after": _snapshot(emb, opt)}
 
 
+def _node_local(rank, tmp):
+    """Checkpoint D saved whole in node0/ck after one step; after a second step, a save in which ranks 0
+    and 1 name node0/ck and ranks 2 and 3 node1/ck: one path on disks local to two nodes, each seen by
+    its own ranks only (save_sharded compares no paths: the rank files are all it sees)."""
+    from fastembed.torch._shard_checkpoint import save_sharded
+
+    case, shared = BY_NAME["adam"], f"{tmp}/node0/ck"
+    emb, opt = _module(case, None, fresh=False)
+    _train(emb, opt, case, range(1), 4, rank)
+    save_sharded(shared, emb, opt)
+    saved = _snapshot(emb, opt)
+    _train(emb, opt, case, range(1, 2), 4, rank)
+    error = _errors(lambda: save_sharded(shared if rank < 2 else f"{tmp}/node1/ck", emb, opt))
+    return {"saved": saved, "error": error}
+
+
 def _crash(rank, tmp):
     """Checkpoint C saved whole, one more step, then a save during which rank CRASH_RANK dies right
     after writing its file (before the barrier the manifest waits for). The last thing the group does."""
@@ -249,6 +268,7 @@ def _child(rank, tmp, package):
     results = {case["name"]: _run_case(case, rank, tmp, pair, single) for case in cases}
     results["unequal_step"] = _unequal_step(rank, tmp)
     results["one_rank_fails_load"] = _one_rank_fails_load(rank, tmp)
+    results["node_local"] = _node_local(rank, tmp)
     torch.save(results, f"{tmp}/result{rank}.pt")
     _crash(rank, tmp)
     # the group lost a rank: leave without destroy_process_group, which could wait on it
@@ -261,32 +281,14 @@ def _child(rank, tmp, package):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     import fastembed
+    from bench import ranks  # here, not at import: a rank (this file run as a script) may see another bench/
 
     tmp = tmp_path_factory.mktemp("sharded_ckpt")
     torch.save(CASES, tmp / "cases.pt")
     package = os.path.dirname(os.path.abspath(fastembed.__file__))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(package),
-                                                                     os.environ.get("PYTHONPATH")])))
-    procs = []
-    for rank in range(WORLD):
-        with open(tmp / f"log{rank}.txt", "w") as log:
-            procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), str(rank), str(tmp), package],
-                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env))
-    deadline, failures = time.monotonic() + JOIN_TIMEOUT, []
-    for rank, proc in enumerate(procs):
-        try:
-            proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            failures.append(f"rank {rank} still running after {JOIN_TIMEOUT} s (killed)")
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    for rank, proc in enumerate(procs):
-        expected = CRASH_EXIT if rank == CRASH_RANK else 0
-        if proc.returncode != expected:
-            failures.append(f"rank {rank} exited with {proc.returncode}, not {expected}; its log ends:\n"
-                            + (tmp / f"log{rank}.txt").read_text()[-6000:])
+    argv = [[sys.executable, os.path.abspath(__file__), str(rank), str(tmp), package] for rank in range(WORLD)]
+    done = ranks.run(argv, str(tmp), JOIN_TIMEOUT, env=ranks.env_with_path(os.path.dirname(package)))
+    failures = done.failures(expected={rank: CRASH_EXIT if rank == CRASH_RANK else 0 for rank in range(WORLD)})
     if failures:
         pytest.fail("the sharded group failed:\n" + "\n".join(failures))
     return tmp, [torch.load(tmp / f"result{rank}.pt") for rank in range(WORLD)]
@@ -452,6 +454,96 @@ def test_a_save_that_died_leaves_the_previous_checkpoint(run, group_of_one):
     save_sharded(str(ck), emb, opt)  # a later save removes the crashed save's files and the old ones
     manifest = json.loads((ck / "manifest.json").read_text())
     assert sorted(os.listdir(ck)) == sorted(["manifest.json", manifest["files"][0]["name"]])
+
+
+def test_a_directory_rank_0_does_not_fully_see_is_refused_everywhere(run, group_of_one):
+    """Node-local directories (`_node_local`): rank 0 does not see ranks 2 and 3's files, so every rank
+    raises the same error naming them, no manifest is written, each rank's file of the refused save is
+    gone from its own directory, and the checkpoint already in node0/ck loads as it was saved."""
+    from fastembed.torch._shard_checkpoint import load_sharded
+
+    tmp, results = run
+    errors = [results[rank]["node_local"]["error"] for rank in range(WORLD)]
+    assert errors[0] is not None and errors[0][0] == "NotSharedError", errors[0]
+    assert all(e == errors[0] for e in errors), errors  # the same type and words on every rank
+    message = errors[0][1]
+    for rank in (2, 3):
+        assert re.search(rf"shard-[0-9a-f]{{32}}-0000{rank}-of-00004\.pt \(rank {rank}'s\): missing", message), message
+    assert "(rank 0's)" not in message and "(rank 1's)" not in message, message
+    assert "shared by all ranks" in message and "No manifest was written" in message
+
+    ck = tmp / "node0" / "ck"
+    manifest = json.loads((ck / "manifest.json").read_text())
+    assert sorted(os.listdir(ck)) == sorted(["manifest.json"] + [f["name"] for f in manifest["files"]])
+    assert os.listdir(tmp / "node1" / "ck") == []
+    case = BY_NAME["adam"]
+    emb, opt = _module(case, None, fresh=True)
+    load_sharded(str(ck), emb, opt)
+    whole = _whole([results[rank]["node_local"]["saved"] for rank in range(WORLD)])
+    _check_rows([_snapshot(emb, opt)], whole, case["V"], "the checkpoint before the refused save")
+
+
+def test_a_rank_file_rank_0_sees_shorter_is_refused(tmp_path, group_of_one, monkeypatch):
+    """A file that rank 0 finds with another size than its rank wrote (a copy cut short on the way):
+    refused as a file it does not see, the previous checkpoint kept."""
+    from fastembed.torch import _shard_checkpoint as ckpt
+    from fastembed.torch.distributed import ShardedEmbedding
+
+    ck = tmp_path / "ck"
+    emb = ShardedEmbedding(6, 3)
+    ckpt.save_sharded(str(ck), emb)
+    before = {name: (ck / name).read_bytes() for name in os.listdir(ck)}
+    write = ckpt._write_rank_file
+
+    def write_then_cut(directory, name, payload):
+        size, digest = write(directory, name, payload)
+        os.truncate(os.path.join(directory, name), size - 1)
+        return size, digest
+
+    monkeypatch.setattr(ckpt, "_write_rank_file", write_then_cut)
+    with torch.no_grad():
+        emb.weight.add_(1)
+    cut_short = r"-00000-of-00001\.pt \(rank 0's\): (\d+) bytes, its rank wrote"
+    with pytest.raises(ckpt.NotSharedError, match=cut_short) as info:
+        ckpt.save_sharded(str(ck), emb)
+    cut, wrote = re.search(r"(\d+) bytes, its rank wrote (\d+)", str(info.value)).groups()
+    assert int(cut) == int(wrote) - 1
+    after = {name: (ck / name).read_bytes() for name in os.listdir(ck)}
+    assert after == before, "the refused save changed the directory"
+
+
+def test_a_fused_rule_shared_by_other_tables_keeps_its_values(tmp_path, group_of_one):
+    """One rule object given to two sharded tables and a fastembed.torch.Embedding: loading a checkpoint
+    into one table gives that table the saved hyperparameters and leaves the rule (so the others) as it was."""
+    from fastembed.torch import Embedding
+    from fastembed.torch._shard_checkpoint import load_sharded, save_sharded
+    from fastembed.torch.distributed import ShardedEmbedding
+    from fastembed.torch.optim import FusedSparseAdam
+
+    ids, grad = torch.tensor([0, 4, 4]), torch.linspace(-1, 1, 9).reshape(3, 3)
+    saved = ShardedEmbedding(6, 3, fused=FusedSparseAdam(lr=0.05, betas=(0.8, 0.9), eps=1e-6))
+    saved(ids).backward(grad)
+    save_sharded(str(tmp_path / "ck"), saved)
+
+    shared = FusedSparseAdam(lr=0.5)
+    a, b = ShardedEmbedding(6, 3, fused=shared), ShardedEmbedding(6, 3, fused=shared)
+    local = Embedding(6, 3, fused=shared)
+    load_sharded(str(tmp_path / "ck"), a)
+    assert (shared.lr, shared.betas, shared.eps) == (0.5, (0.9, 0.999), 1e-8), shared
+    assert b.fused is shared and local.fused is shared
+    assert type(a.fused) is FusedSparseAdam and (a.fused.lr, a.fused.betas, a.fused.eps) == (0.05, (0.8, 0.9), 1e-6)
+
+    # each table steps with its own values: a as the saved table does, b as a table with a rule of its own
+    twin = ShardedEmbedding(6, 3, fused=FusedSparseAdam(lr=0.5), _weight=b.weight.detach())
+    for table in (saved, a, b, twin):
+        table(ids).backward(grad)
+    assert torch.equal(a.weight, saved.weight) and torch.equal(b.weight, twin.weight)
+
+    # a rule that already holds the saved values stays the module's (shared with whoever holds it)
+    same = FusedSparseAdam(lr=0.05, betas=(0.8, 0.9), eps=1e-6)
+    c = ShardedEmbedding(6, 3, fused=same)
+    load_sharded(str(tmp_path / "ck"), c)
+    assert c.fused is same
 
 
 def _copy_checkpoint(run, tmp_path, name="adam"):

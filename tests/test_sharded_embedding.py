@@ -22,7 +22,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from datetime import timedelta
 
 import numpy as np
@@ -32,6 +31,9 @@ torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.append(ROOT)  # bench/ranks.py starts the ranks (appended: an installed fastembed keeps precedence)
 
 WORLD = 4
 GROUPS = {"world": [0, 1, 2, 3], "pair01": [0, 1], "pair13": [1, 3]}
@@ -228,7 +230,7 @@ def _child(rank, tmp, package):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD,
                             timeout=COLLECTIVE_TIMEOUT)
-    groups = {name: None if name == "world" else dist.new_group(ranks) for name, ranks in GROUPS.items()}
+    groups = {name: None if name == "world" else dist.new_group(members) for name, members in GROUPS.items()}
     cases = torch.load(f"{tmp}/cases.pt")
     results = {"default_init": _default_init(rank), "disagree": _disagree(rank)}
     for case in cases:
@@ -248,31 +250,14 @@ def results(tmp_path_factory):
     # The children run this file as a script (not a multiprocessing target, which they would have to
     # import by the module name pytest gave it), with the parent's fastembed first on their path.
     import fastembed
+    from bench import ranks  # here, not at import: a rank (this file run as a script) may see another bench/
 
     tmp = tmp_path_factory.mktemp("sharded")
     torch.save(CASES, tmp / "cases.pt")
     package = os.path.dirname(os.path.abspath(fastembed.__file__))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(package),
-                                                                     os.environ.get("PYTHONPATH")])))
-    procs = []
-    for rank in range(WORLD):
-        with open(tmp / f"log{rank}.txt", "w") as log:
-            procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), str(rank), str(tmp), package],
-                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env))
-    deadline, failures = time.monotonic() + JOIN_TIMEOUT, []
-    for rank, proc in enumerate(procs):
-        try:
-            proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            failures.append(f"rank {rank} still running after {JOIN_TIMEOUT} s (killed)")
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    for rank, proc in enumerate(procs):
-        if proc.returncode:
-            failures.append(f"rank {rank} exited with {proc.returncode}; its log ends:\n"
-                            + (tmp / f"log{rank}.txt").read_text()[-6000:])
+    argv = [[sys.executable, os.path.abspath(__file__), str(rank), str(tmp), package] for rank in range(WORLD)]
+    done = ranks.run(argv, str(tmp), JOIN_TIMEOUT, env=ranks.env_with_path(os.path.dirname(package)))
+    failures = done.failures(expected=0)
     if failures:
         pytest.fail("the sharded group failed:\n" + "\n".join(failures))
     return [torch.load(tmp / f"result{rank}.pt") for rank in range(WORLD)]

@@ -6,7 +6,6 @@ against one torch.nn.Embedding); then rank 1 fails in the scenario's way while r
 rank 0 writes what it caught and how long it took. The parent asserts; it also kills whatever is left.
 """
 import os
-import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -17,6 +16,9 @@ torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.append(ROOT)  # bench/ranks.py starts the ranks (appended: an installed fastembed keeps precedence)
 
 GROUP_TIMEOUT = 4.0  # seconds: the process group's timeout, which a hung peer must trip
 JOIN_TIMEOUT = 120.0  # the parent's wait for rank 0 (torch's import included, on a busy machine)
@@ -58,22 +60,13 @@ def _child(rank, tmp, scenario):
 
 def _run(tmp, scenario):
     import fastembed
+    from bench import ranks  # here, not at import: a rank (this file run as a script) may see another bench/
 
     package = os.path.dirname(os.path.dirname(os.path.abspath(fastembed.__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package, os.environ.get("PYTHONPATH")])))
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(rank), str(tmp), scenario],
-                              stdin=subprocess.DEVNULL, stdout=open(tmp / f"log{rank}.txt", "w"),
-                              stderr=subprocess.STDOUT, env=env) for rank in range(2)]
-    try:
-        procs[0].wait(JOIN_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-    logs = "\n".join(f"rank {r}: " + (tmp / f"log{r}.txt").read_text()[-3000:] for r in range(2))
+    # only rank 0 is waited for: rank 1 is the one that hangs (killed then) or dies
+    done = ranks.run([[sys.executable, os.path.abspath(__file__), str(rank), str(tmp), scenario] for rank in range(2)],
+                     str(tmp), JOIN_TIMEOUT, env=ranks.env_with_path(package), wait_for=[0])
+    logs = "\n".join(f"rank {r}: " + done.log(r, 3000) for r in range(2))
     assert (tmp / "fault.pt").exists(), f"rank 0 never finished its lookup (it hung):\n{logs}"
     return torch.load(tmp / "fault.pt"), [torch.load(tmp / f"step{r}.pt") for r in range(2)], logs
 

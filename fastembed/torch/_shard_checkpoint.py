@@ -9,11 +9,14 @@ entries that are the same on every rank (a step count), and the optimizer's clas
 
 Crash safety: every save has a fresh id, so its rank files never overwrite the files of the checkpoint
 already in the directory; each file is written under a temporary name, flushed and renamed; only after
-every rank has reported its file (a collective) does group rank 0 write the manifest, under a temporary
-name, then ``os.replace`` it over the old one. The manifest is the commit point: a save that dies
-before it leaves the previous checkpoint loadable (its manifest and files untouched), and the files of
-a half-finished save are named by no manifest, so they are never read. After the new manifest is in
-place, rank 0 removes the rank files no manifest names (the previous checkpoint's, a crashed save's).
+every rank has reported its file (a collective) and group rank 0 has found every reported file, of the
+reported size, in the directory as it sees it (one filesystem shared by all ranks: in a node-local
+directory rank 0 would not see the other nodes' files, and the save is refused on every rank) does
+rank 0 write the manifest, under a temporary name, then ``os.replace`` it over the old one. The
+manifest is the commit point: a save that dies before it leaves the previous checkpoint loadable (its
+manifest and files untouched), and the files of a half-finished save are named by no manifest, so they
+are never read. After the new manifest is in place, rank 0 removes the rank files no manifest names
+(the previous checkpoint's, a crashed save's).
 
 Loading reads, on each rank, only the saved files whose rows overlap its current ``shard_rows`` and
 copies the overlapping rows: the world size may differ from the save's (4 ranks saved, 2 load, and back),
@@ -297,6 +300,38 @@ def _write_manifest(directory, manifest):
     _fsync_dir(directory)
 
 
+def _unseen_files(directory, infos):
+    """The reported rank files that group rank 0 does not find in directory with the size their rank
+    reported: in a node-local directory, the other nodes' files. Sizes only: the names are new to this
+    save, so a file of that name and size is the one its rank wrote, and hashing every file on rank 0
+    would read the whole table there at each save (load_sharded checks the SHA-256 of what it reads)."""
+    unseen = []
+    for info in infos:
+        what = f"{info['name']} (rank {info['rank']}'s)"
+        try:
+            size = os.stat(os.path.join(directory, info["name"])).st_size
+        except FileNotFoundError:
+            unseen.append(f"{what}: missing")
+        except OSError as exc:
+            unseen.append(f"{what}: {exc.strerror or exc}")
+        else:
+            if size != info["bytes"]:
+                unseen.append(f"{what}: {size} bytes, its rank wrote {info['bytes']}")
+    return unseen
+
+
+class NotSharedError(RuntimeError):
+    """save_sharded's directory is not one filesystem every rank of the group sees."""
+
+
+def _not_shared(directory, unseen):
+    return NotSharedError(
+        f"save_sharded: group rank 0 does not see every rank's file in {directory!r} as its rank wrote it: "
+        f"{'; '.join(unseen)}. The directory must be one filesystem shared by all ranks of the group (a "
+        f"node-local directory holds only its own node's files). No manifest was written: the directory's "
+        f"previous checkpoint, if any, is unchanged")
+
+
 def _remove_unnamed_files(directory, manifest):
     """The rank files (and temporaries) no manifest names: the previous checkpoint's, a crashed save's."""
     keep = {f["name"] for f in manifest["files"]}
@@ -318,7 +353,10 @@ def save_sharded(directory, module, optimizer=None):
     filesystem all ranks see). Each rank writes its own file: its block, its rows of the fused rule's
     buffers and of the optimizer's state; group rank 0 writes ``manifest.json`` once every file is in
     place, atomically, which commits the checkpoint (see the module's docstring: a save that dies
-    before that leaves the directory's previous checkpoint as it was, loadable).
+    before that leaves the directory's previous checkpoint as it was, loadable). Rank 0 first checks
+    that it sees every rank's file with the size that rank wrote: where it does not (a directory local
+    to each node), every rank removes its own file and raises the same `NotSharedError` (a
+    RuntimeError) naming the files, and no manifest is written.
 
     Optimizer state entries of the weight are tensors whose first axis is the block's rows (the block's
     shape, or (rows,) as RowWiseAdagrad's ``sum``), resharded on load, or 0-d tensors / Python numbers
@@ -355,7 +393,10 @@ def save_sharded(directory, module, optimizer=None):
     items = _exchange((_status(error), info), group, world_size, "save_sharded (writing the rank files)")
     _raise_if_any_failed([s for s, _ in items], rank, error, "save_sharded (writing the rank files)")
 
-    if rank == 0:
+    # rank 0 names only files it sees: in a node-local directory, a manifest naming the other nodes'
+    # files would commit a checkpoint that cannot be loaded (and make rank 0 delete the one before it)
+    unseen = _unseen_files(directory, [i for _, i in items]) if rank == 0 else None
+    if rank == 0 and not unseen:
         manifest = {"format": FORMAT, "version": VERSION, "save_id": save_id,
                     "num_embeddings": module.num_embeddings, "embedding_dim": module.embedding_dim,
                     "dtype": _dtype_name(module.weight.dtype), "padding_idx": module.padding_idx,
@@ -371,8 +412,17 @@ def save_sharded(directory, module, optimizer=None):
             except OSError:  # the checkpoint is committed; a file left behind is only space
                 pass
     # every rank returns only once the checkpoint is committed (or raises if it was not)
-    statuses = _exchange(_status(error), group, world_size, "save_sharded (writing the manifest)")
-    _raise_if_any_failed(statuses, rank, error, "save_sharded (writing the manifest)")
+    items = _exchange((_status(error), unseen and (os.fspath(directory), unseen)), group, world_size,
+                      "save_sharded (writing the manifest)")
+    if items[0][1]:
+        # Each rank takes back its own file (it sees it; rank 0 may not), so that the directory is left
+        # as it was on every node, and raises the same error as every other rank (rank 0's words).
+        try:
+            os.remove(os.path.join(directory, name))
+        except OSError:
+            pass
+        raise _not_shared(*items[0][1])
+    _raise_if_any_failed([s for s, _ in items], rank, error, "save_sharded (writing the manifest)")
 
 
 # ---------------------------------------------------------------- load
@@ -525,8 +575,9 @@ def _prepare_load(directory, module, optimizer):
             state[key] = blocks[("optimizer", key)] if kind[0] == "rows" else _scalar_value(kind[1], device)
         hyper = {k: _decode(v) for k, v in manifest["optimizer"]["hyperparameters"].items()}
     rule_hyper = None
-    if manifest["fused"] is not None and manifest["fused"]["hyperparameters"] is not None:
-        rule_hyper = {k: _decode(v) for k, v in manifest["fused"]["hyperparameters"].items()}
+    saved_hyper = None if manifest["fused"] is None else manifest["fused"]["hyperparameters"]
+    if saved_hyper is not None and not _same_bits(saved_hyper, _fused_hyperparameters(module.fused)):
+        rule_hyper = {k: _decode(v) for k, v in saved_hyper.items()}
         trial = copy.copy(module.fused)  # the rule's own checks (its lr setter), on a copy
         for k, v in rule_hyper.items():
             if not hasattr(trial, k):
@@ -548,7 +599,10 @@ def load_sharded(directory, module, optimizer=None):
     the world size may differ from the save's. Row-sharded state entries are resharded the same way,
     replicated ones (a step count) given to every rank; the optimizer's state for the weight is
     replaced by the loaded one and the weight's param_group takes the saved hyperparameters (as
-    ``Optimizer.load_state_dict`` does: other parameters of that group see them too).
+    ``Optimizer.load_state_dict`` does: other parameters of that group see them too). A fused rule's
+    hyperparameters are the module's own: the rule object it was given is never changed (other tables
+    may hold it); where the saved ones differ from its values, ``module.fused`` becomes a copy of it
+    holding the saved ones (change the lr there after such a load, not on the rule first given).
 
     Every rank reads and checks everything before anything changes; if any rank fails, every rank
     raises (the failing one its own error, the others a RuntimeError naming it) and no module or
@@ -570,6 +624,9 @@ def load_sharded(directory, module, optimizer=None):
         for key, value in fused.items():
             buffers[key].copy_(value)
     if rule_hyper is not None:
+        # The rule given to the module may be shared by other tables (sharded or not), which must keep its
+        # values: the module gets a rule of its own holding the checkpoint's.
+        module.fused = copy.copy(module.fused)
         for k, v in rule_hyper.items():
             setattr(module.fused, k, v)
     if group is not None:
