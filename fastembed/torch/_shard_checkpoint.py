@@ -35,7 +35,7 @@ import uuid
 import torch
 import torch.distributed as dist
 
-__all__ = ["save_sharded", "load_sharded"]
+__all__ = ["NotSharedError", "save_sharded", "load_sharded"]
 
 FORMAT = "fastembed.sharded_checkpoint"
 VERSION = 1

@@ -32,7 +32,7 @@ from .. import ops
 from ..nn import _fused_rule
 from . import _KERNEL_DTYPES, _grad, _ids, _moved, _padding_index, _renorm_needs_torch, _state, _table
 
-__all__ = ["CollectiveError", "ShardedEmbedding", "load_sharded", "save_sharded"]
+__all__ = ["CollectiveError", "NotSharedError", "ShardedEmbedding", "load_sharded", "save_sharded"]
 
 
 class CollectiveError(RuntimeError):
@@ -469,4 +469,4 @@ class ShardedEmbedding(torch.nn.Module):
         return s
 
 
-from ._shard_checkpoint import load_sharded, save_sharded  # noqa: E402 -- after the class it checkpoints
+from ._shard_checkpoint import NotSharedError, load_sharded, save_sharded  # noqa: E402 -- after the class it checkpoints
