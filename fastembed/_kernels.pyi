@@ -2,7 +2,7 @@
 
 The `def` entry points check every input themselves: tables and gradients must be
 ndarrays, never cast: float32, float64, float16 or bfloat16 (ml_dtypes.bfloat16) for
-the lookups, scatters and coalesce (every element array of one call of the table's
+the lookups, scatters, coalesce and renorm (every element array of one call of the table's
 dtype; the private keyword `_format="bfloat16"` reads uint16 arrays as bfloat16
 bits), float32 for the optimizers; ids native int32 or int64 ndarrays (fastembed.ops
 converts other array-likes first), and positions None, an int start, or an int64
@@ -90,8 +90,7 @@ def adam_step(
     bias2: float,
     check_only: bool = False,
 ) -> None: ...
-def renorm(table: _Float32, ids: npt.NDArray[np.int32] | npt.NDArray[np.int64], max_norm: float,
-           norm_type: float = 2.0) -> None: ...
+def renorm(table: _Table, ids: _Ids, max_norm: float, norm_type: float = 2.0, *, _format: _Format = None) -> None: ...
 
 # embedding bags (_bag.pxi); BagArgumentError and BagModeError are exported as fastembed.BagArgumentError
 # and fastembed.BagModeError.

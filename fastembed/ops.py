@@ -16,8 +16,9 @@ is computed in float64. float16 and bfloat16 are stored as 16 bits and summed in
 float32: `gather_add` rounds each ``token + position`` once; `scatter_add` and
 `gather_add_backward` round after each add into the gradient table (what torch's
 dense embedding backward does on CPU, bitwise); `coalesce` sums the duplicates of a
-row in float32 in ids order and rounds once. The optimizer kernels (`fastembed.optim`)
-take float32 only.
+row in float32 in ids order and rounds once. `renorm` takes the four too, in torch's
+precision for each (see its docstring). The optimizer kernels (`fastembed.optim`) take
+float32 only.
 
 A uint16 array is refused, never read as bfloat16. Private, for callers without
 ml_dtypes such as the torch adapter: the five kernels in `fastembed._kernels` take the
@@ -254,13 +255,24 @@ def renorm(table, ids, max_norm, norm_type=2.0):
 
     Each distinct row ``r`` of table that ids name whose ``norm_type``-norm exceeds
     ``max_norm`` is multiplied by ``max_norm / (norm + 1e-7)``; other rows are left
-    as they are. The norm is summed in float64 and rounded to float32 (torch's is
-    a float32 value); the factor is formed in float64 and applied in float32.
+    as they are. Per dtype, as torch computes it on CPU:
+
+    - float32: the norm is summed in float64 and rounded to float32 (torch's is a
+      float32 value, summed in float32: within an ulp or two); the factor is formed
+      in float64 and applied in float32.
+    - float64: all in float64, in torch's order: bitwise equal to torch for
+      norm_type 0, 1, 2, inf and -inf; other p within a few ulps (torch has its own pow).
+    - float16, bfloat16: the norm summed in float32 and rounded to the dtype, the
+      factor rounded to the dtype, each product formed in float32 and rounded once:
+      bitwise equal to torch for norm_type 0, 1, 2, inf and -inf; other p within an
+      ulp of the 16-bit norm.
+
     Deterministic: the same bits for any number of threads.
 
     Parameters
     ----------
-    table : ndarray of float32, shape (V, D), C-contiguous and writeable
+    table : ndarray of float32, float64, float16 or bfloat16 (``ml_dtypes.bfloat16``),
+        shape (V, D), C-contiguous and writeable; never cast
     ids : array-like of int in [0, V), any shape (duplicates count once)
     max_norm : float >= 0
     norm_type : float, the p of the p-norm: inf and -inf (max and min of

@@ -1149,6 +1149,50 @@ MUTANTS += [
 ]
 
 
+# ---------------------------------------------------------------- issue 10, item 1: renorm's dtypes
+RENORM_DTYPES = "tests/test_renorm_dtypes.py"
+MUTANTS += [
+    Mutant("renorm-f16-table-read-as-bf16", NORM_PXI,
+           "        _renorm(<fe_f16*>table, D, rows, U, max_norm, kind, p, nthreads, team)",
+           "        _renorm(<fe_bf16*>table, D, rows, U, max_norm, kind, p, nthreads, team)",
+           "renorm's dispatch runs a float16 table through the bfloat16 loop",
+           (RENORM_DTYPES, "-k", "numpy_oracle or exact_values"), quick=True),
+    Mutant("renorm-f16-norm-rounded-as-bf16", NORM_PXI,
+           "            norm = fe_f16_to_float_sw(fe_float_to_f16_sw(_row_norm_half(row, D, kind, <float>p)))",
+           "            norm = fe_bf16_to_float(fe_float_to_bf16(_row_norm_half(row, D, kind, <float>p)))",
+           "a float16 row's norm is rounded to bfloat16, not float16",
+           (RENORM_DTYPES, "-k", "numpy_oracle or many_rows")),
+    Mutant("renorm-half-acc-double", NORM_PXI,
+           "    cdef float acc = 0.0, a\n    cdef float lanes[8]",
+           "    cdef double acc = 0.0\n    cdef float a\n    cdef float lanes[8]",
+           "the float16 and bfloat16 norms are accumulated in double, not torch's float32",
+           (RENORM_DTYPES, "-k", "accumulate_in_float32")),
+    Mutant("renorm-half-acc-rounded-each-add", NORM_PXI,
+           "            acc = acc + fabsf(_acc_value(row[j]))",
+           "            acc = _acc_value(_rounded_to(row, acc + fabsf(_acc_value(row[j]))))",
+           "the 1-norm of a half row is accumulated in the row's 16-bit type (rounded after each add)",
+           (RENORM_DTYPES, "-k", "numpy_oracle or many_rows")),
+    Mutant("renorm-half-scale-kept-float32", NORM_PXI,
+           "                    scale = _acc_value(_rounded_to(row, scale))\n", "",
+           "the half types' factor stays float32 (Python's t *= s), not rounded to the dtype as torch's renorm",
+           (RENORM_DTYPES, "-k", "exact_values or many_rows")),
+    Mutant("renorm-f64-scale-float32", NORM_PXI,
+           "                wide_scale = max_norm / (norm + 1e-7)",
+           "                wide_scale = <float>(max_norm / (norm + 1e-7))",
+           "a float64 table is scaled by a float32 factor",
+           (RENORM_DTYPES, "-k", "exact_values or many_rows")),
+    Mutant("renorm-f64-tail-no-fma", NORM_PXI,
+           "            acc = c_fma(row[j], row[j], acc)",
+           "            acc = acc + row[j] * row[j]",
+           "the float64 2-norm adds its tail columns' squares rounded, not by fused multiply-adds as torch",
+           (RENORM_DTYPES, "-k", "many_rows")),
+    Mutant("renorm-f64-2norm-one-lane", NORM_PXI,
+           "        m = D - D % 4\n", "        m = 0\n",
+           "the float64 2-norm is a plain column-order sum, not torch's four lanes",
+           (RENORM_DTYPES, "-k", "many_rows or bitwise_against_torch")),
+]
+
+
 # ---------------------------------------------------------------- running
 
 
