@@ -86,6 +86,8 @@ def test_lookup_and_dense_gradient_are_torchs_bits(rows, dim, shape, id_dtype, p
             out = module(ids)
         else:
             out = (ftf.embedding if ours else F.embedding)(ids, w, padding)
+        if ours:  # the kernels' path (the spy tests below show which kernels, with which format)
+            assert "_EmbeddingFunction" in type(out.grad_fn).__name__
         out.backward(upstream)
         results.append((out, w.grad))
     (out, grad), (torch_out, torch_grad) = results
@@ -226,6 +228,7 @@ def test_token_position_is_torchs_bits(shape, positions, frozen, id_dtype, seed)
             t.requires_grad_(frozen != "token")
             p.requires_grad_(frozen != "position")
             out = layer(ids, where)
+            assert "_TokenPositionFunction" in type(out.grad_fn).__name__
         else:
             out = _torch_token_position(t, p, ids, where)
         out.backward(upstream)
