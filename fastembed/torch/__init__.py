@@ -221,10 +221,10 @@ class _EmbeddingFunction(torch.autograd.Function):
             rule.update(ctx.table, _state(buffers), ctx.ids_np, g, padding_idx=ctx.padding_idx)
             _moved(ctx.weight)
             return None, None, None, None, None, None
-        grad = np.zeros(ctx.table.shape, dtype=ctx.table.dtype)  # (zero bits are +0.0 in every dtype)
+        grad = np.zeros(ctx.table.shape, dtype=ctx.table.dtype)
         _library._scatter_add(grad, ctx.ids_np, g)
         if ctx.padding_idx is not None:
-            grad[ctx.padding_idx] = 0  # as torch: the padding row gets no gradient
+            grad[ctx.padding_idx] = 0.0  # as torch: the padding row gets no gradient
         return _library._tensor(grad), None, None, None, None, None
 
 
@@ -411,7 +411,9 @@ def _sparse_lookup(weight, table, ids, padding_idx):
     try:
         return torch.nn.functional.embedding(ids, weight, padding_idx, None, 2.0, False, True)
     except IndexError:
-        _library._gather(table, idn)  # raises the IndexError that names the id, where it stands, and the rows
+        if table.dtype == _library._BITS:  # bfloat16 bits: the ops wrapper would refuse them before the ids
+            _library._gather(table, idn)
+        ops.gather(table, idn)  # raises the IndexError that names the id, where it stands, and the rows
         raise
 
 
