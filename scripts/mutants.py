@@ -356,8 +356,8 @@ MUTANTS = [
            "the sparse position gradient ignores the positions given to forward",
            ("tests/test_torch_adapter.py", "-k", "token_position")),
     Mutant("torch-frozen-position-scatters-ids", TORCH,
-           "            ops.scatter_add(position_grad, ops.positions_array(ids, positions), g)",
-           "            ops.scatter_add(position_grad, ids, g)",
+           "            _library._scatter_add(position_grad, ops.positions_array(ids, positions), g)",
+           "            _library._scatter_add(position_grad, ids, g)",
            "with a frozen token table, the position gradient is scattered by token ids",
            ("tests/test_torch_adapter.py", "-k", "frozen or token_position")),
     Mutant("torch-from-pretrained-unfrozen", TORCH,
@@ -764,11 +764,6 @@ MUTANTS += [
            "            if padding_idx >= num_embeddings:\n                raise ValueError(_PADDING_MESSAGE)",
            "padding_idx >= num_embeddings raises ValueError where torch raises AssertionError",
            (DROPIN, "-k", "padding_idx")),
-    Mutant("tdrop-kernels-take-bfloat16", TORCH,
-           "return (type(weight) in _TENSOR_TYPES and weight.dtype in _KERNEL_DTYPES and weight.is_cpu",
-           "return (type(weight) in _TENSOR_TYPES and weight.dtype in _KERNEL_DTYPES + (torch.bfloat16,) and weight.is_cpu",
-           "the kernel predicate takes bfloat16 tables, which the adapter cannot view as numpy arrays",
-           (DROPIN, "-k", "every_float_dtype")),
     Mutant("tdrop-default-dtype-ignored", TORCH,
            "torch.empty((num_embeddings, embedding_dim), device=device, dtype=dtype),",
            "torch.empty((num_embeddings, embedding_dim), device=device, dtype=dtype or torch.float32),",
@@ -1190,6 +1185,55 @@ MUTANTS += [
            "        m = D - D % 4\n", "        m = 0\n",
            "the float64 2-norm is a plain column-order sum, not torch's four lanes",
            (RENORM_DTYPES, "-k", "many_rows or bitwise_against_torch")),
+]
+
+
+# issue 10, item 1: bfloat16 tables in the torch adapter (uint16 views with the kernels' _format="bfloat16")
+TORCH_LIB, T_BF16 = "fastembed/torch/_library.py", "tests/test_torch_bf16.py"
+MUTANTS += [
+    Mutant("torch-bf16-gather-format-dropped", TORCH_LIB,
+           "        return _kernels.gather(table, ops.as_ids(ids), None, _format=_BF16)",
+           "        return _kernels.gather(table, ops.as_ids(ids), None)",
+           "a bfloat16 lookup calls the gather without _format: its uint16 bits are refused (a TypeError)",
+           (T_BF16, "-k", "bfloat16_kernels_on_the_tables_memory")),
+    Mutant("torch-bf16-scatter-on-numpy-path", TORCH_LIB,
+           "    if grad_table.dtype == _BITS:\n        _kernels.scatter_add(",
+           "    if grad_table.dtype == np.float16:\n        _kernels.scatter_add(",
+           "the dense backward of a bfloat16 table takes the ops path (no _format): a TypeError at backward",
+           (T_BF16, "-k", "runs_the_bfloat16_kernels")),
+    Mutant("torch-bf16-result-not-viewed-back", TORCH_LIB,
+           "    return result.view(torch.bfloat16) if array.dtype == _BITS else result",
+           "    return result",
+           "a bfloat16 lookup returns its uint16 bits as a uint16 tensor, not viewed back as bfloat16",
+           (T_BF16, "-k", "bfloat16_kernels_on_the_tables_memory")),
+    Mutant("torch-bf16-view-as-float16", TORCH_LIB,
+           "        tensor = tensor.view(torch.uint16)",
+           "        tensor = tensor.view(torch.float16)",
+           "a bfloat16 table is viewed as float16 (the kernels read its bits as another format, and it comes "
+           "back float16)",
+           (T_BF16, "-k", "bfloat16_kernels_on_the_tables_memory")),
+    Mutant("torch-bf16-routed-to-torch", TORCH_LIB,
+           "_LOOKUP_DTYPES = _KERNEL_DTYPES + (torch.bfloat16,)",
+           "_LOOKUP_DTYPES = _KERNEL_DTYPES + (torch.float64,)",
+           "bfloat16 tables are torch's F.embedding again (every value equal: only the spy sees it)",
+           (T_BF16, "-k", "bfloat16_kernels_on_the_tables_memory"), quick=True),
+    Mutant("torch-bf16-positions-not-normalised", TORCH_LIB,
+           "        return _kernels.gather_add(token, position, ids, ops._as_positions(positions, ids), None, "
+           "_format=_BF16)",
+           "        return _kernels.gather_add(token, position, ids, positions, None, _format=_BF16)",
+           "a bfloat16 token+position lookup passes a positions tensor as given, not broadcast to int64 "
+           "(int32 positions refused)",
+           (T_BF16, "-k", "custom_ops_are_torchs_bits")),
+    Mutant("torch-bf16-renorm-on-kernel", TORCH,
+           "            or weight.dtype != torch.float32)  # the renorm kernel is float32",
+           "            or weight.dtype not in (torch.float32, torch.bfloat16))  # the renorm kernel is float32",
+           "max_norm on a bfloat16 table goes to the float32 renorm kernel (refused) instead of torch's renorm",
+           (T_BF16, "-k", "max_norm_and_scale_grad")),
+    Mutant("torch-bf16-sparse-error-path", TORCH,
+           "        if table.dtype == _library._BITS:  # bfloat16 bits",
+           "        if False:  # bfloat16 bits",
+           "the sparse lookup's bad-id path gathers the bfloat16 bits without _format: a TypeError, not IndexError",
+           (T_BF16, "-k", "out_of_range")),
 ]
 
 

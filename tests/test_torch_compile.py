@@ -369,7 +369,7 @@ def test_export_refuses_fused_layers_and_takes_sparse_ones():
     assert torch.equal(exported.module()(ids), layer(ids))
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 def test_token_position_tables_of_other_dtypes_train_as_torch(dtype):
     tok, pos = _table(5, 3, 1, dtype), _table(4, 3, 2, dtype)
     ids = torch.tensor([[1, 3, 1, 0]])

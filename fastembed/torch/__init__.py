@@ -1,10 +1,11 @@
-"""PyTorch autograd for fastembed's kernels (CPU tables of float32, float64 or float16; int32 or int64 ids).
+"""PyTorch autograd for fastembed's kernels (CPU tables of float32, float64, float16 or bfloat16; int32 or int64 ids).
 
 `Embedding` is a drop-in for ``torch.nn.Embedding`` and `TokenPositionEmbedding`
 is the book's first op, ``token.weight[ids] + position.weight[positions]``. Both
 are `torch.autograd.Function`s whose forward and backward call `fastembed.ops` on
-the tensors' own memory (``tensor.numpy()`` shares it): no copy of a table, and
-no arithmetic here. A sparse gradient has torch's own layout: one entry per
+the tensors' own memory (``tensor.numpy()`` shares it; a bfloat16 tensor's is
+viewed as uint16 bits for the kernels' bfloat16 path, see `_library`): no copy of
+a table, and no arithmetic here. A sparse gradient has torch's own layout: one entry per
 lookup, uncoalesced, in the order of the ids (minus ``padding_idx`` entries), so
 code written for ``nn.Embedding(sparse=True)`` reads the same ``_indices()``;
 fastembed's optimizers (`fastembed.torch.optim`) take it without a sort. (A sparse
@@ -55,30 +56,38 @@ def _run_eagerly(fn):
 __all__ = ["Embedding", "TokenPositionEmbedding", "functional"]
 
 _ID_DTYPES = (torch.int32, torch.int64)
-# The table dtypes a lookup runs on the kernels with (numpy views of their memory), one list for the modules
-# and the custom ops. bfloat16 has kernels too, but numpy has no bfloat16 of its own: its tables are torch's
-# F.embedding until the adapter passes them as uint16 bits. max_norm's renorm and the fused rules are
-# float32 only.
+# The table dtypes numpy reads as they are (what `_table` and `_grad` take: ShardedEmbedding takes these), and
+# those a lookup of Embedding, functional.embedding and TokenPositionEmbedding runs on the kernels with
+# (bfloat16 too, as uint16 bits: `_library._bits`), one list for the modules and the custom ops. max_norm's
+# renorm and the fused rules are float32 only.
 _KERNEL_DTYPES = _library._KERNEL_DTYPES
+_LOOKUP_DTYPES = _library._LOOKUP_DTYPES
 
 
 # ---------------------------------------------------------------- tensors as numpy views, checked
 
-def _table(tensor, name):
-    """A CPU float32 C-contiguous tensor's memory as a numpy array (shared, never copied)."""
+def _table(tensor, name, dtypes=_KERNEL_DTYPES):
+    """A CPU C-contiguous tensor's memory as a numpy array (shared, never copied), of a dtype in dtypes
+    (`_LOOKUP_DTYPES` for a lookup: a bfloat16 tensor's memory is then uint16 bits)."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if not tensor.is_cpu or tensor.layout != torch.strided:
         raise TypeError(f"fastembed runs on dense CPU tensors only, got {name} on {tensor.device}, "
                         f"layout {tensor.layout}")
-    if tensor.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"{name} must be float32, float64 or float16 (fastembed never casts tables), got "
+    if tensor.dtype not in dtypes:
+        raise TypeError(f"{name} must be {_names(dtypes)} (fastembed never casts tables), got "
                         f"{name}.dtype={tensor.dtype}; "
                         "convert once with .float()")
     if not tensor.is_contiguous():
         raise ValueError(f"{name} must be contiguous (a table is never copied behind your back), got "
                          f"{name}.stride()={tuple(tensor.stride())}; make it so once with .contiguous()")
-    return tensor.detach().numpy()
+    return _library._bits(tensor)
+
+
+def _names(dtypes):
+    """'float32, float64 or float16': dtypes as an error message says them."""
+    words = [str(d).replace("torch.", "") for d in dtypes]
+    return ", ".join(words[:-1]) + " or " + words[-1]
 
 
 def _ids(tensor, name="ids"):
@@ -104,13 +113,14 @@ def _checked_ids(tensor, name):
     return tensor.numpy()
 
 
-def _grad(tensor, name):
-    """The incoming gradient as a numpy array (the kernels make a strided one contiguous)."""
-    if not tensor.is_cpu or tensor.layout != torch.strided or tensor.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"the gradient of {name} must be a dense CPU float32, float64 or float16 tensor, got "
+def _grad(tensor, name, dtypes=_KERNEL_DTYPES):
+    """The incoming gradient as a numpy array (the kernels make a strided one contiguous); bfloat16 as
+    uint16 bits when dtypes has it."""
+    if not tensor.is_cpu or tensor.layout != torch.strided or tensor.dtype not in dtypes:
+        raise TypeError(f"the gradient of {name} must be a dense CPU {_names(dtypes)} tensor, got "
                         f"dtype={tensor.dtype}, "
                         f"device={tensor.device}, layout={tensor.layout}")
-    return tensor.detach().numpy()
+    return _library._bits(tensor)
 
 
 def _sparse(ids, grad_out, shape, padding_idx=None):
@@ -127,7 +137,8 @@ def _sparse(ids, grad_out, shape, padding_idx=None):
 
 
 class _View:
-    """A parameter's memory as a numpy array, checked and made once and remade only when the tensor's
+    """A parameter's memory as a numpy array for a lookup (`_table` of `_LOOKUP_DTYPES`), checked and made
+    once and remade only when the tensor's
     memory, dtype, shape or strides change (``weight.data = ...``). The cached view keeps the old memory
     alive, so a new tensor can never sit at the same address."""
 
@@ -139,7 +150,7 @@ class _View:
     def __call__(self, tensor, name):
         key = (tensor.data_ptr(), tensor.dtype, tensor.shape, tensor.stride())
         if key != self.key:
-            self.array, self.key = _table(tensor, name), key
+            self.array, self.key = _table(tensor, name, _LOOKUP_DTYPES), key
         return self.array
 
 
@@ -190,11 +201,11 @@ class _EmbeddingFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, ids, table, padding_idx, sparse, fused):
         idn = _ids(ids)
-        out = ops.gather(table, idn)
+        out = _library._gather(table, idn)
         ctx.ids, ctx.ids_np, ctx.ids_version = ids, idn, ids._version
         ctx.table, ctx.padding_idx, ctx.sparse, ctx.fused = table, padding_idx, sparse, fused
         ctx.weight = weight if fused is not None else None  # (a leaf: no reference cycle)
-        return torch.from_numpy(out)
+        return _library._tensor(out)
 
     @staticmethod
     def jvp(ctx, weight_tangent, *_):
@@ -213,17 +224,17 @@ class _EmbeddingFunction(torch.autograd.Function):
             padding_idx = -1 if ctx.padding_idx is None else ctx.padding_idx
             return (_library.embedding_backward(grad_out, ctx.ids, ctx.table.shape[0], padding_idx),
                     None, None, None, None, None)
-        g = _grad(grad_out, "the embedding output")
+        g = _grad(grad_out, "the embedding output", _LOOKUP_DTYPES)
         if ctx.fused is not None:
             rule, buffers = ctx.fused
             rule.update(ctx.table, _state(buffers), ctx.ids_np, g, padding_idx=ctx.padding_idx)
             _moved(ctx.weight)
             return None, None, None, None, None, None
         grad = np.zeros(ctx.table.shape, dtype=ctx.table.dtype)
-        ops.scatter_add(grad, ctx.ids_np, g)
+        _library._scatter_add(grad, ctx.ids_np, g)
         if ctx.padding_idx is not None:
             grad[ctx.padding_idx] = 0.0  # as torch: the padding row gets no gradient
-        return torch.from_numpy(grad), None, None, None, None, None
+        return _library._tensor(grad), None, None, None, None, None
 
 
 class _TokenPositionFunction(torch.autograd.Function):
@@ -233,12 +244,12 @@ class _TokenPositionFunction(torch.autograd.Function):
     def forward(ctx, token_weight, position_weight, ids, positions, tables, sparse, fused):
         idn = _ids(ids)
         pos = _positions(positions)
-        hidden = ops.gather_add(tables[0], tables[1], idn, positions=pos)
+        hidden = _library._gather_add(tables[0], tables[1], idn, pos)
         ctx.ids, ctx.ids_np, ctx.ids_version, ctx.positions = ids, idn, ids._version, pos
         ctx.positions_tensor = positions if isinstance(positions, torch.Tensor) else None
         ctx.tables, ctx.sparse, ctx.fused = tables, sparse, fused
         ctx.weights = (token_weight, position_weight) if fused is not None else None
-        return torch.from_numpy(hidden)
+        return _library._tensor(hidden)
 
     @staticmethod
     def backward(ctx, grad_hidden):
@@ -262,7 +273,7 @@ class _TokenPositionFunction(torch.autograd.Function):
                 pos_ids = torch.from_numpy(ops.positions_array(ids, positions))
                 position_grad = _sparse(pos_ids, grad_hidden, position_table.shape)
             return (token_grad, position_grad) + none
-        g = _grad(grad_hidden, "hidden")
+        g = _grad(grad_hidden, "hidden", _LOOKUP_DTYPES)
         if ctx.fused is not None:
             token_fused, position_fused = ctx.fused
             updates = []  # both tables checked before either moves
@@ -279,16 +290,16 @@ class _TokenPositionFunction(torch.autograd.Function):
         elif need_token and need_position:
             token_grad = np.zeros(token_table.shape, dtype=token_table.dtype)
             position_grad = np.zeros(position_table.shape, dtype=position_table.dtype)
-            ops.gather_add_backward(g, ids, token_grad, position_grad, positions=positions)
-            token_grad, position_grad = torch.from_numpy(token_grad), torch.from_numpy(position_grad)
+            _library._gather_add_backward(g, ids, token_grad, position_grad, positions)
+            token_grad, position_grad = _library._tensor(token_grad), _library._tensor(position_grad)
         elif need_token:  # a frozen position table: do not allocate its gradient
             token_grad = np.zeros(token_table.shape, dtype=token_table.dtype)
-            ops.scatter_add(token_grad, ids, g)
-            token_grad = torch.from_numpy(token_grad)
+            _library._scatter_add(token_grad, ids, g)
+            token_grad = _library._tensor(token_grad)
         else:
             position_grad = np.zeros(position_table.shape, dtype=position_table.dtype)
-            ops.scatter_add(position_grad, ops.positions_array(ids, positions), g)
-            position_grad = torch.from_numpy(position_grad)
+            _library._scatter_add(position_grad, ops.positions_array(ids, positions), g)
+            position_grad = _library._tensor(position_grad)
         return (token_grad, position_grad) + none
 
 
@@ -312,12 +323,12 @@ def _padding_index(padding_idx, num_embeddings):
 
 
 def _uses_kernels(weight, input):
-    """Whether a lookup runs on fastembed's kernels: a dense, contiguous, 2-D float32 CPU table and dense
-    CPU int32/int64 ids. Everything else torch accepts (float64, float16 and bfloat16 tables, integer
-    tables from from_pretrained, strided tables, the meta device, ...) and everything it refuses goes to
+    """Whether a lookup runs on fastembed's kernels: a dense, contiguous, 2-D CPU table of float32, float64,
+    float16 or bfloat16 and dense CPU int32/int64 ids. Everything else torch accepts (integer tables from
+    from_pretrained, strided tables, the meta device, ...) and everything it refuses goes to
     torch's own F.embedding, so that it gives torch's result or torch's error. This is the one place
     that decides: when the kernels take more dtypes, only this predicate widens."""
-    return (type(weight) in _TENSOR_TYPES and weight.dtype in _KERNEL_DTYPES and weight.is_cpu
+    return (type(weight) in _TENSOR_TYPES and weight.dtype in _LOOKUP_DTYPES and weight.is_cpu
             and weight.layout == torch.strided and weight.dim() == 2 and weight.is_contiguous()
             and isinstance(input, torch.Tensor) and input.dtype in _ID_DTYPES and input.is_cpu
             and input.layout == torch.strided)
@@ -355,7 +366,7 @@ def _traced_embedding(input, weight, padding_idx, max_norm, norm_type, scale_gra
 def _traceable_kernels(weight, input):
     """`_uses_kernels` for the traced tensors of compile and export (fake or functional tensors, whose
     type is not torch.Tensor's; the op itself hands a non-contiguous table to aten)."""
-    return (weight.dtype in _KERNEL_DTYPES and weight.device.type == "cpu" and weight.layout == torch.strided
+    return (weight.dtype in _LOOKUP_DTYPES and weight.device.type == "cpu" and weight.layout == torch.strided
             and weight.dim() == 2 and isinstance(input, torch.Tensor) and input.dtype in _ID_DTYPES
             and input.device.type == "cpu" and input.layout == torch.strided)
 
@@ -378,7 +389,7 @@ def _embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_fr
         return torch.nn.functional.embedding(input, weight, padding_idx, max_norm, norm_type,
                                              scale_grad_by_freq, sparse)
     padding_idx = _padding_index(padding_idx, weight.size(0))
-    table = view(weight, "weight") if view is not None else _table(weight, "weight")
+    table = view(weight, "weight") if view is not None else _table(weight, "weight", _LOOKUP_DTYPES)
     try:
         if max_norm is not None:
             _renorm(weight, table, input, max_norm, norm_type)
@@ -409,6 +420,8 @@ def _sparse_lookup(weight, table, ids, padding_idx):
     try:
         return torch.nn.functional.embedding(ids, weight, padding_idx, None, 2.0, False, True)
     except IndexError:
+        if table.dtype == _library._BITS:  # bfloat16 bits: the ops wrapper would refuse them before the ids
+            _library._gather(table, idn)
         ops.gather(table, idn)  # raises the IndexError that names the id, where it stands, and the rows
         raise
 
@@ -417,14 +430,14 @@ def _sparse_lookup(weight, table, ids, padding_idx):
 
 def _token_position_dtype(device, dtype):
     """The tables' dtype of a new TokenPositionEmbedding: float32 unless asked (the book's; torch's default
-    dtype is not followed, as the layer has no torch counterpart to match), float64 or float16."""
+    dtype is not followed, as the layer has no torch counterpart to match), float64, float16 or bfloat16."""
     if device is not None and torch.device(device).type != "cpu":
         raise NotImplementedError(f"fastembed.torch runs on CPU only, got device={device}")
     if dtype is None:
         return torch.float32
-    if dtype not in _KERNEL_DTYPES:
+    if dtype not in _LOOKUP_DTYPES:
         raise NotImplementedError(
-            f"TokenPositionEmbedding tables are float32, float64 or float16, got dtype={dtype} (for bfloat16, "
+            f"TokenPositionEmbedding tables are {_names(_LOOKUP_DTYPES)}, got dtype={dtype} (for another dtype, "
             "two fastembed.torch.Embedding and an add give torch's own result)")
     return dtype
 
@@ -440,16 +453,16 @@ class Embedding(torch.nn.Module):
     ``reset_parameters``, ``extra_repr`` and ``state_dict`` (one ``weight``,
     loadable into and from ``nn.Embedding``).
 
-    Which path a lookup takes (one predicate, `_uses_kernels`): a float32, float64
-    or float16, dense, contiguous CPU table with int32/int64 ids runs on fastembed's
-    kernels: the gather and the scatter-add backward (float16 gradients added one
-    rounding at a time, as torch's CPU backward adds them), and, for ``max_norm`` on
-    a float32 table, fastembed's renorm (the looked-up rows scaled in place before
-    the lookup, as torch does; it checks every id first, so a bad id changes no row,
-    where torch's may have scaled some). Every other dtype or device torch accepts
-    (bfloat16, whose kernels the adapter does not reach yet, an integer table from
-    ``from_pretrained``, ``meta``, a strided table, ``max_norm`` on a float64 or
-    float16 table) is torch's own ``F.embedding``, so it gives torch's result.
+    Which path a lookup takes (one predicate, `_uses_kernels`): a float32, float64,
+    float16 or bfloat16, dense, contiguous CPU table with int32/int64 ids runs on
+    fastembed's kernels: the gather and the scatter-add backward (float16 and
+    bfloat16 gradients added one rounding at a time, as torch's CPU backward adds
+    them), and, for ``max_norm`` on a float32 table, fastembed's renorm (the
+    looked-up rows scaled in place before the lookup, as torch does; it checks every
+    id first, so a bad id changes no row, where torch's may have scaled some). Every
+    other dtype or device torch accepts (an integer table from ``from_pretrained``,
+    ``meta``, a strided table, ``max_norm`` on a float64, float16 or bfloat16 table)
+    is torch's own ``F.embedding``, so it gives torch's result.
     ``scale_grad_by_freq=True`` is torch's own
     ``F.embedding`` too (there is no kernel for it yet). ``sparse=True`` gives
     torch's sparse gradient (one uncoalesced entry per lookup): such a lookup,
@@ -577,11 +590,11 @@ class TokenPositionEmbedding(torch.nn.Module):
     @classmethod
     def from_pretrained(cls, token_weight, position_weight, freeze=True, sparse=False, fused=None):
         """A layer whose tables are the given tensors themselves (2-D, CPU, contiguous, of one dtype: float32,
-        float64 or float16, float32 with ``fused``; the same dim)."""
+        float64, float16 or bfloat16, float32 with ``fused``; the same dim)."""
         for weight, name in ((token_weight, "token_weight"), (position_weight, "position_weight")):
             if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
                 raise ValueError(f"{name} must be a 2-D torch.Tensor (rows, dim)")
-            _table(weight, name)
+            _table(weight, name, _LOOKUP_DTYPES)
         if token_weight.dtype != position_weight.dtype:
             raise TypeError(f"token and position tables must have one dtype (fastembed never casts), got "
                             f"{token_weight.dtype} and {position_weight.dtype}")
@@ -595,7 +608,8 @@ class TokenPositionEmbedding(torch.nn.Module):
         return layer
 
     def forward(self, ids, positions=None):
-        """The fused lookup (tables of float32, float64 or float16: another dtype is refused, never cast)."""
+        """The fused lookup (tables of float32, float64, float16 or bfloat16: another dtype is refused, never
+        cast)."""
         if torch.compiler.is_compiling():
             return self._traced(ids, positions)
         return self._forward(ids, positions)

@@ -11,14 +11,22 @@ The modules of `fastembed.torch` call these ops only while torch compiles or exp
 ``torch.compiler.is_compiling``): in eager mode a custom op's Python dispatch costs more than the whole
 lookup at the book's size, and the autograd functions there are faster. Both paths run the same kernels.
 
-Each op takes what the kernels take (CPU tables of float32, float64 or float16, int32 or int64 ids); any other
-table dtype (bfloat16, integers) is torch's own aten op, so an op always gives torch's result. No arithmetic here: the kernels do it.
+Each op takes what the kernels take (CPU tables of float32, float64, float16 or bfloat16, int32 or int64 ids);
+any other table dtype (integers) is torch's own aten op, so an op always gives torch's result. No arithmetic
+here: the kernels do it.
+
+bfloat16: numpy has no such dtype, so a bfloat16 tensor reaches the kernels as its own memory viewed as
+uint16 (`_bits`), with the kernels' private keyword ``_format="bfloat16"`` (`_gather` and the three others
+below, which `fastembed.torch`'s modules call too), and their uint16 results are viewed back as bfloat16
+(`_tensor`): never a copy or a cast of a table. Inside the adapter a uint16 array is always such bits
+(ids are int32 or int64), so the array's dtype says which call to make.
 """
 from typing import Optional
 
+import numpy as np
 import torch
 
-from .. import ops
+from .. import _kernels, ops
 
 __all__ = ["embedding", "embedding_backward", "token_position", "token_position_backward"]
 
@@ -26,20 +34,71 @@ Tensor = torch.Tensor
 
 
 def _kernel_table(weight):
-    """Whether fastembed's kernels take this table as it is (CPU, strided, float32/64 or float16, contiguous)."""
-    return (weight.dtype in _KERNEL_DTYPES and weight.device.type == "cpu" and weight.layout == torch.strided
+    """Whether fastembed's kernels take this table as it is (CPU, strided, float32/64, float16 or bfloat16,
+    contiguous)."""
+    return (weight.dtype in _LOOKUP_DTYPES and weight.device.type == "cpu" and weight.layout == torch.strided
             and weight.is_contiguous())
 
 
-
-
-# The table dtypes the kernels take; fastembed.torch's modules take the same list from here (bfloat16 is
-# aten's: numpy has no such dtype, and the kernels' bfloat16 path needs ml_dtypes or uint16 views).
+# The table dtypes whose memory numpy reads as it is: what the callers that hand tables to `fastembed.ops`
+# (ShardedEmbedding, EmbeddingBag's checks, the fused rules) take from here.
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16)
+# The dtypes of a lookup on the kernels (these ops, Embedding, TokenPositionEmbedding): bfloat16 too, as
+# uint16 bits through the helpers below.
+_LOOKUP_DTYPES = _KERNEL_DTYPES + (torch.bfloat16,)
+_BITS = np.dtype(np.uint16)  # a bfloat16 tensor's memory as numpy sees it here
+_BF16 = "bfloat16"  # the kernels' _format for _BITS arrays
 
 
 def _np(tensor):
     return tensor.detach().numpy()
+
+
+def _bits(tensor):
+    """A table's memory as a numpy array, shared: a bfloat16 tensor's as uint16 bits."""
+    tensor = tensor.detach()
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.view(torch.uint16)
+    return tensor.numpy()
+
+
+def _tensor(array):
+    """A kernel's result as a tensor over the same memory: uint16 bits as bfloat16."""
+    result = torch.from_numpy(array)
+    return result.view(torch.bfloat16) if array.dtype == _BITS else result
+
+
+# The four kernels of a lookup and its backward, on numpy tables from `_bits`: `fastembed.ops` for the
+# dtypes numpy has, the kernels themselves with _format for bfloat16 bits (the ops wrappers take no
+# _format; ids and positions are normalised here as those wrappers do, and every check is the kernels').
+
+def _gather(table, ids):
+    if table.dtype == _BITS:
+        return _kernels.gather(table, ops.as_ids(ids), None, _format=_BF16)
+    return ops.gather(table, ids)
+
+
+def _gather_add(token, position, ids, positions):
+    if token.dtype == _BITS:
+        ids = ops.as_ids(ids)
+        return _kernels.gather_add(token, position, ids, ops._as_positions(positions, ids), None, _format=_BF16)
+    return ops.gather_add(token, position, ids, positions=positions)
+
+
+def _scatter_add(grad_table, ids, grad_out):
+    if grad_table.dtype == _BITS:
+        _kernels.scatter_add(grad_table, ops.as_ids(ids), grad_out, _format=_BF16)
+    else:
+        ops.scatter_add(grad_table, ids, grad_out)
+
+
+def _gather_add_backward(grad_hidden, ids, token_grad, position_grad, positions):
+    if token_grad.dtype == _BITS:
+        ids = ops.as_ids(ids)
+        _kernels.gather_add_backward(grad_hidden, ids, token_grad, position_grad,
+                                     ops._as_positions(positions, ids), _format=_BF16)
+    else:
+        ops.gather_add_backward(grad_hidden, ids, token_grad, position_grad, positions=positions)
 
 
 # ---------------------------------------------------------------- a lookup: weight[ids]
@@ -49,7 +108,7 @@ def embedding(weight: Tensor, ids: Tensor, padding_idx: int) -> Tensor:
     """``weight[ids]`` (padding_idx: a row in [0, rows) that gets no gradient, or -1 for none, as in aten)."""
     if not _kernel_table(weight):
         return torch.ops.aten.embedding.default(weight, ids, padding_idx)
-    return torch.from_numpy(ops.gather(_np(weight), _np(ids)))
+    return _tensor(_gather(_bits(weight), _np(ids)))
 
 
 @embedding.register_fake
@@ -65,8 +124,8 @@ def embedding_backward(grad: Tensor, ids: Tensor, num_weights: int, padding_idx:
         return torch.ops.aten.embedding_dense_backward.default(grad, ids, num_weights, padding_idx, False)
     out = torch.zeros((num_weights, grad.shape[-1]), dtype=grad.dtype)
     if ids.numel():
-        table = out.numpy()
-        ops.scatter_add(table, _np(ids), _np(grad))
+        table = _bits(out)
+        _scatter_add(table, _np(ids), _bits(grad))
         if padding_idx >= 0:
             table[padding_idx] = 0.0
     return out
@@ -127,7 +186,7 @@ def token_position(token: Tensor, position: Tensor, ids: Tensor, positions: Opti
         p = torch.from_numpy(ops.positions_array(_np(ids), start if positions is None else _np(positions)))
         return torch.ops.aten.embedding.default(token, ids) + torch.ops.aten.embedding.default(position, p)
     where = start if positions is None else _np(positions)
-    return torch.from_numpy(ops.gather_add(_np(token), _np(position), _np(ids), positions=where))
+    return _tensor(_gather_add(_bits(token), _bits(position), _np(ids), where))
 
 
 @token_position.register_fake
@@ -149,7 +208,7 @@ def token_position_backward(grad: Tensor, ids: Tensor, positions: Optional[Tenso
         token_grad.index_add_(0, ids.reshape(-1).long(), grad.reshape(-1, d))
         position_grad.index_add_(0, p.reshape(-1), grad.reshape(-1, d))
         return token_grad, position_grad
-    ops.gather_add_backward(_np(grad), _np(ids), token_grad.numpy(), position_grad.numpy(), positions=where)
+    _gather_add_backward(_bits(grad), _np(ids), _bits(token_grad), _bits(position_grad), where)
     return token_grad, position_grad
 
 
