@@ -8,6 +8,8 @@ backward on CPU adds each row into the bfloat16 gradient one rounding at a time,
 as the kernels do. A spy on `fastembed._kernels` proves each case ran the kernels with the bfloat16
 format (and on the table's own memory), not torch's fallback, which would pass every comparison.
 """
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -157,21 +159,32 @@ def test_an_id_out_of_range_raises_torchs_error_and_changes_nothing(bad, sparse,
             ftf.embedding(ids, weight)
 
 
-def test_max_norm_and_scale_grad_by_freq_stay_torchs(spy):
-    """The renorm kernel is float32: a bfloat16 max_norm is torch's whole lookup, as float16's is; so is
-    scale_grad_by_freq (no kernel for it)."""
+def _train_both(ids, upstream, **kw):
+    results = []
+    for cls in (ft.Embedding, torch.nn.Embedding):
+        m = cls.from_pretrained(table(5, 5, 1, scale=3.0), freeze=False, **kw)
+        out = m(ids)
+        out.backward(upstream)
+        results.append((out, m.weight.detach(), m.weight.grad))
+    for a, b in zip(*results):
+        assert same_bits(a, b)
+
+
+@pytest.mark.parametrize("kw", [dict(max_norm=1.0), dict(max_norm=0.5, norm_type=1.0),
+                                dict(max_norm=2.0, norm_type=math.inf)])
+def test_max_norm_runs_the_renorm_kernel_on_the_tables_bits(spy, kw):
+    """max_norm on a bfloat16 table: the renorm kernel on the weight's own memory (bits), then the lookup,
+    torch's bits throughout (the renorm kernel follows torch's order for p in 0, 1, 2 and +-inf)."""
     ids = torch.tensor([[3, 1, 3, 4], [0, 3, 2, 1]])
-    upstream = table(8, 5, 3).reshape(2, 4, 5)
-    for kw in (dict(max_norm=1.0), dict(max_norm=0.5, norm_type=1.0), dict(scale_grad_by_freq=True)):
-        results = []
-        for cls in (ft.Embedding, torch.nn.Embedding):
-            m = cls.from_pretrained(table(5, 5, 1, scale=3.0), freeze=False, **kw)
-            out = m(ids)
-            out.backward(upstream)
-            results.append((out, m.weight.detach(), m.weight.grad))
-        for a, b in zip(*results):
-            assert same_bits(a, b)
-    assert spy == []  # none of it ran a kernel
+    _train_both(ids, table(8, 5, 3).reshape(2, 4, 5), **kw)
+    assert ("renorm", "bfloat16") in kernels_run(spy) and ("gather", "bfloat16") in kernels_run(spy)
+
+
+def test_scale_grad_by_freq_stays_torchs(spy):
+    """No kernel scales by frequency: torch's whole lookup, as for float16."""
+    ids = torch.tensor([[3, 1, 3, 4], [0, 3, 2, 1]])
+    _train_both(ids, table(8, 5, 3).reshape(2, 4, 5), scale_grad_by_freq=True)
+    assert spy == []
 
 
 def test_fused_rules_refuse_bfloat16_as_they_refuse_float16():

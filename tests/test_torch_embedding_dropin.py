@@ -461,6 +461,31 @@ def test_max_norm_renormalises_the_looked_up_rows_in_place(norm_type, dtype, spa
         assert not torch.equal(ours[2], ours[4])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_max_norm_runs_fastembeds_renorm_for_every_kernel_dtype(monkeypatch, dtype):
+    """The renorm kernel takes the four float dtypes: max_norm stays on fastembed's path (renorm, then
+    the lookup kernel) with torch's bits, for Embedding and functional.embedding alike."""
+    from fastembed import _kernels
+    called = []
+    real = _kernels.renorm
+    monkeypatch.setattr(_kernels, "renorm", lambda *a, **k: called.append(k.get("_format")) or real(*a, **k))
+    ids = torch.tensor([[3, 1, 3, 4], [0, 3, 2, 1]])
+    g = torch.Generator().manual_seed(5)
+    weight = (torch.randn(6, 5, generator=g, dtype=torch.float64) * 3).to(dtype)
+    module = ft.Embedding.from_pretrained(weight.clone(), max_norm=1.0)
+    out, functional = module(ids), weight.clone()
+    out_f = ftf.embedding(ids, functional, max_norm=1.0)
+    theirs = weight.clone()
+    expected = torch.nn.functional.embedding(ids, theirs, max_norm=1.0)
+    assert called == [("bfloat16" if dtype == torch.bfloat16 else None)] * 2
+    # float32's kernel may round a norm an ulp away from torch's (see the renorm tests); the others follow
+    # torch's order for p = 2 and are its bits
+    tol = dict(rtol=4 * 2.0 ** -23, atol=0) if dtype == torch.float32 else dict(rtol=0, atol=0)
+    for a, b in ((out, expected), (out_f, expected), (module.weight.detach(), theirs), (functional, theirs)):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tol)
+
+
 def test_max_norm_leaves_rows_not_looked_up_and_rows_within_the_norm():
     torch.manual_seed(0)
     module = ft.Embedding(6, 4, max_norm=1.0)

@@ -342,7 +342,7 @@ def _renorm_needs_torch(weight, max_norm, norm_type):
     torch applies anyway, or rows of no columns (whose inf, -inf and negative norms torch refuses):
     torch's own embedding_renorm_ then, for torch's result or error."""
     return (not max_norm >= 0 or norm_type != norm_type or weight.shape[1] == 0
-            or weight.dtype != torch.float32)  # the renorm kernel is float32
+            or weight.dtype not in _LOOKUP_DTYPES)  # the renorm kernel's dtypes (bfloat16 as bits)
 
 
 def _traced_embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse, fused):
@@ -402,11 +402,14 @@ def _embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_fr
         raise IndexError(f"index out of range in self: {exc}") from None
 
 
-def _renorm(weight, table, input, max_norm, norm_type):
-    """torch's max_norm: the rows input looks up, renormalised in place before the lookup (as torch,
-    outside autograd, the weight's version counter moved once). fastembed's renorm checks every id
-    first, so a bad id changes nothing (torch's renorm may already have scaled some rows)."""
-    ops.renorm(table, _ids(input), float(max_norm), float(norm_type))
+def _renorm(weight, table, ids, max_norm, norm_type):
+    """torch's max_norm: the rows ids (a tensor, or a numpy array of int64 row numbers) look up,
+    renormalised in place before the lookup (as torch, outside autograd, the weight's version counter
+    moved once). table is weight's memory (`_table`, bfloat16 as bits). fastembed's renorm checks every
+    id first, so a bad id changes nothing (torch's renorm may already have scaled some rows). The one
+    renorm of Embedding, functional.embedding, EmbeddingBag and ShardedEmbedding."""
+    _library._renorm(table, _ids(ids) if isinstance(ids, torch.Tensor) else ids, float(max_norm),
+                     float(norm_type))
     torch.autograd.graph.increment_version(weight)
 
 

@@ -68,7 +68,7 @@ def _tensor(array):
     return result.view(torch.bfloat16) if array.dtype == _BITS else result
 
 
-# The four kernels of a lookup and its backward, on numpy tables from `_bits`: `fastembed.ops` for the
+# The four kernels of a lookup and its backward, and max_norm's renorm, on numpy tables from `_bits`: `fastembed.ops` for the
 # dtypes numpy has, the kernels themselves with _format for bfloat16 bits (the ops wrappers take no
 # _format; ids and positions are normalised here as those wrappers do, and every check is the kernels').
 
@@ -90,6 +90,13 @@ def _scatter_add(grad_table, ids, grad_out):
         _kernels.scatter_add(grad_table, ops.as_ids(ids), grad_out, _format=_BF16)
     else:
         ops.scatter_add(grad_table, ids, grad_out)
+
+
+def _renorm(table, ids, max_norm, norm_type):
+    if table.dtype == _BITS:
+        _kernels.renorm(table, ops.as_ids(ids), max_norm, norm_type, _format=_BF16)
+    else:
+        ops.renorm(table, ids, max_norm, norm_type)
 
 
 def _gather_add_backward(grad_hidden, ids, token_grad, position_grad, positions):

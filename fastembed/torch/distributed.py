@@ -31,6 +31,7 @@ from torch.autograd.function import once_differentiable
 from .. import ops
 from ..nn import _fused_rule
 from . import _KERNEL_DTYPES, _grad, _ids, _moved, _padding_index, _renorm_needs_torch, _state, _table
+from . import _renorm as _adapter_renorm
 
 __all__ = ["CollectiveError", "NotSharedError", "ShardedEmbedding", "load_sharded", "save_sharded"]
 
@@ -173,10 +174,10 @@ def _input_dist(ids, weight, module):
 def _renorm(weight, block, plan, max_norm, norm_type):
     """max_norm on the owner: the rows asked of it renormalised in place before they are served (torch's
     embedding_renorm_ on each distinct row: a row asked by several ranks is scaled once, as one table
-    looking up their batches together would). float32 runs fastembed's kernel, other dtypes torch's."""
+    looking up their batches together would). fastembed's renorm (the adapter's), or torch's where the
+    adapter would send the whole lookup to torch (`_renorm_needs_torch`)."""
     if not _renorm_needs_torch(weight, max_norm, norm_type):
-        ops.renorm(block, plan.recv_rows, float(max_norm), float(norm_type))
-        torch.autograd.graph.increment_version(weight)
+        _adapter_renorm(weight, block, plan.recv_rows, max_norm, norm_type)
     else:
         with torch.no_grad():
             torch.embedding_renorm_(weight, torch.from_numpy(plan.recv_rows), float(max_norm), float(norm_type))
