@@ -511,3 +511,114 @@ def test_sparse_gradient_matches_torch(case, dtype):
     assert sparse.is_sparse and sparse.dtype == weight.dtype
     assert_bitwise(rows, sparse._indices()[0].numpy())
     assert_bitwise(values, _from_torch(sparse._values(), dtype))
+
+
+# ---------------------------------------------------------------- fastembed.torch on the kernels for the new dtypes
+
+ROUTED = ("float64", "float16")  # bfloat16 stays torch's in fastembed.torch (see fastembed/torch/_bag.py)
+
+
+def _spy_kernels(monkeypatch):
+    """Count fastembed.ops' bag calls and make torch's F.embedding_bag raise: a call that passes ran the kernels."""
+    import torch
+    from fastembed import ops
+    calls = []
+    for name in ("embedding_bag", "embedding_bag_backward", "embedding_bag_grad_rows", "embedding_bag_weights_grad"):
+        real = getattr(ops, name)
+
+        def spy(*args, _real=real, _name=name, **kw):
+            calls.append(_name)
+            return _real(*args, **kw)
+        monkeypatch.setattr(ops, name, spy)
+
+    def refuse(*args, **kw):
+        raise AssertionError("torch's F.embedding_bag ran: the call did not take fastembed's kernels")
+    monkeypatch.setattr(torch.nn.functional, "embedding_bag", refuse)
+    return calls
+
+
+@pytest.mark.parametrize("dtype_name", ROUTED)
+@pytest.mark.parametrize("sparse", [False, True])
+def test_torch_module_runs_the_kernels(monkeypatch, dtype_name, sparse):
+    torch = pytest.importorskip("torch")
+    import fastembed.torch as ft
+    dtype = getattr(torch, dtype_name)
+    g = torch.Generator().manual_seed(3)
+    w0 = torch.randn(9, 5, generator=g).to(dtype)
+    ids, offsets = torch.tensor([1, 2, 1, 4, 4, 0, 8]), torch.tensor([0, 2, 2, 5])
+    psw = torch.randn(7, generator=g).to(dtype).requires_grad_()
+    want_bag = torch.nn.EmbeddingBag.from_pretrained(w0.clone(), freeze=False, mode="sum", sparse=sparse)
+    want = want_bag(ids, offsets, per_sample_weights=psw)
+    want.backward(torch.ones_like(want))
+    want_psw, psw.grad = psw.grad, None
+    calls = _spy_kernels(monkeypatch)
+    bag = ft.EmbeddingBag.from_pretrained(w0.clone(), freeze=False, mode="sum", sparse=sparse)
+    out = bag(ids, offsets, per_sample_weights=psw)
+    out.backward(torch.ones_like(out))
+    assert calls[0] == "embedding_bag" and ("embedding_bag_grad_rows" if sparse else "embedding_bag_backward") in calls
+    assert "embedding_bag_weights_grad" in calls
+    assert out.dtype == dtype and torch.equal(out, want)
+    grad = bag.weight.grad
+    assert grad.is_sparse == sparse and grad.dtype == dtype
+    if sparse:
+        assert torch.equal(grad._indices(), want_bag.weight.grad._indices())
+        assert torch.equal(grad._values(), want_bag.weight.grad._values())
+    else:  # rows 1 and 4 are looked up twice, with different weights: within a rounding of each other
+        torch.testing.assert_close(grad, want_bag.weight.grad)
+    torch.testing.assert_close(psw.grad, want_psw)
+
+
+def test_torch_bfloat16_and_max_norm_stay_torchs(monkeypatch):
+    torch = pytest.importorskip("torch")
+    import fastembed.torch as ft
+    calls = []
+    from fastembed import ops
+    real = ops.embedding_bag
+    monkeypatch.setattr(ops, "embedding_bag", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids, offsets = torch.tensor([1, 2, 1]), torch.tensor([0, 2])
+    for dtype, max_norm in [(torch.bfloat16, None), (torch.float64, 1.0), (torch.float16, 0.5)]:
+        w = torch.randn(4, 3, generator=torch.Generator().manual_seed(1)).to(dtype)
+        got = ft.functional.embedding_bag(ids, w.clone(), offsets, mode="sum", max_norm=max_norm)
+        want = torch.nn.functional.embedding_bag(ids, w.clone(), offsets, mode="sum", max_norm=max_norm)
+        assert torch.equal(got, want)
+    assert calls == []
+
+
+@FAST
+@given(bag_cases(trailing=False), st.sampled_from(ROUTED), st.booleans())
+def test_torch_module_matches_torch(case, dtype_name, sparse):
+    torch = pytest.importorskip("torch")
+    import fastembed.torch as ft
+    assume(_torch_can(case) and len(case["ids"]) > 0)
+    assume(not (sparse and case["mode"] == "max"))
+    dtype = np.dtype(dtype_name)
+    case = as_dtype(case, dtype)
+    kw = dict(mode=case["mode"], include_last_offset=case["include_last_offset"], padding_idx=case["padding_idx"],
+              sparse=sparse)
+    mods = [cls.from_pretrained(torch.from_numpy(case["table"].copy()), freeze=False, **kw)
+            for cls in (torch.nn.EmbeddingBag, ft.EmbeddingBag)]
+    g = _grad_out(case)
+    ids = torch.from_numpy(case["ids"].astype(np.int64))
+    offs = torch.from_numpy(case["offsets"].astype(np.int64))
+    outs, psws = [], []
+    for m in mods:
+        psw = None
+        if case["per_sample_weights"] is not None:
+            psw = torch.from_numpy(case["per_sample_weights"].copy()).requires_grad_()
+        out = m(ids, offs, per_sample_weights=psw)
+        out.backward(torch.from_numpy(g))
+        outs.append(out.detach())
+        psws.append(psw)
+    assert_bitwise(outs[1].numpy(), outs[0].numpy())  # float64 and float16: torch's forward order is ours
+    theirs, ours = mods[0].weight.grad, mods[1].weight.grad
+    if sparse:
+        assert ours.is_sparse
+        assert_bitwise(ours._indices().numpy(), theirs._indices().numpy())
+        assert_bitwise(ours._values().numpy(), theirs._values().numpy())
+    else:
+        plain = case["mode"] == "max" or (case["mode"] == "sum" and case["per_sample_weights"] is None)
+        if case["mode"] == "max" or _looked_up_at_most(case, 2 if plain else 1):
+            assert_bitwise(ours.numpy(), theirs.numpy())
+        else:
+            diff = np.abs(ours.numpy().astype(np.float64) - theirs.numpy().astype(np.float64))
+            assert (diff <= _torch_grad_bound(case, g)).all()
