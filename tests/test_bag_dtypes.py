@@ -622,3 +622,25 @@ def test_torch_module_matches_torch(case, dtype_name, sparse):
         else:
             diff = np.abs(ours.numpy().astype(np.float64) - theirs.numpy().astype(np.float64))
             assert (diff <= _torch_grad_bound(case, g)).all()
+
+
+@needs_ml_dtypes
+def test_bfloat16_mean_divides_by_the_count_in_bfloat16():
+    """A bfloat16 count above 256 rounds: 257 ones sum to 257, which rounds to 256, and torch divides by
+    bfloat16(257) = 256 too, giving 1 (dividing by 257 would give 0.99609375). The sparse gradient's scale
+    is 1 / bfloat16(257) = 2^-8 rounded, the dense one bfloat16(1 / 257)."""
+    table = np.ones((2, 1), BF16)
+    ids, offs = np.zeros(257, np.int64), np.array([0])
+    assert float(widen(fe.embedding_bag(table, ids, offs, mode="mean"))[0, 0]) == 1.0
+    assert float(widen(fe.embedding_bag(table, ids, offs, mode="mean", padding_idx=1))[0, 0]) == 1.0
+    g = np.ones((1, 1), BF16)
+    values = fe.embedding_bag_grad_rows(2, ids, offs, g, mode="mean")[1]
+    assert (widen(values) == np.float32(2.0**-8)).all()
+    torch = pytest.importorskip("torch")
+    w = torch.ones(2, 1, dtype=torch.bfloat16, requires_grad=True)
+    # padding_idx (of an unused row) keeps torch off its FBGEMM path, which would round the tie 257 up to 258
+    out = torch.nn.functional.embedding_bag(torch.tensor(ids), w, torch.tensor(offs), mode="mean", sparse=True,
+                                            padding_idx=1)
+    assert float(out) == 1.0
+    out.backward(torch.ones_like(out))
+    assert (w.grad._values().float() == 2.0**-8).all()
