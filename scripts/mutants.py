@@ -1214,6 +1214,10 @@ MUTANTS += [
            "fastembed.torch's bags send float64 and float16 weights to torch's F.embedding_bag",
            (BAG_DT, "-k", "runs_the_kernels")),
 ]
+# The float32 forms the first five replace: their old texts no longer occur in _bag.pxi (they would be STALE).
+_SUPERSEDED = {"bag-last-offset-ignored", "bag-backward-mean-counts-padding", "bag-sparse-mean-unscaled",
+               "bag-psw-grad-padding", "bag-psw-grad-thread-local-bag"}
+MUTANTS = [m for m in MUTANTS if m.id not in _SUPERSEDED]
 
 
 # ---------------------------------------------------------------- running
