@@ -100,44 +100,52 @@ class BagOffsetError(BagArgumentError, IndexError): ...
 class BagModeError(ValueError, NotImplementedError): ...
 
 def embedding_bag(
-    table: _Float32,
+    table: _Table,
     ids: _Ids,
     offsets: _Ids,
     mode: str,
-    per_sample_weights: _Float32 | None = None,
+    per_sample_weights: _Table | None = None,
     padding_idx: int | None = None,
     include_last_offset: bool = False,
-    out: _Float32 | None = None,
-) -> _Float32 | tuple[_Float32, npt.NDArray[np.int64]]: ...
+    out: _Table | None = None,
+    *,
+    _format: _Format = None,
+) -> _Table | tuple[_Table, npt.NDArray[np.int64]]: ...
 def embedding_bag_backward(
-    grad_table: _Float32,
+    grad_table: _Table,
     ids: _Ids,
     offsets: _Ids,
-    grad_out: _Float32,
+    grad_out: _Table,
     mode: str,
-    per_sample_weights: _Float32 | None = None,
+    per_sample_weights: _Table | None = None,
     padding_idx: int | None = None,
     include_last_offset: bool = False,
     argmax: npt.NDArray[np.int64] | None = None,
+    *,
+    _format: _Format = None,
 ) -> None: ...
 def embedding_bag_grad_rows(
     num_embeddings: int,
     ids: _Ids,
     offsets: _Ids,
-    grad_out: _Float32,
+    grad_out: _Table,
     mode: str,
-    per_sample_weights: _Float32 | None = None,
+    per_sample_weights: _Table | None = None,
     padding_idx: int | None = None,
     include_last_offset: bool = False,
-) -> tuple[npt.NDArray[np.int64], _Float32]: ...
+    *,
+    _format: _Format = None,
+) -> tuple[npt.NDArray[np.int64], _Table]: ...
 def embedding_bag_weights_grad(
-    table: _Float32,
+    table: _Table,
     ids: _Ids,
     offsets: _Ids,
-    grad_out: _Float32,
+    grad_out: _Table,
     padding_idx: int | None = None,
     include_last_offset: bool = False,
-) -> _Float32: ...
+    *,
+    _format: _Format = None,
+) -> _Table: ...
 
 # a table sharded by rows (_shard.pxi)
 def exchange_plan(

@@ -6,22 +6,22 @@ ids.shape) and documents shapes. Every check of the values themselves (dtype of
 the tables, shapes, id ranges, aliasing) happens once, in `_kernels`, before the
 first write.
 
-Dtypes: `gather`, `gather_add`, `scatter_add`, `gather_add_backward` and `coalesce`
-take float32, float64, float16 or bfloat16 tables (bfloat16 as numpy arrays of
-``ml_dtypes.bfloat16``, the type jax and tensorflow use with numpy; fastembed does not
-import ml_dtypes, it recognises the dtype). Every other array of the call that holds
+Dtypes: `gather`, `gather_add`, `scatter_add`, `gather_add_backward`, `coalesce`, `renorm`
+and the four `embedding_bag` functions take float32, float64, float16 or bfloat16 tables
+(bfloat16 as numpy arrays of ``ml_dtypes.bfloat16``, the type jax and tensorflow use with
+numpy; fastembed does not import ml_dtypes, it recognises the dtype). Every other array of the call that holds
 table elements (the position table, ``out``, ``grad_out``, the gradient tables) must
 have the table's dtype: a mismatch is a TypeError naming both, never a cast. float64
 is computed in float64. float16 and bfloat16 are stored as 16 bits and summed in
 float32: `gather_add` rounds each ``token + position`` once; `scatter_add` and
 `gather_add_backward` round after each add into the gradient table (what torch's
 dense embedding backward does on CPU, bitwise); `coalesce` sums the duplicates of a
-row in float32 in ids order and rounds once. `renorm` takes the four too, in torch's
-precision for each (see its docstring). The optimizer kernels (`fastembed.optim`) take
-float32 only.
+row in float32 in ids order and rounds once. `renorm` computes in torch's precision for
+each dtype (see its docstring); the bags follow torch's CPU kernels dtype by dtype (see
+`embedding_bag`). The optimizer kernels (`fastembed.optim`) take float32 only.
 
 A uint16 array is refused, never read as bfloat16. Private, for callers without
-ml_dtypes such as the torch adapter: the five kernels in `fastembed._kernels` take the
+ml_dtypes such as the torch adapter: these kernels in `fastembed._kernels` take the
 keyword ``_format="bfloat16"``, under which every element array of the call must be a
 native uint16 array of bfloat16 bits (``tensor.view(torch.uint16).numpy()``; results
 are uint16 too); give them ids from `as_ids` and positions as these wrappers do.
@@ -334,25 +334,32 @@ def embedding_bag(table, ids, offsets=None, *, mode="mean", per_sample_weights=N
 
     Parameters
     ----------
-    table : ndarray of float32, shape (V, D), C-contiguous
+    table : ndarray of float32, float64, float16 or bfloat16, shape (V, D), C-contiguous
+        Every other float array of the call (per_sample_weights, out) has its dtype; the result too.
     ids : array-like of int, shape (N,) with offsets, or (B, L) without
     offsets : array-like of int, shape (B,) or (B + 1,) with include_last_offset
         Non-decreasing, from 0 to at most N.
     mode : "sum", "mean" or "max"
-    per_sample_weights : ndarray of float32, ids' shape, optional
+    per_sample_weights : ndarray of the table's dtype, ids' shape, optional
         Each row is multiplied by its weight before the sum; mode "sum" only (torch's rule).
     padding_idx : int, optional
         Ids equal to it (negative: counted from the end, ``V + padding_idx``) are left out of their bag and
         of the mean's count.
-    out : ndarray of float32, shape (B, D), optional
+    out : ndarray of the table's dtype, shape (B, D), optional
     return_argmax : bool
         Mode "max" only: also return argmax, what ``embedding_bag_backward`` needs.
 
     Returns
     -------
-    out : ndarray of float32, shape (B, D)
+    out : ndarray of the table's dtype, shape (B, D)
         An empty bag (or one of padding only) gives zeros. Sums run in the order of the ids; a mean is the
         sum divided by the count; a max keeps the first of equal values (and a NaN once it holds one).
+        float64 computes in float64. float16 and bfloat16 sum in float32 (with per_sample_weights, of float32
+        products) and round once per bag; a mean divides that rounded sum by the count rounded to the dtype,
+        in float32, and rounds again; a max copies the winning elements. This is torch's CPU kernel, bitwise,
+        except that torch's FBGEMM path (no padding_idx) rounds a bfloat16 sum that is exactly halfway
+        between two bfloat16 values away from zero, where fastembed rounds to even (one unit in the last
+        place, on ties only).
     argmax : ndarray of int64, shape (B, D), with return_argmax
         The row each column's max came from; 0 for an empty bag, as torch reports it.
 
@@ -379,13 +386,16 @@ def embedding_bag_backward(grad_table, ids, offsets, grad_out, *, mode="mean", p
     ``grad_table[ids[i]] += grad_out[b] * s_i`` for every id i of bag b that is not padding, with s_i = 1
     (sum), ``per_sample_weights[i]`` (sum with weights) or ``1 / count`` (mean, count without padding);
     in mode "max", ``grad_table[argmax[b, d], d] += grad_out[b, d]`` for every bag that is not empty.
-    Additions run in bag order, then ids order: bitwise the same for every thread count.
+    Additions run in bag order, then ids order: bitwise the same for every thread count. float16 and
+    bfloat16 round after each add, ``g = round(g + s_i * grad_out[b])`` in float32 with s_i in the dtype
+    (torch's CPU backward; torch adds a row's lookups in the order of an unstable sort, so where a row is
+    looked up more than twice its rounding can differ from fastembed's ids order).
 
     Parameters
     ----------
-    grad_table : ndarray of float32, shape (V, D), C-contiguous and writeable
+    grad_table : ndarray of float32, float64, float16 or bfloat16, shape (V, D), C-contiguous and writeable
     ids, offsets, mode, per_sample_weights, padding_idx, include_last_offset : as in `embedding_bag`
-    grad_out : ndarray of float32, shape (B, D)
+    grad_out : ndarray of grad_table's dtype, shape (B, D)
     argmax : ndarray of int64, shape (B, D)
         Mode "max" only (and needed there): from ``embedding_bag(..., return_argmax=True)``.
     """
@@ -408,14 +418,18 @@ def embedding_bag_grad_rows(num_embeddings, ids, offsets, grad_out, *, mode="mea
     num_embeddings : int
         V, the table's rows (ids are checked against it).
     ids, offsets, mode, per_sample_weights, padding_idx, include_last_offset : as in `embedding_bag`
-    grad_out : ndarray of float32, shape (B, D)
+    grad_out : ndarray of float32, float64, float16 or bfloat16, shape (B, D)
+        Its dtype is the gradient's (per_sample_weights must have it too).
 
     Returns
     -------
     rows : ndarray of int64, shape (K,)
-    values : ndarray of float32, shape (K, D)
+    values : ndarray of grad_out's dtype, shape (K, D)
         ``values[k] = grad_out[b] * s_i`` for the k-th kept lookup i, of bag b (s_i as in
-        `embedding_bag_backward`). ``scatter_add(zeros, rows, values)`` is bitwise the dense gradient.
+        `embedding_bag_backward`). For float32 and float64, ``scatter_add(zeros, rows, values)`` is bitwise
+        the dense gradient. float16 and bfloat16 round each value once, as torch's sparse backward: a mean's
+        s_i is ``round(1 / round(count))`` in the dtype, so the sum of the values may differ from the dense
+        gradient in the last place.
     """
     ids, offsets, per_sample_weights, include_last_offset, _ = _bag_args(
         ids, offsets, per_sample_weights, include_last_offset, (), ())
@@ -426,12 +440,12 @@ def embedding_bag_grad_rows(num_embeddings, ids, offsets, grad_out, *, mode="mea
 def embedding_bag_weights_grad(table, ids, offsets, grad_out, *, padding_idx=None, include_last_offset=False):
     """The gradient of `embedding_bag` (mode "sum") with respect to per_sample_weights.
 
-    ``result[i] = table[ids[i]] . grad_out[b]`` for id i of bag b, summed in column order in float32;
-    0 for padding and for ids in no bag.
+    ``result[i] = table[ids[i]] . grad_out[b]`` for id i of bag b, summed in column order (in float64 for
+    float64 tables, else in float32, rounded once to the table's dtype); 0 for padding and for ids in no bag.
 
     Returns
     -------
-    ndarray of float32, ids' shape
+    ndarray of the table's dtype, ids' shape
     """
     ids, offsets, _, include_last_offset, shape = _bag_args(ids, offsets, None, include_last_offset, (), ())
     result = _kernels.embedding_bag_weights_grad(table, ids, offsets, grad_out, padding_idx, include_last_offset)

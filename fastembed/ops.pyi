@@ -30,29 +30,30 @@ def coalesce(ids: npt.ArrayLike, grad_out: _Float32) -> tuple[npt.NDArray[np.int
 def positions_array(ids: npt.ArrayLike, positions: _Positions = None) -> npt.NDArray[np.int64]: ...
 def renorm(table: _Float32, ids: npt.ArrayLike, max_norm: float, norm_type: float = 2.0) -> None: ...
 
-# embedding bags
+# embedding bags (tables of float32, float64, float16 or ml_dtypes.bfloat16)
+_Table = npt.NDArray[np.float32] | npt.NDArray[np.float64] | npt.NDArray[np.float16] | npt.NDArray[np.generic]
 __all__ += ["embedding_bag", "embedding_bag_backward", "embedding_bag_grad_rows", "embedding_bag_weights_grad"]
 
 def embedding_bag(
-    table: _Float32,
+    table: _Table,
     ids: npt.ArrayLike,
     offsets: npt.ArrayLike | None = None,
     *,
     mode: str = "mean",
-    per_sample_weights: _Float32 | None = None,
+    per_sample_weights: _Table | None = None,
     padding_idx: int | None = None,
     include_last_offset: bool = False,
-    out: _Float32 | None = None,
+    out: _Table | None = None,
     return_argmax: bool = False,
-) -> _Float32 | tuple[_Float32, npt.NDArray[np.int64]]: ...
+) -> _Table | tuple[_Table, npt.NDArray[np.int64]]: ...
 def embedding_bag_backward(
-    grad_table: _Float32,
+    grad_table: _Table,
     ids: npt.ArrayLike,
     offsets: npt.ArrayLike | None,
-    grad_out: _Float32,
+    grad_out: _Table,
     *,
     mode: str = "mean",
-    per_sample_weights: _Float32 | None = None,
+    per_sample_weights: _Table | None = None,
     padding_idx: int | None = None,
     include_last_offset: bool = False,
     argmax: npt.NDArray[np.int64] | None = None,
@@ -61,22 +62,22 @@ def embedding_bag_grad_rows(
     num_embeddings: int,
     ids: npt.ArrayLike,
     offsets: npt.ArrayLike | None,
-    grad_out: _Float32,
+    grad_out: _Table,
     *,
     mode: str = "mean",
-    per_sample_weights: _Float32 | None = None,
+    per_sample_weights: _Table | None = None,
     padding_idx: int | None = None,
     include_last_offset: bool = False,
-) -> tuple[npt.NDArray[np.int64], _Float32]: ...
+) -> tuple[npt.NDArray[np.int64], _Table]: ...
 def embedding_bag_weights_grad(
-    table: _Float32,
+    table: _Table,
     ids: npt.ArrayLike,
     offsets: npt.ArrayLike | None,
-    grad_out: _Float32,
+    grad_out: _Table,
     *,
     padding_idx: int | None = None,
     include_last_offset: bool = False,
-) -> _Float32: ...
+) -> _Table: ...
 
 # a table sharded by rows (the id exchange)
 __all__ += ["exchange_plan", "row_bounds"]

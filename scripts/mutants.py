@@ -1143,6 +1143,77 @@ MUTANTS += [
            (T_CKPT, "-k", "its_rows_of_the_saved_table and fused_adagrad")),
 ]
 
+# issue 10, item 1 for the bags: the bag kernels on float64, float16 and bfloat16 tables. The first five are
+# the float32 bag mutants bag-last-offset-ignored, bag-backward-mean-counts-padding, bag-sparse-mean-unscaled,
+# bag-psw-grad-padding and bag-psw-grad-thread-local-bag on the fused code (their old texts are gone).
+BAG_DT = "tests/test_bag_dtypes.py"
+MUTANTS += [
+    Mutant("bagdt-last-offset-ignored", BAG_PXI,
+           "        return _bag_forward(table, V, D, <const int64_t*>ids, offs, L, N, B, mode, psw, pad, out, arg, scratch,",
+           "        return _bag_forward(table, V, D, <const int64_t*>ids, offs, B, N, B, mode, psw, pad, out, arg, scratch,",
+           "with include_last_offset the forward's last bag runs to len(ids), not to offsets[-1] (int64 ids)",
+           (BAG, "-k", "forward_matches_transcription or hand_computed")),
+    Mutant("bagdt-backward-mean-counts-padding", BAG_PXI,
+           "            inv = _bag_inv(grad, _bag_kept(ids, lo, hi, pad))",
+           "            inv = _bag_inv(grad, hi - lo)",
+           "the dense backward of a mean scales by 1 / (bag length), padding counted",
+           (BAG, "-k", "dense_backward_matches_transcription or hand_computed")),
+    Mutant("bagdt-sparse-mean-unscaled", BAG_PXI,
+           "                _bag_scale_row(values + j * D, g + b * D, D, inv)",
+           "                memcpy(values + j * D, g + b * D, D * sizeof(bag_t))",
+           "the sparse gradient of a mean bag is not divided by the count",
+           (BAG, "-k", "grad_rows")),
+    Mutant("bagdt-psw-grad-padding", BAG_PXI,
+           "            if r != pad:\n                _bag_dot_into(", "            if True:\n                _bag_dot_into(",
+           "per_sample_weights' gradient is the dot product for padding ids too (torch gives 0)",
+           (BAG, "-k", "weights_grad")),
+    Mutant("bagdt-psw-grad-thread-local-bag", BAG_PXI,
+           "                _bag_dot_into(out + i, table + r * D, g + b * D, D)",
+           "                _bag_dot_into(out + i, table + r * D, g + (b - b0) * D, D)",
+           "per_sample_weights' gradient reads grad_out at the bag's index within the thread's range",
+           (BAG, "-k", "threaded"), threads=True),
+    Mutant("bagdt-dispatch-swapped", BAG_PXI,
+           "    if fmt == FMT_F16:\n        return _bag_forward_ids(<const fe_f16*>table",
+           "    if fmt == FMT_BF16:\n        return _bag_forward_ids(<const fe_f16*>table",
+           "the forward's dtype dispatch sends bfloat16 tables to the float16 loop and float16 ones to the bfloat16 loop",
+           (BAG_DT, "-k", "forward_matches_transcription"), quick=True),
+    Mutant("bagdt-half-accumulator-rounds", BAG_PXI,
+           "        else:\n            fe_add_into(acc, w, n)",
+           "        else:\n            for d in range(n):\n                acc[d] = _bag_round(o, acc[d] + w[d])",
+           "a 16-bit bag rounds its running sum to the dtype after each add (torch sums in float32, rounds once)",
+           (BAG_DT, "-k", "forward_matches_transcription or hand_computed")),
+    Mutant("bagdt-mean-divides-unrounded-sum", BAG_PXI,
+           "        _bag_narrow(o, acc, n)\n        if mode == BAG_MEAN and count > 0:\n"
+           "            # torch divides its 16-bit output (already rounded) by the count in the dtype, in float32\n"
+           "            _bag_widen(w, o, n)\n            fe_bag_div(w, n, _bag_round(o, <float>count))\n"
+           "            _bag_narrow(o, w, n)",
+           "        if mode == BAG_MEAN and count > 0:\n            fe_bag_div(acc, n, <float>count)\n"
+           "        _bag_narrow(o, acc, n)",
+           "a 16-bit mean divides the float32 sum before it is rounded (torch divides the rounded sum): one "
+           "rounding where torch has two",
+           (BAG_DT, "-k", "forward_matches_transcription or hand_computed")),
+    Mutant("bagdt-mean-count-unrounded", BAG_PXI,
+           "            fe_bag_div(w, n, _bag_round(o, <float>count))",
+           "            fe_bag_div(w, n, <float>count)",
+           "a 16-bit mean divides by the exact count, not by the count in the dtype (bfloat16 rounds counts > 256)",
+           (BAG_DT, "-k", "count_in_bfloat16")),
+    Mutant("bagdt-half-backward-product-rounded", BAG_PXI,
+           "                _bag_set(dst + d, _bag_f(dst[d]) + f * _bag_f(src[d]))",
+           "                _bag_set(dst + d, _bag_f(dst[d]) + _bag_round(dst, f * _bag_f(src[d])))",
+           "the 16-bit dense backward of a mean or weighted bag rounds the product to the dtype before the add "
+           "(torch's axpy forms it in float32)",
+           (BAG_DT, "-k", "dense_backward_matches_transcription")),
+    Mutant("bagdt-torch-float32-only", TORCH_BAG,
+           "_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16)",
+           "_KERNEL_DTYPES = (torch.float32,)",
+           "fastembed.torch's bags send float64 and float16 weights to torch's F.embedding_bag",
+           (BAG_DT, "-k", "runs_the_kernels")),
+]
+# The float32 forms the first five replace: their old texts no longer occur in _bag.pxi (they would be STALE).
+_SUPERSEDED = {"bag-last-offset-ignored", "bag-backward-mean-counts-padding", "bag-sparse-mean-unscaled",
+               "bag-psw-grad-padding", "bag-psw-grad-thread-local-bag"}
+MUTANTS = [m for m in MUTANTS if m.id not in _SUPERSEDED]
+
 
 # ---------------------------------------------------------------- issue 10, item 1: renorm's dtypes
 RENORM_DTYPES = "tests/test_renorm_dtypes.py"

@@ -5,9 +5,10 @@ defaults, attributes, ``from_pretrained``, ``reset_parameters``, ``extra_repr`` 
 torch's own, so code that builds, inspects or checkpoints one cannot tell them apart.
 `embedding_bag` has ``F.embedding_bag``'s signature, errors and results.
 
-Which calls run on fastembed's kernels: a dense, contiguous CPU float32 weight, int32 or int64 ids
-and offsets, float32 per_sample_weights, and no ``scale_grad_by_freq``. Every other call torch accepts
-(other dtypes, devices, nested ids, scale_grad_by_freq, and any call while torch compiles or exports a
+Which calls run on fastembed's kernels: a dense, contiguous CPU float32, float64 or float16 weight,
+int32 or int64 ids and offsets, per_sample_weights of the weight's dtype, and no ``scale_grad_by_freq``
+(and ``max_norm`` with a float32 weight only: the renorm kernel's dtype). Every other call torch accepts
+(other dtypes, bfloat16 included, devices, nested ids, scale_grad_by_freq, and any call while torch compiles or exports a
 graph) is torch's own ``F.embedding_bag``: torch's result either way. Bad arguments raise torch's
 exception types with nothing changed; unlike torch, fastembed checks everything before ``max_norm``
 renormalises the looked-up rows, so a call that raises leaves the weight as it was.
@@ -17,6 +18,7 @@ of the ids, and the backward is bitwise the same for every thread count: the wei
 (a scatter of each bag's gradient into its rows) or, with ``sparse=True``, torch's sparse layout (one
 entry per lookup in the order of the ids, uncoalesced, padding left out); per_sample_weights get theirs.
 """
+import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 from torch.overrides import handle_torch_function, has_torch_function_variadic
@@ -30,11 +32,16 @@ __all__ = ["EmbeddingBag", "embedding_bag"]
 _MODES = ("sum", "mean", "max")
 
 
+# The weight dtypes the kernels take here, each numpy's view of the tensor's memory. bfloat16 stays torch's:
+# numpy has no bfloat16 without ml_dtypes (the kernels' uint16 route, _format, is not plumbed here yet).
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16)
+
+
 def _uses_kernels(input, weight, offsets, per_sample_weights, scale_grad_by_freq):
     """Whether fastembed's kernels take this call (else torch's F.embedding_bag gives the result)."""
     if scale_grad_by_freq or torch.compiler.is_compiling():
         return False
-    if not (isinstance(weight, torch.Tensor) and weight.dtype == torch.float32 and weight.dim() == 2
+    if not (isinstance(weight, torch.Tensor) and weight.dtype in _KERNEL_DTYPES and weight.dim() == 2
             and weight.device.type == "cpu" and weight.layout == torch.strided and weight.is_contiguous()):
         return False
     if not (isinstance(input, torch.Tensor) and input.dtype in (torch.int32, torch.int64)
@@ -44,7 +51,7 @@ def _uses_kernels(input, weight, offsets, per_sample_weights, scale_grad_by_freq
                                     and offsets.device.type == "cpu" and offsets.layout == torch.strided):
         return False
     if per_sample_weights is not None and not (
-            isinstance(per_sample_weights, torch.Tensor) and per_sample_weights.dtype == torch.float32
+            isinstance(per_sample_weights, torch.Tensor) and per_sample_weights.dtype == weight.dtype
             and per_sample_weights.device.type == "cpu" and per_sample_weights.layout == torch.strided):
         return False
     return True
@@ -132,7 +139,7 @@ class _BagFunction(torch.autograd.Function):
                                                       torch.from_numpy(values), ctx.table.shape,
                                                       check_invariants=False)
             else:
-                weight_grad = torch.zeros(ctx.table.shape, dtype=torch.float32)
+                weight_grad = torch.from_numpy(np.zeros_like(ctx.table))
                 ops.embedding_bag_backward(weight_grad.numpy(), ctx.ids, ctx.offsets, g, per_sample_weights=ctx.psw,
                                            argmax=ctx.argmax, **ctx.args)
         return weight_grad, psw_grad, None, None, None, None, None, None, None
