@@ -138,11 +138,6 @@ cdef cnp.ndarray _contiguous_input(cnp.ndarray arr):
     return np.array(arr, order="C")  # a 0-d array stays 0-d (np.ascontiguousarray would make it 1-d)
 
 
-cdef cnp.ndarray _table(object a, str name):
-    """A 2-D, C-contiguous, aligned float32 table (read-only is fine)."""
-    return _checked_table(_float_array(a, name), name)
-
-
 cdef cnp.ndarray _target(object a, str name):
     """An array written in place: float32, C-contiguous, aligned and writeable."""
     return _checked_target(_float_array(a, name), name)

@@ -26,7 +26,8 @@ thread settings and the checks are one copy shared by every family):
 
 The lookups, scatters and coalesce are written once over the fused type elem_t (float32,
 float64, and the 16-bit float16 and bfloat16, whose row functions in _fastembed.h sum in
-float32); the optimizers take float32 only.
+float32); renorm and the bags over the same four dtypes, each in torch's precision for it; the
+optimizers take float32 only.
 """
 cimport numpy as cnp
 from cpython.pyport cimport PY_SSIZE_T_MAX

@@ -831,15 +831,6 @@ MUTANTS += [
            "        if (a[d] > out[d]) {", "        if (a[d] >= out[d]) {",
            "max mode keeps the last of equal values (torch keeps the first: its argmax, and so its gradient, differ)",
            (BAG, "-k", "forward_matches_transcription or hand_computed")),
-    Mutant("bag-last-offset-ignored", BAG_PXI,
-           "    if wide:\n        return _bag_forward(table, V, D, <const int64_t*>ids, offs, L, N, B, mode, psw, pad, out, arg,\n"
-           "                            nthreads, team)\n"
-           "    return _bag_forward(table, V, D, <const int32_t*>ids, offs, L, N, B, mode, psw, pad, out, arg, nthreads, team)",
-           "    if wide:\n        return _bag_forward(table, V, D, <const int64_t*>ids, offs, B, N, B, mode, psw, pad, out, arg,\n"
-           "                            nthreads, team)\n"
-           "    return _bag_forward(table, V, D, <const int32_t*>ids, offs, B, N, B, mode, psw, pad, out, arg, nthreads, team)",
-           "with include_last_offset the forward's last bag runs to len(ids), not to offsets[-1]",
-           (BAG, "-k", "forward_matches_transcription or hand_computed")),
     Mutant("bag-offsets-past-end", BAG_PXI,
            "        if x > N:\n", "        if x > N + 1:\n",
            "an offset of len(ids) + 1 passes the check (the last bag would read one id past the end)",
@@ -852,33 +843,11 @@ MUTANTS += [
            "    if mode != BAG_SUM:\n        name =", "    if False:\n        name =",
            "per_sample_weights are accepted with mode mean or max (torch refuses them) and silently ignored",
            (BAG, "-k", "per_sample_weights_need_sum")),
-    Mutant("bag-backward-mean-counts-padding", BAG_PXI,
-           "        if mode == BAG_MEAN:\n            inv = _bag_inv(_bag_kept(ids, lo, hi, pad))\n"
-           "        for i in range(lo, hi):\n            if i + PREFETCH_ROWS < hi:",
-           "        if mode == BAG_MEAN:\n            inv = _bag_inv(hi - lo)\n"
-           "        for i in range(lo, hi):\n            if i + PREFETCH_ROWS < hi:",
-           "the dense mean backward scales by 1 / bag length, padding included",
-           (BAG, "-k", "dense_backward_matches_transcription or hand_computed")),
     Mutant("bag-max-backward-empty-bag-to-row-0", BAG_PXI,
            "            if _bag_kept(ids, lo, hi, pad) == 0:\n                continue",
            "            if False:\n                continue",
            "max mode's backward sends an empty bag's gradient to its argmax, row 0 (torch sends it nowhere)",
            (BAG, "-k", "dense_backward_matches_transcription or match_torch or hand_computed")),
-    Mutant("bag-sparse-mean-unscaled", BAG_PXI,
-           "                fe_bag_scale(values + j * D, g + b * D, D, inv)",
-           "                memcpy(values + j * D, g + b * D, D * sizeof(bag_t))",
-           "the sparse rows of a mean bag are not divided by the bag's count",
-           (BAG, "-k", "grad_rows")),
-    Mutant("bag-psw-grad-padding", BAG_PXI,
-           "            out[i] = 0 if r == pad else fe_bag_dot(table + r * D, g + b * D, D)",
-           "            out[i] = fe_bag_dot(table + r * D, g + b * D, D)",
-           "per_sample_weights' gradient is nonzero at padding ids (torch gives 0: they are not in the bag)",
-           (BAG, "-k", "weights_grad")),
-    Mutant("bag-psw-grad-thread-local-bag", BAG_PXI,
-           "            out[i] = 0 if r == pad else fe_bag_dot(table + r * D, g + b * D, D)",
-           "            out[i] = 0 if r == pad else fe_bag_dot(table + r * D, g + (b - b0) * D, D)",
-           "per_sample_weights' gradient reads the grad of the wrong bag on every thread but the first",
-           (BAG, "-k", "threaded"), threads=True),
     Mutant("bag-threads-last-bag-dropped", BAG_PXI,
            "    if k == parts:\n        return B\n", "    if k == parts:\n        return B - 1\n",
            "on the threaded path no thread owns the last bag: its output row is never written",
@@ -1209,10 +1178,6 @@ MUTANTS += [
            "fastembed.torch's bags send float64 and float16 weights to torch's F.embedding_bag",
            (BAG_DT, "-k", "runs_the_kernels")),
 ]
-# The float32 forms the first five replace: their old texts no longer occur in _bag.pxi (they would be STALE).
-_SUPERSEDED = {"bag-last-offset-ignored", "bag-backward-mean-counts-padding", "bag-sparse-mean-unscaled",
-               "bag-psw-grad-padding", "bag-psw-grad-thread-local-bag"}
-MUTANTS = [m for m in MUTANTS if m.id not in _SUPERSEDED]
 
 
 # ---------------------------------------------------------------- issue 10, item 1: renorm's dtypes
