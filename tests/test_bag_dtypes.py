@@ -568,20 +568,26 @@ def test_torch_module_runs_the_kernels(monkeypatch, dtype_name, sparse):
     torch.testing.assert_close(psw.grad, want_psw)
 
 
-def test_torch_bfloat16_and_max_norm_stay_torchs(monkeypatch):
+def test_torch_bfloat16_stays_torchs_and_max_norm_runs_the_kernels(monkeypatch):
+    """A bfloat16 bag is torch's own F.embedding_bag (no kernel call); max_norm on a float64 or float16
+    weight runs fastembed's renorm and bag kernels (renorm takes the four dtypes) with torch's values."""
     torch = pytest.importorskip("torch")
     import fastembed.torch as ft
-    calls = []
     from fastembed import ops
+    calls = []
     real = ops.embedding_bag
     monkeypatch.setattr(ops, "embedding_bag", lambda *a, **k: calls.append(1) or real(*a, **k))
     ids, offsets = torch.tensor([1, 2, 1]), torch.tensor([0, 2])
-    for dtype, max_norm in [(torch.bfloat16, None), (torch.float64, 1.0), (torch.float16, 0.5)]:
-        w = torch.randn(4, 3, generator=torch.Generator().manual_seed(1)).to(dtype)
-        got = ft.functional.embedding_bag(ids, w.clone(), offsets, mode="sum", max_norm=max_norm)
-        want = torch.nn.functional.embedding_bag(ids, w.clone(), offsets, mode="sum", max_norm=max_norm)
-        assert torch.equal(got, want)
-    assert calls == []
+    for dtype, max_norm, kernels in [(torch.bfloat16, None, 0), (torch.float64, 1.0, 1), (torch.float16, 0.5, 1)]:
+        calls.clear()
+        w = (torch.randn(4, 3, generator=torch.Generator().manual_seed(1)) * 2).to(dtype)
+        ours, theirs = w.clone(), w.clone()
+        got = ft.functional.embedding_bag(ids, ours, offsets, mode="sum", max_norm=max_norm)
+        want = torch.nn.functional.embedding_bag(ids, theirs, offsets, mode="sum", max_norm=max_norm)
+        assert torch.equal(got, want) and torch.equal(ours, theirs)
+        assert (len(calls) > 0) == kernels, dtype  # (max_norm checks the call by a bag it drops first)
+        if max_norm is not None:
+            assert not torch.equal(ours, w)  # (some row was above max_norm: the renorm did something)
 
 
 @FAST
