@@ -54,14 +54,13 @@ def _die_with_parent():
 
 
 def _kill_group(proc):
-    if proc.poll() is not None:
-        return
+    # The group goes even when its leader, the rank, has exited: what the rank started dies with it.
     try:
         if hasattr(os, "killpg"):
             os.killpg(proc.pid, signal.SIGKILL)  # the rank leads its own group (start_new_session)
-        else:
+        elif proc.poll() is None:
             proc.kill()
-    except ProcessLookupError:  # it exited since poll()
+    except (ProcessLookupError, PermissionError):  # nothing of the group is left
         pass
     proc.wait()
 

@@ -56,12 +56,20 @@ def _expected_skips():
 _UNEXPECTED_SKIPS = []
 
 
-def pytest_runtest_logreport(report):
+def _check_skip(report):
     words = _expected_skips()
     if words and report.skipped and not hasattr(report, "wasxfail"):
         reason = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr)
         if not any(w in reason.lower() for w in words):
             _UNEXPECTED_SKIPS.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_runtest_logreport(report):  # a test that skips
+    _check_skip(report)
+
+
+def pytest_collectreport(report):  # a whole file that skips as it is imported (importorskip, allow_module_level)
+    _check_skip(report)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -199,3 +199,20 @@ def test_a_skip_the_stage_does_not_expect_fails_the_run(expected, rc):
                           node], cwd=tests.parent, env=env, capture_output=True, text=True)
     assert run.returncode == rc, run.stdout + run.stderr
     assert ("FASTEMBED_EXPECT_INSTALLED=1 when testing" in run.stderr) == (rc == 1)
+
+
+@pytest.mark.parametrize("expected, rc", [("torch", 1), ("torch|no such part", 0)])
+def test_a_file_that_skips_as_it_is_imported_is_checked_too(tmp_path, expected, rc):
+    # importorskip at the top of a file skips the whole file at collection, where no test report is made.
+    (tmp_path / "test_skips_whole.py").write_text(
+        "import pytest\npytest.skip('no such part here', allow_module_level=True)\n")
+    (tmp_path / "test_runs.py").write_text("def test_runs():\n    assert True\n")  # (a run of no test is rc 5)
+    tests = Path(__file__).resolve().parent
+    env = {k: v for k, v in os.environ.items() if k != "FASTEMBED_REQUIRE"}
+    env["FASTEMBED_EXPECTED_SKIPS"] = expected
+    env["PYTHONPATH"] = os.pathsep.join([str(tests)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest",
+                          "--rootdir", str(tmp_path), str(tmp_path)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == rc, run.stdout + run.stderr
+    assert ("no such part here" in run.stderr) == (rc == 1)

@@ -58,8 +58,8 @@ __all__ = ["Embedding", "TokenPositionEmbedding", "functional"]
 _ID_DTYPES = (torch.int32, torch.int64)
 # The table dtypes numpy reads as they are (what `_table` and `_grad` take: ShardedEmbedding takes these), and
 # those a lookup of Embedding, functional.embedding and TokenPositionEmbedding runs on the kernels with
-# (bfloat16 too, as uint16 bits: `_library._bits`), one list for the modules and the custom ops. max_norm's
-# renorm and the fused rules are float32 only.
+# (bfloat16 too, as uint16 bits: `_library._bits`), one list for the modules and the custom ops; max_norm's
+# renorm takes the same four. The fused rules are float32 only.
 _KERNEL_DTYPES = _library._KERNEL_DTYPES
 _LOOKUP_DTYPES = _library._LOOKUP_DTYPES
 
@@ -423,9 +423,7 @@ def _sparse_lookup(weight, table, ids, padding_idx):
     try:
         return torch.nn.functional.embedding(ids, weight, padding_idx, None, 2.0, False, True)
     except IndexError:
-        if table.dtype == _library._BITS:  # bfloat16 bits: the ops wrapper would refuse them before the ids
-            _library._gather(table, idn)
-        ops.gather(table, idn)  # raises the IndexError that names the id, where it stands, and the rows
+        _library._gather(table, idn)  # raises the IndexError that names the id, where it stands, and the rows
         raise
 
 
@@ -460,12 +458,12 @@ class Embedding(torch.nn.Module):
     float16 or bfloat16, dense, contiguous CPU table with int32/int64 ids runs on
     fastembed's kernels: the gather and the scatter-add backward (float16 and
     bfloat16 gradients added one rounding at a time, as torch's CPU backward adds
-    them), and, for ``max_norm`` on a float32 table, fastembed's renorm (the
-    looked-up rows scaled in place before the lookup, as torch does; it checks every
-    id first, so a bad id changes no row, where torch's may have scaled some). Every
-    other dtype or device torch accepts (an integer table from ``from_pretrained``,
-    ``meta``, a strided table, ``max_norm`` on a float64, float16 or bfloat16 table)
-    is torch's own ``F.embedding``, so it gives torch's result.
+    them), and, for ``max_norm``, fastembed's renorm on the same four dtypes (the
+    looked-up rows scaled in place before the lookup, as torch does, in torch's
+    precision for the dtype; it checks every id first, so a bad id changes no row,
+    where torch's may have scaled some). Every other dtype or device torch accepts
+    (an integer table from ``from_pretrained``, ``meta``, a strided table) is
+    torch's own ``F.embedding``, so it gives torch's result.
     ``scale_grad_by_freq=True`` is torch's own
     ``F.embedding`` too (there is no kernel for it yet). ``sparse=True`` gives
     torch's sparse gradient (one uncoalesced entry per lookup): such a lookup,

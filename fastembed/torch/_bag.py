@@ -7,7 +7,7 @@ torch's own, so code that builds, inspects or checkpoints one cannot tell them a
 
 Which calls run on fastembed's kernels: a dense, contiguous CPU float32, float64 or float16 weight,
 int32 or int64 ids and offsets, per_sample_weights of the weight's dtype, and no ``scale_grad_by_freq``
-(and ``max_norm`` with a float32 weight only: the renorm kernel's dtype). Every other call torch accepts
+(``max_norm`` included: the renorm kernel takes the same dtypes). Every other call torch accepts
 (other dtypes, bfloat16 included, devices, nested ids, scale_grad_by_freq, and any call while torch compiles or exports a
 graph) is torch's own ``F.embedding_bag``: torch's result either way. Bad arguments raise torch's
 exception types with nothing changed; unlike torch, fastembed checks everything before ``max_norm``

@@ -3,9 +3,9 @@
 
 A float32, float64, float16 or bfloat16, dense, contiguous CPU table with int32/int64 ids
 runs on fastembed's kernels (the gather, the scatter-add backward, and the renorm of
-``max_norm`` on float32); any other table torch accepts (integer, strided, on the meta
-device), ``max_norm`` on a table other than float32, and ``scale_grad_by_freq=True`` are
-torch's own ``F.embedding`` for now, so they give torch's result. `fastembed.torch.Embedding` calls the same path.
+``max_norm``); any other table torch accepts (integer, strided, on the meta device) and
+``scale_grad_by_freq=True`` are torch's own ``F.embedding`` for now, so they give torch's
+result. `fastembed.torch.Embedding` calls the same path.
 """
 import torch
 from torch.overrides import handle_torch_function, has_torch_function_variadic
