@@ -47,6 +47,8 @@ def bf16_bits(x):
     """float32 values -> bfloat16 bits, round to nearest even, from the distances to the two candidates
     (exact in float64). NaN inputs give some NaN; compare them with isnan."""
     x = np.asarray(x, np.float32)
+    shape = x.shape
+    x = x.reshape(-1)  # (numpy 1.x types a 0-d array's `lo << 16` by value, as int64: no float32 view of it)
     lo = (x.view(np.uint32) >> 16).astype(np.uint32)  # the candidate towards zero: truncation
     hi = lo + 1  # the next one away from zero
     with np.errstate(invalid="ignore"):  # NaN candidates (next to inf) never win the comparison below
@@ -57,14 +59,14 @@ def bf16_bits(x):
         xd = x.astype(np.float64)
         d_lo, d_hi = np.abs(xd - lo_val), np.abs(hi_val - xd)
         up = (d_hi < d_lo) | ((d_hi == d_lo) & ((lo & 1) == 1))
-    return np.where(up, hi, lo).astype(np.uint16)
+    return np.where(up, hi, lo).astype(np.uint16).reshape(shape)
 
 
 def widen(a):
     """A 16-bit (or float32/64) array as float32 (exact for the 16-bit types)."""
     a = np.asarray(a)
-    if is_bf16(a.dtype):
-        return (a.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if is_bf16(a.dtype):  # (1-d for the shift: see bf16_bits)
+        return (a.reshape(-1).view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(a.shape)
     return a.astype(np.float32)
 
 
