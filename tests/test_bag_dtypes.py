@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import fastembed as fe
 from fastembed import _kernels
 from _helpers import FAST, Snapshot, assert_bitwise, num_threads, serial_elements, two_thread_team
-from test_bag import _bounds, _kept, _pad, _torch_can, bag_cases
+from test_bag import _bounds, _kept, _kw, _pad, _torch_can, bag_cases, run_backward, run_forward
 from test_dtypes import BF16, F16, F64, is_bf16, narrow, needs_ml_dtypes, widen
 
 NEW = (F64, F16) + ((BF16,) if BF16 is not None else ())
@@ -42,20 +42,6 @@ def as_dtype(case, dtype):
 def _grad_out(case, seed=1):
     g = np.random.default_rng(seed).standard_normal((len(_bounds(case)), case["table"].shape[1]))
     return narrow(g.astype(np.float32), case["table"].dtype)
-
-
-def _kw(case):
-    return {k: case[k] for k in ("mode", "per_sample_weights", "padding_idx", "include_last_offset")}
-
-
-def run_forward(case, **extra):
-    if case["mode"] == "max":
-        return fe.embedding_bag(case["table"], case["ids"], case["offsets"], return_argmax=True, **_kw(case), **extra)
-    return fe.embedding_bag(case["table"], case["ids"], case["offsets"], **_kw(case), **extra), None
-
-
-def run_backward(case, grad_table, grad_out, argmax):
-    fe.embedding_bag_backward(grad_table, case["ids"], case["offsets"], grad_out, argmax=argmax, **_kw(case))
 
 
 # ---------------------------------------------------------------- the transcriptions (numpy, per dtype)
