@@ -24,7 +24,8 @@ A uint16 array is refused, never read as bfloat16. Private, for callers without
 ml_dtypes such as the torch adapter: these kernels in `fastembed._kernels` take the
 keyword ``_format="bfloat16"``, under which every element array of the call must be a
 native uint16 array of bfloat16 bits (``tensor.view(torch.uint16).numpy()``; results
-are uint16 too); give them ids from `as_ids` and positions as these wrappers do.
+are uint16 too); give them ids from `as_ids` and positions as these wrappers do. The four
+`embedding_bag` wrappers pass that keyword through (``_format``, not in their signatures' docs).
 """
 import operator
 
@@ -325,7 +326,7 @@ def _bag_args(ids, offsets, per_sample_weights, include_last_offset, targets, na
 
 
 def embedding_bag(table, ids, offsets=None, *, mode="mean", per_sample_weights=None, padding_idx=None,
-                  include_last_offset=False, out=None, return_argmax=False):
+                  include_last_offset=False, out=None, return_argmax=False, _format=None):
     """Bags of rows, each reduced to one row: torch's ``F.embedding_bag`` (CPU), in one pass per bag.
 
     Bag b holds ``ids[offsets[b]:offsets[b + 1]]``; the last bag ends at ``len(ids)``, or with
@@ -373,14 +374,14 @@ def embedding_bag(table, ids, offsets=None, *, mode="mean", per_sample_weights=N
     ids, offsets, per_sample_weights, include_last_offset, _ = _bag_args(
         ids, offsets, per_sample_weights, include_last_offset, (out,), ("out",))
     result = _kernels.embedding_bag(table, ids, offsets, mode, per_sample_weights, padding_idx,
-                                    include_last_offset, out)
+                                    include_last_offset, out, _format=_format)
     if mode == "max" and not return_argmax:
         return result[0]
     return result
 
 
 def embedding_bag_backward(grad_table, ids, offsets, grad_out, *, mode="mean", per_sample_weights=None,
-                           padding_idx=None, include_last_offset=False, argmax=None):
+                           padding_idx=None, include_last_offset=False, argmax=None, _format=None):
     """The dense gradient of `embedding_bag`, accumulated in place into grad_table.
 
     ``grad_table[ids[i]] += grad_out[b] * s_i`` for every id i of bag b that is not padding, with s_i = 1
@@ -403,11 +404,11 @@ def embedding_bag_backward(grad_table, ids, offsets, grad_out, *, mode="mean", p
     ids, offsets, per_sample_weights, include_last_offset, _ = _bag_args(
         ids, offsets, per_sample_weights, include_last_offset, targets, names)
     _kernels.embedding_bag_backward(grad_table, ids, offsets, grad_out, mode, per_sample_weights, padding_idx,
-                                    include_last_offset, argmax)
+                                    include_last_offset, argmax, _format=_format)
 
 
 def embedding_bag_grad_rows(num_embeddings, ids, offsets, grad_out, *, mode="mean", per_sample_weights=None,
-                            padding_idx=None, include_last_offset=False):
+                            padding_idx=None, include_last_offset=False, _format=None):
     """The sparse gradient of `embedding_bag` in torch's layout (``sparse=True``): one entry per lookup.
 
     Entries follow the ids, uncoalesced, leaving out padding_idx and ids in no bag, as torch's
@@ -434,10 +435,11 @@ def embedding_bag_grad_rows(num_embeddings, ids, offsets, grad_out, *, mode="mea
     ids, offsets, per_sample_weights, include_last_offset, _ = _bag_args(
         ids, offsets, per_sample_weights, include_last_offset, (), ())
     return _kernels.embedding_bag_grad_rows(num_embeddings, ids, offsets, grad_out, mode, per_sample_weights,
-                                            padding_idx, include_last_offset)
+                                            padding_idx, include_last_offset, _format=_format)
 
 
-def embedding_bag_weights_grad(table, ids, offsets, grad_out, *, padding_idx=None, include_last_offset=False):
+def embedding_bag_weights_grad(table, ids, offsets, grad_out, *, padding_idx=None, include_last_offset=False,
+                               _format=None):
     """The gradient of `embedding_bag` (mode "sum") with respect to per_sample_weights.
 
     ``result[i] = table[ids[i]] . grad_out[b]`` for id i of bag b, summed in column order (in float64 for
@@ -448,7 +450,8 @@ def embedding_bag_weights_grad(table, ids, offsets, grad_out, *, padding_idx=Non
     ndarray of the table's dtype, ids' shape
     """
     ids, offsets, _, include_last_offset, shape = _bag_args(ids, offsets, None, include_last_offset, (), ())
-    result = _kernels.embedding_bag_weights_grad(table, ids, offsets, grad_out, padding_idx, include_last_offset)
+    result = _kernels.embedding_bag_weights_grad(table, ids, offsets, grad_out, padding_idx, include_last_offset,
+                                                 _format=_format)
     return result.reshape(shape)
 
 

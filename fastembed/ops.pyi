@@ -45,6 +45,7 @@ def embedding_bag(
     include_last_offset: bool = False,
     out: _Table | None = None,
     return_argmax: bool = False,
+    _format: str | None = None,
 ) -> _Table | tuple[_Table, npt.NDArray[np.int64]]: ...
 def embedding_bag_backward(
     grad_table: _Table,
@@ -57,6 +58,7 @@ def embedding_bag_backward(
     padding_idx: int | None = None,
     include_last_offset: bool = False,
     argmax: npt.NDArray[np.int64] | None = None,
+    _format: str | None = None,
 ) -> None: ...
 def embedding_bag_grad_rows(
     num_embeddings: int,
@@ -68,6 +70,7 @@ def embedding_bag_grad_rows(
     per_sample_weights: _Table | None = None,
     padding_idx: int | None = None,
     include_last_offset: bool = False,
+    _format: str | None = None,
 ) -> tuple[npt.NDArray[np.int64], _Table]: ...
 def embedding_bag_weights_grad(
     table: _Table,
@@ -77,6 +80,7 @@ def embedding_bag_weights_grad(
     *,
     padding_idx: int | None = None,
     include_last_offset: bool = False,
+    _format: str | None = None,
 ) -> _Table: ...
 
 # a table sharded by rows (the id exchange)

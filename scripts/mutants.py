@@ -1173,10 +1173,20 @@ MUTANTS += [
            "(torch's axpy forms it in float32)",
            (BAG_DT, "-k", "dense_backward_matches_transcription")),
     Mutant("bagdt-torch-float32-only", TORCH_BAG,
-           "_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16)",
-           "_KERNEL_DTYPES = (torch.float32,)",
-           "fastembed.torch's bags send float64 and float16 weights to torch's F.embedding_bag",
+           "weight.dtype in _LOOKUP_DTYPES and weight.dim() == 2",
+           "weight.dtype == torch.float32 and weight.dim() == 2",
+           "fastembed.torch's bags send float64, float16 and bfloat16 weights to torch's F.embedding_bag",
            (BAG_DT, "-k", "runs_the_kernels")),
+    Mutant("bagdt-torch-bf16-grad-as-bits", TORCH_BAG,
+           "                weight_grad = _tensor(grad_table)",
+           "                weight_grad = torch.from_numpy(grad_table)",
+           "a bfloat16 bag's dense gradient is handed to autograd as its uint16 bits, not viewed back as bfloat16",
+           (BAG_DT, "-k", "runs_the_kernels and bfloat16")),
+    Mutant("bagdt-torch-bf16-psw-grad-format-dropped", TORCH_BAG,
+           'include_last_offset=ctx.args["include_last_offset"], _format=ctx.args["_format"]))',
+           'include_last_offset=ctx.args["include_last_offset"]))',
+           "the per_sample_weights gradient of a bfloat16 bag calls the kernel without _format (the bits are refused)",
+           (BAG_DT, "-k", "runs_the_kernels and bfloat16")),
 ]
 
 

@@ -5,11 +5,14 @@ defaults, attributes, ``from_pretrained``, ``reset_parameters``, ``extra_repr`` 
 torch's own, so code that builds, inspects or checkpoints one cannot tell them apart.
 `embedding_bag` has ``F.embedding_bag``'s signature, errors and results.
 
-Which calls run on fastembed's kernels: a dense, contiguous CPU float32, float64 or float16 weight,
-int32 or int64 ids and offsets, per_sample_weights of the weight's dtype, and no ``scale_grad_by_freq``
-(``max_norm`` included: the renorm kernel takes the same dtypes). Every other call torch accepts
-(other dtypes, bfloat16 included, devices, nested ids, scale_grad_by_freq, and any call while torch compiles or exports a
-graph) is torch's own ``F.embedding_bag``: torch's result either way. Bad arguments raise torch's
+Which calls run on fastembed's kernels: a dense, contiguous CPU float32, float64, float16 or bfloat16
+weight, int32 or int64 ids and offsets, per_sample_weights of the weight's dtype, and no
+``scale_grad_by_freq`` (``max_norm`` included: the renorm kernel takes the same dtypes). Every other call
+torch accepts (other dtypes, devices, nested ids, scale_grad_by_freq, and any call while torch compiles or
+exports a graph) is torch's own ``F.embedding_bag``: torch's result either way. bfloat16 reaches the
+kernels as its memory viewed as uint16 bits, as in `fastembed.torch._library`; its sums round once per bag
+to even, where torch's FBGEMM path (no padding_idx) rounds an exact tie away from zero: one unit in the
+last place, on ties only. Bad arguments raise torch's
 exception types with nothing changed; unlike torch, fastembed checks everything before ``max_norm``
 renormalises the looked-up rows, so a call that raises leaves the weight as it was.
 
@@ -26,22 +29,25 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 from .. import ops
 from ..nn import _fused_rule
 from . import _moved, _renorm_needs_torch  # (defined before fastembed.torch imports this module)
+from ._library import _BF16, _BITS, _LOOKUP_DTYPES, _bits, _renorm, _tensor
 
 __all__ = ["EmbeddingBag", "embedding_bag"]
 
 _MODES = ("sum", "mean", "max")
 
 
-# The weight dtypes the kernels take here, each numpy's view of the tensor's memory. bfloat16 stays torch's:
-# numpy has no bfloat16 without ml_dtypes (the kernels' uint16 route, _format, is not plumbed here yet).
-_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16)
+
+def _format(array):
+    """The bag kernels' private _format for a table from `_bits`: bfloat16 for its uint16 bits."""
+    return _BF16 if array.dtype == _BITS else None
+
 
 
 def _uses_kernels(input, weight, offsets, per_sample_weights, scale_grad_by_freq):
     """Whether fastembed's kernels take this call (else torch's F.embedding_bag gives the result)."""
     if scale_grad_by_freq or torch.compiler.is_compiling():
         return False
-    if not (isinstance(weight, torch.Tensor) and weight.dtype in _KERNEL_DTYPES and weight.dim() == 2
+    if not (isinstance(weight, torch.Tensor) and weight.dtype in _LOOKUP_DTYPES and weight.dim() == 2
             and weight.device.type == "cpu" and weight.layout == torch.strided and weight.is_contiguous()):
         return False
     if not (isinstance(input, torch.Tensor) and input.dtype in (torch.int32, torch.int64)
@@ -93,11 +99,12 @@ class _BagFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, per_sample_weights, ids, offsets, mode, padding_idx, include_last_offset, sparse,
                 fused=None):
-        table = weight.detach().numpy()
+        table = _bits(weight)
         idn = ids.numpy()
         offn = None if offsets is None else offsets.numpy()
-        psw = None if per_sample_weights is None else per_sample_weights.detach().numpy()
-        args = dict(mode=mode, padding_idx=padding_idx, include_last_offset=include_last_offset)
+        psw = None if per_sample_weights is None else _bits(per_sample_weights)
+        args = dict(mode=mode, padding_idx=padding_idx, include_last_offset=include_last_offset,
+                    _format=_format(table))
         argmax = None
         if mode == "max":
             out, argmax = ops.embedding_bag(table, idn, offn, return_argmax=True, **args)
@@ -110,18 +117,18 @@ class _BagFunction(torch.autograd.Function):
         # the weight only where per_sample_weights' gradient reads it.
         need_weight = per_sample_weights is not None and per_sample_weights.requires_grad
         ctx.save_for_backward(ids, offsets, per_sample_weights, weight if need_weight else None)
-        return torch.from_numpy(out)
+        return _tensor(out)
 
     @staticmethod
     @once_differentiable  # first order under create_graph=True too; its backward is refused, as torch's
     def backward(ctx, grad_out):
         ctx.saved_tensors  # raises if the ids, offsets, weights or weight changed in place since forward
-        g = grad_out.detach().numpy()
+        g = _bits(grad_out)
         weight_grad = psw_grad = None
         if ctx.needs_input_grad[1]:  # first: a fused update below moves the rows this gradient reads
-            psw_grad = torch.from_numpy(ops.embedding_bag_weights_grad(
+            psw_grad = _tensor(ops.embedding_bag_weights_grad(
                 ctx.table, ctx.ids, ctx.offsets, g, padding_idx=ctx.args["padding_idx"],
-                include_last_offset=ctx.args["include_last_offset"]))
+                include_last_offset=ctx.args["include_last_offset"], _format=ctx.args["_format"]))
         if ctx.needs_input_grad[0]:
             rows = ctx.table.shape[0]
             if ctx.fused is not None:
@@ -136,12 +143,13 @@ class _BagFunction(torch.autograd.Function):
                 index, values = ops.embedding_bag_grad_rows(rows, ctx.ids, ctx.offsets, g, per_sample_weights=ctx.psw,
                                                             **ctx.args)
                 weight_grad = torch.sparse_coo_tensor(torch.from_numpy(index).reshape(1, -1),
-                                                      torch.from_numpy(values), ctx.table.shape,
+                                                      _tensor(values), ctx.table.shape,
                                                       check_invariants=False)
             else:
-                weight_grad = torch.from_numpy(np.zeros_like(ctx.table))
-                ops.embedding_bag_backward(weight_grad.numpy(), ctx.ids, ctx.offsets, g, per_sample_weights=ctx.psw,
+                grad_table = np.zeros_like(ctx.table)
+                ops.embedding_bag_backward(grad_table, ctx.ids, ctx.offsets, g, per_sample_weights=ctx.psw,
                                            argmax=ctx.argmax, **ctx.args)
+                weight_grad = _tensor(grad_table)
         return weight_grad, psw_grad, None, None, None, None, None, None, None
 
 
@@ -173,11 +181,11 @@ def _embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_fr
         # The looked-up rows are renormalised in place before the lookup, as torch does; but first every
         # argument is checked, by a lookup whose result is dropped (the bag kernels have no check-only pass
         # yet: the rows are read twice), so a call that raises leaves the weight as it was (torch's may not).
-        table, idn = weight.detach().numpy(), input.numpy()
+        table, idn = _bits(weight), input.numpy()
         ops.embedding_bag(table, idn, None if offsets is None else offsets.numpy(), mode=mode,
-                          per_sample_weights=None if per_sample_weights is None else per_sample_weights.detach().numpy(),
-                          padding_idx=padding_idx, include_last_offset=include_last_offset)
-        ops.renorm(table, idn, max_norm, norm_type)
+                          per_sample_weights=None if per_sample_weights is None else _bits(per_sample_weights),
+                          padding_idx=padding_idx, include_last_offset=include_last_offset, _format=_format(table))
+        _renorm(table, idn, max_norm, norm_type)
         torch.autograd.graph.increment_version(weight)  # an in-place change: autograd must see it, as torch's
     return _BagFunction.apply(weight, per_sample_weights, input, offsets, mode, padding_idx, include_last_offset,
                               sparse, fused)
