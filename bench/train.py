@@ -134,6 +134,27 @@ def numpy_api_state(data, group, hyper):
     return step, lambda: (layer.weight,)
 
 
+# The numpy API's fused rows: fe.Embedding(fused=fe.optim.Fused<group>(...)), whose backward is the update
+# (straight from the ids and the upstream gradient: no coalesced gradient is formed, none is stored).
+NUMPY_FUSED_GROUPS = ("SGD", "Adagrad", "RowWiseAdagrad", "SparseAdam")
+
+
+def numpy_fused_row_name(group):
+    return f"fastembed numpy API fused {group}"
+
+
+def numpy_fused_state(data, group, hyper):
+    """fe.Embedding fused with fe.optim.Fused<group>(**hyper) on a fresh copy of the table."""
+    layer = fe.Embedding.from_pretrained(data.token_table, fused=getattr(fe.optim, "Fused" + group)(**hyper))
+    ids, g = data.ids, data.grad_hidden
+
+    def step():
+        layer(ids)
+        layer.backward(g)
+
+    return step, lambda: (layer.weight,)
+
+
 # ---------------------------------------------------------------- train: torch, fastembed.torch
 
 def autograd_step(module, opt, ids, g):
@@ -275,6 +296,9 @@ def train_methods(data, ctx):
             continue
         factory = (lambda hyper, g=group: numpy_api_state(data, g, hyper))
         by_group[group].append(row(numpy_row_name(group), "fastembed", group, factory, ctx.threads, anchor=True))
+        if group in NUMPY_FUSED_GROUPS:
+            factory = (lambda hyper, g=group: numpy_fused_state(data, g, hyper))
+            by_group[group].append(row(numpy_fused_row_name(group), "fastembed", group, factory, ctx.threads))
     if not dense_ok:
         skips.append(f"{numpy_row_name('Adam')}, {torch_row_name('Adam')}: skipped, a dense step rewrites all "
                      f"{data.token_table.size:,} elements of the table (over {DENSE_MAX_ELEMENTS:,}); the op "
