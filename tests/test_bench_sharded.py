@@ -16,15 +16,11 @@ import time
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _helpers import ROOT, require_gloo
+
 if not os.path.isfile(os.path.join(ROOT, "bench", "sharded.py")):
     pytest.skip("bench/ is not beside tests/ (a copy of the tests alone)", allow_module_level=True)
-torch = pytest.importorskip("torch")
-dist = pytest.importorskip("torch.distributed")
-if not dist.is_available() or not dist.is_gloo_available():
-    pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
-if ROOT not in sys.path:
-    sys.path.append(ROOT)
+require_gloo()
 
 from bench import ranks, shapes, sharded  # noqa: E402
 
