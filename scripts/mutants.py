@@ -1593,6 +1593,15 @@ MUTANTS += [
            (T_RANKS, "-k", "die_with_a_launcher")),
 ]
 
+# bench/ranks.py again: the group of a rank that has exited (commit 7d0a07f)
+MUTANTS += [
+    Mutant("ranks-spare-the-group-of-an-exited-rank", RANKS,
+           "def _kill_group(proc):\n", "def _kill_group(proc):\n    if proc.poll() is not None:\n        return\n",
+           "the launcher kills only the groups of ranks still running: what a rank started and left behind when "
+           "it exited runs on after the run",
+           (T_RANKS, "-k", "exited_rank")),
+]
+
 
 if __name__ == "__main__":
     sys.exit(main())
