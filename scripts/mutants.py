@@ -733,7 +733,7 @@ MUTANTS += [
            "_renorm_rows(table, D, rows, _part(U, k, nthreads), _part(U, k + 1, nthreads), max_norm, kind, p)",
            "_renorm_rows(table, D, rows, _part(U, k, nthreads), _part(U, k + 1, nthreads) - (k == 0), max_norm, kind, p)",
            "the threaded renorm's first thread stops one row before its part ends",
-           (DROPIN, "-k", "renorm_threaded_path"), threads=True),
+           ("tests/test_renorm_dtypes.py", "-k", "two_threads"), threads=True),
     Mutant("renorm-range-unchecked", NORM_PXI,
            '    _check_range(idx, "ids", V, "table")\n    # The distinct ids',
            "    # The distinct ids",
