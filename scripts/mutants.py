@@ -733,7 +733,7 @@ MUTANTS += [
            "_renorm_rows(table, D, rows, _part(U, k, nthreads), _part(U, k + 1, nthreads), max_norm, kind, p)",
            "_renorm_rows(table, D, rows, _part(U, k, nthreads), _part(U, k + 1, nthreads) - (k == 0), max_norm, kind, p)",
            "the threaded renorm's first thread stops one row before its part ends",
-           (DROPIN, "-k", "renorm_threaded_path"), threads=True),
+           ("tests/test_renorm_dtypes.py", "-k", "two_threads"), threads=True),
     Mutant("renorm-range-unchecked", NORM_PXI,
            '    _check_range(idx, "ids", V, "table")\n    # The distinct ids',
            "    # The distinct ids",
@@ -1591,6 +1591,15 @@ MUTANTS += [
            "    pre = None if _PRCTL is None else _die_with_parent", "    pre = None",
            "ranks outlive a launcher that is killed (the bench killed at a test's deadline leaves its ranks running)",
            (T_RANKS, "-k", "die_with_a_launcher")),
+]
+
+# bench/ranks.py again: the group of a rank that has exited (commit 7d0a07f)
+MUTANTS += [
+    Mutant("ranks-spare-the-group-of-an-exited-rank", RANKS,
+           "def _kill_group(proc):\n", "def _kill_group(proc):\n    if proc.poll() is not None:\n        return\n",
+           "the launcher kills only the groups of ranks still running: what a rank started and left behind when "
+           "it exited runs on after the run",
+           (T_RANKS, "-k", "exited_rank")),
 ]
 
 

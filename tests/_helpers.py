@@ -5,12 +5,17 @@ the pure-Python reference, hand-derived derivatives, float32 transcriptions of t
 optimizers' formulas and, when installed, torch.
 """
 import contextlib
+import os
+import sys
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 import fastembed as fe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # holds bench/ beside tests/ (not when installed alone)
 
 # The kernels switch to the threaded, GIL-free path at this many float32 elements of work.
 SERIAL_ELEMENTS = 32768
@@ -273,3 +278,50 @@ def fma32(a, b, c):
         r = np.where((s == mid_up) & (err > 0), up, r)
         r = np.where((s == mid_down) & (err < 0), down, r)
     return r.astype(np.float32)
+
+
+# ---------------------------------------------------------------- multi-process tests (issue 11)
+
+def require_gloo():
+    """(torch, torch.distributed) with the gloo backend, or skip the calling test module as it is
+    imported; also puts the project root on sys.path for bench/ranks.py, which starts the ranks (appended:
+    an installed fastembed keeps precedence over the source tree's)."""
+    torch = pytest.importorskip("torch")
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
+    if ROOT not in sys.path:
+        sys.path.append(ROOT)
+    return torch, dist
+
+
+def run_ranks(script, world, tmp, timeout, *args, expected=0, wait_for=None):
+    """Run the test file ``script`` as a script in ``world`` processes, the ranks of a job, started,
+    waited for (``wait_for``, default all) and killed at ``timeout`` by bench/ranks.py. Rank r's argv is
+    ``r tmp package *args``, package the directory of the fastembed this process imported, whose parent
+    goes first on the ranks' PYTHONPATH (the script reads its argv with `rank_argv`); its log is
+    ``tmp/log<r>.txt``. The test fails, with the ends of their logs, if a rank is late or exits with
+    another status than ``expected`` (as `Ranks.failures` takes it; None: the caller judges). Returns
+    the `Ranks`.
+
+    The ranks run the file as a script, not as a multiprocessing target, which they would have to import
+    by the module name pytest gave it."""
+    from bench import ranks  # here, not at import: a rank (a test file run as a script) may see another bench/
+
+    package = os.path.dirname(os.path.abspath(fe.__file__))
+    argv = [[sys.executable, os.path.abspath(script), str(rank), str(tmp), package, *map(str, args)]
+            for rank in range(world)]
+    done = ranks.run(argv, str(tmp), timeout, env=ranks.env_with_path(os.path.dirname(package)), wait_for=wait_for)
+    if expected is not None:
+        failures = done.failures(expected=expected)
+        if failures:
+            pytest.fail(f"the group of {world} ranks failed:\n" + "\n".join(failures))
+    return done
+
+
+def rank_argv():
+    """In a rank started by `run_ranks`: (rank, tmp, *args), once it is sure to run the parent's fastembed."""
+    rank, tmp, package, *args = sys.argv[1:]
+    if os.path.dirname(os.path.abspath(fe.__file__)) != package:
+        raise RuntimeError(f"the rank imported {fe.__file__}, the parent {package}")
+    return (int(rank), tmp, *args)

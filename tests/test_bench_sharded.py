@@ -16,15 +16,11 @@ import time
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _helpers import ROOT, require_gloo
+
 if not os.path.isfile(os.path.join(ROOT, "bench", "sharded.py")):
     pytest.skip("bench/ is not beside tests/ (a copy of the tests alone)", allow_module_level=True)
-torch = pytest.importorskip("torch")
-dist = pytest.importorskip("torch.distributed")
-if not dist.is_available() or not dist.is_gloo_available():
-    pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
-if ROOT not in sys.path:
-    sys.path.append(ROOT)
+require_gloo()
 
 from bench import ranks, shapes, sharded  # noqa: E402
 
@@ -187,6 +183,13 @@ SLEEPER = ("import os, subprocess, sys, time\n"
            "os.replace(sys.argv[1] + '.tmp', sys.argv[1])\n"
            "print('sleeping', flush=True)\n"
            "time.sleep(300)\n")
+# A rank that starts a process in its own group (the rank leads it), says its pid and exits, leaving it
+# running (as a rank's data-loader worker or a server it spawned might be left).
+LEAVES_A_CHILD = ("import os, subprocess, sys\n"
+                  "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+                  "assert os.getpgid(child.pid) == os.getpid()\n"
+                  "with open(sys.argv[1], 'w') as f:\n"
+                  "    f.write(str(child.pid))\n")
 WAIT_FOR_FILE = "import os, sys, time\nwhile not os.path.exists(sys.argv[1]):\n    time.sleep(0.05)\n"
 needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads process states from /proc")
 
@@ -229,6 +232,17 @@ def test_ranks_past_the_deadline_are_killed_with_what_they_started(tmp_path):
     assert late.endswith("sleeping\n"), late
     assert bad == "rank 1 exited with 3, not 0; its log ends:\nboom\n"
     assert done.failures(expected={1: 3}) == [done.failures()[0]]  # a late rank is a failure whatever its status
+
+
+@needs_proc
+def test_what_an_exited_rank_started_goes_with_its_group(tmp_path):
+    """The rank is gone before the wait ends, and with it the launcher's handle on its child (now
+    init's): only the kill of the rank's process group reaches the child."""
+    pid = tmp_path / "pid"
+    done = ranks.run([[sys.executable, "-c", LEAVES_A_CHILD, str(pid)]], str(tmp_path), 60.0)
+    assert done.late == [] and done.returncodes == [0], done.failures()
+    # the kill is sent before run returns; the poll only waits for the signal to land (no fixed sleep)
+    assert _gone(int(pid.read_text()), within=10.0), "a process started by a rank that had exited runs on"
 
 
 @needs_proc

@@ -12,6 +12,8 @@ is its own vectorised one, not libm's, so those compare within a few ulps on row
 within 2 % of max_norm (where a one-ulp difference of the norm could decide whether a row is scaled).
 The p = 2 orders were read from torch's kernels as they run on this project's x86-64 CI machine
 (AVX2 and AVX512 builds alike); a torch built for another instruction set may order the sum otherwise.
+
+The threaded path (two threads against one, bitwise) is checked here for float32 too, with the others.
 """
 import math
 from fractions import Fraction
@@ -283,8 +285,11 @@ def test_bfloat16_bits_under_format_equal_the_ml_dtypes_table():
 
 # ---------------------------------------------------------------- threads
 
-@given(dtype=dtypes, rows=st.integers(1, 300), dim=st.integers(1, 70), n=st.integers(0, 400),
-       p=st.sampled_from(EXACT_P + OTHER_P), seed=st.integers(0, 2**32 - 1))
+# The one threads test of renorm, float32 included: each dtype runs its own specialisation of the threaded
+# loop (_renorm in fastembed/_norm.pxi), which splits the distinct rows among the threads.
+@pytest.mark.parametrize("dtype", (F32,) + NEW_DTYPES, ids=lambda d: d.name)
+@given(rows=st.integers(1, 300), dim=st.integers(1, 70), n=st.integers(0, 400),
+       p=st.sampled_from(EXACT_P + OTHER_P + [3.5]), seed=st.integers(0, 2**32 - 1))
 @FEW
 def test_two_threads_give_the_bits_of_one(dtype, rows, dim, n, p, seed):
     rng = np.random.default_rng(seed)

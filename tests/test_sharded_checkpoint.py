@@ -32,13 +32,9 @@ from datetime import timedelta
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-dist = pytest.importorskip("torch.distributed")
-if not dist.is_available() or not dist.is_gloo_available():
-    pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.append(ROOT)  # bench/ranks.py starts the ranks (appended: an installed fastembed keeps precedence)
+from _helpers import rank_argv, require_gloo, run_ranks
+
+torch, dist = require_gloo()
 
 WORLD = 4
 STEPS, SAVED_AT = 5, 3
@@ -254,12 +250,8 @@ def _crash(rank, tmp):
     torch.save(_errors(lambda: ckpt.save_sharded(ck, emb, opt)), f"{tmp}/crash_error{rank}.pt")
 
 
-def _child(rank, tmp, package):
+def _child(rank, tmp):
     """One rank (this file run as a script; its traceback goes to its log, which the parent reads)."""
-    import fastembed
-
-    if os.path.dirname(os.path.abspath(fastembed.__file__)) != package:
-        raise RuntimeError(f"the child imported {fastembed.__file__}, the parent {package}")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD,
                             timeout=COLLECTIVE_TIMEOUT)
@@ -280,17 +272,10 @@ def _child(rank, tmp, package):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    import fastembed
-    from bench import ranks  # here, not at import: a rank (this file run as a script) may see another bench/
-
     tmp = tmp_path_factory.mktemp("sharded_ckpt")
     torch.save(CASES, tmp / "cases.pt")
-    package = os.path.dirname(os.path.abspath(fastembed.__file__))
-    argv = [[sys.executable, os.path.abspath(__file__), str(rank), str(tmp), package] for rank in range(WORLD)]
-    done = ranks.run(argv, str(tmp), JOIN_TIMEOUT, env=ranks.env_with_path(os.path.dirname(package)))
-    failures = done.failures(expected={rank: CRASH_EXIT if rank == CRASH_RANK else 0 for rank in range(WORLD)})
-    if failures:
-        pytest.fail("the sharded group failed:\n" + "\n".join(failures))
+    run_ranks(__file__, WORLD, tmp, JOIN_TIMEOUT,
+              expected={rank: CRASH_EXIT if rank == CRASH_RANK else 0 for rank in range(WORLD)})
     return tmp, [torch.load(tmp / f"result{rank}.pt") for rank in range(WORLD)]
 
 
@@ -675,4 +660,4 @@ def test_python_number_state_round_trips(tmp_path, group_of_one):
 
 
 if __name__ == "__main__":
-    _child(int(sys.argv[1]), sys.argv[2], sys.argv[3])
+    _child(*rank_argv())

@@ -27,13 +27,9 @@ from datetime import timedelta
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-dist = pytest.importorskip("torch.distributed")
-if not dist.is_available() or not dist.is_gloo_available():
-    pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.append(ROOT)  # bench/ranks.py starts the ranks (appended: an installed fastembed keeps precedence)
+from _helpers import rank_argv, require_gloo, run_ranks
+
+torch, dist = require_gloo()
 
 WORLD = 4
 GROUPS = {"world": [0, 1, 2, 3], "pair01": [0, 1], "pair13": [1, 3]}
@@ -221,12 +217,8 @@ def _default_init(rank):
             "given_after": given}
 
 
-def _child(rank, tmp, package):
+def _child(rank, tmp):
     """One rank (this file run as a script; its traceback goes to its log, which the parent reads)."""
-    import fastembed
-
-    if os.path.dirname(os.path.abspath(fastembed.__file__)) != package:
-        raise RuntimeError(f"the child imported {fastembed.__file__}, the parent {package}")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD,
                             timeout=COLLECTIVE_TIMEOUT)
@@ -247,19 +239,9 @@ def _child(rank, tmp, package):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    # The children run this file as a script (not a multiprocessing target, which they would have to
-    # import by the module name pytest gave it), with the parent's fastembed first on their path.
-    import fastembed
-    from bench import ranks  # here, not at import: a rank (this file run as a script) may see another bench/
-
     tmp = tmp_path_factory.mktemp("sharded")
     torch.save(CASES, tmp / "cases.pt")
-    package = os.path.dirname(os.path.abspath(fastembed.__file__))
-    argv = [[sys.executable, os.path.abspath(__file__), str(rank), str(tmp), package] for rank in range(WORLD)]
-    done = ranks.run(argv, str(tmp), JOIN_TIMEOUT, env=ranks.env_with_path(os.path.dirname(package)))
-    failures = done.failures(expected=0)
-    if failures:
-        pytest.fail("the sharded group failed:\n" + "\n".join(failures))
+    run_ranks(__file__, WORLD, tmp, JOIN_TIMEOUT, expected=0)
     return [torch.load(tmp / f"result{rank}.pt") for rank in range(WORLD)]
 
 
@@ -547,7 +529,7 @@ def test_copies_and_state(group_of_one, tmp_path):
 
 
 if __name__ == "__main__":
-    _child(int(sys.argv[1]), sys.argv[2], sys.argv[3])
+    _child(*rank_argv())
 
 
 def test_readme_script_runs_under_torchrun(tmp_path):

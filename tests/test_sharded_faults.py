@@ -6,19 +6,14 @@ against one torch.nn.Embedding); then rank 1 fails in the scenario's way while r
 rank 0 writes what it caught and how long it took. The parent asserts; it also kills whatever is left.
 """
 import os
-import sys
 import time
 from datetime import timedelta
 
 import pytest
 
-torch = pytest.importorskip("torch")
-dist = pytest.importorskip("torch.distributed")
-if not dist.is_available() or not dist.is_gloo_available():
-    pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.append(ROOT)  # bench/ranks.py starts the ranks (appended: an installed fastembed keeps precedence)
+from _helpers import rank_argv, require_gloo, run_ranks
+
+torch, dist = require_gloo()
 
 GROUP_TIMEOUT = 4.0  # seconds: the process group's timeout, which a hung peer must trip
 JOIN_TIMEOUT = 120.0  # the parent's wait for rank 0 (torch's import included, on a busy machine)
@@ -59,13 +54,8 @@ def _child(rank, tmp, scenario):
 
 
 def _run(tmp, scenario):
-    import fastembed
-    from bench import ranks  # here, not at import: a rank (this file run as a script) may see another bench/
-
-    package = os.path.dirname(os.path.dirname(os.path.abspath(fastembed.__file__)))
-    # only rank 0 is waited for: rank 1 is the one that hangs (killed then) or dies
-    done = ranks.run([[sys.executable, os.path.abspath(__file__), str(rank), str(tmp), scenario] for rank in range(2)],
-                     str(tmp), JOIN_TIMEOUT, env=ranks.env_with_path(package), wait_for=[0])
+    # only rank 0 is waited for: rank 1 is the one that hangs (killed then) or dies; what it caught is the check
+    done = run_ranks(__file__, 2, tmp, JOIN_TIMEOUT, scenario, expected=None, wait_for=[0])
     logs = "\n".join(f"rank {r}: " + done.log(r, 3000) for r in range(2))
     assert (tmp / "fault.pt").exists(), f"rank 0 never finished its lookup (it hung):\n{logs}"
     return torch.load(tmp / "fault.pt"), [torch.load(tmp / f"step{r}.pt") for r in range(2)], logs
@@ -98,4 +88,4 @@ def test_a_lost_rank_is_an_error_not_a_hang(tmp_path, scenario):
 
 
 if __name__ == "__main__":
-    _child(int(sys.argv[1]), sys.argv[2], sys.argv[3])
+    _child(*rank_argv())

@@ -10,7 +10,8 @@ Three parts:
      max_norm, errors and their types), plus checks that float32 CPU lookups really run on the
      kernels (otherwise every comparison would pass by routing everything to torch).
   3. The renorm kernel (max_norm) against the pure-Python reference (bitwise) and numpy (float64),
-     with hypothesis, its bad inputs, and its threaded path against one thread.
+     with hypothesis, and its bad inputs (its threaded path against one thread, for every dtype:
+     tests/test_renorm_dtypes.py).
 """
 import copy
 import io
@@ -22,13 +23,13 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from _helpers import FAST, FEW, Snapshot, assert_bitwise, num_threads, serial_elements, two_thread_team
+from _helpers import FAST, FEW, Snapshot, assert_bitwise
 
 torch = pytest.importorskip("torch")
 ft = pytest.importorskip("fastembed.torch")
 import fastembed as fe  # noqa: E402
 import fastembed.torch.functional as ftf  # noqa: E402
-from fastembed import _kernels, ops, reference  # noqa: E402
+from fastembed import ops, reference  # noqa: E402
 
 F = torch.nn.functional
 IMPLS = {"torch": (torch.nn.Embedding, F.embedding), "fastembed": (ft.Embedding, ftf.embedding)}
@@ -849,20 +850,3 @@ def test_renorm_empty_ids_and_exact_values():
     assert_bitwise(table[2], before[2] * np.float32(1.0 / (10.0 + 1e-7)))
     assert_bitwise(table[1], before[1])
 
-
-@given(rows=st.integers(1, 300), dim=st.integers(1, 70), n=st.integers(0, 400), p=st.sampled_from(NORM_TYPES),
-       seed=st.integers(0, 2**32 - 1))
-@FEW
-def test_renorm_threaded_path_is_bitwise_one_thread(rows, dim, n, p, seed):
-    rng = np.random.default_rng(seed)
-    table = (rng.standard_normal((rows, dim)) * 3).astype(np.float32)
-    ids = rng.integers(0, rows, size=n)
-    one = table.copy()
-    with num_threads(1):
-        ops.renorm(one, ids, 1.0, p)
-    many = table.copy()
-    with serial_elements(0), num_threads(2):
-        ops.renorm(many, ids, 1.0, p)
-        assert _kernels._last_call_released_gil()
-        assert _kernels._last_call_threads() == two_thread_team()
-    assert_bitwise(many, one)
