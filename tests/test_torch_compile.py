@@ -537,6 +537,25 @@ def test_compiled_bag_has_no_graph_break_and_torchs_results(kw, layout, psw, dty
     assert compiled[1].abs().sum() > 0
 
 
+@pytest.mark.parametrize("mode,layout,padding_idx,psw", [("sum", "offsets", -7, True), ("max", "2d", -2, False)])
+def test_compiled_functional_bag_is_torchs(mode, layout, padding_idx, psw):
+    """functional.embedding_bag compiled, on a random table (a module's padding row starts at zero, which
+    hides a padding row taken into a max, or its per_sample_weight's gradient), with a negative padding_idx
+    (a module's is made non-negative by torch's constructor): eager torch's values and gradients."""
+    torch._dynamo.reset()
+    w, ids, offsets, p = _bag_call(mode, layout, torch.float32, psw)
+    assert (ids == padding_idx + 10).any()
+    results = []
+    for fn in (torch.compile(fet.functional.embedding_bag, fullgraph=True, backend="aot_eager"), F.embedding_bag):
+        weight = w.clone().requires_grad_()
+        pw = None if p is None else p.clone().requires_grad_()
+        out = fn(ids, weight, offsets, mode=mode, per_sample_weights=pw, padding_idx=padding_idx)
+        loss = (torch.tanh(out) * _table(*out.shape, 14)).sum()
+        results.append((out.detach(), *torch.autograd.grad(loss, [weight] + ([pw] if psw else []))))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **BAG_CLOSE[torch.float32])
+
+
 def test_compiled_bag_graph_calls_fastembeds_op():
     """The captured graph holds the custom op, once per bag call, and none of torch's bags; torch's own path
     stays for sparse=True and max_norm."""
@@ -550,10 +569,12 @@ def test_compiled_bag_graph_calls_fastembeds_op():
     bags = [fet.EmbeddingBag(10, 5, mode=m, padding_idx=p) for m, p in (("sum", None), ("mean", 3), ("max", -1))]
     other = [fet.EmbeddingBag(10, 5, mode="sum", sparse=True), fet.EmbeddingBag(10, 5, mode="sum", max_norm=1.0)]
     p = _table(9, 1, 4).reshape(9)
-    compiled = torch.compile(lambda i, o: bags[0](i, o, p).sum() + bags[1](i, o).sum() + bags[2](i.reshape(3, 3)).sum(),
+    w = _table(10, 5, 5)
+    compiled = torch.compile(lambda i, o: bags[0](i, o, p).sum() + bags[1](i, o).sum() + bags[2](i.reshape(3, 3)).sum()
+                             + fet.functional.embedding_bag(i, w, o, mode="max").sum(),
                              fullgraph=True, backend=recording)
     compiled(BAG_IDS, BAG_OFFSETS)
-    assert seen.count(OPS.embedding_bag.default) == 3, seen
+    assert seen.count(OPS.embedding_bag.default) == 4, seen
     assert not any("embedding_bag" in str(t) and t != OPS.embedding_bag.default for t in seen), seen
     seen.clear()
     torch._dynamo.reset()
