@@ -12,8 +12,11 @@ The modules of `fastembed.torch` call these ops only while torch compiles or exp
 lookup at the book's size, and the autograd functions there are faster. Both paths run the same kernels.
 
 Each op takes what the kernels take (CPU tables of float32, float64, float16 or bfloat16, int32 or int64 ids);
-any other table dtype (integers) is torch's own aten op, so an op always gives torch's result. No arithmetic
-here: the kernels do it.
+for the lookups, any other table dtype (integers) is torch's own aten op, so an op always gives torch's
+result. The bag ops (``fastembed::embedding_bag`` and its two backward ops) refuse other dtypes with a
+TypeError instead: `fastembed.torch.EmbeddingBag` sends those calls to torch's F.embedding_bag before an op,
+and an aten fallback would need aten's bag bookkeeping (offset2bag, bag_size) in the backward. Their
+double backward is refused, as torch refuses it for its bags. No arithmetic here: the kernels do it.
 
 bfloat16: numpy has no such dtype, so a bfloat16 tensor reaches the kernels as its own memory viewed as
 uint16 (`_bits`), with the kernels' private keyword ``_format="bfloat16"`` (`_gather` and the three others
