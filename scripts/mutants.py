@@ -1603,5 +1603,62 @@ MUTANTS += [
 ]
 
 
+# issue 10, item 5: EmbeddingBag as the custom op fastembed::embedding_bag while compiling and exporting
+T_BAGOP = (T_COMPILE, "-k", "bag")
+MUTANTS += [
+    Mutant("bagop-compile-routes-to-torch", TORCH_BAG,
+           "    if sparse or max_norm is not None or not _uses_kernels(input, weight, offsets, per_sample_weights,\n"
+           "                                                           scale_grad_by_freq):",
+           "    if True:",
+           "a compiled bag is torch's F.embedding_bag again: right values, but not fastembed's op in the graph",
+           (T_COMPILE, "-k", "bag_graph_calls or exported_bag")),
+    Mutant("bagop-sparse-on-the-op", TORCH_BAG,
+           "    if sparse or max_norm is not None or not _uses_kernels(",
+           "    if max_norm is not None or not _uses_kernels(",
+           "a sparse bag is the op while compiling: its gradient comes out dense, not torch's sparse layout",
+           (T_COMPILE, "-k", "torchs_path")),
+    Mutant("bagop-negative-padding-not-normalised", TORCH_BAG,
+           "        padding_idx += rows", "        pass",
+           "a negative padding_idx reaches the op as it is, which reads it as no padding row",
+           T_BAGOP),
+    Mutant("bagop-fake-ignores-include-last-offset", LIBRARY,
+           "    return max(offsets.shape[0] - 1, 0) if include_last_offset else offsets.shape[0]",
+           "    return offsets.shape[0]",
+           "the fake implementation counts one bag too many with include_last_offset: traced shapes lie",
+           T_BAGOP),
+    Mutant("bagop-argmax-fake-int32", LIBRARY,
+           "    return weight.new_empty(shape), ids.new_empty(shape if mode == \"max\" else (0,), dtype=torch.int64)",
+           "    return weight.new_empty(shape), ids.new_empty(shape if mode == \"max\" else (0,), dtype=torch.int32)",
+           "the fake argmax is int32 where the op returns int64",
+           T_BAGOP),
+    Mutant("bagop-backward-keeps-padding", LIBRARY,
+           "    ops.embedding_bag_backward(_bits(out), idn, offn, g, mode=mode, per_sample_weights=psw,\n"
+           "                               padding_idx=_bag_padding(padding_idx),",
+           "    ops.embedding_bag_backward(_bits(out), idn, offn, g, mode=mode, per_sample_weights=psw,\n"
+           "                               padding_idx=None,",
+           "the dense backward op forgets padding_idx: the padding row gets a gradient, a mean's counts include it",
+           T_BAGOP),
+    Mutant("bagop-backward-ignores-psw", LIBRARY,
+           "    weight_grad = embedding_bag_backward(grad, ids, offsets, per_sample_weights, argmax,",
+           "    weight_grad = embedding_bag_backward(grad, ids, offsets, None, argmax,",
+           "the weight's gradient of a weighted bag is that of an unweighted sum",
+           T_BAGOP),
+    Mutant("bagop-psw-grad-dropped", LIBRARY,
+           "    if weight is not None:\n        psw_grad =", "    if False:\n        psw_grad =",
+           "per_sample_weights get no gradient from a compiled or exported bag",
+           T_BAGOP),
+    Mutant("bagop-psw-grad-without-padding", LIBRARY,
+           "        psw_grad = embedding_bag_weights_grad(weight, ids, offsets, grad, padding_idx, include_last_offset)",
+           "        psw_grad = embedding_bag_weights_grad(weight, ids, offsets, grad, -1, include_last_offset)",
+           "a padding lookup's per_sample_weight gets its row's dot product instead of 0",
+           T_BAGOP),
+    Mutant("bagop-fused-exported", TORCH_BAG,
+           "        if torch.compiler.is_exporting():\n            raise RuntimeError(\"a fused fastembed.torch.EmbeddingBag",
+           "        if False:\n            raise RuntimeError(\"a fused fastembed.torch.EmbeddingBag",
+           "a fused bag is exported: the exported program would drop the update its backward makes",
+           (T_COMPILE, "-k", "fused_bag")),
+]
+
+
 if __name__ == "__main__":
     sys.exit(main())

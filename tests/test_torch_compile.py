@@ -2,8 +2,10 @@
 torch.export need of them, and their values.
 
 Oracles: torch's own ops (F.embedding, aten's embedding_dense_backward, double backward through
-nn.functional.embedding) and np.add.at, never fastembed's eager path; torch.library.opcheck checks each
-registration (schema, fake tensors, autograd, AOT dispatch) as torch's own custom-op tests do.
+nn.functional.embedding, F.embedding_bag and aten's _embedding_bag for the bags) and np.add.at, never
+fastembed's eager path alone (a compiled bag is also compared bitwise with it: the same kernels);
+torch.library.opcheck checks each registration (schema, fake tensors, autograd, AOT dispatch) as torch's
+own custom-op tests do.
 """
 import numpy as np
 import pytest
@@ -383,3 +385,252 @@ def test_token_position_tables_of_other_dtypes_train_as_torch(dtype):
 def test_token_position_op_refuses_tables_of_two_dtypes():
     with pytest.raises(TypeError, match="same dtype"):
         OPS.token_position(_table(5, 3, 1), _table(4, 3, 2, torch.float64), torch.tensor([[1, 2]]), None, 0)
+
+
+# ---------------------------------------------------------------- bags: fastembed::embedding_bag and its backward ops
+#
+# Oracles: torch's F.embedding_bag and aten's _embedding_bag (its max_indices), and torch's autograd through
+# them. torch sums a bag in its own order (FBGEMM on CPU), so values agree to float rounding; against
+# fastembed's eager EmbeddingBag (the same kernels, the same order) a compiled one agrees bitwise.
+
+BAG_CLOSE = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-13),
+             torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}
+BAG_IDS = torch.tensor([1, 8, 4, 5, 4, 3, 2, 9, 4])  # 4 repeated, 3 and 8 possible padding rows
+BAG_OFFSETS = torch.tensor([0, 3, 3, 6])  # an empty bag; the last runs to the end
+
+
+def _bag_call(mode, layout, dtype=torch.float32, psw=False):
+    """weight, ids, offsets, per_sample_weights of one bag call (layout: "offsets" or "2d")."""
+    w = _table(10, 5, 11, dtype)
+    ids, offsets = (BAG_IDS, BAG_OFFSETS) if layout == "offsets" else (BAG_IDS[:8].reshape(2, 4), None)
+    p = _table(ids.numel(), 1, 12, dtype).reshape(ids.shape) if psw else None
+    return w, ids, offsets, p
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("mode,layout,padding_idx,psw", [
+    ("sum", "offsets", -1, True), ("mean", "offsets", 4, False), ("max", "offsets", -1, False),
+    ("sum", "2d", 3, True), ("mean", "2d", -1, False), ("max", "2d", 4, False)])
+def test_bag_op_and_its_backward_ops_are_torchs(mode, layout, padding_idx, psw, dtype):
+    w, ids, offsets, p = _bag_call(mode, layout, dtype, psw)
+    pad = None if padding_idx < 0 else padding_idx
+    ref = F.embedding_bag(ids, w, offsets, mode=mode, per_sample_weights=p, padding_idx=pad)
+    out, argmax = OPS.embedding_bag(w, ids, offsets, p, mode, padding_idx, False)
+    assert out.dtype == dtype and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, **BAG_CLOSE[dtype])
+    if mode == "max":
+        flat = ids.reshape(-1) if offsets is None else ids
+        torch_offsets = offsets if offsets is not None else torch.arange(0, ids.numel(), ids.shape[1])
+        mode_code = 2
+        max_indices = torch.ops.aten._embedding_bag(w, flat, torch_offsets, False, mode_code, False, None, False,
+                                                    padding_idx)[3]
+        assert torch.equal(argmax, max_indices)  # random values: no ties for the two to break differently
+    else:
+        assert argmax.numel() == 0
+    grad = _table(out.shape[0], 5, 13, dtype)
+    weight = w.clone().requires_grad_()
+    pw = None if p is None else p.clone().requires_grad_()
+    torch_grads = torch.autograd.grad(
+        F.embedding_bag(ids, weight, offsets, mode=mode, per_sample_weights=pw, padding_idx=pad), [weight] + (
+            [pw] if psw else []), grad)
+    ours = OPS.embedding_bag_backward(grad, ids, offsets, p, argmax, 10, mode, padding_idx, False)
+    torch.testing.assert_close(ours, torch_grads[0], **BAG_CLOSE[dtype])
+    assert ours.abs().sum() > 0
+    if padding_idx >= 0:
+        assert not ours[padding_idx].any()
+    if psw:
+        psw_grad = OPS.embedding_bag_weights_grad(w, ids, offsets, grad, padding_idx, False)
+        torch.testing.assert_close(psw_grad, torch_grads[1], **BAG_CLOSE[dtype])
+
+
+def test_bag_op_include_last_offset_and_int32_ids():
+    w, ids = _table(10, 5, 11), BAG_IDS.to(torch.int32)
+    offsets = torch.tensor([0, 3, 3, 6, 9], dtype=torch.int32)
+    for mode in ("sum", "mean", "max"):
+        out, _ = OPS.embedding_bag(w, ids, offsets, None, mode, -1, True)
+        assert out.shape == (4, 5)
+        torch.testing.assert_close(out, F.embedding_bag(ids, w, offsets, mode=mode, include_last_offset=True),
+                                   **BAG_CLOSE[torch.float32])
+
+
+def test_bag_op_refuses_tables_the_kernels_do_not_take():
+    with pytest.raises(TypeError, match="int64"):
+        OPS.embedding_bag(torch.ones(5, 3, dtype=torch.int64), torch.tensor([[1, 2]]), None, None, "sum", -1, False)
+
+
+BAG_OPCHECK_CASES = [
+    ("embedding_bag", lambda: (_table(10, 5, 1).requires_grad_(), BAG_IDS, BAG_OFFSETS,
+                               _table(9, 1, 2).reshape(9).requires_grad_(), "sum", 4, False)),
+    ("embedding_bag", lambda: (_table(10, 5, 1).requires_grad_(), BAG_IDS[:8].reshape(2, 4), None, None, "max", -1,
+                               False)),
+    ("embedding_bag", lambda: (_table(10, 5, 1, torch.float64).requires_grad_(), BAG_IDS, BAG_OFFSETS[:3], None,
+                               "mean", 3, True)),
+    ("embedding_bag_backward", lambda: (_table(4, 5, 3), BAG_IDS, BAG_OFFSETS, None, torch.empty(0, dtype=torch.int64),
+                                        10, "mean", 4, False)),
+    ("embedding_bag_weights_grad", lambda: (_table(10, 5, 1), BAG_IDS[:8].reshape(2, 4), None, _table(2, 5, 3), 3,
+                                            False)),
+]
+
+
+@pytest.mark.parametrize("name,make", BAG_OPCHECK_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(BAG_OPCHECK_CASES)])
+def test_bag_opcheck(name, make):
+    result = torch.library.opcheck(getattr(OPS, name).default, make())
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+class _BagModel(torch.nn.Module):
+    """A fastText-style classifier: one bag per example, a linear head."""
+
+    def __init__(self, bag, classes=3):
+        super().__init__()
+        self.bag = bag
+        self.head = torch.nn.Linear(bag.embedding_dim, classes, dtype=bag.weight.dtype)
+
+    def forward(self, ids, offsets=None, per_sample_weights=None):
+        return torch.log_softmax(self.head(torch.tanh(self.bag(ids, offsets, per_sample_weights))), -1).sum()
+
+
+def _bag_models(dtype=torch.float32, **kw):
+    """fastembed's bag model and torch's, with the same parameters."""
+    torch.manual_seed(3)
+    fast = _BagModel(fet.EmbeddingBag(10, 5, dtype=dtype, **kw))
+    ref = _BagModel(torch.nn.EmbeddingBag(10, 5, dtype=dtype, **kw))
+    ref.load_state_dict(fast.state_dict())
+    return fast, ref
+
+
+def _loss_and_grads(model, args, psw_index=None):
+    args = list(args)
+    inputs = list(model.parameters())
+    if psw_index is not None:
+        args[psw_index] = args[psw_index].clone().requires_grad_()
+        inputs.append(args[psw_index])
+    loss = model(*args)
+    return (loss.detach(), *torch.autograd.grad(loss, inputs))
+
+
+BAG_COMPILE_CASES = [  # few: compiling is slow (inductor's case alone takes about 20 s)
+    (dict(mode="sum"), "offsets", True, torch.float32, "aot_eager"),
+    (dict(mode="mean", padding_idx=4), "2d", False, torch.float32, "aot_eager"),
+    (dict(mode="max", padding_idx=-2), "offsets", False, torch.float64, "aot_eager"),
+    (dict(mode="sum", padding_idx=3), "2d", True, torch.float64, "aot_eager"),
+    (dict(mode="max"), "2d", False, torch.float32, "inductor"),
+]
+
+
+@pytest.mark.parametrize("kw,layout,psw,dtype,backend", BAG_COMPILE_CASES)
+def test_compiled_bag_has_no_graph_break_and_torchs_results(kw, layout, psw, dtype, backend):
+    """fullgraph=True fails on any graph break. Compiled, the bag gives eager torch's loss and gradients
+    (to torch's rounding: torch sums in its own order) and, with aot_eager, eager fastembed's bits (the same
+    kernels; inductor fuses the arithmetic around the op, which changes its rounding)."""
+    torch._dynamo.reset()
+    fast, ref = _bag_models(dtype, **kw)
+    _, ids, offsets, p = _bag_call(kw["mode"], layout, dtype, psw)
+    args, psw_index = (ids, offsets, p), (2 if psw else None)
+    compiled = _loss_and_grads(torch.compile(fast, fullgraph=True, backend=backend), args, psw_index)
+    eager_fast = _loss_and_grads(fast, args, psw_index)
+    eager_torch = _loss_and_grads(ref, args, psw_index)
+    assert len(compiled) == len(eager_torch) == 4 + (psw_index is not None)
+    for a, b, c in zip(compiled, eager_fast, eager_torch):
+        assert backend != "aot_eager" or torch.equal(a, b)
+        torch.testing.assert_close(a, c, **BAG_CLOSE[dtype])
+    assert compiled[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode,layout,padding_idx,psw", [("sum", "offsets", -7, True), ("max", "2d", -2, False)])
+def test_compiled_functional_bag_is_torchs(mode, layout, padding_idx, psw):
+    """functional.embedding_bag compiled, on a random table (a module's padding row starts at zero, which
+    hides a padding row taken into a max, or its per_sample_weight's gradient), with a negative padding_idx
+    (a module's is made non-negative by torch's constructor): eager torch's values and gradients."""
+    torch._dynamo.reset()
+    w, ids, offsets, p = _bag_call(mode, layout, torch.float32, psw)
+    assert (ids == padding_idx + 10).any()
+    results = []
+    for fn in (torch.compile(fet.functional.embedding_bag, fullgraph=True, backend="aot_eager"), F.embedding_bag):
+        weight = w.clone().requires_grad_()
+        pw = None if p is None else p.clone().requires_grad_()
+        out = fn(ids, weight, offsets, mode=mode, per_sample_weights=pw, padding_idx=padding_idx)
+        loss = (torch.tanh(out) * _table(*out.shape, 14)).sum()
+        results.append((out.detach(), *torch.autograd.grad(loss, [weight] + ([pw] if psw else []))))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **BAG_CLOSE[torch.float32])
+
+
+def test_compiled_bag_graph_calls_fastembeds_op():
+    """The captured graph holds the custom op, once per bag call, and none of torch's bags; torch's own path
+    stays for sparse=True and max_norm."""
+    torch._dynamo.reset()
+    seen = []
+
+    def recording(gm, example_inputs):
+        seen.extend(n.target for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    bags = [fet.EmbeddingBag(10, 5, mode=m, padding_idx=p) for m, p in (("sum", None), ("mean", 3), ("max", -1))]
+    other = [fet.EmbeddingBag(10, 5, mode="sum", sparse=True), fet.EmbeddingBag(10, 5, mode="sum", max_norm=1.0)]
+    p = _table(9, 1, 4).reshape(9)
+    w = _table(10, 5, 5)
+    compiled = torch.compile(lambda i, o: bags[0](i, o, p).sum() + bags[1](i, o).sum() + bags[2](i.reshape(3, 3)).sum()
+                             + fet.functional.embedding_bag(i, w, o, mode="max").sum(),
+                             fullgraph=True, backend=recording)
+    compiled(BAG_IDS, BAG_OFFSETS)
+    assert seen.count(OPS.embedding_bag.default) == 4, seen
+    assert not any("embedding_bag" in str(t) and t != OPS.embedding_bag.default for t in seen), seen
+    seen.clear()
+    torch._dynamo.reset()
+    torch.compile(lambda i, o: other[0](i, o).sum() + other[1](i, o).sum(), fullgraph=True, backend=recording)(
+        BAG_IDS, BAG_OFFSETS)
+    assert OPS.embedding_bag.default not in seen and len(seen) > 0, seen
+
+
+@pytest.mark.parametrize("kw", [dict(mode="sum", sparse=True), dict(mode="mean", max_norm=0.5)])
+def test_compiled_bag_on_torchs_path_gives_torchs_results(kw):
+    """sparse=True and max_norm are torch's own F.embedding_bag while compiling: torch's results, the sparse
+    gradient's layout and max_norm's renormalised weight included."""
+    torch._dynamo.reset()
+    fast, ref = _bag_models(**kw)
+    results = []
+    for model in (fast, ref):
+        loss = torch.compile(model, fullgraph=True, backend="aot_eager")(BAG_IDS, BAG_OFFSETS)
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        results.append((loss, model.bag.weight.detach(), *grads))
+    for a, b in zip(*results):
+        if a.is_sparse:
+            assert torch.equal(a._indices(), b._indices())
+            a, b = a._values(), b._values()
+        assert torch.equal(a, b)
+    if "max_norm" in kw:
+        assert fast.bag.weight[BAG_IDS].norm(dim=1).max() <= 0.5 + 1e-6
+
+
+def test_exported_bag_model_holds_fastembeds_op_and_runs():
+    fast, ref = _bag_models(mode="sum", padding_idx=3)
+    p = _table(9, 1, 4).reshape(9)
+    exported = torch.export.export(fast, (BAG_IDS, BAG_OFFSETS, p))
+    targets = [n.target for n in exported.graph.nodes if n.op == "call_function"]
+    assert targets.count(OPS.embedding_bag.default) == 1, targets
+    assert not any("aten._embedding_bag" in str(t) or "aten.embedding_bag" in str(t) for t in targets), targets
+    other_ids, other_p = torch.tensor([3, 0, 7, 7, 2, 9, 1, 3, 5]), _table(9, 1, 5).reshape(9)
+    for args in ((BAG_IDS, BAG_OFFSETS, p), (other_ids, torch.tensor([0, 1, 5, 9]), other_p)):
+        torch.testing.assert_close(exported.module()(*args), ref(*args), **BAG_CLOSE[torch.float32])
+        assert torch.equal(exported.module()(*args), fast(*args))
+
+
+def test_fused_bag_runs_eagerly_inside_a_compiled_model_and_export_refuses_it():
+    from fastembed.torch.optim import FusedSGD
+    torch._dynamo.reset()
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(2)
+        bag = fet.EmbeddingBag(10, 5, mode="mean", fused=FusedSGD(lr=0.5))
+        before = bag.weight.detach().clone()
+        step = (lambda i, o: torch.tanh(bag(i, o)).sum())
+        if compiled:
+            step = torch.compile(step, backend="aot_eager")
+        for _ in range(2):
+            step(BAG_IDS, BAG_OFFSETS).backward()
+        assert bag.weight.grad is None and not torch.equal(bag.weight, before)  # updated in backward
+        results.append(bag.weight.detach().clone())
+    assert torch.equal(*results)
+    with pytest.raises(RuntimeError, match="cannot be exported"):
+        torch.export.export(bag, (BAG_IDS, BAG_OFFSETS))

@@ -8,8 +8,10 @@ torch's own, so code that builds, inspects or checkpoints one cannot tell them a
 Which calls run on fastembed's kernels: a dense, contiguous CPU float32, float64, float16 or bfloat16
 weight, int32 or int64 ids and offsets, per_sample_weights of the weight's dtype, and no
 ``scale_grad_by_freq`` (``max_norm`` included: the renorm kernel takes the same dtypes). Every other call
-torch accepts (other dtypes, devices, nested ids, scale_grad_by_freq, and any call while torch compiles or
-exports a graph) is torch's own ``F.embedding_bag``: torch's result either way. bfloat16 reaches the
+torch accepts (other dtypes, devices, nested ids, scale_grad_by_freq) is torch's own ``F.embedding_bag``:
+torch's result either way. While torch compiles or exports, a call the kernels take is one custom op,
+``torch.ops.fastembed.embedding_bag`` (`_library`), except with ``sparse=True`` or ``max_norm``: those are
+torch's own F.embedding_bag there (see `_traced_embedding_bag`). bfloat16 reaches the
 kernels as its memory viewed as uint16 bits, as in `fastembed.torch._library`; its sums round once per bag
 to even, where torch's FBGEMM path (no padding_idx) rounds an exact tie away from zero: one unit in the
 last place, on ties only. Bad arguments raise torch's
@@ -28,7 +30,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from .. import ops
 from ..nn import _fused_rule
-from . import _moved, _renorm_needs_torch  # (defined before fastembed.torch imports this module)
+from . import _library, _moved, _renorm_needs_torch, _run_eagerly  # (defined before fastembed.torch imports this module)
 from ._library import _BF16, _BITS, _LOOKUP_DTYPES, _bits, _renorm, _tensor
 
 __all__ = ["EmbeddingBag", "embedding_bag"]
@@ -44,8 +46,9 @@ def _format(array):
 
 
 def _uses_kernels(input, weight, offsets, per_sample_weights, scale_grad_by_freq):
-    """Whether fastembed's kernels take this call (else torch's F.embedding_bag gives the result)."""
-    if scale_grad_by_freq or torch.compiler.is_compiling():
+    """Whether fastembed's kernels take this call (else torch's F.embedding_bag gives the result); the same
+    test while torch compiles or exports, for the op `_traced_embedding_bag` calls."""
+    if scale_grad_by_freq:
         return False
     if not (isinstance(weight, torch.Tensor) and weight.dtype in _LOOKUP_DTYPES and weight.dim() == 2
             and weight.device.type == "cpu" and weight.layout == torch.strided and weight.is_contiguous()):
@@ -169,9 +172,12 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2, scale
 
 
 def _embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq, mode, sparse, per_sample_weights,
-                   include_last_offset, padding_idx, fused=None):
+                   include_last_offset, padding_idx, fused=None, traced=True):
     """`embedding_bag`, and the fused module's path (fused: (rule, buffers); the module checked that the
     kernels take its weight; a fused rule is never dispatched to torch, which would drop it)."""
+    if traced and torch.compiler.is_compiling():
+        return _traced_embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq, mode, sparse,
+                                     per_sample_weights, include_last_offset, padding_idx, fused)
     if fused is None and (not _uses_kernels(input, weight, offsets, per_sample_weights, scale_grad_by_freq)
                           or (max_norm is not None and _renorm_needs_torch(weight, max_norm, norm_type))):
         return torch.nn.functional.embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq,
@@ -189,6 +195,41 @@ def _embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_fr
         torch.autograd.graph.increment_version(weight)  # an in-place change: autograd must see it, as torch's
     return _BagFunction.apply(weight, per_sample_weights, input, offsets, mode, padding_idx, include_last_offset,
                               sparse, fused)
+
+
+def _traced_embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq, mode, sparse,
+                          per_sample_weights, include_last_offset, padding_idx, fused):
+    """`_embedding_bag` while torch compiles or exports: a call the kernels take is one custom op
+    (``torch.ops.fastembed.embedding_bag``, traced through its fake implementation, its backward ops
+    registered). torch's own F.embedding_bag, traced as torch's, gives the rest: what the kernels do not take,
+    ``sparse=True`` (torch.compile holds no sparse tensor that an op could return), and ``max_norm`` (an
+    in-place write of the weight before the lookup, which torch's path makes functional already). A fused bag
+    runs eagerly (its backward updates the weight: a graph break, so ``fullgraph=True`` refuses it)."""
+    if fused is not None:
+        if torch.compiler.is_exporting():
+            raise RuntimeError("a fused fastembed.torch.EmbeddingBag cannot be exported: its backward updates the "
+                               "weight; export a module built with fused=None over the same weight")
+        return _eager_embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq, mode, sparse,
+                                    per_sample_weights, include_last_offset, padding_idx, fused)
+    if sparse or max_norm is not None or not _uses_kernels(input, weight, offsets, per_sample_weights,
+                                                           scale_grad_by_freq):
+        return torch.nn.functional.embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq,
+                                                 mode, sparse, per_sample_weights, include_last_offset, padding_idx)
+    _check_arguments(input, offsets, mode, sparse, scale_grad_by_freq, per_sample_weights)
+    rows = weight.size(0)
+    if padding_idx is None:
+        padding_idx = -1
+    elif not -rows <= padding_idx < rows:  # torch's check and words (the op takes a row, or -1 for none)
+        raise AssertionError("Padding_idx must be within num_embeddings")
+    elif padding_idx < 0:
+        padding_idx += rows
+    return _library.embedding_bag(weight, input, offsets, per_sample_weights, mode, padding_idx,
+                                  include_last_offset)[0]
+
+
+@_run_eagerly
+def _eager_embedding_bag(*args):
+    return _embedding_bag(*args, traced=False)  # (not traced again: non-strict export keeps is_compiling() True)
 
 
 class EmbeddingBag(torch.nn.EmbeddingBag):

@@ -12,8 +12,11 @@ The modules of `fastembed.torch` call these ops only while torch compiles or exp
 lookup at the book's size, and the autograd functions there are faster. Both paths run the same kernels.
 
 Each op takes what the kernels take (CPU tables of float32, float64, float16 or bfloat16, int32 or int64 ids);
-any other table dtype (integers) is torch's own aten op, so an op always gives torch's result. No arithmetic
-here: the kernels do it.
+for the lookups, any other table dtype (integers) is torch's own aten op, so an op always gives torch's
+result. The bag ops (``fastembed::embedding_bag`` and its two backward ops) refuse other dtypes with a
+TypeError instead: `fastembed.torch.EmbeddingBag` sends those calls to torch's F.embedding_bag before an op,
+and an aten fallback would need aten's bag bookkeeping (offset2bag, bag_size) in the backward. Their
+double backward is refused, as torch refuses it for its bags. No arithmetic here: the kernels do it.
 
 bfloat16: numpy has no such dtype, so a bfloat16 tensor reaches the kernels as its own memory viewed as
 uint16 (`_bits`), with the kernels' private keyword ``_format="bfloat16"`` (`_gather` and the three others
@@ -28,7 +31,8 @@ import torch
 
 from .. import _kernels, ops
 
-__all__ = ["embedding", "embedding_backward", "token_position", "token_position_backward"]
+__all__ = ["embedding", "embedding_backward", "token_position", "token_position_backward", "embedding_bag",
+           "embedding_bag_backward", "embedding_bag_weights_grad"]
 
 Tensor = torch.Tensor
 
@@ -257,3 +261,118 @@ def _tp_backward_grad(ctx, token_gg, position_gg):
 
 
 token_position_backward.register_autograd(_tp_backward_grad, setup_context=_tp_backward_setup)
+
+
+# ---------------------------------------------------------------- bags: each bag's rows reduced to one row
+
+def _bag_format(array):
+    return _BF16 if array.dtype == _BITS else None
+
+
+def _bag_inputs(ids, offsets, per_sample_weights):
+    """The numpy views the bag kernels take (psw as bits, like the table); contiguous, as the kernels need."""
+    psw = None if per_sample_weights is None else _bits(per_sample_weights.contiguous())
+    return _np(ids.contiguous()), None if offsets is None else _np(offsets.contiguous()), psw
+
+
+def _bag_padding(padding_idx):
+    return None if padding_idx < 0 else padding_idx
+
+
+def _bag_table(weight):
+    """A bag op's table for the kernels: their dtypes only (the modules send every other to torch's own
+    F.embedding_bag before reaching an op), a strided copy of a table that is not contiguous."""
+    if weight.dtype not in _LOOKUP_DTYPES or weight.device.type != "cpu" or weight.layout != torch.strided:
+        raise TypeError(f"fastembed::embedding_bag takes CPU strided tables of {', '.join(map(str, _LOOKUP_DTYPES))}, "
+                        f"got {weight.dtype} on {weight.device} ({weight.layout})")
+    return _bits(weight.contiguous())
+
+
+def _bag_count(ids, offsets, include_last_offset):
+    """B, the bags of a call: the rows of 2-D ids, else one per offset (the last one closing the
+    last bag with include_last_offset)."""
+    if ids.dim() == 2:
+        return ids.shape[0]
+    return max(offsets.shape[0] - 1, 0) if include_last_offset else offsets.shape[0]
+
+
+@torch.library.custom_op("fastembed::embedding_bag", mutates_args=(), device_types="cpu")
+def embedding_bag(weight: Tensor, ids: Tensor, offsets: Optional[Tensor], per_sample_weights: Optional[Tensor],
+                  mode: str, padding_idx: int, include_last_offset: bool) -> tuple[Tensor, Tensor]:
+    """``F.embedding_bag`` on the bag kernels: (out, argmax). out is (B, D); argmax (B, D) int64 in mode
+    "max" (the row each column's max came from, which the backward needs), else empty. padding_idx is a
+    row in [0, rows), or -1 for none (aten's convention; the modules normalise a negative one first)."""
+    table = _bag_table(weight)
+    idn, offn, psw = _bag_inputs(ids, offsets, per_sample_weights)
+    args = dict(mode=mode, per_sample_weights=psw, padding_idx=_bag_padding(padding_idx),
+                include_last_offset=include_last_offset, _format=_bag_format(table))
+    if mode == "max":
+        out, argmax = ops.embedding_bag(table, idn, offn, return_argmax=True, **args)
+        return _tensor(out), torch.from_numpy(argmax)
+    return _tensor(ops.embedding_bag(table, idn, offn, **args)), torch.empty(0, dtype=torch.int64)
+
+
+@embedding_bag.register_fake
+def _(weight, ids, offsets, per_sample_weights, mode, padding_idx, include_last_offset):
+    shape = (_bag_count(ids, offsets, include_last_offset), weight.shape[1])
+    return weight.new_empty(shape), ids.new_empty(shape if mode == "max" else (0,), dtype=torch.int64)
+
+
+@torch.library.custom_op("fastembed::embedding_bag_backward", mutates_args=(), device_types="cpu")
+def embedding_bag_backward(grad: Tensor, ids: Tensor, offsets: Optional[Tensor], per_sample_weights: Optional[Tensor],
+                           argmax: Tensor, num_weights: int, mode: str, padding_idx: int,
+                           include_last_offset: bool) -> Tensor:
+    """The dense gradient of `embedding_bag`'s table (argmax: its second output; used in mode "max" only):
+    each bag's gradient, scaled by its lookups' weights or 1/count, added into their rows in bag order, then
+    ids order; the padding row stays zero."""
+    out = torch.zeros((num_weights, grad.shape[-1]), dtype=grad.dtype)
+    g = _bag_table(grad)
+    idn, offn, psw = _bag_inputs(ids, offsets, per_sample_weights)
+    ops.embedding_bag_backward(_bits(out), idn, offn, g, mode=mode, per_sample_weights=psw,
+                               padding_idx=_bag_padding(padding_idx), include_last_offset=include_last_offset,
+                               argmax=_np(argmax.contiguous()) if mode == "max" else None, _format=_bag_format(g))
+    return out
+
+
+@embedding_bag_backward.register_fake
+def _(grad, ids, offsets, per_sample_weights, argmax, num_weights, mode, padding_idx, include_last_offset):
+    return grad.new_empty((num_weights, grad.shape[-1]))
+
+
+@torch.library.custom_op("fastembed::embedding_bag_weights_grad", mutates_args=(), device_types="cpu")
+def embedding_bag_weights_grad(weight: Tensor, ids: Tensor, offsets: Optional[Tensor], grad: Tensor,
+                               padding_idx: int, include_last_offset: bool) -> Tensor:
+    """per_sample_weights' gradient of a sum bag: each lookup's row dotted with its bag's gradient (0 for
+    padding and for ids in no bag); ids' shape."""
+    table = _bag_table(weight)
+    idn, offn, _ = _bag_inputs(ids, offsets, None)
+    return _tensor(ops.embedding_bag_weights_grad(
+        table, idn, offn, _bits(grad.contiguous()), padding_idx=_bag_padding(padding_idx),
+        include_last_offset=include_last_offset, _format=_bag_format(table)))
+
+
+@embedding_bag_weights_grad.register_fake
+def _(weight, ids, offsets, grad, padding_idx, include_last_offset):
+    return weight.new_empty(ids.shape)
+
+
+def _bag_setup(ctx, inputs, output):
+    weight, ids, offsets, per_sample_weights, mode, padding_idx, include_last_offset = inputs
+    # the weight only where per_sample_weights' gradient reads it
+    psw_grad = per_sample_weights is not None and ctx.needs_input_grad[3]
+    ctx.save_for_backward(ids, offsets, per_sample_weights, output[1], weight if psw_grad else None)
+    ctx.num_weights, ctx.args = weight.shape[0], (mode, padding_idx, include_last_offset)
+
+
+def _bag_grad(ctx, grad, _argmax_grad):
+    ids, offsets, per_sample_weights, argmax, weight = ctx.saved_tensors
+    mode, padding_idx, include_last_offset = ctx.args
+    weight_grad = psw_grad = None
+    if ctx.needs_input_grad[0]:
+        weight_grad = embedding_bag_backward(grad, ids, offsets, per_sample_weights, argmax, ctx.num_weights, *ctx.args)
+    if weight is not None:
+        psw_grad = embedding_bag_weights_grad(weight, ids, offsets, grad, padding_idx, include_last_offset)
+    return weight_grad, None, None, psw_grad, None, None, None
+
+
+embedding_bag.register_autograd(_bag_grad, setup_context=_bag_setup)
