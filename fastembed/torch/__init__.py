@@ -18,8 +18,9 @@ traces, a kernel lookup is one custom operator (``torch.ops.fastembed.embedding`
 ``torch.ops.fastembed.token_position``, see `_library`); what those do not cover
 (sparse, ``max_norm``, ``scale_grad_by_freq``, other dtypes) is traced as torch's own
 F.embedding, and fused layers (and sparse token+position layers) run eagerly, a
-graph break that ``fullgraph=True`` refuses. `EmbeddingBag` (``_bag.py``) is
-torch's own op while torch traces.
+graph break that ``fullgraph=True`` refuses. `EmbeddingBag` (``_bag.py``) is one
+``torch.ops.fastembed.embedding_bag`` node while torch traces, except sparse and
+``max_norm`` bags (torch's own op there) and fused bags (eager, a graph break).
 
 With ``fused=`` (a rule from `fastembed.torch.optim`, e.g. ``FusedAdagrad(lr=0.1)``)
 the backward applies the optimizer update to the rows it touches, straight from
