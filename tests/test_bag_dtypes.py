@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import fastembed as fe
 from fastembed import _kernels
 from _helpers import FAST, Snapshot, assert_bitwise, num_threads, serial_elements, two_thread_team
-from test_bag import _bounds, _kept, _kw, _pad, _torch_can, bag_cases, run_backward, run_forward
+from test_bag import _bounds, _kept, _kw, _torch_can, bag_cases, run_backward, run_forward
 from test_dtypes import BF16, F16, F64, is_bf16, narrow, needs_ml_dtypes, widen
 
 NEW = (F64, F16) + ((BF16,) if BF16 is not None else ())

@@ -15,7 +15,6 @@ during a GIL-free call give an error or a consistent plan, never one with rows o
 """
 import subprocess
 import sys
-import textwrap
 import tracemalloc
 
 import numpy as np

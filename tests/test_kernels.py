@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fastembed as fe
-from _helpers import (FAST, FEW, ID_FORMS, SERIAL_ELEMENTS, as_form, assert_bitwise, coalesce_oracle,
+from _helpers import (FAST, ID_FORMS, SERIAL_ELEMENTS, as_form, assert_bitwise, coalesce_oracle,
                       float_table, id_arrays, ids_shapes, num_threads, positions_oracle)
 
 

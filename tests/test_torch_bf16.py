@@ -10,7 +10,6 @@ format (and on the table's own memory), not torch's fallback, which would pass e
 """
 import math
 
-import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
