@@ -15,6 +15,7 @@ from libc.string cimport memset
 
 cdef extern from "_fastembed.h" nogil:
     void fe_bag_axpy(float* out, const float* a, Py_ssize_t n, float s)
+    void fe_bag_first(float* out, const float* a, Py_ssize_t n)
     void fe_bag_max(float* out, int64_t* arg, const float* a, Py_ssize_t n, int64_t r)
     void fe_bag_div(float* out, Py_ssize_t n, float c)
     void fe_bag_scale(float* out, const float* a, Py_ssize_t n, float s)
@@ -367,11 +368,15 @@ cdef Py_ssize_t _bag_forward_rows(const bag_t* table, Py_ssize_t V, Py_ssize_t D
     cdef bag_t* o
     cdef int64_t* a
     cdef float* w = NULL if acc == NULL else acc + D
+    cdef bint copy_first = False  # a float32 sum's first row is written, not added to zeros
+    if bag_t is float:
+        copy_first = psw == NULL and mode != BAG_MAX
     for b in range(b0, b1):
         lo = offs[b]
         hi = _bag_end(offs, L, N, b)
         o = out + b * D
-        memset(o, 0, D * sizeof(bag_t))  # a sum starts at +0.0, as torch's: a row of -0.0 sums to +0.0
+        if not copy_first:
+            memset(o, 0, D * sizeof(bag_t))  # a sum starts at +0.0, as torch's: a row of -0.0 sums to +0.0
         if acc != NULL:
             memset(acc, 0, D * sizeof(float))
         count = 0
@@ -392,9 +397,13 @@ cdef Py_ssize_t _bag_forward_rows(const bag_t* table, Py_ssize_t V, Py_ssize_t D
                         a[d] = r
                 else:
                     _bag_max_row(o, arg + b * D, table + r * D, D, r)
+            elif copy_first and count == 0:
+                fe_bag_first(<float*>o, <const float*>(table + r * D), D)
             else:
                 _bag_sum_row(o, acc, w, table + r * D, D, psw, i)
             count += 1
+        if copy_first and count == 0:
+            memset(o, 0, D * sizeof(bag_t))  # an empty bag (or one of padding only) is zeros
         if mode != BAG_MAX:
             _bag_finish(o, acc, w, D, mode, count)
         elif count == 0:

@@ -300,6 +300,12 @@ FE_CLONES static void fe_bag_axpy(float *FE_RESTRICT out, const float *FE_RESTRI
     for (ptrdiff_t d = 0; d < n; d++) out[d] += s * a[d];
 }
 
+/* out[d] = 0.0f + a[d]: a float32 sum's first row, as the +0.0 the sum starts from makes it (-0.0 becomes
+   +0.0), without zeroing out and reading it back first. */
+FE_CLONES static void fe_bag_first(float *FE_RESTRICT out, const float *FE_RESTRICT a, ptrdiff_t n) {
+    for (ptrdiff_t d = 0; d < n; d++) out[d] = 0.0f + a[d];
+}
+
 /* A bag's running max: where a[d] > out[d], out[d] = a[d] and arg[d] = r. Strictly greater, as torch's CPU
    kernel: on a tie the earlier row stays, and a NaN already in out stays (NaN > x and x > NaN are false). */
 FE_CLONES static void fe_bag_max(float *FE_RESTRICT out, int64_t *FE_RESTRICT arg, const float *FE_RESTRICT a,

@@ -1187,6 +1187,16 @@ MUTANTS += [
            'include_last_offset=ctx.args["include_last_offset"]))',
            "the per_sample_weights gradient of a bfloat16 bag calls the kernel without _format (the bits are refused)",
            (BAG_DT, "-k", "runs_the_kernels and bfloat16")),
+    Mutant("bag-first-row-keeps-negative-zero", HDR,
+           "    for (ptrdiff_t d = 0; d < n; d++) out[d] = 0.0f + a[d];",
+           "    for (ptrdiff_t d = 0; d < n; d++) out[d] = a[d];",
+           "a float32 sum's first row is copied, not added to +0.0: a bag of one -0.0 row sums to -0.0 (torch: +0.0)",
+           (BAG, "-k", "positive_zero")),
+    Mutant("bag-empty-copy-first-bag-unzeroed", BAG_PXI,
+           "        if copy_first and count == 0:\n            memset(o, 0, D * sizeof(bag_t))",
+           "        if False:\n            memset(o, 0, D * sizeof(bag_t))",
+           "a float32 sum or mean bag with no kept row (empty, or padding only) leaves out's old contents, not zeros",
+           (BAG, "-k", "forward_into_out or positive_zero")),
 ]
 
 

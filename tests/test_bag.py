@@ -262,6 +262,25 @@ def test_hand_computed_bags():
                    np.array([[0, 0], [3, 9], [12, 35], [21, 7]], np.float32))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_sum_starts_at_positive_zero(dtype):
+    """A sum starts from +0.0 (as torch's and as IEEE addition: +0.0 + -0.0 is +0.0), so a bag of one row of
+    -0.0 sums to +0.0, a mean too, and a padding row or an empty bag leaves +0.0; a max copies the -0.0."""
+    table = np.array([[-0.0, -0.0, 1.0], [-0.0, 2.0, -0.0]], dtype)
+    ids = np.array([0, 1, 0, 1, 1])
+    offsets = np.array([0, 1, 2, 4, 5])  # bags: [0], [1], [0 1], [1] (padding when padding_idx=1), []
+    for mode in ("sum", "mean"):
+        for pad in (None, 1):
+            out = fe.embedding_bag(table, ids, offsets, mode=mode, padding_idx=pad)
+            assert not np.signbit(out).any(), (mode, pad, out)
+    out = fe.embedding_bag(table, ids, offsets, mode="max")
+    assert_bitwise(np.signbit(out[[0, 1, 3]]), np.signbit(table[[0, 1, 1]]))  # the bags of one row
+    torch = pytest.importorskip("torch")
+    want = torch.nn.functional.embedding_bag(torch.from_numpy(ids), torch.from_numpy(table),
+                                             torch.from_numpy(offsets), mode="sum")
+    assert_bitwise(fe.embedding_bag(table, ids, offsets, mode="sum"), want.numpy())
+
+
 def test_two_dimensional_ids_are_fixed_length_bags():
     rng = np.random.default_rng(3)
     table = rng.standard_normal((9, 4)).astype(np.float32)
