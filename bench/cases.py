@@ -31,6 +31,7 @@ from fastembed import reference
 from . import threads as ran
 from . import bag, train
 from .memlimit import LIMIT_MIN_BYTES, OVERHEAD_NAME, MemoryLimit, is_limit
+from .shapes import DEFAULT_DTYPE, DTYPES, in_dtype, itemsize, numpy_dtype, widened  # noqa: F401 (numpy_dtype)
 from .timing import Method
 
 KERNEL_OPS = ("forward", "backward", "sparse", "step-sparse", "step-dense")  # each with a byte count and a limit
@@ -49,9 +50,7 @@ OP_TITLES = {
 }
 LR, BETAS, EPS = 0.01, (0.85, 0.99), 1e-8  # the book's Adam, for every optimizer here
 
-DTYPES = ("float32", "float64", "float16", "bfloat16")  # table dtypes of --dtypes, in report order
-DEFAULT_DTYPE = "float32"  # the tables of every op; the one dtype whose cases keep the op's plain name
-DTYPE_OPS = ("forward",)  # the ops --dtypes multiplies
+DTYPE_OPS = ("forward", "bag")  # the ops --dtypes multiplies
 # The equality check's (rtol, atol relative to the largest value) per dtype. float32: sums in another order.
 # float16 and bfloat16: one unit in the last place (2**-10, 2**-7), the most two roundings of the same
 # float32 value can differ by (the kernels add halves in float32 and round once, as torch does on CPU).
@@ -81,18 +80,6 @@ def op_order(name):
     """A sort key of case names: the ops in OPS order, each op's dtypes in DTYPES order."""
     op, dtype = split_op(name)
     return OPS.index(op), DTYPES.index(dtype)
-
-
-def numpy_dtype(dtype):
-    """The numpy dtype of a table dtype's name, or None for bfloat16 without ml_dtypes."""
-    if dtype != "bfloat16":
-        return np.dtype(dtype)
-    try:
-        import ml_dtypes
-    except ImportError:
-        return None
-    return np.dtype(ml_dtypes.bfloat16)
-
 
 class CheckError(AssertionError):
     """A method computed something other than what fastembed computed."""
@@ -306,40 +293,13 @@ NUMPY_SKIP = ("fastembed (the numpy API), bfloat16: skipped (ml_dtypes is not in
               "API takes bfloat16 tables as ml_dtypes.bfloat16 arrays; `pip install ml_dtypes`)")
 
 
-def widened(x):
-    """A result as numpy: float16 and bfloat16 widened to float32 (exact, so a bitwise check stays one)."""
-    if hasattr(x, "detach"):  # a torch tensor: numpy has no bfloat16 of its own
-        x = x.detach()
-        return (x.float() if x.dtype.itemsize == 2 else x).numpy()
-    return x.astype(np.float32) if x.dtype.itemsize == 2 else x
-
-
-def dtype_tables(data, dtype, torch):
-    """The shape's two tables in dtype, as numpy arrays (None for bfloat16 without ml_dtypes) and as torch
-    tensors over the same memory (None without torch). Both are the float32 tables rounded to nearest even."""
-    np_dtype = numpy_dtype(dtype)
-    arrays = None
-    if np_dtype is not None:
-        arrays = tuple(t.astype(np_dtype) for t in (data.token_table, data.position_table))
-    if torch is None:
-        return arrays, None
-    t_dtype = getattr(torch, dtype)
-    if arrays is None:
-        tensors = tuple(torch.from_numpy(t).to(t_dtype) for t in (data.token_table, data.position_table))
-    elif dtype == "bfloat16":  # torch reads ml_dtypes arrays through their bits
-        tensors = tuple(torch.from_numpy(a.view(np.uint16)).view(t_dtype) for a in arrays)
-    else:
-        tensors = tuple(torch.from_numpy(a) for a in arrays)
-    return arrays, tensors
-
-
 def forward_dtype_methods(data, ctx, dtype):
     """The forward on tables of dtype: the numpy API, fastembed.torch.Embedding (two modules and an add) and
     torch's F.embedding (twice, and an add), at the run's thread count. All three add the two rows in the
     dtype's rules (float64 in float64, halves in float32 rounded once), so they are expected bitwise equal."""
     torch = ctx.torch
-    arrays, tensors = dtype_tables(data, dtype, torch)
-    ids, s = data.ids, data.shape
+    arrays, tensors = in_dtype((data.token_table, data.position_table), dtype, torch)
+    ids = data.ids
     methods, skips = [], []
     if arrays is not None:
         tok, pos = arrays
@@ -581,7 +541,7 @@ BUILDERS = {
 }
 
 
-DTYPE_BUILDERS = {"forward": forward_dtype_methods}
+DTYPE_BUILDERS = {"forward": forward_dtype_methods, "bag": bag.bag_methods}
 
 
 def build_case(data, op, ctx, dtype=DEFAULT_DTYPE):
@@ -595,7 +555,7 @@ def build_case(data, op, ctx, dtype=DEFAULT_DTYPE):
     else:
         raise ValueError(f"op {op!r} runs on float32 tables only (--dtypes applies to {', '.join(DTYPE_OPS)})")
     methods, skips = (built.methods, built.skips) if isinstance(built, train.Built) else (built, [])
-    nbytes = traffic(op, data, np.dtype(dtype if dtype != "bfloat16" else np.uint16).itemsize)
+    nbytes = traffic(op, data, itemsize(dtype))
     if nbytes is None:
         pass  # no case-wide byte count (train, adapter, bag): no limit here (bag adds one per forward group)
     elif is_limit(nbytes):

@@ -21,7 +21,7 @@ import numpy as np
 
 import fastembed as fe
 
-from .cases import method_key, op_order, op_title
+from .cases import method_key, op_order, op_title, split_op
 
 GROUPS_AS_CASES = ("bag",)  # ops whose groups are cases of their own (train's groups show in the row names)
 PLOT_BAG_GROUPS = ("forward, 8 ids/bag, sum", "backward, 8 ids/bag, sum")
@@ -134,7 +134,12 @@ def _fmt_gbps(x):
 
 def op_label(r):
     """The op column: the op, and for bag its case within the op (direction, ids per bag, mode)."""
-    return f"{r['op']}: {r['group']}" if r["op"] in GROUPS_AS_CASES and r.get("group") else r["op"]
+    return f"{r['op']}: {r['group']}" if _grouped(r["op"]) and r.get("group") else r["op"]
+
+
+def _grouped(op):
+    """Whether a case name's op has groups that are cases of their own (bag, on every dtype)."""
+    return split_op(op)[0] in GROUPS_AS_CASES
 
 
 def results_markdown(rows, shapes):
@@ -351,8 +356,8 @@ def write_plot(path, rows, threads):
 
     shown = [r for r in rows if r["threads_set"] == threads or r["family"] not in ("fastembed", "memory")]
     # bag has 18 cases a shape: the plot shows one of each direction, its rows named by direction.
-    shown = [dict(r, method=f"{r['group'].split(',')[0]}: {r['method']}") if r["op"] in GROUPS_AS_CASES else r
-             for r in shown if r["op"] not in GROUPS_AS_CASES or r["group"] in PLOT_BAG_GROUPS]
+    shown = [dict(r, method=f"{r['group'].split(',')[0]}: {r['method']}") if _grouped(r["op"]) else r
+             for r in shown if not _grouped(r["op"]) or r["group"] in PLOT_BAG_GROUPS]
     ops = sorted({r["op"] for r in shown}, key=op_order)
     shapes = list(dict.fromkeys(r["shape"] for r in shown))
     fig, axes = plt.subplots(len(ops), 1, figsize=(13, 3.2 * len(ops)), squeeze=False)
@@ -368,7 +373,7 @@ def write_plot(path, rows, threads):
         ax.set_axisbelow(True)
         ax.set_xticks(range(len(shapes)), shapes)
         ax.set_ylabel("time per call (us)")
-        ax.set_title(op_title(op) + (" (8 ids/bag, sum)" if op in GROUPS_AS_CASES else ""))
+        ax.set_title(op_title(op) + (" (8 ids/bag, sum)" if _grouped(op) else ""))
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         ax.grid(axis="y", which="both", alpha=0.3)
     fig.suptitle(f"fastembed benchmark ({threads} threads; log scale, lower is faster)")

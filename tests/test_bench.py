@@ -1026,6 +1026,13 @@ def dtype_ctx():
     return torch_ctx() if HAS_TORCH else cases.Context(threads=1, fe_threads=(1,))
 
 
+def assert_runs_in(m, dtype):
+    """The timed call itself returns dtype (numpy, ml_dtypes or torch): the row times the dtype's tables,
+    which its widened result alone would not show for the halves."""
+    raw = (m.make() if m.make is not None else m.run)()
+    assert str(raw.dtype).replace("torch.", "") == dtype, (m.name, raw.dtype)
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float16", "bfloat16"])
 def test_dtype_forward_rows_compute_the_oracle(dtype):
     """Each row of a dtype's forward case returns the oracle's values bitwise (the kernels, torch's add and
@@ -1041,6 +1048,7 @@ def test_dtype_forward_rows_compute_the_oracle(dtype):
     assert names == expected + [memlimit.OVERHEAD_NAME]
     want = forward_oracle(data, dtype)
     for m in case.methods[:-1]:
+        assert_runs_in(m, dtype)
         (got,) = m.result()
         assert got.dtype == want.dtype and np.array_equal(got, want), m.name
     # The tables' and the output's bytes scale with the element size; the ids' do not.
@@ -1169,3 +1177,79 @@ def test_dtype_targets_compare_the_rows_they_name():
     # without the float32 forward the half targets are SKIPPED with why, not judged against another row
     no_f32 = [v for v in targets.judge(rows[2:], [], ["wide-uniform"]) if "0.6x" in v.target]
     assert len(no_f32) == 2 and all(v.status == "SKIPPED" and "forward float32" in v.note for v in no_f32)
+
+
+def bag_dtype_oracle(data, size, mode, dtype):
+    """A forward bag group on the table rounded to dtype, from numpy: sums exact (float64) and rounded to the
+    dtype once, a mean that sum divided by the count, a max the largest element; widened as the rows are."""
+    np_dtype = np.dtype(dtype) if dtype != "bfloat16" else __import__("ml_dtypes").bfloat16
+    ids = data.ids.reshape(-1)
+    rows = data.token_table.astype(np_dtype).astype(np.float64)[ids].reshape(-1, size, BAG_TINY.dim)
+    out = {"sum": rows.sum(axis=1), "mean": rows.sum(axis=1) / size, "max": rows.max(axis=1)}[mode]
+    return out if dtype == "float64" else out.astype(np_dtype).astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float16", "bfloat16"])
+def test_bag_dtype_forward_groups_compute_the_oracle(dtype):
+    """`bag <dtype>`: forward groups only, the dtype's bytes, each row within the dtype's rounding of numpy's
+    bags (a max bitwise), and the case's own check passes."""
+    if dtype == "bfloat16" and not HAS_ML_DTYPES:
+        pytest.skip("the bfloat16 oracle needs ml_dtypes")
+    data = bag_data()
+    ctx = dtype_ctx()
+    case = cases.build_case(data, "bag", ctx, dtype)
+    assert case.op == f"bag {dtype}"
+    by_group = {}
+    for m in case.methods:
+        by_group.setdefault(m.group, []).append(m)
+    assert list(by_group) == [bag.group_name("forward", s, mode) for s in bag.BAG_SIZES for mode in bag.MODES]
+    eps = {"float64": 2.0**-52, "float16": 2.0**-10, "bfloat16": 2.0**-7}[dtype]
+    for group, methods in by_group.items():
+        size, mode = int(group.split(", ")[1].split()[0]), group.rsplit(", ", 1)[1]
+        names = [m.name for m in methods]
+        assert names == [bag.NUMPY_ROW] + ([bag.MODULE_ROW, bag.TORCH_ROW] if HAS_TORCH else []) + \
+            [memlimit.OVERHEAD_NAME], group
+        want = bag_dtype_oracle(data, size, mode, dtype)
+        for m in methods[:-1]:
+            assert_runs_in(m, dtype)
+            (got,) = m.result()
+            assert got.dtype == want.dtype, (group, m.name)
+            if mode == "max":
+                assert np.array_equal(got, want), (group, m.name)
+            else:  # a float32 (float64) sum in the ids' order, rounded once: at most a unit from the exact one's
+                np.testing.assert_allclose(got, want, rtol=2 * eps, atol=2 * eps * np.abs(want).max(),
+                                           err_msg=f"{group} {m.name}")
+        ids, offsets = bag.bags(data, size)
+        distinct = len(np.unique(ids))
+        assert methods[0].nbytes == ids.nbytes + offsets.nbytes + (distinct + len(offsets)) * BAG_TINY.dim * (
+            8 if dtype == "float64" else 2)
+    cases.verify(case, ctx)
+    if HAS_TORCH:
+        assert "FBGEMM rows: none on tables other than float32" in case.skips
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed")
+def test_bag_bfloat16_without_ml_dtypes_is_anchored_on_the_module(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)
+    ctx = torch_ctx()
+    case = cases.build_case(bag_data(), "bag", ctx, "bfloat16")
+    assert bag.NUMPY_SKIP in case.skips and all(m.name != bag.NUMPY_ROW for m in case.methods)
+    anchors = [m for m in case.methods if m.family == "fastembed" and m.anchor]
+    assert len(anchors) == 9 and all(m.name == bag.MODULE_ROW for m in anchors)
+    cases.verify(case, ctx)
+
+
+def test_dtypes_option_runs_the_bag_op_per_dtype(tmp_path):
+    text, doc = run_bench(tmp_path, "--ops", "bag", "--shapes", "medium", "--dtypes", "float32,float16",
+                          "--scale", "0.01", "--threads", "1")
+    results = doc["results"]
+    assert list(dict.fromkeys(r["op"] for r in results)) == ["bag", "bag float16"]
+    half = [r for r in results if r["op"] == "bag float16"]
+    assert {r["group"] for r in half} == {bag.group_name("forward", s, m) for s in bag.BAG_SIZES for m in bag.MODES}
+    assert all(r["dtype"] == "float16" for r in half)
+    assert all(r["check"] in ("baseline", "bitwise") or r["check"].startswith("close") for r in half
+               if r["family"] != "overhead")
+    printed = {(op, method) for op, method, _ in table_rows(text, "medium")}
+    assert ("bag float16: forward, 8 ids/bag, max", bag.NUMPY_ROW) in printed
+    # the bag targets are float32's (issue 10 names no dtype for them): one shape, 9 cases, 5 targets
+    assert len([t for t in doc["targets"] if t["case"]]) == 9 * 5
