@@ -1140,6 +1140,9 @@ def test_dtypes_option_adds_named_checked_rows_and_targets(tmp_path):
         assert all(r["bytes"] == cases.traffic("forward", data, 8 if dtype == "float64" else 2)
                    for r in rows.values())
     assert f"forward float16 = {cases.OP_TITLES['forward']}, float16 tables" in text
+    ops_line = next(line for line in text.splitlines() if line.startswith("Ops: "))
+    listed = [part.split(" = ")[0] for part in ops_line[len("Ops: "):].split("; ")]
+    assert listed == ["forward", "forward float64", "forward float16", "forward bfloat16"]
     found = {t["target"]: t for t in doc["targets"] if t["target"].startswith("forward ")}
     half = [t for name, t in found.items() if "numpy API) <= 0.6x" in name]
     assert len(half) == (2 if HAS_ML_DTYPES else 1) and all(t["status"] in ("PASS", "MISS") for t in half)
@@ -1164,7 +1167,8 @@ def test_dtype_targets_compare_the_rows_they_name():
         return {"shape": "wide-uniform", "op": op, "method": method, "family": family, "median_ns": t,
                 "threads_set": threads, "threads": str(threads), "anchor": True, "group": ""}
 
-    rows = [row("forward", "fastembed", "fastembed", 100.0), row("forward", "fastembed", "fastembed", 180.0, 1),
+    # float32 at 1 thread listed first: the half rows (2 threads) must take float32's 2-thread row
+    rows = [row("forward", "fastembed", "fastembed", 180.0, 1), row("forward", "fastembed", "fastembed", 100.0),
             row("forward float16", "fastembed", "fastembed", 50.0),
             row("forward bfloat16", "fastembed", "fastembed", 70.0),
             row("forward float64", cases.MODULE_ROW, "fastembed", 90.0),
@@ -1176,6 +1180,8 @@ def test_dtype_targets_compare_the_rows_they_name():
     assert (got["float64:", "wide-uniform"].measured, got["float64:", "wide-uniform"].status) == ("0.9x", "PASS")
     # without the float32 forward the half targets are SKIPPED with why, not judged against another row
     no_f32 = [v for v in targets.judge(rows[2:], [], ["wide-uniform"]) if "0.6x" in v.target]
+    assert [v.status for v in targets.judge(rows[:1] + rows[2:], [], ["wide-uniform"]) if "0.6x" in v.target] \
+        == ["SKIPPED"] * 2  # float32 at another thread count is no comparison
     assert len(no_f32) == 2 and all(v.status == "SKIPPED" and "forward float32" in v.note for v in no_f32)
 
 
