@@ -1259,3 +1259,17 @@ def test_dtypes_option_runs_the_bag_op_per_dtype(tmp_path):
     assert ("bag float16: forward, 8 ids/bag, max", bag.NUMPY_ROW) in printed
     # the bag targets are float32's (issue 10 names no dtype for them): one shape, 9 cases, 5 targets
     assert len([t for t in doc["targets"] if t["case"]]) == 9 * 5
+
+
+def test_dtype_forward_limit_runs_at_the_rows_thread_count(monkeypatch):
+    """The float32 forward has a limit per fastembed count (1 and 2 on the big shapes); a dtype's forward runs
+    fastembed at the main count alone, so its limit is there alone, moving the dtype's bytes."""
+    monkeypatch.setattr(cases, "is_limit", lambda nbytes: True)
+    data = shapes.make_data(DTYPE_TINY)
+    ctx = cases.Context(threads=2, fe_threads=(2, 1))
+    limits = lambda case: sorted(m.threads for m in case.methods if m.family == "memory")  # noqa: E731
+    assert limits(cases.build_case(data, "forward", ctx)) == [1, 2]
+    case = cases.build_case(data, "forward", ctx, "float64")
+    assert limits(case) == [2] and [m.threads for m in case.methods if m.family == "fastembed"][:1] == [2]
+    (limit,) = [m for m in case.methods if m.family == "memory"]
+    assert 12 * len(limit.run.c) * limit.scale == pytest.approx(cases.traffic("forward", data, 8))
