@@ -32,7 +32,7 @@ from fastembed import reference
 from . import threads as ran
 from . import bag, train
 from .memlimit import LIMIT_MIN_BYTES, OVERHEAD_NAME, MemoryLimit, is_limit
-from .shapes import DEFAULT_DTYPE, DTYPES, in_dtype, itemsize, numpy_dtype, widened  # noqa: F401 (numpy_dtype)
+from .shapes import DEFAULT_DTYPE, DTYPES, in_dtype, itemsize, widened
 from .timing import Method
 
 KERNEL_OPS = ("forward", "backward", "sparse", "step-sparse", "step-dense")  # each with a byte count and a limit

@@ -1100,7 +1100,7 @@ def test_bfloat16_without_ml_dtypes_keeps_the_torch_rows(monkeypatch):
     """Without ml_dtypes the numpy API's bfloat16 row is left out with why, fastembed.torch is the group's
     anchor, and its rows still equal torch's."""
     monkeypatch.setitem(sys.modules, "ml_dtypes", None)  # `import ml_dtypes` raises ImportError
-    assert cases.numpy_dtype("bfloat16") is None
+    assert shapes.numpy_dtype("bfloat16") is None
     ctx = torch_ctx()
     case = cases.build_case(shapes.make_data(DTYPE_TINY), "forward", ctx, "bfloat16")
     assert [m.name for m in case.methods] == [cases.MODULE_ROW, "torch F.embedding", memlimit.OVERHEAD_NAME]
