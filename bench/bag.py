@@ -22,6 +22,16 @@ Rows of a backward group (the dense gradient of the table):
 Each row is checked against its group's numpy API row before timing: max forward bitwise (a
 max does not round), sums within the float32 tolerance of bench.cases.compare. Every row
 runs at the run's thread count (torch is set to the same count).
+
+With --dtypes, the op runs once more per other table dtype (float64, float16, bfloat16) as the
+case ``bag <dtype>``: its forward groups only, with the numpy API (bfloat16 as ml_dtypes arrays;
+without ml_dtypes that row is left out and fastembed.torch.EmbeddingBag anchors the group),
+the two modules on a weight of that dtype, and the memory limit of the bytes that dtype moves;
+checked with the dtype's tolerance (halves: a bag's sum in float32, rounded once; torch's
+FBGEMM path may round a bfloat16 tie the other way). No backward groups there: torch's dense
+backward on half tables rounds its adds in another order than fastembed's (which rounds after
+each add, as np.add.at does), so the two differ by more the more often a row is named, and no
+fixed tolerance checks them. No FBGEMM rows either (its dense TBE here is float32).
 """
 import functools
 import warnings
@@ -32,6 +42,7 @@ import fastembed as fe
 
 from . import threads as ran
 from .memlimit import LIMIT_MIN_BYTES, OVERHEAD_NAME, MemoryLimit, SERIAL_BYTES, is_limit
+from .shapes import DEFAULT_DTYPE, in_dtype, itemsize, widened
 from .timing import Method
 from .train import Built
 
@@ -41,6 +52,8 @@ MODES = ("sum", "mean", "max")
 DIRECTIONS = ("forward", "backward")
 
 NUMPY_ROW = "fastembed numpy API"
+NUMPY_SKIP = ("fastembed numpy API, bfloat16: skipped (ml_dtypes is not installed, and fastembed's numpy API takes "
+              "bfloat16 tables as ml_dtypes.bfloat16 arrays; `pip install ml_dtypes`)")
 MODULE_ROW = "fastembed.torch.EmbeddingBag"
 TORCH_ROW = "torch nn.EmbeddingBag"
 FBGEMM_ROW = "FBGEMM TBE (dense)"
@@ -77,13 +90,14 @@ def fbgemm_dense():
 
 # ---------------------------------------------------------------- states: (forward, backward) per row
 
-def numpy_state(data, ids, offsets, mode, direction):
-    """The numpy API's call and its result, over the shared table (forward) or a new gradient (backward)."""
-    table = data.token_table
+def numpy_state(data, ids, offsets, mode, direction, table=None):
+    """The numpy API's call and its result, over the shared table (forward; table: the shape's table in another
+    dtype) or a new gradient (backward)."""
+    table = data.token_table if table is None else table
     B, D = len(offsets), data.shape.dim
     if direction == "forward":
         run = functools.partial(fe.embedding_bag, table, ids, offsets, mode=mode)
-        return run, lambda: (run(),)
+        return run, lambda: (widened(run()),)
     argmax = fe.embedding_bag(table, ids, offsets, mode="max", return_argmax=True)[1] if mode == "max" else None
     g = data.grad_hidden.reshape(-1, D)[:B]
     grad = np.zeros_like(table)
@@ -97,10 +111,11 @@ def numpy_state(data, ids, offsets, mode, direction):
     return run, result
 
 
-def module_state(data, torch, ids, offsets, mode, direction, kind, mods=None):
-    """A torch module on the shared table (its weight requires grad): forward calls it, backward takes
-    autograd.grad of one kept output into a new dense gradient per call."""
-    weight = torch.from_numpy(data.token_table)  # no copy: nothing here writes the table
+def module_state(data, torch, ids, offsets, mode, direction, kind, mods=None, weight=None):
+    """A torch module on the shared table (its weight requires grad; weight: the table in another dtype):
+    forward calls it, backward takes autograd.grad of one kept output into a new dense gradient per call."""
+    if weight is None:
+        weight = torch.from_numpy(data.token_table)  # no copy: nothing here writes the table
     t_ids, t_off = torch.from_numpy(ids), torch.from_numpy(offsets)
     B, D = len(offsets), data.shape.dim
     if kind == "fbgemm":
@@ -128,7 +143,7 @@ def module_state(data, torch, ids, offsets, mode, direction, kind, mods=None):
             return module(t_ids, t_off)
 
     if direction == "forward":
-        return forward, lambda: (forward().detach().numpy(),)
+        return forward, lambda: (widened(forward()),)
     g = torch.from_numpy(data.grad_hidden.reshape(-1, D)[:B])
     out = forward()
 
@@ -175,41 +190,56 @@ def stated(factory, method):
     return method
 
 
-def bag_methods(data, ctx):
-    """Every row of every group of the shape; notes for the rows left out."""
+def bag_methods(data, ctx, dtype=DEFAULT_DTYPE):
+    """Every row of every group of the shape (on tables of dtype: the forward groups); notes for the rows
+    left out."""
     if data.shape.name not in SHAPES:
         return Built([], [f"skipped: measured at {', '.join(SHAPES)} only (`--shapes medium` or `--all`)"])
     torch, n, D = ctx.torch, ctx.threads, data.shape.dim
     methods, skips = [], []
-    mods, why = fbgemm_dense() if torch is not None else (None, None)
+    table, weight = None, None
+    if dtype != DEFAULT_DTYPE:
+        arrays, tensors = in_dtype((data.token_table,), dtype, torch)
+        table, weight = arrays and arrays[0], tensors and tensors[0]
+        if table is None and torch is None:
+            return Built([], ["skipped: bfloat16 needs ml_dtypes (the numpy API) or PyTorch"])
+        if table is None:
+            skips.append(NUMPY_SKIP)
+    mods, why = fbgemm_dense() if torch is not None and dtype == DEFAULT_DTYPE else (None, None)
     if torch is None:
         skips.append("torch, fastembed.torch and FBGEMM rows: skipped (no PyTorch in this run)")
+    elif dtype != DEFAULT_DTYPE:
+        skips.append("FBGEMM rows: none on tables other than float32")
     elif mods is None:
         skips.append(f"FBGEMM rows: skipped ({why})")
     else:
         skips.append("FBGEMM rows, mode max: none (TBE pools by sum or mean only)")
-    for direction in DIRECTIONS:
+    numpy_row = dtype == DEFAULT_DTYPE or table is not None
+    for direction in DIRECTIONS if dtype == DEFAULT_DTYPE else ("forward",):
         for size in BAG_SIZES:
             ids, offsets = bags(data, size)
             label = thread_label(direction, ids, offsets, D, n)
             for mode in MODES:
                 group = group_name(direction, size, mode)
-                nbytes = forward_bytes(ids, offsets, D) if direction == "forward" else None
+                nbytes = forward_bytes(ids, offsets, D, itemsize(dtype)) if direction == "forward" else None
                 strict = direction == "forward" and mode == "max"
-                numpy = functools.partial(numpy_state, data, ids, offsets, mode, direction)
-                methods.append(stated(numpy, Method(NUMPY_ROW, "fastembed", threads=n, group=group, anchor=True,
-                                                    ran=label, nbytes=nbytes)))
+                if numpy_row:
+                    numpy = functools.partial(numpy_state, data, ids, offsets, mode, direction, table)
+                    methods.append(stated(numpy, Method(NUMPY_ROW, "fastembed", threads=n, group=group,
+                                                        anchor=True, ran=label, nbytes=nbytes)))
                 if torch is not None:
                     rows = [(MODULE_ROW, "fastembed", "fastembed", label), (TORCH_ROW, "torch", "torch", None)]
                     if mods is not None and mode != "max":
                         rows.append((f"{FBGEMM_ROW}, pooling {mode.upper()}", "fbgemm", "fbgemm", None))
                     for name, family, kind, ran_on in rows:
                         state = functools.partial(module_state, data, torch, ids, offsets, mode, direction, kind,
-                                                  mods)
+                                                  mods, weight)
                         threads = n if family == "fastembed" else ctx.torch_threads
+                        # Without the numpy API's row the module anchors the group (the check's baseline).
+                        anchor = family == "torch" or (family == "fastembed" and not numpy_row)
                         methods.append(stated(state, Method(
                             name, family, threads=threads, group=group, exact=False, strict=strict,
-                            anchor=(family == "torch"), ran=ran_on or ran.torch_label(threads), nbytes=nbytes)))
+                            anchor=anchor, ran=ran_on or ran.torch_label(threads), nbytes=nbytes)))
                 if nbytes is not None:
                     methods.append(limit_method(nbytes, n, group))
     return Built(methods, skips)

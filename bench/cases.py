@@ -13,6 +13,11 @@ Operations (each case builds its methods from the same `shapes.Data`):
   bag          bags of 1, 8 and 64 ids reduced by sum, mean or max, forward and dense
                backward: numpy API, fastembed.torch, torch, FBGEMM (bench/bag.py); medium
                and wide shapes only, run when asked (--ops bag) or with --all
+With --dtypes, forward and bag run once per table dtype (float32, float64,
+float16, bfloat16): the float32 case keeps the op's name, the others are named by
+op and dtype (``forward float16``, ``bag bfloat16``), each with the numpy API,
+fastembed.torch's module, torch's and the memory limit of the bytes that dtype
+moves (bag: its forward groups; bench/bag.py says why).
 The upstream gradient g is a fixed array: the steps measure the embedding layer's
 share of a training step, not the rest of a model.
 """
@@ -27,6 +32,7 @@ from fastembed import reference
 from . import threads as ran
 from . import bag, train
 from .memlimit import LIMIT_MIN_BYTES, OVERHEAD_NAME, MemoryLimit, is_limit
+from .shapes import DEFAULT_DTYPE, DTYPES, in_dtype, itemsize, widened
 from .timing import Method
 
 KERNEL_OPS = ("forward", "backward", "sparse", "step-sparse", "step-dense")  # each with a byte count and a limit
@@ -44,6 +50,38 @@ OP_TITLES = {
     "bag": "bags of ids reduced by sum, mean or max (cases: direction, ids per bag, mode)",
 }
 LR, BETAS, EPS = 0.01, (0.85, 0.99), 1e-8  # the book's Adam, for every optimizer here
+
+DTYPE_OPS = ("forward", "bag")  # the ops --dtypes multiplies
+# The equality check's (rtol, atol relative to the largest value) per dtype. float32: sums in another order
+# (float64 keeps float32's bound: looser than it needs, still far below any wrong row).
+# float16 and bfloat16: one unit in the last place (2**-10, 2**-7), the most two roundings of the same
+# float32 value can differ by (the kernels add halves in float32 and round once, as torch does on CPU).
+TOLERANCES = {"float32": (1e-4, 1e-5), "float64": (1e-4, 1e-5), "float16": (2.0**-10, 2.0**-10),
+              "bfloat16": (2.0**-7, 2.0**-7)}
+
+
+def case_op(op, dtype=DEFAULT_DTYPE):
+    """The name of op's case on tables of dtype: the op itself for float32 (the rows of earlier runs keep their
+    names), else e.g. ``forward float16``."""
+    return op if dtype == DEFAULT_DTYPE else f"{op} {dtype}"
+
+
+def split_op(name):
+    """(op, dtype) of a case name from case_op."""
+    op, _, dtype = name.partition(" ")
+    return op, dtype or DEFAULT_DTYPE
+
+
+def op_title(name):
+    """What a case name measures, for the report."""
+    op, dtype = split_op(name)
+    return OP_TITLES[op] + ("" if dtype == DEFAULT_DTYPE else f", {dtype} tables")
+
+
+def op_order(name):
+    """A sort key of case names: the ops in OPS order, each op's dtypes in DTYPES order."""
+    op, dtype = split_op(name)
+    return OPS.index(op), DTYPES.index(dtype)
 
 
 class CheckError(AssertionError):
@@ -69,6 +107,7 @@ class Case:
     op: str
     nbytes: int  # None where the rows differ in what they must move (train, adapter): no GB/s, no limit
     methods: list
+    dtype: str = DEFAULT_DTYPE  # the tables' dtype (op is then case_op's name, e.g. "forward float16")
     checks: dict = field(default_factory=dict)  # method key -> "bitwise" / "close (...)" / "baseline"
     warnings: list = field(default_factory=list)
     skips: list = field(default_factory=list)  # rows left out of this run, each with why
@@ -87,15 +126,15 @@ def method_label(m):
 
 # ---------------------------------------------------------------- bytes each op must move
 
-def traffic(op, data):
+def traffic(op, data, itemsize=4):
     """Bytes the op must read and write at least: every input once, each touched row once.
 
     Rows touched by several ids count once (they stay in cache); a read-modify-write
     of a row counts twice. Dense Adam must stream every row of weight, both moments
-    (read and write) and the gradient (read).
+    (read and write) and the gradient (read). itemsize: bytes per table element.
     """
     s = data.shape
-    f, D, N = 4, s.dim, s.tokens
+    f, D, N = itemsize, s.dim, s.tokens
     ids_bytes = data.ids.nbytes
     u_tok, u_pos = data.unique_rows()
     touched = f * D * (u_tok + u_pos)
@@ -248,6 +287,56 @@ def torch_forward(data, ctx):
         Method("torch index_select + add", "torch", run=index_select, result=lambda: (index_select().numpy(),),
                threads=ctx.torch_threads),
     ]
+
+
+# ---------------------------------------------------------------- forward on tables of another dtype
+
+MODULE_ROW = "fastembed.torch.Embedding"
+NUMPY_SKIP = ("fastembed (the numpy API), bfloat16: skipped (ml_dtypes is not installed, and fastembed's numpy "
+              "API takes bfloat16 tables as ml_dtypes.bfloat16 arrays; `pip install ml_dtypes`)")
+
+
+def forward_dtype_methods(data, ctx, dtype):
+    """The forward on tables of dtype: the numpy API, fastembed.torch.Embedding (two modules and an add) and
+    torch's F.embedding (twice, and an add), at the run's thread count. All three add the two rows in the
+    dtype's rules (float64 in float64, halves in float32 rounded once), so they are expected bitwise equal."""
+    torch = ctx.torch
+    arrays, tensors = in_dtype((data.token_table, data.position_table), dtype, torch)
+    ids = data.ids
+    methods, skips = [], []
+    if arrays is not None:
+        tok, pos = arrays
+
+        def make(n):
+            run = functools.partial(fe.gather_add, tok, pos, ids)
+            return run, lambda: (widened(run()),)
+
+        methods += fastembed_variants("fastembed", ctx, make, counts=ctx.fe_threads[:1])
+    else:
+        skips.append(NUMPY_SKIP)
+    if torch is None:
+        if not methods:
+            return train.Built([], ["skipped: bfloat16 needs ml_dtypes (the numpy API) or PyTorch"])
+        return train.Built(methods, skips)
+    import fastembed.torch as fet
+
+    F = torch.nn.functional
+    tok_t, pos_t = tensors
+    ids_t, p_t = torch.from_numpy(ids), torch.from_numpy(data.positions)
+    tok_m, pos_m = fet.Embedding.from_pretrained(tok_t), fet.Embedding.from_pretrained(pos_t)  # frozen: no graph
+
+    def module():
+        return tok_m(ids_t) + pos_m(p_t)
+
+    def embedding():
+        return F.embedding(ids_t, tok_t) + F.embedding(p_t, pos_t)
+
+    # Without the numpy API's row (bfloat16 without ml_dtypes) the module is the group's fastembed anchor.
+    methods.append(Method(MODULE_ROW, "fastembed", run=module, result=lambda: (widened(module()),),
+                          threads=ctx.threads, anchor=not methods))
+    methods.append(Method("torch F.embedding", "torch", run=embedding, result=lambda: (widened(embedding()),),
+                          threads=ctx.torch_threads, anchor=True))
+    return train.Built(methods, skips)
 
 
 # ---------------------------------------------------------------- dense backward
@@ -455,17 +544,26 @@ BUILDERS = {
 }
 
 
-def build_case(data, op, ctx):
-    """The case's methods, plus the memory limit at each fastembed thread count (or, below
+DTYPE_BUILDERS = {"forward": forward_dtype_methods, "bag": bag.bag_methods}
+
+
+def build_case(data, op, ctx, dtype=DEFAULT_DTYPE):
+    """The case's methods (on tables of dtype), plus the memory limit at each fastembed thread count (or, below
     memlimit.LIMIT_MIN_BYTES, one row of numpy's call overhead, which is no limit); each
     method labelled with the threads it runs on; the rows the builder left out (skips), with why."""
-    built = BUILDERS[op](data, ctx)
+    if dtype == DEFAULT_DTYPE:
+        built = BUILDERS[op](data, ctx)
+    elif op in DTYPE_BUILDERS:
+        built = DTYPE_BUILDERS[op](data, ctx, dtype)
+    else:
+        raise ValueError(f"op {op!r} runs on float32 tables only (--dtypes applies to {', '.join(DTYPE_OPS)})")
     methods, skips = (built.methods, built.skips) if isinstance(built, train.Built) else (built, [])
-    nbytes = traffic(op, data)
+    nbytes = traffic(op, data, itemsize(dtype))
     if nbytes is None:
         pass  # no case-wide byte count (train, adapter, bag): no limit here (bag adds one per forward group)
     elif is_limit(nbytes):
-        for n in sorted(set(ctx.fe_threads)):
+        # the other dtypes' fastembed rows run at the main count alone: their limit too
+        for n in sorted(set(ctx.fe_threads if dtype == DEFAULT_DTYPE else ctx.fe_threads[:1])):
             limit = MemoryLimit(nbytes, n)
             methods.append(Method("memory limit", "memory", run=limit, threads=n, scale=limit.scale,
                                   note=limit.describe(), anchor=(n == ctx.threads)))
@@ -477,7 +575,7 @@ def build_case(data, op, ctx):
     for m in methods:
         if not m.ran:  # bag's builder labels its own rows (each group's kernel calls differ)
             m.ran = threads_ran(m, op, data)
-    return Case(data.shape, op, nbytes, methods, skips=skips)
+    return Case(data.shape, case_op(op, dtype), nbytes, methods, skips=skips, dtype=dtype)
 
 
 def threads_ran(m, op, data):
@@ -493,8 +591,10 @@ def threads_ran(m, op, data):
 
 # ---------------------------------------------------------------- the equality check
 
-def compare(expected, got, name):
-    """'bitwise' or 'close (...)'; CheckError when the arrays differ in shape or beyond float32 rounding."""
+def compare(expected, got, name, dtype=DEFAULT_DTYPE):
+    """'bitwise' or 'close (...)'; CheckError when the arrays differ in shape or beyond dtype's rounding
+    (TOLERANCES)."""
+    rtol, atol = TOLERANCES[dtype]
     if len(expected) != len(got):
         raise CheckError(f"{name}: returned {len(got)} arrays, fastembed {len(expected)}")
     bitwise, worst = True, 0.0
@@ -509,7 +609,7 @@ def compare(expected, got, name):
         # Sums in another order differ by float32 rounding, relative to the largest value summed.
         scale = max(1.0, float(np.max(np.abs(a64))) if a.size else 1.0)
         diff = float(np.max(np.abs(a64 - b64)))
-        if not np.allclose(a64, b64, rtol=1e-4, atol=1e-5 * scale):
+        if not np.allclose(a64, b64, rtol=rtol, atol=atol * scale):
             raise CheckError(f"{name}: output {k} differs from fastembed's by up to {diff:.3g} "
                              f"(largest value {scale:.3g}): it does not compute the same thing")
         worst = max(worst, diff)
@@ -537,7 +637,7 @@ def verify(case, ctx):
         for m in group:
             if m is base or m.result is None:
                 continue
-            status = compare(expected, m.result(), f"{case.shape.name} {case.op}: {method_label(m)}")
+            status = compare(expected, m.result(), f"{case.shape.name} {case.op}: {method_label(m)}", case.dtype)
             case.checks[method_key(m)] = status
             if m.strict and status != "bitwise":
                 raise CheckError(f"{case.shape.name} {case.op} {m.group}: {method_label(m)} must be bitwise equal "

@@ -21,7 +21,7 @@ import numpy as np
 
 import fastembed as fe
 
-from .cases import OP_TITLES, method_key
+from .cases import method_key, op_order, op_title, split_op
 
 GROUPS_AS_CASES = ("bag",)  # ops whose groups are cases of their own (train's groups show in the row names)
 PLOT_BAG_GROUPS = ("forward, 8 ids/bag, sum", "backward, 8 ids/bag, sum")
@@ -57,6 +57,7 @@ def case_rows(case):
         rows.append({
             "shape": case.shape.name,
             "op": case.op,
+            "dtype": case.dtype,
             "method": m.name,
             "family": m.family,
             "group": m.group,
@@ -133,7 +134,12 @@ def _fmt_gbps(x):
 
 def op_label(r):
     """The op column: the op, and for bag its case within the op (direction, ids per bag, mode)."""
-    return f"{r['op']}: {r['group']}" if r["op"] in GROUPS_AS_CASES and r.get("group") else r["op"]
+    return f"{r['op']}: {r['group']}" if _grouped(r["op"]) and r.get("group") else r["op"]
+
+
+def _grouped(op):
+    """Whether a case name's op has groups that are cases of their own (bag, on every dtype)."""
+    return split_op(op)[0] in GROUPS_AS_CASES
 
 
 def results_markdown(rows, shapes):
@@ -207,11 +213,11 @@ def environment_markdown(env):
 
 def markdown(env, rows, shapes, scaling, verdicts, notes):
     """The whole report."""
-    ops = sorted({r["op"] for r in rows}, key=list(OP_TITLES).index)
+    ops = sorted({r["op"] for r in rows}, key=op_order)
     parts = [
         "## fastembed benchmark",
         environment_markdown(env),
-        "Ops: " + "; ".join(f"{op} = {OP_TITLES[op]}" for op in ops) + ".",
+        "Ops: " + "; ".join(f"{op} = {op_title(op)}" for op in ops) + ".",
         "Times are medians of round-robin samples after warm-up. `vs X` = this time / X's time "
         "(below 1: faster); the memory limit is an add moving the same bytes at the row's thread count. "
         f"A case moving less than {LIMIT_MIN_BYTES / 2**20:g} MiB has no memory limit: its add is shown as "
@@ -350,9 +356,9 @@ def write_plot(path, rows, threads):
 
     shown = [r for r in rows if r["threads_set"] == threads or r["family"] not in ("fastembed", "memory")]
     # bag has 18 cases a shape: the plot shows one of each direction, its rows named by direction.
-    shown = [dict(r, method=f"{r['group'].split(',')[0]}: {r['method']}") if r["op"] in GROUPS_AS_CASES else r
-             for r in shown if r["op"] not in GROUPS_AS_CASES or r["group"] in PLOT_BAG_GROUPS]
-    ops = [op for op in OP_TITLES if any(r["op"] == op for r in shown)]
+    shown = [dict(r, method=f"{r['group'].split(',')[0]}: {r['method']}") if _grouped(r["op"]) else r
+             for r in shown if not _grouped(r["op"]) or r["group"] in PLOT_BAG_GROUPS]
+    ops = sorted({r["op"] for r in shown}, key=op_order)
     shapes = list(dict.fromkeys(r["shape"] for r in shown))
     fig, axes = plt.subplots(len(ops), 1, figsize=(13, 3.2 * len(ops)), squeeze=False)
     for ax, op in zip(axes[:, 0], ops):
@@ -367,7 +373,7 @@ def write_plot(path, rows, threads):
         ax.set_axisbelow(True)
         ax.set_xticks(range(len(shapes)), shapes)
         ax.set_ylabel("time per call (us)")
-        ax.set_title(OP_TITLES[op] + (" (8 ids/bag, sum)" if op in GROUPS_AS_CASES else ""))
+        ax.set_title(op_title(op) + (" (8 ids/bag, sum)" if _grouped(op) else ""))
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         ax.grid(axis="y", which="both", alpha=0.3)
     fig.suptitle(f"fastembed benchmark ({threads} threads; log scale, lower is faster)")

@@ -9,7 +9,8 @@ import fastembed as fe
 
 from . import bag, report, shapes, targets
 from .threads import read_back
-from .cases import BIG_ONLY_OPS, DEFAULT_OPS, OPS, Context, build_case, groups, verify
+from .cases import (BIG_ONLY_OPS, DEFAULT_DTYPE, DEFAULT_OPS, DTYPE_OPS, DTYPES, OPS, Context, build_case, case_op,
+                    groups, verify)
 from .timing import Plan, loop_overhead_ns, measure
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -36,6 +37,10 @@ def parse_args(argv):
                         help=f"comma-separated ops, of {','.join(OPS)} (default: {','.join(DEFAULT_OPS)}; with --all, "
                         f"every op). {','.join(BIG_ONLY_OPS)} runs at the medium and wide shapes only: asked for "
                         "alone without --shapes, it runs at those")
+    parser.add_argument("--dtypes", type=_names, default=[DEFAULT_DTYPE],
+                        help=f"comma-separated table dtypes, of {','.join(DTYPES)} (default: {DEFAULT_DTYPE}): "
+                        f"{','.join(DTYPE_OPS)} runs once per dtype, as the op named by op and dtype (e.g. "
+                        "'forward float16'; float32 keeps the op's name); the other ops run on float32 tables")
     parser.add_argument("--threads", type=int, default=report.usable_cpus(),
                         help="threads for fastembed, torch and the memory limit (default: all usable CPUs; "
                         "fastembed caps it at the processor count, and torch follows fastembed)")
@@ -54,6 +59,10 @@ def parse_args(argv):
     if unknown:
         parser.error(f"unknown op(s) {unknown}; known: {list(OPS)}")
     args.ops = [op for op in OPS if op in args.ops]  # always in the same order
+    unknown = [d for d in args.dtypes if d not in DTYPES]
+    if unknown or not args.dtypes:
+        parser.error(f"unknown dtype(s) {unknown}; known: {list(DTYPES)}" if unknown else "--dtypes names no dtype")
+    args.dtypes = [d for d in DTYPES if d in args.dtypes]
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.repeats is not None and args.repeats < 1:
@@ -148,25 +157,34 @@ def context_for(shape, args, torch):
     return Context(counts[0], counts, torch, reference=not shape.big, torch_threads=torch_threads)
 
 
+def case_list(args):
+    """(op, dtype) of every case a shape runs, in report order: an op of DTYPE_OPS once per dtype asked for
+    (none when --dtypes leaves float32 out and the op takes no other), every other op on float32."""
+    return [(op, dtype) for op in args.ops
+            for dtype in (args.dtypes if op in DTYPE_OPS else [DEFAULT_DTYPE])]
+
+
 def run_cases(chosen, args, torch, progress, notes):
     """Build, check and time every case; return the result rows (each case is freed once reported)."""
-    rows, skipped = [], {}  # (op, why) -> the shapes where a row was left out for that reason
-    total, k = len(chosen) * len(args.ops), 0
+    rows, skipped = [], {}  # (case name, why) -> the shapes where a row was left out for that reason
+    cases = case_list(args)
+    total, k = len(chosen) * len(cases), 0
     for shape in chosen:
         data = shapes.make_data(shape)
         ctx = context_for(shape, args, torch)
-        for op in args.ops:
+        for op, dtype in cases:
+            name = case_op(op, dtype)
             k += 1
-            progress.case(k, total, f"{shape.name} {op}")
+            progress.case(k, total, f"{shape.name} {name}")
             fe.set_num_threads(ctx.fe_threads[0])
-            case = build_case(data, op, ctx)
+            case = build_case(data, op, ctx, dtype)
             for why in case.skips:
-                skipped.setdefault((op, why), []).append(shape.name)
+                skipped.setdefault((name, why), []).append(shape.name)
             if case.methods:
                 verify(case, ctx)
                 measure_case(case, plan_for(shape, args), progress)
                 rows += report.case_rows(case)
-            notes += [f"{shape.name} {op}: {w}" for w in case.warnings]
+            notes += [f"{shape.name} {name}: {w}" for w in case.warnings]
             del case
             if data.token_table.nbytes > 2**26:
                 gc.collect()  # free the big cases' tables and optimizer states now (a full collection is slow)
@@ -227,12 +245,17 @@ def run_suite(args, torch, mods, notes):
     elif main_threads < args.threads:
         notes.append(f"fastembed runs at {main_threads} threads, not the {args.threads} asked for: "
                      "set_num_threads caps at the processor count (torch and the memory limit follow fastembed)")
+    if args.dtypes != [DEFAULT_DTYPE] and not set(args.ops) & set(DTYPE_OPS):
+        notes.append(f"--dtypes {','.join(args.dtypes)}: no op of this run takes it (only "
+                     f"{', '.join(DTYPE_OPS)} does); every op ran on float32 tables")
+    elif DEFAULT_DTYPE not in args.dtypes:
+        notes.append(f"--dtypes {','.join(args.dtypes)}: {', '.join(DTYPE_OPS)} did not run on float32 tables")
     # Ops that run at the big shapes alone (bag), asked for without --shapes: their shapes, not the seed ones.
     big_only = not args.shapes and not args.all and set(args.ops) <= set(BIG_ONLY_OPS)
     chosen = shapes.select(args.shapes, args.all, args.scale, default=bag.SHAPES if big_only else None)
     env = report.environment(args.threads, torch, loop_overhead_ns())
     started = time.perf_counter()
-    progress = Progress(mods["tqdm"], quiet=args.quick, cases=len(chosen) * len(args.ops))
+    progress = Progress(mods["tqdm"], quiet=args.quick, cases=len(chosen) * len(case_list(args)))
     try:
         rows = run_cases(chosen, args, torch, progress, notes)
     finally:

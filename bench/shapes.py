@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 
 SEED = 1234  # one seed for every array: every method of a case sees the same numbers
+DTYPES = ("float32", "float64", "float16", "bfloat16")  # table dtypes of --dtypes, in report order
+DEFAULT_DTYPE = "float32"  # the tables of every op; the one dtype whose cases keep the op's plain name
 
 
 @dataclass(frozen=True)
@@ -120,3 +122,47 @@ def make_data(shape):
     grad_hidden = rng.standard_normal(size + (D,), dtype=np.float32)
     positions = np.arange(shape.seq, dtype=np.int64)
     return Data(shape, token_table, position_table, ids, positions, grad_hidden)
+
+
+# ---------------------------------------------------------------- the data in another dtype (--dtypes)
+
+def numpy_dtype(dtype):
+    """The numpy dtype of a table dtype's name, or None for bfloat16 without ml_dtypes."""
+    if dtype != "bfloat16":
+        return np.dtype(dtype)
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def itemsize(dtype):
+    """Bytes per element of a table dtype."""
+    return {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}[dtype]
+
+
+def in_dtype(arrays, dtype, torch):
+    """float32 arrays rounded to dtype (to nearest even), as numpy arrays (None for bfloat16 without ml_dtypes)
+    and as torch tensors over the same memory (None without torch)."""
+    np_dtype = numpy_dtype(dtype)
+    converted = None if np_dtype is None else tuple(a.astype(np_dtype) for a in arrays)
+    if torch is None:
+        return converted, None
+    t_dtype = getattr(torch, dtype)
+    if converted is None:
+        tensors = tuple(torch.from_numpy(a).to(t_dtype) for a in arrays)
+    elif dtype == "bfloat16":  # torch reads ml_dtypes arrays through their bits
+        tensors = tuple(torch.from_numpy(a.view(np.uint16)).view(t_dtype) for a in converted)
+    else:
+        tensors = tuple(torch.from_numpy(a) for a in converted)
+    return converted, tensors
+
+
+def widened(x):
+    """A result (numpy array or torch tensor) as numpy, float16 and bfloat16 widened to float32: exact, so a
+    bitwise check stays one (numpy has no bfloat16 of its own to take torch's)."""
+    if hasattr(x, "detach"):
+        x = x.detach()
+        return (x.float() if x.dtype.itemsize == 2 else x).numpy()
+    return x.astype(np.float32) if x.dtype.itemsize == 2 else x

@@ -13,6 +13,7 @@ target says SKIPPED and why.
 from dataclasses import dataclass
 
 from . import bag
+from .cases import MODULE_ROW, case_op
 from .train import FASTEMBED_TORCH_ROWS, FBGEMM_ROWS, numpy_row_name, torch_row_name
 
 BIG = ("medium", "wide-uniform", "wide-zipf")
@@ -315,6 +316,45 @@ def bag_verdict(rows, shape, group, column, target, limit):
                          f"{bag.MODULE_ROW} or {bag.FBGEMM_ROW} (see the notes)")
 
 
+# Issue 10's dtype targets: half tables move half the bytes, so their forward should take at most 0.6x of the
+# float32 forward (numpy API against numpy API, at the same thread count); float64 through the drop-in no slower
+# than torch's on the same float64 tables. Judged on the shapes where the dtype's forward ran.
+HALF_LIMIT = 0.6
+HALF_DTYPES = ("float16", "bfloat16")
+
+
+def dtype_targets(rows):
+    """forward float16 / bfloat16 (numpy API) against forward float32 at the wide shapes; forward float64,
+    fastembed.torch.Embedding against torch F.embedding, at medium and wide."""
+    out = []
+    for shape in WIDE:
+        for dtype in HALF_DTYPES:
+            op = case_op("forward", dtype)
+            if not _ran_op(rows, shape, op):
+                continue
+            target = f"{op} (numpy API) <= {HALF_LIMIT:g}x of forward float32, same threads"
+            half = rows.find(shape, op, "fastembed", name="fastembed")
+            if half is None:
+                out.append(Verdict(target, shape, "-", _fmt_limit(HALF_LIMIT, True), "SKIPPED",
+                                   f"no numpy API row for {dtype} (see the notes)"))
+                continue
+            single = rows.find(shape, "forward", "fastembed", name="fastembed", threads=half["threads_set"])
+            v = ratio_verdict(target, shape, half, single, HALF_LIMIT, rows,
+                              "forward float32 (`--dtypes float32,...` runs it)")
+            if v.status != "SKIPPED":
+                v.note = f"{op}: {_who(half)} vs forward: {_who(single)}"
+            out.append(v)
+    op = case_op("forward", "float64")
+    for shape in BIG:
+        if not _ran_op(rows, shape, op):
+            continue
+        out.append(ratio_verdict(f"{op}: {MODULE_ROW} no slower than torch F.embedding, same threads", shape,
+                                 rows.find(shape, op, "fastembed", name=MODULE_ROW),
+                                 rows.find(shape, op, "torch", name="torch F.embedding"), 1.0, rows,
+                                 "PyTorch (no torch in this run)"))
+    return out
+
+
 def thread_targets(rows, scaling):
     """2 threads against 1 on medium and wide: >= 1.6x and bitwise identical."""
     out = []
@@ -347,7 +387,7 @@ def judge(rows, scaling, shapes_run, scale=1.0, busy=False):
         for v in threads:
             v.note = "machine busy, see notes; " + v.note
     verdicts = (seed_targets(r) + big_targets(r) + step_targets(r) + threads + train_targets(r) + adapter_targets(r)
-                + bag_targets(r))
+                + dtype_targets(r) + bag_targets(r))
     verdicts = [v for v in verdicts if v.shape in r.shapes_run]
     if scale != 1.0:
         for v in verdicts:

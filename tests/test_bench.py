@@ -1001,3 +1001,280 @@ def test_bag_rows_take_their_groups_limit_and_bytes():
     assert [r["bytes"] for r in rows] == [1000, 2000] and [r["gbps"] for r in rows] == [10.0, 20.0]
     assert [report.op_label(r) for r in rows] == [f"bag: {g}" for g in groups]
     assert report.op_label({"op": "train", "group": "SGD"}) == "train"  # train's groups show in its row names
+
+
+# ---------------------------------------------------------------- --dtypes: the forward per table dtype
+
+DTYPE_TINY = shapes.Shape("wide-uniform", 300, 8, 16, 4, 8, big=True)
+HAS_ML_DTYPES = importlib.util.find_spec("ml_dtypes") is not None
+FLOAT32_FORWARD_ROWS = {"fastembed", "fastembed (out=)", "numpy tok[ids] + pos[p]", "numpy take(out=) + add",
+                        memlimit.OVERHEAD_NAME}
+
+
+def forward_oracle(data, dtype):
+    """hidden = tok[ids] + pos[p] on the float32 tables rounded to dtype, added in float64 for float64 and in
+    float32 (then rounded once) for the halves; widened back to float32 (exact) for the halves."""
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        np_dtype = ml_dtypes.bfloat16
+    else:
+        np_dtype = np.dtype(dtype)
+    wide = np.float64 if dtype == "float64" else np.float32
+    tok = data.token_table.astype(np_dtype).astype(wide)
+    pos = data.position_table.astype(np_dtype).astype(wide)
+    hidden = tok[data.ids] + pos[data.positions]
+    return hidden if dtype == "float64" else hidden.astype(np_dtype).astype(np.float32)
+
+
+def dtype_ctx():
+    return torch_ctx() if HAS_TORCH else cases.Context(threads=1, fe_threads=(1,))
+
+
+def assert_runs_in(m, dtype):
+    """The timed call itself returns dtype (numpy, ml_dtypes or torch): the row times the dtype's tables,
+    which its widened result alone would not show for the halves."""
+    raw = (m.make() if m.make is not None else m.run)()
+    assert str(raw.dtype).replace("torch.", "") == dtype, (m.name, raw.dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float16", "bfloat16"])
+def test_dtype_forward_rows_compute_the_oracle(dtype):
+    """Each row of a dtype's forward case returns the oracle's values bitwise (the kernels, torch's add and
+    F.embedding all round once from the same float32 sum), and the case moves the dtype's bytes."""
+    if dtype == "bfloat16" and not HAS_ML_DTYPES:
+        pytest.skip("the bfloat16 oracle needs ml_dtypes")
+    data = shapes.make_data(DTYPE_TINY)
+    ctx = dtype_ctx()
+    case = cases.build_case(data, "forward", ctx, dtype)
+    assert case.op == f"forward {dtype}" and case.dtype == dtype
+    names = [m.name for m in case.methods]
+    expected = ["fastembed"] + ([cases.MODULE_ROW, "torch F.embedding"] if HAS_TORCH else [])
+    assert names == expected + [memlimit.OVERHEAD_NAME]
+    want = forward_oracle(data, dtype)
+    for m in case.methods[:-1]:
+        assert_runs_in(m, dtype)
+        (got,) = m.result()
+        assert got.dtype == want.dtype and np.array_equal(got, want), m.name
+    # The tables' and the output's bytes scale with the element size; the ids' do not.
+    itemsize = 8 if dtype == "float64" else 2
+    u_tok, u_pos = data.unique_rows()
+    elements = DTYPE_TINY.dim * (u_tok + u_pos + DTYPE_TINY.tokens)
+    assert case.nbytes == cases.traffic("forward", data) + (itemsize - 4) * elements
+    cases.verify(case, ctx)
+    assert set(case.checks.values()) == {"baseline"} | ({"bitwise"} if HAS_TORCH else set())
+
+
+def test_dtype_tolerance_is_the_dtypes_own():
+    """One float16 rounding apart passes the float16 check and fails float32's; four units apart near the
+    largest value (the tolerance is a unit of the element plus one of the largest value) fail both."""
+    x = np.linspace(0.5, 1.5, 64, dtype=np.float16)
+    one_ulp = x.copy()
+    one_ulp[3] = np.nextafter(one_ulp[3], np.float16(2))
+    four_ulps = x.copy()
+    for _ in range(4):
+        four_ulps[-2] = np.nextafter(four_ulps[-2], np.float16(2))
+    widen = lambda a: (a.astype(np.float32),)  # noqa: E731
+    assert cases.compare(widen(x), widen(one_ulp), "row", "float16").startswith("close")
+    with pytest.raises(cases.CheckError):
+        cases.compare(widen(x), widen(one_ulp), "row", "float32")
+    for dtype in ("float16", "bfloat16"):
+        bad = x.astype(np.float32) * np.float32(1 + 2**-5)  # beyond a bfloat16 unit (2**-7) too
+        with pytest.raises(cases.CheckError, match="row"):
+            cases.compare(widen(x), (bad,), "row", dtype)
+    with pytest.raises(cases.CheckError):
+        cases.compare(widen(x), widen(four_ulps), "row", "float16")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_dtype_forward_wrong_row_fails_the_check(dtype):
+    """A row that adds the wrong position rows, in the dtype's own case, is caught before timing."""
+    if dtype == "bfloat16" and not HAS_ML_DTYPES:
+        pytest.skip("needs ml_dtypes")
+    data = shapes.make_data(DTYPE_TINY)
+    ctx = cases.Context(threads=1, fe_threads=(1,))
+    case = cases.build_case(data, "forward", ctx, dtype)
+    shifted = np.roll(forward_oracle(data, dtype), 1, axis=1)  # position t's row at t + 1
+    case.methods.append(Method("numpy, wrong", "numpy", run=lambda: None, result=lambda: (shifted,)))
+    with pytest.raises(cases.CheckError, match="numpy, wrong"):
+        cases.verify(case, ctx)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed")
+def test_bfloat16_without_ml_dtypes_keeps_the_torch_rows(monkeypatch):
+    """Without ml_dtypes the numpy API's bfloat16 row is left out with why, fastembed.torch is the group's
+    anchor, and its rows still equal torch's."""
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)  # `import ml_dtypes` raises ImportError
+    assert shapes.numpy_dtype("bfloat16") is None
+    ctx = torch_ctx()
+    case = cases.build_case(shapes.make_data(DTYPE_TINY), "forward", ctx, "bfloat16")
+    assert [m.name for m in case.methods] == [cases.MODULE_ROW, "torch F.embedding", memlimit.OVERHEAD_NAME]
+    assert case.methods[0].anchor and case.skips == [cases.NUMPY_SKIP] and "ml_dtypes" in cases.NUMPY_SKIP
+    cases.verify(case, ctx)
+    assert case.checks[cases.method_key(case.methods[1])] == "bitwise"
+    if HAS_ML_DTYPES:  # the tables torch got without ml_dtypes are the ones the numpy API gets with it
+        monkeypatch.delitem(sys.modules, "ml_dtypes")
+        (got,) = case.methods[1].result()
+        assert np.array_equal(got, forward_oracle(shapes.make_data(DTYPE_TINY), "bfloat16"))
+
+
+def test_dtypes_option_adds_named_checked_rows_and_targets(tmp_path):
+    """--dtypes runs forward once per dtype as `forward <dtype>` cases (float32's rows keep their names), each
+    row checked against its case's anchor; the dtype targets are judged from those rows."""
+    text, doc = run_bench(tmp_path, "--shapes", "wide-uniform", "--ops", "forward", "--dtypes",
+                          "float16,float64,float32,bfloat16", "--scale", "0.01", "--threads", "1")
+    assert doc["args"]["dtypes"] == ["float32", "float64", "float16", "bfloat16"]  # in DTYPES order
+    results = doc["results"]
+    ops = list(dict.fromkeys(r["op"] for r in results))
+    assert ops == ["forward", "forward float64", "forward float16", "forward bfloat16"]
+    assert all(r["dtype"] == (r["op"].split()[1] if " " in r["op"] else "float32") for r in results)
+    torch_rows = {"torch F.embedding", "torch index_select + add"} if HAS_TORCH else set()
+    assert {r["method"] for r in results if r["op"] == "forward"} == FLOAT32_FORWARD_ROWS | torch_rows
+    printed = {(op, method) for op, method, _ in table_rows(text, "wide-uniform")}
+    for dtype in ("float64", "float16", "bfloat16"):
+        op = f"forward {dtype}"
+        rows = {r["method"]: r for r in results if r["op"] == op}
+        want = {cases.MODULE_ROW, "torch F.embedding"} if HAS_TORCH else set()
+        if dtype != "bfloat16" or HAS_ML_DTYPES:
+            want.add("fastembed")
+        assert set(rows) == want | {memlimit.OVERHEAD_NAME}, op
+        assert all((op, m) in printed for m in rows)
+        checks = [r["check"] for r in rows.values() if r["family"] != "overhead"]
+        assert checks.count("baseline") == 1 and all(c in ("baseline", "bitwise") for c in checks), (op, checks)
+        data = shapes.make_data(shapes.scaled(shapes.BIG_SHAPES[1], 0.01))
+        assert all(r["bytes"] == cases.traffic("forward", data, 8 if dtype == "float64" else 2)
+                   for r in rows.values())
+    assert f"forward float16 = {cases.OP_TITLES['forward']}, float16 tables" in text
+    ops_line = next(line for line in text.splitlines() if line.startswith("Ops: "))
+    listed = [part.split(" = ")[0] for part in ops_line[len("Ops: "):].split("; ")]
+    assert listed == ["forward", "forward float64", "forward float16", "forward bfloat16"]
+    found = {t["target"]: t for t in doc["targets"] if t["target"].startswith("forward ")}
+    half = [t for name, t in found.items() if "numpy API) <= 0.6x" in name]
+    assert len(half) == (2 if HAS_ML_DTYPES else 1) and all(t["status"] in ("PASS", "MISS") for t in half)
+    assert all("vs forward: fastembed [1 thread]" in t["note"] for t in half)
+    f64 = [t for name, t in found.items() if name.startswith("forward float64")]
+    assert len(f64) == 1 and f64[0]["status"] in (("PASS", "MISS") if HAS_TORCH else ("SKIPPED",))
+
+
+def test_unknown_dtype_is_a_clear_error(capsys):
+    from bench import run
+
+    with pytest.raises(SystemExit) as exc:
+        run.parse_args(["--dtypes", "float32,float8"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown dtype(s) ['float8']" in err and "'bfloat16'" in err
+    assert run.parse_args([]).dtypes == ["float32"]  # the default: every earlier row, unchanged
+
+
+def test_dtype_targets_compare_the_rows_they_name():
+    def row(op, method, family, t, threads=2):
+        return {"shape": "wide-uniform", "op": op, "method": method, "family": family, "median_ns": t,
+                "threads_set": threads, "threads": str(threads), "anchor": True, "group": ""}
+
+    # float32 at 1 thread listed first: the half rows (2 threads) must take float32's 2-thread row
+    rows = [row("forward", "fastembed", "fastembed", 180.0, 1), row("forward", "fastembed", "fastembed", 100.0),
+            row("forward float16", "fastembed", "fastembed", 50.0),
+            row("forward bfloat16", "fastembed", "fastembed", 70.0),
+            row("forward float64", cases.MODULE_ROW, "fastembed", 90.0),
+            row("forward float64", "torch F.embedding", "torch", 100.0)]
+    got = {(v.target.split()[1], v.shape): v for v in targets.judge(rows, [], ["wide-uniform"])
+           if v.target.startswith("forward ")}
+    assert (got["float16", "wide-uniform"].measured, got["float16", "wide-uniform"].status) == ("0.5x", "PASS")
+    assert (got["bfloat16", "wide-uniform"].measured, got["bfloat16", "wide-uniform"].status) == ("0.7x", "MISS")
+    assert (got["float64:", "wide-uniform"].measured, got["float64:", "wide-uniform"].status) == ("0.9x", "PASS")
+    # without the float32 forward the half targets are SKIPPED with why, not judged against another row
+    no_f32 = [v for v in targets.judge(rows[2:], [], ["wide-uniform"]) if "0.6x" in v.target]
+    assert [v.status for v in targets.judge(rows[:1] + rows[2:], [], ["wide-uniform"]) if "0.6x" in v.target] \
+        == ["SKIPPED"] * 2  # float32 at another thread count is no comparison
+    assert len(no_f32) == 2 and all(v.status == "SKIPPED" and "forward float32" in v.note for v in no_f32)
+
+
+def bag_dtype_oracle(data, size, mode, dtype):
+    """A forward bag group on the table rounded to dtype, from numpy: sums exact (float64) and rounded to the
+    dtype once, a mean that sum divided by the count, a max the largest element; widened as the rows are."""
+    np_dtype = np.dtype(dtype) if dtype != "bfloat16" else __import__("ml_dtypes").bfloat16
+    ids = data.ids.reshape(-1)
+    rows = data.token_table.astype(np_dtype).astype(np.float64)[ids].reshape(-1, size, BAG_TINY.dim)
+    out = {"sum": rows.sum(axis=1), "mean": rows.sum(axis=1) / size, "max": rows.max(axis=1)}[mode]
+    return out if dtype == "float64" else out.astype(np_dtype).astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float16", "bfloat16"])
+def test_bag_dtype_forward_groups_compute_the_oracle(dtype):
+    """`bag <dtype>`: forward groups only, the dtype's bytes, each row within the dtype's rounding of numpy's
+    bags (a max bitwise), and the case's own check passes."""
+    if dtype == "bfloat16" and not HAS_ML_DTYPES:
+        pytest.skip("the bfloat16 oracle needs ml_dtypes")
+    data = bag_data()
+    ctx = dtype_ctx()
+    case = cases.build_case(data, "bag", ctx, dtype)
+    assert case.op == f"bag {dtype}"
+    by_group = {}
+    for m in case.methods:
+        by_group.setdefault(m.group, []).append(m)
+    assert list(by_group) == [bag.group_name("forward", s, mode) for s in bag.BAG_SIZES for mode in bag.MODES]
+    eps = {"float64": 2.0**-52, "float16": 2.0**-10, "bfloat16": 2.0**-7}[dtype]
+    for group, methods in by_group.items():
+        size, mode = int(group.split(", ")[1].split()[0]), group.rsplit(", ", 1)[1]
+        names = [m.name for m in methods]
+        assert names == [bag.NUMPY_ROW] + ([bag.MODULE_ROW, bag.TORCH_ROW] if HAS_TORCH else []) + \
+            [memlimit.OVERHEAD_NAME], group
+        want = bag_dtype_oracle(data, size, mode, dtype)
+        for m in methods[:-1]:
+            assert_runs_in(m, dtype)
+            (got,) = m.result()
+            assert got.dtype == want.dtype, (group, m.name)
+            if mode == "max":
+                assert np.array_equal(got, want), (group, m.name)
+            else:  # a float32 (float64) sum in the ids' order, rounded once: at most a unit from the exact one's
+                np.testing.assert_allclose(got, want, rtol=2 * eps, atol=2 * eps * np.abs(want).max(),
+                                           err_msg=f"{group} {m.name}")
+        ids, offsets = bag.bags(data, size)
+        distinct = len(np.unique(ids))
+        assert methods[0].nbytes == ids.nbytes + offsets.nbytes + (distinct + len(offsets)) * BAG_TINY.dim * (
+            8 if dtype == "float64" else 2)
+    cases.verify(case, ctx)
+    if HAS_TORCH:
+        assert "FBGEMM rows: none on tables other than float32" in case.skips
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed")
+def test_bag_bfloat16_without_ml_dtypes_is_anchored_on_the_module(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)
+    ctx = torch_ctx()
+    case = cases.build_case(bag_data(), "bag", ctx, "bfloat16")
+    assert bag.NUMPY_SKIP in case.skips and all(m.name != bag.NUMPY_ROW for m in case.methods)
+    anchors = [m for m in case.methods if m.family == "fastembed" and m.anchor]
+    assert len(anchors) == 9 and all(m.name == bag.MODULE_ROW for m in anchors)
+    cases.verify(case, ctx)
+
+
+def test_dtypes_option_runs_the_bag_op_per_dtype(tmp_path):
+    text, doc = run_bench(tmp_path, "--ops", "bag", "--shapes", "medium", "--dtypes", "float32,float16",
+                          "--scale", "0.01", "--threads", "1")
+    results = doc["results"]
+    assert list(dict.fromkeys(r["op"] for r in results)) == ["bag", "bag float16"]
+    half = [r for r in results if r["op"] == "bag float16"]
+    assert {r["group"] for r in half} == {bag.group_name("forward", s, m) for s in bag.BAG_SIZES for m in bag.MODES}
+    assert all(r["dtype"] == "float16" for r in half)
+    assert all(r["check"] in ("baseline", "bitwise") or r["check"].startswith("close") for r in half
+               if r["family"] != "overhead")
+    printed = {(op, method) for op, method, _ in table_rows(text, "medium")}
+    assert ("bag float16: forward, 8 ids/bag, max", bag.NUMPY_ROW) in printed
+    # the bag targets are float32's (issue 10 names no dtype for them): one shape, 9 cases, 5 targets
+    assert len([t for t in doc["targets"] if t["case"]]) == 9 * 5
+
+
+def test_dtype_forward_limit_runs_at_the_rows_thread_count(monkeypatch):
+    """The float32 forward has a limit per fastembed count (1 and 2 on the big shapes); a dtype's forward runs
+    fastembed at the main count alone, so its limit is there alone, moving the dtype's bytes."""
+    monkeypatch.setattr(cases, "is_limit", lambda nbytes: True)
+    data = shapes.make_data(DTYPE_TINY)
+    ctx = cases.Context(threads=2, fe_threads=(2, 1))
+    limits = lambda case: sorted(m.threads for m in case.methods if m.family == "memory")  # noqa: E731
+    assert limits(cases.build_case(data, "forward", ctx)) == [1, 2]
+    case = cases.build_case(data, "forward", ctx, "float64")
+    assert limits(case) == [2] and [m.threads for m in case.methods if m.family == "fastembed"][:1] == [2]
+    (limit,) = [m for m in case.methods if m.family == "memory"]
+    assert 12 * len(limit.run.c) * limit.scale == pytest.approx(cases.traffic("forward", data, 8))
