@@ -1670,5 +1670,18 @@ MUTANTS += [
 ]
 
 
+# bench --dtypes (issue 10's dtype targets as bench rows)
+BENCH_CASES, BENCH_TARGETS, T_BENCH = "bench/cases.py", "bench/targets.py", "tests/test_bench.py"
+MUTANTS += [
+    Mutant("bench-dtype-traffic-as-float32", BENCH_CASES,
+           "    nbytes = traffic(op, data, itemsize(dtype))", "    nbytes = traffic(op, data)",
+           "a dtype's memory limit moves float32's bytes, not the dtype's (a half table's limit twice too slow)",
+           (T_BENCH, "-k", "dtype_forward_rows")),
+    Mutant("bench-dtype-target-any-threads", BENCH_TARGETS,
+           'name="fastembed", threads=half["threads_set"])', 'name="fastembed")',
+           "the half/float32 forward target compares rows measured at different thread counts",
+           (T_BENCH, "-k", "dtype_targets_compare")),
+]
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -79,7 +79,9 @@ def test_seed_default_rows_json_and_targets(tmp_path):
         assert ("sparse", "numpy unique + np.add.at") in names
         assert ("forward", "reference (Values)") in names and ("backward", "reference backward()") in names
         # Without torch, train has the numpy API's rows alone (dense Adam included: 597 x 32 is small).
-        assert {m for op, m in names if op == "train"} == {train.numpy_row_name(g) for g in train.GROUPS}
+        assert {m for op, m in names if op == "train"} == (
+            {train.numpy_row_name(g) for g in train.GROUPS}
+            | {train.numpy_fused_row_name(g) for g in train.NUMPY_FUSED_GROUPS})
         assert not any("torch" in m or "FBGEMM" in m for _, m in names)
         # At most 32 x 16 ids of dim 32 (16,384 elements) and a 597 x 32 table (19,104): every fastembed
         # call is below the 32,768-element serial threshold, and every other method is one thread.
@@ -618,6 +620,7 @@ def test_train_and_adapter_ops_print_every_row(tmp_path):
         rows = table_rows(text, shape.name)
         names = {m for op, m, _ in rows if op == "train"}
         expected = {train.numpy_row_name(g) for g in train.GROUPS}  # dense Adam too: the tables are scaled
+        expected |= {train.numpy_fused_row_name(g) for g in train.NUMPY_FUSED_GROUPS}
         expected |= {train.torch_row_name(g) for g in ("SGD", "Adagrad", "SparseAdam", "Adam")}
         if fbgemm_imports():
             expected |= {n for n, *_ in train.FBGEMM_ROWS}
