@@ -634,3 +634,17 @@ def test_fused_bag_runs_eagerly_inside_a_compiled_model_and_export_refuses_it():
     assert torch.equal(*results)
     with pytest.raises(RuntimeError, match="cannot be exported"):
         torch.export.export(bag, (BAG_IDS, BAG_OFFSETS))
+
+
+@pytest.mark.parametrize("padding_idx", [5, -6])
+def test_compiled_functional_bag_refuses_a_bad_padding_idx_as_torch(padding_idx):
+    """Out-of-range padding_idx while compiling: the RuntimeError F.embedding_bag raises eagerly (and
+    fastembed's eager kernels), not the module constructor's AssertionError."""
+    w, ids, offsets = torch.randn(5, 3), torch.tensor([1, 2, 4]), torch.tensor([0, 1])
+    with pytest.raises(RuntimeError) as theirs:
+        F.embedding_bag(ids, w, offsets, padding_idx=padding_idx)
+    compiled = torch.compile(lambda i, w, o: fet.functional.embedding_bag(i, w, o, padding_idx=padding_idx),
+                             backend="eager")
+    with pytest.raises(RuntimeError, match="padding_idx must be within the number of embeddings") as ours:
+        compiled(ids, w, offsets)
+    assert not isinstance(ours.value, AssertionError) and str(theirs.value) in str(ours.value)

@@ -28,7 +28,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from .. import ops
+from .. import BagArgumentError, ops
 from ..nn import _fused_rule
 from . import _library, _moved, _renorm_needs_torch, _run_eagerly  # (defined before fastembed.torch imports this module)
 from ._library import _BF16, _BITS, _LOOKUP_DTYPES, _bits, _renorm, _tensor
@@ -219,8 +219,9 @@ def _traced_embedding_bag(input, weight, offsets, max_norm, norm_type, scale_gra
     rows = weight.size(0)
     if padding_idx is None:
         padding_idx = -1
-    elif not -rows <= padding_idx < rows:  # torch's check and words (the op takes a row, or -1 for none)
-        raise AssertionError("Padding_idx must be within num_embeddings")
+    elif not -rows <= padding_idx < rows:  # F.embedding_bag's RuntimeError and words, as the eager kernels raise
+        raise BagArgumentError(f"padding_idx must be within the number of embeddings, {-rows} through {rows - 1}, "
+                               f"but got {padding_idx}")
     elif padding_idx < 0:
         padding_idx += rows
     return _library.embedding_bag(weight, input, offsets, per_sample_weights, mode, padding_idx,
