@@ -31,18 +31,11 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 from .. import BagArgumentError, ops
 from ..nn import _fused_rule
 from . import _library, _moved, _renorm_needs_torch, _run_eagerly  # (defined before fastembed.torch imports this module)
-from ._library import _BF16, _BITS, _LOOKUP_DTYPES, _bits, _renorm, _tensor
+from ._library import _LOOKUP_DTYPES, _bag_format, _bits, _renorm, _tensor
 
 __all__ = ["EmbeddingBag", "embedding_bag"]
 
 _MODES = ("sum", "mean", "max")
-
-
-
-def _format(array):
-    """The bag kernels' private _format for a table from `_bits`: bfloat16 for its uint16 bits."""
-    return _BF16 if array.dtype == _BITS else None
-
 
 
 def _uses_kernels(input, weight, offsets, per_sample_weights, scale_grad_by_freq):
@@ -107,7 +100,7 @@ class _BagFunction(torch.autograd.Function):
         offn = None if offsets is None else offsets.numpy()
         psw = None if per_sample_weights is None else _bits(per_sample_weights)
         args = dict(mode=mode, padding_idx=padding_idx, include_last_offset=include_last_offset,
-                    _format=_format(table))
+                    _format=_bag_format(table))
         argmax = None
         if mode == "max":
             out, argmax = ops.embedding_bag(table, idn, offn, return_argmax=True, **args)
@@ -190,7 +183,7 @@ def _embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_fr
         table, idn = _bits(weight), input.numpy()
         ops.embedding_bag(table, idn, None if offsets is None else offsets.numpy(), mode=mode,
                           per_sample_weights=None if per_sample_weights is None else _bits(per_sample_weights),
-                          padding_idx=padding_idx, include_last_offset=include_last_offset, _format=_format(table))
+                          padding_idx=padding_idx, include_last_offset=include_last_offset, _format=_bag_format(table))
         _renorm(table, idn, max_norm, norm_type)
         torch.autograd.graph.increment_version(weight)  # an in-place change: autograd must see it, as torch's
     return _BagFunction.apply(weight, per_sample_weights, input, offsets, mode, padding_idx, include_last_offset,

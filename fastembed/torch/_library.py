@@ -266,6 +266,8 @@ token_position_backward.register_autograd(_tp_backward_grad, setup_context=_tp_b
 # ---------------------------------------------------------------- bags: each bag's rows reduced to one row
 
 def _bag_format(array):
+    """The bag kernels' private _format for an array from `_bits` (the ops here and `_bag`'s eager path):
+    bfloat16 for uint16 bits, else None."""
     return _BF16 if array.dtype == _BITS else None
 
 
