@@ -16,6 +16,7 @@ from libc.string cimport memset
 cdef extern from "_fastembed.h" nogil:
     void fe_bag_axpy(float* out, const float* a, Py_ssize_t n, float s)
     void fe_bag_first(float* out, const float* a, Py_ssize_t n)
+    void fe_bag_sum_ptrs(float* out, const float* const* rows, Py_ssize_t k, Py_ssize_t n)
     void fe_bag_max(float* out, int64_t* arg, const float* a, Py_ssize_t n, int64_t r)
     void fe_bag_div(float* out, Py_ssize_t n, float c)
     void fe_bag_scale(float* out, const float* a, Py_ssize_t n, float s)
@@ -49,6 +50,7 @@ cdef enum:
     BAG_SUM = 0
     BAG_MEAN = 1
     BAG_MAX = 2
+    BAG_CHUNK = 16  # rows a float32 sum adds per pass over its bag's output row (fe_bag_sum_ptrs, in registers)
 
 
 class BagArgumentError(ValueError, RuntimeError):
@@ -368,7 +370,9 @@ cdef Py_ssize_t _bag_forward_rows(const bag_t* table, Py_ssize_t V, Py_ssize_t D
     cdef bag_t* o
     cdef int64_t* a
     cdef float* w = NULL if acc == NULL else acc + D
-    cdef bint copy_first = False  # a float32 sum's first row is written, not added to zeros
+    cdef bint copy_first = False  # a float32 sum: its first row written as 0 + row, the next added BAG_CHUNK at a time
+    cdef const float* chunk[BAG_CHUNK]
+    cdef Py_ssize_t pending
     if bag_t is float:
         copy_first = psw == NULL and mode != BAG_MAX
     for b in range(b0, b1):
@@ -380,6 +384,7 @@ cdef Py_ssize_t _bag_forward_rows(const bag_t* table, Py_ssize_t V, Py_ssize_t D
         if acc != NULL:
             memset(acc, 0, D * sizeof(float))
         count = 0
+        pending = 0
         for i in range(lo, hi):
             if i + PREFETCH_ROWS < last:
                 _bag_prefetch(table + <Py_ssize_t>ids[i + PREFETCH_ROWS] * D, D)
@@ -399,9 +404,17 @@ cdef Py_ssize_t _bag_forward_rows(const bag_t* table, Py_ssize_t V, Py_ssize_t D
                     _bag_max_row(o, arg + b * D, table + r * D, D, r)
             elif copy_first and count == 0:
                 fe_bag_first(<float*>o, <const float*>(table + r * D), D)
+            elif copy_first:
+                chunk[pending] = <const float*>(table + r * D)
+                pending += 1
+                if pending == BAG_CHUNK:
+                    fe_bag_sum_ptrs(<float*>o, chunk, pending, D)
+                    pending = 0
             else:
                 _bag_sum_row(o, acc, w, table + r * D, D, psw, i)
             count += 1
+        if pending:
+            fe_bag_sum_ptrs(<float*>o, chunk, pending, D)
         if copy_first and count == 0:
             memset(o, 0, D * sizeof(bag_t))  # an empty bag (or one of padding only) is zeros
         if mode != BAG_MAX:

@@ -306,6 +306,52 @@ FE_CLONES static void fe_bag_first(float *FE_RESTRICT out, const float *FE_RESTR
     for (ptrdiff_t d = 0; d < n; d++) out[d] = 0.0f + a[d];
 }
 
+/* Adds k float32 rows given by pointer to a bag's running sum, in their order: out = ((out + r0) + r1) + ...
+   The sum is held in registers 32 columns at a time across the k rows, so out is read and written once per
+   call, not once per row; the adds are the same, in the same order, as a row-by-row loop (the same bits). */
+#if defined(__GNUC__)
+typedef float fe_v8f __attribute__((vector_size(32)));
+FE_CLONES static void fe_bag_sum_ptrs(float *FE_RESTRICT out, const float *const *FE_RESTRICT rows, ptrdiff_t k,
+                                      ptrdiff_t n) {
+    ptrdiff_t d = 0;
+    for (; d + 32 <= n; d += 32) {
+        fe_v8f a0, a1, a2, a3;
+        memcpy(&a0, out + d, 32); memcpy(&a1, out + d + 8, 32);
+        memcpy(&a2, out + d + 16, 32); memcpy(&a3, out + d + 24, 32);
+        for (ptrdiff_t j = 0; j < k; j++) {
+            const float *r = rows[j] + d;
+            fe_v8f b0, b1, b2, b3;
+            memcpy(&b0, r, 32); memcpy(&b1, r + 8, 32); memcpy(&b2, r + 16, 32); memcpy(&b3, r + 24, 32);
+            a0 += b0; a1 += b1; a2 += b2; a3 += b3;
+        }
+        memcpy(out + d, &a0, 32); memcpy(out + d + 8, &a1, 32);
+        memcpy(out + d + 16, &a2, 32); memcpy(out + d + 24, &a3, 32);
+    }
+    for (; d + 8 <= n; d += 8) {
+        fe_v8f a, b;
+        memcpy(&a, out + d, 32);
+        for (ptrdiff_t j = 0; j < k; j++) {
+            memcpy(&b, rows[j] + d, 32);
+            a += b;
+        }
+        memcpy(out + d, &a, 32);
+    }
+    for (; d < n; d++) {
+        float a = out[d];
+        for (ptrdiff_t j = 0; j < k; j++) a += rows[j][d];
+        out[d] = a;
+    }
+}
+#else
+static void fe_bag_sum_ptrs(float *FE_RESTRICT out, const float *const *FE_RESTRICT rows, ptrdiff_t k, ptrdiff_t n) {
+    for (ptrdiff_t d = 0; d < n; d++) {
+        float a = out[d];
+        for (ptrdiff_t j = 0; j < k; j++) a += rows[j][d];
+        out[d] = a;
+    }
+}
+#endif
+
 /* A bag's running max: where a[d] > out[d], out[d] = a[d] and arg[d] = r. Strictly greater, as torch's CPU
    kernel: on a tie the earlier row stays, and a NaN already in out stays (NaN > x and x > NaN are false). */
 FE_CLONES static void fe_bag_max(float *FE_RESTRICT out, int64_t *FE_RESTRICT arg, const float *FE_RESTRICT a,

@@ -281,6 +281,33 @@ def test_a_sum_starts_at_positive_zero(dtype):
     assert_bitwise(fe.embedding_bag(table, ids, offsets, mode="sum"), want.numpy())
 
 
+@pytest.mark.parametrize("D", [1, 7, 8, 9, 31, 32, 33, 40, 64, 71])
+def test_long_float32_sums_are_sequential_across_chunks_and_column_tails(D):
+    """A float32 sum or mean adds a bag's rows in registers, up to 16 rows and 32 (then 8, then 1) columns at
+    a time: bags of 0 to 50 rows (around the 16-row chunks), widths around the 32/8-column steps, stale NaNs
+    in out and rows of -0.0 still give the sequential float32 loop's bits, the sum starting at +0.0."""
+    rng = np.random.default_rng(D)
+    V = 40
+    table = (rng.standard_normal((V, D)) * 1e3 ** rng.integers(-1, 2, (V, D))).astype(np.float32)  # rounding in sums
+    table[:4] = -0.0  # ids 0..3: bags of them only must sum to +0.0
+    lengths = [0, 1, 2, 15, 16, 17, 31, 32, 33, 50, 3, 16, 20]
+    ids = [rng.integers(0, V, n) for n in lengths]
+    ids[10], ids[11] = rng.integers(0, 4, 3), rng.integers(0, 4, 16)  # -0.0 bags: one chunk, and a partial one
+    ids[12][16:] = 0  # a -0.0 row after a full chunk
+    offsets = np.cumsum([0] + lengths[:-1]).astype(np.int64)
+    ids = np.concatenate(ids).astype(np.int64)
+    for mode in ("sum", "mean"):
+        case = dict(table=table, ids=ids, offsets=offsets, mode=mode, per_sample_weights=None,
+                    padding_idx=None, include_last_offset=False)
+        out = np.full((len(lengths), D), np.nan, np.float32)
+        fe.embedding_bag(table, ids, offsets, mode=mode, out=out)
+        assert_bitwise(out, bag_oracle(case)[0])
+        assert not np.signbit(out[[0, 10, 11]]).any()
+        case["padding_idx"] = int(ids[offsets[9]])  # the padding row dropped mid-chunk
+        assert_bitwise(fe.embedding_bag(table, ids, offsets, mode=mode, padding_idx=case["padding_idx"]),
+                       bag_oracle(case)[0])
+
+
 def test_two_dimensional_ids_are_fixed_length_bags():
     rng = np.random.default_rng(3)
     table = rng.standard_normal((9, 4)).astype(np.float32)
