@@ -50,7 +50,8 @@ cdef enum:
     BAG_SUM = 0
     BAG_MEAN = 1
     BAG_MAX = 2
-    BAG_CHUNK = 16  # rows a float32 sum adds per pass over its bag's output row (fe_bag_sum_ptrs, in registers)
+    BAG_CHUNK = 16  # rows a float32 sum adds per pass over its output row (fe_bag_sum_ptrs): out is reloaded once
+                    # per 16 rows, for 16 pointers on the stack
 
 
 class BagArgumentError(ValueError, RuntimeError):

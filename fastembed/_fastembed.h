@@ -308,7 +308,8 @@ FE_CLONES static void fe_bag_first(float *FE_RESTRICT out, const float *FE_RESTR
 
 /* Adds k float32 rows given by pointer to a bag's running sum, in their order: out = ((out + r0) + r1) + ...
    The sum is held in registers 32 columns at a time across the k rows, so out is read and written once per
-   call, not once per row; the adds are the same, in the same order, as a row-by-row loop (the same bits). */
+   call, not once per row; the adds are the same, in the same order, as a row-by-row loop (the same bits:
+   vector adds are lane by lane, and the build allows no regrouping: no -ffast-math, -ffp-contract=off). */
 #if defined(__GNUC__)
 typedef float fe_v8f __attribute__((vector_size(32)));
 FE_CLONES static void fe_bag_sum_ptrs(float *FE_RESTRICT out, const float *const *FE_RESTRICT rows, ptrdiff_t k,
@@ -343,12 +344,11 @@ FE_CLONES static void fe_bag_sum_ptrs(float *FE_RESTRICT out, const float *const
     }
 }
 #else
+/* Row by row: the same adds per column in the same order, and a loop over d compilers vectorise without
+   regrouping adds (a column's adds over rows held in one float would stay scalar). */
 static void fe_bag_sum_ptrs(float *FE_RESTRICT out, const float *const *FE_RESTRICT rows, ptrdiff_t k, ptrdiff_t n) {
-    for (ptrdiff_t d = 0; d < n; d++) {
-        float a = out[d];
-        for (ptrdiff_t j = 0; j < k; j++) a += rows[j][d];
-        out[d] = a;
-    }
+    for (ptrdiff_t j = 0; j < k; j++)
+        for (ptrdiff_t d = 0; d < n; d++) out[d] += rows[j][d];
 }
 #endif
 

@@ -290,10 +290,10 @@ def test_long_float32_sums_are_sequential_across_chunks_and_column_tails(D):
     V = 40
     table = (rng.standard_normal((V, D)) * 1e3 ** rng.integers(-1, 2, (V, D))).astype(np.float32)  # rounding in sums
     table[:4] = -0.0  # ids 0..3: bags of them only must sum to +0.0
-    lengths = [0, 1, 2, 15, 16, 17, 31, 32, 33, 50, 3, 16, 20]
+    # bags: a first row, then chunks of 16 (a full chunk from 17 rows on, a second from 33)
+    lengths = [0, 1, 2, 15, 16, 17, 31, 32, 33, 50, 3, 18]
     ids = [rng.integers(0, V, n) for n in lengths]
-    ids[10], ids[11] = rng.integers(0, 4, 3), rng.integers(0, 4, 16)  # -0.0 bags: one chunk, and a partial one
-    ids[12][16:] = 0  # a -0.0 row after a full chunk
+    ids[10], ids[11] = rng.integers(0, 4, 3), rng.integers(0, 4, 18)  # -0.0 only: +0.0 through a chunk's flush
     offsets = np.cumsum([0] + lengths[:-1]).astype(np.int64)
     ids = np.concatenate(ids).astype(np.int64)
     for mode in ("sum", "mean"):
