@@ -1747,7 +1747,7 @@ MUTANTS += [
            "                    _add_into(out + r * D + w0, src + i * D + w0, D - w0)",
            "a float32 first row's columns from w0 on (one thread: none; the wrapped block of a thread) "
            "are added to uninitialised memory",
-           (T_COALFIRST,)),
+           (T_COALFIRST,), threads=True),
 ]
 
 
