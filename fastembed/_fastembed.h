@@ -241,6 +241,14 @@ FE_CLONES static void fe_add_rows_f64(double *FE_RESTRICT out, const double *FE_
 FE_CLONES static void fe_add_into_f64(double *FE_RESTRICT g, const double *FE_RESTRICT s, ptrdiff_t n) {
     for (ptrdiff_t d = 0; d < n; d++) g[d] += s[d];
 }
+/* g[d] = 0 + s[d]: coalesce's first row of a distinct id, written where a zeroed sum used to be added to:
+   the same bits as 0 + s (-0.0 becomes +0.0; NaN and inf stay), without the pass that zeroed g. */
+FE_CLONES static void fe_first_into(float *FE_RESTRICT g, const float *FE_RESTRICT s, ptrdiff_t n) {
+    for (ptrdiff_t d = 0; d < n; d++) g[d] = 0.0f + s[d];
+}
+FE_CLONES static void fe_first_into_f64(double *FE_RESTRICT g, const double *FE_RESTRICT s, ptrdiff_t n) {
+    for (ptrdiff_t d = 0; d < n; d++) g[d] = 0.0 + s[d];
+}
 FE_CLONES static void fe_add_rows_bf16(fe_bf16 *FE_RESTRICT out, const fe_bf16 *FE_RESTRICT a,
                                        const fe_bf16 *FE_RESTRICT b, ptrdiff_t n) {
     for (ptrdiff_t d = 0; d < n; d++)

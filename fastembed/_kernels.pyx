@@ -33,9 +33,9 @@ cimport numpy as cnp
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from cython.parallel cimport prange
 from libc.math cimport sqrtf
-from libc.stdint cimport int32_t, int64_t, uint16_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint64_t
 from libc.stdlib cimport calloc, free
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
 import numpy as np
 
@@ -66,6 +66,8 @@ cdef extern from "_fastembed.h" nogil:
         uint16_t bits
     void fe_add_rows_f64(double* out, const double* a, const double* b, Py_ssize_t n)
     void fe_add_into_f64(double* g, const double* s, Py_ssize_t n)
+    void fe_first_into(float* g, const float* s, Py_ssize_t n)
+    void fe_first_into_f64(double* g, const double* s, Py_ssize_t n)
     void fe_add_rows_f16(fe_f16* out, const fe_f16* a, const fe_f16* b, Py_ssize_t n)
     void fe_add_into_f16(fe_f16* g, const fe_f16* s, Py_ssize_t n)
     void fe_widen_f16(float* out, const fe_f16* h, Py_ssize_t n)
@@ -89,6 +91,11 @@ ctypedef fused elem_t:
     double
     fe_f16
     fe_bf16
+
+# The types coalesce sums in (the 16-bit types are summed in float32).
+ctypedef fused acc_t:
+    float
+    double
 
 cdef enum:
     # Below this many float32 elements of work a call keeps the GIL and one thread:
@@ -710,6 +717,82 @@ cdef tuple _unique_slots(cnp.ndarray idx, Py_ssize_t N, bint release):
     return rows_arr, slots
 
 
+cdef Py_ssize_t _first_flags(const int64_t* slots, Py_ssize_t N, Py_ssize_t U, uint8_t* seen,
+                             uint8_t* first) noexcept nogil:
+    """first[i] = 1 where slots[i] occurs for the first time in slots (seen: U zeroed bytes, set per slot
+    met). Returns how many distinct slots were met."""
+    cdef Py_ssize_t i, met = 0
+    cdef int64_t r
+    cdef uint8_t f
+    for i in range(N):
+        r = slots[i]
+        if _outside(r, U):
+            first[i] = 0  # the scatter skips it and counts it
+            continue
+        f = seen[r] ^ 1
+        first[i] = f
+        seen[r] = 1
+        met += f
+    return met
+
+
+cdef Py_ssize_t _coalesce_cols(acc_t* out, Py_ssize_t U, Py_ssize_t D, const int64_t* slots, const uint8_t* first,
+                               Py_ssize_t N, const acc_t* src, Py_ssize_t c0, Py_ssize_t c1,
+                               Py_ssize_t w0) noexcept nogil:
+    """out[slots[i], c0:c1] (and w0:D) = 0 + src[i, same columns] at a slot's first i, += at its later
+    ones, i in order: the bits of a scatter-add into zeros, without writing the zeros first."""
+    cdef Py_ssize_t i, skipped = 0
+    cdef int64_t r
+    for i in range(N):
+        if i + PREFETCH_ROWS < N:
+            _prefetch_elems_write(out + slots[i + PREFETCH_ROWS] * D, c0, c1)
+        r = slots[i]
+        if _outside(r, U):
+            skipped += 1
+            continue
+        if first[i]:
+            if acc_t is float:
+                fe_first_into(out + r * D + c0, src + i * D + c0, c1 - c0)
+                if w0 < D:
+                    fe_first_into(out + r * D + w0, src + i * D + w0, D - w0)
+            else:
+                fe_first_into_f64(out + r * D + c0, src + i * D + c0, c1 - c0)
+                if w0 < D:
+                    fe_first_into_f64(out + r * D + w0, src + i * D + w0, D - w0)
+        else:
+            _add_into(out + r * D + c0, src + i * D + c0, c1 - c0)
+            if w0 < D:
+                _add_into(out + r * D + w0, src + i * D + w0, D - w0)
+    return skipped
+
+
+cdef Py_ssize_t _coalesce_sum(acc_t* out, Py_ssize_t U, Py_ssize_t D, const int64_t* slots, Py_ssize_t N,
+                              const acc_t* src, uint8_t* seen, uint8_t* first, int nthreads,
+                              int* team) noexcept nogil:
+    # out (U, D) is uninitialised: each slot's first row is written, not added. As in _scatter_add, threads
+    # own columns and walk every id in order, so the bits do not depend on the thread count.
+    cdef int k
+    cdef Py_ssize_t u, block = _block_of(out)
+    cdef Py_ssize_t c0, c1, w0, skipped = 0, phase = _phase_of(out, sizeof(acc_t))
+    if _first_flags(slots, N, U, seen, first) < U:
+        # A slot no id reaches (ids changed while the slots were computed): zeros, as a zeroed sum would
+        # be, never uninitialised memory.
+        for u in range(U):
+            if not seen[u]:
+                memset(out + u * D, 0, D * sizeof(acc_t))
+    team[0] = 1
+    if nthreads <= 1:
+        return _coalesce_cols(out, U, D, slots, first, N, src, 0, D, D)
+    for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
+        if k == 0:
+            team[0] = fe_omp_team_size()
+        c0 = _col_start_of(D, phase, k, nthreads, block)
+        c1 = _col_end_of(D, phase, k, nthreads, block)
+        w0 = _col_wrap_of(D, phase, k, nthreads, block)
+        skipped += _coalesce_cols(out, U, D, slots, first, N, src, c0, c1, w0)
+    return skipped
+
+
 cdef void _widen_any(const void* h, int fmt, float* f, Py_ssize_t n) noexcept nogil:
     """f[k] = h[k] as float32 (exact), for the 16-bit formats."""
     if fmt == FMT_F16:
@@ -724,6 +807,14 @@ cdef void _narrow_any(const float* f, int fmt, void* h, Py_ssize_t n) noexcept n
         fe_narrow_f16(<fe_f16*>h, f, n)
     else:
         fe_narrow_bf16(<fe_bf16*>h, f, n)
+
+
+cdef inline Py_ssize_t _coalesce_any(void* out, Py_ssize_t U, Py_ssize_t D, const int64_t* slots, Py_ssize_t N,
+                                     const void* src, int acc_fmt, uint8_t* seen, uint8_t* first, int nthreads,
+                                     int* team) noexcept nogil:
+    if acc_fmt == FMT_F64:
+        return _coalesce_sum(<double*>out, U, D, slots, N, <const double*>src, seen, first, nthreads, team)
+    return _coalesce_sum(<float*>out, U, D, slots, N, <const float*>src, seen, first, nthreads, team)
 
 
 def coalesce(ids, grad_out, *, _format=None):
@@ -744,16 +835,20 @@ def coalesce(ids, grad_out, *, _format=None):
     cdef bint half = fmt == FMT_F16 or fmt == FMT_BF16
     cdef int acc_fmt = FMT_F64 if fmt == FMT_F64 else FMT_F32
     cdef cnp.ndarray values, acc, wide_src = src
+    # The sums are not zeroed first: _coalesce_sum writes each distinct id's first row (as 0 + row).
     if fmt == FMT_F32:
-        values = acc = np.zeros((U, D), dtype=np.float32)
+        values = acc = np.empty((U, D), dtype=np.float32)
     elif fmt == FMT_F64:
-        values = acc = np.zeros((U, D), dtype=np.float64)
+        values = acc = np.empty((U, D), dtype=np.float64)
     else:
         # float32 copies of grad_out and of the sums: each row's duplicates are summed in float32, in
         # ids order, and rounded to the 16-bit type once at the end.
         wide_src = np.empty((N, D), dtype=np.float32)
-        acc = np.zeros((U, D), dtype=np.float32)
+        acc = np.empty((U, D), dtype=np.float32)
         values = np.empty((U, D), dtype=src.dtype)
+    cdef cnp.ndarray first = np.empty(N, dtype=np.uint8), seen = np.zeros(U, dtype=np.uint8)
+    cdef uint8_t* fp = <uint8_t*>cnp.PyArray_DATA(first)
+    cdef uint8_t* np_seen = <uint8_t*>cnp.PyArray_DATA(seen)
     cdef void* ap = cnp.PyArray_DATA(acc)
     cdef void* vp = cnp.PyArray_DATA(values)
     cdef const void* hp = cnp.PyArray_DATA(src)
@@ -766,13 +861,13 @@ def coalesce(ids, grad_out, *, _format=None):
         with nogil:
             if half:
                 _widen_any(hp, fmt, wp, N * D)
-            skipped = _scatter_add_any(ap, U, D, sp, True, N, s, acc_fmt, ROW_ADD, 0.0, nthreads, &team)
+            skipped = _coalesce_any(ap, U, D, sp, N, s, acc_fmt, np_seen, fp, nthreads, &team)
             if half:
                 _narrow_any(<const float*>ap, fmt, vp, U * D)
     else:
         if half:
             _widen_any(hp, fmt, wp, N * D)
-        skipped = _scatter_add_any(ap, U, D, sp, True, N, s, acc_fmt, ROW_ADD, 0.0, nthreads, &team)
+        skipped = _coalesce_any(ap, U, D, sp, N, s, acc_fmt, np_seen, fp, nthreads, &team)
         if half:
             _narrow_any(<const float*>ap, fmt, vp, U * D)
     _record(team, release)

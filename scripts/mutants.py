@@ -1718,5 +1718,43 @@ MUTANTS += [
            (T_BENCH, "-k", "dtype_targets_compare")),
 ]
 
+
+# coalesce without zeroing its sums (issue 9): each distinct id's first row written as 0 + row, later ones added
+T_COALFIRST = "tests/test_coalesce_first.py"
+MUTANTS += [
+    Mutant("coalfirst-first-copied", HDR,
+           "    for (ptrdiff_t d = 0; d < n; d++) g[d] = 0.0f + s[d];",
+           "    for (ptrdiff_t d = 0; d < n; d++) g[d] = s[d];",
+           "a float32 id's first row is copied, not added to 0: a -0.0 stays -0.0 (the zeroed sum made it +0.0)",
+           (T_COALFIRST,)),
+    Mutant("coalfirst-later-written", PYX,
+           "        if first[i]:\n            if acc_t is float:",
+           "        if True:\n            if acc_t is float:",
+           "every occurrence of an id is written, not only the first: a sum keeps its last row only",
+           (T_COALFIRST,)),
+    Mutant("coalfirst-flag-off-by-one", PYX,
+           "        r = slots[i]\n        if _outside(r, U):\n            first[i] = 0",
+           "        r = slots[i + 1] if i + 1 < N else slots[i]\n        if _outside(r, U):\n            first[i] = 0",
+           "the first flags come from the next id's slot: some sums written twice, some added to garbage",
+           (T_COALFIRST,)),
+    Mutant("coalfirst-f64-first-copied", HDR,
+           "    for (ptrdiff_t d = 0; d < n; d++) g[d] = 0.0 + s[d];",
+           "    for (ptrdiff_t d = 0; d < n; d++) g[d] = s[d];",
+           "a float64 id's first row is copied, not added to 0: a -0.0 stays -0.0",
+           (T_COALFIRST,)),
+    Mutant("coalfirst-f64-first-added", PYX,
+           "                fe_first_into_f64(out + r * D + c0, src + i * D + c0, c1 - c0)",
+           "                _add_into(out + r * D + c0, src + i * D + c0, c1 - c0)",
+           "float64 sums add their first row to the uninitialised memory instead of writing it",
+           (T_COALFIRST,)),
+    Mutant("coalfirst-first-wrap-added", PYX,
+           "                    fe_first_into(out + r * D + w0, src + i * D + w0, D - w0)",
+           "                    _add_into(out + r * D + w0, src + i * D + w0, D - w0)",
+           "a float32 first row's columns from w0 on (one thread: none; the wrapped block of a thread) "
+           "are added to uninitialised memory",
+           (T_COALFIRST,), threads=True),
+]
+
+
 if __name__ == "__main__":
     sys.exit(main())
