@@ -428,13 +428,16 @@ cdef Py_ssize_t _bag_forward_rows(const bag_t* table, Py_ssize_t V, Py_ssize_t D
             else:
                 _bag_sum_row(o, acc, w, table + r * D, D, psw, i)
             count += 1
-        if pending and max_chunks:
+        if max_chunks and pending:
             fe_bag_max_ptrs(<float*>o, NULL if arg == NULL else arg + b * D, chunk, chunk_ids, pending, D,
                             count == pending)
-        elif pending:
+            pending = 0
+        if pending:
             fe_bag_sum_ptrs(<float*>o, chunk, pending, D)
-        if (copy_first or max_chunks) and count == 0:
+        if copy_first and count == 0:
             memset(o, 0, D * sizeof(bag_t))  # an empty bag (or one of padding only) is zeros
+        if max_chunks and count == 0:
+            memset(o, 0, D * sizeof(bag_t))
         if mode != BAG_MAX:
             _bag_finish(o, acc, w, D, mode, count)
         elif count == 0 and arg != NULL:
