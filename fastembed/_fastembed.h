@@ -367,23 +367,22 @@ FE_CLONES static void fe_bag_max(float *FE_RESTRICT out, int64_t *FE_RESTRICT ar
 /* A bag's running max over k float32 rows given by pointer (rows[j] is table row ids[j]), in their order:
    where rows[j][d] > out[d], out[d] = rows[j][d] and arg[d] = ids[j]. With first, rows[0] is the bag's first
    kept row: it is taken as is (its -0.0 and NaN included, arg = ids[0]) and out and arg are not read. The max
-   and its argmax (int64 lanes, blended with the compare's mask widened) are held in registers 16 columns at a
+   and its argmax (int64 lanes, blended with the compare's mask doubled) are held in registers 16 columns at a
    time across the k rows, so out and arg are read and written once per call, not once per row. Strictly
    greater as fe_bag_max, column by column in row order: the same result as k calls of it. arg NULL: the max
    only (nothing asked for the argmax). */
 #if defined(__GNUC__)
 typedef int fe_v8i __attribute__((vector_size(32)));
-typedef int fe_v4i __attribute__((vector_size(16)));
 typedef long long fe_v4q __attribute__((vector_size(32)));
 /* m where k is 0, b where it is all ones (k: a vector compare's result). */
 static inline fe_v8f fe_blend8f(fe_v8f m, fe_v8f b, fe_v8i k) {
     return (fe_v8f)(((fe_v8i)b & k) | ((fe_v8i)m & ~k));
 }
-/* The same blend for 8 int64 argmax lanes (a0: columns 0-3, a1: 4-7), the mask's halves sign-extended. */
+/* The same blend for 8 int64 argmax lanes (a0: columns 0-3, a1: 4-7): each all-ones-or-zero int32 lane of the
+   mask doubled is that column's int64 mask (one permute per half). */
 static inline void fe_blend_arg(fe_v4q *a0, fe_v4q *a1, fe_v4q r, fe_v8i k) {
-    fe_v4i lo, hi;
-    memcpy(&lo, &k, 16); memcpy(&hi, (const char *)&k + 16, 16);
-    fe_v4q k0 = __builtin_convertvector(lo, fe_v4q), k1 = __builtin_convertvector(hi, fe_v4q);
+    fe_v4q k0 = (fe_v4q)__builtin_shufflevector(k, k, 0, 0, 1, 1, 2, 2, 3, 3);
+    fe_v4q k1 = (fe_v4q)__builtin_shufflevector(k, k, 4, 4, 5, 5, 6, 6, 7, 7);
     *a0 = (r & k0) | (*a0 & ~k0);
     *a1 = (r & k1) | (*a1 & ~k1);
 }
