@@ -7,12 +7,16 @@ L = 1, 8 or 64 consecutive ids by ``offsets = arange(0, N, L)`` (the last bag is
 when L does not divide N, which happens only on shapes shrunk by --scale).
 
 Rows of a forward group:
-  fastembed numpy API              fe.embedding_bag (allocating its output)
+  fastembed numpy API              fe.embedding_bag (allocating its output; mode max with its argmax)
   fastembed.torch.EmbeddingBag     the module on a weight that requires grad (the graph is built)
   torch nn.EmbeddingBag            the same, torch's module
   FBGEMM TBE (dense), pooling ...  FBGEMM's DenseTableBatchedEmbeddingBagsCodegen on the CPU (sum and
                                    mean; TBE has no max pooling)
   memory limit                     an add moving the bytes the forward must (forward_bytes)
+A max group's rows all make the (B, D) int64 argmax a backward needs (torch's forward and
+fastembed.torch.EmbeddingBag's always do; the numpy row asks return_argmax=True), and its limit
+counts writing it: 8 x B x D bytes more. One rule: every row and the limit move the same bytes.
+(The numpy API without return_argmax writes out only: less than that limit counts.)
 Rows of a backward group (the dense gradient of the table):
   fastembed numpy API              fe.embedding_bag_backward accumulating into a preallocated (V, D)
                                    gradient (zeroed once, as the op backward does)
@@ -70,11 +74,13 @@ def bags(data, size):
     return ids, np.arange(0, ids.size, size, dtype=np.int64)
 
 
-def forward_bytes(ids, offsets, dim, itemsize=4):
+def forward_bytes(ids, offsets, dim, itemsize=4, argmax=False):
     """Bytes the bag forward must move at least: ids and offsets read, each distinct row read once (a row
-    named by several ids stays in cache), the (B, D) output written."""
+    named by several ids stays in cache), the (B, D) output written, and with argmax (a max forward made
+    for its backward) the (B, D) int64 argmax written too."""
     distinct = len(np.unique(ids))
-    return ids.nbytes + offsets.nbytes + itemsize * dim * distinct + itemsize * len(offsets) * dim
+    written = (itemsize + (8 if argmax else 0)) * len(offsets) * dim
+    return ids.nbytes + offsets.nbytes + itemsize * dim * distinct + written
 
 
 def fbgemm_dense():
@@ -95,6 +101,9 @@ def numpy_state(data, ids, offsets, mode, direction, table=None):
     dtype) or a new gradient (backward)."""
     table = data.token_table if table is None else table
     B, D = len(offsets), data.shape.dim
+    if direction == "forward" and mode == "max":
+        run = functools.partial(fe.embedding_bag, table, ids, offsets, mode=mode, return_argmax=True)
+        return run, lambda: (widened(run()[0]),)
     if direction == "forward":
         run = functools.partial(fe.embedding_bag, table, ids, offsets, mode=mode)
         return run, lambda: (widened(run()),)
@@ -221,7 +230,9 @@ def bag_methods(data, ctx, dtype=DEFAULT_DTYPE):
             label = thread_label(direction, ids, offsets, D, n)
             for mode in MODES:
                 group = group_name(direction, size, mode)
-                nbytes = forward_bytes(ids, offsets, D, itemsize(dtype)) if direction == "forward" else None
+                nbytes = None
+                if direction == "forward":
+                    nbytes = forward_bytes(ids, offsets, D, itemsize(dtype), argmax=mode == "max")
                 strict = direction == "forward" and mode == "max"
                 if numpy_row:
                     numpy = functools.partial(numpy_state, data, ids, offsets, mode, direction, table)

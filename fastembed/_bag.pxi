@@ -18,6 +18,8 @@ cdef extern from "_fastembed.h" nogil:
     void fe_bag_first(float* out, const float* a, Py_ssize_t n)
     void fe_bag_sum_ptrs(float* out, const float* const* rows, Py_ssize_t k, Py_ssize_t n)
     void fe_bag_max(float* out, int64_t* arg, const float* a, Py_ssize_t n, int64_t r)
+    void fe_bag_max_ptrs(float* out, int64_t* arg, const float* const* rows, const int64_t* ids, Py_ssize_t k,
+                         Py_ssize_t n, int first)
     void fe_bag_div(float* out, Py_ssize_t n, float c)
     void fe_bag_scale(float* out, const float* a, Py_ssize_t n, float s)
     float fe_bag_dot(const float* a, const float* b, Py_ssize_t n)
@@ -50,8 +52,8 @@ cdef enum:
     BAG_SUM = 0
     BAG_MEAN = 1
     BAG_MAX = 2
-    BAG_CHUNK = 16  # rows a float32 sum adds per pass over its output row (fe_bag_sum_ptrs): out is reloaded once
-                    # per 16 rows, for 16 pointers on the stack
+    BAG_CHUNK = 16  # rows a float32 sum or max takes per pass over its output row (fe_bag_*_ptrs): out is
+                    # reloaded once per 16 rows, for 16 pointers on the stack
 
 
 class BagArgumentError(ValueError, RuntimeError):
@@ -364,7 +366,8 @@ cdef Py_ssize_t _bag_forward_rows(const bag_t* table, Py_ssize_t V, Py_ssize_t D
                                   int64_t pad, Py_ssize_t b0, Py_ssize_t b1, bag_t* out,
                                   int64_t* arg, float* acc) noexcept nogil:
     """out[b] (and arg[b] in max mode) for the bags [b0, b1); returns the number of ids found out of range.
-    acc: 2 * D floats of this thread's (the 16-bit formats' accumulator and widened row; NULL otherwise)."""
+    acc: 2 * D floats of this thread's (the 16-bit formats' accumulator and widened row; NULL otherwise).
+    A float32 max with arg NULL computes the max only (the caller asked for no argmax)."""
     cdef Py_ssize_t b, i, d, lo, hi, count, skipped = 0
     cdef Py_ssize_t last = _bag_end(offs, L, N, b1 - 1) if b1 > b0 else 0
     cdef int64_t r
@@ -373,14 +376,17 @@ cdef Py_ssize_t _bag_forward_rows(const bag_t* table, Py_ssize_t V, Py_ssize_t D
     cdef float* w = NULL if acc == NULL else acc + D
     cdef bint copy_first = False  # a float32 sum: its first row written as 0 + row, the next added BAG_CHUNK at a time
     cdef const float* chunk[BAG_CHUNK]
+    cdef int64_t chunk_ids[BAG_CHUNK]
     cdef Py_ssize_t pending
+    cdef bint max_chunks = False  # a float32 max: its rows taken BAG_CHUNK at a time, the first as is
     if bag_t is float:
         copy_first = psw == NULL and mode != BAG_MAX
+        max_chunks = mode == BAG_MAX
     for b in range(b0, b1):
         lo = offs[b]
         hi = _bag_end(offs, L, N, b)
         o = out + b * D
-        if not copy_first:
+        if not copy_first and not max_chunks:
             memset(o, 0, D * sizeof(bag_t))  # a sum starts at +0.0, as torch's: a row of -0.0 sums to +0.0
         if acc != NULL:
             memset(acc, 0, D * sizeof(float))
@@ -396,7 +402,16 @@ cdef Py_ssize_t _bag_forward_rows(const bag_t* table, Py_ssize_t V, Py_ssize_t D
             if r == pad:
                 continue
             if mode == BAG_MAX:
-                if count == 0:
+                if max_chunks:
+                    chunk[pending] = <const float*>(table + r * D)
+                    chunk_ids[pending] = r
+                    pending += 1
+                    if pending == BAG_CHUNK:
+                        # the bag's first chunk holds its first kept row: count (this row included) == pending
+                        fe_bag_max_ptrs(<float*>o, NULL if arg == NULL else arg + b * D, chunk, chunk_ids, pending,
+                                        D, count + 1 == pending)
+                        pending = 0
+                elif count == 0:
                     memcpy(o, table + r * D, D * sizeof(bag_t))
                     a = arg + b * D
                     for d in range(D):
@@ -414,13 +429,19 @@ cdef Py_ssize_t _bag_forward_rows(const bag_t* table, Py_ssize_t V, Py_ssize_t D
             else:
                 _bag_sum_row(o, acc, w, table + r * D, D, psw, i)
             count += 1
+        if max_chunks and pending:
+            fe_bag_max_ptrs(<float*>o, NULL if arg == NULL else arg + b * D, chunk, chunk_ids, pending, D,
+                            count == pending)
+            pending = 0
         if pending:
             fe_bag_sum_ptrs(<float*>o, chunk, pending, D)
         if copy_first and count == 0:
             memset(o, 0, D * sizeof(bag_t))  # an empty bag (or one of padding only) is zeros
+        if max_chunks and count == 0:
+            memset(o, 0, D * sizeof(bag_t))
         if mode != BAG_MAX:
             _bag_finish(o, acc, w, D, mode, count)
-        elif count == 0:
+        elif count == 0 and arg != NULL:
             memset(arg + b * D, 0, D * sizeof(int64_t))
     return skipped
 
@@ -852,8 +873,9 @@ cdef inline int _bag_threads(Py_ssize_t work, Py_ssize_t B) noexcept nogil:
 # never cast; results have it too.
 
 def embedding_bag(table, ids, offsets, mode, per_sample_weights=None, padding_idx=None,
-                  include_last_offset=False, out=None, *, _format=None):
-    """out[b] = the sum, mean or max of table[ids] over bag b; in max mode returns (out, argmax)."""
+                  include_last_offset=False, out=None, *, _format=None, argmax=True):
+    """out[b] = the sum, mean or max of table[ids] over bag b; in max mode returns (out, argmax), argmax None
+    when argmax=False (a float32 max then neither computes nor writes it: (B, D) int64 is twice out's bytes)."""
     cdef int fmt
     cdef cnp.ndarray tab = _any_table(table, "table", _format_arg(_format), &fmt)
     cdef int m = _bag_mode(mode)
@@ -873,7 +895,8 @@ def embedding_bag(table, ids, offsets, mode, per_sample_weights=None, padding_id
         _no_overlap(res, "out", (tab, ids, offsets, per_sample_weights),
                     ("table", "ids", "offsets", "per_sample_weights"))
     _check_bag_range(idx, "ids", V, "table")
-    cdef cnp.ndarray arg = np.empty((B, D), dtype=np.int64) if m == BAG_MAX else None
+    cdef bint want_arg = m == BAG_MAX and (bool(argmax) or fmt != FMT_F32)  # the other formats' loops write one
+    cdef cnp.ndarray arg = np.empty((B, D), dtype=np.int64) if want_arg else None
     cdef int nthreads = _bag_threads((N + B) * D, B), team
     # The 16-bit formats' float32 accumulator and widened row, 2 * D floats per thread.
     cdef cnp.ndarray acc = None
@@ -896,7 +919,9 @@ def embedding_bag(table, ids, offsets, mode, per_sample_weights=None, padding_id
         skipped = _bag_forward_any(t, V, D, ip, wide, op, L, N, B, m, p, pad, o, a, sc, fmt, nthreads, &team)
     _record(team, release)
     _raise_if_skipped(skipped, "ids")
-    return (res, arg) if m == BAG_MAX else res
+    if m == BAG_MAX:
+        return (res, arg if argmax else None)
+    return res
 
 
 def embedding_bag_backward(grad_table, ids, offsets, grad_out, mode, per_sample_weights=None, padding_idx=None,

@@ -372,6 +372,121 @@ FE_CLONES static void fe_bag_max(float *FE_RESTRICT out, int64_t *FE_RESTRICT ar
     }
 }
 
+/* A bag's running max over k float32 rows given by pointer (rows[j] is table row ids[j]), in their order:
+   where rows[j][d] > out[d], out[d] = rows[j][d] and arg[d] = ids[j]. With first, rows[0] is the bag's first
+   kept row: it is taken as is (its -0.0 and NaN included, arg = ids[0]) and out and arg are not read. The max
+   and its argmax (int64 lanes, blended with the compare's mask doubled) are held in registers 16 columns at a
+   time across the k rows, so out and arg are read and written once per call, not once per row. Strictly
+   greater as fe_bag_max, column by column in row order: the same result as k calls of it. arg NULL: the max
+   only (nothing asked for the argmax). */
+#if defined(__GNUC__)
+typedef int fe_v8i __attribute__((vector_size(32)));
+typedef long long fe_v4q __attribute__((vector_size(32)));
+/* m where k is 0, b where it is all ones (k: a vector compare's result). */
+static inline fe_v8f fe_blend8f(fe_v8f m, fe_v8f b, fe_v8i k) {
+    return (fe_v8f)(((fe_v8i)b & k) | ((fe_v8i)m & ~k));
+}
+/* The same blend for 8 int64 argmax lanes (a0: columns 0-3, a1: 4-7): each all-ones-or-zero int32 lane of the
+   mask doubled is that column's int64 mask (one permute per half). */
+static inline void fe_blend_arg(fe_v4q *a0, fe_v4q *a1, fe_v4q r, fe_v8i k) {
+    fe_v4q k0 = (fe_v4q)__builtin_shufflevector(k, k, 0, 0, 1, 1, 2, 2, 3, 3);
+    fe_v4q k1 = (fe_v4q)__builtin_shufflevector(k, k, 4, 4, 5, 5, 6, 6, 7, 7);
+    *a0 = (r & k0) | (*a0 & ~k0);
+    *a1 = (r & k1) | (*a1 & ~k1);
+}
+FE_CLONES static void fe_bag_max_ptrs(float *FE_RESTRICT out, int64_t *FE_RESTRICT arg,
+                                      const float *const *FE_RESTRICT rows, const int64_t *FE_RESTRICT ids,
+                                      ptrdiff_t k, ptrdiff_t n, int first) {
+    ptrdiff_t d = 0, j0 = first ? 1 : 0;
+    for (; d + 16 <= n; d += 16) {
+        fe_v8f m0, m1, b0, b1;
+        fe_v4q a0, a1, a2, a3;
+        const float *src = first ? rows[0] + d : out + d;
+        memcpy(&m0, src, 32); memcpy(&m1, src + 8, 32);
+        if (arg != NULL) {
+            if (first) {
+                a0 = a1 = a2 = a3 = (fe_v4q){0, 0, 0, 0} + (long long)ids[0];
+            } else {
+                memcpy(&a0, arg + d, 32); memcpy(&a1, arg + d + 4, 32);
+                memcpy(&a2, arg + d + 8, 32); memcpy(&a3, arg + d + 12, 32);
+            }
+            for (ptrdiff_t j = j0; j < k; j++) {
+                fe_v4q r = (fe_v4q){0, 0, 0, 0} + (long long)ids[j];
+                memcpy(&b0, rows[j] + d, 32); memcpy(&b1, rows[j] + d + 8, 32);
+                fe_v8i k0 = b0 > m0, k1 = b1 > m1;
+                m0 = fe_blend8f(m0, b0, k0); m1 = fe_blend8f(m1, b1, k1);
+                fe_blend_arg(&a0, &a1, r, k0); fe_blend_arg(&a2, &a3, r, k1);
+            }
+            memcpy(arg + d, &a0, 32); memcpy(arg + d + 4, &a1, 32);
+            memcpy(arg + d + 8, &a2, 32); memcpy(arg + d + 12, &a3, 32);
+        } else {
+            for (ptrdiff_t j = j0; j < k; j++) {
+                memcpy(&b0, rows[j] + d, 32); memcpy(&b1, rows[j] + d + 8, 32);
+                m0 = fe_blend8f(m0, b0, b0 > m0); m1 = fe_blend8f(m1, b1, b1 > m1);
+            }
+        }
+        memcpy(out + d, &m0, 32); memcpy(out + d + 8, &m1, 32);
+    }
+    for (; d + 8 <= n; d += 8) {
+        fe_v8f m, b;
+        fe_v4q a0, a1;
+        memcpy(&m, first ? rows[0] + d : out + d, 32);
+        if (arg != NULL) {
+            if (first) {
+                a0 = a1 = (fe_v4q){0, 0, 0, 0} + (long long)ids[0];
+            } else {
+                memcpy(&a0, arg + d, 32); memcpy(&a1, arg + d + 4, 32);
+            }
+            for (ptrdiff_t j = j0; j < k; j++) {
+                memcpy(&b, rows[j] + d, 32);
+                fe_v8i km = b > m;
+                m = fe_blend8f(m, b, km);
+                fe_blend_arg(&a0, &a1, (fe_v4q){0, 0, 0, 0} + (long long)ids[j], km);
+            }
+            memcpy(arg + d, &a0, 32); memcpy(arg + d + 4, &a1, 32);
+        } else {
+            for (ptrdiff_t j = j0; j < k; j++) {
+                memcpy(&b, rows[j] + d, 32);
+                m = fe_blend8f(m, b, b > m);
+            }
+        }
+        memcpy(out + d, &m, 32);
+    }
+    if (d < n) {  /* under 8 columns left: row by row, out's and arg's tail stay in L1 */
+        if (first) {
+            memcpy(out + d, rows[0] + d, (size_t)(n - d) * sizeof(float));
+            if (arg != NULL)
+                for (ptrdiff_t c = d; c < n; c++) arg[c] = ids[0];
+        }
+        for (ptrdiff_t j = j0; j < k; j++) {
+            if (arg != NULL) {
+                fe_bag_max(out + d, arg + d, rows[j] + d, n - d, ids[j]);
+            } else {
+                for (ptrdiff_t c = d; c < n; c++)
+                    if (rows[j][c] > out[c]) out[c] = rows[j][c];
+            }
+        }
+    }
+}
+#else
+static void fe_bag_max_ptrs(float *FE_RESTRICT out, int64_t *FE_RESTRICT arg, const float *const *FE_RESTRICT rows,
+                            const int64_t *FE_RESTRICT ids, ptrdiff_t k, ptrdiff_t n, int first) {
+    ptrdiff_t j0 = first ? 1 : 0;
+    for (ptrdiff_t d = 0; d < n; d++) {
+        float m = first ? rows[0][d] : out[d];
+        int64_t a = first ? ids[0] : (arg != NULL ? arg[d] : 0);
+        for (ptrdiff_t j = j0; j < k; j++) {
+            if (rows[j][d] > m) {
+                m = rows[j][d];
+                a = ids[j];
+            }
+        }
+        out[d] = m;
+        if (arg != NULL) arg[d] = a;
+    }
+}
+#endif
+
 /* out[d] = s * a[d]: a sparse gradient's entry, written (not added to +0.0, which would turn -0.0 into +0.0). */
 FE_CLONES static void fe_bag_scale(float *FE_RESTRICT out, const float *FE_RESTRICT a, ptrdiff_t n, float s) {
     for (ptrdiff_t d = 0; d < n; d++) out[d] = s * a[d];

@@ -110,7 +110,8 @@ def embedding_bag(
     out: _Table | None = None,
     *,
     _format: _Format = None,
-) -> _Table | tuple[_Table, npt.NDArray[np.int64]]: ...
+    argmax: bool = True,
+) -> _Table | tuple[_Table, npt.NDArray[np.int64] | None]: ...
 def embedding_bag_backward(
     grad_table: _Table,
     ids: _Ids,

@@ -374,7 +374,7 @@ def embedding_bag(table, ids, offsets=None, *, mode="mean", per_sample_weights=N
     ids, offsets, per_sample_weights, include_last_offset, _ = _bag_args(
         ids, offsets, per_sample_weights, include_last_offset, (out,), ("out",))
     result = _kernels.embedding_bag(table, ids, offsets, mode, per_sample_weights, padding_idx,
-                                    include_last_offset, out, _format=_format)
+                                    include_last_offset, out, _format=_format, argmax=return_argmax)
     if mode == "max" and not return_argmax:
         return result[0]
     return result

@@ -1756,5 +1756,46 @@ MUTANTS += [
 ]
 
 
+# the float32 max bag forward in registers (fe_bag_max_ptrs)
+T_BAGMAX = (BAG, "-k", "long_float32_maxes")
+MUTANTS += [
+    Mutant("bagmax-tie-later-row", HDR,
+           "                fe_v8i k0 = b0 > m0, k1 = b1 > m1;", "                fe_v8i k0 = b0 >= m0, k1 = b1 >= m1;",
+           "a tie in a 16-column block goes to the later row (torch keeps the earlier: its argmax differs)",
+           T_BAGMAX),
+    Mutant("bagmax-later-nan-wins", HDR,
+           "                fe_v8i km = b > m;", "                fe_v8i km = ~(b <= m);",
+           "a NaN in a later row replaces the running max of an 8-column block (torch never takes it)",
+           T_BAGMAX),
+    Mutant("bagmax-argmax-halves-swapped", HDR,
+           "                fe_blend_arg(&a0, &a1, r, k0); fe_blend_arg(&a2, &a3, r, k1);",
+           "                fe_blend_arg(&a0, &a1, r, k1); fe_blend_arg(&a2, &a3, r, k0);",
+           "a 16-column block's argmax follows the other 8 columns' compare: the wrong row in arg",
+           T_BAGMAX),
+    Mutant("bagmax-argmax-previous-row", HDR,
+           "                fe_v4q r = (fe_v4q){0, 0, 0, 0} + (long long)ids[j];",
+           "                fe_v4q r = (fe_v4q){0, 0, 0, 0} + (long long)ids[j - (j > 0)];",
+           "a 16-column block's argmax names the row before the winner",
+           T_BAGMAX),
+    Mutant("bagmax-chunk-last-row-skipped", HDR,
+           "            for (ptrdiff_t j = j0; j < k; j++) {\n                fe_v4q r =",
+           "            for (ptrdiff_t j = j0; j < k - 1; j++) {\n                fe_v4q r =",
+           "a chunk's last row never competes in the 16-column blocks",
+           T_BAGMAX),
+    Mutant("bagmax-column-tail-skipped", HDR,
+           "    if (d < n) {  /* under 8 columns left", "    if (0) {  /* under 8 columns left",
+           "the last (under 8) columns of a max are never written",
+           T_BAGMAX),
+    Mutant("bagmax-first-chunk-reads-out", BAG_PXI,
+           "                            count == pending)", "                            False)",
+           "a bag's only chunk compares against the stale out and arg instead of starting at its first row",
+           T_BAGMAX),
+    Mutant("bagmax-no-argmax-tail-ties-later", HDR,
+           "                    if (rows[j][c] > out[c]) out[c] = rows[j][c];",
+           "                    if (rows[j][c] >= out[c]) out[c] = rows[j][c];",
+           "without the argmax, the column tail takes a tie's later row: -0.0 then +0.0 gives +0.0",
+           T_BAGMAX),
+]
+
 if __name__ == "__main__":
     sys.exit(main())

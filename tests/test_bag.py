@@ -822,3 +822,46 @@ def test_layer_sparse_and_dense_agree_with_weights():
                 want[ids[i]] += g[b] * psw[i]
     np.testing.assert_allclose(grads[0], want, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(grads[1], want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("D", [1, 7, 8, 9, 31, 32, 33, 40, 64, 71])
+def test_long_float32_maxes_are_sequential_across_chunks_and_column_tails(D):
+    """A float32 max holds a bag's running max and argmax in registers, up to 16 rows and 16 (then 8, then 1)
+    columns at a time: bags of 0 to 50 rows of small integers (ties everywhere, -0.0 against +0.0), NaNs in
+    first and later rows, padding and stale NaNs in out still give the sequential loop's values and argmax
+    bitwise: strictly greater wins, a NaN in the running max stays, a later NaN never wins."""
+    rng = np.random.default_rng(100 + D)
+    V = 40
+    table = rng.choice(np.array([-2.0, -1.0, -0.0, 0.0, 1.0, 2.0], np.float32), (V, D))
+    nan_bits = (0x7FC00000 + np.arange(1, 9, dtype=np.uint32) * 0x1001).view(np.float32)  # payloads must survive
+    for row in range(4, 8):  # rows 4..7: NaNs in some of their columns (each column of one of them at least)
+        cols = rng.random(D) < 0.5
+        cols[row % D] = True
+        table[row, cols] = nan_bits[rng.integers(0, 8, cols.sum())]
+    table[8:10] = -0.0  # a bag of them ties -0.0 against +0.0 only at the first row's sign
+    table[10] = 0.0
+    lengths = [0, 1, 2, 15, 16, 17, 31, 32, 33, 50, 3, 20, 18, 5, 40]
+    ids = [rng.integers(0, V, n) for n in lengths]
+    ids[10] = np.array([8, 10, 9])  # -0.0 first, +0.0 later: -0.0 stays (0.0 > -0.0 is false)
+    ids[11][0], ids[12][0] = 4, 5  # NaN in the first row: those columns stay NaN whatever follows
+    ids[12][16] = 6  # a NaN row opening the bag's second chunk
+    ids[13][:] = rng.integers(11, V, 5)  # no NaN row: every later row competes
+    offsets = np.cumsum([0] + lengths[:-1]).astype(np.int64)
+    ids = np.concatenate(ids).astype(np.int64)
+    case = dict(table=table, ids=ids, offsets=offsets, mode="max", per_sample_weights=None,
+                padding_idx=None, include_last_offset=False)
+    for pad in (None, int(ids[offsets[9] + 16]), 8):  # none; a row dropped at a chunk's start; bag 10's first
+        case["padding_idx"] = pad
+        want_out, want_arg = bag_oracle(case)
+        assert np.isnan(want_out).any()  # the NaN rows are in the bags
+        out = np.full((len(lengths), D), np.nan, np.float32)
+        got_out, got_arg = fe.embedding_bag(table, ids, offsets, mode="max", padding_idx=pad, out=out,
+                                            return_argmax=True)
+        assert got_out is out
+        assert_bitwise(got_out, want_out)
+        assert_bitwise(got_arg, want_arg)
+        # without the argmax the kernel computes the max alone: the same values
+        out[:] = np.nan
+        res, none = _kernels.embedding_bag(table, ids, offsets, "max", None, pad, False, out, argmax=False)
+        assert none is None
+        assert_bitwise(res, want_out)

@@ -774,6 +774,15 @@ def test_bag_forward_bytes_by_hand():
         touched = data.token_table[np.unique(ids)]
         expected = ids.nbytes + offsets.nbytes + touched.nbytes + out.nbytes
         assert bag.forward_bytes(ids, offsets, BAG_TINY.dim) == expected
+        out, arg = fastembed.embedding_bag(data.token_table, ids, offsets, mode="max", return_argmax=True)
+        assert bag.forward_bytes(ids, offsets, BAG_TINY.dim, argmax=True) == expected + arg.nbytes
+    # the case's max groups: every row (and the limit) counts the argmax
+    case = bag_case(cases.Context(threads=1, fe_threads=(1,)))
+    for m in case.methods:
+        if m.group.startswith("forward") and m.nbytes is not None:
+            size, mode = int(m.group.split(", ")[1].split()[0]), m.group.split(", ")[2]
+            ids, offsets = bag.bags(data, size)
+            assert m.nbytes == bag.forward_bytes(ids, offsets, BAG_TINY.dim, argmax=mode == "max"), m.group
 
 
 def test_bag_memory_limit_moves_the_groups_bytes(monkeypatch):
@@ -975,7 +984,8 @@ def test_bag_op_runs_when_asked_at_its_shapes(tmp_path):
                     if direction == "forward":
                         ids, offsets = bag.bags(shapes.make_data(shapes.scaled(
                             next(s for s in shapes.BIG_SHAPES if s.name == shape), 0.01)), size)
-                        assert names[bag.NUMPY_ROW]["bytes"] == bag.forward_bytes(ids, offsets, shapes_dim(shape))
+                        assert names[bag.NUMPY_ROW]["bytes"] == bag.forward_bytes(ids, offsets, shapes_dim(shape),
+                                                                                  argmax=mode == "max")
     verdicts = [t for t in doc["targets"] if t["case"]]
     assert len(verdicts) == 3 * 9 * 5
     assert all(t["status"] == "SKIPPED" and "too few bytes" in t["note"] for t in verdicts
@@ -1038,6 +1048,8 @@ def assert_runs_in(m, dtype):
     """The timed call itself returns dtype (numpy, ml_dtypes or torch): the row times the dtype's tables,
     which its widened result alone would not show for the halves."""
     raw = (m.make() if m.make is not None else m.run)()
+    if isinstance(raw, tuple):
+        raw = raw[0]  # a max bag's (out, argmax)
     assert str(raw.dtype).replace("torch.", "") == dtype, (m.name, raw.dtype)
 
 
@@ -1236,7 +1248,7 @@ def test_bag_dtype_forward_groups_compute_the_oracle(dtype):
         ids, offsets = bag.bags(data, size)
         distinct = len(np.unique(ids))
         assert methods[0].nbytes == ids.nbytes + offsets.nbytes + (distinct + len(offsets)) * BAG_TINY.dim * (
-            8 if dtype == "float64" else 2)
+            8 if dtype == "float64" else 2) + (8 * len(offsets) * BAG_TINY.dim if mode == "max" else 0)
     cases.verify(case, ctx)
     if HAS_TORCH:
         assert "FBGEMM rows: none on tables other than float32" in case.skips
