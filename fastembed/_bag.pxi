@@ -15,7 +15,7 @@ from libc.string cimport memset
 
 cdef extern from "_fastembed.h" nogil:
     void fe_bag_axpy(float* out, const float* a, Py_ssize_t n, float s)
-    void fe_bag_first(float* out, const float* a, Py_ssize_t n)
+    void fe_first_into(float* g, const float* s, Py_ssize_t n)
     void fe_bag_sum_ptrs(float* out, const float* const* rows, Py_ssize_t k, Py_ssize_t n)
     void fe_bag_max(float* out, int64_t* arg, const float* a, Py_ssize_t n, int64_t r)
     void fe_bag_max_ptrs(float* out, int64_t* arg, const float* const* rows, const int64_t* ids, Py_ssize_t k,
@@ -419,7 +419,7 @@ cdef Py_ssize_t _bag_forward_rows(const bag_t* table, Py_ssize_t V, Py_ssize_t D
                 else:
                     _bag_max_row(o, arg + b * D, table + r * D, D, r)
             elif copy_first and count == 0:
-                fe_bag_first(<float*>o, <const float*>(table + r * D), D)
+                fe_first_into(<float*>o, <const float*>(table + r * D), D)
             elif copy_first:
                 chunk[pending] = <const float*>(table + r * D)
                 pending += 1

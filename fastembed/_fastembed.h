@@ -241,8 +241,9 @@ FE_CLONES static void fe_add_rows_f64(double *FE_RESTRICT out, const double *FE_
 FE_CLONES static void fe_add_into_f64(double *FE_RESTRICT g, const double *FE_RESTRICT s, ptrdiff_t n) {
     for (ptrdiff_t d = 0; d < n; d++) g[d] += s[d];
 }
-/* g[d] = 0 + s[d]: coalesce's first row of a distinct id, written where a zeroed sum used to be added to:
-   the same bits as 0 + s (-0.0 becomes +0.0; NaN and inf stay), without the pass that zeroed g. */
+/* g[d] = 0 + s[d]: a sum's first term (a bag's first row, coalesce's first row of a distinct id), written
+   where it used to be added to zeros: the same bits as 0 + s (-0.0 becomes +0.0, as the +0.0 a sum starts
+   from makes it; NaN and inf stay), without the pass that zeroed g and read it back. */
 FE_CLONES static void fe_first_into(float *FE_RESTRICT g, const float *FE_RESTRICT s, ptrdiff_t n) {
     for (ptrdiff_t d = 0; d < n; d++) g[d] = 0.0f + s[d];
 }
@@ -306,12 +307,6 @@ static void fe_narrow_f16(fe_f16 *FE_RESTRICT h, const float *FE_RESTRICT f, ptr
    per-lookup gradient `grad[bag] * weight` followed by an add. */
 FE_CLONES static void fe_bag_axpy(float *FE_RESTRICT out, const float *FE_RESTRICT a, ptrdiff_t n, float s) {
     for (ptrdiff_t d = 0; d < n; d++) out[d] += s * a[d];
-}
-
-/* out[d] = 0.0f + a[d]: a float32 sum's first row, as the +0.0 the sum starts from makes it (-0.0 becomes
-   +0.0), without zeroing out and reading it back first. */
-FE_CLONES static void fe_bag_first(float *FE_RESTRICT out, const float *FE_RESTRICT a, ptrdiff_t n) {
-    for (ptrdiff_t d = 0; d < n; d++) out[d] = 0.0f + a[d];
 }
 
 /* Adds k float32 rows given by pointer to a bag's running sum, in their order: out = ((out + r0) + r1) + ...
@@ -382,6 +377,13 @@ FE_CLONES static void fe_bag_max(float *FE_RESTRICT out, int64_t *FE_RESTRICT ar
 #if defined(__GNUC__)
 typedef int fe_v8i __attribute__((vector_size(32)));
 typedef long long fe_v4q __attribute__((vector_size(32)));
+/* Lanes (a, a, b, b, c, c, d, d) of k: __builtin_shuffle is GCC's spelling from 4.7 on (GCC has clang's
+   __builtin_shufflevector only from 12), __builtin_shufflevector clang's. */
+#if defined(__clang__)
+#define FE_DUP4(k, a, b, c, d) __builtin_shufflevector(k, k, a, a, b, b, c, c, d, d)
+#else
+#define FE_DUP4(k, a, b, c, d) __builtin_shuffle(k, (fe_v8i){a, a, b, b, c, c, d, d})
+#endif
 /* m where k is 0, b where it is all ones (k: a vector compare's result). */
 static inline fe_v8f fe_blend8f(fe_v8f m, fe_v8f b, fe_v8i k) {
     return (fe_v8f)(((fe_v8i)b & k) | ((fe_v8i)m & ~k));
@@ -389,8 +391,8 @@ static inline fe_v8f fe_blend8f(fe_v8f m, fe_v8f b, fe_v8i k) {
 /* The same blend for 8 int64 argmax lanes (a0: columns 0-3, a1: 4-7): each all-ones-or-zero int32 lane of the
    mask doubled is that column's int64 mask (one permute per half). */
 static inline void fe_blend_arg(fe_v4q *a0, fe_v4q *a1, fe_v4q r, fe_v8i k) {
-    fe_v4q k0 = (fe_v4q)__builtin_shufflevector(k, k, 0, 0, 1, 1, 2, 2, 3, 3);
-    fe_v4q k1 = (fe_v4q)__builtin_shufflevector(k, k, 4, 4, 5, 5, 6, 6, 7, 7);
+    fe_v4q k0 = (fe_v4q)FE_DUP4(k, 0, 1, 2, 3);
+    fe_v4q k1 = (fe_v4q)FE_DUP4(k, 4, 5, 6, 7);
     *a0 = (r & k0) | (*a0 & ~k0);
     *a1 = (r & k1) | (*a1 & ~k1);
 }

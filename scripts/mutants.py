@@ -1187,11 +1187,12 @@ MUTANTS += [
            'include_last_offset=ctx.args["include_last_offset"]))',
            "the per_sample_weights gradient of a bfloat16 bag calls the kernel without _format (the bits are refused)",
            (BAG_DT, "-k", "runs_the_kernels and bfloat16")),
-    Mutant("bag-first-row-keeps-negative-zero", HDR,
-           "    for (ptrdiff_t d = 0; d < n; d++) out[d] = 0.0f + a[d];",
-           "    for (ptrdiff_t d = 0; d < n; d++) out[d] = a[d];",
-           "a float32 sum's first row is copied, not added to +0.0: a bag of one -0.0 row sums to -0.0 (torch: +0.0)",
-           (BAG, "-k", "positive_zero")),
+    Mutant("first-term-copied-keeps-negative-zero", HDR,
+           "    for (ptrdiff_t d = 0; d < n; d++) g[d] = 0.0f + s[d];",
+           "    for (ptrdiff_t d = 0; d < n; d++) g[d] = s[d];",
+           "a float32 sum's first term is copied, not added to +0.0: a bag of one -0.0 row, or an id met once "
+           "with a -0.0 gradient row, sums to -0.0 (torch and the zeroed sum: +0.0)",
+           (BAG, "tests/test_coalesce_first.py", "-k", "positive_zero")),
     Mutant("bag-empty-copy-first-bag-unzeroed", BAG_PXI,
            "        if copy_first and count == 0:\n            memset(o, 0, D * sizeof(bag_t))",
            "        if False:\n            memset(o, 0, D * sizeof(bag_t))",
@@ -1722,11 +1723,6 @@ MUTANTS += [
 # coalesce without zeroing its sums (issue 9): each distinct id's first row written as 0 + row, later ones added
 T_COALFIRST = "tests/test_coalesce_first.py"
 MUTANTS += [
-    Mutant("coalfirst-first-copied", HDR,
-           "    for (ptrdiff_t d = 0; d < n; d++) g[d] = 0.0f + s[d];",
-           "    for (ptrdiff_t d = 0; d < n; d++) g[d] = s[d];",
-           "a float32 id's first row is copied, not added to 0: a -0.0 stays -0.0 (the zeroed sum made it +0.0)",
-           (T_COALFIRST,)),
     Mutant("coalfirst-later-written", PYX,
            "        if first[i]:\n            if acc_t is float:",
            "        if True:\n            if acc_t is float:",
