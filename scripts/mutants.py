@@ -1755,6 +1755,17 @@ MUTANTS += [
 # the float32 max bag forward in registers (fe_bag_max_ptrs)
 T_BAGMAX = (BAG, "-k", "long_float32_maxes")
 MUTANTS += [
+    Mutant("bagmax-no-argmax-buffer-for-other-formats", BAG_PXI,
+           "(bool(argmax) or fmt != FMT_F32)",
+           "bool(argmax)",
+           "a float64 or 16-bit max without return_argmax gets no argmax buffer, which its loop writes through",
+           ("tests/test_bag_dtypes.py", "-k", "forward_matches_transcription")),
+    Mutant("bagmax-first-chunk-flag-late", BAG_PXI,
+           "D, count + 1 == pending)",
+           "D, count == pending)",
+           "a float32 max bag of 17 rows or more: its first full chunk is not taken as the first, so it is "
+           "compared with out's old contents",
+           T_BAGMAX),
     Mutant("bagmax-tie-later-row", HDR,
            "                fe_v8i k0 = b0 > m0, k1 = b1 > m1;", "                fe_v8i k0 = b0 >= m0, k1 = b1 >= m1;",
            "a tie in a 16-column block goes to the later row (torch keeps the earlier: its argmax differs)",
