@@ -308,6 +308,26 @@ def test_long_float32_sums_are_sequential_across_chunks_and_column_tails(D):
                        bag_oracle(case)[0])
 
 
+@pytest.mark.parametrize("idt", [np.int32, np.int64])
+@pytest.mark.parametrize("mode", MODES)
+def test_bags_of_one_repeated_id_through_the_chunks(mode, idt):
+    """Every id equal (the last row, id == V - 1, then row 0) in bags of 0 to 50 rows, through the float32
+    register paths' chunks of 16 at widths around their column steps: values and argmax bitwise the
+    sequential loop's (a sum of one row repeated rounds at each add; a max keeps the first, ties never win)."""
+    for D in (7, 33, 64):
+        table = np.random.default_rng(D).standard_normal((5, D)).astype(np.float32)
+        lengths = [0, 1, 2, 16, 17, 33, 50]
+        for r in (4, 0):
+            ids = np.full(sum(lengths), r, idt)
+            case = dict(table=table, ids=ids, offsets=np.cumsum([0] + lengths[:-1]).astype(idt), mode=mode,
+                        per_sample_weights=None, padding_idx=None, include_last_offset=False)
+            out, arg = run_forward(case, out=np.full((len(lengths), D), np.nan, np.float32))
+            want, want_arg = bag_oracle(case)
+            assert_bitwise(out, want)
+            if mode == "max":
+                assert_bitwise(arg, want_arg)
+
+
 def test_two_dimensional_ids_are_fixed_length_bags():
     rng = np.random.default_rng(3)
     table = rng.standard_normal((9, 4)).astype(np.float32)
