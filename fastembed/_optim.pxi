@@ -242,3 +242,201 @@ def rowwise_adagrad_step(weight, state_sum, grad, rows, double lr, double eps, b
     _no_overlap(s, "state_sum", (grad, rows), ("grad", "rows"))
     if not check_only:
         _run(ROWWISE_UPDATE, w, s, g, r, lr, eps)
+
+
+# ---------------------------------------------------------------- coalesce and update in one pass
+
+# The fused rules and the drop-in optimizers get a lookup's gradient as (ids, grad_out): one row per
+# lookup. Adagrad, row-wise Adagrad and Adam update a row once per step with its summed gradient, which
+# coalesce + *_step computes by writing the (U, D) sums and reading them back. The *_scatter kernels
+# below group the lookups by row instead (a stable counting sort of the slots coalesce computes) and sum
+# each row's gradient into a buffer of one row, which the update reads from L1: the same adds in the same
+# order (0 + the first lookup's row, then the others in ids order), so the same bits, without the sums'
+# round trip through memory. Rows are distinct, so threads own rows and the bits do not depend on their
+# count.
+
+cdef enum:
+    ADAM_UPDATE = 4
+
+cdef struct _Hyper:
+    float lr
+    float eps
+    float beta1
+    float beta2
+    float inv_bias1
+    float inv_bias2
+
+
+cdef void _group_lookups(const int64_t* slots, Py_ssize_t N, Py_ssize_t U, int64_t* start,
+                         int64_t* order) noexcept nogil:
+    """A stable counting sort of the lookups by slot: order[start[u]:start[u + 1]] are the positions of
+    slot u's lookups, increasing (ids order). start has U + 1 entries. A slot outside [0, U) (an id
+    changed while the slots were computed) places nothing."""
+    cdef Py_ssize_t i, u
+    cdef int64_t sl
+    memset(start, 0, (U + 1) * sizeof(int64_t))
+    for i in range(N):
+        sl = slots[i]
+        if not _outside(sl, U):
+            start[sl + 1] += 1
+    for u in range(U):
+        start[u + 1] += start[u]
+    for i in range(N):  # start[u] is slot u's cursor here, and ends at the start of slot u + 1
+        sl = slots[i]
+        if not _outside(sl, U):
+            order[start[sl]] = i
+            start[sl] += 1
+    for u in range(U, 0, -1):
+        start[u] = start[u - 1]
+    start[0] = 0
+
+
+cdef void _grouped_rows(int kind, float* w, float* s, float* s2, const float* g, Py_ssize_t D,
+                        const int64_t* rows, const int64_t* start, const int64_t* order, Py_ssize_t lo,
+                        Py_ssize_t hi, int64_t skip, float* acc, const _Hyper* h) noexcept nogil:
+    """Rows rows[lo:hi], each summed into acc (one row) from its lookups and updated: Adagrad (s the
+    sum of squares), row-wise Adagrad (s one float per row) or Adam (s, s2 the moments). Row skip moves
+    nothing."""
+    cdef Py_ssize_t u, k, r, nxt, end = start[hi]
+    cdef float G
+    for u in range(lo, hi):
+        if u + PREFETCH_ROWS < hi:
+            nxt = rows[u + PREFETCH_ROWS]
+            _prefetch_row_write(w + nxt * D, 0, D)
+            if kind != ROWWISE_UPDATE:
+                _prefetch_row_write(s + nxt * D, 0, D)
+            if kind == ADAM_UPDATE:
+                _prefetch_row_write(s2 + nxt * D, 0, D)
+        r = rows[u]
+        if r == skip or start[u] == start[u + 1]:
+            continue
+        for k in range(start[u], start[u + 1]):
+            if k + PREFETCH_ROWS < end:
+                _prefetch_row(g + order[k + PREFETCH_ROWS] * D, D)
+            if k == start[u]:
+                fe_first_into(acc, g + order[k] * D, D)
+            else:
+                fe_add_into(acc, g + order[k] * D, D)
+        if kind == ADAGRAD_UPDATE:
+            fe_adagrad_row(w + r * D, s + r * D, acc, D, h.lr, h.eps)
+        elif kind == ADAM_UPDATE:
+            fe_adam_row(w + r * D, s + r * D, s2 + r * D, acc, D, h.lr, h.beta1, h.beta2, h.eps, h.inv_bias1,
+                        h.inv_bias2)
+        elif D > 0:  # row-wise; a row of no columns has no mean square: its accumulator stays as it is
+            G = s[r] + fe_sum_squares(acc, D) / <float>D
+            s[r] = G
+            fe_scaled_row(w + r * D, acc, D, h.lr, sqrtf(G) + h.eps)
+
+
+cdef void _grouped_update(int kind, float* w, float* s, float* s2, const float* g, Py_ssize_t D,
+                          const int64_t* rows, Py_ssize_t U, const int64_t* slots, Py_ssize_t N,
+                          int64_t* start, int64_t* order, int64_t skip, float* acc, const _Hyper* h,
+                          int nthreads, int* team) noexcept nogil:
+    cdef int k
+    cdef Py_ssize_t lo, hi, width = D if D > 0 else 1
+    _group_lookups(slots, N, U, start, order)
+    team[0] = 1
+    if nthreads <= 1:
+        _grouped_rows(kind, w, s, s2, g, D, rows, start, order, 0, U, skip, acc, h)
+        return
+    for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
+        if k == 0:
+            team[0] = fe_omp_team_size()
+        lo = _part(U, k, nthreads)
+        hi = _part(U, k + 1, nthreads)
+        _grouped_rows(kind, w, s, s2, g, D, rows, start, order, lo, hi, skip, acc + k * width, h)
+
+
+cdef int _grouped(int kind, cnp.ndarray w, cnp.ndarray s, cnp.ndarray s2, tuple names, object ids,
+                  object grad_out, int64_t skip, _Hyper* h, bint check_only) except -1:
+    """The checks and the run of the *_scatter kernels: w (and its states s, s2, already checked against
+    w and each other) updated from ids and grad_out."""
+    cdef cnp.ndarray idx = _index_array(ids, "ids")
+    cdef cnp.ndarray src = _float_input(grad_out, "grad_out")
+    cdef Py_ssize_t V = _rows(w), D = _dim(w), N = cnp.PyArray_SIZE(idx)
+    _check_rows_shape(src, "grad_out", idx, D)
+    for target, name in zip((w, s, s2), names):
+        if target is not None:
+            _no_overlap(target, name, (ids, grad_out), ("ids", "grad_out"))
+    _check_range(idx, "ids", V, "weight")
+    if check_only:
+        return 0
+    idx = _private(idx, ids)  # checked once: no other thread can move an id past the table now
+    cdef bint release = _releases(N * D)
+    rows, slots = _unique_slots(idx, N, release)
+    cdef cnp.ndarray rows_arr = rows, slots_arr = slots
+    cdef Py_ssize_t U = cnp.PyArray_DIM(rows_arr, 0)
+    cdef int nthreads = _threads_for(U * D), team
+    cdef cnp.ndarray start = np.empty(U + 1, dtype=np.int64), order = np.empty(N, dtype=np.int64)
+    cdef cnp.ndarray acc = np.empty(nthreads * max(D, 1), dtype=np.float32)
+    cdef float* wp = <float*>cnp.PyArray_DATA(w)
+    cdef float* sp = <float*>cnp.PyArray_DATA(s)
+    cdef float* s2p = NULL if s2 is None else <float*>cnp.PyArray_DATA(s2)
+    cdef const float* gp = <const float*>cnp.PyArray_DATA(src)
+    cdef const int64_t* rp = <const int64_t*>cnp.PyArray_DATA(rows_arr)
+    cdef const int64_t* slp = <const int64_t*>cnp.PyArray_DATA(slots_arr)
+    cdef int64_t* stp = <int64_t*>cnp.PyArray_DATA(start)
+    cdef int64_t* op = <int64_t*>cnp.PyArray_DATA(order)
+    cdef float* ap = <float*>cnp.PyArray_DATA(acc)
+    if release:
+        with nogil:
+            _grouped_update(kind, wp, sp, s2p, gp, D, rp, U, slp, N, stp, op, skip, ap, h, nthreads, &team)
+    else:
+        _grouped_update(kind, wp, sp, s2p, gp, D, rp, U, slp, N, stp, op, skip, ap, h, nthreads, &team)
+    _record(team, release)
+    return 0
+
+
+def adagrad_scatter(weight, state_sum, ids, grad_out, double clr, double eps, int64_t skip_row=-1,
+                    bint check_only=False):
+    """Adagrad straight from a lookup's gradient: ``rows, values = coalesce(ids, grad_out)``, then
+    ``adagrad_step(weight, state_sum, values, rows, clr, eps)`` on every row but skip_row (-1: none), bit
+    for bit and for every thread count, without writing the summed rows out. ids: int32/int64 of any
+    shape, in [0, len(weight)); grad_out: float32 of shape ids.shape + (D,). check_only: run every
+    check, write nothing."""
+    cdef cnp.ndarray w = _target(weight, "weight")
+    cdef cnp.ndarray s = _target(state_sum, "state_sum")
+    _check_2d(w, "weight")
+    _check_like(s, "state_sum", w)
+    _no_overlap(w, "weight", (state_sum,), ("state_sum",))
+    cdef _Hyper h
+    h.lr, h.eps = <float>clr, <float>eps
+    _grouped(ADAGRAD_UPDATE, w, s, None, ("weight", "state_sum", None), ids, grad_out, skip_row, &h, check_only)
+
+
+def rowwise_adagrad_scatter(weight, state_sum, ids, grad_out, double lr, double eps, int64_t skip_row=-1,
+                            bint check_only=False):
+    """Row-wise Adagrad straight from a lookup's gradient: ``coalesce`` then ``rowwise_adagrad_step``
+    (state_sum one float32 per row) on every row but skip_row (-1: none), bit for bit, without writing
+    the summed rows out. Arguments as adagrad_scatter's."""
+    cdef cnp.ndarray w = _target(weight, "weight")
+    cdef cnp.ndarray s = _target(state_sum, "state_sum")
+    _check_2d(w, "weight")
+    if _shape(s) != (_rows(w),):
+        raise ValueError(f"state_sum must have shape (weight.shape[0],) = {(_rows(w),)}, got "
+                         f"state_sum.shape={_shape(s)}")
+    _no_overlap(w, "weight", (state_sum,), ("state_sum",))
+    cdef _Hyper h
+    h.lr, h.eps = <float>lr, <float>eps
+    _grouped(ROWWISE_UPDATE, w, s, None, ("weight", "state_sum", None), ids, grad_out, skip_row, &h,
+             check_only)
+
+
+def adam_scatter(weight, exp_avg, exp_avg_sq, ids, grad_out, double lr, double beta1, double beta2,
+                 double eps, double bias1, double bias2, int64_t skip_row=-1, bint check_only=False):
+    """Adam straight from a lookup's gradient: ``coalesce`` then ``adam_step`` (the rows' moments and
+    weights, bias corrections bias1 and bias2) on every row but skip_row (-1: none), bit for bit,
+    without writing the summed rows out. Arguments as adagrad_scatter's."""
+    cdef cnp.ndarray w = _target(weight, "weight")
+    cdef cnp.ndarray m = _target(exp_avg, "exp_avg")
+    cdef cnp.ndarray v = _target(exp_avg_sq, "exp_avg_sq")
+    _check_2d(w, "weight")
+    _check_like(m, "exp_avg", w)
+    _check_like(v, "exp_avg_sq", w)
+    _no_overlap(w, "weight", (exp_avg, exp_avg_sq), ("exp_avg", "exp_avg_sq"))
+    _no_overlap(m, "exp_avg", (exp_avg_sq,), ("exp_avg_sq",))
+    cdef _Hyper h
+    h.lr, h.eps, h.beta1, h.beta2 = <float>lr, <float>eps, <float>beta1, <float>beta2
+    h.inv_bias1, h.inv_bias2 = <float>(1.0 / bias1), <float>(1.0 / bias2)
+    _grouped(ADAM_UPDATE, w, m, v, ("weight", "exp_avg", "exp_avg_sq"), ids, grad_out, skip_row, &h,
+             check_only)
