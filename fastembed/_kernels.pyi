@@ -90,6 +90,41 @@ def adam_step(
     bias2: float,
     check_only: bool = False,
 ) -> None: ...
+def adagrad_scatter(
+    weight: _Float32,
+    state_sum: _Float32,
+    ids: _Ids,
+    grad_out: _Float32,
+    clr: float,
+    eps: float,
+    skip_row: int = -1,
+    check_only: bool = False,
+) -> None: ...
+def rowwise_adagrad_scatter(
+    weight: _Float32,
+    state_sum: _Float32,
+    ids: _Ids,
+    grad_out: _Float32,
+    lr: float,
+    eps: float,
+    skip_row: int = -1,
+    check_only: bool = False,
+) -> None: ...
+def adam_scatter(
+    weight: _Float32,
+    exp_avg: _Float32,
+    exp_avg_sq: _Float32,
+    ids: _Ids,
+    grad_out: _Float32,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    bias1: float,
+    bias2: float,
+    skip_row: int = -1,
+    check_only: bool = False,
+) -> None: ...
 def renorm(table: _Table, ids: _Ids, max_norm: float, norm_type: float = 2.0, *, _format: _Format = None) -> None: ...
 
 # embedding bags (_bag.pxi); BagArgumentError and BagModeError are exported as fastembed.BagArgumentError

@@ -336,20 +336,13 @@ def _step_counter(state):
     return step
 
 
-def _coalesced_rows(weight, ids, grad_out, padding_idx):
-    """(rows, values) of the step: ids' distinct rows, increasing, and grad_out summed per row, without
-    padding_idx's row. coalesce refuses negative ids and a grad_out that is not ids.shape + (D,); the
-    row kernel's check (check_only) refuses ids past the table and a D that is not weight's."""
-    V = _table(weight)[0]
-    pad = _padding_row(padding_idx, V)
-    rows, values = _ops.coalesce(ids, grad_out)
-    if len(rows) and rows[-1] >= V:  # the kernel would refuse it too, but would call it a row, not an id
-        raise IndexError(f"ids hold {rows[-1]}, out of range for weight with {V} rows (valid ids are 0 to {V - 1})")
-    if pad is not None:
-        keep = rows != pad
-        if not keep.all():
-            rows, values = rows[keep], values[keep]
-    return rows, values
+def _lookups(weight, ids, padding_idx):
+    """ids as the *_scatter kernels take them (int32 or int64, any shape) and the row they skip
+    (padding_idx's, -1 for none). The kernels coalesce and update in one pass: ids' distinct rows, each
+    with grad_out summed over its lookups in ids order, the sums never written out; they refuse
+    negative ids, ids past the table and a grad_out that is not ids.shape + (D,)."""
+    pad = _padding_row(padding_idx, _table(weight)[0])
+    return _ops.as_ids(ids), -1 if pad is None else pad
 
 
 class _FusedRule:
@@ -456,13 +449,13 @@ class FusedAdagrad(_FusedRule):
     def _prepare(self, weight, state, ids, grad_out, padding_idx=None):
         self._check_hyperparameters()
         state_sum, step = _state_entry(state, "sum"), _step_counter(state)
-        rows, values = _coalesced_rows(weight, ids, grad_out, padding_idx)
-        _kernels.adagrad_step(weight, state_sum, values, rows, 0.0, 0.0, True)
+        ids, skip = _lookups(weight, ids, padding_idx)
+        _kernels.adagrad_scatter(weight, state_sum, ids, grad_out, 0.0, 0.0, skip, True)
         t = int(step) + 1
         clr, eps = self.lr / (1 + (t - 1) * self.lr_decay), self.eps
 
         def apply():
-            _kernels.adagrad_step(weight, state_sum, values, rows, clr, eps)
+            _kernels.adagrad_scatter(weight, state_sum, ids, grad_out, clr, eps, skip)
             step[()] = t
         return apply
 
@@ -492,12 +485,12 @@ class FusedRowWiseAdagrad(_FusedRule):
     def _prepare(self, weight, state, ids, grad_out, padding_idx=None):
         self._check_hyperparameters()
         state_sum = _state_entry(state, "sum")
-        rows, values = _coalesced_rows(weight, ids, grad_out, padding_idx)
-        _kernels.rowwise_adagrad_step(weight, state_sum, values, rows, 0.0, 0.0, True)
+        ids, skip = _lookups(weight, ids, padding_idx)
+        _kernels.rowwise_adagrad_scatter(weight, state_sum, ids, grad_out, 0.0, 0.0, skip, True)
         lr, eps = self.lr, self.eps
 
         def apply():
-            _kernels.rowwise_adagrad_step(weight, state_sum, values, rows, lr, eps)
+            _kernels.rowwise_adagrad_scatter(weight, state_sum, ids, grad_out, lr, eps, skip)
         return apply
 
     def _repr_fields(self):
@@ -529,14 +522,14 @@ class FusedSparseAdam(_FusedRule):
     def _prepare(self, weight, state, ids, grad_out, padding_idx=None):
         self._check_hyperparameters()
         m, v, step = _state_entry(state, "exp_avg"), _state_entry(state, "exp_avg_sq"), _step_counter(state)
-        rows, values = _coalesced_rows(weight, ids, grad_out, padding_idx)
+        ids, skip = _lookups(weight, ids, padding_idx)
         (b1, b2), lr = self.betas, self.lr
         t = int(step) + 1
         eps = self._kernel_eps(t)
-        _kernels.adam_step(weight, m, v, values, rows, lr, b1, b2, eps, 1.0, 1.0, True)
+        _kernels.adam_scatter(weight, m, v, ids, grad_out, lr, b1, b2, eps, 1.0, 1.0, skip, True)
 
         def apply():
-            _kernels.adam_step(weight, m, v, values, rows, lr, b1, b2, eps, 1 - b1**t, 1 - b2**t)
+            _kernels.adam_scatter(weight, m, v, ids, grad_out, lr, b1, b2, eps, 1 - b1**t, 1 - b2**t, skip)
             step[()] = t
         return apply
 

@@ -204,16 +204,17 @@ def test_empty_sparse_gradient_counts_a_step_and_moves_nothing(name):
 
 @pytest.mark.parametrize("name,source,kernels", [
     ("SGD", "dense", {"sgd_step"}), ("SGD", "stock", {"sgd_scatter"}), ("SGD", "fastembed", {"sgd_scatter"}),
-    ("Adagrad", "dense", {"adagrad_step"}), ("Adagrad", "stock", {"coalesce", "adagrad_step"}),
-    ("Adagrad", "fastembed", {"coalesce", "adagrad_step"}), ("SparseAdam", "stock", {"coalesce", "adam_step"}),
-    ("SparseAdam", "fastembed", {"coalesce", "adam_step"}), ("Adam", "dense", {"adam_step"}),
+    ("Adagrad", "dense", {"adagrad_step"}), ("Adagrad", "stock", {"adagrad_scatter"}),
+    ("Adagrad", "fastembed", {"adagrad_scatter"}), ("SparseAdam", "stock", {"adam_scatter"}),
+    ("SparseAdam", "fastembed", {"adam_scatter"}), ("Adam", "dense", {"adam_step"}),
 ])
 def test_float32_tables_run_on_the_kernels(name, source, kernels, monkeypatch):
     """The float32 tables above are the kernels' (no silent hand-over to torch), each update checked
-    first. fastembed.torch.Embedding gives torch's uncoalesced layout, so the sparse ones coalesce
-    once (an already coalesced gradient is not coalesced again: see the next test)."""
+    first. fastembed.torch.Embedding gives torch's uncoalesced layout, which the *_scatter kernels coalesce
+    and apply in one pass (an already coalesced gradient is not coalesced again: see the next test)."""
     calls = []
-    for kernel in ("sgd_step", "sgd_scatter", "adagrad_step", "adam_step", "coalesce", "rowwise_adagrad_step"):
+    for kernel in ("sgd_step", "sgd_scatter", "adagrad_step", "adam_step", "coalesce", "rowwise_adagrad_step",
+                   "adagrad_scatter", "adam_scatter", "rowwise_adagrad_scatter"):
         def spy(*args, _kernel=getattr(fo._kernels, kernel), _name=kernel, **kwargs):
             calls.append((_name, kwargs.get("check_only", args[-1] if args and args[-1] is True else False)))
             return _kernel(*args, **kwargs)
@@ -232,7 +233,7 @@ def test_float32_tables_run_on_the_kernels(name, source, kernels, monkeypatch):
 @pytest.mark.parametrize("name,kernel", [("Adagrad", "adagrad_step"), ("SparseAdam", "adam_step")])
 def test_a_coalesced_sparse_gradient_is_not_coalesced_again(name, kernel, monkeypatch):
     calls = []
-    for k in (kernel, "coalesce"):
+    for k in (kernel, "coalesce", kernel.replace("_step", "_scatter")):
         def spy(*args, _kernel=getattr(fo._kernels, k), _name=k, **kwargs):
             calls.append(_name)
             return _kernel(*args, **kwargs)

@@ -105,14 +105,12 @@ def _kernel_grad(g):
     return None
 
 
-def _coalesced(grad):
-    """(values, rows) with rows sorted distinct int64, as the row-update kernels need; None rows for a
-    dense gradient."""
+def _lookups(grad):
+    """(ids, values) of an uncoalesced sparse gradient, one entry per lookup, for the *_scatter kernels
+    (which coalesce and update in one pass, the sums never written out); None for a dense or coalesced
+    gradient, whose rows (None for a dense one) the *_step kernels take as they are."""
     values, ids, coalesced = grad
-    if ids is None or coalesced:
-        return values, ids
-    rows, summed = _kernels.coalesce(ids, values)
-    return summed, rows
+    return None if ids is None or coalesced else (ids, values)
 
 
 def _torch_step(optimizer, base, kernel_params):
@@ -251,15 +249,24 @@ class Adagrad(_KernelStep, torch.optim.Adagrad):
         if not (_is_state_like(state_sum, p) and isinstance(step, torch.Tensor)):
             return None
         w, s = _numpy(p), _numpy(state_sum)
-        values, rows = _coalesced(grad)
+        lookups = _lookups(grad)
+        if lookups is None:
+            values, rows, _ = grad
+
+            def update(clr, e, check_only=False):
+                _kernels.adagrad_step(w, s, values, rows, clr, e, check_only)
+        else:
+            ids, values = lookups
+
+            def update(clr, e, check_only=False):
+                _kernels.adagrad_scatter(w, s, ids, values, clr, e, check_only=check_only)
 
         def job(check_only):
             if check_only:
-                _kernels.adagrad_step(w, s, values, rows, 0.0, 0.0, True)
+                update(0.0, 0.0, True)
                 return
             step.add_(1)
-            clr = lr / (1 + (step.item() - 1) * lr_decay)
-            _kernels.adagrad_step(w, s, values, rows, clr, eps)
+            update(lr / (1 + (step.item() - 1) * lr_decay), eps)
         return job
 
 
@@ -307,19 +314,31 @@ class SparseAdam(_KernelStep, torch.optim.SparseAdam):
         if moments is None:
             return None
         w, m, v = _numpy(p), _numpy(moments[0]), _numpy(moments[1])
-        values, rows = _coalesced(grad)
+        lookups = _lookups(grad)
+        if lookups is None:
+            values, rows, _ = grad
+            empty = len(rows) == 0
+
+            def update(e, bias1, bias2, check_only=False):
+                _kernels.adam_step(w, m, v, values, rows, lr, beta1, beta2, e, bias1, bias2, check_only)
+        else:
+            ids, values = lookups
+            empty = ids.size == 0
+
+            def update(e, bias1, bias2, check_only=False):
+                _kernels.adam_scatter(w, m, v, ids, values, lr, beta1, beta2, e, bias1, bias2, check_only=check_only)
 
         def job(check_only):
             if check_only:
-                _kernels.adam_step(w, m, v, values, rows, lr, beta1, beta2, eps, 1.0, 1.0, True)
+                update(eps, 1.0, 1.0, True)
                 return
             state["step"] += 1
-            if len(rows) == 0:
+            if empty:
                 return
             t = int(state["step"])
             bias1, bias2 = 1 - beta1**t, 1 - beta2**t
             # the kernel adds eps after the bias correction: eps / sqrt(bias2) there is torch's eps before it
-            _kernels.adam_step(w, m, v, values, rows, lr, beta1, beta2, eps / math.sqrt(bias2), bias1, bias2)
+            update(eps / math.sqrt(bias2), bias1, bias2)
         return job
 
 
@@ -425,10 +444,17 @@ class RowWiseAdagrad(_KernelStep, torch.optim.Optimizer):
                 and state_sum.shape == (p.shape[0],)):
             return None
         w, s = _numpy(p), _numpy(state_sum)
-        values, rows = _coalesced(grad)
+        lookups = _lookups(grad)
+        if lookups is None:
+            values, rows, _ = grad
 
-        def job(check_only):
-            _kernels.rowwise_adagrad_step(w, s, values, rows, lr, eps, check_only)
+            def job(check_only):
+                _kernels.rowwise_adagrad_step(w, s, values, rows, lr, eps, check_only)
+        else:
+            ids, values = lookups
+
+            def job(check_only):
+                _kernels.rowwise_adagrad_scatter(w, s, ids, values, lr, eps, check_only=check_only)
         return job
 
     def _fallback(self, kernel_params):
