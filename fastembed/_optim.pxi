@@ -358,10 +358,11 @@ cdef int _grouped(int kind, cnp.ndarray w, cnp.ndarray s, cnp.ndarray s2, tuple 
     for target, name in zip((w, s, s2), names):
         if target is not None:
             _no_overlap(target, name, (ids, grad_out), ("ids", "grad_out"))
+    if not check_only:
+        idx = _private(idx, ids)  # checked once, then read: no other thread can move an id past the table
     _check_range(idx, "ids", V, "weight")
     if check_only:
         return 0
-    idx = _private(idx, ids)  # checked once: no other thread can move an id past the table now
     cdef bint release = _releases(N * D)
     rows, slots = _unique_slots(idx, N, release)
     cdef cnp.ndarray rows_arr = rows, slots_arr = slots
