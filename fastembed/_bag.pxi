@@ -888,7 +888,7 @@ def embedding_bag(table, ids, offsets, mode, per_sample_weights=None, padding_id
     cdef cnp.ndarray pw = _bag_weights(per_sample_weights, m, idx, tab, "table")
     cdef cnp.ndarray res
     if out is None:
-        res = np.empty((B, D), dtype=tab.dtype)
+        res = _fresh((B, D), tab.dtype)
     else:
         res = _target_like(out, "out", tab, "table")
         _check_bag_rows(res, "out", B, D)
@@ -896,12 +896,12 @@ def embedding_bag(table, ids, offsets, mode, per_sample_weights=None, padding_id
                     ("table", "ids", "offsets", "per_sample_weights"))
     _check_bag_range(idx, "ids", V, "table")
     cdef bint want_arg = m == BAG_MAX and (bool(argmax) or fmt != FMT_F32)  # the other formats' loops write one
-    cdef cnp.ndarray arg = np.empty((B, D), dtype=np.int64) if want_arg else None
+    cdef cnp.ndarray arg = _fresh((B, D), np.int64) if want_arg else None
     cdef int nthreads = _bag_threads((N + B) * D, B), team
     # The 16-bit formats' float32 accumulator and widened row, 2 * D floats per thread.
     cdef cnp.ndarray acc = None
     if (fmt == FMT_F16 or fmt == FMT_BF16) and m != BAG_MAX:
-        acc = np.empty(2 * D * max(nthreads, 1), dtype=np.float32)
+        acc = _fresh(2 * D * max(nthreads, 1), np.float32)
     cdef const void* t = cnp.PyArray_DATA(tab)
     cdef void* o = cnp.PyArray_DATA(res)
     cdef int64_t* a = NULL if arg is None else <int64_t*>cnp.PyArray_DATA(arg)
@@ -1013,8 +1013,8 @@ def embedding_bag_grad_rows(num_embeddings, ids, offsets, grad_out, mode, per_sa
         b1 = _bag_first(op, B, M, k + 1, nthreads)
         sp[k + 1] = sp[k] + (_bag_kept_any(ip, wide, op[b0], _bag_end(op, L, N, b1 - 1), pad) if b1 > b0 else 0)
     cdef Py_ssize_t K = sp[nthreads]
-    cdef cnp.ndarray rows = np.empty(K, dtype=np.int64)
-    cdef cnp.ndarray values = np.empty((K, D), dtype=src.dtype)
+    cdef cnp.ndarray rows = _fresh(K, np.int64)
+    cdef cnp.ndarray values = _fresh((K, D), src.dtype)
     cdef const void* s = cnp.PyArray_DATA(src)
     cdef const void* p = NULL if pw is None else cnp.PyArray_DATA(pw)
     cdef int64_t* rp = <int64_t*>cnp.PyArray_DATA(rows)

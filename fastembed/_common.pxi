@@ -28,6 +28,29 @@ def set_num_threads(n):
 
 # ---------------------------------------------------------------- debug API for the tests (private)
 
+cdef bint _poison_fresh = False
+
+
+def _poison(on=None):
+    """Whether the kernels fill the arrays they allocate uninitialised (and must then write in full:
+    coalesce's sums, the bags' outputs, the one-row buffers of the *_scatter kernels) with 0xFF bytes
+    first, a NaN in every float format. on=None only reports it. For tests only (the test suite turns it
+    on): a loop that skips an element, or adds to one it should have written, then shows NaN whatever
+    memory the allocator hands back. Process-wide."""
+    global _poison_fresh
+    if on is not None:
+        _poison_fresh = bool(on)
+    return bool(_poison_fresh)
+
+
+cdef cnp.ndarray _fresh(object shape, object dtype):
+    """np.empty(shape, dtype), poisoned when `_poison` is on: for arrays a kernel writes every element of."""
+    cdef cnp.ndarray arr = np.empty(shape, dtype=dtype)
+    if _poison_fresh:
+        arr.view(np.uint8).fill(0xFF)
+    return arr
+
+
 def _get_serial_elements():
     """The work (float32 elements) from which a call releases the GIL and may use several threads."""
     return _serial_elements

@@ -837,15 +837,15 @@ def coalesce(ids, grad_out, *, _format=None):
     cdef cnp.ndarray values, acc, wide_src = src
     # The sums are not zeroed first: _coalesce_sum writes each distinct id's first row (as 0 + row).
     if fmt == FMT_F32:
-        values = acc = np.empty((U, D), dtype=np.float32)
+        values = acc = _fresh((U, D), np.float32)
     elif fmt == FMT_F64:
-        values = acc = np.empty((U, D), dtype=np.float64)
+        values = acc = _fresh((U, D), np.float64)
     else:
         # float32 copies of grad_out and of the sums: each row's duplicates are summed in float32, in
         # ids order, and rounded to the 16-bit type once at the end.
         wide_src = np.empty((N, D), dtype=np.float32)
-        acc = np.empty((U, D), dtype=np.float32)
-        values = np.empty((U, D), dtype=src.dtype)
+        acc = _fresh((U, D), np.float32)
+        values = _fresh((U, D), src.dtype)
     cdef cnp.ndarray first = np.empty(N, dtype=np.uint8), seen = np.zeros(U, dtype=np.uint8)
     cdef uint8_t* fp = <uint8_t*>cnp.PyArray_DATA(first)
     cdef uint8_t* np_seen = <uint8_t*>cnp.PyArray_DATA(seen)

@@ -369,7 +369,7 @@ cdef int _grouped(int kind, cnp.ndarray w, cnp.ndarray s, cnp.ndarray s2, tuple 
     cdef Py_ssize_t U = cnp.PyArray_DIM(rows_arr, 0)
     cdef int nthreads = _threads_for(U * D), team
     cdef cnp.ndarray start = np.empty(U + 1, dtype=np.int64), order = np.empty(N, dtype=np.int64)
-    cdef cnp.ndarray acc = np.empty(nthreads * max(D, 1), dtype=np.float32)
+    cdef cnp.ndarray acc = _fresh(nthreads * max(D, 1), np.float32)
     cdef float* wp = <float*>cnp.PyArray_DATA(w)
     cdef float* sp = <float*>cnp.PyArray_DATA(s)
     cdef float* s2p = NULL if s2 is None else <float*>cnp.PyArray_DATA(s2)

@@ -78,3 +78,14 @@ def pytest_sessionfinish(session, exitstatus):
         for line in _UNEXPECTED_SKIPS:
             print(f"  {line}", file=sys.stderr)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _poisoned_fresh_arrays():
+    """Every array a kernel allocates uninitialised and must write in full starts as 0xFF bytes (NaN in
+    every float format; `fastembed._kernels._poison`) in every test: a loop that leaves an element
+    unwritten, or adds to it instead of writing it, shows NaN whatever memory the allocator hands back."""
+    from fastembed import _kernels
+    _kernels._poison(True)
+    yield
+    _kernels._poison(False)
