@@ -1804,5 +1804,69 @@ MUTANTS += [
            T_BAGMAX),
 ]
 
+
+# coalesce and update in one pass (adagrad_scatter, rowwise_adagrad_scatter, adam_scatter: _optim.pxi)
+T_GROUPED = "tests/test_grouped_scatter.py"
+MUTANTS += [
+    Mutant("grouped-sort-unstable", OPTIM_PXI,
+           "    for i in range(N):  # start[u] is slot u's cursor here",
+           "    for i in range(N - 1, -1, -1):  # start[u] is slot u's cursor here",
+           "the counting sort fills each row's lookups last to first: its gradient is summed in reverse ids order",
+           (T_GROUPED,)),
+    Mutant("grouped-last-lookup-dropped", OPTIM_PXI,
+           "        for k in range(start[u], start[u + 1]):\n            if k + PREFETCH_ROWS < end:",
+           "        for k in range(start[u], start[u + 1] - 1):\n            if k + PREFETCH_ROWS < end:",
+           "a row's group ends one lookup early: its last lookup is not summed (a lone lookup's row reads the "
+           "stale buffer)",
+           (T_GROUPED,)),
+    Mutant("grouped-first-added-to-stale-buffer", OPTIM_PXI,
+           "                fe_first_into(acc, g + order[k] * D, D)",
+           "                fe_add_into(acc, g + order[k] * D, D)",
+           "a row's first lookup is added to the buffer (the previous row's sum, or uninitialised memory) "
+           "instead of starting it as 0 + row",
+           (T_GROUPED,)),
+    Mutant("grouped-first-copied-not-zero-plus", OPTIM_PXI,
+           "                fe_first_into(acc, g + order[k] * D, D)",
+           "                memcpy(acc, g + order[k] * D, D * sizeof(float))",
+           "a row's first lookup is copied, not added to +0.0: a lone -0.0 gradient stays -0.0 (a -0.0 weight "
+           "then becomes +0.0; coalesce gives +0.0)",
+           (T_GROUPED, "-k", "first_term or transcription")),
+    Mutant("grouped-skip-row-ignored", OPTIM_PXI,
+           "        if r == skip or start[u] == start[u + 1]:",
+           "        if start[u] == start[u + 1]:",
+           "skip_row is ignored: the padding row moves",
+           (T_GROUPED,)),
+    Mutant("grouped-skip-compares-slot", OPTIM_PXI,
+           "        if r == skip or start[u] == start[u + 1]:",
+           "        if u == skip or start[u] == start[u + 1]:",
+           "skip_row is compared with the slot (the index among the distinct rows), not with the row",
+           (T_GROUPED,)),
+    Mutant("grouped-rowwise-mean-over-lookups", OPTIM_PXI,
+           "            G = s[r] + fe_sum_squares(acc, D) / <float>D",
+           "            G = s[r] + fe_sum_squares(acc, D) / <float>(start[u + 1] - start[u])",
+           "row-wise Adagrad's mean square is divided by the row's lookup count instead of D",
+           (T_GROUPED,)),
+    Mutant("grouped-adam-moments-swapped", OPTIM_PXI,
+           "            fe_adam_row(w + r * D, s + r * D, s2 + r * D, acc,",
+           "            fe_adam_row(w + r * D, s2 + r * D, s + r * D, acc,",
+           "adam_scatter passes exp_avg_sq as exp_avg and exp_avg as exp_avg_sq",
+           (T_GROUPED,)),
+    Mutant("grouped-partition-overlaps", OPTIM_PXI,
+           "        lo = _part(U, k, nthreads)\n        hi = _part(U, k + 1, nthreads)\n        _grouped_rows(",
+           "        lo = _part(U, k, nthreads) - (k > 0)\n        hi = _part(U, k + 1, nthreads)\n        _grouped_rows(",
+           "each thread but the first also takes the row before its part: that row is updated twice",
+           (T_GROUPED,), threads=True),
+    Mutant("grouped-partition-drops-last", OPTIM_PXI,
+           "        lo = _part(U, k, nthreads)\n        hi = _part(U, k + 1, nthreads)\n        _grouped_rows(",
+           "        lo = _part(U, k, nthreads)\n        hi = _part(U, k + 1, nthreads) - 1\n        _grouped_rows(",
+           "each thread's part stops one row early: the last row of every part is never updated",
+           (T_GROUPED,), threads=True),
+    Mutant("grouped-acc-shared-by-threads", OPTIM_PXI,
+           "start, order, lo, hi, skip, acc + k * width, h)",
+           "start, order, lo, hi, skip, acc, h)",
+           "the threads share one row buffer: they sum their rows into each other's (a data race)",
+           (T_GROUPED, "-k", "large"), threads=True),
+]
+
 if __name__ == "__main__":
     sys.exit(main())
