@@ -1853,8 +1853,9 @@ MUTANTS += [
            (T_GROUPED,)),
     Mutant("grouped-partition-overlaps", OPTIM_PXI,
            "        lo = _part(U, k, nthreads)\n        hi = _part(U, k + 1, nthreads)\n        _grouped_rows(",
-           "        lo = _part(U, k, nthreads) - (k > 0)\n        hi = _part(U, k + 1, nthreads)\n        _grouped_rows(",
-           "each thread but the first also takes the row before its part: that row is updated twice",
+           "        lo = _part(U, k, nthreads)\n        hi = min(_part(U, k + 1, nthreads) + 1, U)\n        _grouped_rows(",
+           "each thread's part runs one row into the next one's: the first row of every part but the first is "
+           "updated twice",
            (T_GROUPED,), threads=True),
     Mutant("grouped-partition-drops-last", OPTIM_PXI,
            "        lo = _part(U, k, nthreads)\n        hi = _part(U, k + 1, nthreads)\n        _grouped_rows(",
@@ -1865,7 +1866,17 @@ MUTANTS += [
            "start, order, lo, hi, skip, acc + k * width, h)",
            "start, order, lo, hi, skip, acc, h)",
            "the threads share one row buffer: they sum their rows into each other's (a data race)",
-           (T_GROUPED, "-k", "large"), threads=True),
+           (T_GROUPED, "-k", "race or large"), threads=True),
+    Mutant("grouped-adam-bias-swapped", OPTIM_PXI,
+           "    h.inv_bias1, h.inv_bias2 = <float>(1.0 / bias1), <float>(1.0 / bias2)",
+           "    h.inv_bias1, h.inv_bias2 = <float>(1.0 / bias2), <float>(1.0 / bias1)",
+           "adam_scatter takes the two bias corrections in the wrong order",
+           (T_GROUPED, "-k", "transcription")),
+    Mutant("grouped-adagrad-state-shape-unchecked", OPTIM_PXI,
+           '    _check_like(s, "state_sum", w)\n    _no_overlap(w, "weight", (state_sum,), ("state_sum",))',
+           '    _no_overlap(w, "weight", (state_sum,), ("state_sum",))',
+           "adagrad_scatter does not check state_sum's shape (a short one is written past its end)",
+           (T_GROUPED, "-k", "bad_calls")),
 ]
 
 if __name__ == "__main__":
