@@ -94,7 +94,7 @@ def _numpy(t):
 
 
 def _kernel_grad(g):
-    """(ids, values, coalesced) of a sparse gradient, (grad, None, True) of a dense one, as numpy
+    """(values, ids, coalesced) of a sparse gradient, (grad, None, True) of a dense one, as numpy
     arrays sharing g's memory; None when the kernels cannot take g (torch updates that parameter)."""
     if g.device.type != "cpu" or g.dtype != torch.float32:
         return None
