@@ -1813,7 +1813,7 @@ MUTANTS += [
            "    for i in range(N):  # start[u] is slot u's cursor here",
            "    for i in range(N - 1, -1, -1):  # start[u] is slot u's cursor here",
            "the counting sort fills each row's lookups last to first: its gradient is summed in reverse ids order",
-           (T_GROUPED,)),
+           (T_GROUPED, "-k", "coalesce_then_step"), quick=True),
     Mutant("grouped-last-lookup-dropped", OPTIM_PXI,
            "        for k in range(start[u], start[u + 1]):\n            if k + PREFETCH_ROWS < end:",
            "        for k in range(start[u], start[u + 1] - 1):\n            if k + PREFETCH_ROWS < end:",
