@@ -232,6 +232,10 @@ def _child(rank, tmp):
         elif rank in members:
             results[case["name"]] = _run_case(case, groups[case["group"]], members.index(rank))
     torch.save(results, f"{tmp}/result{rank}.pt")
+    # Every rank past its last collective before any tears its groups down: gloo's teardown while a peer
+    # still talks to it can abort a rank with "terminate called without an active exception" (one CI run
+    # lost rank 2 that way); bench/sharded.py does the same.
+    dist.barrier()
     dist.destroy_process_group()
 
 
