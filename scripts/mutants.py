@@ -1146,7 +1146,7 @@ MUTANTS += [
            "    if fmt == FMT_F16:\n        return _bag_forward_ids(<const fe_f16*>table",
            "    if fmt == FMT_BF16:\n        return _bag_forward_ids(<const fe_f16*>table",
            "the forward's dtype dispatch sends bfloat16 tables to the float16 loop and float16 ones to the bfloat16 loop",
-           (BAG_DT, "-k", "forward_matches_transcription"), quick=True),
+           (BAG_DT, "-k", "forward_matches_transcription or forward_of_a_fixed_case"), quick=True),
     Mutant("bagdt-half-accumulator-rounds", BAG_PXI,
            "        else:\n            fe_add_into(acc, w, n)",
            "        else:\n            for d in range(n):\n                acc[d] = _bag_round(o, acc[d] + w[d])",
