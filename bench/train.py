@@ -119,9 +119,11 @@ def _table_copy(data):
 
 # ---------------------------------------------------------------- train: fastembed's numpy API
 
-def numpy_api_state(data, group, hyper):
-    """fe.Embedding (sparse, or dense for Adam) and fe.optim.<group> on a fresh copy of the table."""
-    layer = fe.Embedding.from_pretrained(data.token_table, sparse=(group != "Adam"))  # from_pretrained copies
+def numpy_api_state(data, group, hyper, coalesce=True):
+    """fe.Embedding (sparse, or dense for Adam) and fe.optim.<group> on a fresh copy of the table;
+    coalesce=False: the sparse gradient kept as a LookupGrad (one row per lookup, torch's layout)."""
+    layer = fe.Embedding.from_pretrained(data.token_table, sparse=(group != "Adam"),  # from_pretrained copies
+                                         coalesce=coalesce)
     opt = getattr(fe.optim, group)(layer.parameters(), **hyper)
     ids, g = data.ids, data.grad_hidden
 
@@ -132,6 +134,13 @@ def numpy_api_state(data, group, hyper):
         opt.zero_grad()
 
     return step, lambda: (layer.weight,)
+
+
+# The numpy API's rows with an uncoalesced sparse gradient: fe.Embedding(sparse=True, coalesce=False), whose
+# backward keeps (ids, grad_out) as a LookupGrad (torch's layout) and whose optimizer sums each row as it
+# updates it (the *_scatter kernels; SGD moves a row once per lookup, as torch's SGD does).
+def numpy_lookups_row_name(group):
+    return f"fastembed numpy API coalesce=False + {group}"
 
 
 # The numpy API's fused rows: fe.Embedding(fused=fe.optim.Fused<group>(...)), whose backward is the update
@@ -297,6 +306,8 @@ def train_methods(data, ctx):
         factory = (lambda hyper, g=group: numpy_api_state(data, g, hyper))
         by_group[group].append(row(numpy_row_name(group), "fastembed", group, factory, ctx.threads, anchor=True))
         if group in NUMPY_FUSED_GROUPS:
+            factory = (lambda hyper, g=group: numpy_api_state(data, g, hyper, coalesce=False))
+            by_group[group].append(row(numpy_lookups_row_name(group), "fastembed", group, factory, ctx.threads))
             factory = (lambda hyper, g=group: numpy_fused_state(data, g, hyper))
             by_group[group].append(row(numpy_fused_row_name(group), "fastembed", group, factory, ctx.threads))
     if not dense_ok:

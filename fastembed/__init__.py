@@ -19,7 +19,7 @@ except ImportError as exc:  # the source tree, not an installed build
 
 from . import optim, reference
 from ._kernels import get_num_threads, openmp_enabled, set_num_threads
-from .nn import Embedding, SparseGrad, TokenPositionEmbedding
+from .nn import Embedding, LookupGrad, SparseGrad, TokenPositionEmbedding
 from .ops import coalesce, gather, gather_add, gather_add_backward, scatter_add
 
 
@@ -79,7 +79,7 @@ _warn_if_qdrant_fastembed_installed()
 __all__ = [
     "__version__",
     "gather", "gather_add", "scatter_add", "gather_add_backward", "coalesce",
-    "Embedding", "TokenPositionEmbedding", "SparseGrad",
+    "Embedding", "TokenPositionEmbedding", "SparseGrad", "LookupGrad",
     "optim", "reference", "get_num_threads", "set_num_threads", "openmp_enabled",
 ]
 

@@ -3,7 +3,9 @@
 There is no graph here: a layer remembers what its last forward call needs, and
 `backward(grad)` is that call's vector-Jacobian product. Dense gradients are a
 float32 (V, D) array that accumulates over backward calls until `zero_grad()`;
-sparse gradients are a `SparseGrad(rows, values)` of the touched rows only. A fused
+sparse gradients are a `SparseGrad(rows, values)` of the touched rows only, or, with
+``coalesce=False``, a `LookupGrad(ids, values)` of one row per lookup (torch's uncoalesced
+layout: the optimizers sum a row's lookups as they update it). A fused
 layer (``fused=`` a rule of `fastembed.optim`, e.g. ``FusedSparseAdam()``) stores no
 gradient: its backward applies the optimizer step to the rows it touched, with the
 optimizer state kept in ``layer.state``.
@@ -18,7 +20,7 @@ from .reference import Value
 
 INIT_STD = 0.08  # the book's Gaussian init for every matrix
 
-__all__ = ["Embedding", "TokenPositionEmbedding", "SparseGrad"]
+__all__ = ["Embedding", "TokenPositionEmbedding", "SparseGrad", "LookupGrad"]
 
 
 class SparseGrad(NamedTuple):
@@ -47,6 +49,49 @@ class SparseGrad(NamedTuple):
         self.check(num_rows)
         dense = np.zeros((num_rows, self.values.shape[1]), dtype=np.float32)
         dense[self.rows] = self.values
+        return dense
+
+
+class LookupGrad(NamedTuple):
+    """An uncoalesced sparse gradient, one row per lookup: ``dense[ids[k]] += values[k]`` for each k.
+
+    torch's layout for ``nn.Embedding(sparse=True)``: ids may repeat, in lookup order, and nothing
+    is summed until an optimizer updates the rows (`fastembed.optim` sums each row's lookups in ids
+    order as it updates it, in one pass). A layer built with ``sparse=True, coalesce=False`` keeps
+    its backward's grad_out here as given, reshaped to (N, D) but not copied, as torch keeps the
+    gradient it was given: write into that array before the optimizer's step and the step sees it.
+    A second backward before the step concatenates (a new array, as torch's sparse add does).
+    """
+
+    ids: np.ndarray  # int32 or int64 (N,), any order, repeats allowed
+    values: np.ndarray  # float32 (N, D)
+
+    def check(self, num_rows, dim=None):
+        """Raise unless this is a gradient for a (num_rows, dim) float32 table: 1-D integer ids in
+        [0, num_rows), float32 values of shape (len(ids), dim). dim None: any."""
+        ids, values = self.ids, self.values
+        if not (isinstance(ids, np.ndarray) and ids.dtype in (np.int32, np.int64) and ids.ndim == 1):
+            raise TypeError(f"LookupGrad.ids must be a 1-D int32 or int64 array, got "
+                            f"{getattr(ids, 'dtype', type(ids).__name__)} of shape {getattr(ids, 'shape', '?')}")
+        if not (isinstance(values, np.ndarray) and values.dtype == np.float32):
+            raise TypeError(f"LookupGrad.values must be float32, got {getattr(values, 'dtype', type(values).__name__)}")
+        if values.ndim != 2 or values.shape != (len(ids), values.shape[1] if dim is None else dim):
+            raise ValueError(f"LookupGrad.values must have shape (len(ids), D) = {(len(ids), dim)}, "
+                             f"got values.shape={values.shape}")
+        if len(ids) and (ids.min() < 0 or ids.max() >= num_rows):
+            bad = int(np.flatnonzero((ids < 0) | (ids >= num_rows))[0])
+            raise IndexError(f"LookupGrad.ids[{bad}] = {ids[bad]} is out of range for a table of {num_rows} rows")
+        return self
+
+    def coalesce(self):
+        """The same gradient as a `SparseGrad`: distinct rows, each row's values summed in ids order."""
+        return SparseGrad(*ops.coalesce(self.ids, self.values))
+
+    def to_dense(self, num_rows):
+        """The same gradient as a float32 (num_rows, D) array."""
+        self.check(num_rows)
+        dense = np.zeros((num_rows, self.values.shape[1]), dtype=np.float32)
+        ops.scatter_add(dense, self.ids, self.values)
         return dense
 
 
@@ -79,6 +124,31 @@ def _fused_rule(fused, sparse):
     return fused
 
 
+def _lookup_rows(ids, grad_out, dim):
+    """ids (layer-owned) and grad_out, checked to be ids.shape + (dim,), as the (N,) and (N, D) of a LookupGrad:
+    views where the arrays allow them (grad_out is not copied: see LookupGrad)."""
+    _check_grad_shape(grad_out, ids, dim, "grad_out")
+    return ids.reshape(-1), grad_out.reshape(-1, dim)
+
+
+def _merge_lookups(grad, ids, values):
+    """Add a new contribution to an accumulated LookupGrad: the lookups of both, earlier ones first."""
+    if grad is None:
+        return LookupGrad(ids, values)
+    if not isinstance(grad, LookupGrad):
+        raise TypeError(f"a layer built with coalesce=False accumulates into a LookupGrad, but its grad is a "
+                        f"{type(grad).__name__}: zero_grad() first")
+    return LookupGrad(np.concatenate([grad.ids, ids]), np.concatenate([grad.values, values]))  # int32 + int64: int64
+
+
+def _sparse_mode(sparse, coalesce):
+    """(sparse, coalesce) as bools; coalesce=False is a form of sparse gradient, so it needs sparse=True."""
+    sparse, coalesce = bool(sparse), bool(coalesce)
+    if not coalesce and not sparse:
+        raise ValueError("coalesce=False chooses the form of a sparse gradient (LookupGrad): it needs sparse=True")
+    return sparse, coalesce
+
+
 def _merge(grad, rows, values):
     """Add a new sparse contribution to an accumulated one (earlier rows first, as in a dense sum)."""
     if grad is None:
@@ -91,7 +161,10 @@ class Embedding:
 
     ``layer(ids)`` returns ``weight[ids]`` (shape ids.shape + (D,)) and keeps ids;
     ``layer.backward(grad_out)`` adds ``grad_out`` into the rows of ids: into the
-    dense ``grad`` (V, D), or, with ``sparse=True``, into a `SparseGrad`.
+    dense ``grad`` (V, D), or, with ``sparse=True``, into a `SparseGrad` (each row's lookups
+    summed), or, with ``sparse=True, coalesce=False``, into a `LookupGrad` (one row per lookup, not
+    summed and grad_out not copied: torch's layout, and the cheaper backward when an optimizer of
+    `fastembed.optim` steps next, since it sums each row as it updates it).
 
     With ``fused=rule`` (`fastembed.optim.FusedSGD`, ``FusedAdagrad``, ``FusedRowWiseAdagrad``,
     ``FusedSparseAdam``), backward instead applies one optimizer step to the rows of ids
@@ -100,12 +173,12 @@ class Embedding:
     the matching optimizer stepping after each backward (FusedSGD: see its own doc).
     """
 
-    def __init__(self, num_embeddings, embedding_dim, *, sparse=False, fused=None, seed=None):
+    def __init__(self, num_embeddings, embedding_dim, *, sparse=False, coalesce=True, fused=None, seed=None):
         if num_embeddings < 0 or embedding_dim < 0:
             raise ValueError(f"sizes must be >= 0, got ({num_embeddings}, {embedding_dim})")
+        self.sparse, self.coalesce = _sparse_mode(sparse, coalesce)
         rng = np.random.default_rng(seed)
         self.weight = (rng.standard_normal((num_embeddings, embedding_dim)) * INIT_STD).astype(np.float32)
-        self.sparse = bool(sparse)
         self.fused = _fused_rule(fused, self.sparse)
         self.state = None if fused is None else fused.new_state(self.weight)
         self.grad = None
@@ -113,12 +186,12 @@ class Embedding:
         self._lock = threading.Lock()  # backward is a read-modify-write of grad: one at a time
 
     @classmethod
-    def from_pretrained(cls, weight, *, sparse=False, fused=None):
+    def from_pretrained(cls, weight, *, sparse=False, coalesce=True, fused=None):
         """An Embedding whose weight is a float32 copy of the given (V, D) array."""
         weight = np.array(weight, dtype=np.float32, order="C", copy=True)
         if weight.ndim != 2:
             raise ValueError(f"weight must be 2-D (rows, dim), got weight.shape={weight.shape}")
-        layer = cls(0, 0, sparse=sparse, fused=fused)
+        layer = cls(0, 0, sparse=sparse, coalesce=coalesce, fused=fused)
         layer.weight = weight
         layer.state = None if fused is None else fused.new_state(weight)
         return layer
@@ -133,7 +206,8 @@ class Embedding:
 
     def __repr__(self):
         fused = "" if self.fused is None else f", fused={self.fused!r}"
-        return f"Embedding({self.num_embeddings}, {self.embedding_dim}, sparse={self.sparse}{fused})"
+        form = "" if self.coalesce else ", coalesce=False"
+        return f"Embedding({self.num_embeddings}, {self.embedding_dim}, sparse={self.sparse}{form}{fused})"
 
     def __call__(self, ids, *, out=None):
         result = ops.gather(self.weight, ids, out=out)  # the caller's ids: ops checks out against them
@@ -154,6 +228,9 @@ class Embedding:
             _check_grad_shape(grad_out, self._ids, self.embedding_dim, "grad_out")
             self.fused.update(self.weight, self.state, self._ids, grad_out)
             return
+        if self.sparse and not self.coalesce:
+            self.grad = _merge_lookups(self.grad, *_lookup_rows(self._ids, grad_out, self.embedding_dim))
+            return
         if self.sparse:
             _check_grad_shape(grad_out, self._ids, self.embedding_dim, "grad_out")
             self.grad = _merge(self.grad, *ops.coalesce(self._ids, grad_out))
@@ -166,7 +243,7 @@ class Embedding:
         """The gradient as a float32 (V, D) array (zeros when there is none)."""
         if self.grad is None:
             return np.zeros_like(self.weight)
-        if isinstance(self.grad, SparseGrad):
+        if isinstance(self.grad, (SparseGrad, LookupGrad)):
             return self.grad.to_dense(self.num_embeddings)
         return self.grad
 
@@ -205,25 +282,28 @@ class TokenPositionEmbedding:
     None means ``arange(T)`` along the last axis of ids, an int s means
     ``s + arange(T)``, an array is used as given. ``layer.backward(grad_hidden)``
     adds into ``token.grad`` and ``position.grad`` in one fused pass (dense), or
-    gives each a `SparseGrad` (sparse=True).
+    gives each a `SparseGrad` (sparse=True) or a `LookupGrad` (sparse=True, coalesce=False; both
+    keep the same grad_hidden, not copied, with the token ids and the positions).
 
     With ``fused=rule`` backward steps both tables instead (see `Embedding`), each with its
     own state (``token.state``, ``position.state``); both updates are checked before either
     table moves.
     """
 
-    def __init__(self, vocab_size, context_length, embedding_dim, *, sparse=False, fused=None, seed=None):
+    def __init__(self, vocab_size, context_length, embedding_dim, *, sparse=False, coalesce=True, fused=None,
+                 seed=None):
+        self.sparse, self.coalesce = _sparse_mode(sparse, coalesce)
         seeds = np.random.SeedSequence(seed).spawn(2)
-        self.token = Embedding(vocab_size, embedding_dim, sparse=sparse, fused=fused, seed=seeds[0])
-        self.position = Embedding(context_length, embedding_dim, sparse=sparse, fused=fused, seed=seeds[1])
-        self.sparse = bool(sparse)
+        both = dict(sparse=sparse, coalesce=coalesce, fused=fused)
+        self.token = Embedding(vocab_size, embedding_dim, seed=seeds[0], **both)
+        self.position = Embedding(context_length, embedding_dim, seed=seeds[1], **both)
         self._saved = None
 
     @classmethod
-    def from_pretrained(cls, token_weight, position_weight, *, sparse=False, fused=None):
-        layer = cls(0, 0, 0, sparse=sparse, fused=fused)
-        layer.token = Embedding.from_pretrained(token_weight, sparse=sparse, fused=fused)
-        layer.position = Embedding.from_pretrained(position_weight, sparse=sparse, fused=fused)
+    def from_pretrained(cls, token_weight, position_weight, *, sparse=False, coalesce=True, fused=None):
+        layer = cls(0, 0, 0, sparse=sparse, coalesce=coalesce, fused=fused)
+        layer.token = Embedding.from_pretrained(token_weight, sparse=sparse, coalesce=coalesce, fused=fused)
+        layer.position = Embedding.from_pretrained(position_weight, sparse=sparse, coalesce=coalesce, fused=fused)
         return layer
 
     @property
@@ -234,7 +314,7 @@ class TokenPositionEmbedding:
     def __repr__(self):
         fused = "" if self.fused is None else f", fused={self.fused!r}"
         return (f"TokenPositionEmbedding({self.token.num_embeddings}, {self.position.num_embeddings}, "
-                f"{self.token.embedding_dim}, sparse={self.sparse}{fused})")
+                f"{self.token.embedding_dim}, sparse={self.sparse}{'' if self.coalesce else ', coalesce=False'}{fused})")
 
     def __call__(self, ids, positions=None, *, out=None):
         # The caller's arrays go to ops (which checks out against them); the layer keeps its own copies.
@@ -289,6 +369,15 @@ class TokenPositionEmbedding:
             move_token()
             move_position()
             return
+        if self.sparse and not self.coalesce:
+            D = self.token.embedding_dim
+            token_ids, values = _lookup_rows(ids, grad_hidden, D)
+            position_ids = ops.positions_array(ids, positions).reshape(-1)
+            # Both merged (each may raise) before either table's grad is set.
+            token_grad = _merge_lookups(self.token.grad, token_ids, values)
+            position_grad = _merge_lookups(self.position.grad, position_ids, values)
+            self.token.grad, self.position.grad = token_grad, position_grad
+            return
         if self.sparse:
             _check_grad_shape(grad_hidden, ids, self.token.embedding_dim, "grad_hidden")
             token_part = ops.coalesce(ids, grad_hidden)
@@ -319,7 +408,7 @@ class EmbeddingBag(Embedding):
     `fastembed.ops.embedding_bag` (1-D ids with offsets, or 2-D ids: one bag per row) and keeps
     what backward needs. ``layer.backward(grad_out)`` adds the table's gradient into the dense
     ``grad`` (V, D), or with ``sparse=True`` (modes sum and mean, as torch) into a coalesced
-    `SparseGrad`; it returns the gradient of the forward's per_sample_weights (ids' shape), or None
+    `SparseGrad` (``coalesce=False``: a `LookupGrad`, one row per kept lookup, torch's layout); it returns the gradient of the forward's per_sample_weights (ids' shape), or None
     when there were none.
 
     ``padding_idx`` (negative: counted from the end) is left out of every bag and of a mean's count,
@@ -328,8 +417,8 @@ class EmbeddingBag(Embedding):
     """
 
     def __init__(self, num_embeddings, embedding_dim, *, mode="mean", padding_idx=None,
-                 include_last_offset=False, sparse=False, seed=None):
-        super().__init__(num_embeddings, embedding_dim, sparse=sparse, seed=seed)
+                 include_last_offset=False, sparse=False, coalesce=True, seed=None):
+        super().__init__(num_embeddings, embedding_dim, sparse=sparse, coalesce=coalesce, seed=seed)
         self._configure(mode, padding_idx, include_last_offset)
         if self.padding_idx is not None:
             self.weight[self.padding_idx] = 0.0
@@ -350,9 +439,10 @@ class EmbeddingBag(Embedding):
         self.mode, self.padding_idx, self.include_last_offset = mode, padding_idx, bool(include_last_offset)
 
     @classmethod
-    def from_pretrained(cls, weight, *, mode="mean", padding_idx=None, include_last_offset=False, sparse=False):
+    def from_pretrained(cls, weight, *, mode="mean", padding_idx=None, include_last_offset=False, sparse=False,
+                        coalesce=True):
         """An EmbeddingBag whose weight is a float32 copy of the given (V, D) array (padding row kept)."""
-        layer = cls(0, 0, sparse=sparse, mode="sum")
+        layer = cls(0, 0, sparse=sparse, coalesce=coalesce, mode="sum")
         layer.weight = Embedding.from_pretrained(weight).weight
         layer._configure(mode, padding_idx, include_last_offset)
         return layer
@@ -360,7 +450,8 @@ class EmbeddingBag(Embedding):
     def __repr__(self):
         pad = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
         return (f"EmbeddingBag({self.num_embeddings}, {self.embedding_dim}, mode={self.mode!r}{pad}, "
-                f"include_last_offset={self.include_last_offset}, sparse={self.sparse})")
+                f"include_last_offset={self.include_last_offset}, sparse={self.sparse}"
+                f"{'' if self.coalesce else ', coalesce=False'})")
 
     def __call__(self, ids, offsets=None, per_sample_weights=None, *, out=None):
         result = ops.embedding_bag(self.weight, ids, offsets, mode=self.mode, per_sample_weights=per_sample_weights,
@@ -392,7 +483,10 @@ class EmbeddingBag(Embedding):
         if self.sparse:
             rows, values = ops.embedding_bag_grad_rows(self.num_embeddings, ids, offsets, grad_out, mode=self.mode,
                                                        per_sample_weights=weights, **bags)
-            self.grad = _merge(self.grad, *ops.coalesce(rows, values))
+            if self.coalesce:
+                self.grad = _merge(self.grad, *ops.coalesce(rows, values))
+            else:
+                self.grad = _merge_lookups(self.grad, rows, values)
             return weights_grad
         grad = np.zeros_like(self.weight) if self.grad is None else self.grad
         ops.embedding_bag_backward(grad, ids, offsets, grad_out, mode=self.mode, per_sample_weights=weights,

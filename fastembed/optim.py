@@ -1,14 +1,17 @@
 """Optimizers for fastembed layers: SGD, Adagrad, RowWiseAdagrad, the book's dense Adam, and the lazy SparseAdam.
 
 A parameter is anything with a float32 ``weight`` array and a ``grad`` that is
-None, a dense array of weight's shape, or a `SparseGrad(rows, values)`; an
+None, a dense array of weight's shape, a `SparseGrad(rows, values)`, or a
+`LookupGrad(ids, values)` (one row per lookup, uncoalesced: the sparse optimizers sum
+each row's lookups in ids order as they update it, in one pass, and give the
+`SparseGrad` result, bit for bit, except SGD, which moves a row once per lookup); an
 `Embedding` is one, and a `TokenPositionEmbedding` gives two by ``parameters()``.
 """
 import numpy as np
 
 from . import _kernels
 from . import ops as _ops
-from .nn import SparseGrad
+from .nn import LookupGrad, SparseGrad
 
 __all__ = ["SGD", "Adagrad", "RowWiseAdagrad", "Adam", "SparseAdam", "linear_decay",
            "FusedSGD", "FusedAdagrad", "FusedRowWiseAdagrad", "FusedSparseAdam"]
@@ -94,12 +97,24 @@ def _grad_arrays(p):
     return g, None
 
 
-def _checked_sgd_grad(p):
-    """(grad, rows) for sgd_step once every check has passed, the kernel's own included (a weight it
-    cannot write in place, memory shared between weight and gradient)."""
+def _lookup_arrays(p):
+    """(values, ids) of p's LookupGrad for a *_scatter kernel, checked to fit p.weight (the kernels check
+    the ids' range again, above their loops)."""
+    g = p.grad
+    g.check(*p.weight.shape)
+    return g.values, g.ids
+
+
+def _checked_sgd_update(p):
+    """A callable ``apply(lr)`` that steps p, made once every check has passed, the kernel's own included
+    (a weight it cannot write in place, memory shared between weight and gradient)."""
+    if isinstance(p.grad, LookupGrad):
+        values, ids = _lookup_arrays(p)
+        _kernels.sgd_scatter(p.weight, ids, values, 0.0, check_only=True)
+        return lambda lr: _kernels.sgd_scatter(p.weight, ids, values, lr)
     grad, rows = _grad_arrays(p)
     _kernels.sgd_step(p.weight, grad, rows, 0.0, True)
-    return grad, rows
+    return lambda lr: _kernels.sgd_step(p.weight, grad, rows, lr)
 
 
 class SGD(_Optimizer):
@@ -107,15 +122,18 @@ class SGD(_Optimizer):
 
     In float32, lr rounded to it: each element becomes ``w - (lr * g)``, as numpy's
     ``weight[rows] -= np.float32(lr) * values`` gives it, in one threaded pass (_kernels.sgd_step).
+    A `LookupGrad` moves each row once per lookup, in ids order (``w[ids[k]] -= lr * values[k]``,
+    _kernels.sgd_scatter, as torch's SGD steps an uncoalesced sparse gradient): with repeated ids
+    that differs from the `SparseGrad` step by rounding.
     """
 
     def __init__(self, params, lr):
         super().__init__(params, lr)
 
     def step(self):
-        updates = [(p, _checked_sgd_grad(p)) for p in self.params if p.grad is not None]  # all checked first
-        for p, (grad, rows) in updates:
-            _kernels.sgd_step(p.weight, grad, rows, self.lr)
+        updates = [_checked_sgd_update(p) for p in self.params if p.grad is not None]  # all checked first
+        for apply in updates:
+            apply(self.lr)
 
 
 class Adagrad(_Optimizer):
@@ -146,23 +164,28 @@ class Adagrad(_Optimizer):
         _check_nonnegative(self, "lr_decay", "weight_decay", "eps")
 
     def _checked(self, i):
-        """(grad, rows) for parameter i's adagrad_step, every check passed (weight decay applied)."""
-        p = self.params[i]
+        """``apply(clr, eps)`` for parameter i, every check passed (weight decay applied)."""
+        p, state_sum = self.params[i], self.state_sum[i]
+        if isinstance(p.grad, LookupGrad):
+            values, ids = _lookup_arrays(p)
+            if self.weight_decay != 0:
+                raise RuntimeError("weight_decay option is not compatible with sparse gradients")
+            _kernels.adagrad_scatter(p.weight, state_sum, ids, values, 0.0, 0.0, -1, True)
+            return lambda clr, eps: _kernels.adagrad_scatter(p.weight, state_sum, ids, values, clr, eps)
         grad, rows = _grad_arrays(p)
         if self.weight_decay != 0:
             if rows is not None:
                 raise RuntimeError("weight_decay option is not compatible with sparse gradients")
             grad = grad + np.float32(self.weight_decay) * p.weight
-        _kernels.adagrad_step(p.weight, self.state_sum[i], grad, rows, 0.0, 0.0, True)
-        return grad, rows
+        _kernels.adagrad_step(p.weight, state_sum, grad, rows, 0.0, 0.0, True)
+        return lambda clr, eps: _kernels.adagrad_step(p.weight, state_sum, grad, rows, clr, eps)
 
     def step(self):
         self._check_hyperparameters()
         updates = [(i, self._checked(i)) for i, p in enumerate(self.params) if p.grad is not None]
-        for i, (grad, rows) in updates:
+        for i, apply in updates:
             t = self.steps[i] + 1
-            clr = self.lr / (1 + (t - 1) * self.lr_decay)
-            _kernels.adagrad_step(self.params[i].weight, self.state_sum[i], grad, rows, clr, self.eps)
+            apply(self.lr / (1 + (t - 1) * self.lr_decay), self.eps)
             self.steps[i] = t
 
 
@@ -186,25 +209,36 @@ class RowWiseAdagrad(_Optimizer):
         _check_nonnegative(self, "eps")
 
     def _checked(self, i):
-        grad, rows = _grad_arrays(self.params[i])
-        _kernels.rowwise_adagrad_step(self.params[i].weight, self.state_sum[i], grad, rows, 0.0, 0.0, True)
-        return grad, rows
+        """``apply(lr, eps)`` for parameter i, every check passed."""
+        p, state_sum = self.params[i], self.state_sum[i]
+        if isinstance(p.grad, LookupGrad):
+            values, ids = _lookup_arrays(p)
+            _kernels.rowwise_adagrad_scatter(p.weight, state_sum, ids, values, 0.0, 0.0, -1, True)
+            return lambda lr, eps: _kernels.rowwise_adagrad_scatter(p.weight, state_sum, ids, values, lr, eps)
+        grad, rows = _grad_arrays(p)
+        _kernels.rowwise_adagrad_step(p.weight, state_sum, grad, rows, 0.0, 0.0, True)
+        return lambda lr, eps: _kernels.rowwise_adagrad_step(p.weight, state_sum, grad, rows, lr, eps)
 
     def step(self):
         self._check_hyperparameters()
-        updates = [(i, self._checked(i)) for i, p in enumerate(self.params) if p.grad is not None]
-        for i, (grad, rows) in updates:
-            _kernels.rowwise_adagrad_step(self.params[i].weight, self.state_sum[i], grad, rows, self.lr, self.eps)
+        updates = [self._checked(i) for i, p in enumerate(self.params) if p.grad is not None]
+        for apply in updates:
+            apply(self.lr, self.eps)
 
 
 def _adam_all(updates, lr, betas, eps, steps):
     """Adam updates of (param, exp_avg, exp_avg_sq, grad, rows) at step counts `steps`: every one is
-    checked before any moves, so a step that raises leaves every weight and moment as it was."""
+    checked before any moves, so a step that raises leaves every weight and moment as it was. A
+    LookupGrad as grad (rows None) goes to adam_scatter: ids' rows, each summed as it is updated."""
     updates = list(updates)
     b1, b2 = betas
     for check_only in (True, False):
         for (p, m, v, g, rows), t in zip(updates, steps):
-            _kernels.adam_step(p.weight, m, v, g, rows, lr, b1, b2, eps, 1 - b1**t, 1 - b2**t, check_only)
+            if isinstance(g, LookupGrad):
+                _kernels.adam_scatter(p.weight, m, v, g.ids, g.values, lr, b1, b2, eps, 1 - b1**t, 1 - b2**t, -1,
+                                      check_only)
+            else:
+                _kernels.adam_step(p.weight, m, v, g, rows, lr, b1, b2, eps, 1 - b1**t, 1 - b2**t, check_only)
 
 
 class _AdamFamily(_Optimizer):
@@ -245,7 +279,7 @@ class Adam(_AdamFamily):
             g = p.grad
             if g is None:
                 g = np.zeros_like(p.weight)
-            elif isinstance(g, SparseGrad):
+            elif isinstance(g, (SparseGrad, LookupGrad)):
                 g = g.to_dense(p.weight.shape[0])
             grads.append(g)
         t = self.t + 1
@@ -263,7 +297,9 @@ class SparseAdam(_AdamFamily):
     SparseAdam adds it before, so the two differ when sqrt(v) is near eps). The bias
     correction uses each parameter's own step count (``steps[i]``: the steps at
     which it had a gradient), as torch.optim.SparseAdam counts them. Each touched
-    row is updated in one fused pass. Needs sparse gradients (layers built with sparse=True).
+    row is updated in one fused pass. Needs sparse gradients (layers built with sparse=True): a
+    `LookupGrad` (coalesce=False) gives the `SparseGrad` result bit for bit, each row summed as it
+    is updated.
     """
 
     def __init__(self, params, lr=BOOK_LR, betas=BOOK_BETAS, eps=BOOK_EPS):
@@ -273,18 +309,26 @@ class SparseAdam(_AdamFamily):
     def step(self):
         self._check_hyperparameters()
         for p in self.params:
-            if p.grad is not None and not isinstance(p.grad, SparseGrad):
+            if p.grad is not None and not isinstance(p.grad, (SparseGrad, LookupGrad)):
                 raise TypeError(
-                    "SparseAdam needs sparse gradients (SparseGrad); build the layer with sparse=True, "
+                    "SparseAdam needs sparse gradients (SparseGrad or LookupGrad); build the layer with sparse=True, "
                     f"or use Adam for dense ones; got a {type(p.grad).__name__}"
                 )
         touched = [i for i, p in enumerate(self.params) if p.grad is not None]
-        updates = [(self.params[i], self.exp_avg[i], self.exp_avg_sq[i], self.params[i].grad.values,
-                    self.params[i].grad.rows) for i in touched]
+        for i in touched:
+            if isinstance(self.params[i].grad, LookupGrad):
+                self.params[i].grad.check(*self.params[i].weight.shape)
+        updates = [(self.params[i], self.exp_avg[i], self.exp_avg_sq[i], *self._arrays(self.params[i].grad))
+                   for i in touched]
         _adam_all(updates, self.lr, self.betas, self.eps, [self.steps[i] + 1 for i in touched])
         for i in touched:
             self.steps[i] += 1
         self.t += 1
+
+    @staticmethod
+    def _arrays(grad):
+        """(grad, rows) as _adam_all takes them: a SparseGrad's (values, rows), a LookupGrad itself."""
+        return (grad, None) if isinstance(grad, LookupGrad) else (grad.values, grad.rows)
 
 
 # ---------------------------------------------------------------- fused rules (issue 9, item 3)

@@ -267,8 +267,8 @@ MUTANTS = [
            (H_OPTIM, "-k", "repeated_rows")),
     # ---------------------------------------------------------------- optim.py
     Mutant("sgd-checks-lazily", OPTIM,
-           "        updates = [(p, _checked_sgd_grad(p)) for p in self.params if p.grad is not None]",
-           "        updates = ((p, _checked_sgd_grad(p)) for p in self.params if p.grad is not None)",
+           "        updates = [_checked_sgd_update(p) for p in self.params if p.grad is not None]  # all checked first",
+           "        updates = (_checked_sgd_update(p) for p in self.params if p.grad is not None)  # lazily",
            "SGD checks each gradient as it applies it: a bad last gradient leaves a half-applied step",
            (H_OPTIM, "-k", "sgd_step_that_raises")),
     Mutant("adam-moves-before-checking", OPTIM,
@@ -285,9 +285,8 @@ MUTANTS = [
            "the second bias correction uses beta1",
            (NN_OPTIM, "-k", "adam")),
     Mutant("sparse-adam-densifies", OPTIM,
-           "self.params[i].grad.values,\n                    self.params[i].grad.rows) for i in touched]",
-           "self.params[i].grad.to_dense(self.params[i].weight.shape[0]),\n"
-           "                    None) for i in touched]",
+           "self.exp_avg_sq[i], *self._arrays(self.params[i].grad))",
+           "self.exp_avg_sq[i], self.params[i].grad.to_dense(self.params[i].weight.shape[0]), None)",
            "SparseAdam updates every row (the untouched ones move by their momentum)",
            (NN_OPTIM, "-k", "sparse_adam")),
     Mutant("sparse-adam-global-step", OPTIM,
@@ -446,7 +445,7 @@ MUTANTS = [
            "adagrad_step does not check state_sum's shape (a short one is written past its end)",
            ("tests/test_optim_kernels.py", "-k", "refuses and adagrad")),
     Mutant("adagrad-lr-decay-off-by-one", OPTIM,
-           "clr = self.lr / (1 + (t - 1) * self.lr_decay)", "clr = self.lr / (1 + t * self.lr_decay)",
+           "apply(self.lr / (1 + (t - 1) * self.lr_decay), self.eps)", "apply(self.lr / (1 + t * self.lr_decay), self.eps)",
            "Adagrad decays the lr from the first step (torch's first step uses lr itself)",
            ("tests/test_optim_kernels.py", "-k", "Adagrad or adagrad")),
     Mutant("adagrad-step-count-frozen", OPTIM,
@@ -460,9 +459,9 @@ MUTANTS = [
            ("tests/test_optim_kernels.py", "-k", "weight_decay")),
     Mutant("adagrad-checks-lazily", OPTIM,
            "        updates = [(i, self._checked(i)) for i, p in enumerate(self.params) if p.grad is not None]\n"
-           "        for i, (grad, rows) in updates:\n            t = ",
+           "        for i, apply in updates:\n            t = ",
            "        updates = ((i, self._checked(i)) for i, p in enumerate(self.params) if p.grad is not None)\n"
-           "        for i, (grad, rows) in updates:\n            t = ",
+           "        for i, apply in updates:\n            t = ",
            "Adagrad checks each parameter as it moves it: a bad last gradient leaves a half-applied step",
            ("tests/test_optim_kernels.py", "-k", "bad_gradient_on_the_last")),
     Mutant("rowwise-mean-divided-twice", OPTIM_PXI,
