@@ -5,7 +5,8 @@ upstream gradient g), the optimizer's update, the gradient dropped (as a user's
 ``zero_grad()`` does). Rows are grouped by optimizer; the rows of a group compute
 the same update and are checked equal, timed round-robin together, and compared
 with the group's torch row (``nn.Embedding(sparse=True)`` + the same torch.optim
-optimizer; dense ``nn.Embedding`` + ``Adam(fused=True)`` for dense Adam).
+optimizer; dense ``nn.Embedding`` + ``Adam(fused=True)`` for dense Adam) and with
+the group's memory limit (an add streaming the bytes its step must move: step_bytes).
 
 adapter: forward + backward through torch autograd, the gradient dropped after
 each call: ``fastembed.torch.Embedding`` (dense and sparse gradient) against
@@ -292,6 +293,29 @@ def fbgemm_state(data, torch, mods, optimizer, hyper):
     return step, lambda: (tbe.split_embedding_weights()[0].detach().numpy(),)
 
 
+# ---------------------------------------------------------------- train: the memory limit
+
+# Full-width (D floats) state rows each optimizer keeps per table row (RowWiseAdagrad: one float per row).
+STATE_ROWS = {"SGD": 0, "Adagrad": 1, "SparseAdam": 2}
+
+
+def step_bytes(group, data):
+    """The bytes one float32 train step of group must move at the least: the forward reads each distinct
+    looked-up row once (repeats can come from cache) and writes the N output rows; backward reads the N
+    upstream rows; the update reads and writes each distinct row of the table and of each state. Dense
+    Adam moves every row: the table and both moments read and written, the dense gradient written by
+    backward and read by the step. An add streaming these bytes (memlimit.py) is a floor no row can beat:
+    the rows here are gathered from random places, which streams slower, never faster."""
+    V, D = data.token_table.shape
+    N, U, f = data.ids.size, np.unique(data.ids).size, 4
+    moved = (U + N) * D * f + N * D * f
+    if group == "Adam":
+        return moved + (2 * 3 + 2) * V * D * f
+    if group == "RowWiseAdagrad":
+        return moved + 2 * U * D * f + 2 * U * f
+    return moved + 2 * (1 + STATE_ROWS[group]) * U * D * f
+
+
 # ---------------------------------------------------------------- train: the case
 
 def train_methods(data, ctx):
@@ -331,7 +355,11 @@ def train_methods(data, ctx):
             for name, group, optimizer in FBGEMM_ROWS:
                 factory = (lambda hyper, o=optimizer: fbgemm_state(data, torch, mods, o, hyper))
                 by_group[group].append(row(name, "fbgemm", group, factory, ctx.torch_threads))
+    from .bag import limit_method  # bag imports this module: import it when the case is built
+
     for group in GROUPS:
+        if by_group[group]:
+            by_group[group].append(limit_method(step_bytes(group, data), ctx.threads, group))
         methods += by_group[group]
     return Built(methods, skips)
 
