@@ -1879,5 +1879,76 @@ MUTANTS += [
            (T_GROUPED, "-k", "bad_calls")),
 ]
 
+
+# ---------------------------------------------------------------- LookupGrad (sparse=True, coalesce=False)
+LOOKUPS = "tests/test_lookup_grad.py"
+MUTANTS += [
+    Mutant("lookups-merge-new-first", NN,
+           "    return LookupGrad(np.concatenate([grad.ids, ids]), np.concatenate([grad.values, values]))",
+           "    return LookupGrad(np.concatenate([ids, grad.ids]), np.concatenate([values, grad.values]))",
+           "a second backward puts its lookups before the earlier ones (SGD's per-lookup order changes)",
+           (LOOKUPS, "-k", "concatenate or token_position")),
+    Mutant("lookups-values-copied", NN,
+           "    return ids.reshape(-1), grad_out.reshape(-1, dim)",
+           "    return ids.reshape(-1), grad_out.reshape(-1, dim).copy()",
+           "the LookupGrad copies grad_out: a write into grad_out before the step no longer reaches the step",
+           (LOOKUPS, "-k", "not_copied or token_position")),
+    Mutant("lookups-position-from-token-ids", NN,
+           "            position_grad = _merge_lookups(self.position.grad, position_ids, values)",
+           "            position_grad = _merge_lookups(self.position.grad, token_ids, values)",
+           "TokenPositionEmbedding's position table gets the token ids as its LookupGrad's ids",
+           (LOOKUPS, "-k", "token_position")),
+    Mutant("lookups-tpe-sets-token-first", NN,
+           "            token_grad = _merge_lookups(self.token.grad, token_ids, values)",
+           "            token_grad = self.token.grad = _merge_lookups(self.token.grad, token_ids, values)",
+           "TokenPositionEmbedding sets token.grad before the position merge that may raise",
+           (LOOKUPS, "-k", "another_form")),
+    Mutant("lookups-coalesce-flag-ignored", NN,
+           "        if self.sparse and not self.coalesce:\n            self.grad = _merge_lookups(",
+           "        if False:\n            self.grad = _merge_lookups(",
+           "Embedding(sparse=True, coalesce=False) stores a coalesced SparseGrad",
+           (LOOKUPS, "-k", "not_copied or concatenate or to_dense")),
+    Mutant("lookups-bag-coalesces-anyway", NN,
+           "                self.grad = _merge_lookups(self.grad, rows, values)",
+           "                self.grad = _merge(self.grad, *ops.coalesce(rows, values))",
+           "EmbeddingBag(sparse=True, coalesce=False) stores a coalesced SparseGrad",
+           (LOOKUPS, "-k", "embedding_bag")),
+    Mutant("lookups-check-allows-id-V", NN,
+           "if len(ids) and (ids.min() < 0 or ids.max() >= num_rows):",
+           "if len(ids) and (ids.min() < 0 or ids.max() > num_rows):",
+           "LookupGrad.check lets an id equal to the table's row count through",
+           (LOOKUPS, "-k", "check_accepts")),
+    Mutant("lookups-to-dense-unchecked", NN,
+           "        self.check(num_rows)\n        dense = np.zeros((num_rows, self.values.shape[1]), dtype=np.float32)\n"
+           "        ops.scatter_add(",
+           "        dense = np.zeros((num_rows, self.values.shape[1]), dtype=np.float32)\n        ops.scatter_add(",
+           "LookupGrad.to_dense skips check(): 2-D ids (scatter_add takes any shape) go through",
+           (LOOKUPS, "-k", "check_accepts")),
+    Mutant("lookups-sgd-unchecked", OPTIM,
+           "        _kernels.sgd_scatter(p.weight, ids, values, 0.0, check_only=True)\n",
+           "",
+           "SGD's LookupGrad branch skips the kernel's check pass: a refusal on the last parameter leaves the "
+           "first moved",
+           (LOOKUPS, "-k", "kernel_refusal and SGD")),
+    Mutant("lookups-sgd-fma", OPTIM,
+           "        return lambda lr: _kernels.sgd_scatter(p.weight, ids, values, lr)",
+           "        return lambda lr: _kernels.sgd_scatter(p.weight, ids, values, lr, fma=True)",
+           "SGD steps a LookupGrad with torch's fma rounding instead of numpy's w - (lr * g)",
+           (LOOKUPS, "-k", "SGD or sgd")),
+    Mutant("lookups-adagrad-ignores-weight-decay", OPTIM,
+           "            if self.weight_decay != 0:\n"
+           "                raise RuntimeError(\"weight_decay option is not compatible with sparse gradients\")\n"
+           "            _kernels.adagrad_scatter(",
+           "            _kernels.adagrad_scatter(",
+           "Adagrad steps a LookupGrad with weight_decay set (torch refuses sparse gradients with it)",
+           (LOOKUPS, "-k", "weight_decay")),
+    Mutant("lookups-sparse-adam-unchecked", OPTIM,
+           "                self.params[i].grad.check(*self.params[i].weight.shape)",
+           "                pass",
+           "SparseAdam does not check a LookupGrad: adam_scatter takes ids of any shape, so 2-D or 0-d ids "
+           "step (the kernel's own checks cover dtype, range and values' shape)",
+           (LOOKUPS, "-k", "bad_lookup_grad and SparseAdam")),
+]
+
 if __name__ == "__main__":
     sys.exit(main())
