@@ -128,7 +128,7 @@ def _lookup_rows(ids, grad_out, dim):
     """ids (layer-owned) and grad_out, checked to be ids.shape + (dim,), as the (N,) and (N, D) of a LookupGrad:
     views where the arrays allow them (grad_out is not copied: see LookupGrad)."""
     _check_grad_shape(grad_out, ids, dim, "grad_out")
-    return ids.reshape(-1), grad_out.reshape(-1, dim)
+    return ids.reshape(-1), grad_out.reshape(ids.size, dim)  # not -1: numpy cannot infer it beside a 0 axis
 
 
 def _merge_lookups(grad, ids, values):
@@ -481,6 +481,10 @@ class EmbeddingBag(Embedding):
         if weights is not None:  # first: it writes nothing, so a bad grad_out leaves grad as it was
             weights_grad = ops.embedding_bag_weights_grad(self.weight, ids, offsets, grad_out, **bags)
         if self.sparse:
+            if not isinstance(grad_out, np.ndarray) or grad_out.dtype != np.float32:
+                # the kernel takes every table dtype; this layer's gradient is float32, as its table
+                raise TypeError(f"grad_out must be a numpy float32 array (the layer's dtype), got "
+                                f"{getattr(grad_out, 'dtype', type(grad_out).__name__)}")
             rows, values = ops.embedding_bag_grad_rows(self.num_embeddings, ids, offsets, grad_out, mode=self.mode,
                                                        per_sample_weights=weights, **bags)
             if self.coalesce:

@@ -604,13 +604,11 @@ def test_a_grad_of_another_form_is_refused_on_backward():
     assert_bitwise(tpe.token.grad.ids, token_ids)
 
 
-# ---------------------------------------------------------------- known bugs (lead: remove the xfail with the fix)
+# ---------------------------------------------------------------- once bugs
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="BUG: coalesce=False backward with embedding_dim 0 raises ValueError from "
-                          "grad_out.reshape(-1, 0) (numpy cannot infer -1 beside a 0 axis); coalesce=True works")
 @pytest.mark.parametrize("layer_kind", ["Embedding", "TokenPositionEmbedding"])
-def test_BUG_zero_dim_coalesce_false_backward(layer_kind):
+def test_zero_dim_coalesce_false_backward(layer_kind):
+    """D = 0 (a reshape to (-1, 0) cannot infer its -1: this once raised ValueError)."""
     ids = np.array([[1, 2, 1]], np.int64)
     if layer_kind == "Embedding":
         layer = fe.Embedding(4, 0, sparse=True, coalesce=False)
@@ -626,11 +624,10 @@ def test_BUG_zero_dim_coalesce_false_backward(layer_kind):
     assert_bitwise(tables[0].grad.ids, ids.reshape(-1))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: EmbeddingBag(sparse=True).backward takes a float64 grad_out (the "
-                                       "dense bag and Embedding refuse it) and stores a float64 gradient that "
-                                       "its own check() refuses: the error comes only at the optimizer's step")
 @pytest.mark.parametrize("coalesce", [False, True])
-def test_BUG_bag_float64_grad_out_is_stored(coalesce):
+def test_bag_float64_grad_out_is_refused_with_nothing_stored(coalesce):
+    """A sparse bag's backward refuses a float64 grad_out as the dense bag does (it was once stored, and
+    refused only at the optimizer's step)."""
     bag = fe.nn.EmbeddingBag(5, 3, mode="sum", sparse=True, coalesce=coalesce, seed=3)
     bag(np.array([[1, 4, 1]]))
     with pytest.raises(TypeError):
