@@ -1948,6 +1948,26 @@ MUTANTS += [
            "SparseAdam does not check a LookupGrad: adam_scatter takes ids of any shape, so 2-D or 0-d ids "
            "step (the kernel's own checks cover dtype, range and values' shape)",
            (LOOKUPS, "-k", "bad_lookup_grad and SparseAdam")),
+    Mutant("lookups-tpe-coalesce-flag-ignored", NN,
+           "        if self.sparse and not self.coalesce:\n            D = self.token.embedding_dim",
+           "        if False:\n            D = self.token.embedding_dim",
+           "TokenPositionEmbedding(sparse=True, coalesce=False) stores coalesced SparseGrads",
+           (LOOKUPS, "-k", "token_position")),
+    Mutant("lookups-coalesce-false-without-sparse", NN,
+           "    if not coalesce and not sparse:\n        raise ValueError(",
+           "    if False:\n        raise ValueError(",
+           "coalesce=False is accepted without sparse=True (and silently gives a dense gradient)",
+           (LOOKUPS, "-k", "needs_sparse")),
+    Mutant("lookups-adam-not-densified", OPTIM,
+           "            elif isinstance(g, (SparseGrad, LookupGrad)):\n                g = g.to_dense(",
+           "            elif isinstance(g, SparseGrad):\n                g = g.to_dense(",
+           "dense Adam hands a LookupGrad to its kernel as it is instead of making it dense",
+           (LOOKUPS, "-k", "oracle and Adam")),
+    Mutant("lookups-adam-scatter-skips-row-0", OPTIM,
+           "g.values, lr, b1, b2, eps, 1 - b1**t, 1 - b2**t, -1,",
+           "g.values, lr, b1, b2, eps, 1 - b1**t, 1 - b2**t, 0,",
+           "SparseAdam's adam_scatter call skips row 0 (skip_row 0, not -1)",
+           (LOOKUPS, "-k", "oracle and SparseAdam")),
 ]
 
 if __name__ == "__main__":
