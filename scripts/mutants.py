@@ -945,12 +945,12 @@ MUTANTS += [
 SHARDED, T_SHARDED = "fastembed/torch/distributed.py", "tests/test_sharded_embedding.py"
 MUTANTS += [
     Mutant("sharded-duplicates-overwrite", SHARDED,
-           "    ops.scatter_add(summed, plan.inverse, grad_out)\n",
+           "    _library._scatter_add(summed, plan.inverse, grad_out)\n",
            "    summed[plan.inverse.reshape(-1)] = grad_out.reshape(-1, dim)\n",
            "a rank's gradient rows of a repeated id overwrite each other instead of summing before they are sent",
            (T_SHARDED, "-k", "same_answer and dups_w4")),
     Mutant("sharded-dense-padding-grad", SHARDED,
-           "        grad[padding_row] = 0.0  # as nn.Embedding: the padding row gets no gradient\n",
+           "        grad[padding_row] = 0  # as nn.Embedding: the padding row gets no gradient (+0.0: zero bits)\n",
            "        pass\n",
            "the owner of padding_idx gives its row a dense gradient",
            (T_SHARDED, "-k", "same_answer and distinct_w4")),
@@ -1968,6 +1968,20 @@ MUTANTS += [
            "g.values, lr, b1, b2, eps, 1 - b1**t, 1 - b2**t, 0,",
            "SparseAdam's adam_scatter call skips row 0 (skip_row 0, not -1)",
            (LOOKUPS, "-k", "oracle and SparseAdam")),
+]
+
+# ShardedEmbedding on bfloat16 tables (the kernels take the memory as uint16 bits; gloo takes bfloat16 tensors)
+MUTANTS += [
+    Mutant("sharded-bf16-rows-as-bits", SHARDED,
+           "        return _library._tensor(out)\n",
+           "        return torch.from_numpy(out)\n",
+           "a bfloat16 lookup returns its rows as the uint16 bits the kernels wrote, not as bfloat16",
+           (T_SHARDED, "-k", "same_answer and bf16")),
+    Mutant("sharded-bf16-grad-as-bits", SHARDED,
+           "    return _library._tensor(grad)\n",
+           "    return torch.from_numpy(grad)\n",
+           "a bfloat16 block's dense gradient is the uint16 bits, not bfloat16",
+           (T_SHARDED, "-k", "same_answer and bf16_dups")),
 ]
 
 if __name__ == "__main__":

@@ -83,6 +83,7 @@ CASES = [
     _case("adam", "adam", 10, 3, torch.float32, padding_idx=4, seed=1),
     _case("rowwise", "rowwise", 10, 2, torch.float32, seed=2),
     _case("sgd_momentum_f64", "sgd_momentum", 7, 2, torch.float64, seed=3),
+    _case("sgd_momentum_bf16", "sgd_momentum", 7, 2, torch.bfloat16, padding_idx=0, seed=9),
     _case("adagrad_tiny", "adagrad", 3, 2, torch.float32, seed=4),
     _case("fe_adam", "fe_adam", 11, 4, torch.float32, seed=5),
     _case("fused_adagrad", "fused_adagrad", 10, 3, torch.float32, padding_idx=7, seed=6),

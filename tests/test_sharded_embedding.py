@@ -87,6 +87,15 @@ CASES = [
           [[5, 5, 0, 10], [10, 2], [0, 0, 0], [[7, 5], [5, 3]]], seed=12),
     _case("f16_sparse_distinct_w4", "world", 9, 2, torch.float16, torch.int32,
           [[8, 1], [0], [4, 6, 2], [3, 5, 7]], sparse=True, seed=13),
+    # bfloat16: the tables' memory as uint16 bits through the kernels, bfloat16 tensors through gloo
+    _case("bf16_dups_w4", "world", 11, 3, torch.bfloat16, torch.int64,
+          [[5, 5, 0, 10], [10, 2], [0, 0, 0], [[7, 5], [5, 3]]], padding_idx=3, seed=26),
+    _case("bf16_distinct_w4", "world", 11, 4, torch.bfloat16, torch.int32,
+          [[0, 3, 8, 10], [10, 3, 1, 7], [6, 0, 2, 9], [5, 7, 8]], seed=27),
+    _case("bf16_sparse_distinct_w4", "world", 9, 2, torch.bfloat16, torch.int32,
+          [[8, 1], [0], [4, 6, 2], [3, 5, 7]], sparse=True, seed=28),
+    _case("bf16_max_norm_w4", "world", 11, 3, torch.bfloat16, torch.int64,
+          [[0, 3, 3, 9], [9, 10], [4, 0], [6, 2, 9]], max_norm=1.0, seed=29),
     # two lookups of one table before one backward: each keeps its own exchange
     _case("two_lookups_w4", "world", 11, 3, torch.float32, torch.int64,
           [[1, 2], [3, 4, 4], [10], np.zeros(0)], [[9, 1, 6], np.zeros(0), [2, 0, 7], [[5], [10]]],
@@ -474,8 +483,10 @@ def test_constructor_refuses_what_it_cannot_hold(group_of_one):
         ShardedEmbedding(5, 2, fused=torch.optim.SGD)
     with pytest.raises(TypeError, match="never cast"):
         ShardedEmbedding(4, 2, dtype=torch.float64, _weight=torch.zeros(4, 2))
-    with pytest.raises(TypeError, match="float32, float64 or float16"):
-        ShardedEmbedding(4, 2, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="float32, float64, float16 or bfloat16"):
+        ShardedEmbedding(4, 2, dtype=torch.int64)
+    with pytest.raises(TypeError, match="fused= needs a float32 table"):
+        ShardedEmbedding(4, 2, dtype=torch.bfloat16, fused=fastembed.torch.optim.FusedSGD(lr=0.1))
     with pytest.raises(AssertionError):  # torch's error for a padding_idx out of range
         ShardedEmbedding(4, 2, padding_idx=4)
 

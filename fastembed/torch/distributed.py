@@ -30,7 +30,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import ops
 from ..nn import _fused_rule
-from . import _KERNEL_DTYPES, _grad, _ids, _moved, _padding_index, _renorm_needs_torch, _state, _table
+from . import _LOOKUP_DTYPES, _grad, _ids, _library, _moved, _padding_index, _renorm_needs_torch, _state, _table
 from . import _renorm as _adapter_renorm
 
 __all__ = ["CollectiveError", "NotSharedError", "ShardedEmbedding", "load_sharded", "save_sharded"]
@@ -66,7 +66,7 @@ def _all_to_all(send, recv_counts, send_counts, module, stage):
     return recv
 
 
-_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2}
+_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 _FORWARD, _BACKWARD = 0, 1
 _STAGES = ("a lookup (forward)", "a lookup's backward")
 
@@ -158,7 +158,7 @@ def _input_dist(ids, weight, module):
     every rank refuses the lookup together, before any table is touched."""
     serial = _next(module.process_group, "lookups")
     try:
-        block = _table(weight, "weight")
+        block = _table(weight, "weight", _LOOKUP_DTYPES)  # bfloat16: its memory as uint16 bits
         counts, rows, inverse = ops.exchange_plan(_ids(ids), module._bounds)
         error = None
     except Exception as exc:  # noqa: BLE001 -- any failed check: told to the group, then raised here
@@ -183,28 +183,32 @@ def _renorm(weight, block, plan, max_norm, norm_type):
             torch.embedding_renorm_(weight, torch.from_numpy(plan.recv_rows), float(max_norm), float(norm_type))
 
 
+# The arrays below are the kernels' numpy views (`_library._bits`: a bfloat16 tensor's memory as uint16
+# bits, which `_library`'s kernel calls take as bfloat16); the all-to-alls send torch tensors of the
+# table's own dtype (`_library._tensor`), which gloo takes for all four.
+
 def _local_lookup(block, plan):
     """Stage 2: the rows of this rank's block that the others asked for, in the order asked."""
-    return ops.gather(block, plan.recv_rows)
+    return _library._gather(block, plan.recv_rows)
 
 
 def _output_dist(served, plan, module):
     """Stage 3: the asked-for rows back to the ranks that asked; out = received[inverse]."""
-    fetched = _all_to_all(torch.from_numpy(served), plan.send_counts, plan.recv_counts, module, "the rows")
-    return ops.gather(fetched.numpy(), plan.inverse)
+    fetched = _all_to_all(_library._tensor(served), plan.send_counts, plan.recv_counts, module, "the rows")
+    return _library._gather(_library._bits(fetched), plan.inverse)
 
 
 def _sum_per_sent_row(grad_out, plan, dim):
     """Backward of stage 3, on the rank that looked up: the gradient of each distinct id summed (in the
-    row-major order of ids), one row per row it fetched."""
+    row-major order of ids), one row per row it fetched (zero bits are +0.0 in every dtype)."""
     summed = np.zeros((sum(plan.send_counts), dim), dtype=grad_out.dtype)
-    ops.scatter_add(summed, plan.inverse, grad_out)
+    _library._scatter_add(summed, plan.inverse, grad_out)
     return summed
 
 
 def _output_dist_backward(summed, plan, module):
     """The summed gradient rows back to the ranks that own them, in rank order of the senders."""
-    return _all_to_all(torch.from_numpy(summed), plan.recv_counts, plan.send_counts, module,
+    return _all_to_all(_library._tensor(summed), plan.recv_counts, plan.send_counts, module,
                        "the gradient rows")
 
 
@@ -218,11 +222,12 @@ def _block_grad(received, plan, shape, padding_row, sparse):
             keep = index[0] != padding_row
             index, received = index[:, keep], received[keep]
         return torch.sparse_coo_tensor(index, received, shape, check_invariants=False)
-    grad = np.zeros(shape, dtype=received.numpy().dtype)
-    ops.scatter_add(grad, plan.recv_rows, received.numpy())
+    bits = _library._bits(received)
+    grad = np.zeros(shape, dtype=bits.dtype)
+    _library._scatter_add(grad, plan.recv_rows, bits)
     if padding_row is not None:
-        grad[padding_row] = 0.0  # as nn.Embedding: the padding row gets no gradient
-    return torch.from_numpy(grad)
+        grad[padding_row] = 0  # as nn.Embedding: the padding row gets no gradient (+0.0: zero bits)
+    return _library._tensor(grad)
 
 
 class _ShardedLookup(torch.autograd.Function):
@@ -239,14 +244,14 @@ class _ShardedLookup(torch.autograd.Function):
         ctx.plan, ctx.module, ctx.shape, ctx.dtype = plan, module, block.shape, weight.dtype
         ctx.padding_row, ctx.sparse, ctx.fused = module._padding_row, module.sparse, module._fused_state()
         ctx.weight = weight if ctx.fused is not None else None  # (a leaf: no reference cycle)
-        return torch.from_numpy(out)
+        return _library._tensor(out)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         module, plan = ctx.module, ctx.plan
         try:
-            g, error = _grad(grad_out, "the sharded embedding output"), None
+            g, error = _grad(grad_out, "the sharded embedding output", _LOOKUP_DTYPES), None
             summed = _sum_per_sent_row(g, plan, ctx.shape[1])
             counts = plan.send_counts
         except Exception as exc:  # noqa: BLE001 -- told to the group, then raised here
@@ -325,7 +330,8 @@ class ShardedEmbedding(torch.nn.Module):
     sparse : bool
         Give the block a sparse COO gradient instead of a dense one.
     dtype : torch.dtype
-        float32 (default), float64 or float16.
+        float32 (default), float64, float16 or bfloat16 (16-bit rows are summed in float32 and rounded
+        after each add, as nn.Embedding's dense backward does on CPU).
     fused : a rule of fastembed.torch.optim, or None
         ``FusedSGD``, ``FusedAdagrad``, ``FusedRowWiseAdagrad`` or ``FusedSparseAdam``: the owner updates
         its rows with the gradient rows it receives, in backward (the table must be float32; not with
@@ -381,13 +387,16 @@ class ShardedEmbedding(torch.nn.Module):
             self._check_dtype(_weight.dtype)
             self.weight = torch.nn.Parameter(block.clone(memory_format=torch.contiguous_format))
         if self.fused is not None:
+            if self.weight.dtype != torch.float32:
+                raise TypeError(f"fused= needs a float32 table (the fused rules' kernels are float32), got "
+                                f"dtype={self.weight.dtype}")
             for key, arr in self.fused.new_state(_table(self.weight, "weight")).items():
                 self.register_buffer("optim_" + key, torch.from_numpy(arr))
 
     @staticmethod
     def _check_dtype(dtype):
-        if dtype not in _KERNEL_DTYPES:
-            raise TypeError(f"dtype must be float32, float64 or float16, got {dtype}")
+        if dtype not in _LOOKUP_DTYPES:
+            raise TypeError(f"dtype must be float32, float64, float16 or bfloat16, got {dtype}")
 
     def _fused_state(self):
         """(rule, {state name: buffer}) for the autograd function, or None."""
