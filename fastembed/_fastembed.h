@@ -293,6 +293,32 @@ static void fe_narrow_f16(fe_f16 *FE_RESTRICT h, const float *FE_RESTRICT f, ptr
     for (ptrdiff_t d = 0; d < n; d++) h[d].bits = fe_float_to_f16_sw(f[d]);
 }
 
+/* w[d] += a * g[d] as torch's `row.add_(g, alpha=a)` gives it on CPU, for scale_grad_by_freq's scaled
+   scatter (embedding_dense_backward adds each lookup's row scaled by 1 / the count of its id): one rounding
+   (fma) for float32 and float64. For the 16-bit types, as torch's vectorised loop: a rounded to the type,
+   then w + a * g in float (the product is exact there: two 8- or 11-bit significands) rounded once to the
+   type. (torch's scalar loop, which it runs on the last D % 32 columns on an AVX2 CPU, rounds the product
+   to the type first: up to one unit in the last place apart there.) */
+FE_FMA_CLONES static void fe_scaled_add_f32(float *FE_RESTRICT w, const float *FE_RESTRICT g, ptrdiff_t n,
+                                            float a) {
+    for (ptrdiff_t d = 0; d < n; d++) w[d] = fmaf(a, g[d], w[d]);
+}
+FE_FMA_CLONES static void fe_scaled_add_f64(double *FE_RESTRICT w, const double *FE_RESTRICT g, ptrdiff_t n,
+                                            double a) {
+    for (ptrdiff_t d = 0; d < n; d++) w[d] = fma(a, g[d], w[d]);
+}
+static void fe_scaled_add_bf16(fe_bf16 *FE_RESTRICT w, const fe_bf16 *FE_RESTRICT g, ptrdiff_t n, float a) {
+    const float a16 = fe_bf16_to_float(fe_float_to_bf16(a));
+    for (ptrdiff_t d = 0; d < n; d++)
+        w[d].bits = fe_float_to_bf16(fe_bf16_to_float(w[d].bits) + a16 * fe_bf16_to_float(g[d].bits));
+}
+static void fe_scaled_add_f16(fe_f16 *FE_RESTRICT w, const fe_f16 *FE_RESTRICT g, ptrdiff_t n, float a) {
+    /* the portable conversions: F16C's give the same bits (tests/test_dtypes.py holds them to it) */
+    const float a16 = fe_f16_to_float_sw(fe_float_to_f16_sw(a));
+    for (ptrdiff_t d = 0; d < n; d++)
+        w[d].bits = fe_float_to_f16_sw(fe_f16_to_float_sw(w[d].bits) + a16 * fe_f16_to_float_sw(g[d].bits));
+}
+
 #if defined(__GNUC__) || defined(__clang__)
 #define fe_prefetch(p) __builtin_prefetch((p), 0, 3)
 #define fe_prefetch_write(p) __builtin_prefetch((p), 1, 3)

@@ -36,7 +36,9 @@ def gather_add(
     *,
     _format: _Format = None,
 ) -> _Table: ...
-def scatter_add(grad_table: _Table, ids: _Ids, grad_out: _Table, *, _format: _Format = None) -> None: ...
+def scatter_add(
+    grad_table: _Table, ids: _Ids, grad_out: _Table, *, scale_grad_by_freq: bool = False, _format: _Format = None
+) -> None: ...
 def gather_add_backward(
     grad_hidden: _Table,
     ids: _Ids,

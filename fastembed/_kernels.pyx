@@ -55,6 +55,8 @@ cdef extern from "_fastembed.h" nogil:
                      float beta2, float eps, float inv_bias1, float inv_bias2)
     void fe_sgd_row(float* w, const float* g, Py_ssize_t n, float lr)
     void fe_sgd_row_fma(float* w, const float* g, Py_ssize_t n, float lr)
+    void fe_scaled_add_f32(float* w, const float* g, Py_ssize_t n, float a)
+    void fe_scaled_add_f64(double* w, const double* g, Py_ssize_t n, double a)
     void fe_adagrad_row(float* w, float* s, const float* g, Py_ssize_t n, float clr, float eps)
     float fe_sum_squares(const float* g, Py_ssize_t n)
     void fe_scaled_row(float* w, const float* g, Py_ssize_t n, float lr, float std)
@@ -74,6 +76,8 @@ cdef extern from "_fastembed.h" nogil:
     void fe_narrow_f16(fe_f16* h, const float* f, Py_ssize_t n)
     void fe_add_rows_bf16(fe_bf16* out, const fe_bf16* a, const fe_bf16* b, Py_ssize_t n)
     void fe_add_into_bf16(fe_bf16* g, const fe_bf16* s, Py_ssize_t n)
+    void fe_scaled_add_f16(fe_f16* w, const fe_f16* g, Py_ssize_t n, float a)
+    void fe_scaled_add_bf16(fe_bf16* w, const fe_bf16* g, Py_ssize_t n, float a)
     void fe_widen_bf16(float* out, const fe_bf16* h, Py_ssize_t n)
     void fe_narrow_bf16(fe_bf16* h, const float* f, Py_ssize_t n)
     int fe_f16_init()
@@ -241,18 +245,34 @@ cdef enum:
     ROW_ADD = 0
     ROW_SGD = 1
     ROW_SGD_FMA = 2
+    ROW_SCALED = 3  # add the source row times a per-lookup factor (scale_grad_by_freq: 1 / its id's count)
 
 
-cdef inline void _row_op(int op, elem_t* dst, const elem_t* src, Py_ssize_t n, float lr) noexcept nogil:
-    if elem_t is float:
+cdef inline void _row_op(int op, elem_t* dst, const elem_t* src, Py_ssize_t n, double lr) noexcept nogil:
+    if op == ROW_SCALED:
+        _scaled_add(dst, src, n, lr)
+    elif elem_t is float:
         if op == ROW_ADD:
             fe_add_into(dst, src, n)
         elif op == ROW_SGD:
-            fe_sgd_row(dst, src, n, lr)
+            fe_sgd_row(dst, src, n, <float>lr)
         else:
-            fe_sgd_row_fma(dst, src, n, lr)
+            fe_sgd_row_fma(dst, src, n, <float>lr)
     else:
         _add_into(dst, src, n)  # only scatter_add comes here (sgd_scatter takes float32 only)
+
+
+cdef inline void _scaled_add(elem_t* dst, const elem_t* src, Py_ssize_t n, double a) noexcept nogil:
+    """dst += a * src as torch's row.add_(src, alpha=a): a is the double torch forms, cast to the element
+    type (float32 and the 16-bit types via float)."""
+    if elem_t is float:
+        fe_scaled_add_f32(dst, src, n, <float>a)
+    elif elem_t is double:
+        fe_scaled_add_f64(dst, src, n, a)
+    elif elem_t is fe_f16:
+        fe_scaled_add_f16(dst, src, n, <float>a)
+    else:
+        fe_scaled_add_bf16(dst, src, n, <float>a)
 
 
 cdef inline Py_ssize_t _block_of(elem_t* p) noexcept nogil:
@@ -262,11 +282,12 @@ cdef inline Py_ssize_t _block_of(elem_t* p) noexcept nogil:
 
 cdef Py_ssize_t _scatter_cols(elem_t* grad, Py_ssize_t V, Py_ssize_t D, const index_t* ids, Py_ssize_t N,
                               const elem_t* src, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t w0,
-                              int op, float lr) noexcept nogil:
-    """grad[ids[i], c0:c1] (and w0:D) += src[i, same columns] (or -= lr * src[...], by op), i in order
-    (the order of np.add.at)."""
+                              int op, float lr, const double* scales) noexcept nogil:
+    """grad[ids[i], c0:c1] (and w0:D) += src[i, same columns] (or -= lr * src[...], or += scales[i] *
+    src[...], by op), i in order (the order of np.add.at)."""
     cdef Py_ssize_t i, skipped = 0
     cdef int64_t r
+    cdef double a = lr
     for i in range(N):
         if i + PREFETCH_ROWS < N:
             _prefetch_elems_write(grad + <Py_ssize_t>ids[i + PREFETCH_ROWS] * D, c0, c1)
@@ -274,9 +295,11 @@ cdef Py_ssize_t _scatter_cols(elem_t* grad, Py_ssize_t V, Py_ssize_t D, const in
         if _outside(r, V):
             skipped += 1
             continue
-        _row_op(op, grad + r * D + c0, src + i * D + c0, c1 - c0, lr)
+        if scales != NULL:
+            a = scales[i]
+        _row_op(op, grad + r * D + c0, src + i * D + c0, c1 - c0, a)
         if w0 < D:
-            _row_op(op, grad + r * D + w0, src + i * D + w0, D - w0, lr)
+            _row_op(op, grad + r * D + w0, src + i * D + w0, D - w0, a)
     return skipped
 
 
@@ -310,7 +333,8 @@ cdef Py_ssize_t _backward_cols(elem_t* tok_grad, Py_ssize_t V, elem_t* pos_grad,
 
 
 cdef Py_ssize_t _scatter_add(elem_t* grad, Py_ssize_t V, Py_ssize_t D, const index_t* ids, Py_ssize_t N,
-                             const elem_t* src, int op, float lr, int nthreads, int* team) noexcept nogil:
+                             const elem_t* src, int op, float lr, const double* scales, int nthreads,
+                             int* team) noexcept nogil:
     # Threads own columns, not ids: each element is summed by one thread in ids order,
     # so the result is bitwise the same for every thread count.
     cdef int k
@@ -318,14 +342,14 @@ cdef Py_ssize_t _scatter_add(elem_t* grad, Py_ssize_t V, Py_ssize_t D, const ind
     cdef Py_ssize_t c0, c1, w0, skipped = 0, phase = _phase_of(grad, sizeof(elem_t))
     team[0] = 1
     if nthreads <= 1:
-        return _scatter_cols(grad, V, D, ids, N, src, 0, D, D, op, lr)
+        return _scatter_cols(grad, V, D, ids, N, src, 0, D, D, op, lr, scales)
     for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
         if k == 0:
             team[0] = fe_omp_team_size()
         c0 = _col_start_of(D, phase, k, nthreads, block)
         c1 = _col_end_of(D, phase, k, nthreads, block)
         w0 = _col_wrap_of(D, phase, k, nthreads, block)
-        skipped += _scatter_cols(grad, V, D, ids, N, src, c0, c1, w0, op, lr)
+        skipped += _scatter_cols(grad, V, D, ids, N, src, c0, c1, w0, op, lr, scales)
     return skipped
 
 
@@ -398,23 +422,27 @@ cdef Py_ssize_t _gather_add_any(const void* tok, Py_ssize_t V, const void* pos, 
 
 
 cdef Py_ssize_t _scatter_add_ids(elem_t* grad, Py_ssize_t V, Py_ssize_t D, const void* ids, bint wide,
-                                 Py_ssize_t N, const elem_t* src, int op, float lr, int nthreads,
-                                 int* team) noexcept nogil:
+                                 Py_ssize_t N, const elem_t* src, int op, float lr, const double* scales,
+                                 int nthreads, int* team) noexcept nogil:
     if wide:
-        return _scatter_add(grad, V, D, <const int64_t*>ids, N, src, op, lr, nthreads, team)
-    return _scatter_add(grad, V, D, <const int32_t*>ids, N, src, op, lr, nthreads, team)
+        return _scatter_add(grad, V, D, <const int64_t*>ids, N, src, op, lr, scales, nthreads, team)
+    return _scatter_add(grad, V, D, <const int32_t*>ids, N, src, op, lr, scales, nthreads, team)
 
 
 cdef Py_ssize_t _scatter_add_any(void* grad, Py_ssize_t V, Py_ssize_t D, const void* ids, bint wide,
-                                 Py_ssize_t N, const void* src, int fmt, int op, float lr, int nthreads,
-                                 int* team) noexcept nogil:
+                                 Py_ssize_t N, const void* src, int fmt, int op, float lr, const double* scales,
+                                 int nthreads, int* team) noexcept nogil:
     if fmt == FMT_F32:
-        return _scatter_add_ids(<float*>grad, V, D, ids, wide, N, <const float*>src, op, lr, nthreads, team)
+        return _scatter_add_ids(<float*>grad, V, D, ids, wide, N, <const float*>src, op, lr, scales, nthreads,
+                                team)
     if fmt == FMT_F64:
-        return _scatter_add_ids(<double*>grad, V, D, ids, wide, N, <const double*>src, op, lr, nthreads, team)
+        return _scatter_add_ids(<double*>grad, V, D, ids, wide, N, <const double*>src, op, lr, scales, nthreads,
+                                team)
     if fmt == FMT_F16:
-        return _scatter_add_ids(<fe_f16*>grad, V, D, ids, wide, N, <const fe_f16*>src, op, lr, nthreads, team)
-    return _scatter_add_ids(<fe_bf16*>grad, V, D, ids, wide, N, <const fe_bf16*>src, op, lr, nthreads, team)
+        return _scatter_add_ids(<fe_f16*>grad, V, D, ids, wide, N, <const fe_f16*>src, op, lr, scales, nthreads,
+                                team)
+    return _scatter_add_ids(<fe_bf16*>grad, V, D, ids, wide, N, <const fe_bf16*>src, op, lr, scales, nthreads,
+                            team)
 
 
 cdef Py_ssize_t _gather_add_backward_ids(elem_t* tok_grad, Py_ssize_t V, elem_t* pos_grad, Py_ssize_t P,
@@ -522,9 +550,12 @@ def gather_add(token_table, position_table, ids, positions=None, out=None, *, _f
     return res
 
 
-def scatter_add(grad_table, ids, grad_out, *, _format=None):
-    """grad_table[ids] += grad_out in place, duplicates summed in the row-major order of ids."""
-    _scatter_fmt(grad_table, ids, grad_out, "grad_table", ROW_ADD, 0.0, False, _format_arg(_format))
+def scatter_add(grad_table, ids, grad_out, *, scale_grad_by_freq=False, _format=None):
+    """grad_table[ids] += grad_out in place, duplicates summed in the row-major order of ids;
+    scale_grad_by_freq: each lookup's row times 1 / (how many times its id occurs in ids), added as
+    torch's embedding_dense_backward adds it (row.add_(g, alpha=1/count))."""
+    _scatter_fmt(grad_table, ids, grad_out, "grad_table", ROW_SCALED if scale_grad_by_freq else ROW_ADD, 0.0,
+                 False, _format_arg(_format))
 
 
 cdef int _scatter(object target, object ids, object grad_out, str name, int op, double lr,
@@ -540,14 +571,15 @@ cdef int _scatter_fmt(object target, object ids, object grad_out, str name, int 
     order whatever the thread count)."""
     cdef int fmt = FMT_F32
     cdef cnp.ndarray grad
-    if op == ROW_ADD:
+    cdef bint any_dtype = op == ROW_ADD or op == ROW_SCALED
+    if any_dtype:
         grad = _any_target(target, name, forced, &fmt)
     else:
         grad = _target(target, name)
     _check_2d(grad, name)
     cdef cnp.ndarray idx = _index_array(ids, "ids")
     cdef cnp.ndarray src
-    if op == ROW_ADD:
+    if any_dtype:
         src = _input_like(grad_out, "grad_out", grad, name)
     else:
         src = _float_input(grad_out, "grad_out")
@@ -564,14 +596,27 @@ cdef int _scatter_fmt(object target, object ids, object grad_out, str name, int 
     cdef int nthreads = _column_threads_fmt(N, D, g, fmt), team
     cdef bint release = _releases(N * D)
     cdef Py_ssize_t skipped
+    cdef cnp.ndarray scales = None
+    cdef const double* sc = NULL
+    if op == ROW_SCALED:
+        scales = _freq_scales(idx, N, release)
+        sc = <const double*>cnp.PyArray_DATA(scales)
     if release:
         with nogil:
-            skipped = _scatter_add_any(g, V, D, ip, wide, N, s, fmt, op, <float>lr, nthreads, &team)
+            skipped = _scatter_add_any(g, V, D, ip, wide, N, s, fmt, op, <float>lr, sc, nthreads, &team)
     else:
-        skipped = _scatter_add_any(g, V, D, ip, wide, N, s, fmt, op, <float>lr, nthreads, &team)
+        skipped = _scatter_add_any(g, V, D, ip, wide, N, s, fmt, op, <float>lr, sc, nthreads, &team)
     _record(team, release)
     _raise_if_skipped(skipped, "ids")
     return 0
+
+
+cdef cnp.ndarray _freq_scales(cnp.ndarray idx, Py_ssize_t N, bint release):
+    """1.0 / (the number of times ids[i] occurs in ids), per lookup i, as float64 (torch's `scale /=
+    counts[k]`, counted over every id, padding_idx's too); ids already range-checked."""
+    cdef cnp.ndarray slots = _unique_slots(idx, N, release)[1]
+    cdef cnp.ndarray counts = np.bincount(slots, minlength=1)
+    return 1.0 / counts[slots].astype(np.float64)
 
 
 def gather_add_backward(grad_hidden, ids, token_grad, position_grad, positions=None, *, _format=None):

@@ -170,7 +170,7 @@ def gather_add(token_table, position_table, ids, *, positions=None, out=None):
     return _kernels.gather_add(token_table, position_table, ids, positions, out)
 
 
-def scatter_add(grad_table, ids, grad_out):
+def scatter_add(grad_table, ids, grad_out, *, scale_grad_by_freq=False):
     """Accumulate in place: ``grad_table[ids] += grad_out``, repeated ids summed.
 
     Duplicates are added in the row-major order of ids, as ``np.add.at`` does: the
@@ -178,15 +178,24 @@ def scatter_add(grad_table, ids, grad_out):
     bfloat16 gradient is rounded after each add (each add in float32), as ``np.add.at``
     on it and torch's dense embedding backward on CPU do.
 
+    With ``scale_grad_by_freq=True`` (torch's option of that name), each lookup's row is
+    scaled by ``1 / c``, c the number of times its id occurs in ids, as torch's
+    ``embedding_dense_backward`` adds it (``row.add_(g, alpha=1/c)``): float32 and float64
+    with one rounding per add (fma), bitwise torch's; float16 and bfloat16 with ``1/c``
+    rounded to the type and ``row + alpha * g`` formed in float32 and rounded once, torch's
+    vectorised loop (torch's scalar loop, which it runs on the last D % 32 columns on AVX2,
+    rounds the product first: one unit in the last place apart at most there).
+
     Parameters
     ----------
     grad_table : ndarray of float32, float64, float16 or bfloat16, shape (V, D), C-contiguous and writeable
     ids : array-like of int, any shape (...)
     grad_out : ndarray of grad_table's dtype, shape ids.shape + (D,)
+    scale_grad_by_freq : bool
     """
     if type(ids) is not _ndarray or ids.dtype not in _NATIVE_IDS:
         ids = _converted_ids(ids, (grad_table,), ("grad_table",))
-    _kernels.scatter_add(grad_table, ids, grad_out)
+    _kernels.scatter_add(grad_table, ids, grad_out, scale_grad_by_freq=scale_grad_by_freq)
 
 
 def gather_add_backward(grad_hidden, ids, token_grad, position_grad, *, positions=None):

@@ -17,7 +17,9 @@ def gather_add(
     positions: _Positions = None,
     out: _Float32 | None = None,
 ) -> _Float32: ...
-def scatter_add(grad_table: _Float32, ids: npt.ArrayLike, grad_out: _Float32) -> None: ...
+def scatter_add(
+    grad_table: _Float32, ids: npt.ArrayLike, grad_out: _Float32, *, scale_grad_by_freq: bool = False
+) -> None: ...
 def gather_add_backward(
     grad_hidden: _Float32,
     ids: npt.ArrayLike,

@@ -409,7 +409,7 @@ MUTANTS = [
            "the sparse SGD step moves table row k instead of rows[k]",
            ("tests/test_optim_kernels.py", "-k", "sgd")),
     Mutant("sgd-scatter-fma-ignored", PYX,
-           "        fe_sgd_row_fma(dst, src, n, lr)", "        fe_sgd_row(dst, src, n, lr)",
+           "            fe_sgd_row_fma(dst, src, n, <float>lr)", "            fe_sgd_row(dst, src, n, <float>lr)",
            "sgd_scatter(fma=True) rounds twice, as numpy does, not once as torch does",
            ("tests/test_sgd_scatter.py", "-k", "rounding or torch")),
     Mutant("sgd-step-fma-ignored", OPTIM_PXI,
@@ -422,7 +422,7 @@ MUTANTS = [
            "the fma row computes neg * g + w with two roundings (contraction is off in the build)",
            ("tests/test_sgd_scatter.py",)),
     Mutant("sgd-scatter-adds", PYX,
-           "        elif op == ROW_SGD:\n            fe_sgd_row(dst, src, n, lr)",
+           "        elif op == ROW_SGD:\n            fe_sgd_row(dst, src, n, <float>lr)",
            "        elif op == ROW_SGD:\n            fe_add_into(dst, src, n)",
            "sgd_scatter (numpy rounding) adds the gradient instead of stepping against it",
            ("tests/test_sgd_scatter.py", "-k", "ids_order")),
@@ -777,11 +777,12 @@ MUTANTS += [
            "        if max_norm is not None:\n            _renorm(weight, table, input, max_norm, norm_type)\n"
            "        if sparse and weight.requires_grad and torch.is_grad_enabled():\n"
            "            return _sparse_lookup(weight, table, input, padding_idx)\n"
-           "        return _EmbeddingFunction.apply(weight, input, table, padding_idx, sparse, fused)\n",
+           "        return _EmbeddingFunction.apply(weight, input, table, padding_idx, sparse, fused, bool(scale_grad_by_freq))\n",
            "        if sparse and weight.requires_grad and torch.is_grad_enabled():\n"
            "            out = _sparse_lookup(weight, table, input, padding_idx)\n"
            "        else:\n"
-           "            out = _EmbeddingFunction.apply(weight, input, table, padding_idx, sparse, fused)\n"
+           "            out = _EmbeddingFunction.apply(weight, input, table, padding_idx, sparse, fused,\n"
+           "                                           bool(scale_grad_by_freq))\n"
            "        if max_norm is not None:\n            _renorm(weight, table, input, max_norm, norm_type)\n"
            "        return out\n",
            "the rows are renormalised after the lookup: the output has the old rows (torch's the new ones)",
@@ -792,9 +793,9 @@ MUTANTS += [
            "the in-place renorm does not move the weight's version counter (torch's does)",
            (DROPIN, "-k", "renorm_kernel_and_moves_the_version")),
     Mutant("tdrop-scale-grad-by-freq-ignored", TORCH,
-           "if fused is None and (scale_grad_by_freq or not _uses_kernels(weight, input)",
-           "if fused is None and (not _uses_kernels(weight, input)",
-           "scale_grad_by_freq is ignored for float32 CPU tables (the kernels do not scale)",
+           "        return _EmbeddingFunction.apply(weight, input, table, padding_idx, sparse, fused, bool(scale_grad_by_freq))",
+           "        return _EmbeddingFunction.apply(weight, input, table, padding_idx, sparse, fused, False)",
+           "scale_grad_by_freq is ignored for float32 CPU tables (the backward does not scale)",
            (DROPIN, "-k", "scale_grad_by_freq")),
     Mutant("tdrop-repr-norm-type-always", TORCH,
            "        if self.norm_type != 2:\n", "        if self.norm_type is not None:\n",

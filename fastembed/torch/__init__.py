@@ -63,6 +63,9 @@ _ID_DTYPES = (torch.int32, torch.int64)
 # renorm takes the same four. The fused rules are float32 only.
 _KERNEL_DTYPES = _library._KERNEL_DTYPES
 _LOOKUP_DTYPES = _library._LOOKUP_DTYPES
+# scale_grad_by_freq's backward on the kernels: the dtypes whose scaled adds are bitwise torch's in every
+# column (float16 and bfloat16 are one ulp apart in torch's scalar tail columns: torch's own lookup there)
+_SCALED_DTYPES = (torch.float32, torch.float64)
 
 
 # ---------------------------------------------------------------- tensors as numpy views, checked
@@ -200,11 +203,12 @@ class _EmbeddingFunction(torch.autograd.Function):
     lookup with no gradient to give; one with a sparse gradient is `Embedding._sparse_lookup`.)"""
 
     @staticmethod
-    def forward(ctx, weight, ids, table, padding_idx, sparse, fused):
+    def forward(ctx, weight, ids, table, padding_idx, sparse, fused, scale_grad_by_freq=False):
         idn = _ids(ids)
         out = _library._gather(table, idn)
         ctx.ids, ctx.ids_np, ctx.ids_version = ids, idn, ids._version
         ctx.table, ctx.padding_idx, ctx.sparse, ctx.fused = table, padding_idx, sparse, fused
+        ctx.scale_grad_by_freq = scale_grad_by_freq
         ctx.weight = weight if fused is not None else None  # (a leaf: no reference cycle)
         return _library._tensor(out)
 
@@ -216,26 +220,30 @@ class _EmbeddingFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        none = (None,) * 6
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None
+            return (None,) + none
         _check_version(ctx, ctx.ids)  # (a sparse Embedding is torch's F.embedding: never here)
         if torch.is_grad_enabled() and ctx.fused is None:
             # backward(create_graph=True): the gradient must itself be differentiable (double backward,
-            # as torch's embedding allows), so it is the custom op, whose own backward is registered
+            # as torch's embedding allows), so it is the custom op, whose own backward is registered (with
+            # scale_grad_by_freq, torch's own op, which has its derivative)
             padding_idx = -1 if ctx.padding_idx is None else ctx.padding_idx
-            return (_library.embedding_backward(grad_out, ctx.ids, ctx.table.shape[0], padding_idx),
-                    None, None, None, None, None)
+            if ctx.scale_grad_by_freq:
+                return (torch.ops.aten.embedding_dense_backward(grad_out, ctx.ids, ctx.table.shape[0], padding_idx,
+                                                                True),) + none
+            return (_library.embedding_backward(grad_out, ctx.ids, ctx.table.shape[0], padding_idx),) + none
         g = _grad(grad_out, "the embedding output", _LOOKUP_DTYPES)
         if ctx.fused is not None:
             rule, buffers = ctx.fused
             rule.update(ctx.table, _state(buffers), ctx.ids_np, g, padding_idx=ctx.padding_idx)
             _moved(ctx.weight)
-            return None, None, None, None, None, None
+            return (None,) + none
         grad = np.zeros(ctx.table.shape, dtype=ctx.table.dtype)
-        _library._scatter_add(grad, ctx.ids_np, g)
+        _library._scatter_add(grad, ctx.ids_np, g, ctx.scale_grad_by_freq)
         if ctx.padding_idx is not None:
             grad[ctx.padding_idx] = 0.0  # as torch: the padding row gets no gradient
-        return _library._tensor(grad), None, None, None, None, None
+        return (_library._tensor(grad),) + none
 
 
 class _TokenPositionFunction(torch.autograd.Function):
@@ -384,7 +392,8 @@ def _embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_fr
     that caches the table's numpy view (the module's), or None."""
     if traced and torch.compiler.is_compiling():
         return _traced_embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse, fused)
-    if fused is None and (scale_grad_by_freq or not _uses_kernels(weight, input)
+    if fused is None and ((scale_grad_by_freq and (sparse or weight.dtype not in _SCALED_DTYPES))
+                          or not _uses_kernels(weight, input)
                           or (max_norm is not None and _renorm_needs_torch(weight, max_norm, norm_type))):
         # torch's own lookup: torch's result, gradient and errors, padding_idx checked by torch
         return torch.nn.functional.embedding(input, weight, padding_idx, max_norm, norm_type,
@@ -396,7 +405,7 @@ def _embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_fr
             _renorm(weight, table, input, max_norm, norm_type)
         if sparse and weight.requires_grad and torch.is_grad_enabled():
             return _sparse_lookup(weight, table, input, padding_idx)
-        return _EmbeddingFunction.apply(weight, input, table, padding_idx, sparse, fused)
+        return _EmbeddingFunction.apply(weight, input, table, padding_idx, sparse, fused, bool(scale_grad_by_freq))
     except IndexError as exc:
         # torch's words first (code and torch's own tests match "index out of range in self"), then
         # fastembed's, which name the id, where it stands and the number of rows
@@ -465,8 +474,11 @@ class Embedding(torch.nn.Module):
     where torch's may have scaled some). Every other dtype or device torch accepts
     (an integer table from ``from_pretrained``, ``meta``, a strided table) is
     torch's own ``F.embedding``, so it gives torch's result.
-    ``scale_grad_by_freq=True`` is torch's own
-    ``F.embedding`` too (there is no kernel for it yet). ``sparse=True`` gives
+    ``scale_grad_by_freq=True`` runs on the kernels for float32 and float64 tables
+    (each lookup's row scaled by 1 / its id's count, added as torch adds it: bitwise
+    torch's); with float16 or bfloat16 tables, or with ``sparse=True``, it is torch's
+    own ``F.embedding`` (the 16-bit scaled add of `fastembed.scatter_add` is torch's
+    vectorised loop, one ulp from torch's scalar tail columns). ``sparse=True`` gives
     torch's sparse gradient (one uncoalesced entry per lookup): such a lookup,
     whose backward computes nothing, is torch's ``F.embedding`` (cheaper to call
     than any Python autograd function), after fastembed's checks. Double backward

@@ -89,11 +89,12 @@ def _gather_add(token, position, ids, positions):
     return ops.gather_add(token, position, ids, positions=positions)
 
 
-def _scatter_add(grad_table, ids, grad_out):
+def _scatter_add(grad_table, ids, grad_out, scale_grad_by_freq=False):
     if grad_table.dtype == _BITS:
-        _kernels.scatter_add(grad_table, ops.as_ids(ids), grad_out, _format=_BF16)
+        _kernels.scatter_add(grad_table, ops.as_ids(ids), grad_out, scale_grad_by_freq=scale_grad_by_freq,
+                             _format=_BF16)
     else:
-        ops.scatter_add(grad_table, ids, grad_out)
+        ops.scatter_add(grad_table, ids, grad_out, scale_grad_by_freq=scale_grad_by_freq)
 
 
 def _renorm(table, ids, max_norm, norm_type):
