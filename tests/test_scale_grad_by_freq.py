@@ -10,6 +10,7 @@ Oracles written here, independent of the kernels:
   for the 16-bit types in the columns torch's vectorised loop covers (its scalar tail rounds differently);
 - for the drop-in, torch.nn.Embedding / F.embedding with the same arguments.
 """
+import importlib.util
 import math
 from collections import Counter
 from fractions import Fraction
@@ -212,6 +213,25 @@ def test_scaled_scatter_by_hand():
     assert empty.tolist() == [[1.0] * 3] * 2
 
 
+def test_id_lists_and_numpy_bfloat16_tables():
+    """ops' id conversion (a list, uint16 ids) and an ml_dtypes bfloat16 table: the same bits as the arrays/bits."""
+    rng = np.random.default_rng(11)
+    ids = [2, 0, 2, 2, 1, 0]
+    for fmt in FORMATS:
+        w0, g = rounded(rng.standard_normal((3, 40)), fmt), rounded(rng.standard_normal((6, 40)), fmt)
+        expected = storage(scaled_scatter(w0, ids, g, fmt), fmt)
+        for form in (ids, np.array(ids, np.uint16), np.array(ids, np.int32)):
+            table = storage(w0, fmt)
+            if fmt == "bfloat16":
+                ml_dtypes = pytest.importorskip("ml_dtypes")
+                table = table.view(ml_dtypes.bfloat16)
+                fe.scatter_add(table, form, storage(g, fmt).view(ml_dtypes.bfloat16), scale_grad_by_freq=True)
+                table = table.view(np.uint16)
+            else:
+                fe.scatter_add(table, form, storage(g, fmt), scale_grad_by_freq=True)
+            assert_bitwise(table, expected)
+
+
 def test_the_float32_add_rounds_once():
     """fmaf, not a rounded product then a rounded sum: 1/3 * g + w where the two differ."""
     a = np.float32(1.0 / 3.0)
@@ -243,7 +263,7 @@ def check_round_to(rng):
 
 # ================================================================ 1b. scatter_add against torch itself
 
-torch_mark = pytest.mark.skipif(__import__("importlib").util.find_spec("torch") is None, reason="torch missing")
+torch_mark = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
 
 
 def torch_backward(ids, g, fmt, V):
@@ -267,8 +287,8 @@ def torch_vector_columns():
 @FAST
 @given(problem=problems(), threads=st.sampled_from([1, 2]))
 def test_scaled_scatter_is_torchs_embedding_backward(problem, threads):
-    fmt, _, ids, g = problem
-    V, D = _.shape
+    fmt, w0, ids, g = problem
+    V, D = w0.shape
     theirs = torch_backward(ids, g, fmt, V)
     table = storage(np.zeros((V, D)), fmt)
     with serial_elements(0), num_threads(threads):
@@ -451,3 +471,39 @@ def test_double_backward_is_torchs(dtype, padding_idx):
     assert on_kernels(results[1][0])
     for ours, theirs in zip(results[1], results[0]):
         same(ours, theirs)
+
+
+# ================================================================ 1c. many ids, and ids spread over a large table
+# (the counts come from a bitmap pass when the ids are dense in their range, from a sort when they are not)
+
+@torch_mark
+@pytest.mark.parametrize("fmt", ["float32", "float64"])
+@pytest.mark.parametrize("V, N, D, spread", [(50, 70000, 3, False), (1_000_000, 3000, 2, True),
+                                             (1_000_000, 3000, 2, False)])
+def test_many_ids_are_torchs(fmt, V, N, D, spread):
+    rng = np.random.default_rng(N + V)
+    ids = rng.integers(0, V if spread else 37, size=(N // 2, 2)).astype(np.int32)
+    ids[0, 0] = V - 1
+    g = rounded(rng.standard_normal((N // 2, 2, D)), fmt)
+    theirs = torch_backward(ids, g, fmt, V)
+    for threads in (1, 2):
+        table = storage(np.zeros((V, D)), fmt)
+        with num_threads(threads):
+            scatter(table, ids, storage(g, fmt), fmt)
+        assert_bitwise(values_of(table, fmt), theirs)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_a_few_ids_spread_over_a_large_table(fmt):
+    rng = np.random.default_rng(17)
+    V, D = 1_000_000, 3
+    ids = rng.integers(0, V, size=20)
+    ids[[3, 9, 15]] = ids[0]
+    ids[[4, 5]] = V - 1
+    w0 = np.zeros((V, D))
+    w0[ids] = rounded(rng.standard_normal((20, D)), fmt)
+    g = rounded(rng.standard_normal((20, D)), fmt)
+    table = storage(w0, fmt)
+    scatter(table, ids, storage(g, fmt), fmt)
+    expected = scaled_scatter(w0, ids, g, fmt)
+    assert_bitwise(table, storage(expected, fmt))
