@@ -199,6 +199,17 @@ def test_two_threads_at_a_wide_row_give_one_threads_bits(fmt):
     assert_bitwise(table, storage(scaled_scatter(w0, rows, g[:60], fmt), fmt))
 
 
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_counts_that_are_not_powers_of_two(fmt):
+    """Counts 3, 5, 6, 7, 11 (1/c inexact in every format, so each rounding of it shows), all columns."""
+    rng = np.random.default_rng(23)
+    ids = rng.permutation(np.repeat(np.arange(5), [3, 5, 6, 7, 11]))
+    w0, g = rounded(rng.standard_normal((6, 70)), fmt), rounded(rng.standard_normal((ids.size, 70)), fmt)
+    table = storage(w0, fmt)
+    scatter(table, ids, storage(g, fmt), fmt)
+    assert_bitwise(table, storage(scaled_scatter(w0, ids, g, fmt), fmt))
+
+
 def test_scaled_scatter_by_hand():
     """Three lookups of row 1, one of row 0: row 1 gets each third, row 0 its whole row; 0-d ids count 1."""
     table = np.zeros((3, 2), np.float64)
