@@ -38,11 +38,9 @@ def round_to(x, fmt):
         return 0.0
     p, emin, emax = FORMATS[fmt]
     sign, m = (-1 if x < 0 else 1), abs(x)
-    e = m.numerator.bit_length() - m.denominator.bit_length()  # 2**e <= m < 2**(e + 2)
-    if m >= Fraction(2) ** (e + 1):
-        e += 1
+    e = m.numerator.bit_length() - m.denominator.bit_length()  # 2**(e - 1) < m < 2**(e + 1)
     if m < Fraction(2) ** e:
-        e -= 1
+        e -= 1  # now 2**e <= m < 2**(e + 1)
     ulp = Fraction(2) ** (max(e, emin) - p + 1)
     q = m / ulp
     n = q.numerator // q.denominator
