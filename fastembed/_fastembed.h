@@ -297,8 +297,8 @@ static void fe_narrow_f16(fe_f16 *FE_RESTRICT h, const float *FE_RESTRICT f, ptr
    scatter (embedding_dense_backward adds each lookup's row scaled by 1 / the count of its id): one rounding
    (fma) for float32 and float64. For the 16-bit types, as torch's vectorised loop: a rounded to the type,
    then w + a * g in float (the product is exact there: two 8- or 11-bit significands) rounded once to the
-   type. (torch's scalar loop, which it runs on the last D % 32 columns on an AVX2 CPU, rounds the product
-   to the type first: up to one unit in the last place apart there.) */
+   type. (torch's scalar loop, which torch 2.13 runs on the last D % 32 columns on an AVX2 or AVX-512 CPU,
+   rounds the product to the type first: up to one unit in the last place apart there.) */
 FE_FMA_CLONES static void fe_scaled_add_f32(float *FE_RESTRICT w, const float *FE_RESTRICT g, ptrdiff_t n,
                                             float a) {
     for (ptrdiff_t d = 0; d < n; d++) w[d] = fmaf(a, g[d], w[d]);

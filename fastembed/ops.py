@@ -183,8 +183,9 @@ def scatter_add(grad_table, ids, grad_out, *, scale_grad_by_freq=False):
     ``embedding_dense_backward`` adds it (``row.add_(g, alpha=1/c)``): float32 and float64
     with one rounding per add (fma), bitwise torch's; float16 and bfloat16 with ``1/c``
     rounded to the type and ``row + alpha * g`` formed in float32 and rounded once, torch's
-    vectorised loop (torch's scalar loop, which it runs on the last D % 32 columns on AVX2,
-    rounds the product first: one unit in the last place apart at most there).
+    vectorised loop (torch's scalar loop, which torch 2.13 runs on the last D % 32 columns
+    on an x86-64 CPU with AVX2 or AVX-512, rounds the product first: one unit in the last
+    place apart at most there).
 
     Parameters
     ----------
