@@ -1171,7 +1171,7 @@ MUTANTS += [
            "                _bag_set(dst + d, _bag_f(dst[d]) + _bag_round(dst, f * _bag_f(src[d])))",
            "the 16-bit dense backward of a mean or weighted bag rounds the product to the dtype before the add "
            "(torch's axpy forms it in float32)",
-           (BAG_DT, "-k", "dense_backward_matches_transcription")),
+           (BAG_DT, "-k", "dense_backward_matches_transcription or dense_backward_of_a_fixed_case")),
     Mutant("bagdt-torch-float32-only", TORCH_BAG,
            "weight.dtype in _LOOKUP_DTYPES and weight.dim() == 2",
            "weight.dtype == torch.float32 and weight.dim() == 2",

@@ -204,6 +204,30 @@ def test_dense_backward_matches_transcription(case, dtype):
     assert_bitwise(grad, backward_oracle(case, start, g, arg))
 
 
+@pytest.mark.parametrize("kind", ["sum", "weighted", "mean", "max"])
+@pytest.mark.parametrize("dtype", NEW, ids=NEW_IDS)
+def test_dense_backward_of_a_fixed_case_matches_transcription(dtype, kind):
+    """One dense backward per dtype and kind that cannot be degenerate, bitwise against the transcription:
+    bags of 3 and 7 lookups (a mean's 1/3 and 1/7 are inexact in every dtype, so its products round),
+    weights of many bits, repeated rows (each add rounds on top of the last), no padding, D > 1. The random
+    draws reach a 16-bit mean or weighted bag of normal values only now and then, and a seed (13, 16 of 20)
+    once let a loop that rounds f * g to the dtype before the add pass them all."""
+    rng = np.random.default_rng(8)
+    table = rng.standard_normal((6, 5)).astype(np.float32)
+    psw = rng.standard_normal(10).astype(np.float32) if kind == "weighted" else None
+    case = as_dtype(dict(table=table, ids=np.array([0, 5, 2, 2, 3, 1, 4, 2, 0, 2]), offsets=np.array([0, 3]),
+                         mode="sum" if kind == "weighted" else kind, per_sample_weights=psw, padding_idx=None,
+                         include_last_offset=False), dtype)
+    g = _grad_out(case)
+    arg = bag_oracle(case)[1] if kind == "max" else None
+    start = narrow(rng.standard_normal(table.shape).astype(np.float32), dtype)
+    grad = start.copy()
+    run_backward(case, grad, g, arg)
+    want = backward_oracle(case, start, g, arg)
+    assert np.isfinite(_wide(want)).all() and not np.array_equal(_wide(want), _wide(start))  # every bag moved rows
+    assert_bitwise(grad, want)
+
+
 @FAST
 @given(bag_cases(modes=("sum", "mean")), _dtypes())
 def test_grad_rows_match_transcription(case, dtype):
