@@ -1812,7 +1812,7 @@ MUTANTS += [
            "    for i in range(N):  # start[u] is slot u's cursor here",
            "    for i in range(N - 1, -1, -1):  # start[u] is slot u's cursor here",
            "the counting sort fills each row's lookups last to first: its gradient is summed in reverse ids order",
-           (T_GROUPED, "-k", "coalesce_then_step"), quick=True),
+           (T_GROUPED, "-k", "coalesce_then_step or sum_order"), quick=True),
     Mutant("grouped-last-lookup-dropped", OPTIM_PXI,
            "        for k in range(start[u], start[u + 1]):\n            if k + PREFETCH_ROWS < end:",
            "        for k in range(start[u], start[u + 1] - 1):\n            if k + PREFETCH_ROWS < end:",
