@@ -1162,7 +1162,7 @@ MUTANTS += [
            "        _bag_narrow(o, acc, n)",
            "a 16-bit mean divides the float32 sum before it is rounded (torch divides the rounded sum): one "
            "rounding where torch has two",
-           (BAG_DT, "-k", "forward_matches_transcription or hand_computed")),
+           (BAG_DT, "-k", "forward_matches_transcription or hand_computed or forward_of_a_fixed_case")),
     Mutant("bagdt-mean-count-unrounded", BAG_PXI,
            "            fe_bag_div(w, n, _bag_round(o, <float>count))",
            "            fe_bag_div(w, n, <float>count)",
@@ -1173,7 +1173,7 @@ MUTANTS += [
            "                _bag_set(dst + d, _bag_f(dst[d]) + _bag_round(dst, f * _bag_f(src[d])))",
            "the 16-bit dense backward of a mean or weighted bag rounds the product to the dtype before the add "
            "(torch's axpy forms it in float32)",
-           (BAG_DT, "-k", "dense_backward_matches_transcription")),
+           (BAG_DT, "-k", "dense_backward_matches_transcription or dense_backward_of_a_fixed_case")),
     Mutant("bagdt-torch-float32-only", TORCH_BAG,
            "weight.dtype in _LOOKUP_DTYPES and weight.dim() == 2",
            "weight.dtype == torch.float32 and weight.dim() == 2",
@@ -1814,7 +1814,7 @@ MUTANTS += [
            "    for i in range(N):  # start[u] is slot u's cursor here",
            "    for i in range(N - 1, -1, -1):  # start[u] is slot u's cursor here",
            "the counting sort fills each row's lookups last to first: its gradient is summed in reverse ids order",
-           (T_GROUPED, "-k", "coalesce_then_step"), quick=True),
+           (T_GROUPED, "-k", "coalesce_then_step or sum_order"), quick=True),
     Mutant("grouped-last-lookup-dropped", OPTIM_PXI,
            "        for k in range(start[u], start[u + 1]):\n            if k + PREFETCH_ROWS < end:",
            "        for k in range(start[u], start[u + 1] - 1):\n            if k + PREFETCH_ROWS < end:",
