@@ -104,12 +104,13 @@ class Recorder:
             send = [int(n) for n in input_split_sizes]
         t0 = time.perf_counter_ns()
         work = self.dist.all_to_all_single(output, input, output_split_sizes, input_split_sizes, group=group,
-                                           async_op=async_op)
+                                           async_op=True)
+        work.wait()  # timed to the end of the exchange, whether the caller waits or not
         ns = time.perf_counter_ns() - t0
         self.calls.append({"phase": self.phase, "dtype": str(input.dtype).replace("torch.", ""),
                            "row_bytes": input.element_size() * math.prod(input.shape[1:]),
                            "send_rows": send, "rank": self.dist.get_rank(group), "ns": ns})
-        return work
+        return work if async_op else None
 
 
 class DistProxy:
@@ -230,6 +231,12 @@ def worker(rank, tmp):
         json.dump(out, f)
     dist.barrier()
     dist.destroy_process_group()
+    # out without the interpreter's finalisation: gloo's worker thread can still hold the last reference
+    # to the barrier, and freeing its tensors there while the process finalises aborts it ("terminate
+    # called without an active exception"; see fastembed.torch.distributed._RECENT_WORK)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ---------------------------------------------------------------- the parent

@@ -241,11 +241,16 @@ def _child(rank, tmp):
         elif rank in members:
             results[case["name"]] = _run_case(case, groups[case["group"]], members.index(rank))
     torch.save(results, f"{tmp}/result{rank}.pt")
-    # Every rank past its last collective before any tears its groups down: gloo's teardown while a peer
-    # still talks to it can abort a rank with "terminate called without an active exception" (one CI run
-    # lost rank 2 that way); bench/sharded.py does the same.
+    # Every rank past its last collective before any tears its groups down; then out without the
+    # interpreter's finalisation: gloo's worker thread can still hold the last reference to a finished
+    # collective (the barrier's), and freeing it there while the process finalises aborts the rank with
+    # "terminate called without an active exception" (CI lost rank 2 that way). bench/sharded.py does
+    # the same; fastembed.torch.distributed._RECENT_WORK is the library's side of it.
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ---------------------------------------------------------------- the parent

@@ -20,6 +20,7 @@ any backend that has it); no sockets of fastembed's own.
 
 Every rank of the group must take part in every collective: see `ShardedEmbedding`.
 """
+import collections
 import copy
 import weakref
 
@@ -43,6 +44,16 @@ class CollectiveError(RuntimeError):
     processes and load the last checkpoint."""
 
 
+# The last few finished all-to-alls, held here. gloo's worker thread lets go of a collective after wait()
+# has returned; when that is the last reference, the work's tensors are freed on the worker thread, which
+# must take the GIL to drop their Python objects, and a process that has begun to finalise by then aborts
+# ("terminate called without an active exception": 6 of 40 runs of the README's torchrun script on 2 busy
+# cores; stock torch with an all_to_all_single per step, 4 of 40). Holding the works keeps the last
+# reference on this side, dropped by the main thread (by the next exchanges, or at exit). The cost: up to
+# this many exchanges' send and receive buffers stay alive a little longer.
+_RECENT_WORK = collections.deque(maxlen=4)
+
+
 def _all_to_all(send, recv_counts, send_counts, module, stage):
     """One all_to_all_single over module's group: send[sum(send_counts[:r]):...] goes to rank r, the
     result holds what each rank sent here, in rank order. Counts are rows of send (its first axis). A
@@ -56,8 +67,10 @@ def _all_to_all(send, recv_counts, send_counts, module, stage):
         return send
     recv = send.new_empty((sum(recv_counts),) + tuple(send.shape[1:]))
     try:
-        dist.all_to_all_single(recv, send, output_split_sizes=recv_counts, input_split_sizes=send_counts,
-                               group=module.process_group)
+        work = dist.all_to_all_single(recv, send, output_split_sizes=recv_counts, input_split_sizes=send_counts,
+                                      group=module.process_group, async_op=True)
+        work.wait()
+        _RECENT_WORK.append(work)
     except RuntimeError as exc:
         raise CollectiveError(
             f"ShardedEmbedding({module.num_embeddings}, {module.embedding_dim}) on rank {module.rank} of "
