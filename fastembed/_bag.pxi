@@ -17,6 +17,18 @@ cdef extern from "_fastembed.h" nogil:
     void fe_bag_axpy(float* out, const float* a, Py_ssize_t n, float s)
     void fe_first_into(float* g, const float* s, Py_ssize_t n)
     void fe_bag_sum_ptrs(float* out, const float* const* rows, Py_ssize_t k, Py_ssize_t n)
+    Py_ssize_t fe_bag_sum32_i32(float* out, const float* table, int64_t V, const int32_t* ids, const int64_t* offs,
+                                Py_ssize_t L, Py_ssize_t N, Py_ssize_t b0, Py_ssize_t b1, Py_ssize_t last,
+                                int64_t pad, int mean)
+    Py_ssize_t fe_bag_sum32_i64(float* out, const float* table, int64_t V, const int64_t* ids, const int64_t* offs,
+                                Py_ssize_t L, Py_ssize_t N, Py_ssize_t b0, Py_ssize_t b1, Py_ssize_t last,
+                                int64_t pad, int mean)
+    Py_ssize_t fe_bag_sum64_i32(float* out, const float* table, int64_t V, const int32_t* ids, const int64_t* offs,
+                                Py_ssize_t L, Py_ssize_t N, Py_ssize_t b0, Py_ssize_t b1, Py_ssize_t last,
+                                int64_t pad, int mean)
+    Py_ssize_t fe_bag_sum64_i64(float* out, const float* table, int64_t V, const int64_t* ids, const int64_t* offs,
+                                Py_ssize_t L, Py_ssize_t N, Py_ssize_t b0, Py_ssize_t b1, Py_ssize_t last,
+                                int64_t pad, int mean)
     void fe_bag_max(float* out, int64_t* arg, const float* a, Py_ssize_t n, int64_t r)
     void fe_bag_max_ptrs(float* out, int64_t* arg, const float* const* rows, const int64_t* ids, Py_ssize_t k,
                          Py_ssize_t n, int first)
@@ -382,6 +394,18 @@ cdef Py_ssize_t _bag_forward_rows(const bag_t* table, Py_ssize_t V, Py_ssize_t D
     if bag_t is float:
         copy_first = psw == NULL and mode != BAG_MAX
         max_chunks = mode == BAG_MAX
+        if copy_first and (D == 32 or D == 64):
+            # rows of 32 or 64 floats: each bag's whole sum in registers, the ids read directly (fe_bag_sum32/64_*:
+            # the adds of the loop below, in the same order)
+            if D == 32:
+                if index_t is int32_t:
+                    return fe_bag_sum32_i32(out, table, V, ids, offs, L, N, b0, b1, last, pad, mode == BAG_MEAN)
+                else:
+                    return fe_bag_sum32_i64(out, table, V, ids, offs, L, N, b0, b1, last, pad, mode == BAG_MEAN)
+            if index_t is int32_t:
+                return fe_bag_sum64_i32(out, table, V, ids, offs, L, N, b0, b1, last, pad, mode == BAG_MEAN)
+            else:
+                return fe_bag_sum64_i64(out, table, V, ids, offs, L, N, b0, b1, last, pad, mode == BAG_MEAN)
     for b in range(b0, b1):
         lo = offs[b]
         hi = _bag_end(offs, L, N, b)

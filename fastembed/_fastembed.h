@@ -381,6 +381,82 @@ static void fe_bag_sum_ptrs(float *FE_RESTRICT out, const float *const *FE_RESTR
 }
 #endif
 
+/* Float32 bags (mode "sum", or "mean" with mean set) of rows of exactly W floats (W = 32 or 64: the common
+   widths), without per_sample_weights: the bags [b0, b1) of offs (L offsets; a bag ends where the next
+   starts, the last at N), into out (a row of W per bag). Each bag's sum is held in W / 8 registers across its
+   rows, the ids read directly, and written once: the first kept row enters as 0 + row, each next one is
+   added, in ids order, then a mean is divided by its count; a bag with no kept row is zeros. These are the
+   adds of the general loop of _bag.pxi (fe_first_into, fe_bag_sum_ptrs, fe_bag_div), in the same order: the
+   same bits. An id equal to pad is skipped; one outside [0, V) is skipped and counted (only a writer racing
+   the call can make one: the checks refused them before). Rows ids[i + 8] are prefetched while i + 8 < last.
+   Returns the count of ids skipped as outside. */
+#if defined(__GNUC__)
+#define FE_BAG_SUM_W_DECLARE(W) fe_v8f acc[W / 8]
+#define FE_BAG_SUM_W_FIRST(W)                                                                                  \
+    for (int k = 0; k < W / 8; k++) {                                                                          \
+        fe_v8f x;                                                                                              \
+        memcpy(&x, row + 8 * k, 32);                                                                           \
+        acc[k] = (fe_v8f){0} + x;                                                                              \
+    }
+#define FE_BAG_SUM_W_ADD(W)                                                                                    \
+    for (int k = 0; k < W / 8; k++) {                                                                          \
+        fe_v8f x;                                                                                              \
+        memcpy(&x, row + 8 * k, 32);                                                                           \
+        acc[k] += x;                                                                                           \
+    }
+#define FE_BAG_SUM_W_DIV(W, c)                                                                                 \
+    for (int k = 0; k < W / 8; k++) acc[k] /= (c);
+#else
+#define FE_BAG_SUM_W_DECLARE(W) float acc[W]
+#define FE_BAG_SUM_W_FIRST(W) for (int k = 0; k < W; k++) acc[k] = 0.0f + row[k];
+#define FE_BAG_SUM_W_ADD(W) for (int k = 0; k < W; k++) acc[k] += row[k];
+#define FE_BAG_SUM_W_DIV(W, c) for (int k = 0; k < W; k++) acc[k] /= (c);
+#endif
+#define FE_DEFINE_BAG_SUM_W(NAME, INDEX, W)                                                                    \
+    FE_CLONES static ptrdiff_t NAME(float *FE_RESTRICT out, const float *FE_RESTRICT table, int64_t V,         \
+                                    const INDEX *FE_RESTRICT ids, const int64_t *FE_RESTRICT offs, ptrdiff_t L, \
+                                    ptrdiff_t N, ptrdiff_t b0, ptrdiff_t b1, ptrdiff_t last, int64_t pad,      \
+                                    int mean) {                                                                \
+        ptrdiff_t skipped = 0;                                                                                 \
+        for (ptrdiff_t b = b0; b < b1; b++) {                                                                  \
+            const ptrdiff_t lo = (ptrdiff_t)offs[b], hi = b + 1 < L ? (ptrdiff_t)offs[b + 1] : N;              \
+            FE_BAG_SUM_W_DECLARE(W);                                                                           \
+            ptrdiff_t count = 0;                                                                               \
+            for (ptrdiff_t i = lo; i < hi; i++) {                                                              \
+                if (i + 8 < last) {                                                                            \
+                    const char *p = (const char *)(table + (int64_t)ids[i + 8] * W);                          \
+                    for (int c = 0; c < W * 4; c += 64) fe_prefetch(p + c);                                    \
+                }                                                                                              \
+                const int64_t r = (int64_t)ids[i];                                                             \
+                if ((uint64_t)r >= (uint64_t)V) {                                                              \
+                    skipped++;                                                                                 \
+                    continue;                                                                                  \
+                }                                                                                              \
+                if (r == pad) continue;                                                                        \
+                const float *row = table + r * W;                                                              \
+                if (count++ == 0) {                                                                            \
+                    FE_BAG_SUM_W_FIRST(W)                                                                      \
+                } else {                                                                                       \
+                    FE_BAG_SUM_W_ADD(W)                                                                        \
+                }                                                                                              \
+            }                                                                                                  \
+            if (count == 0) {                                                                                  \
+                memset(out + b * W, 0, W * sizeof(float));                                                     \
+                continue;                                                                                      \
+            }                                                                                                  \
+            if (mean) {                                                                                        \
+                const float c = (float)count;                                                                  \
+                FE_BAG_SUM_W_DIV(W, c)                                                                         \
+            }                                                                                                  \
+            memcpy(out + b * W, acc, W * sizeof(float));                                                       \
+        }                                                                                                      \
+        return skipped;                                                                                        \
+    }
+FE_DEFINE_BAG_SUM_W(fe_bag_sum32_i32, int32_t, 32)
+FE_DEFINE_BAG_SUM_W(fe_bag_sum32_i64, int64_t, 32)
+FE_DEFINE_BAG_SUM_W(fe_bag_sum64_i32, int32_t, 64)
+FE_DEFINE_BAG_SUM_W(fe_bag_sum64_i64, int64_t, 64)
+
 /* A bag's running max: where a[d] > out[d], out[d] = a[d] and arg[d] = r. Strictly greater, as torch's CPU
    kernel: on a tie the earlier row stays, and a NaN already in out stays (NaN > x and x > NaN are false). */
 FE_CLONES static void fe_bag_max(float *FE_RESTRICT out, int64_t *FE_RESTRICT arg, const float *FE_RESTRICT a,

@@ -2053,5 +2053,39 @@ MUTANTS += [
            (T_SGBF, "-k", "module_is_torchs or functional_is_torchs or the_kernels_scale or accumulates")),
 ]
 
+# ---------------------------------------------------------------- float32 bags of width 32 and 64, a whole bag in registers
+MUTANTS += [
+    Mutant("bagw-first-row-keeps-negative-zero", HDR,
+           "        acc[k] = (fe_v8f){0} + x;",
+           "        acc[k] = x;",
+           "a width-32/64 float32 bag's first row is copied, not added to +0.0: a bag of -0.0 rows sums to -0.0",
+           (BAG, "-k", "sequential_across_chunks and (32 or 64)")),
+    Mutant("bagw-mean-not-divided", HDR,
+           "            if (mean) {                                                                                        \\",
+           "            if (0) {                                                                                           \\",
+           "a width-32/64 float32 mean bag is not divided by its count",
+           (BAG, "-k", "sequential_across_chunks and (32 or 64)")),
+    Mutant("bagw-padding-added", HDR,
+           "                if (r == pad) continue;                                                                        \\",
+           "                if (0) continue;                                                                               \\",
+           "a width-32/64 float32 bag adds its padding rows",
+           (BAG, "-k", "sequential_across_chunks and (32 or 64)")),
+    Mutant("bagw-empty-bag-unzeroed", HDR,
+           "                memset(out + b * W, 0, W * sizeof(float));                                                     \\",
+           "                (void)0;                                                                                       \\",
+           "a width-32/64 float32 bag with no kept row leaves out's old contents (NaN in the test), not zeros",
+           (BAG, "-k", "sequential_across_chunks and (32 or 64)")),
+    Mutant("bagw-last-bag-short", HDR,
+           "            const ptrdiff_t lo = (ptrdiff_t)offs[b], hi = b + 1 < L ? (ptrdiff_t)offs[b + 1] : N;              \\",
+           "            const ptrdiff_t lo = (ptrdiff_t)offs[b], hi = b + 1 < L ? (ptrdiff_t)offs[b + 1] : N - 1;          \\",
+           "a width-32/64 float32 bag call drops the last id of its last bag",
+           (BAG, "-k", "sequential_across_chunks and (32 or 64)")),
+    Mutant("bagw-int32-ids-as-64-wide", BAG_PXI,
+           "                    return fe_bag_sum32_i32(out, table, V, ids, offs, L, N, b0, b1, last, pad, mode == BAG_MEAN)",
+           "                    return fe_bag_sum64_i32(out, table, V, ids, offs, L, N, b0, b1, last, pad, mode == BAG_MEAN)",
+           "rows of 32 floats with int32 ids are summed as rows of 64 (the wrong rows, past each bag's row)",
+           (BAG, "-k", "sequential_across_chunks and 32")),
+]
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -281,21 +281,23 @@ def test_a_sum_starts_at_positive_zero(dtype):
     assert_bitwise(fe.embedding_bag(table, ids, offsets, mode="sum"), want.numpy())
 
 
+@pytest.mark.parametrize("idt", [np.int32, np.int64])
 @pytest.mark.parametrize("D", [1, 7, 8, 9, 31, 32, 33, 40, 64, 71])
-def test_long_float32_sums_are_sequential_across_chunks_and_column_tails(D):
+def test_long_float32_sums_are_sequential_across_chunks_and_column_tails(D, idt):
     """A float32 sum or mean adds a bag's rows in registers, up to 16 rows and 32 (then 8, then 1) columns at
-    a time: bags of 0 to 50 rows (around the 16-row chunks), widths around the 32/8-column steps, stale NaNs
-    in out and rows of -0.0 still give the sequential float32 loop's bits, the sum starting at +0.0."""
+    a time, or at widths 32 and 64 a whole bag at a time with the ids read directly: bags of 0 to 50 rows
+    (around the 16-row chunks), widths around the 32/8-column steps, stale NaNs in out and rows of -0.0 still
+    give the sequential float32 loop's bits, the sum starting at +0.0; int32 and int64 ids."""
     rng = np.random.default_rng(D)
     V = 40
     table = (rng.standard_normal((V, D)) * 1e3 ** rng.integers(-1, 2, (V, D))).astype(np.float32)  # rounding in sums
     table[:4] = -0.0  # ids 0..3: bags of them only must sum to +0.0
     # bags: a first row, then chunks of 16 (a full chunk from 17 rows on, a second from 33)
-    lengths = [0, 1, 2, 15, 16, 17, 31, 32, 33, 50, 3, 18]
-    ids = [rng.integers(0, V, n) for n in lengths]
+    lengths = [0, 1, 2, 15, 16, 17, 31, 32, 33, 50, 3, 18, 5]  # the last bag ends at len(ids), not an offset
+    ids = [rng.integers(4, V, n) if n == 5 else rng.integers(0, V, n) for n in lengths]
     ids[10], ids[11] = rng.integers(0, 4, 3), rng.integers(0, 4, 18)  # -0.0 only: +0.0 through a chunk's flush
     offsets = np.cumsum([0] + lengths[:-1]).astype(np.int64)
-    ids = np.concatenate(ids).astype(np.int64)
+    ids = np.concatenate(ids).astype(idt)
     for mode in ("sum", "mean"):
         case = dict(table=table, ids=ids, offsets=offsets, mode=mode, per_sample_weights=None,
                     padding_idx=None, include_last_offset=False)
