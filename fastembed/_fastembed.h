@@ -486,10 +486,10 @@ typedef long long fe_v4q __attribute__((vector_size(32)));
 #else
 #define FE_DUP4(k, a, b, c, d) __builtin_shuffle(k, (fe_v8i){a, a, b, b, c, c, d, d})
 #endif
-/* m where k is 0, b where it is all ones (k: a vector compare's result). */
-static inline fe_v8f fe_blend8f(fe_v8f m, fe_v8f b, fe_v8i k) {
-    return (fe_v8f)(((fe_v8i)b & k) | ((fe_v8i)m & ~k));
-}
+/* m where k is 0, b where it is all ones (k: a vector compare's result). A macro, not a function: a function
+   taking and returning 32-byte vectors in the baseline (non-AVX) build draws GCC's -Wpsabi note on every build,
+   although only the AVX2 clones call it. */
+#define fe_blend8f(m, b, k) ((fe_v8f)(((fe_v8i)(b) & (k)) | ((fe_v8i)(m) & ~(k))))
 /* The same blend for 8 int64 argmax lanes (a0: columns 0-3, a1: 4-7): each all-ones-or-zero int32 lane of the
    mask doubled is that column's int64 mask (one permute per half). */
 static inline void fe_blend_arg(fe_v4q *a0, fe_v4q *a1, fe_v4q r, fe_v8i k) {

@@ -578,6 +578,10 @@ cdef int _scatter_fmt(object target, object ids, object grad_out, str name, int 
         grad = _target(target, name)
     _check_2d(grad, name)
     cdef cnp.ndarray idx = _index_array(ids, "ids")
+    if op == ROW_SCALED:
+        # counted (_freq_scales), then read by the loop: both must see the ids that were checked, so they are
+        # this call's own copy (a writer racing the call could otherwise leave a count of an unchecked id)
+        idx = _private(idx, ids)
     cdef cnp.ndarray src
     if any_dtype:
         src = _input_like(grad_out, "grad_out", grad, name)

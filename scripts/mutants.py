@@ -2085,6 +2085,12 @@ MUTANTS += [
            "                    return fe_bag_sum64_i32(out, table, V, ids, offs, L, N, b0, b1, last, pad, mode == BAG_MEAN)",
            "rows of 32 floats with int32 ids are summed as rows of 64 (the wrong rows, past each bag's row)",
            (BAG, "-k", "sequential_across_chunks and 32")),
+    Mutant("sgbf-ids-shared-with-a-writer", PYX,
+           "        idx = _private(idx, ids)\n    cdef cnp.ndarray src",
+           "        pass\n    cdef cnp.ndarray src",
+           "scatter_add(scale_grad_by_freq=True) counts and adds the caller's ids, not a checked copy: a writer "
+           "racing the call leaves a count of an unchecked id (np.bincount's ValueError)",
+           ("tests/test_hardening_threads.py", "-k", "rewritten_by_another_process")),
 ]
 
 if __name__ == "__main__":

@@ -246,6 +246,9 @@ calls = [
     lambda: fe.scatter_add(grad, ids, ones),
     lambda: fe.gather_add_backward(ones, ids, grad, position_grad, positions=positions),
     lambda: fe.coalesce(ids, ones),
+    lambda: fe.scatter_add(grad, ids, ones, scale_grad_by_freq=True),  # ids counted, then added: one checked copy
+    lambda: fe.embedding_bag(table, ids, np.arange(0, n, 4), mode="sum"),
+    lambda: fe.embedding_bag(table, ids, np.arange(0, n, 4), mode="max"),
 ]
 try:
     deadline = time.time() + seconds
