@@ -372,9 +372,10 @@ def adapter_state(data, torch, kind):
 
     tok = torch.from_numpy(_table_copy(data))
     ids, g = torch.from_numpy(data.ids), torch.from_numpy(data.grad_hidden)
-    if kind in ("fastembed", "fastembed sparse", "torch", "torch sparse"):
+    if kind in ("fastembed", "fastembed sparse", "fastembed sgbf", "torch", "torch sparse", "torch sgbf"):
         cls = fet.Embedding if kind.startswith("fastembed") else torch.nn.Embedding
-        emb = cls.from_pretrained(tok, freeze=False, sparse=kind.endswith("sparse"))
+        emb = cls.from_pretrained(tok, freeze=False, sparse=kind.endswith("sparse"),
+                                  scale_grad_by_freq=kind.endswith("sgbf"))
         params = (emb.weight,)
 
         def forward():
@@ -415,6 +416,9 @@ ADAPTER_ROWS = (  # (name, family, group, kind): the torch row of each group is 
     ("torch nn.Embedding", "torch", "Embedding", "torch"),
     ("fastembed.torch.Embedding(sparse=True)", "fastembed", "Embedding sparse", "fastembed sparse"),
     ("torch nn.Embedding(sparse=True)", "torch", "Embedding sparse", "torch sparse"),
+    ("fastembed.torch.Embedding(scale_grad_by_freq=True)", "fastembed", "Embedding scale_grad_by_freq",
+     "fastembed sgbf"),
+    ("torch nn.Embedding(scale_grad_by_freq=True)", "torch", "Embedding scale_grad_by_freq", "torch sgbf"),
     ("fastembed.torch.TokenPositionEmbedding", "fastembed", "TokenPositionEmbedding", "fastembed tpe"),
     ("torch 2 nn.Embedding + add", "torch", "TokenPositionEmbedding", "torch tpe"),
 )

@@ -628,8 +628,14 @@ def test_adapter_rows_give_autograds_gradients():
     tok = np.zeros((TINY.vocab, TINY.dim))
     np.add.at(tok, data.ids.reshape(-1), data.grad_hidden.reshape(-1, TINY.dim).astype(np.float64))
     pos = data.grad_hidden.astype(np.float64).sum(axis=0)  # positions arange(T): one row per position
+    flat = data.ids.reshape(-1)
+    scaled = np.zeros((TINY.vocab, TINY.dim))  # scale_grad_by_freq: each lookup's row over its id's count
+    np.add.at(scaled, flat, data.grad_hidden.reshape(-1, TINY.dim).astype(np.float64)
+              / np.bincount(flat, minlength=TINY.vocab)[flat][:, None])
+    assert not np.allclose(scaled, tok)  # some id repeats: the two groups' oracles differ
     for m in built.methods:
-        want = (tok, pos) if m.group == "TokenPositionEmbedding" else (tok,)
+        want = (tok, pos) if m.group == "TokenPositionEmbedding" else (
+            (scaled,) if m.group == "Embedding scale_grad_by_freq" else (tok,))
         got = m.result()
         assert len(got) == len(want), m.name
         for g, w in zip(got, want):
