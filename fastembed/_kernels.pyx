@@ -618,9 +618,21 @@ cdef int _scatter_fmt(object target, object ids, object grad_out, str name, int 
 cdef cnp.ndarray _freq_scales(cnp.ndarray idx, Py_ssize_t N, bint release):
     """1.0 / (the number of times ids[i] occurs in ids), per lookup i, as float64 (torch's `scale /=
     counts[k]`, counted over every id, padding_idx's too); ids already range-checked."""
-    cdef cnp.ndarray slots = _unique_slots(idx, N, release)[1]
-    cdef cnp.ndarray counts = np.bincount(slots, minlength=1)
-    return 1.0 / counts[slots].astype(np.float64)
+    cdef tuple unique = _unique_slots(idx, N, release)
+    cdef cnp.ndarray slots = unique[1]
+    cdef Py_ssize_t U = cnp.PyArray_SIZE(unique[0]), i
+    cdef cnp.ndarray counts = np.zeros(U, dtype=np.int64)
+    cdef cnp.ndarray scales = np.empty(N, dtype=np.float64)
+    cdef const int64_t* sp = <const int64_t*>cnp.PyArray_DATA(slots)
+    cdef int64_t* cp = <int64_t*>cnp.PyArray_DATA(counts)
+    cdef double* out = <double*>cnp.PyArray_DATA(scales)
+    for i in range(N):
+        if not 0 <= sp[i] < U:  # never: the ids are checked and private (one bad slot would be a bug here)
+            raise AssertionError(f"slot {sp[i]} of lookup {i} is outside [0, {U})")
+        cp[sp[i]] += 1
+    for i in range(N):
+        out[i] = 1.0 / <double>cp[sp[i]]
+    return scales
 
 
 def gather_add_backward(grad_hidden, ids, token_grad, position_grad, positions=None, *, _format=None):

@@ -2000,8 +2000,8 @@ MUTANTS += [
            "the float64 scaled add takes 1/count rounded to float32 (torch's alpha is the double)",
            (T_SGBF, "-k", "transcription or torchs_embedding_backward or not_powers")),
     Mutant("sgbf-count-excludes-first", PYX,
-           "    return 1.0 / counts[slots].astype(np.float64)",
-           "    return 1.0 / (counts[slots] + 1).astype(np.float64)",
+           "        out[i] = 1.0 / <double>cp[sp[i]]\n",
+           "        out[i] = 1.0 / <double>(cp[sp[i]] + 1)\n",
            "each lookup is scaled by 1 / (count + 1): the count is one off",
            (T_SGBF, "-k", "transcription or by_hand or not_powers")),
     Mutant("sgbf-16bit-alpha-unrounded", HDR,
@@ -2091,6 +2091,11 @@ MUTANTS += [
            "scatter_add(scale_grad_by_freq=True) counts and adds the caller's ids, not a checked copy: a writer "
            "racing the call leaves a count of an unchecked id (np.bincount's ValueError)",
            ("tests/test_hardening_threads.py", "-k", "rewritten_by_another_process")),
+    Mutant("sgbf-counts-stay-one", PYX,
+           "        cp[sp[i]] += 1\n",
+           "        cp[sp[i]] = 1\n",
+           "scale_grad_by_freq counts every id once: repeated ids are not scaled down",
+           (T_SGBF,)),
 ]
 
 if __name__ == "__main__":
