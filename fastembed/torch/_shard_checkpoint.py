@@ -187,11 +187,18 @@ def _group_info(module):
 def _exchange(item, group, world_size, action):
     """Every rank's item, in group-rank order (a collective). A collective that fails (a rank died, or
     hung past the group's timeout) is a CollectiveError, as ShardedEmbedding's own."""
-    from .distributed import CollectiveError  # (distributed re-exports this module's functions)
+    from .distributed import _RECENT_WORK, CollectiveError  # (distributed re-exports this module's functions)
 
     items = [None] * world_size
     try:
         dist.all_gather_object(items, item, group=group)
+        # all_gather_object keeps no handle on its collectives, whose last reference gloo's worker thread may
+        # hold: freed there while the process finalises (a save just before exit), they abort it (see
+        # distributed._RECENT_WORK). A barrier after it, waited on with the GIL released, lets the worker
+        # finish with them; the barrier's own work is held here.
+        work = dist.barrier(group=group, async_op=True)
+        work.wait()
+        _RECENT_WORK.append(work)
     except Exception as exc:  # noqa: BLE001  (gloo raises RuntimeError or its DistBackendError subclass)
         raise CollectiveError(f"{action}: a collective over the group failed (a rank died, or hung past the "
                               f"process group's timeout); the group is not usable after it: {exc}") from exc
