@@ -175,8 +175,8 @@ cdef cnp.ndarray _float_input(object a, str name):
 
 # The lookups, scatters and coalesce take tables of any of these formats; every other array of a call
 # that holds table elements (out, grad_out, the other table or gradient) must have the same dtype: a
-# mismatch is a TypeError naming both, never a cast. The optimizer kernels take float32 only (the
-# helpers above). FMT_* are fixed by the dtype alone, except that the private keyword
+# mismatch is a TypeError naming both, never a cast. The optimizer kernels take the same formats (an
+# optimizer's state arrays have the weight's dtype). FMT_* are fixed by the dtype alone, except that the private keyword
 # `_format="bfloat16"` makes a call read native uint16 arrays as bfloat16 bits: the torch adapter's way
 # to pass a bfloat16 tensor's memory without ml_dtypes (`tensor.view(torch.uint16).numpy()`). Without
 # it a uint16 array is refused, never taken for bfloat16.

@@ -48,71 +48,79 @@ FE_CLONES static void fe_add_into(float *FE_RESTRICT g, const float *FE_RESTRICT
     for (ptrdiff_t d = 0; d < n; d++) g[d] += s[d];
 }
 
-/* One Adam update of n elements, all in float32: m, v move towards g; w moves by the bias-corrected
-   ratio. Corrections arrive as reciprocals, leaving one division and one sqrt per element. */
-FE_CLONES static void fe_adam_row(float *FE_RESTRICT w, float *FE_RESTRICT m, float *FE_RESTRICT v,
-                                  const float *FE_RESTRICT g, ptrdiff_t n, float lr, float beta1, float beta2,
-                                  float eps, float inv_bias1, float inv_bias2) {
-    const float keep1 = 1.0f - beta1, keep2 = 1.0f - beta2;
-    for (ptrdiff_t d = 0; d < n; d++) {
-        float gd = g[d];
-        float md = beta1 * m[d] + keep1 * gd;
-        float vd = beta2 * v[d] + keep2 * (gd * gd);
-        m[d] = md;
-        v[d] = vd;
-        w[d] -= lr * (md * inv_bias1) / (sqrtf(vd * inv_bias2) + eps);
-    }
-}
-
-/* One SGD update of n elements: w[d] = w[d] - lr * g[d] (the product rounded first, as numpy's
-   `w -= lr * g` rounds it). */
-FE_CLONES static void fe_sgd_row(float *FE_RESTRICT w, const float *FE_RESTRICT g, ptrdiff_t n, float lr) {
-    for (ptrdiff_t d = 0; d < n; d++) w[d] -= lr * g[d];
-}
-
-/* The same update with torch's rounding: w[d] = fma(-lr, g[d], w[d]), one rounding (what torch's
-   `param.add_(grad, alpha=-lr)` gives on CPU). The "fma" clone (FMA3 and AVX) does it in hardware and is
-   picked on every CPU with FMA; the default clone calls libm's fmaf, exact too, about 3x slower. Not
-   "arch=haswell" (the resolver asks for that CPU model, so a newer CPU got the default) nor an "avx2"
-   clone beside it (the resolver prefers avx2, which has no FMA). */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define FE_FMA_CLONES __attribute__((target_clones("fma", "default")))
 #else
 #define FE_FMA_CLONES
 #endif
-FE_FMA_CLONES static void fe_sgd_row_fma(float *FE_RESTRICT w, const float *FE_RESTRICT g, ptrdiff_t n, float lr) {
-    const float neg = -lr;
-    for (ptrdiff_t d = 0; d < n; d++) w[d] = fmaf(neg, g[d], w[d]);
-}
 
-/* One Adagrad update of n elements, in torch's order for a dense gradient: the sum of squares grows by
-   g^2, then w moves by (clr * g) / (sqrt(sum) + eps). */
-FE_CLONES static void fe_adagrad_row(float *FE_RESTRICT w, float *FE_RESTRICT s, const float *FE_RESTRICT g,
-                                     ptrdiff_t n, float clr, float eps) {
-    for (ptrdiff_t d = 0; d < n; d++) {
-        float gd = g[d];
-        float sd = s[d] + gd * gd;
-        s[d] = sd;
-        w[d] -= clr * gd / (sqrtf(sd) + eps);
+/* The optimizer row updates, written once for a table element type T (float or double), computing in T.
+   float32 tables use the `float` instances (fe_adam_row, ...), float64 tables the `_f64` ones; the 16-bit
+   tables are widened to float32, updated by the float instances and rounded back once per stored element
+   (_optim.pxi). Without -ffast-math (and with -ffp-contract=off) the compiler keeps each expression's
+   order and rounding, so a transcription of a formula in T gives the same bits.
+   - adam_row: m, v move towards g; w moves by the bias-corrected ratio. Corrections arrive as reciprocals,
+     leaving one division and one sqrt per element.
+   - sgd_row: w[d] = w[d] - lr * g[d] (the product rounded first, as numpy's `w -= lr * g` rounds it).
+   - sgd_row_fma: torch's rounding, w[d] = fma(-lr, g[d], w[d]), one rounding (what torch's
+     `param.add_(grad, alpha=-lr)` gives on CPU). FE_FMA_CLONES: an "fma" clone (FMA3 and AVX) does it in
+     hardware and is picked on every CPU with FMA; the default clone calls libm's fma, exact too, about 3x
+     slower. Not "arch=haswell" (the resolver asks for that CPU model, so a newer CPU got the default) nor
+     an "avx2" clone beside it (the resolver prefers avx2, which has no FMA).
+   - adagrad_row: torch's order for a dense gradient: the sum of squares grows by g^2, then w moves by
+     (clr * g) / (sqrt(sum) + eps).
+   - sum_squares: the sum of g[d]^2 in column order, a fixed order (a transcription gives the same bits).
+   - rowwise_row: row-wise Adagrad, one accumulator *s per row: *s += sum_squares(g) / n, then
+     w[d] -= (lr * g[d]) / (sqrt(*s) + eps). A row of no columns has no mean square: nothing moves. */
+#define FE_DEFINE_OPTIM_ROWS(SUF, T, SQRT, FMA)                                                                \
+    FE_CLONES static void fe_adam_row##SUF(T *FE_RESTRICT w, T *FE_RESTRICT m, T *FE_RESTRICT v,              \
+                                           const T *FE_RESTRICT g, ptrdiff_t n, T lr, T beta1, T beta2, T eps, \
+                                           T inv_bias1, T inv_bias2) {                                        \
+        const T keep1 = (T)1 - beta1, keep2 = (T)1 - beta2;                                                    \
+        for (ptrdiff_t d = 0; d < n; d++) {                                                                    \
+            T gd = g[d];                                                                                       \
+            T md = beta1 * m[d] + keep1 * gd;                                                                  \
+            T vd = beta2 * v[d] + keep2 * (gd * gd);                                                           \
+            m[d] = md;                                                                                         \
+            v[d] = vd;                                                                                         \
+            w[d] -= lr * (md * inv_bias1) / (SQRT(vd * inv_bias2) + eps);                                      \
+        }                                                                                                      \
+    }                                                                                                          \
+    FE_CLONES static void fe_sgd_row##SUF(T *FE_RESTRICT w, const T *FE_RESTRICT g, ptrdiff_t n, T lr) {      \
+        for (ptrdiff_t d = 0; d < n; d++) w[d] -= lr * g[d];                                                   \
+    }                                                                                                          \
+    FE_FMA_CLONES static void fe_sgd_row_fma##SUF(T *FE_RESTRICT w, const T *FE_RESTRICT g, ptrdiff_t n,      \
+                                                  T lr) {                                                      \
+        const T neg = -lr;                                                                                     \
+        for (ptrdiff_t d = 0; d < n; d++) w[d] = FMA(neg, g[d], w[d]);                                         \
+    }                                                                                                          \
+    FE_CLONES static void fe_adagrad_row##SUF(T *FE_RESTRICT w, T *FE_RESTRICT s, const T *FE_RESTRICT g,     \
+                                              ptrdiff_t n, T clr, T eps) {                                     \
+        for (ptrdiff_t d = 0; d < n; d++) {                                                                    \
+            T gd = g[d];                                                                                       \
+            T sd = s[d] + gd * gd;                                                                             \
+            s[d] = sd;                                                                                         \
+            w[d] -= clr * gd / (SQRT(sd) + eps);                                                               \
+        }                                                                                                      \
+    }                                                                                                          \
+    static inline T fe_sum_squares##SUF(const T *g, ptrdiff_t n) {                                             \
+        T acc = (T)0;                                                                                          \
+        for (ptrdiff_t d = 0; d < n; d++) acc += g[d] * g[d];                                                  \
+        return acc;                                                                                            \
+    }                                                                                                          \
+    FE_CLONES static void fe_rowwise_row##SUF(T *FE_RESTRICT w, T *FE_RESTRICT s, const T *FE_RESTRICT g,     \
+                                              ptrdiff_t n, T lr, T eps) {                                      \
+        if (n == 0) return;                                                                                    \
+        const T G = *s + fe_sum_squares##SUF(g, n) / (T)n;                                                     \
+        *s = G;                                                                                                \
+        const T std = SQRT(G) + eps;                                                                           \
+        for (ptrdiff_t d = 0; d < n; d++) w[d] -= lr * g[d] / std;                                             \
     }
-}
 
-/* The sum of g[d]^2 in column order: a fixed order, so that a float32 transcription gives the same bits
-   (without -ffast-math the compiler keeps this loop's order; the sum is one pass over a row that the
-   update below then reads from cache). */
-static inline float fe_sum_squares(const float *g, ptrdiff_t n) {
-    float acc = 0.0f;
-    for (ptrdiff_t d = 0; d < n; d++) acc += g[d] * g[d];
-    return acc;
-}
+FE_DEFINE_OPTIM_ROWS(, float, sqrtf, fmaf)
+FE_DEFINE_OPTIM_ROWS(_f64, double, sqrt, fma)
 
-/* w[d] -= (lr * g[d]) / std: the row-wise Adagrad update, one std (sqrt of the row's sum, plus eps) per row. */
-FE_CLONES static void fe_scaled_row(float *FE_RESTRICT w, const float *FE_RESTRICT g, ptrdiff_t n, float lr,
-                                    float std) {
-    for (ptrdiff_t d = 0; d < n; d++) w[d] -= lr * g[d] / std;
-}
-
-/* ---- Table element types other than float32 (the lookup and scatter kernels; the optimizers stay float32).
+/* ---- Table element types other than float32 (the lookup, scatter and optimizer kernels).
    The two 16-bit formats are distinct structs so that a Cython fused type can tell them apart; they are
    stored as 16 bits and every sum is formed in float32 (torch's rule on CPU), rounded to nearest even once
    per stored result. */

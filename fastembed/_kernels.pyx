@@ -26,13 +26,12 @@ thread settings and the checks are one copy shared by every family):
 
 The lookups, scatters and coalesce are written once over the fused type elem_t (float32,
 float64, and the 16-bit float16 and bfloat16, whose row functions in _fastembed.h sum in
-float32); renorm and the bags over the same four dtypes, each in torch's precision for it; the
-optimizers take float32 only.
+float32); renorm, the bags and the optimizers over the same four dtypes, each in torch's precision
+for it (the optimizers: float32 and float64 in their own type, the 16-bit types in float32).
 """
 cimport numpy as cnp
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from cython.parallel cimport prange
-from libc.math cimport sqrtf
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memset
@@ -51,15 +50,21 @@ cdef extern from "_fastembed.h" nogil:
     void fe_prefetch(const void* p)
     void fe_add_rows(float* out, const float* a, const float* b, Py_ssize_t n)
     void fe_add_into(float* g, const float* s, Py_ssize_t n)
+    # The optimizer rows (one template in _fastembed.h): float32, and float64 (_f64).
     void fe_adam_row(float* w, float* m, float* v, const float* g, Py_ssize_t n, float lr, float beta1,
                      float beta2, float eps, float inv_bias1, float inv_bias2)
     void fe_sgd_row(float* w, const float* g, Py_ssize_t n, float lr)
     void fe_sgd_row_fma(float* w, const float* g, Py_ssize_t n, float lr)
+    void fe_adagrad_row(float* w, float* s, const float* g, Py_ssize_t n, float clr, float eps)
+    void fe_rowwise_row(float* w, float* s, const float* g, Py_ssize_t n, float lr, float eps)
+    void fe_adam_row_f64(double* w, double* m, double* v, const double* g, Py_ssize_t n, double lr, double beta1,
+                         double beta2, double eps, double inv_bias1, double inv_bias2)
+    void fe_sgd_row_f64(double* w, const double* g, Py_ssize_t n, double lr)
+    void fe_sgd_row_fma_f64(double* w, const double* g, Py_ssize_t n, double lr)
+    void fe_adagrad_row_f64(double* w, double* s, const double* g, Py_ssize_t n, double clr, double eps)
+    void fe_rowwise_row_f64(double* w, double* s, const double* g, Py_ssize_t n, double lr, double eps)
     void fe_scaled_add_f32(float* w, const float* g, Py_ssize_t n, float a)
     void fe_scaled_add_f64(double* w, const double* g, Py_ssize_t n, double a)
-    void fe_adagrad_row(float* w, float* s, const float* g, Py_ssize_t n, float clr, float eps)
-    float fe_sum_squares(const float* g, Py_ssize_t n)
-    void fe_scaled_row(float* w, const float* g, Py_ssize_t n, float lr, float std)
     void fe_prefetch_write(const void* p)
     # The other element types of the lookup and scatter kernels (see _fastembed.h).
     ctypedef struct fe_f16:
@@ -251,15 +256,20 @@ cdef enum:
 cdef inline void _row_op(int op, elem_t* dst, const elem_t* src, Py_ssize_t n, double lr) noexcept nogil:
     if op == ROW_SCALED:
         _scaled_add(dst, src, n, lr)
+    elif op == ROW_ADD:
+        _add_into(dst, src, n)
     elif elem_t is float:
-        if op == ROW_ADD:
-            fe_add_into(dst, src, n)
-        elif op == ROW_SGD:
+        if op == ROW_SGD:
             fe_sgd_row(dst, src, n, <float>lr)
         else:
             fe_sgd_row_fma(dst, src, n, <float>lr)
-    else:
-        _add_into(dst, src, n)  # only scatter_add comes here (sgd_scatter takes float32 only)
+    elif elem_t is double:
+        if op == ROW_SGD:
+            fe_sgd_row_f64(dst, src, n, lr)
+        else:
+            fe_sgd_row_fma_f64(dst, src, n, lr)
+    else:  # SGD on a 16-bit table, either rounding: torch's row.add_(src, alpha=-lr)
+        _scaled_add(dst, src, n, -lr)
 
 
 cdef inline void _scaled_add(elem_t* dst, const elem_t* src, Py_ssize_t n, double a) noexcept nogil:
@@ -282,7 +292,7 @@ cdef inline Py_ssize_t _block_of(elem_t* p) noexcept nogil:
 
 cdef Py_ssize_t _scatter_cols(elem_t* grad, Py_ssize_t V, Py_ssize_t D, const index_t* ids, Py_ssize_t N,
                               const elem_t* src, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t w0,
-                              int op, float lr, const double* scales) noexcept nogil:
+                              int op, double lr, const double* scales) noexcept nogil:
     """grad[ids[i], c0:c1] (and w0:D) += src[i, same columns] (or -= lr * src[...], or += scales[i] *
     src[...], by op), i in order (the order of np.add.at)."""
     cdef Py_ssize_t i, skipped = 0
@@ -333,7 +343,7 @@ cdef Py_ssize_t _backward_cols(elem_t* tok_grad, Py_ssize_t V, elem_t* pos_grad,
 
 
 cdef Py_ssize_t _scatter_add(elem_t* grad, Py_ssize_t V, Py_ssize_t D, const index_t* ids, Py_ssize_t N,
-                             const elem_t* src, int op, float lr, const double* scales, int nthreads,
+                             const elem_t* src, int op, double lr, const double* scales, int nthreads,
                              int* team) noexcept nogil:
     # Threads own columns, not ids: each element is summed by one thread in ids order,
     # so the result is bitwise the same for every thread count.
@@ -422,7 +432,7 @@ cdef Py_ssize_t _gather_add_any(const void* tok, Py_ssize_t V, const void* pos, 
 
 
 cdef Py_ssize_t _scatter_add_ids(elem_t* grad, Py_ssize_t V, Py_ssize_t D, const void* ids, bint wide,
-                                 Py_ssize_t N, const elem_t* src, int op, float lr, const double* scales,
+                                 Py_ssize_t N, const elem_t* src, int op, double lr, const double* scales,
                                  int nthreads, int* team) noexcept nogil:
     if wide:
         return _scatter_add(grad, V, D, <const int64_t*>ids, N, src, op, lr, scales, nthreads, team)
@@ -430,7 +440,7 @@ cdef Py_ssize_t _scatter_add_ids(elem_t* grad, Py_ssize_t V, Py_ssize_t D, const
 
 
 cdef Py_ssize_t _scatter_add_any(void* grad, Py_ssize_t V, Py_ssize_t D, const void* ids, bint wide,
-                                 Py_ssize_t N, const void* src, int fmt, int op, float lr, const double* scales,
+                                 Py_ssize_t N, const void* src, int fmt, int op, double lr, const double* scales,
                                  int nthreads, int* team) noexcept nogil:
     if fmt == FMT_F32:
         return _scatter_add_ids(<float*>grad, V, D, ids, wide, N, <const float*>src, op, lr, scales, nthreads,
@@ -483,7 +493,7 @@ cdef inline int _column_threads_fmt(Py_ssize_t N, Py_ssize_t D, const void* tabl
 
 # The lookups, scatters and coalesce take float32, float64, float16 or bfloat16 tables (bfloat16 as
 # ml_dtypes.bfloat16, or as uint16 bits with the private keyword `_format="bfloat16"`; see _common.pxi);
-# every array of one call that holds table elements has the table's dtype. The optimizers take float32.
+# every array of one call that holds table elements has the table's dtype (an optimizer's state too).
 
 def gather(table, ids, out=None, *, _format=None):
     """out[...] = table[ids]: checked, then a row copy per id without the GIL."""
@@ -558,35 +568,20 @@ def scatter_add(grad_table, ids, grad_out, *, scale_grad_by_freq=False, _format=
                  False, _format_arg(_format))
 
 
-cdef int _scatter(object target, object ids, object grad_out, str name, int op, double lr,
-                  bint check_only) except -1:
-    """The checked scatter of sgd_scatter (float32 only)."""
-    return _scatter_fmt(target, ids, grad_out, name, op, lr, check_only, FMT_BY_DTYPE)
-
-
 cdef int _scatter_fmt(object target, object ids, object grad_out, str name, int op, double lr,
                       bint check_only, int forced) except -1:
-    """The checked scatter of scatter_add (any element format) and sgd_scatter (float32): every check,
-    then (unless check_only) the loop (threads own columns, so each element sees its updates in ids
-    order whatever the thread count)."""
-    cdef int fmt = FMT_F32
-    cdef cnp.ndarray grad
-    cdef bint any_dtype = op == ROW_ADD or op == ROW_SCALED
-    if any_dtype:
-        grad = _any_target(target, name, forced, &fmt)
-    else:
-        grad = _target(target, name)
+    """The checked scatter of scatter_add and sgd_scatter (any element format): every check, then (unless
+    check_only) the loop (threads own columns, so each element sees its updates in ids order whatever
+    the thread count)."""
+    cdef int fmt
+    cdef cnp.ndarray grad = _any_target(target, name, forced, &fmt)
     _check_2d(grad, name)
     cdef cnp.ndarray idx = _index_array(ids, "ids")
     if op == ROW_SCALED:
         # counted (_freq_scales), then read by the loop: both must see the ids that were checked, so they are
         # this call's own copy (a writer racing the call could otherwise leave a count of an unchecked id)
         idx = _private(idx, ids)
-    cdef cnp.ndarray src
-    if any_dtype:
-        src = _input_like(grad_out, "grad_out", grad, name)
-    else:
-        src = _float_input(grad_out, "grad_out")
+    cdef cnp.ndarray src = _input_like(grad_out, "grad_out", grad, name)
     cdef Py_ssize_t V = _rows(grad), D = _dim(grad), N = cnp.PyArray_SIZE(idx)
     _check_rows_shape(src, "grad_out", idx, D)
     _no_overlap(grad, name, (ids, grad_out), ("ids", "grad_out"))
@@ -607,9 +602,9 @@ cdef int _scatter_fmt(object target, object ids, object grad_out, str name, int 
         sc = <const double*>cnp.PyArray_DATA(scales)
     if release:
         with nogil:
-            skipped = _scatter_add_any(g, V, D, ip, wide, N, s, fmt, op, <float>lr, sc, nthreads, &team)
+            skipped = _scatter_add_any(g, V, D, ip, wide, N, s, fmt, op, lr, sc, nthreads, &team)
     else:
-        skipped = _scatter_add_any(g, V, D, ip, wide, N, s, fmt, op, <float>lr, sc, nthreads, &team)
+        skipped = _scatter_add_any(g, V, D, ip, wide, N, s, fmt, op, lr, sc, nthreads, &team)
     _record(team, release)
     _raise_if_skipped(skipped, "ids")
     return 0

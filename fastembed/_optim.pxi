@@ -1,35 +1,205 @@
 # Included by _kernels.pyx (one extension module; Cython `include`): the optimizer family.
 # Row updates in place, fused per element, checked with the GIL and run without it.
+#
+# Tables of the four element types (elem_t), every state array in the weight's dtype (as torch keeps an
+# optimizer's state in the parameter's dtype): float32 and float64 compute in their own type (the rows of
+# _fastembed.h, fe_*_row and fe_*_row_f64, one template); float16 and bfloat16 rows are widened to float32,
+# updated by the float32 rows and rounded back once per stored element, except SGD, which is torch's
+# `w.add_(g, alpha=-lr)` for a 16-bit table (fe_scaled_add_*: lr rounded to the type, one rounding).
 
-cdef void _adam_rows(float* w, float* m, float* v, const float* g, Py_ssize_t D, const int64_t* rows,
-                     Py_ssize_t lo, Py_ssize_t hi, float lr, float beta1, float beta2, float eps,
-                     float inv_bias1, float inv_bias2) noexcept nogil:
-    """One Adam update of rows[lo:hi] (rows NULL: row k is row k), g holding one row per update."""
+cdef enum:
+    SGD_UPDATE = 0
+    ADAGRAD_UPDATE = 1
+    ROWWISE_UPDATE = 2
+    SGD_FMA_UPDATE = 3
+    ADAM_UPDATE = 4
+
+cdef struct _Hyper:
+    # The caller's hyperparameters as doubles: a float64 table uses them as they are, the other types round
+    # them to float32 where they are used (the float32 kernels' bits are those of a float32 argument).
+    double lr
+    double eps
+    double beta1
+    double beta2
+    double inv_bias1
+    double inv_bias2
+
+ctypedef fused real_t:
+    float
+    double
+
+
+cdef inline void _real_row(int kind, real_t* w, real_t* s, real_t* s2, const real_t* g, Py_ssize_t D,
+                           const _Hyper* h) noexcept nogil:
+    """One row's update computed in real_t: s and s2 are this row's state (row-wise: s is its accumulator)."""
+    if real_t is float:
+        if kind == SGD_UPDATE:
+            fe_sgd_row(w, g, D, <float>h.lr)
+        elif kind == SGD_FMA_UPDATE:
+            fe_sgd_row_fma(w, g, D, <float>h.lr)
+        elif kind == ADAGRAD_UPDATE:
+            fe_adagrad_row(w, s, g, D, <float>h.lr, <float>h.eps)
+        elif kind == ADAM_UPDATE:
+            fe_adam_row(w, s, s2, g, D, <float>h.lr, <float>h.beta1, <float>h.beta2, <float>h.eps,
+                        <float>h.inv_bias1, <float>h.inv_bias2)
+        else:
+            fe_rowwise_row(w, s, g, D, <float>h.lr, <float>h.eps)
+    else:
+        if kind == SGD_UPDATE:
+            fe_sgd_row_f64(w, g, D, h.lr)
+        elif kind == SGD_FMA_UPDATE:
+            fe_sgd_row_fma_f64(w, g, D, h.lr)
+        elif kind == ADAGRAD_UPDATE:
+            fe_adagrad_row_f64(w, s, g, D, h.lr, h.eps)
+        elif kind == ADAM_UPDATE:
+            fe_adam_row_f64(w, s, s2, g, D, h.lr, h.beta1, h.beta2, h.eps, h.inv_bias1, h.inv_bias2)
+        else:
+            fe_rowwise_row_f64(w, s, g, D, h.lr, h.eps)
+
+
+cdef inline void _widen_row(float* f, const elem_t* h, Py_ssize_t n) noexcept nogil:
+    """f[k] = h[k] as float32 (exact), for the 16-bit types."""
+    if elem_t is fe_f16:
+        fe_widen_f16(f, h, n)
+    elif elem_t is fe_bf16:
+        fe_widen_bf16(f, h, n)
+
+
+cdef inline void _narrow_row(elem_t* h, const float* f, Py_ssize_t n) noexcept nogil:
+    """h[k] = f[k] rounded to nearest even, for the 16-bit types."""
+    if elem_t is fe_f16:
+        fe_narrow_f16(h, f, n)
+    elif elem_t is fe_bf16:
+        fe_narrow_bf16(h, f, n)
+
+
+cdef enum:
+    # float32 scratch per thread for a 16-bit table, in units of D: the staged row, its gradient and two
+    # states (4 D + 2: a row-wise state is one element), a widened lookup and the sum of a row's lookups.
+    STAGE_ROWS = 6
+    STAGE_EXTRA = 2
+
+
+cdef inline Py_ssize_t _stage_width(Py_ssize_t D) noexcept nogil:
+    return STAGE_ROWS * D + STAGE_EXTRA
+
+
+cdef inline void _elem_row(int kind, elem_t* w, elem_t* s, elem_t* s2, const elem_t* g, Py_ssize_t D,
+                           Py_ssize_t S, const _Hyper* h, float* tmp) noexcept nogil:
+    """One row's update on a table of elem_t; S state elements per row (D, or 1 row-wise). tmp: the
+    thread's float32 scratch (used by the 16-bit types only)."""
+    cdef float* ts
+    if elem_t is float:
+        _real_row(kind, w, s, s2, g, D, h)
+    elif elem_t is double:
+        _real_row(kind, w, s, s2, g, D, h)
+    elif kind == SGD_UPDATE or kind == SGD_FMA_UPDATE:
+        _scaled_add(w, g, D, -h.lr)
+    elif D > 0:  # (a row of no columns changes nothing; staging would still rewrite a NaN state's bits)
+        ts = tmp + 2 * D
+        _widen_row(tmp, w, D)
+        _widen_row(tmp + D, g, D)
+        _widen_row(ts, s, S)
+        if kind == ADAM_UPDATE:
+            _widen_row(ts + S, s2, S)
+        _real_row(kind, tmp, ts, ts + S, tmp + D, D, h)
+        _narrow_row(w, tmp, D)
+        _narrow_row(s, ts, S)
+        if kind == ADAM_UPDATE:
+            _narrow_row(s2, ts + S, S)
+
+
+cdef inline void _prefetch_state(int kind, elem_t* w, elem_t* s, elem_t* s2, Py_ssize_t D, int64_t r) noexcept nogil:
+    """Ask for the row r of weight and of the per-element states the rule updates."""
+    _prefetch_elems_write(w + r * D, 0, D)
+    if kind == ADAGRAD_UPDATE or kind == ADAM_UPDATE:
+        _prefetch_elems_write(s + r * D, 0, D)
+    if kind == ADAM_UPDATE:
+        _prefetch_elems_write(s2 + r * D, 0, D)
+
+
+cdef void _update_rows(int kind, elem_t* w, elem_t* s, elem_t* s2, const elem_t* g, Py_ssize_t D,
+                       Py_ssize_t S, const int64_t* rows, Py_ssize_t lo, Py_ssize_t hi, const _Hyper* h,
+                       float* tmp) noexcept nogil:
+    """One update of rows[lo:hi] (rows NULL: row k is row k), g holding one row per update; s, s2 the states
+    (S elements per row), NULL where the rule has none."""
     cdef Py_ssize_t k, r
     for k in range(lo, hi):
         if rows != NULL and k + PREFETCH_ROWS < hi:
-            _prefetch_row_write(w + rows[k + PREFETCH_ROWS] * D, 0, D)
-            _prefetch_row_write(m + rows[k + PREFETCH_ROWS] * D, 0, D)
-            _prefetch_row_write(v + rows[k + PREFETCH_ROWS] * D, 0, D)
+            _prefetch_state(kind, w, s, s2, D, rows[k + PREFETCH_ROWS])
         r = rows[k] if rows != NULL else k
-        fe_adam_row(w + r * D, m + r * D, v + r * D, g + k * D, D, lr, beta1, beta2, eps, inv_bias1, inv_bias2)
+        _elem_row(kind, w + r * D, NULL if s == NULL else s + r * S, NULL if s2 == NULL else s2 + r * S,
+                  g + k * D, D, S, h, tmp)
 
 
-cdef void _adam(float* w, float* m, float* v, const float* g, Py_ssize_t D, const int64_t* rows,
-                Py_ssize_t U, float lr, float beta1, float beta2, float eps, float inv_bias1, float inv_bias2,
-                int nthreads, int* team) noexcept nogil:
+cdef void _update(int kind, elem_t* w, elem_t* s, elem_t* s2, const elem_t* g, Py_ssize_t D, Py_ssize_t S,
+                  const int64_t* rows, Py_ssize_t U, const _Hyper* h, float* tmp, int nthreads,
+                  int* team) noexcept nogil:
     cdef int k
-    cdef Py_ssize_t lo, hi
+    cdef Py_ssize_t lo, hi, width = _stage_width(D)
     team[0] = 1
     if nthreads <= 1:
-        _adam_rows(w, m, v, g, D, rows, 0, U, lr, beta1, beta2, eps, inv_bias1, inv_bias2)
+        _update_rows(kind, w, s, s2, g, D, S, rows, 0, U, h, tmp)
         return
     for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
         if k == 0:
             team[0] = fe_omp_team_size()
         lo = _part(U, k, nthreads)
         hi = _part(U, k + 1, nthreads)
-        _adam_rows(w, m, v, g, D, rows, lo, hi, lr, beta1, beta2, eps, inv_bias1, inv_bias2)
+        _update_rows(kind, w, s, s2, g, D, S, rows, lo, hi, h, NULL if tmp == NULL else tmp + k * width)
+
+
+cdef void _update_any(int fmt, int kind, void* w, void* s, void* s2, const void* g, Py_ssize_t D, Py_ssize_t S,
+                      const int64_t* rows, Py_ssize_t U, const _Hyper* h, float* tmp, int nthreads,
+                      int* team) noexcept nogil:
+    if fmt == FMT_F32:
+        _update(kind, <float*>w, <float*>s, <float*>s2, <const float*>g, D, S, rows, U, h, tmp, nthreads, team)
+    elif fmt == FMT_F64:
+        _update(kind, <double*>w, <double*>s, <double*>s2, <const double*>g, D, S, rows, U, h, tmp, nthreads,
+                team)
+    elif fmt == FMT_F16:
+        _update(kind, <fe_f16*>w, <fe_f16*>s, <fe_f16*>s2, <const fe_f16*>g, D, S, rows, U, h, tmp, nthreads,
+                team)
+    else:
+        _update(kind, <fe_bf16*>w, <fe_bf16*>s, <fe_bf16*>s2, <const fe_bf16*>g, D, S, rows, U, h, tmp, nthreads,
+                team)
+
+
+cdef inline bint _half(int fmt) noexcept nogil:
+    return fmt == FMT_F16 or fmt == FMT_BF16
+
+
+cdef cnp.ndarray _scratch(int fmt, int nthreads, Py_ssize_t D):
+    """The float32 scratch a 16-bit table's update stages its rows in (None for the others)."""
+    return np.empty(nthreads * _stage_width(D), dtype=np.float32) if _half(fmt) else None
+
+
+cdef inline float* _data_or_null(cnp.ndarray a):
+    return NULL if a is None else <float*>cnp.PyArray_DATA(a)
+
+
+cdef int _run(int kind, int fmt, cnp.ndarray w, cnp.ndarray s, cnp.ndarray s2, cnp.ndarray g, cnp.ndarray r,
+              const _Hyper* h, bint always_release=False) except -1:
+    """Run a checked update: threaded and without the GIL from the serial threshold on (always_release:
+    without the GIL whatever its size)."""
+    cdef Py_ssize_t U = _updates(r, w), D = _dim(w)
+    cdef Py_ssize_t S = 1 if kind == ROWWISE_UPDATE else D
+    cdef void* wp = cnp.PyArray_DATA(w)
+    cdef void* sp = NULL if s is None else cnp.PyArray_DATA(s)
+    cdef void* s2p = NULL if s2 is None else cnp.PyArray_DATA(s2)
+    cdef const void* gp = cnp.PyArray_DATA(g)
+    cdef const int64_t* rp = NULL if r is None else <const int64_t*>cnp.PyArray_DATA(r)
+    cdef int nthreads = _threads_for(U * D), team
+    cdef bint release = always_release or _releases(U * D)
+    cdef cnp.ndarray scratch = _scratch(fmt, nthreads, D)
+    cdef float* tp = _data_or_null(scratch)
+    if release:
+        with nogil:
+            _update_any(fmt, kind, wp, sp, s2p, gp, D, S, rp, U, h, tp, nthreads, &team)
+    else:
+        _update_any(fmt, kind, wp, sp, s2p, gp, D, S, rp, U, h, tp, nthreads, &team)
+    _record(team, release)
+    return 0
 
 
 cdef int _check_like(cnp.ndarray arr, str name, cnp.ndarray w) except -1:
@@ -75,173 +245,136 @@ cdef int _check_increasing(cnp.ndarray rows) except -1:
     return 0
 
 
-def adam_step(weight, exp_avg, exp_avg_sq, grad, rows, double lr, double beta1, double beta2,
-              double eps, double bias1, double bias2, bint check_only=False):
-    """One Adam update in place, fused per element; rows None updates every row (grad is (V, D)),
-    else only rows (sorted distinct int64, grad is (len(rows), D)). check_only: run every check, write nothing
-    (an optimizer checks all of its parameters before it moves any)."""
-    cdef cnp.ndarray w = _target(weight, "weight")
-    cdef cnp.ndarray m = _target(exp_avg, "exp_avg")
-    cdef cnp.ndarray v = _target(exp_avg_sq, "exp_avg_sq")
-    cdef cnp.ndarray g = _float_input(grad, "grad")
+# ---------------------------------------------------------------- entry points: updates from summed rows
+
+cdef cnp.ndarray _weight(object weight, object _format, int* fmt):
+    """The table an optimizer updates in place: 2-D, of one of the four dtypes, never cast."""
+    cdef cnp.ndarray w = _any_target(weight, "weight", _format_arg(_format), fmt)
     _check_2d(w, "weight")
+    return w
+
+
+cdef void _adam_hyper(_Hyper* h, double lr, double beta1, double beta2, double eps, double bias1, double bias2):
+    h.lr, h.eps, h.beta1, h.beta2 = lr, eps, beta1, beta2
+    h.inv_bias1, h.inv_bias2 = 1.0 / bias1, 1.0 / bias2
+
+
+def adam_step(weight, exp_avg, exp_avg_sq, grad, rows, double lr, double beta1, double beta2,
+              double eps, double bias1, double bias2, bint check_only=False, *, _format=None):
+    """One Adam update in place, fused per element: m, v move towards g, w by the bias-corrected ratio
+    ``lr * (m / bias1) / (sqrt(v / bias2) + eps)``. rows None updates every row (grad is (V, D)), else
+    only rows (sorted distinct int64, grad is (len(rows), D)). float32: in float32, hyperparameters
+    rounded to it; float64: in float64; float16/bfloat16: in float32, each stored element (w, m, v)
+    rounded once. exp_avg, exp_avg_sq and grad have weight's dtype. check_only: run every check, write
+    nothing (an optimizer checks all of its parameters before it moves any)."""
+    cdef int fmt
+    cdef cnp.ndarray w = _weight(weight, _format, &fmt)
+    cdef cnp.ndarray m = _target_like(exp_avg, "exp_avg", w, "weight")
+    cdef cnp.ndarray v = _target_like(exp_avg_sq, "exp_avg_sq", w, "weight")
+    cdef cnp.ndarray g = _input_like(grad, "grad", w, "weight")
     _check_like(m, "exp_avg", w)
     _check_like(v, "exp_avg_sq", w)
     cdef cnp.ndarray r = _checked_rows(rows, _rows(w))
-    cdef Py_ssize_t U = _updates(r, w), D = _dim(w)
-    _check_grad(g, U, D)
+    _check_grad(g, _updates(r, w), _dim(w))
     _no_overlap(w, "weight", (m, v, grad, rows), ("exp_avg", "exp_avg_sq", "grad", "rows"))
     _no_overlap(m, "exp_avg", (v, grad, rows), ("exp_avg_sq", "grad", "rows"))
     _no_overlap(v, "exp_avg_sq", (grad, rows), ("grad", "rows"))
     if check_only:
         return
-    cdef const int64_t* rp = NULL if r is None else <const int64_t*>cnp.PyArray_DATA(r)
-    cdef int nthreads = _threads_for(U * D), team
-    with nogil:  # an optimizer step is never small enough for the GIL release to matter
-        _adam(<float*>cnp.PyArray_DATA(w), <float*>cnp.PyArray_DATA(m), <float*>cnp.PyArray_DATA(v),
-              <const float*>cnp.PyArray_DATA(g), D, rp, U, <float>lr, <float>beta1, <float>beta2,
-              <float>eps, <float>(1.0 / bias1), <float>(1.0 / bias2), nthreads, &team)
-    _record(team, True)
+    cdef _Hyper h
+    _adam_hyper(&h, lr, beta1, beta2, eps, bias1, bias2)
+    # an optimizer step is never small enough for the GIL release to matter
+    _run(ADAM_UPDATE, fmt, w, m, v, g, r, &h, True)
 
 
-# ---------------------------------------------------------------- SGD, Adagrad, row-wise Adagrad
-
-cdef enum:
-    SGD_UPDATE = 0
-    ADAGRAD_UPDATE = 1
-    ROWWISE_UPDATE = 2
-    SGD_FMA_UPDATE = 3
-
-
-cdef void _update_rows(int kind, float* w, float* s, const float* g, Py_ssize_t D, const int64_t* rows,
-                       Py_ssize_t lo, Py_ssize_t hi, float lr, float eps) noexcept nogil:
-    """One update of rows[lo:hi] (rows NULL: row k is row k), g holding one row per update; s is the
-    Adagrad state: (V, D) per element, (V,) per row, unused by SGD."""
-    cdef Py_ssize_t k, r, nxt
-    cdef float G
-    for k in range(lo, hi):
-        if rows != NULL and k + PREFETCH_ROWS < hi:
-            nxt = rows[k + PREFETCH_ROWS]
-            _prefetch_row_write(w + nxt * D, 0, D)
-            if kind == ADAGRAD_UPDATE:
-                _prefetch_row_write(s + nxt * D, 0, D)
-        r = rows[k] if rows != NULL else k
-        if kind == SGD_UPDATE:
-            fe_sgd_row(w + r * D, g + k * D, D, lr)
-        elif kind == SGD_FMA_UPDATE:
-            fe_sgd_row_fma(w + r * D, g + k * D, D, lr)
-        elif kind == ADAGRAD_UPDATE:
-            fe_adagrad_row(w + r * D, s + r * D, g + k * D, D, lr, eps)
-        elif D > 0:  # a row of no columns has no mean square: its accumulator stays as it is
-            G = s[r] + fe_sum_squares(g + k * D, D) / <float>D
-            s[r] = G
-            fe_scaled_row(w + r * D, g + k * D, D, lr, sqrtf(G) + eps)
-
-
-cdef void _update(int kind, float* w, float* s, const float* g, Py_ssize_t D, const int64_t* rows, Py_ssize_t U,
-                  float lr, float eps, int nthreads, int* team) noexcept nogil:
-    cdef int k
-    cdef Py_ssize_t lo, hi
-    team[0] = 1
-    if nthreads <= 1:
-        _update_rows(kind, w, s, g, D, rows, 0, U, lr, eps)
-        return
-    for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
-        if k == 0:
-            team[0] = fe_omp_team_size()
-        lo = _part(U, k, nthreads)
-        hi = _part(U, k + 1, nthreads)
-        _update_rows(kind, w, s, g, D, rows, lo, hi, lr, eps)
-
-
-cdef int _run(int kind, cnp.ndarray w, cnp.ndarray s, cnp.ndarray g, cnp.ndarray r, double lr,
-              double eps) except -1:
-    """Run a checked update: threaded and without the GIL from the serial threshold on."""
-    cdef Py_ssize_t U = _updates(r, w), D = _dim(w)
-    cdef float* wp = <float*>cnp.PyArray_DATA(w)
-    cdef float* sp = NULL if s is None else <float*>cnp.PyArray_DATA(s)
-    cdef const float* gp = <const float*>cnp.PyArray_DATA(g)
-    cdef const int64_t* rp = NULL if r is None else <const int64_t*>cnp.PyArray_DATA(r)
-    cdef int nthreads = _threads_for(U * D), team
-    cdef bint release = _releases(U * D)
-    if release:
-        with nogil:
-            _update(kind, wp, sp, gp, D, rp, U, <float>lr, <float>eps, nthreads, &team)
-    else:
-        _update(kind, wp, sp, gp, D, rp, U, <float>lr, <float>eps, nthreads, &team)
-    _record(team, release)
-    return 0
-
-
-def sgd_step(weight, grad, rows, double lr, bint check_only=False, bint fma=False):
-    """``weight[rows] -= lr * grad`` in place, in float32: each element becomes ``w - (lr * g)`` with
-    lr rounded to float32 (numpy's ``w -= np.float32(lr) * g``, bit for bit), or with fma=True
-    ``fma(-lr, g, w)``, rounded once (torch's ``w.add_(g, alpha=-lr)``, bit for bit). rows None
-    updates every row (grad is (V, D)), else only rows (sorted distinct int64, grad is (len(rows), D)).
+def sgd_step(weight, grad, rows, double lr, bint check_only=False, bint fma=False, *, _format=None):
+    """``weight[rows] -= lr * grad`` in place. float32: each element becomes ``w - (lr * g)`` with lr
+    rounded to float32 (numpy's ``w -= np.float32(lr) * g``, bit for bit), or with fma=True
+    ``fma(-lr, g, w)``, rounded once (torch's ``w.add_(g, alpha=-lr)``, bit for bit); float64 the same
+    in float64. float16/bfloat16 (fma either way): torch's ``w.add_(g, alpha=-lr)``, -lr rounded to the
+    type and ``w + (-lr) * g`` formed in float32, rounded once. rows None updates every row (grad is
+    (V, D)), else only rows (sorted distinct int64, grad is (len(rows), D)); grad has weight's dtype.
     check_only: run every check, write nothing."""
-    cdef cnp.ndarray w = _target(weight, "weight")
-    cdef cnp.ndarray g = _float_input(grad, "grad")
-    _check_2d(w, "weight")
+    cdef int fmt
+    cdef cnp.ndarray w = _weight(weight, _format, &fmt)
+    cdef cnp.ndarray g = _input_like(grad, "grad", w, "weight")
     cdef cnp.ndarray r = _checked_rows(rows, _rows(w))
     _check_grad(g, _updates(r, w), _dim(w))
     _no_overlap(w, "weight", (grad, rows), ("grad", "rows"))
+    cdef _Hyper h
+    h.lr = lr
     if not check_only:
-        _run(SGD_FMA_UPDATE if fma else SGD_UPDATE, w, None, g, r, lr, 0.0)
+        _run(SGD_FMA_UPDATE if fma else SGD_UPDATE, fmt, w, None, None, g, r, &h)
 
 
-def sgd_scatter(weight, ids, grad_out, double lr, bint fma=False, bint check_only=False):
+def sgd_scatter(weight, ids, grad_out, double lr, bint fma=False, bint check_only=False, *, _format=None):
     """SGD straight from a lookup's gradient, with no coalesce: ``weight[ids[i]] -= lr * grad_out[i]``
     in place, one lookup after another in the row-major order of ids (so a repeated id moves its row
-    once per occurrence, as torch's SGD does with an uncoalesced sparse gradient). Each element becomes
-    ``w - (lr * g)`` (numpy's rounding) or, with fma=True, ``fma(-lr, g, w)`` (torch's); lr is rounded to
-    float32. ids: int32/int64 of any shape; grad_out: float32 of shape ids.shape + (D,).
-    Checked as scatter_add is; bitwise the same for every thread count. check_only: run every
-    check, write nothing (a layer with two tables checks both before either moves)."""
+    once per occurrence, as torch's SGD does with an uncoalesced sparse gradient). Each element is
+    rounded as sgd_step rounds it (float32, float64: numpy's rounding, or torch's with fma=True; the
+    16-bit types: torch's). ids: int32/int64 of any shape; grad_out: weight's dtype, of shape
+    ids.shape + (D,). Checked as scatter_add is; bitwise the same for every thread count. check_only:
+    run every check, write nothing (a layer with two tables checks both before either moves)."""
     if lr < 0:
         raise ValueError(f"lr must be >= 0, got {lr}")
-    _scatter(weight, ids, grad_out, "weight", ROW_SGD_FMA if fma else ROW_SGD, lr, check_only)
+    _scatter_fmt(weight, ids, grad_out, "weight", ROW_SGD_FMA if fma else ROW_SGD, lr, check_only,
+                 _format_arg(_format))
 
 
-def adagrad_step(weight, state_sum, grad, rows, double clr, double eps, bint check_only=False):
-    """One Adagrad update in place, fused per element, all in float32 (clr and eps rounded to it):
-    ``state_sum += g * g``, then ``w -= (clr * g) / (sqrt(state_sum) + eps)``, for every row (rows
-    None, grad (V, D)) or only rows (sorted distinct int64, grad (len(rows), D)); other rows keep
-    weight and state_sum. clr is the decayed learning rate of this step (the caller applies
-    lr_decay, and weight decay, which torch allows only for dense gradients). check_only: run every
-    check, write nothing."""
-    cdef cnp.ndarray w = _target(weight, "weight")
-    cdef cnp.ndarray s = _target(state_sum, "state_sum")
-    cdef cnp.ndarray g = _float_input(grad, "grad")
-    _check_2d(w, "weight")
+def adagrad_step(weight, state_sum, grad, rows, double clr, double eps, bint check_only=False, *,
+                 _format=None):
+    """One Adagrad update in place, fused per element: ``state_sum += g * g``, then
+    ``w -= (clr * g) / (sqrt(state_sum) + eps)``, for every row (rows None, grad (V, D)) or only rows
+    (sorted distinct int64, grad (len(rows), D)); other rows keep weight and state_sum. float32: in
+    float32 (clr and eps rounded to it); float64: in float64; float16/bfloat16: in float32, each stored
+    element rounded once. state_sum and grad have weight's dtype. clr is the decayed learning rate of
+    this step (the caller applies lr_decay, and weight decay, which torch allows only for dense
+    gradients). check_only: run every check, write nothing."""
+    cdef int fmt
+    cdef cnp.ndarray w = _weight(weight, _format, &fmt)
+    cdef cnp.ndarray s = _target_like(state_sum, "state_sum", w, "weight")
+    cdef cnp.ndarray g = _input_like(grad, "grad", w, "weight")
     _check_like(s, "state_sum", w)
     cdef cnp.ndarray r = _checked_rows(rows, _rows(w))
     _check_grad(g, _updates(r, w), _dim(w))
     _no_overlap(w, "weight", (s, grad, rows), ("state_sum", "grad", "rows"))
     _no_overlap(s, "state_sum", (grad, rows), ("grad", "rows"))
+    cdef _Hyper h
+    h.lr, h.eps = clr, eps
     if not check_only:
-        _run(ADAGRAD_UPDATE, w, s, g, r, clr, eps)
+        _run(ADAGRAD_UPDATE, fmt, w, s, None, g, r, &h)
 
 
-def rowwise_adagrad_step(weight, state_sum, grad, rows, double lr, double eps, bint check_only=False):
-    """One row-wise Adagrad update in place, all in float32: for each updated row r, with g its
-    gradient row, ``state_sum[r] += (sum of g[d]**2 in column order) / D``, then
-    ``w[r] -= (lr * g) / (sqrt(state_sum[r]) + eps)``. state_sum is (V,): one accumulator per row.
-    rows None updates every row (grad (V, D)), else only rows (sorted distinct int64, grad
-    (len(rows), D)). With D = 0 nothing changes (no mean of no columns). check_only: run every
-    check, write nothing."""
-    cdef cnp.ndarray w = _target(weight, "weight")
-    cdef cnp.ndarray s = _target(state_sum, "state_sum")
-    cdef cnp.ndarray g = _float_input(grad, "grad")
-    _check_2d(w, "weight")
+cdef int _check_row_state(cnp.ndarray s, cnp.ndarray w) except -1:
+    """Row-wise state: one accumulator per row of weight."""
     if _shape(s) != (_rows(w),):
         raise ValueError(f"state_sum must have shape (weight.shape[0],) = {(_rows(w),)}, got "
                          f"state_sum.shape={_shape(s)}")
+    return 0
+
+
+def rowwise_adagrad_step(weight, state_sum, grad, rows, double lr, double eps, bint check_only=False, *,
+                         _format=None):
+    """One row-wise Adagrad update in place: for each updated row r, with g its gradient row,
+    ``state_sum[r] += (sum of g[d]**2 in column order) / D``, then
+    ``w[r] -= (lr * g) / (sqrt(state_sum[r]) + eps)``. state_sum is (V,): one accumulator per row, of
+    weight's dtype. float32: in float32; float64: in float64; float16/bfloat16: in float32, each stored
+    element rounded once. rows None updates every row (grad (V, D)), else only rows (sorted distinct
+    int64, grad (len(rows), D)). With D = 0 nothing changes (no mean of no columns). check_only: run
+    every check, write nothing."""
+    cdef int fmt
+    cdef cnp.ndarray w = _weight(weight, _format, &fmt)
+    cdef cnp.ndarray s = _target_like(state_sum, "state_sum", w, "weight")
+    cdef cnp.ndarray g = _input_like(grad, "grad", w, "weight")
+    _check_row_state(s, w)
     cdef cnp.ndarray r = _checked_rows(rows, _rows(w))
     _check_grad(g, _updates(r, w), _dim(w))
     _no_overlap(w, "weight", (s, grad, rows), ("state_sum", "grad", "rows"))
     _no_overlap(s, "state_sum", (grad, rows), ("grad", "rows"))
+    cdef _Hyper h
+    h.lr, h.eps = lr, eps
     if not check_only:
-        _run(ROWWISE_UPDATE, w, s, g, r, lr, eps)
+        _run(ROWWISE_UPDATE, fmt, w, s, None, g, r, &h)
 
 
 # ---------------------------------------------------------------- coalesce and update in one pass
@@ -251,20 +384,9 @@ def rowwise_adagrad_step(weight, state_sum, grad, rows, double lr, double eps, b
 # coalesce + *_step computes by writing the (U, D) sums and reading them back. The *_scatter kernels
 # below group the lookups by row instead (a stable counting sort of the slots coalesce computes) and sum
 # each row's gradient into a buffer of one row, which the update reads from L1: the same adds in the same
-# order (0 + the first lookup's row, then the others in ids order), so the same bits, without the sums'
-# round trip through memory. Rows are distinct, so threads own rows and the bits do not depend on their
-# count.
-
-cdef enum:
-    ADAM_UPDATE = 4
-
-cdef struct _Hyper:
-    float lr
-    float eps
-    float beta1
-    float beta2
-    float inv_bias1
-    float inv_bias2
+# order (0 + the first lookup's row, then the others in ids order; a 16-bit table's sums in float32,
+# rounded to the type once, as coalesce rounds them), so the same bits, without the sums' round trip
+# through memory. Rows are distinct, so threads own rows and the bits do not depend on their count.
 
 
 cdef void _group_lookups(const int64_t* slots, Py_ssize_t N, Py_ssize_t U, int64_t* start,
@@ -291,69 +413,109 @@ cdef void _group_lookups(const int64_t* slots, Py_ssize_t N, Py_ssize_t U, int64
     start[0] = 0
 
 
-cdef void _grouped_rows(int kind, float* w, float* s, float* s2, const float* g, Py_ssize_t D,
-                        const int64_t* rows, const int64_t* start, const int64_t* order, Py_ssize_t lo,
-                        Py_ssize_t hi, int64_t skip, float* acc, const _Hyper* h) noexcept nogil:
+cdef inline void _sum_first(real_t* acc, const real_t* row, Py_ssize_t D) noexcept nogil:
+    if real_t is float:
+        fe_first_into(acc, row, D)
+    else:
+        fe_first_into_f64(acc, row, D)
+
+
+cdef inline void _sum_add(real_t* acc, const real_t* row, Py_ssize_t D) noexcept nogil:
+    if real_t is float:
+        fe_add_into(acc, row, D)
+    else:
+        fe_add_into_f64(acc, row, D)
+
+
+cdef void _sum_lookups(elem_t* out, const elem_t* g, Py_ssize_t D, const int64_t* order, Py_ssize_t k0,
+                       Py_ssize_t k1, Py_ssize_t end, float* tmp) noexcept nogil:
+    """out = 0 + g[order[k0]] + ... + g[order[k1 - 1]] (rows of D), in that order: in the table's type,
+    or for a 16-bit table in float32 (tmp: a widened lookup, then the sum), rounded to the type once."""
+    cdef Py_ssize_t k
+    cdef float* wide = tmp + 4 * D + STAGE_EXTRA
+    cdef float* total = wide + D
+    for k in range(k0, k1):
+        if k + PREFETCH_ROWS < end:
+            _prefetch_elems(g + order[k + PREFETCH_ROWS] * D, D)
+        if elem_t is float or elem_t is double:
+            if k == k0:
+                _sum_first(out, g + order[k] * D, D)
+            else:
+                _sum_add(out, g + order[k] * D, D)
+        else:
+            _widen_row(wide, g + order[k] * D, D)
+            if k == k0:
+                fe_first_into(total, wide, D)
+            else:
+                fe_add_into(total, wide, D)
+    if elem_t is fe_f16 or elem_t is fe_bf16:
+        _narrow_row(out, total, D)
+
+
+cdef void _grouped_rows(int kind, elem_t* w, elem_t* s, elem_t* s2, const elem_t* g, Py_ssize_t D,
+                        Py_ssize_t S, const int64_t* rows, const int64_t* start, const int64_t* order,
+                        Py_ssize_t lo, Py_ssize_t hi, int64_t skip, elem_t* acc, float* tmp,
+                        const _Hyper* h) noexcept nogil:
     """Rows rows[lo:hi], each summed into acc (one row) from its lookups and updated: Adagrad (s the
-    sum of squares), row-wise Adagrad (s one float per row) or Adam (s, s2 the moments). Row skip moves
+    sum of squares), row-wise Adagrad (s one element per row) or Adam (s, s2 the moments). Row skip moves
     nothing."""
-    cdef Py_ssize_t u, k, r, nxt, end = start[hi]
-    cdef float G
+    cdef Py_ssize_t u, r, end = start[hi]
     for u in range(lo, hi):
         if u + PREFETCH_ROWS < hi:
-            nxt = rows[u + PREFETCH_ROWS]
-            _prefetch_row_write(w + nxt * D, 0, D)
-            if kind != ROWWISE_UPDATE:
-                _prefetch_row_write(s + nxt * D, 0, D)
-            if kind == ADAM_UPDATE:
-                _prefetch_row_write(s2 + nxt * D, 0, D)
+            _prefetch_state(kind, w, s, s2, D, rows[u + PREFETCH_ROWS])
         r = rows[u]
         if r == skip or start[u] == start[u + 1]:
             continue
-        for k in range(start[u], start[u + 1]):
-            if k + PREFETCH_ROWS < end:
-                _prefetch_row(g + order[k + PREFETCH_ROWS] * D, D)
-            if k == start[u]:
-                fe_first_into(acc, g + order[k] * D, D)
-            else:
-                fe_add_into(acc, g + order[k] * D, D)
-        if kind == ADAGRAD_UPDATE:
-            fe_adagrad_row(w + r * D, s + r * D, acc, D, h.lr, h.eps)
-        elif kind == ADAM_UPDATE:
-            fe_adam_row(w + r * D, s + r * D, s2 + r * D, acc, D, h.lr, h.beta1, h.beta2, h.eps, h.inv_bias1,
-                        h.inv_bias2)
-        elif D > 0:  # row-wise; a row of no columns has no mean square: its accumulator stays as it is
-            G = s[r] + fe_sum_squares(acc, D) / <float>D
-            s[r] = G
-            fe_scaled_row(w + r * D, acc, D, h.lr, sqrtf(G) + h.eps)
+        _sum_lookups(acc, g, D, order, start[u], start[u + 1], end, tmp)
+        _elem_row(kind, w + r * D, s + r * S, NULL if s2 == NULL else s2 + r * S, acc, D, S, h, tmp)
 
 
-cdef void _grouped_update(int kind, float* w, float* s, float* s2, const float* g, Py_ssize_t D,
-                          const int64_t* rows, Py_ssize_t U, const int64_t* slots, Py_ssize_t N,
-                          int64_t* start, int64_t* order, int64_t skip, float* acc, const _Hyper* h,
-                          int nthreads, int* team) noexcept nogil:
+cdef void _grouped_update(int kind, elem_t* w, elem_t* s, elem_t* s2, const elem_t* g, Py_ssize_t D,
+                          Py_ssize_t S, const int64_t* rows, Py_ssize_t U, const int64_t* slots, Py_ssize_t N,
+                          int64_t* start, int64_t* order, int64_t skip, elem_t* acc, float* tmp,
+                          const _Hyper* h, int nthreads, int* team) noexcept nogil:
     cdef int k
-    cdef Py_ssize_t lo, hi, width = D if D > 0 else 1
+    cdef Py_ssize_t lo, hi, width = D if D > 0 else 1, stage = _stage_width(D)
     _group_lookups(slots, N, U, start, order)
     team[0] = 1
     if nthreads <= 1:
-        _grouped_rows(kind, w, s, s2, g, D, rows, start, order, 0, U, skip, acc, h)
+        _grouped_rows(kind, w, s, s2, g, D, S, rows, start, order, 0, U, skip, acc, tmp, h)
         return
     for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
         if k == 0:
             team[0] = fe_omp_team_size()
         lo = _part(U, k, nthreads)
         hi = _part(U, k + 1, nthreads)
-        _grouped_rows(kind, w, s, s2, g, D, rows, start, order, lo, hi, skip, acc + k * width, h)
+        _grouped_rows(kind, w, s, s2, g, D, S, rows, start, order, lo, hi, skip, acc + k * width,
+                      NULL if tmp == NULL else tmp + k * stage, h)
 
 
-cdef int _grouped(int kind, cnp.ndarray w, cnp.ndarray s, cnp.ndarray s2, tuple names, object ids,
+cdef void _grouped_any(int fmt, int kind, void* w, void* s, void* s2, const void* g, Py_ssize_t D,
+                       Py_ssize_t S, const int64_t* rows, Py_ssize_t U, const int64_t* slots, Py_ssize_t N,
+                       int64_t* start, int64_t* order, int64_t skip, void* acc, float* tmp, const _Hyper* h,
+                       int nthreads, int* team) noexcept nogil:
+    if fmt == FMT_F32:
+        _grouped_update(kind, <float*>w, <float*>s, <float*>s2, <const float*>g, D, S, rows, U, slots, N, start,
+                        order, skip, <float*>acc, tmp, h, nthreads, team)
+    elif fmt == FMT_F64:
+        _grouped_update(kind, <double*>w, <double*>s, <double*>s2, <const double*>g, D, S, rows, U, slots, N,
+                        start, order, skip, <double*>acc, tmp, h, nthreads, team)
+    elif fmt == FMT_F16:
+        _grouped_update(kind, <fe_f16*>w, <fe_f16*>s, <fe_f16*>s2, <const fe_f16*>g, D, S, rows, U, slots, N,
+                        start, order, skip, <fe_f16*>acc, tmp, h, nthreads, team)
+    else:
+        _grouped_update(kind, <fe_bf16*>w, <fe_bf16*>s, <fe_bf16*>s2, <const fe_bf16*>g, D, S, rows, U, slots,
+                        N, start, order, skip, <fe_bf16*>acc, tmp, h, nthreads, team)
+
+
+cdef int _grouped(int kind, int fmt, cnp.ndarray w, cnp.ndarray s, cnp.ndarray s2, tuple names, object ids,
                   object grad_out, int64_t skip, _Hyper* h, bint check_only) except -1:
     """The checks and the run of the *_scatter kernels: w (and its states s, s2, already checked against
     w and each other) updated from ids and grad_out."""
     cdef cnp.ndarray idx = _index_array(ids, "ids")
-    cdef cnp.ndarray src = _float_input(grad_out, "grad_out")
+    cdef cnp.ndarray src = _input_like(grad_out, "grad_out", w, "weight")
     cdef Py_ssize_t V = _rows(w), D = _dim(w), N = cnp.PyArray_SIZE(idx)
+    cdef Py_ssize_t S = 1 if kind == ROWWISE_UPDATE else D
     _check_rows_shape(src, "grad_out", idx, D)
     for target, name in zip((w, s, s2), names):
         if target is not None:
@@ -369,75 +531,76 @@ cdef int _grouped(int kind, cnp.ndarray w, cnp.ndarray s, cnp.ndarray s2, tuple 
     cdef Py_ssize_t U = cnp.PyArray_DIM(rows_arr, 0)
     cdef int nthreads = _threads_for(U * D), team
     cdef cnp.ndarray start = np.empty(U + 1, dtype=np.int64), order = np.empty(N, dtype=np.int64)
-    cdef cnp.ndarray acc = _fresh(nthreads * max(D, 1), np.float32)
-    cdef float* wp = <float*>cnp.PyArray_DATA(w)
-    cdef float* sp = <float*>cnp.PyArray_DATA(s)
-    cdef float* s2p = NULL if s2 is None else <float*>cnp.PyArray_DATA(s2)
-    cdef const float* gp = <const float*>cnp.PyArray_DATA(src)
+    cdef cnp.ndarray acc = _fresh(nthreads * max(D, 1), w.dtype)
+    cdef cnp.ndarray scratch = _scratch(fmt, nthreads, D)
+    cdef void* wp = cnp.PyArray_DATA(w)
+    cdef void* sp = cnp.PyArray_DATA(s)
+    cdef void* s2p = NULL if s2 is None else cnp.PyArray_DATA(s2)
+    cdef const void* gp = cnp.PyArray_DATA(src)
     cdef const int64_t* rp = <const int64_t*>cnp.PyArray_DATA(rows_arr)
     cdef const int64_t* slp = <const int64_t*>cnp.PyArray_DATA(slots_arr)
     cdef int64_t* stp = <int64_t*>cnp.PyArray_DATA(start)
     cdef int64_t* op = <int64_t*>cnp.PyArray_DATA(order)
-    cdef float* ap = <float*>cnp.PyArray_DATA(acc)
+    cdef void* ap = cnp.PyArray_DATA(acc)
+    cdef float* tp = _data_or_null(scratch)
     if release:
         with nogil:
-            _grouped_update(kind, wp, sp, s2p, gp, D, rp, U, slp, N, stp, op, skip, ap, h, nthreads, &team)
+            _grouped_any(fmt, kind, wp, sp, s2p, gp, D, S, rp, U, slp, N, stp, op, skip, ap, tp, h, nthreads, &team)
     else:
-        _grouped_update(kind, wp, sp, s2p, gp, D, rp, U, slp, N, stp, op, skip, ap, h, nthreads, &team)
+        _grouped_any(fmt, kind, wp, sp, s2p, gp, D, S, rp, U, slp, N, stp, op, skip, ap, tp, h, nthreads, &team)
     _record(team, release)
     return 0
 
 
 def adagrad_scatter(weight, state_sum, ids, grad_out, double clr, double eps, int64_t skip_row=-1,
-                    bint check_only=False):
+                    bint check_only=False, *, _format=None):
     """Adagrad straight from a lookup's gradient: ``rows, values = coalesce(ids, grad_out)``, then
     ``adagrad_step(weight, state_sum, values, rows, clr, eps)`` on every row but skip_row (-1: none), bit
     for bit and for every thread count, without writing the summed rows out. ids: int32/int64 of any
-    shape, in [0, len(weight)); grad_out: float32 of shape ids.shape + (D,). check_only: run every
-    check, write nothing."""
-    cdef cnp.ndarray w = _target(weight, "weight")
-    cdef cnp.ndarray s = _target(state_sum, "state_sum")
-    _check_2d(w, "weight")
+    shape, in [0, len(weight)); grad_out: weight's dtype, of shape ids.shape + (D,). check_only: run
+    every check, write nothing."""
+    cdef int fmt
+    cdef cnp.ndarray w = _weight(weight, _format, &fmt)
+    cdef cnp.ndarray s = _target_like(state_sum, "state_sum", w, "weight")
     _check_like(s, "state_sum", w)
     _no_overlap(w, "weight", (state_sum,), ("state_sum",))
     cdef _Hyper h
-    h.lr, h.eps = <float>clr, <float>eps
-    _grouped(ADAGRAD_UPDATE, w, s, None, ("weight", "state_sum", None), ids, grad_out, skip_row, &h, check_only)
+    h.lr, h.eps = clr, eps
+    _grouped(ADAGRAD_UPDATE, fmt, w, s, None, ("weight", "state_sum", None), ids, grad_out, skip_row, &h,
+             check_only)
 
 
 def rowwise_adagrad_scatter(weight, state_sum, ids, grad_out, double lr, double eps, int64_t skip_row=-1,
-                            bint check_only=False):
+                            bint check_only=False, *, _format=None):
     """Row-wise Adagrad straight from a lookup's gradient: ``coalesce`` then ``rowwise_adagrad_step``
-    (state_sum one float32 per row) on every row but skip_row (-1: none), bit for bit, without writing
-    the summed rows out. Arguments as adagrad_scatter's."""
-    cdef cnp.ndarray w = _target(weight, "weight")
-    cdef cnp.ndarray s = _target(state_sum, "state_sum")
-    _check_2d(w, "weight")
-    if _shape(s) != (_rows(w),):
-        raise ValueError(f"state_sum must have shape (weight.shape[0],) = {(_rows(w),)}, got "
-                         f"state_sum.shape={_shape(s)}")
+    (state_sum one element per row, weight's dtype) on every row but skip_row (-1: none), bit for bit,
+    without writing the summed rows out. Arguments as adagrad_scatter's."""
+    cdef int fmt
+    cdef cnp.ndarray w = _weight(weight, _format, &fmt)
+    cdef cnp.ndarray s = _target_like(state_sum, "state_sum", w, "weight")
+    _check_row_state(s, w)
     _no_overlap(w, "weight", (state_sum,), ("state_sum",))
     cdef _Hyper h
-    h.lr, h.eps = <float>lr, <float>eps
-    _grouped(ROWWISE_UPDATE, w, s, None, ("weight", "state_sum", None), ids, grad_out, skip_row, &h,
+    h.lr, h.eps = lr, eps
+    _grouped(ROWWISE_UPDATE, fmt, w, s, None, ("weight", "state_sum", None), ids, grad_out, skip_row, &h,
              check_only)
 
 
 def adam_scatter(weight, exp_avg, exp_avg_sq, ids, grad_out, double lr, double beta1, double beta2,
-                 double eps, double bias1, double bias2, int64_t skip_row=-1, bint check_only=False):
+                 double eps, double bias1, double bias2, int64_t skip_row=-1, bint check_only=False, *,
+                 _format=None):
     """Adam straight from a lookup's gradient: ``coalesce`` then ``adam_step`` (the rows' moments and
     weights, bias corrections bias1 and bias2) on every row but skip_row (-1: none), bit for bit,
     without writing the summed rows out. Arguments as adagrad_scatter's."""
-    cdef cnp.ndarray w = _target(weight, "weight")
-    cdef cnp.ndarray m = _target(exp_avg, "exp_avg")
-    cdef cnp.ndarray v = _target(exp_avg_sq, "exp_avg_sq")
-    _check_2d(w, "weight")
+    cdef int fmt
+    cdef cnp.ndarray w = _weight(weight, _format, &fmt)
+    cdef cnp.ndarray m = _target_like(exp_avg, "exp_avg", w, "weight")
+    cdef cnp.ndarray v = _target_like(exp_avg_sq, "exp_avg_sq", w, "weight")
     _check_like(m, "exp_avg", w)
     _check_like(v, "exp_avg_sq", w)
     _no_overlap(w, "weight", (exp_avg, exp_avg_sq), ("exp_avg", "exp_avg_sq"))
     _no_overlap(m, "exp_avg", (exp_avg_sq,), ("exp_avg_sq",))
     cdef _Hyper h
-    h.lr, h.eps, h.beta1, h.beta2 = <float>lr, <float>eps, <float>beta1, <float>beta2
-    h.inv_bias1, h.inv_bias2 = <float>(1.0 / bias1), <float>(1.0 / bias2)
-    _grouped(ADAM_UPDATE, w, m, v, ("weight", "exp_avg", "exp_avg_sq"), ids, grad_out, skip_row, &h,
+    _adam_hyper(&h, lr, beta1, beta2, eps, bias1, bias2)
+    _grouped(ADAM_UPDATE, fmt, w, m, v, ("weight", "exp_avg", "exp_avg_sq"), ids, grad_out, skip_row, &h,
              check_only)

@@ -364,12 +364,17 @@ def test_refused_dtypes_list_the_accepted_ones():
         fe.gather(np.zeros((2, 4), np.uint16), ids)
 
 
-def test_optimizer_kernels_stay_float32():
-    w, g = np.zeros((3, 2)), np.ones((2, 2))
-    with pytest.raises(TypeError, match="weight must be float32"):
+def test_optimizer_kernels_refuse_a_gradient_of_another_dtype():
+    # the optimizers take the four dtypes (tests/test_optim_dtypes.py), the gradient in the weight's: never cast
+    w, g = np.zeros((3, 2)), np.ones((2, 2), np.float32)
+    snap = Snapshot(w=w, g=g)
+    with pytest.raises(TypeError, match=r"grad_out.dtype=float32 does not match weight.dtype=float64"):
         _kernels.sgd_scatter(w, np.array([0, 1]), g, 0.1)
-    with pytest.raises(TypeError, match="weight must be float32"):
+    with pytest.raises(TypeError, match=r"grad.dtype=float32 does not match weight.dtype=float64"):
         _kernels.sgd_step(w, g, np.array([0, 1]), 0.1)
+    with pytest.raises(TypeError, match="uint16 array is never read as bfloat16"):
+        _kernels.sgd_step(w.astype(np.uint16), g.astype(np.uint16), np.array([0, 1]), 0.1)
+    snap.assert_unchanged()
 
 
 # ---------------------------------------------------------------- bfloat16 as uint16 bits (the private path)

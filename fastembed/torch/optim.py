@@ -9,13 +9,16 @@ differs: a parameter the kernels can take is updated in place by them (through
 ``tensor.numpy()``, which shares the memory), every other one by torch's own
 algorithm, in the same step.
 
-The kernels take a parameter that is a CPU, float32, 2-D, C-contiguous tensor whose
-gradient is float32 of its shape, dense or sparse COO with one sparse dimension
-(coalesced or not: stock ``nn.Embedding(sparse=True)`` gives one entry per lookup),
-when the group's options are ones the kernel computes (listed per class); the rest
-goes to torch (float64 or other dtypes, other devices, momentum, weight decay,
+The kernels take a parameter that is a CPU, 2-D, C-contiguous tensor of float32,
+float64, float16 or bfloat16 whose gradient has its dtype and shape, dense or sparse COO
+with one sparse dimension (coalesced or not: stock ``nn.Embedding(sparse=True)`` gives one
+entry per lookup), when the group's options are ones the kernel computes (listed per
+class); the rest goes to torch (other dtypes and devices, momentum, weight decay,
 maximize, amsgrad, fused, capturable, differentiable...), so those results are torch's
-own, bit for bit.
+own, bit for bit. State tensors have the parameter's dtype, as torch's. float64 is
+computed in float64 with the float32 kernels' formulas; float16 and bfloat16 in float32
+(each stored element rounded once, where torch rounds after each of its ops): those match
+torch's to the tolerance torch's tests use for the dtype (tests/test_torch_optim_dtypes.py).
 
 Before anything moves, a step checks every kernel parameter (gradient shape, sparse
 rows within the table) and every group's lr, and raises torch's own errors (Adam given
@@ -52,14 +55,17 @@ __all__ = ["SGD", "Adagrad", "SparseAdam", "Adam", "RowWiseAdagrad",
 
 # ---------------------------------------------------------------- what the kernels can take
 
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
 def _is_table(t):
     """A tensor whose memory the kernels can update in place."""
-    return (t.layout == torch.strided and t.device.type == "cpu" and t.dtype == torch.float32
+    return (t.layout == torch.strided and t.device.type == "cpu" and t.dtype in _KERNEL_DTYPES
             and t.dim() == 2 and t.is_contiguous())
 
 
 def _is_state_like(t, p):
-    return isinstance(t, torch.Tensor) and _is_table(t) and t.shape == p.shape
+    return isinstance(t, torch.Tensor) and _is_table(t) and t.shape == p.shape and t.dtype == p.dtype
 
 
 def _scalar(x):
@@ -90,13 +96,20 @@ def _check_grad_shape(p, g):
 
 
 def _numpy(t):
-    return t.detach().numpy()
+    """t's memory as a numpy array (bfloat16: its bits as uint16, read with _format="bfloat16")."""
+    t = t.detach()
+    return (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _format(p):
+    """The kernels' keyword for p's dtype: bfloat16 arrives as uint16 bits."""
+    return "bfloat16" if p.dtype == torch.bfloat16 else None
 
 
 def _kernel_grad(g):
     """(values, ids, coalesced) of a sparse gradient, (grad, None, True) of a dense one, as numpy
     arrays sharing g's memory; None when the kernels cannot take g (torch updates that parameter)."""
-    if g.device.type != "cpu" or g.dtype != torch.float32:
+    if g.device.type != "cpu" or g.dtype not in _KERNEL_DTYPES:
         return None
     if g.layout == torch.strided:
         return _numpy(g), None, True
@@ -198,14 +211,14 @@ class SGD(_KernelStep, torch.optim.SGD):
         return lr
 
     def _job(self, lr, p, grad):
-        w = _numpy(p)
+        w, fmt = _numpy(p), _format(p)
         values, ids, _ = grad
         if ids is None:
             def job(check_only):
-                _kernels.sgd_step(w, values, None, lr, check_only, fma=True)
+                _kernels.sgd_step(w, values, None, lr, check_only, fma=True, _format=fmt)
         else:
             def job(check_only):
-                _kernels.sgd_scatter(w, ids, values, lr, fma=True, check_only=check_only)
+                _kernels.sgd_scatter(w, ids, values, lr, fma=True, check_only=check_only, _format=fmt)
         return job
 
 
@@ -248,18 +261,18 @@ class Adagrad(_KernelStep, torch.optim.Adagrad):
         step, state_sum = state["step"], state["sum"]
         if not (_is_state_like(state_sum, p) and isinstance(step, torch.Tensor)):
             return None
-        w, s = _numpy(p), _numpy(state_sum)
+        w, s, fmt = _numpy(p), _numpy(state_sum), _format(p)
         lookups = _lookups(grad)
         if lookups is None:
             values, rows, _ = grad
 
             def update(clr, e, check_only=False):
-                _kernels.adagrad_step(w, s, values, rows, clr, e, check_only)
+                _kernels.adagrad_step(w, s, values, rows, clr, e, check_only, _format=fmt)
         else:
             ids, values = lookups
 
             def update(clr, e, check_only=False):
-                _kernels.adagrad_scatter(w, s, ids, values, clr, e, check_only=check_only)
+                _kernels.adagrad_scatter(w, s, ids, values, clr, e, check_only=check_only, _format=fmt)
 
         def job(check_only):
             if check_only:
@@ -313,20 +326,22 @@ class SparseAdam(_KernelStep, torch.optim.SparseAdam):
         moments = _adam_state(state, p, 0)
         if moments is None:
             return None
-        w, m, v = _numpy(p), _numpy(moments[0]), _numpy(moments[1])
+        w, m, v, fmt = _numpy(p), _numpy(moments[0]), _numpy(moments[1]), _format(p)
         lookups = _lookups(grad)
         if lookups is None:
             values, rows, _ = grad
             empty = len(rows) == 0
 
             def update(e, bias1, bias2, check_only=False):
-                _kernels.adam_step(w, m, v, values, rows, lr, beta1, beta2, e, bias1, bias2, check_only)
+                _kernels.adam_step(w, m, v, values, rows, lr, beta1, beta2, e, bias1, bias2, check_only,
+                                   _format=fmt)
         else:
             ids, values = lookups
             empty = ids.size == 0
 
             def update(e, bias1, bias2, check_only=False):
-                _kernels.adam_scatter(w, m, v, ids, values, lr, beta1, beta2, e, bias1, bias2, check_only=check_only)
+                _kernels.adam_scatter(w, m, v, ids, values, lr, beta1, beta2, e, bias1, bias2,
+                                      check_only=check_only, _format=fmt)
 
         def job(check_only):
             if check_only:
@@ -378,16 +393,17 @@ class Adam(_KernelStep, torch.optim.Adam):
         step = state["step"]
         if moments is None or not isinstance(step, torch.Tensor):
             return None
-        w, m, v = _numpy(p), _numpy(moments[0]), _numpy(moments[1])
+        w, m, v, fmt = _numpy(p), _numpy(moments[0]), _numpy(moments[1]), _format(p)
         values = grad[0]
 
         def job(check_only):
             if check_only:
-                _kernels.adam_step(w, m, v, values, None, lr, beta1, beta2, eps, 1.0, 1.0, True)
+                _kernels.adam_step(w, m, v, values, None, lr, beta1, beta2, eps, 1.0, 1.0, True, _format=fmt)
                 return
             step.add_(1)
             t = step.item()
-            _kernels.adam_step(w, m, v, values, None, lr, beta1, beta2, eps, 1 - beta1**t, 1 - beta2**t)
+            _kernels.adam_step(w, m, v, values, None, lr, beta1, beta2, eps, 1 - beta1**t, 1 - beta2**t,
+                               _format=fmt)
         return job
 
 
@@ -440,21 +456,21 @@ class RowWiseAdagrad(_KernelStep, torch.optim.Optimizer):
     def _job(self, options, p, grad):
         lr, eps = options
         state_sum = self._sum(p)
-        if not (state_sum.dtype == torch.float32 and state_sum.device.type == "cpu"
+        if not (state_sum.dtype == p.dtype and state_sum.device.type == "cpu" and state_sum.is_contiguous()
                 and state_sum.shape == (p.shape[0],)):
             return None
-        w, s = _numpy(p), _numpy(state_sum)
+        w, s, fmt = _numpy(p), _numpy(state_sum), _format(p)
         lookups = _lookups(grad)
         if lookups is None:
             values, rows, _ = grad
 
             def job(check_only):
-                _kernels.rowwise_adagrad_step(w, s, values, rows, lr, eps, check_only)
+                _kernels.rowwise_adagrad_step(w, s, values, rows, lr, eps, check_only, _format=fmt)
         else:
             ids, values = lookups
 
             def job(check_only):
-                _kernels.rowwise_adagrad_scatter(w, s, ids, values, lr, eps, check_only=check_only)
+                _kernels.rowwise_adagrad_scatter(w, s, ids, values, lr, eps, check_only=check_only, _format=fmt)
         return job
 
     def _fallback(self, kernel_params):
