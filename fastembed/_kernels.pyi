@@ -15,7 +15,6 @@ tests/test_packaging.py compares only the public names with the module.
 import numpy as np
 import numpy.typing as npt
 
-_Float32 = npt.NDArray[np.float32]
 # float32, float64, float16 or bfloat16 (a numpy dtype registered by ml_dtypes, which numpy's typing
 # cannot name); one call's element arrays share one dtype
 _Table = npt.NDArray[np.float32] | npt.NDArray[np.float64] | npt.NDArray[np.float16] | npt.NDArray[np.generic]
@@ -50,39 +49,52 @@ def gather_add_backward(
 ) -> None: ...
 def coalesce(ids: _Ids, grad_out: _Table, *, _format: _Format = None) -> tuple[npt.NDArray[np.int64], _Table]: ...
 def sgd_step(
-    weight: _Float32,
-    grad: _Float32,
+    weight: _Table,
+    grad: _Table,
     rows: npt.NDArray[np.int64] | None,
     lr: float,
     check_only: bool = False,
     fma: bool = False,
+    *,
+    _format: _Format = None,
 ) -> None: ...
 def sgd_scatter(
-    weight: _Float32, ids: _Ids, grad_out: _Float32, lr: float, fma: bool = False, check_only: bool = False
+    weight: _Table,
+    ids: _Ids,
+    grad_out: _Table,
+    lr: float,
+    fma: bool = False,
+    check_only: bool = False,
+    *,
+    _format: _Format = None,
 ) -> None: ...
 def adagrad_step(
-    weight: _Float32,
-    state_sum: _Float32,
-    grad: _Float32,
+    weight: _Table,
+    state_sum: _Table,
+    grad: _Table,
     rows: npt.NDArray[np.int64] | None,
     clr: float,
     eps: float,
     check_only: bool = False,
+    *,
+    _format: _Format = None,
 ) -> None: ...
 def rowwise_adagrad_step(
-    weight: _Float32,
-    state_sum: _Float32,
-    grad: _Float32,
+    weight: _Table,
+    state_sum: _Table,
+    grad: _Table,
     rows: npt.NDArray[np.int64] | None,
     lr: float,
     eps: float,
     check_only: bool = False,
+    *,
+    _format: _Format = None,
 ) -> None: ...
 def adam_step(
-    weight: _Float32,
-    exp_avg: _Float32,
-    exp_avg_sq: _Float32,
-    grad: _Float32,
+    weight: _Table,
+    exp_avg: _Table,
+    exp_avg_sq: _Table,
+    grad: _Table,
     rows: npt.NDArray[np.int64] | None,
     lr: float,
     beta1: float,
@@ -91,33 +103,39 @@ def adam_step(
     bias1: float,
     bias2: float,
     check_only: bool = False,
+    *,
+    _format: _Format = None,
 ) -> None: ...
 def adagrad_scatter(
-    weight: _Float32,
-    state_sum: _Float32,
+    weight: _Table,
+    state_sum: _Table,
     ids: _Ids,
-    grad_out: _Float32,
+    grad_out: _Table,
     clr: float,
     eps: float,
     skip_row: int = -1,
     check_only: bool = False,
+    *,
+    _format: _Format = None,
 ) -> None: ...
 def rowwise_adagrad_scatter(
-    weight: _Float32,
-    state_sum: _Float32,
+    weight: _Table,
+    state_sum: _Table,
     ids: _Ids,
-    grad_out: _Float32,
+    grad_out: _Table,
     lr: float,
     eps: float,
     skip_row: int = -1,
     check_only: bool = False,
+    *,
+    _format: _Format = None,
 ) -> None: ...
 def adam_scatter(
-    weight: _Float32,
-    exp_avg: _Float32,
-    exp_avg_sq: _Float32,
+    weight: _Table,
+    exp_avg: _Table,
+    exp_avg_sq: _Table,
     ids: _Ids,
-    grad_out: _Float32,
+    grad_out: _Table,
     lr: float,
     beta1: float,
     beta2: float,
@@ -126,6 +144,8 @@ def adam_scatter(
     bias2: float,
     skip_row: int = -1,
     check_only: bool = False,
+    *,
+    _format: _Format = None,
 ) -> None: ...
 def renorm(table: _Table, ids: _Ids, max_norm: float, norm_type: float = 2.0, *, _format: _Format = None) -> None: ...
 

@@ -954,7 +954,8 @@ cdef int _half_format(str name) except -1:
 
 def _narrow(values, str format):
     """float32 values (1-D) to the bits (uint16) of float16 or bfloat16, with the row conversion that
-    coalesce uses (F16C or portable per _f16_hardware). For tests only."""
+    coalesce uses (F16C or portable per _f16_hardware). For tests, and for the bits of a fused rule's new
+    bfloat16 state (fastembed.optim._full)."""
     cdef int fmt = _half_format(format)
     cdef cnp.ndarray f = _float_input(values, "values")
     cdef cnp.ndarray h = np.empty(cnp.PyArray_SIZE(f), dtype=np.uint16)

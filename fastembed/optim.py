@@ -350,14 +350,31 @@ def _padding_row(padding_idx, num_rows):
     return int(padding_idx) % num_rows
 
 
-def _table(weight):
-    """The (V, D) shape of a float32 table, refused as the kernels refuse it (TypeError, ValueError)."""
-    if not (isinstance(weight, np.ndarray) and weight.dtype == np.float32):
-        raise TypeError(f"weight must be float32 (fastembed never casts tables), got "
-                        f"{getattr(weight, 'dtype', type(weight).__name__)}")
+_RULE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))
+
+
+def _table(weight, _format=None):
+    """The (V, D) shape of a table a fused rule updates: float32, float64, float16 or bfloat16
+    (ml_dtypes.bfloat16, or uint16 bits with the private _format="bfloat16" of fastembed.torch), refused
+    as the kernels refuse it (TypeError, ValueError)."""
+    dtype = getattr(weight, "dtype", None)
+    if not (isinstance(weight, np.ndarray)
+            and (dtype in _RULE_DTYPES or dtype.name == "bfloat16"
+                 or (_format == "bfloat16" and dtype == np.uint16))):
+        raise TypeError(f"weight must be float32, float64, float16 or bfloat16 (fastembed never casts tables), got "
+                        f"{dtype if dtype is not None else type(weight).__name__}")
     if weight.ndim != 2:
         raise ValueError(f"weight must be 2-D (rows, dim), got weight.shape={weight.shape}")
     return weight.shape
+
+
+def _full(weight, shape, value, _format=None):
+    """A new state array of weight's dtype, every element value rounded to it (bfloat16 bits: rounded as
+    the kernels round)."""
+    if _format == "bfloat16" and weight.dtype == np.uint16:
+        return _kernels._narrow(np.full(int(np.prod(shape)), value, np.float32), "bfloat16").reshape(shape)
+    with np.errstate(over="ignore"):
+        return np.full(shape, value, weight.dtype)
 
 
 def _state_entry(state, key):
@@ -380,12 +397,12 @@ def _step_counter(state):
     return step
 
 
-def _lookups(weight, ids, padding_idx):
+def _lookups(weight, ids, padding_idx, _format=None):
     """ids as the *_scatter kernels take them (int32 or int64, any shape) and the row they skip
     (padding_idx's, -1 for none). The kernels coalesce and update in one pass: ids' distinct rows, each
     with grad_out summed over its lookups in ids order, the sums never written out; they refuse
     negative ids, ids past the table and a grad_out that is not ids.shape + (D,)."""
-    pad = _padding_row(padding_idx, _table(weight)[0])
+    pad = _padding_row(padding_idx, _table(weight, _format)[0])
     return _ops.as_ids(ids), -1 if pad is None else pad
 
 
@@ -398,16 +415,18 @@ class _FusedRule:
 
     lr = _Optimizer.lr
 
-    def update(self, weight, state, ids, grad_out, *, padding_idx=None, check_only=False):
+    def update(self, weight, state, ids, grad_out, *, padding_idx=None, check_only=False, _format=None):
         """One optimizer step of weight's rows named by ids (any shape, int32 or int64), from grad_out
-        (float32, ids.shape + (D,)), with state from ``new_state(weight)``. Every check runs before
+        (weight's dtype, ids.shape + (D,)), with state from ``new_state(weight)``. Every check runs before
         anything moves; check_only: run them all, change nothing. Ids equal to padding_idx contribute
-        nothing: their row and its state keep their values."""
-        apply = self._prepare(weight, state, ids, grad_out, padding_idx)
+        nothing: their row and its state keep their values. weight may be float32, float64, float16 or
+        bfloat16 (ml_dtypes.bfloat16), its state in its dtype: see the kernels (fastembed._kernels) for
+        each dtype's arithmetic (float64 in float64, the 16-bit types in float32, rounded once)."""
+        apply = self._prepare(weight, state, ids, grad_out, padding_idx, _format)
         if not check_only:
             apply()
 
-    def _prepare(self, weight, state, ids, grad_out, padding_idx=None):
+    def _prepare(self, weight, state, ids, grad_out, padding_idx=None, _format=None):
         """Run every check of an update and return a callable that applies it (no argument, no check
         left that could fail): a layer with two tables prepares both before it moves either."""
         raise NotImplementedError
@@ -422,8 +441,9 @@ class _FusedRule:
 class FusedSGD(_FusedRule):
     """``weight[ids[i]] -= lr * grad_out[i]`` for each i in the row-major order of ids, with no
     coalescing: a row named twice moves twice, one occurrence after the other. In float32 with lr
-    rounded to it; fma=False rounds the product and then the difference (numpy's ``w - lr * g``),
-    fma=True rounds once (torch's ``add_(g, alpha=-lr)``). Without repeated ids, fma=False equals SGD
+    rounded to it (float64: in float64); fma=False rounds the product and then the difference (numpy's
+    ``w - lr * g``), fma=True rounds once (torch's ``add_(g, alpha=-lr)``); a float16 or bfloat16 table
+    is always torch's ``add_`` (-lr rounded to its type, ``w + (-lr) * g`` in float32, rounded once). Without repeated ids, fma=False equals SGD
     on the layer's dense or sparse gradient bit for bit; with them, the sequential updates differ from
     one update by the summed gradient by rounding. No state: ``new_state`` is ``{}``.
     """
@@ -432,21 +452,22 @@ class FusedSGD(_FusedRule):
         super().__init__(lr)
         self.fma = bool(fma)
 
-    def new_state(self, weight):
-        _table(weight)
+    def new_state(self, weight, *, _format=None):
+        _table(weight, _format)
         return {}
 
-    def update(self, weight, state, ids, grad_out, *, padding_idx=None, check_only=False):
+    def update(self, weight, state, ids, grad_out, *, padding_idx=None, check_only=False, _format=None):
         if check_only or padding_idx is not None:
-            return super().update(weight, state, ids, grad_out, padding_idx=padding_idx, check_only=check_only)
+            return super().update(weight, state, ids, grad_out, padding_idx=padding_idx, check_only=check_only,
+                                  _format=_format)
         # One table, nothing filtered: the kernel checks everything before its loop writes.
         _check_sgd_state(state)
-        _kernels.sgd_scatter(weight, _ops.as_ids(ids), grad_out, self.lr, fma=self.fma)
+        _kernels.sgd_scatter(weight, _ops.as_ids(ids), grad_out, self.lr, fma=self.fma, _format=_format)
 
-    def _prepare(self, weight, state, ids, grad_out, padding_idx=None):
+    def _prepare(self, weight, state, ids, grad_out, padding_idx=None, _format=None):
         _check_sgd_state(state)
         ids = _ops.as_ids(ids)
-        _kernels.sgd_scatter(weight, ids, grad_out, self.lr, fma=self.fma, check_only=True)
+        _kernels.sgd_scatter(weight, ids, grad_out, self.lr, fma=self.fma, check_only=True, _format=_format)
         pad = _padding_row(padding_idx, weight.shape[0])
         if pad is not None:
             keep = ids != pad
@@ -455,7 +476,7 @@ class FusedSGD(_FusedRule):
         lr, fma = self.lr, self.fma
 
         def apply():
-            _kernels.sgd_scatter(weight, ids, grad_out, lr, fma=fma)
+            _kernels.sgd_scatter(weight, ids, grad_out, lr, fma=fma, _format=_format)
         return apply
 
     def _repr_fields(self):
@@ -486,20 +507,20 @@ class FusedAdagrad(_FusedRule):
         """At construction and again by each update: they are plain attributes a user may change."""
         _check_nonnegative(self, "lr_decay", "initial_accumulator_value", "eps")
 
-    def new_state(self, weight):
-        return {"sum": np.full(_table(weight), self.initial_accumulator_value, np.float32),
+    def new_state(self, weight, *, _format=None):
+        return {"sum": _full(weight, _table(weight, _format), self.initial_accumulator_value, _format),
                 "step": np.zeros((), np.int64)}
 
-    def _prepare(self, weight, state, ids, grad_out, padding_idx=None):
+    def _prepare(self, weight, state, ids, grad_out, padding_idx=None, _format=None):
         self._check_hyperparameters()
         state_sum, step = _state_entry(state, "sum"), _step_counter(state)
-        ids, skip = _lookups(weight, ids, padding_idx)
-        _kernels.adagrad_scatter(weight, state_sum, ids, grad_out, 0.0, 0.0, skip, True)
+        ids, skip = _lookups(weight, ids, padding_idx, _format)
+        _kernels.adagrad_scatter(weight, state_sum, ids, grad_out, 0.0, 0.0, skip, True, _format=_format)
         t = int(step) + 1
         clr, eps = self.lr / (1 + (t - 1) * self.lr_decay), self.eps
 
         def apply():
-            _kernels.adagrad_scatter(weight, state_sum, ids, grad_out, clr, eps, skip)
+            _kernels.adagrad_scatter(weight, state_sum, ids, grad_out, clr, eps, skip, _format=_format)
             step[()] = t
         return apply
 
@@ -511,7 +532,7 @@ class FusedAdagrad(_FusedRule):
 class FusedRowWiseAdagrad(_FusedRule):
     """`RowWiseAdagrad` on the rows each backward touches: grad_out summed per row (coalesce), then
     ``sum[r] += mean(g[r] ** 2)``, ``w[r] -= lr * g[r] / (sqrt(sum[r]) + eps)``, the same kernel as
-    ``RowWiseAdagrad.step`` on the layer's sparse gradient, bit for bit. State: ``sum``, one float32
+    ``RowWiseAdagrad.step`` on the layer's sparse gradient, bit for bit. State: ``sum``, one element
     per row (shape (V,), starting at 0); no step count (the rule has no decay).
     """
 
@@ -523,18 +544,18 @@ class FusedRowWiseAdagrad(_FusedRule):
     def _check_hyperparameters(self):
         _check_nonnegative(self, "eps")
 
-    def new_state(self, weight):
-        return {"sum": np.zeros(_table(weight)[0], np.float32)}
+    def new_state(self, weight, *, _format=None):
+        return {"sum": _full(weight, _table(weight, _format)[:1], 0.0, _format)}
 
-    def _prepare(self, weight, state, ids, grad_out, padding_idx=None):
+    def _prepare(self, weight, state, ids, grad_out, padding_idx=None, _format=None):
         self._check_hyperparameters()
         state_sum = _state_entry(state, "sum")
-        ids, skip = _lookups(weight, ids, padding_idx)
-        _kernels.rowwise_adagrad_scatter(weight, state_sum, ids, grad_out, 0.0, 0.0, skip, True)
+        ids, skip = _lookups(weight, ids, padding_idx, _format)
+        _kernels.rowwise_adagrad_scatter(weight, state_sum, ids, grad_out, 0.0, 0.0, skip, True, _format=_format)
         lr, eps = self.lr, self.eps
 
         def apply():
-            _kernels.rowwise_adagrad_scatter(weight, state_sum, ids, grad_out, lr, eps, skip)
+            _kernels.rowwise_adagrad_scatter(weight, state_sum, ids, grad_out, lr, eps, skip, _format=_format)
         return apply
 
     def _repr_fields(self):
@@ -558,22 +579,23 @@ class FusedSparseAdam(_FusedRule):
 
     _check_hyperparameters = _AdamFamily._check_hyperparameters
 
-    def new_state(self, weight):
-        shape = _table(weight)
-        return {"exp_avg": np.zeros(shape, np.float32), "exp_avg_sq": np.zeros(shape, np.float32),
+    def new_state(self, weight, *, _format=None):
+        shape = _table(weight, _format)
+        return {"exp_avg": _full(weight, shape, 0.0, _format), "exp_avg_sq": _full(weight, shape, 0.0, _format),
                 "step": np.zeros((), np.int64)}
 
-    def _prepare(self, weight, state, ids, grad_out, padding_idx=None):
+    def _prepare(self, weight, state, ids, grad_out, padding_idx=None, _format=None):
         self._check_hyperparameters()
         m, v, step = _state_entry(state, "exp_avg"), _state_entry(state, "exp_avg_sq"), _step_counter(state)
-        ids, skip = _lookups(weight, ids, padding_idx)
+        ids, skip = _lookups(weight, ids, padding_idx, _format)
         (b1, b2), lr = self.betas, self.lr
         t = int(step) + 1
         eps = self._kernel_eps(t)
-        _kernels.adam_scatter(weight, m, v, ids, grad_out, lr, b1, b2, eps, 1.0, 1.0, skip, True)
+        _kernels.adam_scatter(weight, m, v, ids, grad_out, lr, b1, b2, eps, 1.0, 1.0, skip, True, _format=_format)
 
         def apply():
-            _kernels.adam_scatter(weight, m, v, ids, grad_out, lr, b1, b2, eps, 1 - b1**t, 1 - b2**t, skip)
+            _kernels.adam_scatter(weight, m, v, ids, grad_out, lr, b1, b2, eps, 1 - b1**t, 1 - b2**t, skip,
+                                  _format=_format)
             step[()] = t
         return apply
 

@@ -425,9 +425,15 @@ def test_new_state_is_documented():
     assert_bitwise(s["exp_avg"], np.zeros((4, 3), np.float32))
     assert_bitwise(s["exp_avg_sq"], np.zeros((4, 3), np.float32))
     assert_bitwise(s["step"], np.zeros((), np.int64))
+    for dtype in (np.float64, np.float16):  # state in the weight's dtype (bfloat16: tests/test_torch_optim_dtypes.py)
+        s = FusedAdagrad(initial_accumulator_value=0.1).new_state(np.ones((4, 3), dtype))
+        assert_bitwise(s["sum"], np.full((4, 3), dtype(0.1), dtype))
+        assert FusedRowWiseAdagrad().new_state(np.ones((4, 3), dtype))["sum"].dtype == dtype
     for kind in ALL:
-        with pytest.raises(TypeError):
-            make_rule(kind, 0.1, {}).new_state(np.ones((4, 3)))  # float64
+        with pytest.raises(TypeError, match="weight must be float32, float64, float16 or bfloat16"):
+            make_rule(kind, 0.1, {}).new_state(np.ones((4, 3), np.int32))
+        with pytest.raises(TypeError, match="weight must be float32, float64, float16 or bfloat16"):
+            make_rule(kind, 0.1, {}).new_state(np.ones((4, 3), np.uint16))  # bits need the private _format
         with pytest.raises(ValueError):
             make_rule(kind, 0.1, {}).new_state(np.ones(4, np.float32))
 

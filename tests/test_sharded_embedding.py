@@ -490,8 +490,9 @@ def test_constructor_refuses_what_it_cannot_hold(group_of_one):
         ShardedEmbedding(4, 2, dtype=torch.float64, _weight=torch.zeros(4, 2))
     with pytest.raises(TypeError, match="float32, float64, float16 or bfloat16"):
         ShardedEmbedding(4, 2, dtype=torch.int64)
-    with pytest.raises(TypeError, match="fused= needs a float32 table"):
-        ShardedEmbedding(4, 2, dtype=torch.bfloat16, fused=fastembed.torch.optim.FusedSGD(lr=0.1))
+    # a fused rule takes the four dtypes, its state in the table's (the update: tests/test_torch_optim_dtypes.py)
+    held = ShardedEmbedding(4, 2, dtype=torch.bfloat16, fused=fastembed.torch.optim.FusedAdagrad(lr=0.1))
+    assert held.optim_sum.dtype == torch.bfloat16 and held.optim_sum.shape == held.weight.shape
     with pytest.raises(AssertionError):  # torch's error for a padding_idx out of range
         ShardedEmbedding(4, 2, padding_idx=4)
 

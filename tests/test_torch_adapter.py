@@ -218,8 +218,8 @@ def test_bad_inputs_raise_clear_errors(sparse):
         assert torch.equal(ft.Embedding.from_pretrained(table)(torch.tensor([1, 3])), table[[1, 3]])
     # fused= is fastembed's own option: it needs a table the kernels take, and says so
     from fastembed.torch import optim as fo
-    with pytest.raises(TypeError, match="float32"):
-        ft.Embedding.from_pretrained(torch.randn(V, D, dtype=torch.float64), fused=fo.FusedSGD(0.1))
+    with pytest.raises(TypeError, match=r"float32, float64, float16 or bfloat16 .*got weight.dtype=torch.int32"):
+        ft.Embedding.from_pretrained(torch.zeros(V, D, dtype=torch.int32), fused=fo.FusedSGD(0.1))
     with pytest.raises(ValueError, match="contiguous"):
         ft.Embedding.from_pretrained(torch.randn(D, V).t(), fused=fo.FusedSGD(0.1))
 

@@ -60,7 +60,7 @@ _ID_DTYPES = (torch.int32, torch.int64)
 # The table dtypes numpy reads as they are (what `_table` and `_grad` take: ShardedEmbedding takes these), and
 # those a lookup of Embedding, functional.embedding and TokenPositionEmbedding runs on the kernels with
 # (bfloat16 too, as uint16 bits: `_library._bits`), one list for the modules and the custom ops; max_norm's
-# renorm takes the same four. The fused rules are float32 only.
+# renorm and the fused rules take the same four.
 _KERNEL_DTYPES = _library._KERNEL_DTYPES
 _LOOKUP_DTYPES = _library._LOOKUP_DTYPES
 # scale_grad_by_freq's backward on the kernels: the dtypes whose scaled adds are bitwise torch's in every
@@ -179,8 +179,22 @@ def _positions(positions, name="positions"):
 # ---------------------------------------------------------------- autograd functions
 
 def _state(buffers):
-    """A fused rule's state as numpy views of the module's buffers (the state_dict's own memory)."""
-    return {key: buf.numpy() for key, buf in buffers.items()}
+    """A fused rule's state as numpy views of the module's buffers (the state_dict's own memory; a bfloat16
+    buffer's as uint16 bits)."""
+    return {key: _library._bits(buf) for key, buf in buffers.items()}
+
+
+def _rule_format(table):
+    """The fused rules' private _format for a table from `_table(..., _LOOKUP_DTYPES)`: a bfloat16 table is
+    uint16 bits there (the modules take no uint16 table)."""
+    return "bfloat16" if table.dtype == np.uint16 else None
+
+
+def _fused_buffers(rule, weight):
+    """A fused rule's new state for weight (float32, float64, float16 or bfloat16), as tensors over the
+    arrays new_state gave (bfloat16 ones as bfloat16): the module registers them as buffers."""
+    table = _table(weight, "weight", _LOOKUP_DTYPES)
+    return {key: _library._tensor(arr) for key, arr in rule.new_state(table, _format=_rule_format(table)).items()}
 
 
 def _moved(weight):
@@ -194,7 +208,7 @@ def _prepared_update(fused, table, ids, g):
     """A fused rule's update of the rows of ids, checked and ready to run (call it to move them);
     fused is (rule, buffers)."""
     rule, buffers = fused
-    return rule._prepare(table, _state(buffers), ids, g)
+    return rule._prepare(table, _state(buffers), ids, g, None, _rule_format(table))
 
 
 class _EmbeddingFunction(torch.autograd.Function):
@@ -236,7 +250,8 @@ class _EmbeddingFunction(torch.autograd.Function):
         g = _grad(grad_out, "the embedding output", _LOOKUP_DTYPES)
         if ctx.fused is not None:
             rule, buffers = ctx.fused
-            rule.update(ctx.table, _state(buffers), ctx.ids_np, g, padding_idx=ctx.padding_idx)
+            rule.update(ctx.table, _state(buffers), ctx.ids_np, g, padding_idx=ctx.padding_idx,
+                        _format=_rule_format(ctx.table))
             _moved(ctx.weight)
             return (None,) + none
         grad = np.zeros(ctx.table.shape, dtype=ctx.table.dtype)
@@ -487,7 +502,8 @@ class Embedding(torch.nn.Module):
 
     ``fused``: a rule from `fastembed.torch.optim` (``FusedSGD``, ``FusedAdagrad``,
     ``FusedRowWiseAdagrad``, ``FusedSparseAdam``); fastembed's own option, for
-    float32 CPU tables only and not with ``sparse`` or ``scale_grad_by_freq``.
+    float32, float64, float16 and bfloat16 CPU tables (the rule's state in the
+    table's dtype) and not with ``sparse`` or ``scale_grad_by_freq``.
     Backward then updates the rows it touches in place and leaves ``weight.grad``
     None (no optimizer step to call); the rule's state lives in this module's
     buffers ``optim_<name>``, saved by ``state_dict()`` (so such a state_dict has
@@ -524,8 +540,8 @@ class Embedding(torch.nn.Module):
         self.sparse = sparse
         self.fused = fused
         if fused is not None:
-            for key, arr in fused.new_state(_table(self.weight, "weight")).items():
-                self.register_buffer("optim_" + key, torch.from_numpy(arr))
+            for key, buf in _fused_buffers(fused, self.weight).items():
+                self.register_buffer("optim_" + key, buf)
 
     def _fused_state(self):
         """(rule, {state name: buffer}) for the autograd function, or None."""
@@ -564,7 +580,8 @@ class Embedding(torch.nn.Module):
     def from_pretrained(cls, embeddings, freeze=True, padding_idx=None, max_norm=None, norm_type=2.0,
                         scale_grad_by_freq=False, sparse=False, fused=None):
         """An Embedding whose weight is ``embeddings`` itself (shared, as in torch), 2-D, of any dtype
-        torch takes (float32 CPU contiguous for the kernels and for ``fused``)."""
+        torch takes (float32, float64, float16 or bfloat16, CPU and contiguous, for the kernels and for
+        ``fused``)."""
         if embeddings.dim() != 2:
             raise AssertionError("Embeddings parameter is expected to be 2-dimensional")
         rows, cols = embeddings.shape
@@ -604,7 +621,7 @@ class TokenPositionEmbedding(torch.nn.Module):
     @classmethod
     def from_pretrained(cls, token_weight, position_weight, freeze=True, sparse=False, fused=None):
         """A layer whose tables are the given tensors themselves (2-D, CPU, contiguous, of one dtype: float32,
-        float64, float16 or bfloat16, float32 with ``fused``; the same dim)."""
+        float64, float16 or bfloat16; the same dim)."""
         for weight, name in ((token_weight, "token_weight"), (position_weight, "position_weight")):
             if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
                 raise ValueError(f"{name} must be a 2-D torch.Tensor (rows, dim)")

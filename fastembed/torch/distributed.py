@@ -31,7 +31,8 @@ from torch.autograd.function import once_differentiable
 
 from .. import ops
 from ..nn import _fused_rule
-from . import _LOOKUP_DTYPES, _grad, _ids, _library, _moved, _padding_index, _renorm_needs_torch, _state, _table
+from . import (_LOOKUP_DTYPES, _fused_buffers, _grad, _ids, _library, _moved, _padding_index, _renorm_needs_torch,
+               _rule_format, _state, _table)
 from . import _renorm as _adapter_renorm
 
 __all__ = ["CollectiveError", "NotSharedError", "ShardedEmbedding", "load_sharded", "save_sharded"]
@@ -275,8 +276,9 @@ class _ShardedLookup(torch.autograd.Function):
         received = _output_dist_backward(summed, plan, module)
         if ctx.fused is not None:
             rule, buffers = ctx.fused
-            rule.update(_table(ctx.weight, "weight"), _state(buffers), plan.recv_rows, received.numpy(),
-                        padding_idx=ctx.padding_row)
+            table = _table(ctx.weight, "weight", _LOOKUP_DTYPES)
+            rule.update(table, _state(buffers), plan.recv_rows, _library._bits(received),
+                        padding_idx=ctx.padding_row, _format=_rule_format(table))
             _moved(ctx.weight)
             return None, None, None
         return _block_grad(received, plan, ctx.shape, ctx.padding_row, ctx.sparse), None, None
@@ -347,7 +349,7 @@ class ShardedEmbedding(torch.nn.Module):
         after each add, as nn.Embedding's dense backward does on CPU).
     fused : a rule of fastembed.torch.optim, or None
         ``FusedSGD``, ``FusedAdagrad``, ``FusedRowWiseAdagrad`` or ``FusedSparseAdam``: the owner updates
-        its rows with the gradient rows it receives, in backward (the table must be float32; not with
+        its rows with the gradient rows it receives, in backward (any of the four dtypes; not with
         sparse). Its state is this rank's rows of it, as buffers named ``optim_<key>`` (a 0-d ``step``
         counts the backward passes, the same on every rank).
     _weight : Tensor or None
@@ -400,11 +402,8 @@ class ShardedEmbedding(torch.nn.Module):
             self._check_dtype(_weight.dtype)
             self.weight = torch.nn.Parameter(block.clone(memory_format=torch.contiguous_format))
         if self.fused is not None:
-            if self.weight.dtype != torch.float32:
-                raise TypeError(f"fused= needs a float32 table (the fused rules' kernels are float32), got "
-                                f"dtype={self.weight.dtype}")
-            for key, arr in self.fused.new_state(_table(self.weight, "weight")).items():
-                self.register_buffer("optim_" + key, torch.from_numpy(arr))
+            for key, buf in _fused_buffers(self.fused, self.weight).items():
+                self.register_buffer("optim_" + key, buf)
 
     @staticmethod
     def _check_dtype(dtype):
