@@ -131,6 +131,11 @@ CASES = [
           [[8, 1], [0], [4, 6, 2], [3, 5, 7, 1]], fused=("FusedRowWiseAdagrad", {"lr": 0.2}), seed=24),
     _case("fused_adam_pair13", "pair13", 7, 2, torch.float32, torch.int64, [[6, 0, 3], [3, 5, 6]],
           fused=("FusedSparseAdam", {"lr": 0.01}), seed=25),
+    # the fused rules on 16-bit tables (bfloat16: the rule's state as bfloat16 buffers over uint16 bits)
+    _case("fused_adagrad_bf16_w4", "world", 11, 3, torch.bfloat16, torch.int64,
+          [[3, 3, 7], [0, 10, 3], np.zeros(0), [10, 10, 1]], fused=("FusedAdagrad", {"lr": 0.1}), seed=26),
+    _case("fused_adam_f16_pair13", "pair13", 7, 9, torch.float16, torch.int32, [[6, 0, 3], [2, 5, 4]],
+          fused=("FusedSparseAdam", {"lr": 0.01, "eps": 1e-3}), seed=27),
 ]
 # (the rank of "bad_ids", its bad batches): every rank looks up, this one with bad ids, the others good ones
 BAD_RANK, BAD_BATCHES = 2, [torch.tensor([3, 11], dtype=torch.int32), torch.tensor([[0], [-1]]),
