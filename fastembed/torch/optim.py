@@ -198,7 +198,9 @@ class SGD(_KernelStep, torch.optim.SGD):
     becomes ``fma(-lr, g, w)``, rounded once, as torch's ``param.add_(grad, alpha=-lr)``
     computes it: bit for bit torch's result, dense or sparse, and for an uncoalesced sparse
     gradient the updates are applied one entry at a time in its order (no coalesce), as torch
-    does. Anything else is torch's own SGD.
+    does (float64: the same in float64; float16 and bfloat16: -lr rounded to the type and
+    ``w + (-lr) * g`` rounded once, torch's vectorised rule, which torch's scalar loop for the
+    last columns of a row may round one ulp apart). Anything else is torch's own SGD.
     """
 
     _torch = torch.optim.SGD
@@ -234,7 +236,8 @@ class Adagrad(_KernelStep, torch.optim.Adagrad):
     ``w -= clr * g / (sqrt(sum) + eps)`` with ``clr = lr / (1 + (step - 1) * lr_decay)``, in
     float32, but torch rounds ``w + (-clr) * (g / std)`` where the kernel rounds
     ``w - (clr * g) / std``, its ``addcmul_`` may round ``sum + g * g`` once, and its coalesce may
-    sum repeated rows in another order: weights and ``sum`` match torch's to float32 rounding.
+    sum repeated rows in another order: weights and ``sum`` match torch's to float32 rounding
+    (other dtypes: see the module's docstring).
     Anything else is torch's own Adagrad.
     """
 
@@ -303,8 +306,9 @@ class SparseAdam(_KernelStep, torch.optim.SparseAdam):
     formula: ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2``,
     ``w -= lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)`` (eps added before the bias
     correction, as torch does), all in float32 with the kernel's order of operations: weights
-    and moments match torch's to float32 rounding. A dense gradient raises torch's
-    RuntimeError before anything moves. Anything else is torch's own SparseAdam.
+    and moments match torch's to float32 rounding (other dtypes: the module's docstring). A dense
+    gradient raises torch's RuntimeError before anything moves. Anything else is torch's own
+    SparseAdam.
     """
 
     _torch = torch.optim.SparseAdam
@@ -416,10 +420,11 @@ class RowWiseAdagrad(_KernelStep, torch.optim.Optimizer):
     the parameter's dtype, starting at 0). For each row r of the gradient (every row of a dense
     one, the rows of a sparse one, duplicates summed first):
     ``sum[r] += mean(g[r] ** 2)``, then ``w[r] -= lr * g[r] / (sqrt(sum[r]) + eps)``; a table of
-    dim 0 does not change. A CPU float32 contiguous table runs the kernel (the mean summed in
-    float32 in column order, then divided by dim); anything else (other dtypes, devices, a
-    sparse gradient with dense rows of more than one dimension) runs the same formula in torch
-    ops here, whose sums may round differently. Defaults: lr 0.01, eps 1e-10.
+    dim 0 does not change. A CPU contiguous table of float32, float64, float16 or bfloat16 runs
+    the kernel (the mean summed in column order, then divided by dim: in float32, in float64 for
+    float64, in float32 for the 16-bit types, each stored element rounded once); anything else
+    (other dtypes, devices, a sparse gradient with dense rows of more than one dimension) runs the
+    same formula in torch ops here, whose sums may round differently. Defaults: lr 0.01, eps 1e-10.
     """
 
     def __init__(self, params, lr=0.01, eps=1e-10):
