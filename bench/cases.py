@@ -13,11 +13,14 @@ Operations (each case builds its methods from the same `shapes.Data`):
   bag          bags of 1, 8 and 64 ids reduced by sum, mean or max, forward and dense
                backward: numpy API, fastembed.torch, torch, FBGEMM (bench/bag.py); medium
                and wide shapes only, run when asked (--ops bag) or with --all
-With --dtypes, forward and bag run once per table dtype (float32, float64,
+With --dtypes, forward, train and bag run once per table dtype (float32, float64,
 float16, bfloat16): the float32 case keeps the op's name, the others are named by
-op and dtype (``forward float16``, ``bag bfloat16``), each with the numpy API,
+op and dtype (``forward float16``, ``train float64``, ``bag bfloat16``), each with
 fastembed.torch's module, torch's and the memory limit of the bytes that dtype
-moves (bag: its forward groups; bench/bag.py says why).
+moves; forward and bag with the numpy API too (bag: its forward groups; bench/bag.py
+says why), train without it (fastembed's numpy layers hold float32 tables only) and
+without FBGEMM: per optimizer group fastembed.torch's drop-in and fused rows against
+nn.Embedding(sparse=True, dtype) + torch.optim (bench/train.py).
 The upstream gradient g is a fixed array: the steps measure the embedding layer's
 share of a training step, not the rest of a model.
 """
@@ -51,11 +54,16 @@ OP_TITLES = {
 }
 LR, BETAS, EPS = 0.01, (0.85, 0.99), 1e-8  # the book's Adam, for every optimizer here
 
-DTYPE_OPS = ("forward", "bag")  # the ops --dtypes multiplies
+DTYPE_OPS = ("forward", "train", "bag")  # the ops --dtypes multiplies
 # The equality check's (rtol, atol relative to the largest value) per dtype. float32: sums in another order
 # (float64 keeps float32's bound: looser than it needs, still far below any wrong row).
 # float16 and bfloat16: one unit in the last place (2**-10, 2**-7), the most two roundings of the same
 # float32 value can differ by (the kernels add halves in float32 and round once, as torch does on CPU).
+# `train <dtype>` checks with the same bounds, after two steps at its check settings (bench/train.py:
+# HALF_CHECK_HYPER, lr 0.1 and eps 1e-2 for the halves): fastembed.torch's rows agree bitwise (each rounds
+# once per stored element); torch's, which round after each op, stay within 0.45 of the bound (seed shapes and
+# a 20,000-row zipf table, on the rows its check compares: TORCH_HALF_CHECK_LOOKUPS), while a row that misses
+# or doubles an update moves 20x the bound or more.
 TOLERANCES = {"float32": (1e-4, 1e-5), "float64": (1e-4, 1e-5), "float16": (2.0**-10, 2.0**-10),
               "bfloat16": (2.0**-7, 2.0**-7)}
 
@@ -544,7 +552,7 @@ BUILDERS = {
 }
 
 
-DTYPE_BUILDERS = {"forward": forward_dtype_methods, "bag": bag.bag_methods}
+DTYPE_BUILDERS = {"forward": forward_dtype_methods, "train": train.train_dtype_methods, "bag": bag.bag_methods}
 
 
 def build_case(data, op, ctx, dtype=DEFAULT_DTYPE):
@@ -637,8 +645,12 @@ def verify(case, ctx):
         for m in group:
             if m is base or m.result is None:
                 continue
-            status = compare(expected, m.result(), f"{case.shape.name} {case.op}: {method_label(m)}", case.dtype)
-            case.checks[method_key(m)] = status
+            want, got = expected, m.result()
+            if m.check_rows is not None:  # a row checked on some table rows alone (bench/train.py says which)
+                want, got = (tuple(np.asarray(a)[m.check_rows] for a in arrays) for arrays in (expected, got))
+            status = compare(want, got, f"{case.shape.name} {case.op}: {method_label(m)}", case.dtype)
+            case.checks[method_key(m)] = status if m.check_rows is None else (
+                f"{status} on {len(m.check_rows):,} of {len(np.asarray(expected[0])):,} rows")
             if m.strict and status != "bitwise":
                 raise CheckError(f"{case.shape.name} {case.op} {m.group}: {method_label(m)} must be bitwise equal "
                                  f"to {method_label(base)} but is {status}")

@@ -39,7 +39,7 @@ def parse_args(argv):
                         "alone without --shapes, it runs at those")
     parser.add_argument("--dtypes", type=_names, default=[DEFAULT_DTYPE],
                         help=f"comma-separated table dtypes, of {','.join(DTYPES)} (default: {DEFAULT_DTYPE}): "
-                        f"{','.join(DTYPE_OPS)} runs once per dtype, as the op named by op and dtype (e.g. "
+                        f"each of {','.join(DTYPE_OPS)} runs once per dtype, as the op named by op and dtype (e.g. "
                         "'forward float16'; float32 keeps the op's name); the other ops run on float32 tables")
     parser.add_argument("--threads", type=int, default=report.usable_cpus(),
                         help="threads for fastembed, torch and the memory limit (default: all usable CPUs; "

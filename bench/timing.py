@@ -28,7 +28,9 @@ class Method:
     round-robin together (a case of one group: every method at once). strict: a
     result that is close but not bitwise fails the check (where no rounding may
     differ, as in a max). nbytes: the row's own byte count (the op bag's groups
-    move different bytes), else the case's.
+    move different bytes), else the case's. check_rows: when set, the check compares
+    only these rows (an index along the first axis) of each array, the anchor's and
+    this method's (torch's half-precision sparse train rows: see bench/train.py).
     """
 
     name: str
@@ -46,6 +48,7 @@ class Method:
     group: str = ""
     strict: bool = False  # must be bitwise equal to its group's anchor: any difference fails the check
     nbytes: Optional[int] = None  # the bytes this row's work must move, when they differ within a case
+    check_rows: Optional[object] = None  # the rows of each result the check compares (None: all of them)
     samples_ns: list = field(default_factory=list)
     number: int = 1  # calls per sample
 

@@ -8,6 +8,14 @@ with the group's torch row (``nn.Embedding(sparse=True)`` + the same torch.optim
 optimizer; dense ``nn.Embedding`` + ``Adam(fused=True)`` for dense Adam) and with
 the group's memory limit (an add streaming the bytes its step must move: step_bytes).
 
+With --dtypes, train runs once more per other table dtype as the case ``train <dtype>`` (float64,
+float16, bfloat16): table, upstream gradient and optimizer state of that dtype; per group fastembed.torch's
+drop-in (the group's anchor: dense Adam's is fastembed.torch.optim.Adam on a dense Embedding) and fused rows
+and the same torch row as float32's, each group's memory limit of the dtype's bytes (step_bytes). No numpy
+API rows (fastembed's numpy layers hold float32 tables only) and no FBGEMM rows: the notes say so. The
+halves check at other settings and torch's sparse rows on the rows named at most twice (HALF_CHECK_HYPER,
+TORCH_HALF_CHECK_LOOKUPS below say why).
+
 adapter: forward + backward through torch autograd, the gradient dropped after
 each call: ``fastembed.torch.Embedding`` (dense and sparse gradient) against
 ``torch.nn.Embedding``, ``fastembed.torch.TokenPositionEmbedding`` against two
@@ -24,6 +32,7 @@ import numpy as np
 
 import fastembed as fe
 
+from .shapes import in_dtype, itemsize, widened
 from .timing import Method
 
 LR = 0.01
@@ -97,20 +106,23 @@ class Built:
 CHECK_STEPS = 2  # two steps: a gradient not dropped after the first would double the second's
 
 
-def row(name, family, group, factory, threads, anchor=False):
+def row(name, family, group, factory, threads, anchor=False, check_hyper=None, check_rows=None):
     """A Method whose state factory(hyper) builds: (step, weights). Timed: a state with HYPER built when
-    the group is measured (make); checked: a fresh state with CHECK_HYPER, CHECK_STEPS steps, a copy of
-    its tables (result)."""
+    the group is measured (make); checked: a fresh state with check_hyper (default CHECK_HYPER),
+    CHECK_STEPS steps, a copy of its tables (result), compared on check_rows alone when given."""
+    check_hyper = CHECK_HYPER if check_hyper is None else check_hyper
+
     def make():
         return factory(HYPER[group])[0]
 
     def result():
-        step, weights = factory(CHECK_HYPER[group])
+        step, weights = factory(check_hyper[group])
         for _ in range(CHECK_STEPS):
             step()
         return tuple(np.array(w) for w in weights())
 
-    return Method(name, family, make=make, result=result, threads=threads, exact=False, group=group, anchor=anchor)
+    return Method(name, family, make=make, result=result, threads=threads, exact=False, group=group, anchor=anchor,
+                  check_rows=check_rows)
 
 
 def _table_copy(data):
@@ -182,16 +194,18 @@ def autograd_step(module, opt, ids, g):
     return step
 
 
-def torch_state(data, torch, group, hyper):
-    """nn.Embedding(sparse=True) + torch.optim.<group>, or dense nn.Embedding + Adam(fused=True)."""
-    weight = torch.from_numpy(_table_copy(data))
+def torch_state(data, torch, group, hyper, tables=None):
+    """nn.Embedding(sparse=True) + torch.optim.<group>, or dense nn.Embedding + Adam(fused=True); tables: the
+    (table, upstream gradient) tensors of another dtype (the table copied here, the gradient shared)."""
+    weight = torch.from_numpy(_table_copy(data)) if tables is None else tables[0].clone()
+    g = torch.from_numpy(data.grad_hidden) if tables is None else tables[1]
     emb = torch.nn.Embedding.from_pretrained(weight, freeze=False, sparse=(group != "Adam"))
     if group == "Adam":
         opt = torch.optim.Adam(emb.parameters(), fused=True, **hyper)
     else:
         opt = getattr(torch.optim, TORCH_SPARSE_ROWS[group])(emb.parameters(), **hyper)
-    step = autograd_step(emb, opt, torch.from_numpy(data.ids), torch.from_numpy(data.grad_hidden))
-    return step, lambda: (emb.weight.detach().numpy(),)
+    step = autograd_step(emb, opt, torch.from_numpy(data.ids), g)
+    return step, lambda: (widened(emb.weight),)
 
 
 def fastembed_torch_class(module, cls):
@@ -205,45 +219,52 @@ def fastembed_torch_class(module, cls):
     return getattr(mod, cls), None
 
 
-def fastembed_torch_state(data, torch, cls, mode, hyper):
-    """fastembed.torch.Embedding on a fresh copy of the table: sparse + cls as an optimizer (drop-in), or
-    fused with cls(**hyper) (its backward is the update)."""
+def fastembed_torch_state(data, torch, cls, mode, hyper, tables=None):
+    """fastembed.torch.Embedding on a fresh copy of the table: sparse + cls as an optimizer (drop-in), dense +
+    cls (dense, the dtype cases' Adam), or fused with cls(**hyper) (its backward is the update); tables: the
+    (table, upstream gradient) tensors of another dtype (the table copied here, the gradient shared)."""
     from fastembed.torch import Embedding
 
-    weight = torch.from_numpy(_table_copy(data))
-    if mode == "drop-in":
-        emb = Embedding.from_pretrained(weight, freeze=False, sparse=True)
+    weight = torch.from_numpy(_table_copy(data)) if tables is None else tables[0].clone()
+    g = torch.from_numpy(data.grad_hidden) if tables is None else tables[1]
+    if mode in ("drop-in", "dense"):
+        emb = Embedding.from_pretrained(weight, freeze=False, sparse=(mode == "drop-in"))
         opt = cls(emb.parameters(), **hyper)
     else:
         V, D = weight.shape
-        emb = Embedding(V, D, fused=cls(**hyper))
+        emb = Embedding(V, D, fused=cls(**hyper), **({} if tables is None else {"dtype": weight.dtype}))
         with torch.no_grad():
             emb.weight.copy_(weight)
         opt = None
-    step = autograd_step(emb, opt, torch.from_numpy(data.ids), torch.from_numpy(data.grad_hidden))
-    return step, lambda: (emb.weight.detach().numpy(),)
+    step = autograd_step(emb, opt, torch.from_numpy(data.ids), g)
+    return step, lambda: (widened(emb.weight),)
 
 
-def fastembed_torch_rows(data, ctx, skips):
-    """The rows of FASTEMBED_TORCH_ROWS that this build has; a skip note for each one it has not."""
+def fastembed_torch_rows(data, ctx, skips, rows=None, tables=None, check_hyper=None):
+    """The rows of `rows` (default FASTEMBED_TORCH_ROWS) that this build has; a skip note for each one it has
+    not. tables: the (table, upstream gradient) tensors of another dtype (the dtype cases), whose drop-in and
+    dense rows anchor their groups; check_hyper: their check's settings."""
     torch, methods = ctx.torch, []
-    for name, group, module, cls_name, mode in FASTEMBED_TORCH_ROWS:
+    dtype = None if tables is None else tables[0].dtype
+    for name, group, module, cls_name, mode in FASTEMBED_TORCH_ROWS if rows is None else rows:
         cls, why = fastembed_torch_class(module, cls_name)
         if cls is None:
             skips.append(f"{name}: not available ({why})")
             continue
         if mode == "fused":
-            why = fused_support(torch, cls, group)
+            why = fused_support(torch, cls, group, dtype)
             if why:
                 skips.append(f"{name}: not available ({why})")
                 continue
-        factory = (lambda hyper, c=cls, m=mode: fastembed_torch_state(data, torch, c, m, hyper))
-        methods.append(row(name, "fastembed", group, factory, ctx.threads))
+        factory = (lambda hyper, c=cls, m=mode: fastembed_torch_state(data, torch, c, m, hyper, tables))
+        methods.append(row(name, "fastembed", group, factory, ctx.threads,
+                           anchor=tables is not None and mode != "fused", check_hyper=check_hyper))
     return methods
 
 
-def fused_support(torch, cls, group):
-    """None when fastembed.torch.Embedding takes fused=cls(...), else why not (the lead's API may lag)."""
+def fused_support(torch, cls, group, dtype=None):
+    """None when fastembed.torch.Embedding takes fused=cls(...) (on tables of dtype, a torch dtype, when
+    given), else why not (the lead's API may lag)."""
     from fastembed.torch import Embedding
 
     refused = (TypeError, ValueError, NotImplementedError)  # how a signature or a mode says no
@@ -252,9 +273,10 @@ def fused_support(torch, cls, group):
     except refused as exc:
         return f"{cls.__name__}(**{HYPER[group]}) raised {type(exc).__name__}: {exc}"
     try:
-        Embedding(4, 4, fused=fused)
+        Embedding(4, 4, fused=fused, **({} if dtype is None else {"dtype": dtype}))
     except refused as exc:
-        return f"fastembed.torch.Embedding(V, D, fused={cls.__name__}(...)) raised {type(exc).__name__}: {exc}"
+        on = "" if dtype is None else f", dtype={dtype}"
+        return f"fastembed.torch.Embedding(V, D, fused={cls.__name__}(...){on}) raised {type(exc).__name__}: {exc}"
     return None
 
 
@@ -299,15 +321,16 @@ def fbgemm_state(data, torch, mods, optimizer, hyper):
 STATE_ROWS = {"SGD": 0, "Adagrad": 1, "SparseAdam": 2}
 
 
-def step_bytes(group, data):
-    """The bytes one float32 train step of group must move at the least: the forward reads each distinct
-    looked-up row once (repeats can come from cache) and writes the N output rows; backward reads the N
-    upstream rows; the update reads and writes each distinct row of the table and of each state. Dense
-    Adam moves every row: the table and both moments read and written, the dense gradient written by
-    backward and read by the step. An add streaming these bytes (memlimit.py) is a floor no row can beat:
-    the rows here are gathered from random places, which streams slower, never faster."""
+def step_bytes(group, data, itemsize=4):
+    """The bytes one train step of group must move at the least, on a table of itemsize-byte elements (4:
+    float32; the output, the upstream gradient and every state have the table's dtype): the forward reads
+    each distinct looked-up row once (repeats can come from cache) and writes the N output rows; backward
+    reads the N upstream rows; the update reads and writes each distinct row of the table and of each
+    state. Dense Adam moves every row: the table and both moments read and written, the dense gradient
+    written by backward and read by the step. An add streaming these bytes (memlimit.py) is a floor no row
+    can beat: the rows here are gathered from random places, which streams slower, never faster."""
     V, D = data.token_table.shape
-    N, U, f = data.ids.size, np.unique(data.ids).size, 4
+    N, U, f = data.ids.size, np.unique(data.ids).size, itemsize
     moved = (U + N) * D * f + N * D * f
     if group == "Adam":
         return moved + (2 * 3 + 2) * V * D * f
@@ -361,6 +384,91 @@ def train_methods(data, ctx):
         if by_group[group]:
             by_group[group].append(limit_method(step_bytes(group, data), ctx.threads, group))
         methods += by_group[group]
+    return Built(methods, skips)
+
+
+# ---------------------------------------------------------------- train on tables of another dtype (--dtypes)
+
+# The case `train <dtype>` (float64, float16, bfloat16): per optimizer group, fastembed.torch's rows (the drop-in,
+# which anchors the group, and the fused rule) and the torch row, on a table, upstream gradient and optimizer
+# state of that dtype, and the group's memory limit of the bytes that dtype moves. Dense Adam's fastembed.torch
+# row is this one (the float32 case has the numpy API's dense Adam there instead).
+DTYPE_ADAM_ROW = ("fastembed.torch dense + optim.Adam", "Adam", "fastembed.torch.optim", "Adam", "dense")
+NUMPY_DTYPE_SKIP = ("fastembed numpy API rows: none on tables other than float32 (fastembed's numpy layers, "
+                    "fe.Embedding and the fe.optim optimizers they feed, hold float32 tables only)")
+FBGEMM_DTYPE_SKIP = "FBGEMM rows: none on tables other than float32"
+# The check of a half-precision case: lr 0.1 and eps 1e-2. At lr 0.01 an Adagrad or Adam step moves an element by
+# about 0.01, near bfloat16's tolerance (2**-7, bench/cases.py): lr 0.1 makes a missed or doubled update 20x that
+# tolerance or more. eps 1e-2: torch's float16 Adagrad and SparseAdam square the gradient in float16, where
+# v = g**2 (SparseAdam: (1 - b2) g**2) of a small g is subnormal or 0, and divide by sqrt(v) + eps: at the
+# timed eps (1e-10, 1e-8: below float16's smallest subnormal, so added as 0) a few elements come out inf or
+# NaN where fastembed's (computed in float32) stay finite, and subnormal v is too coarse for 2**-10 at eps 1e-3
+# and lr 0.1. Every row of a group (and torch's formula: eps before the bias correction) uses the same
+# settings; the timed rows keep HYPER. float64 checks with CHECK_HYPER, as float32 does.
+HALF_DTYPES = ("float16", "bfloat16")
+HALF_CHECK_HYPER = {g: {**h, "lr": 0.1, **({"eps": 1e-2} if "eps" in h else {})} for g, h in HYPER.items()}
+# torch's sparse rows on half tables sum a table row's lookups in the half dtype (SparseAdam and Adagrad
+# coalesce the gradient; SGD adds each lookup into the stored row), rounding after each add, where fastembed
+# sums in float32: on a row named 3 times or more a sum that cancels can lose every bit, and Adagrad's
+# update g / sqrt(g**2) then changes sign (measured: up to 10x the tolerance at seed-32x16, 100x and NaN on
+# hot zipf rows). Their check compares the table rows the ids name at most this many times (untouched rows
+# included: those must stay bitwise), where torch rounds a sum once; fastembed.torch's rows and torch's dense
+# Adam (a dense half gradient on both sides) are checked on every row.
+TORCH_HALF_CHECK_LOOKUPS = 2
+
+
+def torch_half_check_note(rows, total):
+    """The note of a half case whose torch sparse rows are checked on `rows` of the table's `total` rows."""
+    return (f"torch's sparse rows (SGD, Adagrad, SparseAdam): checked on the {rows:,} of {total:,} table rows "
+            f"the ids name at most {TORCH_HALF_CHECK_LOOKUPS} times (torch sums a row's lookups in the half "
+            "dtype, rounding after each add; bench/train.py)")
+
+
+def train_dtype_methods(data, ctx, dtype):
+    """The train case on tables of dtype: per group, fastembed.torch's drop-in (the group's anchor), dense
+    Adam's drop-in or the fused rule, torch's row, the memory limit of the dtype's bytes; notes for the rows
+    left out (the numpy API's, FBGEMM's)."""
+    skips = [NUMPY_DTYPE_SKIP]
+    torch = ctx.torch
+    if torch is None:
+        return Built([], skips + ["torch and fastembed.torch rows: skipped (no PyTorch in this run)"])
+    skips.append(FBGEMM_DTYPE_SKIP)
+    _, tables = in_dtype((data.token_table, data.grad_hidden), dtype, torch)
+    dense_ok = data.token_table.size <= DENSE_MAX_ELEMENTS
+    half = dtype in HALF_DTYPES
+    check_hyper = HALF_CHECK_HYPER if half else CHECK_HYPER
+    fe_rows = FASTEMBED_TORCH_ROWS + ((DTYPE_ADAM_ROW,) if dense_ok else ())
+    by_group = {g: [] for g in GROUPS}
+    for m in fastembed_torch_rows(data, ctx, skips, rows=fe_rows, tables=tables, check_hyper=check_hyper):
+        by_group[m.group].append(m)
+    check_rows = None  # every row: float64, and half tables whose ids name no row more than twice
+    if half:
+        V = data.token_table.shape[0]
+        cold = np.flatnonzero(np.bincount(data.ids.reshape(-1), minlength=V) <= TORCH_HALF_CHECK_LOOKUPS)
+        if len(cold) < V:
+            check_rows = cold
+            skips.append(torch_half_check_note(len(cold), V))
+    for group in GROUPS:
+        if group in TORCH_SPARSE_ROWS or (group == "Adam" and dense_ok):
+            factory = (lambda hyper, g=group: torch_state(data, torch, g, hyper, tables))
+            by_group[group].append(row(torch_row_name(group), "torch", group, factory, ctx.torch_threads,
+                                       anchor=True, check_hyper=check_hyper,
+                                       check_rows=check_rows if group in TORCH_SPARSE_ROWS else None))
+    if not dense_ok:
+        skips.append(f"{DTYPE_ADAM_ROW[0]}, {torch_row_name('Adam')}: skipped, a dense step rewrites all "
+                     f"{data.token_table.size:,} elements of the table (over {DENSE_MAX_ELEMENTS:,})")
+    from .bag import limit_method  # bag imports this module: import it when the case is built
+
+    methods = []
+    for group in GROUPS:
+        rows = by_group[group]
+        if not any(m.family == "fastembed" for m in rows):
+            if rows:
+                skips.append(f"{group}: skipped (no fastembed.torch row to check torch's against)")
+            continue
+        if not any(m.family == "fastembed" and m.anchor for m in rows):  # the drop-in is missing: the fused rule
+            next(m for m in rows if m.family == "fastembed").anchor = True
+        methods += rows + [limit_method(step_bytes(group, data, itemsize(dtype)), ctx.threads, group)]
     return Built(methods, skips)
 
 

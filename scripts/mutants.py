@@ -2098,5 +2098,43 @@ MUTANTS += [
            (T_SGBF,)),
 ]
 
+# bench --dtypes runs train per table dtype (`train float16` ...)
+BENCH_TRAIN, T_TRAIN_DTYPES = "bench/train.py", (T_BENCH, "-k", "train_dtype or train_bfloat16 or itemsize")
+MUTANTS += [
+    Mutant("bench-train-dtype-bytes-as-float32", BENCH_TRAIN,
+           "    N, U, f = data.ids.size, np.unique(data.ids).size, itemsize",
+           "    N, U, f = data.ids.size, np.unique(data.ids).size, 4",
+           "a dtype's train limit moves float32's bytes, not the dtype's",
+           T_TRAIN_DTYPES),
+    Mutant("bench-train-dtype-torch-float32", BENCH_TRAIN,
+           "    weight = torch.from_numpy(_table_copy(data)) if tables is None else tables[0].clone()\n"
+           "    g = torch.from_numpy(data.grad_hidden) if tables is None else tables[1]\n    emb = torch.nn",
+           "    weight = torch.from_numpy(_table_copy(data))\n"
+           "    g = torch.from_numpy(data.grad_hidden)\n    emb = torch.nn",
+           "a dtype case's torch row times a float32 table",
+           T_TRAIN_DTYPES),
+    Mutant("bench-train-dtype-fused-float32", BENCH_TRAIN,
+           'emb = Embedding(V, D, fused=cls(**hyper), **({} if tables is None else {"dtype": weight.dtype}))',
+           "emb = Embedding(V, D, fused=cls(**hyper))",
+           "a dtype case's fused row times a float32 table (the dtype's copied in)",
+           T_TRAIN_DTYPES),
+    Mutant("bench-train-half-timed-eps-checked", BENCH_TRAIN,
+           "    check_hyper = HALF_CHECK_HYPER if half else CHECK_HYPER",
+           "    check_hyper = CHECK_HYPER",
+           "the halves check at float32's settings (lr 0.01, eps below float16's subnormals): a missed bfloat16 "
+           "update is near the tolerance, torch's float16 SparseAdam can give inf or NaN",
+           T_TRAIN_DTYPES),
+    Mutant("bench-train-half-check-rows-ignored", BENCH_CASES,
+           "            if m.check_rows is not None:  # a row checked on some table rows alone",
+           "            if False:  # a row checked on some table rows alone",
+           "the check compares torch's half sparse rows on every row, the ones torch sums in the half dtype too",
+           T_TRAIN_DTYPES),
+    Mutant("bench-train-half-dense-adam-partly-checked", BENCH_TRAIN,
+           "check_rows=check_rows if group in TORCH_SPARSE_ROWS else None",
+           "check_rows=check_rows",
+           "torch's dense half Adam, which sums as fastembed.torch's does, is checked on some rows alone",
+           T_TRAIN_DTYPES),
+]
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,6 +9,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -1333,3 +1334,184 @@ def test_dtype_forward_limit_runs_at_the_rows_thread_count(monkeypatch):
     assert limits(case) == [2] and [m.threads for m in case.methods if m.family == "fastembed"][:1] == [2]
     (limit,) = [m for m in case.methods if m.family == "memory"]
     assert 12 * len(limit.run.c) * limit.scale == pytest.approx(cases.traffic("forward", data, 8))
+
+
+# ---------------------------------------------------------------- --dtypes: train per table dtype
+
+def np_dtype_of(dtype):
+    return __import__("ml_dtypes").bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+
+
+def rounded(table, dtype):
+    """A float32 table rounded to dtype (to nearest even), in float64."""
+    return table.astype(np_dtype_of(dtype)).astype(np.float64)
+
+
+def train_dtype_oracle(data, group, hyper, dtype):
+    """The table after train.CHECK_STEPS steps of group with hyper by torch's formulas, in float64 numpy from the
+    table rounded to dtype (each step moves the rows its ids touch; dense Adam every row, by 0 where G is 0):
+    SparseAdam adds eps before the bias correction, Adam after it. The summed gradient G is exact, but dense
+    Adam's: a dense gradient of a half table is a table of that dtype, each lookup added in id order and rounded
+    (np.add.at in the dtype), as torch's dense backward and fastembed.torch's both give it."""
+    w = rounded(data.token_table, dtype)
+    g = data.grad_hidden.reshape(-1, TINY.dim)
+    if group == "Adam":
+        G = np.zeros(w.shape, np_dtype_of(dtype))
+        np.add.at(G, data.ids.reshape(-1), g.astype(G.dtype))
+        G = G.astype(np.float64)
+    else:
+        G = np.zeros_like(w)
+        np.add.at(G, data.ids.reshape(-1), rounded(g, dtype))
+    touched = np.zeros(len(w), bool)
+    touched[data.ids.reshape(-1)] = True
+    if group == "Adam":
+        touched[:] = True
+    lr, eps = hyper["lr"], hyper.get("eps")
+    m, v, s = np.zeros_like(w), np.zeros_like(w), np.zeros((len(w), 1))
+    for t in range(1, train.CHECK_STEPS + 1):
+        if group == "SGD":
+            upd = lr * G
+        elif group == "Adagrad":
+            v += G * G
+            upd = lr * G / (np.sqrt(v) + eps)
+        elif group == "RowWiseAdagrad":
+            s += (G * G).mean(axis=1, keepdims=True)
+            upd = lr * G / (np.sqrt(s) + eps)
+        else:
+            b1, b2 = hyper["betas"]
+            m = b1 * m + (1 - b1) * G
+            v = b2 * v + (1 - b2) * G * G
+            if group == "SparseAdam":
+                upd = lr * np.sqrt(1 - b2**t) / (1 - b1**t) * m / (np.sqrt(v) + eps)
+            else:
+                upd = lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+        w = np.where(touched[:, None], w - upd, w)
+    return w, touched
+
+
+TRAIN_DTYPES = ["float64", "float16", "bfloat16"]
+
+
+def train_dtype_rows(group):
+    """The rows `train <dtype>` has in group: fastembed.torch's (the drop-in first), torch's, the limit."""
+    rows = [name for name, g, *_ in train.FASTEMBED_TORCH_ROWS if g == group]
+    rows += [train.DTYPE_ADAM_ROW[0]] if group == "Adam" else []
+    rows += [train.torch_row_name(group)] if group != "RowWiseAdagrad" else []
+    return rows + [OVERHEAD_NAME]
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed")
+@pytest.mark.parametrize("dtype", TRAIN_DTYPES)
+def test_train_dtype_case_rows_step_as_their_optimizers(dtype):
+    """`train <dtype>`: per group fastembed.torch's drop-in (the anchor) and fused rows, torch's row and a limit of
+    the dtype's bytes, no numpy API or FBGEMM rows (notes say why); each row times tables of the dtype, moves
+    as the float64 oracle of its optimizer (within the dtype's tolerance), and the case passes its check."""
+    if dtype == "bfloat16" and not HAS_ML_DTYPES:
+        pytest.skip("the bfloat16 oracle needs ml_dtypes")
+    data, ctx = tiny_data(), torch_ctx()
+    case = cases.build_case(data, "train", ctx, dtype)
+    assert case.op == f"train {dtype}" and case.dtype == dtype
+    assert [(m.group, m.name) for m in case.methods] == [(g, n) for g in train.GROUPS for n in train_dtype_rows(g)]
+    assert train.NUMPY_DTYPE_SKIP in case.skips and train.FBGEMM_DTYPE_SKIP in case.skips
+    itemsize = 8 if dtype == "float64" else 2
+    counts = np.bincount(data.ids.reshape(-1), minlength=TINY.vocab)
+    cold = counts <= train.TORCH_HALF_CHECK_LOOKUPS
+    assert not cold.all()  # row 2 is named three times: the halves' torch sparse rows skip it
+    hyper = train.HALF_CHECK_HYPER if dtype in ("float16", "bfloat16") else train.CHECK_HYPER
+    tol = {"float64": 1e-12, "float16": 2.0**-10, "bfloat16": 2.0**-7}[dtype]
+    for m in case.methods:
+        if m.family == "overhead":
+            assert m.nbytes == train.step_bytes(m.group, data, itemsize)
+            continue
+        assert m.anchor == (m.family == "torch" or m.name == train_dtype_rows(m.group)[0]), m.name
+        run = m.make()
+        run()
+        (got,) = m.result()
+        want, _ = train_dtype_oracle(data, m.group, hyper[m.group], dtype)
+        rows = np.arange(TINY.vocab)
+        if m.family == "torch" and dtype != "float64" and m.group != "Adam":
+            np.testing.assert_array_equal(m.check_rows, rows[cold])
+            rows = rows[cold]
+        else:
+            assert m.check_rows is None
+        assert got.dtype == (np.float64 if dtype == "float64" else np.float32), m.name  # halves widened, exactly
+        np.testing.assert_allclose(got[rows], want[rows], rtol=tol, atol=tol, err_msg=m.name)
+        start = rounded(data.token_table, dtype)
+        # rows no id names keep the bits of the table rounded to dtype (dense Adam moves them by 0)
+        assert (counts == 0).any() and np.array_equal(got[counts == 0], start[counts == 0]), m.name
+        moved = rows[counts[rows] > 0]  # each moved by its update: off the oracle by less than it moved
+        assert (np.abs(got[moved] - want[moved]).max(axis=1) < np.abs(got[moved] - start[moved]).max(axis=1)).all()
+    cases.verify(case, ctx)
+    checks = {m.name: case.checks[cases.method_key(m)] for m in case.methods if m.family != "overhead"}
+    for group in train.GROUPS:
+        anchor, *others = [n for n in train_dtype_rows(group) if n != OVERHEAD_NAME]
+        assert checks[anchor] == "baseline"
+        for name in others:
+            if name.startswith("fastembed.torch"):
+                assert checks[name] == "bitwise", (name, checks[name])  # each rounds once per stored element
+            elif dtype != "float64" and group != "Adam":
+                assert checks[name].endswith(f" on {cold.sum()} of {TINY.vocab} rows"), checks[name]
+    half_note = train.torch_half_check_note(cold.sum(), TINY.vocab)
+    assert (half_note in case.skips) == (dtype != "float64")
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed")
+@pytest.mark.parametrize("group", ["SGD", "Adagrad", "SparseAdam"])
+@pytest.mark.parametrize("bug", ["still", "twice"])
+def test_train_bfloat16_check_fails_on_a_row_that_misses_or_doubles_its_update(group, bug):
+    """bfloat16 has the loosest tolerance, and torch's sparse rows are checked on some table rows alone: a torch
+    row whose step does not update, or updates twice, still fails the check before timing."""
+    if not HAS_ML_DTYPES:
+        pytest.skip("bench.shapes.in_dtype's bfloat16 arrays need ml_dtypes")
+    data, ctx = tiny_data(), torch_ctx()
+    case = cases.build_case(data, "train", ctx, "bfloat16")
+    [torch_row] = [m for m in case.methods if m.group == group and m.family == "torch"]
+    _, tables = shapes.in_dtype((data.token_table, data.grad_hidden), "bfloat16", ctx.torch)
+
+    def factory(hyper):
+        step, weights = train.torch_state(data, ctx.torch, group, hyper, tables)
+        if bug == "still":  # the table never moves
+            return (lambda: None), weights
+        return (lambda: (step(), step())), weights  # two updates per step
+
+    buggy = train.row(torch_row.name, "torch", group, factory, torch_row.threads, anchor=True,
+                      check_hyper=train.HALF_CHECK_HYPER, check_rows=torch_row.check_rows)
+    case.methods[case.methods.index(torch_row)] = buggy
+    with pytest.raises(cases.CheckError, match=f"train bfloat16: {re.escape(torch_row.name)}"):
+        cases.verify(case, ctx)
+
+
+def test_train_step_bytes_scale_with_the_itemsize():
+    """A step on a table of another dtype moves the same elements (the upstream gradient and every state have the
+    table's dtype): float64 twice float32's bytes, the halves half of them."""
+    data = tiny_data()
+    for group in train.GROUPS:
+        f32 = train.step_bytes(group, data)
+        assert (train.step_bytes(group, data, 8), train.step_bytes(group, data, 2)) == (2 * f32, f32 // 2), group
+
+
+def test_train_dtype_case_without_torch_is_a_note():
+    """Every row of `train <dtype>` needs PyTorch: without it the case has no rows, and notes say why."""
+    case = cases.build_case(tiny_data(), "train", cases.Context(threads=1, fe_threads=(1,)), "float16")
+    assert case.methods == [] and case.skips == [
+        train.NUMPY_DTYPE_SKIP, "torch and fastembed.torch rows: skipped (no PyTorch in this run)"]
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed")
+def test_dtypes_option_runs_the_train_op_per_dtype(tmp_path):
+    """--dtypes float32,float16 runs train as `train` (float32's rows, unchanged) and `train float16`."""
+    text, doc = run_bench(tmp_path, "--shapes", "seed-1x16", "--ops", "train", "--dtypes", "float16,float32",
+                          "--threads", "1")
+    results = doc["results"]
+    assert list(dict.fromkeys(r["op"] for r in results)) == ["train", "train float16"]
+    float32 = {r["method"] for r in results if r["op"] == "train"}
+    assert {train.numpy_row_name(g) for g in train.GROUPS} <= float32 and train.DTYPE_ADAM_ROW[0] not in float32
+    half = [r for r in results if r["op"] == "train float16"]
+    assert [(r["group"], r["method"]) for r in half] == [(g, n) for g in train.GROUPS for n in train_dtype_rows(g)]
+    assert all(r["dtype"] == "float16" for r in half)
+    assert all(r["check"] in ("baseline", "bitwise") or r["check"].startswith("close") for r in half
+               if r["family"] != "overhead")
+    printed = {(op, method) for op, method, _ in table_rows(text, "seed-1x16")}
+    assert all(("train float16", r["method"]) in printed for r in half)
+    assert f"train float16: {train.NUMPY_DTYPE_SKIP} [seed-1x16]" in doc["notes"]
+    assert not [t for t in doc["targets"] if "float16" in t["target"]]  # the train targets are float32's
