@@ -332,6 +332,22 @@ def test_float64_fma_rounds_once():
     assert_same(scattered, fused)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_rowwise_rows_of_no_columns_keep_their_state_bits(name):
+    # D = 0: no mean square, nothing moves, not even a NaN state's payload (a 16-bit row staged through
+    # float32 and rounded back would be rewritten).
+    dtype = dtype_of(name)
+    bits = np.dtype(f"u{dtype.itemsize}")
+    nan = {2: 0x7C01 if dtype == F16 else 0x7F81, 8: 0x7FF0000000000001}[dtype.itemsize]
+    state = np.array([1, nan, 3], bits).view(dtype)
+    w = np.zeros((3, 0), dtype)
+    snap = Snapshot(state=state, w=w)
+    _kernels.rowwise_adagrad_step(w, state, np.zeros((3, 0), dtype), None, 0.1, 1e-8)
+    _kernels.rowwise_adagrad_step(w, state, np.zeros((2, 0), dtype), np.array([0, 1]), 0.1, 1e-8)
+    _kernels.rowwise_adagrad_scatter(w, state, np.array([0, 1, 1]), np.zeros((3, 0), dtype), 0.1, 1e-8)
+    snap.assert_unchanged()
+
+
 # ---------------------------------------------------------------- bfloat16 as uint16 bits
 
 @pytest.mark.parametrize("kind", KINDS)
