@@ -2136,5 +2136,72 @@ MUTANTS += [
            T_TRAIN_DTYPES),
 ]
 
+
+# ---------------------------------------------------------------- the optimizer kernels on float64, float16 and bfloat16 tables
+OPT_DTYPES = "tests/test_optim_dtypes.py"
+MUTANTS += [
+    Mutant("optdt-f64-adam-hyper-float32", OPTIM_PXI,
+           "            fe_adam_row_f64(w, s, s2, g, D, h.lr, h.beta1, h.beta2, h.eps, h.inv_bias1, h.inv_bias2)",
+           "            fe_adam_row_f64(w, s, s2, g, D, <float>h.lr, <float>h.beta1, <float>h.beta2, <float>h.eps,\n"
+           "                            <float>h.inv_bias1, <float>h.inv_bias2)",
+           "a float64 table's Adam takes its hyperparameters rounded to float32 (as the float32 kernel does)",
+           (OPT_DTYPES, "-k", "float64 and adam and not refused")),
+    Mutant("optdt-half-state-not-stored", OPTIM_PXI,
+           "        _narrow_row(s, ts, S)\n        if kind == ADAM_UPDATE:",
+           "        if kind == ADAM_UPDATE:",
+           "a 16-bit table's update never stores its (first) state back: state_sum / exp_avg keep their old bits",
+           (OPT_DTYPES, "-k", "(float16 or bfloat16) and transcription")),
+    Mutant("optdt-half-exp-avg-sq-not-stored", OPTIM_PXI,
+           "            _narrow_row(s2, ts + S, S)",
+           "            pass",
+           "a 16-bit table's Adam never stores exp_avg_sq back",
+           (OPT_DTYPES, "-k", "(float16 or bfloat16) and adam and transcription")),
+    Mutant("optdt-half-update-reads-rounded-state", OPTIM_PXI,
+           "        _real_row(kind, tmp, ts, ts + S, tmp + D, D, h)\n",
+           "        _real_row(kind, tmp, ts, ts + S, tmp + D, D, h)\n"
+           "        if kind == ADAGRAD_UPDATE:  # w moved from the state as stored (rounded), not the float32 one\n"
+           "            _narrow_row(s, ts, S)\n"
+           "            _widen_row(ts, s, S)\n"
+           "            _widen_row(tmp, w, S)\n"
+           "            while D > 0:\n"
+           "                D -= 1\n"
+           "                tmp[D] = tmp[D] - (<float>h.lr * tmp[S + D]) / (sqrtf(ts[D]) + <float>h.eps)\n"
+           "            D = S\n",
+           "a 16-bit table's Adagrad moves w by the rounded new state_sum instead of the unrounded float32 one",
+           (OPT_DTYPES, "-k", "(float16 or bfloat16) and adagrad and transcription")),
+    Mutant("optdt-half-sgd-step-ascends", OPTIM_PXI,
+           "        _scaled_add(w, g, D, -h.lr)",
+           "        _scaled_add(w, g, D, h.lr)",
+           "sgd_step on a 16-bit table adds lr * g (lr not negated)",
+           (OPT_DTYPES, "-k", "(float16 or bfloat16) and sgd and step_matches")),
+    Mutant("optdt-half-sgd-scatter-ascends", PYX,
+           "        _scaled_add(dst, src, n, -lr)",
+           "        _scaled_add(dst, src, n, lr)",
+           "sgd_scatter on a 16-bit table adds lr * g (lr not negated)",
+           (OPT_DTYPES, "-k", "(float16 or bfloat16) and sgd and scatter_matches")),
+    Mutant("optdt-half-lookup-sum-rounded-per-add", OPTIM_PXI,
+           "                fe_add_into(total, wide, D)\n",
+           "                fe_add_into(total, wide, D)\n"
+           "                _narrow_row(out, total, D)\n"
+           "                _widen_row(total, out, D)\n",
+           "the *_scatter kernels on a 16-bit table round a row's gradient sum after each lookup, not once",
+           (OPT_DTYPES, "-k", "(float16 or bfloat16) and scatter_matches")),
+    Mutant("optdt-f64-sqrtf", HDR,
+           "FE_DEFINE_OPTIM_ROWS(_f64, double, sqrt, fma)",
+           "FE_DEFINE_OPTIM_ROWS(_f64, double, sqrtf, fma)",
+           "the float64 rows take square roots in float32",
+           (OPT_DTYPES, "-k", "float64 and transcription")),
+    Mutant("optdt-f64-rowwise-mean-in-float32", HDR,
+           "const T G = *s + fe_sum_squares##SUF(g, n) / (T)n;",
+           "const T G = *s + (T)((float)fe_sum_squares##SUF(g, n) / (float)n);",
+           "row-wise Adagrad divides the sum of squares by D in float32 (the same bits for a float32 table)",
+           (OPT_DTYPES, "-k", "float64 and rowwise and transcription")),
+    Mutant("optdt-f64-sgd-scatter-fma-swapped", PYX,
+           "            fe_sgd_row_f64(dst, src, n, lr)\n        else:\n            fe_sgd_row_fma_f64(dst, src, n, lr)",
+           "            fe_sgd_row_fma_f64(dst, src, n, lr)\n        else:\n            fe_sgd_row_f64(dst, src, n, lr)",
+           "sgd_scatter on a float64 table rounds with fma when asked for numpy's rounding, and the other way round",
+           (OPT_DTYPES, "-k", "float64 and sgd and scatter or fma_rounds_once")),
+]
+
 if __name__ == "__main__":
     sys.exit(main())
