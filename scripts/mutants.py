@@ -2203,5 +2203,31 @@ MUTANTS += [
            (OPT_DTYPES, "-k", "float64 and sgd and scatter or fma_rounds_once")),
 ]
 
+# ---------------------------------------------------------------- fastembed.torch's optimizers and fused rules on the other dtypes
+T_OPT_DTYPES = "tests/test_torch_optim_dtypes.py"
+MUTANTS += [
+    Mutant("topt-bfloat16-left-to-torch", TORCH_OPTIM,
+           "_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)",
+           "_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16)",
+           "the drop-ins hand bfloat16 tables to torch's own update (the kernels never see them)",
+           (T_OPT_DTYPES, "-k", "runs_the_kernel")),
+    Mutant("topt-bfloat16-bits-read-as-uint16", TORCH_OPTIM,
+           '    return "bfloat16" if p.dtype == torch.bfloat16 else None',
+           "    return None",
+           "a bfloat16 table's bits reach the kernels without _format: refused as uint16, the step raises",
+           (T_OPT_DTYPES, "-k", "bfloat16")),
+    Mutant("fused-state-in-float32", OPTIM,
+           "        return np.full(shape, value, weight.dtype)",
+           "        return np.full(shape, value, np.float32)",
+           "a fused rule makes float32 state for a float64 or float16 table: the kernels refuse the mix",
+           (T_OPT_DTYPES, "-k", "fused")),
+    Mutant("fused-bfloat16-state-as-uint16-buffers", TORCH,
+           "    return {key: _library._tensor(arr) for key, arr in rule.new_state(table, _format=_rule_format(table)).items()}",
+           "    return {key: torch.from_numpy(arr) for key, arr in rule.new_state(table, _format=_rule_format(table)).items()}",
+           "a bfloat16 table's fused state is registered as uint16 buffers (its state_dict no longer bfloat16)",
+           (T_OPT_DTYPES, "-k", "fused")),
+]
+
+
 if __name__ == "__main__":
     sys.exit(main())
