@@ -171,7 +171,8 @@ MUTANTS = [
     Mutant("adam-grad-row-by-table-row", OPTIM_PXI,
            "                  g + k * D, D, S, h, tmp)",
            "                  g + r * D, D, S, h, tmp)",
-           "a sparse step (adam_step and the others: one row loop) reads the gradient row of table row r instead of the k-th given row",
+           "a sparse step (adam_step and the others: one row loop) reads the gradient row of table row r instead "
+           "of the k-th given row",
            (NN_OPTIM, "-k", "sparse_adam")),
     Mutant("gather-add-start-plus-one", PYX,
            "        p = pos_ids[i] if pos_ids != NULL else start + t\n        t += 1\n        if t == T:\n"
@@ -481,7 +482,9 @@ MUTANTS = [
            ("tests/test_optim_kernels.py", "-k", "rowwise or RowWise")),
     Mutant("rowwise-sum-pairwise", HDR,
            "for (ptrdiff_t d = 0; d < n; d++) acc += g[d] * g[d];",
-           "T odd = (T)0; ptrdiff_t d = 0; for (; d + 1 < n; d += 2) { acc += g[d] * g[d]; odd += g[d + 1] * g[d + 1]; } if (d < n) acc += g[d] * g[d]; acc += odd;",
+           "T odd = (T)0; ptrdiff_t d = 0; "
+           "for (; d + 1 < n; d += 2) { acc += g[d] * g[d]; odd += g[d + 1] * g[d + 1]; } "
+           "if (d < n) acc += g[d] * g[d]; acc += odd;",
            "the row's sum of squares in two interleaved partial sums (what a vectoriser would do): not column order",
            ("tests/test_optim_kernels.py", "-k", "column_order")),
     Mutant("update-every-thread-every-row", OPTIM_PXI,
@@ -496,7 +499,8 @@ MUTANTS = [
            "FusedAdagrad decays the lr from its first step (Adagrad's first step uses lr itself)",
            (FUSED, "-k", "fused_embedding_equals or empty_update")),
     Mutant("fused-adagrad-step-frozen", OPTIM,
-           "            _kernels.adagrad_scatter(weight, state_sum, ids, grad_out, clr, eps, skip, _format=_format)\n            step[()] = t\n",
+           "            _kernels.adagrad_scatter(weight, state_sum, ids, grad_out, clr, eps, skip, _format=_format)\n"
+           "            step[()] = t\n",
            "            _kernels.adagrad_scatter(weight, state_sum, ids, grad_out, clr, eps, skip, _format=_format)\n",
            "FusedAdagrad never advances the table's step count: lr_decay never applies",
            (FUSED, "-k", "adagrad")),
@@ -512,7 +516,8 @@ MUTANTS = [
            (FUSED, "-k", "fused_embedding_equals or threaded")),
     Mutant("fused-empty-update-no-step", OPTIM,
            "        ids, skip = _lookups(weight, ids, padding_idx, _format)\n        (b1, b2)",
-           "        ids, skip = _lookups(weight, ids, padding_idx, _format)\n        if not ids.size:\n            return lambda: None\n        (b1, b2)",
+           "        ids, skip = _lookups(weight, ids, padding_idx, _format)\n"
+           "        if not ids.size:\n            return lambda: None\n        (b1, b2)",
            "FusedSparseAdam skips an update that touches no row, step count included (SparseAdam counts it)",
            (FUSED, "-k", "empty_update and adam")),
     Mutant("fused-rowwise-eps-dropped", OPTIM,
@@ -576,7 +581,8 @@ MUTANTS = [
            (T_OPTIM, "-k", "matches_torch_optim and SGD and dense")),
     Mutant("topt-sgd-coalesces-first", TORCH_OPTIM,
            "_kernels.sgd_scatter(w, ids, values, lr, fma=True, check_only=check_only, _format=fmt)",
-           "_kernels.sgd_step(w, *_kernels.coalesce(ids, values, _format=fmt)[::-1], lr, check_only, fma=True, _format=fmt)",
+           "_kernels.sgd_step(w, *_kernels.coalesce(ids, values, _format=fmt)[::-1], lr, check_only, fma=True, "
+           "_format=fmt)",
            "the drop-in SGD sums duplicate rows before the update (torch applies them one at a time)",
            (T_OPTIM, "-k", "uncoalesced")),
     Mutant("topt-trusts-uncoalesced", TORCH_OPTIM,
@@ -1824,17 +1830,20 @@ MUTANTS += [
     Mutant("grouped-last-lookup-dropped", OPTIM_PXI,
            "    for k in range(k0, k1):\n        if k + PREFETCH_ROWS < end:",
            "    for k in range(k0, k1 - 1):\n        if k + PREFETCH_ROWS < end:",
-           "a row's group ends one lookup early: its last lookup is not summed (a lone lookup's row reads the stale buffer)",
+           "a row's group ends one lookup early: its last lookup is not summed (a lone lookup's row reads the "
+           "stale buffer)",
            (T_GROUPED,)),
     Mutant("grouped-first-added-to-stale-buffer", OPTIM_PXI,
            "                _sum_first(out, g + order[k] * D, D)",
            "                _sum_add(out, g + order[k] * D, D)",
-           "a row's first lookup is added to the buffer (the previous row's sum, or uninitialised memory) instead of starting it as 0 + row",
+           "a row's first lookup is added to the buffer (the previous row's sum, or uninitialised memory) "
+           "instead of starting it as 0 + row",
            (T_GROUPED,)),
     Mutant("grouped-first-copied-not-zero-plus", OPTIM_PXI,
            "                _sum_first(out, g + order[k] * D, D)",
            "                memcpy(out, g + order[k] * D, D * sizeof(elem_t))",
-           "a row's first lookup is copied, not added to +0.0: a lone -0.0 gradient stays -0.0 (a -0.0 weight then becomes +0.0; coalesce gives +0.0)",
+           "a row's first lookup is copied, not added to +0.0: a lone -0.0 gradient stays -0.0 (a -0.0 weight "
+           "then becomes +0.0; coalesce gives +0.0)",
            (T_GROUPED, "-k", "first_term or transcription")),
     Mutant("grouped-skip-row-ignored", OPTIM_PXI,
            "        if r == skip or start[u] == start[u + 1]:",
@@ -1849,7 +1858,8 @@ MUTANTS += [
     Mutant("grouped-rowwise-mean-over-lookups", OPTIM_PXI,
            "acc, D, S, h, tmp)",
            "acc, start[u + 1] - start[u], S, h, tmp)",
-           "the grouped update passes the row's lookup count where D is expected: row-wise Adagrad's mean square is divided by the lookup count instead of D (and only that many columns move)",
+           "the grouped update passes the row's lookup count where D is expected: row-wise Adagrad's mean square "
+           "is divided by the lookup count instead of D (and only that many columns move)",
            (T_GROUPED,)),
     Mutant("grouped-adam-moments-swapped", OPTIM_PXI,
            "_grouped(ADAM_UPDATE, fmt, w, m, v,",
