@@ -186,11 +186,15 @@ def test_scale_grad_by_freq_stays_torchs(spy):
     assert spy == []
 
 
-def test_fused_rules_refuse_bfloat16_as_they_refuse_float16():
-    from fastembed.torch.optim import FusedSGD
+def test_fused_rules_take_bfloat16_as_they_take_float16():
+    """(their updates against torch: tests/test_torch_optim_dtypes.py)"""
+    from fastembed.torch.optim import FusedSGD, FusedSparseAdam
     for dtype in (torch.float16, BF16):
-        with pytest.raises(TypeError, match="float32"):
-            ft.Embedding(4, 3, dtype=dtype, fused=FusedSGD(lr=0.1))
+        assert ft.Embedding(4, 3, dtype=dtype, fused=FusedSGD(lr=0.1)).weight.dtype == dtype
+        held = ft.Embedding(4, 3, dtype=dtype, fused=FusedSparseAdam(lr=0.1))
+        assert held.optim_exp_avg.dtype == held.optim_exp_avg_sq.dtype == dtype
+    with pytest.raises(TypeError, match="float32, float64, float16 or bfloat16"):
+        ft.Embedding.from_pretrained(torch.zeros(4, 3, dtype=torch.int64), fused=FusedSGD(lr=0.1))
 
 
 @pytest.mark.parametrize("padding_idx", [None, 3])
