@@ -110,10 +110,12 @@ cdef inline void _elem_row(int kind, elem_t* w, elem_t* s, elem_t* s2, const ele
 
 
 cdef inline void _prefetch_state(int kind, elem_t* w, elem_t* s, elem_t* s2, Py_ssize_t D, int64_t r) noexcept nogil:
-    """Ask for the row r of weight and of the per-element states the rule updates."""
+    """Ask for the row r of weight and of the states the rule updates (row-wise: the row's one element)."""
     _prefetch_elems_write(w + r * D, 0, D)
     if kind == ADAGRAD_UPDATE or kind == ADAM_UPDATE:
         _prefetch_elems_write(s + r * D, 0, D)
+    elif kind == ROWWISE_UPDATE:
+        fe_prefetch_write(s + r)
     if kind == ADAM_UPDATE:
         _prefetch_elems_write(s2 + r * D, 0, D)
 

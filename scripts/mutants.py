@@ -2229,6 +2229,12 @@ MUTANTS += [
            "    return None",
            "a bfloat16 table's bits reach the kernels without _format: refused as uint16, the step raises",
            (T_OPT_DTYPES, "-k", "bfloat16")),
+    Mutant("f16c-scaled-add-alpha-unrounded", HDR,
+           "    if (fe_use_f16c) { fe_f16c_scaled_add((uint16_t *)w, (const uint16_t *)g, n, a16); return; }",
+           "    if (fe_use_f16c) { fe_f16c_scaled_add((uint16_t *)w, (const uint16_t *)g, n, a); return; }",
+           "float16 SGD on F16C scales by lr itself, not lr rounded to float16 as torch's add_ (and the portable "
+           "loop) does",
+           (DTYPES, "-k", "both_code_paths")),
     Mutant("fused-state-in-float32", OPTIM,
            "        return np.full(shape, value, weight.dtype)",
            "        return np.full(shape, value, np.float32)",

@@ -432,7 +432,14 @@ def all_kernels(dtype, D, phase, seed):
     g = tgrad.copy()
     fe.scatter_add(g, ids, src)
     fe.gather_add_backward(src, ids, tgrad, pgrad, positions=1)
-    return [fe.gather(tok, ids), fe.gather_add(tok, pos, ids), g, tgrad, pgrad, *fe.coalesce(ids, src)]
+    # the optimizers (SGD on a 16-bit table: torch's add_ rule, F16C or portable; the others staged in float32)
+    sgd, adagrad, state, adam, m, v = tok.copy(), tok.copy(), np.abs(tok), tok.copy(), tok.copy(), np.abs(tok)
+    _kernels.sgd_scatter(sgd, ids, src, 0.3, fma=True)
+    _kernels.sgd_step(sgd, tok[:3], np.array([0, 2, 5]), 0.7)
+    _kernels.adagrad_scatter(adagrad, state, ids, src, 0.2, 1e-3)
+    _kernels.adam_step(adam, m, v, tok, None, 0.1, 0.8, 0.9, 1e-3, 0.2, 0.1)
+    return [fe.gather(tok, ids), fe.gather_add(tok, pos, ids), g, tgrad, pgrad, *fe.coalesce(ids, src),
+            sgd, adagrad, state, adam, m, v]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
