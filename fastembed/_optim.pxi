@@ -74,14 +74,17 @@ cdef inline void _narrow_row(elem_t* h, const float* f, Py_ssize_t n) noexcept n
 
 
 cdef enum:
-    # float32 scratch per thread for a 16-bit table, in units of D: the staged row, its gradient and two
-    # states (4 D + 2: a row-wise state is one element), a widened lookup and the sum of a row's lookups.
+    # float32 scratch per thread for a 16-bit table, in units of max(D, STAGE_SPAN): the staged row, its
+    # gradient and two states (4 D + 2: a row-wise state is one element), a widened lookup and the sum of a
+    # row's lookups. A dense update of an elementwise rule is staged STAGE_SPAN elements at a time, across
+    # rows (one call per span, not per row: the rule does not see row boundaries).
     STAGE_ROWS = 6
     STAGE_EXTRA = 2
+    STAGE_SPAN = 512
 
 
 cdef inline Py_ssize_t _stage_width(Py_ssize_t D) noexcept nogil:
-    return STAGE_ROWS * D + STAGE_EXTRA
+    return STAGE_ROWS * (D if D > STAGE_SPAN else STAGE_SPAN) + STAGE_EXTRA
 
 
 cdef inline void _elem_row(int kind, elem_t* w, elem_t* s, elem_t* s2, const elem_t* g, Py_ssize_t D,
@@ -125,7 +128,16 @@ cdef void _update_rows(int kind, elem_t* w, elem_t* s, elem_t* s2, const elem_t*
                        float* tmp) noexcept nogil:
     """One update of rows[lo:hi] (rows NULL: row k is row k), g holding one row per update; s, s2 the states
     (S elements per row), NULL where the rule has none."""
-    cdef Py_ssize_t k, r
+    cdef Py_ssize_t k, r, e, n, first = lo * D, total = (hi - lo) * D
+    if (elem_t is fe_f16 or elem_t is fe_bf16) and rows == NULL and kind != ROWWISE_UPDATE:
+        # every row of an elementwise rule: rows lo..hi - 1 are one run of elements, staged a span at a time
+        e = 0
+        while e < total:
+            n = min(<Py_ssize_t>STAGE_SPAN, total - e)
+            _elem_row(kind, w + first + e, NULL if s == NULL else s + first + e,
+                      NULL if s2 == NULL else s2 + first + e, g + first + e, n, n, h, tmp)
+            e += n
+        return
     for k in range(lo, hi):
         if rows != NULL and k + PREFETCH_ROWS < hi:
             _prefetch_state(kind, w, s, s2, D, rows[k + PREFETCH_ROWS])

@@ -2235,6 +2235,11 @@ MUTANTS += [
            "float16 SGD on F16C scales by lr itself, not lr rounded to float16 as torch's add_ (and the portable "
            "loop) does",
            (DTYPES, "-k", "both_code_paths")),
+    Mutant("optdt-span-grad-from-row-0", OPTIM_PXI,
+           "g + first + e, n, n, h, tmp)",
+           "g + e, n, n, h, tmp)",
+           "a 16-bit dense update staged across rows reads each thread's gradient from row 0, not its first row",
+           (OPT_DTYPES, "-k", "dense_step_of_many")),
     Mutant("fused-state-in-float32", OPTIM,
            "        return np.full(shape, value, weight.dtype)",
            "        return np.full(shape, value, np.float32)",

@@ -268,6 +268,26 @@ def test_step_matches_transcription(name, kind, data):
         assert_same(actual, expected)
 
 
+@pytest.mark.parametrize("D", [1, 40, 130, 700])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", NAMES)
+def test_dense_step_of_many_rows_matches_transcription(name, kind, D):
+    """Every row of a table far larger than the hypothesis cases: a 16-bit elementwise rule stages its dense
+    update across rows, 512 elements at a time (a span ends mid-row, a row of 700 spans two), and each
+    thread stages its own rows."""
+    dtype = dtype_of(name)
+    rng = np.random.default_rng(D)
+    V = 37
+    w = stored(rng, (V, D), dtype, 1.0, 0.1)
+    states = make_states(kind, rng, V, D, dtype, 0.1)
+    g = stored(rng, (V, D), dtype, 1.0, 0.1)
+    hp = (0.3, 0.85, 0.99, 1e-3, 1 - 0.85**3, 1 - 0.99**3) if kind == "adam" else (0.3, 1e-3)
+    w_e, states_e = step_model(kind, w, states, g, None, hp, dtype)
+    got = run_threads(lambda a: call_step(kind, a[0], a[1:], g, None, hp), [w] + states)
+    for actual, expected in zip(got, [w_e] + states_e):
+        assert_same(actual, expected)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", NAMES)
 @FEW
