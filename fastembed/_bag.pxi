@@ -273,20 +273,6 @@ cdef inline void _bag_set(bag_t* dst, float v) noexcept nogil:
         dst[0].bits = fe_float_to_bf16(v)
 
 
-cdef inline void _bag_widen(float* w, const bag_t* row, Py_ssize_t n) noexcept nogil:
-    if bag_t is fe_f16:
-        fe_widen_f16(w, row, n)
-    elif bag_t is fe_bf16:
-        fe_widen_bf16(w, row, n)
-
-
-cdef inline void _bag_narrow(bag_t* row, const float* w, Py_ssize_t n) noexcept nogil:
-    if bag_t is fe_f16:
-        fe_narrow_f16(row, w, n)
-    elif bag_t is fe_bf16:
-        fe_narrow_bf16(row, w, n)
-
-
 cdef inline float _bag_round(bag_t* like, float v) noexcept nogil:
     """v rounded to bag_t and back (a 16-bit format; `like` only picks the type)."""
     cdef bag_t tmp
@@ -345,7 +331,7 @@ cdef inline void _bag_sum_row(bag_t* o, float* acc, float* w, const bag_t* row, 
         else:
             fe_add_into_f64(o, row, n)
     else:
-        _bag_widen(w, row, n)
+        _widen_row(w, row, n)
         if psw != NULL:
             fe_bag_axpy(acc, w, n, _bag_f(psw[i]))
         else:
@@ -365,12 +351,12 @@ cdef inline void _bag_finish(bag_t* o, float* acc, float* w, Py_ssize_t n, int m
             for d in range(n):
                 o[d] /= c
     else:
-        _bag_narrow(o, acc, n)
+        _narrow_row(o, acc, n)
         if mode == BAG_MEAN and count > 0:
             # torch divides its 16-bit output (already rounded) by the count in the dtype, in float32
-            _bag_widen(w, o, n)
+            _widen_row(w, o, n)
             fe_bag_div(w, n, _bag_round(o, <float>count))
-            _bag_narrow(o, w, n)
+            _narrow_row(o, w, n)
 
 
 cdef Py_ssize_t _bag_forward_rows(const bag_t* table, Py_ssize_t V, Py_ssize_t D, const index_t* ids,

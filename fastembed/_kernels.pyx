@@ -160,6 +160,22 @@ cdef inline void _add_into(elem_t* g, const elem_t* s, Py_ssize_t n) noexcept no
         fe_add_into_bf16(g, s, n)
 
 
+cdef inline void _widen_row(float* f, const elem_t* h, Py_ssize_t n) noexcept nogil:
+    """f[k] = h[k] as float32 (exact), for the 16-bit types (the bags and the optimizers stage rows so)."""
+    if elem_t is fe_f16:
+        fe_widen_f16(f, h, n)
+    elif elem_t is fe_bf16:
+        fe_widen_bf16(f, h, n)
+
+
+cdef inline void _narrow_row(elem_t* h, const float* f, Py_ssize_t n) noexcept nogil:
+    """h[k] = f[k] rounded to nearest even, for the 16-bit types."""
+    if elem_t is fe_f16:
+        fe_narrow_f16(h, f, n)
+    elif elem_t is fe_bf16:
+        fe_narrow_bf16(h, f, n)
+
+
 cdef inline void _prefetch_elems(const elem_t* row, Py_ssize_t D) noexcept nogil:
     if elem_t is float:
         _prefetch_row(row, D)

@@ -57,22 +57,6 @@ cdef inline void _real_row(int kind, real_t* w, real_t* s, real_t* s2, const rea
             fe_rowwise_row_f64(w, s, g, D, h.lr, h.eps)
 
 
-cdef inline void _widen_row(float* f, const elem_t* h, Py_ssize_t n) noexcept nogil:
-    """f[k] = h[k] as float32 (exact), for the 16-bit types."""
-    if elem_t is fe_f16:
-        fe_widen_f16(f, h, n)
-    elif elem_t is fe_bf16:
-        fe_widen_bf16(f, h, n)
-
-
-cdef inline void _narrow_row(elem_t* h, const float* f, Py_ssize_t n) noexcept nogil:
-    """h[k] = f[k] rounded to nearest even, for the 16-bit types."""
-    if elem_t is fe_f16:
-        fe_narrow_f16(h, f, n)
-    elif elem_t is fe_bf16:
-        fe_narrow_bf16(h, f, n)
-
-
 cdef enum:
     # float32 scratch per thread for a 16-bit table, in units of max(D, STAGE_SPAN): the staged row, its
     # gradient and two states (4 D + 2: a row-wise state is one element), a widened lookup and the sum of a

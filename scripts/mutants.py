@@ -1166,12 +1166,12 @@ MUTANTS += [
            "a 16-bit bag rounds its running sum to the dtype after each add (torch sums in float32, rounds once)",
            (BAG_DT, "-k", "forward_matches_transcription or hand_computed")),
     Mutant("bagdt-mean-divides-unrounded-sum", BAG_PXI,
-           "        _bag_narrow(o, acc, n)\n        if mode == BAG_MEAN and count > 0:\n"
+           "        _narrow_row(o, acc, n)\n        if mode == BAG_MEAN and count > 0:\n"
            "            # torch divides its 16-bit output (already rounded) by the count in the dtype, in float32\n"
-           "            _bag_widen(w, o, n)\n            fe_bag_div(w, n, _bag_round(o, <float>count))\n"
-           "            _bag_narrow(o, w, n)",
+           "            _widen_row(w, o, n)\n            fe_bag_div(w, n, _bag_round(o, <float>count))\n"
+           "            _narrow_row(o, w, n)",
            "        if mode == BAG_MEAN and count > 0:\n            fe_bag_div(acc, n, <float>count)\n"
-           "        _bag_narrow(o, acc, n)",
+           "        _narrow_row(o, acc, n)",
            "a 16-bit mean divides the float32 sum before it is rounded (torch divides the rounded sum): one "
            "rounding where torch has two",
            (BAG_DT, "-k", "forward_matches_transcription or hand_computed or forward_of_a_fixed_case")),
