@@ -313,7 +313,7 @@ def test_step_hooks_run_once_per_step(with_torch_params):
     torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))])  # torch's SGD.step is wrapped from now on
     params = [torch.nn.Parameter(torch.zeros(2, 2))]
     if with_torch_params:
-        params.append(torch.nn.Parameter(torch.zeros(2, 2, dtype=torch.float64)))
+        params.append(torch.nn.Parameter(torch.zeros(3)))  # 1-D: torch's own step (hooked) moves it
     opt = fo.SGD(params, lr=1.0)
     calls = []
     opt.register_step_pre_hook(lambda *_: calls.append("pre"))
@@ -567,11 +567,13 @@ def test_rowwise_adagrad_matches_the_transcription(source, problem, lr, eps):
 
 
 @pytest.mark.parametrize("sparse", [False, True])
-def test_rowwise_adagrad_in_torch_ops_for_float64(sparse):
-    """A float64 table takes the torch-ops path: the same formula, checked in float64 numpy."""
+def test_rowwise_adagrad_in_torch_ops_for_a_strided_float64_table(sparse):
+    """A table the kernel cannot take (strided) takes the torch-ops path: the same formula, checked in float64
+    numpy. (A contiguous float64 table is the kernel's: tests/test_torch_optim_dtypes.py.)"""
     V, D = 6, 3
     gen = torch.Generator().manual_seed(4)
-    p = torch.nn.Parameter(torch.randn(V, D, generator=gen, dtype=torch.float64))
+    p = torch.nn.Parameter(torch.randn(D, V, generator=gen, dtype=torch.float64).t())
+    assert not p.is_contiguous()
     w, s = p.detach().numpy().copy(), np.zeros(V)
     opt = fo.RowWiseAdagrad([p], lr=0.3, eps=1e-6)
     for k in range(3):
