@@ -230,8 +230,10 @@ FE_F16C_FN static void fe_f16c_narrow(uint16_t *FE_RESTRICT h, const float *FE_R
         fe_f16c_store(h + d, _mm256_loadu_ps(tmp), n - d);
     }
 }
-/* 1: F16C; 0: the portable code. Set once at import (fe_f16_init) and by a private test hook. */
+/* 1: F16C; 0: the portable code. Set once at import (fe_f16_init) and by a private test hook. fe_use_avx2:
+   the same for the bfloat16 rows written with AVX2 intrinsics (the switch turns both on or off). */
 static int fe_use_f16c = 0;
+static int fe_use_avx2 = 0;
 #include <cpuid.h>
 /* CPUID leaf 1: F16C (ECX bit 29), AVX (28) and OSXSAVE (27), and the OS saving the YMM registers
    (XCR0 bits 1-2); GCC and clang alike (clang's __builtin_cpu_supports may not know "f16c"). */
@@ -242,15 +244,27 @@ static inline int fe_cpu_has_f16c(void) {
     __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
     return (lo & 6u) == 6u;
 }
+static inline int fe_cpu_has_avx2(void) { return fe_cpu_has_f16c() && __builtin_cpu_supports("avx2"); }
 #else
 #define FE_HAVE_F16C 0
 static int fe_use_f16c = 0;
+static int fe_use_avx2 = 0;
 static inline int fe_cpu_has_f16c(void) { return 0; }
+static inline int fe_cpu_has_avx2(void) { return 0; }
 #endif
 
-static inline int fe_f16_init(void) { fe_use_f16c = fe_cpu_has_f16c(); return fe_use_f16c; }
-/* For the tests: 0 forces the portable code; 1 asks for F16C (granted only where the CPU has it). */
-static inline int fe_f16_set_hardware(int on) { fe_use_f16c = on && fe_cpu_has_f16c(); return fe_use_f16c; }
+static inline int fe_f16_init(void) {
+    fe_use_f16c = fe_cpu_has_f16c();
+    fe_use_avx2 = fe_cpu_has_avx2();
+    return fe_use_f16c;
+}
+/* For the tests: 0 forces the portable code (float16 conversions and the bfloat16 AVX2 rows); 1 asks for
+   the hardware paths (each granted only where the CPU has it). */
+static inline int fe_f16_set_hardware(int on) {
+    fe_use_f16c = on && fe_cpu_has_f16c();
+    fe_use_avx2 = on && fe_cpu_has_avx2();
+    return fe_use_f16c;
+}
 static inline int fe_f16_hardware(void) { return fe_use_f16c; }
 
 /* The row operations of the kernels for each element type: out = a + b, and g += s (a scatter's add).
@@ -343,6 +357,151 @@ static void fe_scaled_add_f16(fe_f16 *FE_RESTRICT w, const fe_f16 *FE_RESTRICT g
 #endif
     for (ptrdiff_t d = 0; d < n; d++)
         w[d].bits = fe_float_to_f16_sw(fe_f16_to_float_sw(w[d].bits) + a16 * fe_f16_to_float_sw(g[d].bits));
+}
+
+/* Adam and Adagrad rows of a 16-bit table in registers: each element widened, updated by the expressions of
+   fe_adam_row / fe_adagrad_row in float32 (same operations, same order: the bits of widening the row into
+   float32 scratch, running the float32 row and rounding back), and rounded once per stored element (w, and
+   m and v, or the sum). One pass over the row and its state instead of widen, update and narrow passes. */
+#define FE_ADAM_ELEMS16(TO_F, FROM_F)                                                                         \
+    const float keep1 = 1.0f - beta1, keep2 = 1.0f - beta2;                                                   \
+    for (ptrdiff_t d = 0; d < n; d++) {                                                                        \
+        const float gd = TO_F(g[d].bits);                                                                      \
+        const float md = beta1 * TO_F(m[d].bits) + keep1 * gd;                                                 \
+        const float vd = beta2 * TO_F(v[d].bits) + keep2 * (gd * gd);                                          \
+        m[d].bits = FROM_F(md);                                                                                \
+        v[d].bits = FROM_F(vd);                                                                                \
+        w[d].bits = FROM_F(TO_F(w[d].bits) - lr * (md * inv_bias1) / (sqrtf(vd * inv_bias2) + eps));          \
+    }
+#define FE_ADAGRAD_ELEMS16(TO_F, FROM_F)                                                                      \
+    for (ptrdiff_t d = 0; d < n; d++) {                                                                        \
+        const float gd = TO_F(g[d].bits);                                                                      \
+        const float sd = TO_F(s[d].bits) + gd * gd;                                                            \
+        s[d].bits = FROM_F(sd);                                                                                \
+        w[d].bits = FROM_F(TO_F(w[d].bits) - clr * gd / (sqrtf(sd) + eps));                                   \
+    }
+FE_CLONES static void fe_adam_row_bf16_sw(fe_bf16 *FE_RESTRICT w, fe_bf16 *FE_RESTRICT m, fe_bf16 *FE_RESTRICT v,
+                                          const fe_bf16 *FE_RESTRICT g, ptrdiff_t n, float lr, float beta1,
+                                          float beta2, float eps, float inv_bias1, float inv_bias2) {
+    FE_ADAM_ELEMS16(fe_bf16_to_float, fe_float_to_bf16)
+}
+FE_CLONES static void fe_adagrad_row_bf16_sw(fe_bf16 *FE_RESTRICT w, fe_bf16 *FE_RESTRICT s,
+                                             const fe_bf16 *FE_RESTRICT g, ptrdiff_t n, float clr, float eps) {
+    FE_ADAGRAD_ELEMS16(fe_bf16_to_float, fe_float_to_bf16)
+}
+#if FE_HAVE_F16C
+/* The same two rows eight lanes at a time with hand-written conversions (GCC 12 vectorises neither the F16C
+   conversions nor the bfloat16 ones well): float16 with F16C, bfloat16 with AVX2 integer ops (the rounding of
+   fe_float_to_bf16, lane by lane). A row's tail: lanes past n read as 0 and are never stored. */
+#define FE_ADAM_LANES(LOAD, STORE)                                                                            \
+    const __m256 b1 = _mm256_set1_ps(beta1), b2 = _mm256_set1_ps(beta2), k1 = _mm256_set1_ps(1.0f - beta1),   \
+                 k2 = _mm256_set1_ps(1.0f - beta2), rate = _mm256_set1_ps(lr), e = _mm256_set1_ps(eps),       \
+                 c1 = _mm256_set1_ps(inv_bias1), c2 = _mm256_set1_ps(inv_bias2);                              \
+    for (ptrdiff_t d = 0; d < n; d += 8) {                                                                     \
+        const ptrdiff_t left = n - d;                                                                          \
+        const __m256 gd = LOAD(g + d, left);                                                                   \
+        const __m256 md = _mm256_add_ps(_mm256_mul_ps(b1, LOAD(m + d, left)), _mm256_mul_ps(k1, gd));          \
+        const __m256 vd = _mm256_add_ps(_mm256_mul_ps(b2, LOAD(v + d, left)),                                  \
+                                        _mm256_mul_ps(k2, _mm256_mul_ps(gd, gd)));                             \
+        const __m256 step = _mm256_div_ps(_mm256_mul_ps(rate, _mm256_mul_ps(md, c1)),                          \
+                                          _mm256_add_ps(_mm256_sqrt_ps(_mm256_mul_ps(vd, c2)), e));            \
+        STORE(m + d, md, left);                                                                                \
+        STORE(v + d, vd, left);                                                                                \
+        STORE(w + d, _mm256_sub_ps(LOAD(w + d, left), step), left);                                            \
+    }
+#define FE_ADAGRAD_LANES(LOAD, STORE)                                                                         \
+    const __m256 rate = _mm256_set1_ps(clr), e = _mm256_set1_ps(eps);                                         \
+    for (ptrdiff_t d = 0; d < n; d += 8) {                                                                     \
+        const ptrdiff_t left = n - d;                                                                          \
+        const __m256 gd = LOAD(g + d, left);                                                                   \
+        const __m256 sd = _mm256_add_ps(LOAD(s + d, left), _mm256_mul_ps(gd, gd));                             \
+        const __m256 step = _mm256_div_ps(_mm256_mul_ps(rate, gd), _mm256_add_ps(_mm256_sqrt_ps(sd), e));      \
+        STORE(s + d, sd, left);                                                                                \
+        STORE(w + d, _mm256_sub_ps(LOAD(w + d, left), step), left);                                            \
+    }
+FE_F16C_FN static void fe_f16c_adam_row(uint16_t *FE_RESTRICT w, uint16_t *FE_RESTRICT m, uint16_t *FE_RESTRICT v,
+                                        const uint16_t *FE_RESTRICT g, ptrdiff_t n, float lr, float beta1,
+                                        float beta2, float eps, float inv_bias1, float inv_bias2) {
+    FE_ADAM_LANES(fe_f16c_load, fe_f16c_store)
+}
+FE_F16C_FN static void fe_f16c_adagrad_row(uint16_t *FE_RESTRICT w, uint16_t *FE_RESTRICT s,
+                                           const uint16_t *FE_RESTRICT g, ptrdiff_t n, float clr, float eps) {
+    FE_ADAGRAD_LANES(fe_f16c_load, fe_f16c_store)
+}
+#define FE_AVX2_FN __attribute__((target("avx2")))
+FE_AVX2_FN static inline __m256 fe_avx2_bf16_load(const uint16_t *p, ptrdiff_t n) {
+    __m128i h;
+    if (n >= 8) {
+        h = _mm_loadu_si128((const __m128i *)p);
+    } else {
+        uint16_t tmp[8] = {0};
+        memcpy(tmp, p, (size_t)n * 2);
+        h = _mm_loadu_si128((const __m128i *)tmp);
+    }
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+/* fe_float_to_bf16 on eight lanes: (u + 0x7fff + lsb) >> 16, a NaN as 0x7fc0; packed to 16 bits in order. */
+FE_AVX2_FN static inline void fe_avx2_bf16_store(uint16_t *p, __m256 x, ptrdiff_t n) {
+    const __m256i u = _mm256_castps_si256(x);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                           _mm256_set1_epi32(0x7f800000));
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
+    const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    if (n >= 8) { _mm_storeu_si128((__m128i *)p, h); return; }
+    uint16_t tmp[8];
+    _mm_storeu_si128((__m128i *)tmp, h);
+    memcpy(p, tmp, (size_t)n * 2);
+}
+FE_AVX2_FN static void fe_avx2_bf16_adam_row(uint16_t *FE_RESTRICT w, uint16_t *FE_RESTRICT m,
+                                             uint16_t *FE_RESTRICT v, const uint16_t *FE_RESTRICT g, ptrdiff_t n,
+                                             float lr, float beta1, float beta2, float eps, float inv_bias1,
+                                             float inv_bias2) {
+    FE_ADAM_LANES(fe_avx2_bf16_load, fe_avx2_bf16_store)
+}
+FE_AVX2_FN static void fe_avx2_bf16_adagrad_row(uint16_t *FE_RESTRICT w, uint16_t *FE_RESTRICT s,
+                                                const uint16_t *FE_RESTRICT g, ptrdiff_t n, float clr, float eps) {
+    FE_ADAGRAD_LANES(fe_avx2_bf16_load, fe_avx2_bf16_store)
+}
+#endif
+static void fe_adam_row_f16(fe_f16 *FE_RESTRICT w, fe_f16 *FE_RESTRICT m, fe_f16 *FE_RESTRICT v,
+                            const fe_f16 *FE_RESTRICT g, ptrdiff_t n, float lr, float beta1, float beta2, float eps,
+                            float inv_bias1, float inv_bias2) {
+#if FE_HAVE_F16C
+    if (fe_use_f16c) {
+        fe_f16c_adam_row((uint16_t *)w, (uint16_t *)m, (uint16_t *)v, (const uint16_t *)g, n, lr, beta1, beta2, eps,
+                         inv_bias1, inv_bias2);
+        return;
+    }
+#endif
+    FE_ADAM_ELEMS16(fe_f16_to_float_sw, fe_float_to_f16_sw)
+}
+static void fe_adagrad_row_f16(fe_f16 *FE_RESTRICT w, fe_f16 *FE_RESTRICT s, const fe_f16 *FE_RESTRICT g,
+                               ptrdiff_t n, float clr, float eps) {
+#if FE_HAVE_F16C
+    if (fe_use_f16c) { fe_f16c_adagrad_row((uint16_t *)w, (uint16_t *)s, (const uint16_t *)g, n, clr, eps); return; }
+#endif
+    FE_ADAGRAD_ELEMS16(fe_f16_to_float_sw, fe_float_to_f16_sw)
+}
+static void fe_adam_row_bf16(fe_bf16 *FE_RESTRICT w, fe_bf16 *FE_RESTRICT m, fe_bf16 *FE_RESTRICT v,
+                             const fe_bf16 *FE_RESTRICT g, ptrdiff_t n, float lr, float beta1, float beta2, float eps,
+                             float inv_bias1, float inv_bias2) {
+#if FE_HAVE_F16C
+    if (fe_use_avx2) {
+        fe_avx2_bf16_adam_row((uint16_t *)w, (uint16_t *)m, (uint16_t *)v, (const uint16_t *)g, n, lr, beta1, beta2,
+                              eps, inv_bias1, inv_bias2);
+        return;
+    }
+#endif
+    fe_adam_row_bf16_sw(w, m, v, g, n, lr, beta1, beta2, eps, inv_bias1, inv_bias2);
+}
+static void fe_adagrad_row_bf16(fe_bf16 *FE_RESTRICT w, fe_bf16 *FE_RESTRICT s, const fe_bf16 *FE_RESTRICT g,
+                                ptrdiff_t n, float clr, float eps) {
+#if FE_HAVE_F16C
+    if (fe_use_avx2) { fe_avx2_bf16_adagrad_row((uint16_t *)w, (uint16_t *)s, (const uint16_t *)g, n, clr, eps); return; }
+#endif
+    fe_adagrad_row_bf16_sw(w, s, g, n, clr, eps);
 }
 
 #if defined(__GNUC__) || defined(__clang__)

@@ -71,6 +71,23 @@ cdef inline Py_ssize_t _stage_width(Py_ssize_t D) noexcept nogil:
     return STAGE_ROWS * (D if D > STAGE_SPAN else STAGE_SPAN) + STAGE_EXTRA
 
 
+cdef inline void _elem_row16(int kind, elem_t* w, elem_t* s, elem_t* s2, const elem_t* g, Py_ssize_t D,
+                             const _Hyper* h) noexcept nogil:
+    """Adam's or Adagrad's row of a 16-bit table in registers (fe_adam_row_f16, ...): the staged row's bits."""
+    if elem_t is fe_f16:
+        if kind == ADAM_UPDATE:
+            fe_adam_row_f16(w, s, s2, g, D, <float>h.lr, <float>h.beta1, <float>h.beta2, <float>h.eps,
+                            <float>h.inv_bias1, <float>h.inv_bias2)
+        else:
+            fe_adagrad_row_f16(w, s, g, D, <float>h.lr, <float>h.eps)
+    elif elem_t is fe_bf16:
+        if kind == ADAM_UPDATE:
+            fe_adam_row_bf16(w, s, s2, g, D, <float>h.lr, <float>h.beta1, <float>h.beta2, <float>h.eps,
+                             <float>h.inv_bias1, <float>h.inv_bias2)
+        else:
+            fe_adagrad_row_bf16(w, s, g, D, <float>h.lr, <float>h.eps)
+
+
 cdef inline void _elem_row(int kind, elem_t* w, elem_t* s, elem_t* s2, const elem_t* g, Py_ssize_t D,
                            Py_ssize_t S, const _Hyper* h, float* tmp) noexcept nogil:
     """One row's update on a table of elem_t; S state elements per row (D, or 1 row-wise). tmp: the
@@ -82,6 +99,8 @@ cdef inline void _elem_row(int kind, elem_t* w, elem_t* s, elem_t* s2, const ele
         _real_row(kind, w, s, s2, g, D, h)
     elif kind == SGD_UPDATE or kind == SGD_FMA_UPDATE:
         _scaled_add(w, g, D, -h.lr)
+    elif kind == ADAM_UPDATE or kind == ADAGRAD_UPDATE:
+        _elem_row16(kind, w, s, s2, g, D, h)
     elif D > 0:  # (a row of no columns changes nothing; staging would still rewrite a NaN state's bits)
         ts = tmp + 2 * D
         _widen_row(tmp, w, D)
