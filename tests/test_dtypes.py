@@ -432,14 +432,26 @@ def all_kernels(dtype, D, phase, seed):
     g = tgrad.copy()
     fe.scatter_add(g, ids, src)
     fe.gather_add_backward(src, ids, tgrad, pgrad, positions=1)
-    # the optimizers (SGD on a 16-bit table: torch's add_ rule, F16C or portable; the others staged in float32)
+    # the optimizers (SGD on a 16-bit table: torch's add_ rule, F16C or portable; Adam and Adagrad in
+    # registers, F16C / AVX2 or portable; row-wise Adagrad staged in float32), dense and sparse
     sgd, adagrad, state, adam, m, v = tok.copy(), tok.copy(), np.abs(tok), tok.copy(), tok.copy(), np.abs(tok)
     _kernels.sgd_scatter(sgd, ids, src, 0.3, fma=True)
     _kernels.sgd_step(sgd, tok[:3], np.array([0, 2, 5]), 0.7)
     _kernels.adagrad_scatter(adagrad, state, ids, src, 0.2, 1e-3)
+    _kernels.adagrad_step(adagrad, state, tok, None, 0.3, 1e-4)
     _kernels.adam_step(adam, m, v, tok, None, 0.1, 0.8, 0.9, 1e-3, 0.2, 0.1)
+    _kernels.adam_scatter(adam, m, v, ids, src, 0.1, 0.8, 0.9, 1e-3, 0.36, 0.19)
+    rowwise, row_state = tok.copy(), np.abs(tok[:, 0]).copy()
+    _kernels.rowwise_adagrad_scatter(rowwise, row_state, ids, src, 0.2, 1e-3)
+    # infinities and NaNs in and out (0/0, inf - inf: x86 makes a NaN with the sign bit set; a 16-bit NaN is
+    # stored as the quiet NaN of the type, bfloat16 0x7fc0, on every path), and float16 overflow
+    wild, wild_m, wild_v = values(rng, (V, D), dtype, specials=True), np.abs(tok), np.abs(tok)
+    wild_g = values(rng, (V, D), dtype, scale=300.0, specials=True)
+    _kernels.adam_step(wild, wild_m, wild_v, wild_g, None, 0.1, 0.8, 0.9, 0.0, 0.2, 0.1)
+    wild_a, wild_s = values(rng, (V, D), dtype, specials=True), np.abs(tok)
+    _kernels.adagrad_step(wild_a, wild_s, wild_g, None, 0.3, 0.0)
     return [fe.gather(tok, ids), fe.gather_add(tok, pos, ids), g, tgrad, pgrad, *fe.coalesce(ids, src),
-            sgd, adagrad, state, adam, m, v]
+            sgd, adagrad, state, adam, m, v, rowwise, row_state, wild, wild_m, wild_v, wild_a, wild_s]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -473,7 +485,11 @@ def f16_path(request):
     _kernels._f16_hardware(had)
 
 
-def test_float16_kernels_same_on_both_code_paths():
+@pytest.mark.parametrize("dtype", HALVES, ids=str)
+@pytest.mark.parametrize("D", [5, 45])
+def test_half_kernels_same_on_both_code_paths(dtype, D):
+    """float16's F16C conversions and bfloat16's AVX2 rows (Adam, Adagrad) against the portable code, the
+    same switch turning both off; D 5 and 45: a row shorter than the eight lanes, and one with a tail."""
     if len(hardware_modes()) < 2:
         pytest.skip("no F16C on this CPU: only the portable code runs")
     had = _kernels._f16_hardware()
@@ -481,7 +497,7 @@ def test_float16_kernels_same_on_both_code_paths():
         results = []
         for on in (False, True):
             _kernels._f16_hardware(on)
-            results.append(all_kernels(F16, 45, 1, seed=9))
+            results.append(all_kernels(dtype, D, 1, seed=9))
     finally:
         _kernels._f16_hardware(had)
     for a, b in zip(*results):

@@ -336,6 +336,28 @@ def test_hyperparameters_are_doubles_for_float64_and_float32_for_the_halves(name
             assert_same(actual, expected)
 
 
+@pytest.mark.parametrize("name", ("float16", "bfloat16"))
+@pytest.mark.parametrize("kind", ("adagrad", "adam"))
+def test_a_sixteen_bit_tie_rounds_to_even(name, kind):
+    """w - step landing exactly halfway between two values of the type rounds to the even one, on rows of 3
+    (shorter than the eight lanes) and 11 (a full vector and a tail). Worked out by hand: w = 1 + 2 u (even),
+    step = u where u is half the type's spacing above 1 (bfloat16 2**-8, float16 2**-11): 1 + u is the tie
+    between 1 (even) and 1 + 2 u (odd), so the result is 1; rounding half up would give 1 + 2 u."""
+    dtype = dtype_of(name)
+    u = 2.0**-8 if name == "bfloat16" else 2.0**-11
+    for D in (3, 11):
+        w = np.full((1, D), 1 + 2 * u).astype(dtype)
+        g = np.ones((1, D), dtype)
+        if kind == "adagrad":  # s = 0 + 1 * 1; step = u * 1 / (sqrt(1) + 0)
+            s = np.zeros((1, D), dtype)
+            _kernels.adagrad_step(w, s, g, None, u, 0.0)
+            assert np.all(s.astype(np.float64) == 1.0)
+        else:  # beta1 = beta2 = 0: m = v = 1; step = lr * (1 * 1) / (sqrt(1 * 1) + 0)
+            m, v = np.zeros((1, D), dtype), np.zeros((1, D), dtype)
+            _kernels.adam_step(w, m, v, g, None, u, 0.0, 0.0, 0.0, 1.0, 1.0)
+        assert np.all(w.astype(np.float64) == 1.0), w.astype(np.float64)
+
+
 def test_float64_fma_rounds_once():
     # w + (-lr) * g where the two roundings of `w - lr * g` differ from fma's one: worked out by hand.
     w = np.array([[1.0, 1.0]])
