@@ -16,21 +16,21 @@ cdef inline Py_ssize_t _bag_kept(const index_t* ids, Py_ssize_t lo, Py_ssize_t h
     return n
 
 
-cdef inline void _bag_row_op(bag_t* dst, const bag_t* src, Py_ssize_t n, int mode, const bag_t* psw,
+cdef inline void _bag_row_op(elem_t* dst, const elem_t* src, Py_ssize_t n, int mode, const elem_t* psw,
                              Py_ssize_t i, double inv) noexcept nogil:
     """dst += src scaled as lookup i's gradient is: by 1 (sum), per_sample_weights[i], or inv = 1 / count
     (mean; _bag_inv). The 16-bit formats round after each add: dst = round(dst + s * src) in float32."""
     cdef Py_ssize_t d
     cdef double s
     cdef float f
-    if bag_t is float:
+    if elem_t is float:
         if mode == BAG_MEAN:
             fe_bag_axpy(dst, src, n, <float>inv)
         elif psw != NULL:
             fe_bag_axpy(dst, src, n, psw[i])
         else:
             fe_add_into(dst, src, n)
-    elif bag_t is double:
+    elif elem_t is double:
         if mode == BAG_MEAN or psw != NULL:
             s = inv if mode == BAG_MEAN else psw[i]
             for d in range(n):
@@ -42,35 +42,35 @@ cdef inline void _bag_row_op(bag_t* dst, const bag_t* src, Py_ssize_t n, int mod
             f = <float>inv if mode == BAG_MEAN else _bag_f(psw[i])
             for d in range(n):
                 _bag_set(dst + d, _bag_f(dst[d]) + f * _bag_f(src[d]))
-        elif bag_t is fe_f16:
+        elif elem_t is fe_f16:
             fe_add_into_f16(dst, src, n)
         else:
             fe_add_into_bf16(dst, src, n)
 
 
-cdef inline double _bag_inv(bag_t* like, Py_ssize_t count) noexcept nogil:
+cdef inline double _bag_inv(elem_t* like, Py_ssize_t count) noexcept nogil:
     """A mean's backward scale 1 / count as torch's dense backward has it: formed in float64, then made the
     dtype's (`(scalar_t)scale`: through float32 for the 16-bit formats); 0 for an empty bag."""
     if count <= 0:
         return 0
     cdef double x = 1.0 / <double>count
-    if bag_t is float:
+    if elem_t is float:
         return <float>x
-    elif bag_t is double:
+    elif elem_t is double:
         return x
     else:
         return _bag_round(like, <float>x)
 
 
-cdef Py_ssize_t _bag_backward_cols(bag_t* grad, Py_ssize_t V, Py_ssize_t D, const index_t* ids,
+cdef Py_ssize_t _bag_backward_cols(elem_t* grad, Py_ssize_t V, Py_ssize_t D, const index_t* ids,
                                    const int64_t* offs, Py_ssize_t L, Py_ssize_t N, Py_ssize_t B, int mode,
-                                   const bag_t* psw, int64_t pad, const bag_t* g, const int64_t* arg,
+                                   const elem_t* psw, int64_t pad, const elem_t* g, const int64_t* arg,
                                    Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t w0) noexcept nogil:
     """grad[., columns [c0, c1) and [w0, D)] += each lookup's gradient, bags and their ids in order."""
     cdef Py_ssize_t b, i, d, lo, hi, skipped = 0
     cdef int64_t r
     cdef double inv = 1
-    cdef const bag_t* gb
+    cdef const elem_t* gb
     cdef const int64_t* ab
     for b in range(B):
         lo = offs[b]
@@ -110,20 +110,20 @@ cdef Py_ssize_t _bag_backward_cols(bag_t* grad, Py_ssize_t V, Py_ssize_t D, cons
     return skipped
 
 
-cdef inline void _bag_add_one(bag_t* dst, bag_t x) noexcept nogil:
+cdef inline void _bag_add_one(elem_t* dst, elem_t x) noexcept nogil:
     """dst += x (a max bag's gradient: torch's index_add_, rounded after each add in the 16-bit formats)."""
-    if bag_t is float or bag_t is double:
+    if elem_t is float or elem_t is double:
         dst[0] += x
     else:
         _bag_set(dst, _bag_f(dst[0]) + _bag_f(x))
 
 
-cdef Py_ssize_t _bag_backward(bag_t* grad, Py_ssize_t V, Py_ssize_t D, const index_t* ids, const int64_t* offs,
-                              Py_ssize_t L, Py_ssize_t N, Py_ssize_t B, int mode, const bag_t* psw, int64_t pad,
-                              const bag_t* g, const int64_t* arg, int nthreads, int* team) noexcept nogil:
+cdef Py_ssize_t _bag_backward(elem_t* grad, Py_ssize_t V, Py_ssize_t D, const index_t* ids, const int64_t* offs,
+                              Py_ssize_t L, Py_ssize_t N, Py_ssize_t B, int mode, const elem_t* psw, int64_t pad,
+                              const elem_t* g, const int64_t* arg, int nthreads, int* team) noexcept nogil:
     cdef int k
-    cdef Py_ssize_t block = COLUMN_BLOCK * sizeof(float) // sizeof(bag_t)
-    cdef Py_ssize_t c0, c1, w0, skipped = 0, phase = _phase_of(grad, sizeof(bag_t))
+    cdef Py_ssize_t block = COLUMN_BLOCK * sizeof(float) // sizeof(elem_t)
+    cdef Py_ssize_t c0, c1, w0, skipped = 0, phase = _phase_of(grad, sizeof(elem_t))
     team[0] = 1
     if nthreads <= 1:
         return _bag_backward_cols(grad, V, D, ids, offs, L, N, B, mode, psw, pad, g, arg, 0, D, D)
@@ -137,14 +137,14 @@ cdef Py_ssize_t _bag_backward(bag_t* grad, Py_ssize_t V, Py_ssize_t D, const ind
     return skipped
 
 
-cdef inline void _bag_scale_row(bag_t* out, const bag_t* a, Py_ssize_t n, double s) noexcept nogil:
+cdef inline void _bag_scale_row(elem_t* out, const elem_t* a, Py_ssize_t n, double s) noexcept nogil:
     """out = s * a, written (not added to +0.0, which would turn -0.0 into +0.0); rounded once per element in
     the 16-bit formats."""
     cdef Py_ssize_t d
     cdef float f
-    if bag_t is float:
+    if elem_t is float:
         fe_bag_scale(out, a, n, <float>s)
-    elif bag_t is double:
+    elif elem_t is double:
         for d in range(n):
             out[d] = s * a[d]
     else:
@@ -153,23 +153,23 @@ cdef inline void _bag_scale_row(bag_t* out, const bag_t* a, Py_ssize_t n, double
             _bag_set(out + d, f * _bag_f(a[d]))
 
 
-cdef inline double _bag_sparse_inv(bag_t* like, Py_ssize_t count) noexcept nogil:
+cdef inline double _bag_sparse_inv(elem_t* like, Py_ssize_t count) noexcept nogil:
     """A mean's scale in the sparse gradient, as torch's apply_bag_size_backward forms it: 1 / count in the
     dtype (the 16-bit formats: the count rounded to the dtype, divided in float32, rounded)."""
     if count <= 0:
         return 0
-    if bag_t is float:
+    if elem_t is float:
         return <float>(1.0 / <double>count)
-    elif bag_t is double:
+    elif elem_t is double:
         return 1.0 / <double>count
     else:
         return _bag_round(like, 1.0 / _bag_round(like, <float>count))
 
 
 cdef Py_ssize_t _bag_rows_out(Py_ssize_t V, Py_ssize_t D, const index_t* ids, const int64_t* offs, Py_ssize_t L,
-                              Py_ssize_t N, int mode, const bag_t* psw, int64_t pad, const bag_t* g,
+                              Py_ssize_t N, int mode, const elem_t* psw, int64_t pad, const elem_t* g,
                               Py_ssize_t b0, Py_ssize_t b1, Py_ssize_t j, Py_ssize_t j_hi, int64_t* rows,
-                              bag_t* values) noexcept nogil:
+                              elem_t* values) noexcept nogil:
     """The sparse gradient's entries [j, j_hi) from bags [b0, b1): one per lookup that is not padding."""
     cdef Py_ssize_t b, i, lo, hi, skipped = 0
     cdef int64_t r
@@ -194,18 +194,18 @@ cdef Py_ssize_t _bag_rows_out(Py_ssize_t V, Py_ssize_t D, const index_t* ids, co
             elif psw != NULL:
                 _bag_scale_row(values + j * D, g + b * D, D, _bag_psw(psw, i))
             else:
-                memcpy(values + j * D, g + b * D, D * sizeof(bag_t))
+                memcpy(values + j * D, g + b * D, D * sizeof(elem_t))
             j += 1
     while j < j_hi:
         rows[j] = 0
-        memset(values + j * D, 0, D * sizeof(bag_t))
+        memset(values + j * D, 0, D * sizeof(elem_t))
         skipped += 1
         j += 1
     return skipped
 
 
-cdef inline double _bag_psw(const bag_t* psw, Py_ssize_t i) noexcept nogil:
-    if bag_t is float or bag_t is double:
+cdef inline double _bag_psw(const elem_t* psw, Py_ssize_t i) noexcept nogil:
+    if elem_t is float or elem_t is double:
         return psw[i]
     else:
         return _bag_f(psw[i])
@@ -214,9 +214,9 @@ cdef inline double _bag_psw(const bag_t* psw, Py_ssize_t i) noexcept nogil:
 # Dispatchers on the id width, then on the element format (one call each from the entry points, as in
 # _kernels.pyx): fmt is FMT_F32, FMT_F64, FMT_F16 or FMT_BF16 (_common.pxi), checked by the entry point.
 
-cdef Py_ssize_t _bag_backward_ids(bag_t* grad, Py_ssize_t V, Py_ssize_t D, const void* ids, bint wide,
+cdef Py_ssize_t _bag_backward_ids(elem_t* grad, Py_ssize_t V, Py_ssize_t D, const void* ids, bint wide,
                                   const int64_t* offs, Py_ssize_t L, Py_ssize_t N, Py_ssize_t B, int mode,
-                                  const bag_t* psw, int64_t pad, const bag_t* g, const int64_t* arg,
+                                  const elem_t* psw, int64_t pad, const elem_t* g, const int64_t* arg,
                                   int nthreads, int* team) noexcept nogil:
     if wide:
         return _bag_backward(grad, V, D, <const int64_t*>ids, offs, L, N, B, mode, psw, pad, g, arg,
@@ -248,9 +248,9 @@ cdef Py_ssize_t _bag_kept_any(const void* ids, bint wide, Py_ssize_t lo, Py_ssiz
 
 
 cdef Py_ssize_t _bag_rows_ids(Py_ssize_t V, Py_ssize_t D, const void* ids, bint wide, const int64_t* offs,
-                              Py_ssize_t L, Py_ssize_t N, int mode, const bag_t* psw, int64_t pad,
-                              const bag_t* g, Py_ssize_t b0, Py_ssize_t b1, Py_ssize_t j, Py_ssize_t j_hi,
-                              int64_t* rows, bag_t* values) noexcept nogil:
+                              Py_ssize_t L, Py_ssize_t N, int mode, const elem_t* psw, int64_t pad,
+                              const elem_t* g, Py_ssize_t b0, Py_ssize_t b1, Py_ssize_t j, Py_ssize_t j_hi,
+                              int64_t* rows, elem_t* values) noexcept nogil:
     if wide:
         return _bag_rows_out(V, D, <const int64_t*>ids, offs, L, N, mode, psw, pad, g, b0, b1, j, j_hi, rows, values)
     return _bag_rows_out(V, D, <const int32_t*>ids, offs, L, N, mode, psw, pad, g, b0, b1, j, j_hi, rows, values)

@@ -48,9 +48,10 @@ cdef extern from "_fastembed.h" nogil:
     float fe_bf16_to_float(uint16_t h)
     uint16_t fe_float_to_bf16(float f)
 
-# The table's element type: every array of a call that holds table elements (out, grad_out, grad_table,
-# per_sample_weights, the sparse values) has it. float32's specialisation is the code the bags had before the
-# other dtypes came. What each computes in, after torch's CPU kernels (aten/src/ATen/native/EmbeddingBag.cpp):
+# The table's element type, elem_t (_kernels.pyx): every array of a call that holds table elements (out,
+# grad_out, grad_table, per_sample_weights, the sparse values) has it. float32's specialisation is the code the
+# bags had before the other dtypes came. What each computes in, after torch's CPU kernels
+# (aten/src/ATen/native/EmbeddingBag.cpp):
 #   float64: everything in float64, in the same order as float32 (sums in ids order; mean divides by count;
 #     the backward adds (1/count) * grad or weight * grad).
 #   float16, bfloat16: the forward sums in float32 (per_sample_weights: float32 products) and rounds once per
@@ -60,11 +61,6 @@ cdef extern from "_fastembed.h" nogil:
 #     gradient (torch's cpublas axpy on 16-bit data: y = round(y + a * x), a = round(1/count) for a mean);
 #     the sparse values are round(grad_out * s) with s = round(1 / round(count)) for a mean (torch's
 #     apply_bag_size_backward in the dtype); the per_sample_weights gradient is a float32 dot, rounded once.
-ctypedef fused bag_t:
-    float
-    double
-    fe_f16
-    fe_bf16
 
 cdef enum:
     BAG_SUM = 0
@@ -259,45 +255,45 @@ cdef inline Py_ssize_t _bag_ids_in_bags(const int64_t* offs, Py_ssize_t L, Py_ss
     return _bag_end(offs, L, N, B - 1) if B > 0 else 0
 
 
-# Element helpers per dtype (each a compile-time branch on bag_t).
+# Element helpers per dtype (each a compile-time branch on elem_t).
 
-cdef inline float _bag_f(bag_t x) noexcept nogil:
+cdef inline float _bag_f(elem_t x) noexcept nogil:
     """One element as float32 (exact for the 16-bit formats; float32 and float64 callers use their own)."""
-    if bag_t is fe_f16:
+    if elem_t is fe_f16:
         return fe_f16_to_float_sw(x.bits)
-    elif bag_t is fe_bf16:
+    elif elem_t is fe_bf16:
         return fe_bf16_to_float(x.bits)
     else:
         return <float>x
 
 
-cdef inline void _bag_set(bag_t* dst, float v) noexcept nogil:
+cdef inline void _bag_set(elem_t* dst, float v) noexcept nogil:
     """dst[0] = v rounded to nearest even in the 16-bit formats."""
-    if bag_t is fe_f16:
+    if elem_t is fe_f16:
         dst[0].bits = fe_float_to_f16_sw(v)
-    elif bag_t is fe_bf16:
+    elif elem_t is fe_bf16:
         dst[0].bits = fe_float_to_bf16(v)
 
 
-cdef inline float _bag_round(bag_t* like, float v) noexcept nogil:
-    """v rounded to bag_t and back (a 16-bit format; `like` only picks the type)."""
-    cdef bag_t tmp
+cdef inline float _bag_round(elem_t* like, float v) noexcept nogil:
+    """v rounded to elem_t and back (a 16-bit format; `like` only picks the type)."""
+    cdef elem_t tmp
     _bag_set(&tmp, v)
     return _bag_f(tmp)
 
 
-cdef inline void _bag_prefetch(const bag_t* row, Py_ssize_t D) noexcept nogil:
-    if bag_t is float:
+cdef inline void _bag_prefetch(const elem_t* row, Py_ssize_t D) noexcept nogil:
+    if elem_t is float:
         _prefetch_row(row, D)
     else:
-        _prefetch_bytes(<const char*>row, D * <Py_ssize_t>sizeof(bag_t), False)
+        _prefetch_bytes(<const char*>row, D * <Py_ssize_t>sizeof(elem_t), False)
 
 
-cdef inline void _bag_prefetch_write(bag_t* row, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
-    if bag_t is float:
+cdef inline void _bag_prefetch_write(elem_t* row, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    if elem_t is float:
         _prefetch_row_write(row, c0, c1)
     else:
-        _prefetch_bytes(<const char*>(row + c0), (c1 - c0) * <Py_ssize_t>sizeof(bag_t), True)
+        _prefetch_bytes(<const char*>(row + c0), (c1 - c0) * <Py_ssize_t>sizeof(elem_t), True)
 
 
 cdef inline int _bag_threads(Py_ssize_t work, Py_ssize_t B) noexcept nogil:

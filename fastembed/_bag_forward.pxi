@@ -4,13 +4,13 @@
 
 # ---------------------------------------------------------------- loops (no GIL, trusted bounds)
 
-cdef inline void _bag_max_row(bag_t* out, int64_t* arg, const bag_t* a, Py_ssize_t n, int64_t r) noexcept nogil:
+cdef inline void _bag_max_row(elem_t* out, int64_t* arg, const elem_t* a, Py_ssize_t n, int64_t r) noexcept nogil:
     """A bag's running max (strictly greater, as torch: the earlier row stays on a tie and a NaN in out stays);
     the 16-bit formats compare their values and copy the winner's bits."""
     cdef Py_ssize_t d
-    if bag_t is float:
+    if elem_t is float:
         fe_bag_max(out, arg, a, n, r)
-    elif bag_t is double:
+    elif elem_t is double:
         for d in range(n):
             if a[d] > out[d]:
                 out[d] = a[d]
@@ -22,18 +22,18 @@ cdef inline void _bag_max_row(bag_t* out, int64_t* arg, const bag_t* a, Py_ssize
                 arg[d] = r
 
 
-cdef inline void _bag_sum_row(bag_t* o, float* acc, float* w, const bag_t* row, Py_ssize_t n, const bag_t* psw,
+cdef inline void _bag_sum_row(elem_t* o, float* acc, float* w, const elem_t* row, Py_ssize_t n, const elem_t* psw,
                               Py_ssize_t i) noexcept nogil:
     """Adds lookup i (times per_sample_weights[i] when given) to its bag: into o for float32 and float64, into
     the float32 accumulator acc (row widened into w) for the 16-bit formats."""
     cdef Py_ssize_t d
     cdef double s
-    if bag_t is float:
+    if elem_t is float:
         if psw != NULL:
             fe_bag_axpy(o, row, n, psw[i])
         else:
             fe_add_into(o, row, n)
-    elif bag_t is double:
+    elif elem_t is double:
         if psw != NULL:
             s = psw[i]
             for d in range(n):
@@ -48,14 +48,14 @@ cdef inline void _bag_sum_row(bag_t* o, float* acc, float* w, const bag_t* row, 
             fe_add_into(acc, w, n)
 
 
-cdef inline void _bag_finish(bag_t* o, float* acc, float* w, Py_ssize_t n, int mode, Py_ssize_t count) noexcept nogil:
+cdef inline void _bag_finish(elem_t* o, float* acc, float* w, Py_ssize_t n, int mode, Py_ssize_t count) noexcept nogil:
     """A sum or mean bag's result in o: the 16-bit sum rounded once, then a mean divided by its count."""
     cdef Py_ssize_t d
     cdef double c
-    if bag_t is float:
+    if elem_t is float:
         if mode == BAG_MEAN and count > 0:
             fe_bag_div(o, n, <float>count)
-    elif bag_t is double:
+    elif elem_t is double:
         if mode == BAG_MEAN and count > 0:
             c = <double>count
             for d in range(n):
@@ -69,9 +69,9 @@ cdef inline void _bag_finish(bag_t* o, float* acc, float* w, Py_ssize_t n, int m
             _narrow_row(o, w, n)
 
 
-cdef Py_ssize_t _bag_forward_rows(const bag_t* table, Py_ssize_t V, Py_ssize_t D, const index_t* ids,
-                                  const int64_t* offs, Py_ssize_t L, Py_ssize_t N, int mode, const bag_t* psw,
-                                  int64_t pad, Py_ssize_t b0, Py_ssize_t b1, bag_t* out,
+cdef Py_ssize_t _bag_forward_rows(const elem_t* table, Py_ssize_t V, Py_ssize_t D, const index_t* ids,
+                                  const int64_t* offs, Py_ssize_t L, Py_ssize_t N, int mode, const elem_t* psw,
+                                  int64_t pad, Py_ssize_t b0, Py_ssize_t b1, elem_t* out,
                                   int64_t* arg, float* acc) noexcept nogil:
     """out[b] (and arg[b] in max mode) for the bags [b0, b1); returns the number of ids found out of range.
     acc: 2 * D floats of this thread's (the 16-bit formats' accumulator and widened row; NULL otherwise).
@@ -79,7 +79,7 @@ cdef Py_ssize_t _bag_forward_rows(const bag_t* table, Py_ssize_t V, Py_ssize_t D
     cdef Py_ssize_t b, i, d, lo, hi, count, skipped = 0
     cdef Py_ssize_t last = _bag_end(offs, L, N, b1 - 1) if b1 > b0 else 0
     cdef int64_t r
-    cdef bag_t* o
+    cdef elem_t* o
     cdef int64_t* a
     cdef float* w = NULL if acc == NULL else acc + D
     cdef bint copy_first = False  # a float32 sum: its first row written as 0 + row, the next added BAG_CHUNK at a time
@@ -87,7 +87,7 @@ cdef Py_ssize_t _bag_forward_rows(const bag_t* table, Py_ssize_t V, Py_ssize_t D
     cdef int64_t chunk_ids[BAG_CHUNK]
     cdef Py_ssize_t pending
     cdef bint max_chunks = False  # a float32 max: its rows taken BAG_CHUNK at a time, the first as is
-    if bag_t is float:
+    if elem_t is float:
         copy_first = psw == NULL and mode != BAG_MAX
         max_chunks = mode == BAG_MAX
         if copy_first and (D == 32 or D == 64):
@@ -107,7 +107,7 @@ cdef Py_ssize_t _bag_forward_rows(const bag_t* table, Py_ssize_t V, Py_ssize_t D
         hi = _bag_end(offs, L, N, b)
         o = out + b * D
         if not copy_first and not max_chunks:
-            memset(o, 0, D * sizeof(bag_t))  # a sum starts at +0.0, as torch's: a row of -0.0 sums to +0.0
+            memset(o, 0, D * sizeof(elem_t))  # a sum starts at +0.0, as torch's: a row of -0.0 sums to +0.0
         if acc != NULL:
             memset(acc, 0, D * sizeof(float))
         count = 0
@@ -132,7 +132,7 @@ cdef Py_ssize_t _bag_forward_rows(const bag_t* table, Py_ssize_t V, Py_ssize_t D
                                         D, count + 1 == pending)
                         pending = 0
                 elif count == 0:
-                    memcpy(o, table + r * D, D * sizeof(bag_t))
+                    memcpy(o, table + r * D, D * sizeof(elem_t))
                     a = arg + b * D
                     for d in range(D):
                         a[d] = r
@@ -156,9 +156,9 @@ cdef Py_ssize_t _bag_forward_rows(const bag_t* table, Py_ssize_t V, Py_ssize_t D
         if pending:
             fe_bag_sum_ptrs(<float*>o, chunk, pending, D)
         if copy_first and count == 0:
-            memset(o, 0, D * sizeof(bag_t))  # an empty bag (or one of padding only) is zeros
+            memset(o, 0, D * sizeof(elem_t))  # an empty bag (or one of padding only) is zeros
         if max_chunks and count == 0:
-            memset(o, 0, D * sizeof(bag_t))
+            memset(o, 0, D * sizeof(elem_t))
         if mode != BAG_MAX:
             _bag_finish(o, acc, w, D, mode, count)
         elif count == 0 and arg != NULL:
@@ -166,9 +166,9 @@ cdef Py_ssize_t _bag_forward_rows(const bag_t* table, Py_ssize_t V, Py_ssize_t D
     return skipped
 
 
-cdef Py_ssize_t _bag_forward(const bag_t* table, Py_ssize_t V, Py_ssize_t D, const index_t* ids,
+cdef Py_ssize_t _bag_forward(const elem_t* table, Py_ssize_t V, Py_ssize_t D, const index_t* ids,
                              const int64_t* offs, Py_ssize_t L, Py_ssize_t N, Py_ssize_t B, int mode,
-                             const bag_t* psw, int64_t pad, bag_t* out, int64_t* arg, float* scratch, int nthreads,
+                             const elem_t* psw, int64_t pad, elem_t* out, int64_t* arg, float* scratch, int nthreads,
                              int* team) noexcept nogil:
     cdef int k
     cdef Py_ssize_t skipped = 0, M = _bag_ids_in_bags(offs, L, N, B)
@@ -187,9 +187,9 @@ cdef Py_ssize_t _bag_forward(const bag_t* table, Py_ssize_t V, Py_ssize_t D, con
 # Dispatchers on the id width, then on the element format (one call each from the entry points, as in
 # _kernels.pyx): fmt is FMT_F32, FMT_F64, FMT_F16 or FMT_BF16 (_common.pxi), checked by the entry point.
 
-cdef Py_ssize_t _bag_forward_ids(const bag_t* table, Py_ssize_t V, Py_ssize_t D, const void* ids, bint wide,
+cdef Py_ssize_t _bag_forward_ids(const elem_t* table, Py_ssize_t V, Py_ssize_t D, const void* ids, bint wide,
                                  const int64_t* offs, Py_ssize_t L, Py_ssize_t N, Py_ssize_t B, int mode,
-                                 const bag_t* psw, int64_t pad, bag_t* out, int64_t* arg, float* scratch,
+                                 const elem_t* psw, int64_t pad, elem_t* out, int64_t* arg, float* scratch,
                                  int nthreads, int* team) noexcept nogil:
     if wide:
         return _bag_forward(table, V, D, <const int64_t*>ids, offs, L, N, B, mode, psw, pad, out, arg, scratch,

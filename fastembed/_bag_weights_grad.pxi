@@ -4,15 +4,15 @@
 
 # ---------------------------------------------------------------- loops (no GIL, trusted bounds)
 
-cdef inline void _bag_dot_into(bag_t* out, const bag_t* a, const bag_t* b, Py_ssize_t n) noexcept nogil:
+cdef inline void _bag_dot_into(elem_t* out, const elem_t* a, const elem_t* b, Py_ssize_t n) noexcept nogil:
     """out[0] = a . b in column order: float32 in float32, float64 in float64, the 16-bit formats in float32
     rounded once (torch's dot_with_fp32_arith; its order is its vector lanes', so the tests allow a tolerance)."""
     cdef Py_ssize_t d
     cdef double dacc = 0
     cdef float facc = 0
-    if bag_t is float:
+    if elem_t is float:
         out[0] = fe_bag_dot(a, b, n)
-    elif bag_t is double:
+    elif elem_t is double:
         for d in range(n):
             dacc += a[d] * b[d]
         out[0] = dacc
@@ -22,9 +22,9 @@ cdef inline void _bag_dot_into(bag_t* out, const bag_t* a, const bag_t* b, Py_ss
         _bag_set(out, facc)
 
 
-cdef Py_ssize_t _bag_weights_grad_rows(const bag_t* table, Py_ssize_t V, Py_ssize_t D, const index_t* ids,
+cdef Py_ssize_t _bag_weights_grad_rows(const elem_t* table, Py_ssize_t V, Py_ssize_t D, const index_t* ids,
                                        const int64_t* offs, Py_ssize_t L, Py_ssize_t N, int64_t pad,
-                                       const bag_t* g, Py_ssize_t b0, Py_ssize_t b1, bag_t* out) noexcept nogil:
+                                       const elem_t* g, Py_ssize_t b0, Py_ssize_t b1, elem_t* out) noexcept nogil:
     """out[i] = table[ids[i]] . grad_out[bag of i] for the ids of bags [b0, b1); 0 (out is zeroed) for padding."""
     cdef Py_ssize_t b, i, lo, hi, skipped = 0
     cdef int64_t r
@@ -46,9 +46,9 @@ cdef Py_ssize_t _bag_weights_grad_rows(const bag_t* table, Py_ssize_t V, Py_ssiz
 # Dispatchers on the id width, then on the element format (one call each from the entry points, as in
 # _kernels.pyx): fmt is FMT_F32, FMT_F64, FMT_F16 or FMT_BF16 (_common.pxi), checked by the entry point.
 
-cdef Py_ssize_t _bag_weights_grad_ids(const bag_t* table, Py_ssize_t V, Py_ssize_t D, const void* ids, bint wide,
-                                      const int64_t* offs, Py_ssize_t L, Py_ssize_t N, int64_t pad, const bag_t* g,
-                                      Py_ssize_t b0, Py_ssize_t b1, bag_t* out) noexcept nogil:
+cdef Py_ssize_t _bag_weights_grad_ids(const elem_t* table, Py_ssize_t V, Py_ssize_t D, const void* ids, bint wide,
+                                      const int64_t* offs, Py_ssize_t L, Py_ssize_t N, int64_t pad, const elem_t* g,
+                                      Py_ssize_t b0, Py_ssize_t b1, elem_t* out) noexcept nogil:
     if wide:
         return _bag_weights_grad_rows(table, V, D, <const int64_t*>ids, offs, L, N, pad, g, b0, b1, out)
     return _bag_weights_grad_rows(table, V, D, <const int32_t*>ids, offs, L, N, pad, g, b0, b1, out)
