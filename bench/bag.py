@@ -165,7 +165,7 @@ def module_state(data, torch, ids, offsets, mode, direction, kind, mods=None, we
 # ---------------------------------------------------------------- the case
 
 def thread_label(direction, ids, offsets, dim, n):
-    """The threads a bag kernel call runs on at fastembed's count n (fastembed/_bag.pxi): the forward splits
+    """The threads a bag kernel call runs on at fastembed's count n (fastembed/_bag_*.pxi): the forward splits
     bags (never more threads than bags), the backward column blocks, both past the serial threshold."""
     work = ids.size + len(offsets)
     if direction == "forward":

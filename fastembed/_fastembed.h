@@ -512,7 +512,7 @@ static void fe_adagrad_row_bf16(fe_bf16 *FE_RESTRICT w, fe_bf16 *FE_RESTRICT s, 
 #define fe_prefetch_write(p) ((void)0)
 #endif
 
-/* ---------------------------------------------------------------- embedding bags (_bag.pxi) */
+/* ---------------------------------------------------------------- embedding bags (_bag_*.pxi) */
 
 /* out[d] += s * a[d]: the product rounded, then the sum (the build turns FMA contraction off), as torch's
    per-lookup gradient `grad[bag] * weight` followed by an add. */
@@ -571,7 +571,7 @@ static void fe_bag_sum_ptrs(float *FE_RESTRICT out, const float *const *FE_RESTR
    starts, the last at N), into out (a row of W per bag). Each bag's sum is held in W / 8 registers across its
    rows, the ids read directly, and written once: the first kept row enters as 0 + row, each next one is
    added, in ids order, then a mean is divided by its count; a bag with no kept row is zeros. These are the
-   adds of the general loop of _bag.pxi (fe_first_into, fe_bag_sum_ptrs, fe_bag_div), in the same order: the
+   adds of the general loop of _bag_forward.pxi (fe_first_into, fe_bag_sum_ptrs, fe_bag_div), in the same order: the
    same bits. An id equal to pad is skipped; one outside [0, V) is skipped and counted (only a writer racing
    the call can make one: the checks refused them before). Rows ids[i + 8] are prefetched while i + 8 < last.
    Returns the count of ids skipped as outside. */

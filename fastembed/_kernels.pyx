@@ -11,8 +11,8 @@ write; the `cdef` loops below trust what they are given. The callers (ops.py)
 pass ids as numpy arrays of native int32 or int64 and positions as None, an int
 start, or a C-contiguous int64 array of ids.shape.
 
-One extension module in six files, one family each (Cython `include`, so the
-thread settings and the checks are one copy shared by every family):
+One extension module in nine files, one family each and the bags in four (Cython
+`include`, so the thread settings and the checks are one copy shared by every family):
   _common.pxi   the thread policy and its private test hooks, the input checks,
                 the helpers that split work between threads
   _kernels.pyx  lookups (gather, gather_add) and scatters (scatter_add, the fused
@@ -20,8 +20,8 @@ thread settings and the checks are one copy shared by every family):
   _optim.pxi    optimizer row updates (sgd_step, adagrad_step, rowwise_adagrad_step,
                 adam_step)
   _norm.pxi     max_norm's renorm (torch's embedding_renorm_)
-  _bag.pxi      embedding bags (embedding_bag, its dense and sparse backward, the
-                per_sample_weights gradient)
+  _bag_*.pxi    embedding bags, in four: _common (checks, helpers), _forward (embedding_bag),
+                _backward (dense and sparse), _weights_grad (the per_sample_weights gradient)
   _shard.pxi    the id exchange of a table sharded by rows (exchange_plan)
 
 The lookups, scatters and coalesce are written once over the fused type elem_t (float32,
@@ -998,5 +998,8 @@ def _widen(bits, str format):
 
 include "_optim.pxi"
 include "_norm.pxi"
-include "_bag.pxi"
+include "_bag_common.pxi"
+include "_bag_forward.pxi"
+include "_bag_backward.pxi"
+include "_bag_weights_grad.pxi"
 include "_shard.pxi"

@@ -831,11 +831,15 @@ MUTANTS += [
 ]
 
 # ---------------------------------------------------------------- embedding bags (issue 10, items 6 and 7)
-# _bag.pxi is compiled into the extension: its mutants rebuild (Mutant.kernel reads KERNEL_FILES when asked).
-BAG_PXI, BAG = "fastembed/_bag.pxi", "tests/test_bag.py"
-KERNEL_FILES = KERNEL_FILES + (BAG_PXI,)
+# The _bag_*.pxi files are compiled into the extension: their mutants rebuild (Mutant.kernel reads KERNEL_FILES
+# when asked).
+BAG_COMMON, BAG_FORWARD, BAG_BACKWARD, BAG_WEIGHTS_GRAD = (
+    "fastembed/_bag_common.pxi", "fastembed/_bag_forward.pxi", "fastembed/_bag_backward.pxi",
+    "fastembed/_bag_weights_grad.pxi")
+BAG = "tests/test_bag.py"
+KERNEL_FILES = KERNEL_FILES + (BAG_COMMON, BAG_FORWARD, BAG_BACKWARD, BAG_WEIGHTS_GRAD)
 MUTANTS += [
-    Mutant("bag-mean-counts-padding", BAG_PXI,
+    Mutant("bag-mean-counts-padding", BAG_FORWARD,
            "            if r == pad:\n                continue\n            if mode == BAG_MAX:",
            "            if r == pad:\n                count += mode == BAG_MEAN\n                continue\n"
            "            if mode == BAG_MAX:",
@@ -845,24 +849,24 @@ MUTANTS += [
            "        if (a[d] > out[d]) {", "        if (a[d] >= out[d]) {",
            "max mode keeps the last of equal values (torch keeps the first: its argmax, and so its gradient, differ)",
            (BAG, "-k", "forward_matches_transcription or hand_computed")),
-    Mutant("bag-offsets-past-end", BAG_PXI,
+    Mutant("bag-offsets-past-end", BAG_COMMON,
            "        if x > N:\n", "        if x > N + 1:\n",
            "an offset of len(ids) + 1 passes the check (the last bag would read one id past the end)",
            (BAG, "-k", "bad_offsets")),
-    Mutant("bag-offsets-decreasing-unchecked", BAG_PXI,
+    Mutant("bag-offsets-decreasing-unchecked", BAG_COMMON,
            "        if k > 0 and x < offs[k - 1]:", "        if False and x < offs[k - 1]:",
            "decreasing offsets are not refused",
            (BAG, "-k", "bad_offsets")),
-    Mutant("bag-psw-any-mode", BAG_PXI,
+    Mutant("bag-psw-any-mode", BAG_COMMON,
            "    if mode != BAG_SUM:\n        name =", "    if False:\n        name =",
            "per_sample_weights are accepted with mode mean or max (torch refuses them) and silently ignored",
            (BAG, "-k", "per_sample_weights_need_sum")),
-    Mutant("bag-max-backward-empty-bag-to-row-0", BAG_PXI,
+    Mutant("bag-max-backward-empty-bag-to-row-0", BAG_BACKWARD,
            "            if _bag_kept(ids, lo, hi, pad) == 0:\n                continue",
            "            if False:\n                continue",
            "max mode's backward sends an empty bag's gradient to its argmax, row 0 (torch sends it nowhere)",
            (BAG, "-k", "dense_backward_matches_transcription or match_torch or hand_computed")),
-    Mutant("bag-threads-last-bag-dropped", BAG_PXI,
+    Mutant("bag-threads-last-bag-dropped", BAG_COMMON,
            "    if k == parts:\n        return B\n", "    if k == parts:\n        return B - 1\n",
            "on the threaded path no thread owns the last bag: its output row is never written",
            (BAG, "-k", "threaded"), threads=True),
@@ -1131,41 +1135,41 @@ MUTANTS += [
 # bag-psw-grad-padding and bag-psw-grad-thread-local-bag on the fused code (their old texts are gone).
 BAG_DT = "tests/test_bag_dtypes.py"
 MUTANTS += [
-    Mutant("bagdt-last-offset-ignored", BAG_PXI,
+    Mutant("bagdt-last-offset-ignored", BAG_FORWARD,
            "        return _bag_forward(table, V, D, <const int64_t*>ids, offs, L, N, B, mode, psw, pad, out, arg, scratch,",
            "        return _bag_forward(table, V, D, <const int64_t*>ids, offs, B, N, B, mode, psw, pad, out, arg, scratch,",
            "with include_last_offset the forward's last bag runs to len(ids), not to offsets[-1] (int64 ids)",
            (BAG, "-k", "forward_matches_transcription or hand_computed")),
-    Mutant("bagdt-backward-mean-counts-padding", BAG_PXI,
+    Mutant("bagdt-backward-mean-counts-padding", BAG_BACKWARD,
            "            inv = _bag_inv(grad, _bag_kept(ids, lo, hi, pad))",
            "            inv = _bag_inv(grad, hi - lo)",
            "the dense backward of a mean scales by 1 / (bag length), padding counted",
            (BAG, "-k", "dense_backward_matches_transcription or hand_computed")),
-    Mutant("bagdt-sparse-mean-unscaled", BAG_PXI,
+    Mutant("bagdt-sparse-mean-unscaled", BAG_BACKWARD,
            "                _bag_scale_row(values + j * D, g + b * D, D, inv)",
-           "                memcpy(values + j * D, g + b * D, D * sizeof(bag_t))",
+           "                memcpy(values + j * D, g + b * D, D * sizeof(elem_t))",
            "the sparse gradient of a mean bag is not divided by the count",
            (BAG, "-k", "grad_rows")),
-    Mutant("bagdt-psw-grad-padding", BAG_PXI,
+    Mutant("bagdt-psw-grad-padding", BAG_WEIGHTS_GRAD,
            "            if r != pad:\n                _bag_dot_into(", "            if True:\n                _bag_dot_into(",
            "per_sample_weights' gradient is the dot product for padding ids too (torch gives 0)",
            (BAG, "-k", "weights_grad")),
-    Mutant("bagdt-psw-grad-thread-local-bag", BAG_PXI,
+    Mutant("bagdt-psw-grad-thread-local-bag", BAG_WEIGHTS_GRAD,
            "                _bag_dot_into(out + i, table + r * D, g + b * D, D)",
            "                _bag_dot_into(out + i, table + r * D, g + (b - b0) * D, D)",
            "per_sample_weights' gradient reads grad_out at the bag's index within the thread's range",
            (BAG, "-k", "threaded"), threads=True),
-    Mutant("bagdt-dispatch-swapped", BAG_PXI,
+    Mutant("bagdt-dispatch-swapped", BAG_FORWARD,
            "    if fmt == FMT_F16:\n        return _bag_forward_ids(<const fe_f16*>table",
            "    if fmt == FMT_BF16:\n        return _bag_forward_ids(<const fe_f16*>table",
            "the forward's dtype dispatch sends bfloat16 tables to the float16 loop and float16 ones to the bfloat16 loop",
            (BAG_DT, "-k", "forward_matches_transcription or forward_of_a_fixed_case"), quick=True),
-    Mutant("bagdt-half-accumulator-rounds", BAG_PXI,
+    Mutant("bagdt-half-accumulator-rounds", BAG_FORWARD,
            "        else:\n            fe_add_into(acc, w, n)",
            "        else:\n            for d in range(n):\n                acc[d] = _bag_round(o, acc[d] + w[d])",
            "a 16-bit bag rounds its running sum to the dtype after each add (torch sums in float32, rounds once)",
            (BAG_DT, "-k", "forward_matches_transcription or hand_computed")),
-    Mutant("bagdt-mean-divides-unrounded-sum", BAG_PXI,
+    Mutant("bagdt-mean-divides-unrounded-sum", BAG_FORWARD,
            "        _narrow_row(o, acc, n)\n        if mode == BAG_MEAN and count > 0:\n"
            "            # torch divides its 16-bit output (already rounded) by the count in the dtype, in float32\n"
            "            _widen_row(w, o, n)\n            fe_bag_div(w, n, _bag_round(o, <float>count))\n"
@@ -1175,12 +1179,12 @@ MUTANTS += [
            "a 16-bit mean divides the float32 sum before it is rounded (torch divides the rounded sum): one "
            "rounding where torch has two",
            (BAG_DT, "-k", "forward_matches_transcription or hand_computed or forward_of_a_fixed_case")),
-    Mutant("bagdt-mean-count-unrounded", BAG_PXI,
+    Mutant("bagdt-mean-count-unrounded", BAG_FORWARD,
            "            fe_bag_div(w, n, _bag_round(o, <float>count))",
            "            fe_bag_div(w, n, <float>count)",
            "a 16-bit mean divides by the exact count, not by the count in the dtype (bfloat16 rounds counts > 256)",
            (BAG_DT, "-k", "count_in_bfloat16")),
-    Mutant("bagdt-half-backward-product-rounded", BAG_PXI,
+    Mutant("bagdt-half-backward-product-rounded", BAG_BACKWARD,
            "                _bag_set(dst + d, _bag_f(dst[d]) + f * _bag_f(src[d]))",
            "                _bag_set(dst + d, _bag_f(dst[d]) + _bag_round(dst, f * _bag_f(src[d])))",
            "the 16-bit dense backward of a mean or weighted bag rounds the product to the dtype before the add "
@@ -1207,17 +1211,17 @@ MUTANTS += [
            "a float32 sum's first term is copied, not added to +0.0: a bag of one -0.0 row, or an id met once "
            "with a -0.0 gradient row, sums to -0.0 (torch and the zeroed sum: +0.0)",
            (BAG, "tests/test_coalesce_first.py", "-k", "positive_zero")),
-    Mutant("bag-empty-copy-first-bag-unzeroed", BAG_PXI,
-           "        if copy_first and count == 0:\n            memset(o, 0, D * sizeof(bag_t))",
-           "        if False:\n            memset(o, 0, D * sizeof(bag_t))",
+    Mutant("bag-empty-copy-first-bag-unzeroed", BAG_FORWARD,
+           "        if copy_first and count == 0:\n            memset(o, 0, D * sizeof(elem_t))",
+           "        if False:\n            memset(o, 0, D * sizeof(elem_t))",
            "a float32 sum or mean bag with no kept row (empty, or padding only) leaves out's old contents, not zeros",
            (BAG, "-k", "forward_into_out or positive_zero")),
-    Mutant("bag-chunk-tail-of-one-row-dropped", BAG_PXI,
+    Mutant("bag-chunk-tail-of-one-row-dropped", BAG_FORWARD,
            "        if pending:\n            fe_bag_sum_ptrs(<float*>o, chunk, pending, D)",
            "        if pending > 1:\n            fe_bag_sum_ptrs(<float*>o, chunk, pending, D)",
            "a float32 bag of 2 or 16k + 2 rows: the last row, left alone in its chunk, is never added",
            (BAG, "-k", "sequential_across_chunks")),
-    Mutant("bag-full-chunk-drops-its-last-row", BAG_PXI,
+    Mutant("bag-full-chunk-drops-its-last-row", BAG_FORWARD,
            "                if pending == BAG_CHUNK:\n                    fe_bag_sum_ptrs(<float*>o, chunk, pending, D)",
            "                if pending == BAG_CHUNK:\n                    fe_bag_sum_ptrs(<float*>o, chunk, pending - 1, D)",
            "a float32 bag of 17 rows or more (a first row, then full chunks of 16): the 16th row of each full chunk is not added",
@@ -1237,7 +1241,7 @@ MUTANTS += [
            "    for (; d < n; d++) {\n        float a = out[d];\n        for (ptrdiff_t j = 1; j < k; j++) a += rows[j][d];",
            "the last (fewer than 8) columns of a float32 bag sum skip each chunk's first row",
            (BAG, "-k", "sequential_across_chunks")),
-    Mutant("bag-pending-rows-leak-into-the-next-bag", BAG_PXI,
+    Mutant("bag-pending-rows-leak-into-the-next-bag", BAG_FORWARD,
            "        count = 0\n        pending = 0\n",
            "        count = 0\n",
            "pending not reset per bag: a float32 bag's last partial chunk is added again to the next bag, and the 16-pointer chunk array overflows",
@@ -1769,12 +1773,12 @@ MUTANTS += [
 # the float32 max bag forward in registers (fe_bag_max_ptrs)
 T_BAGMAX = (BAG, "-k", "long_float32_maxes")
 MUTANTS += [
-    Mutant("bagmax-no-argmax-buffer-for-other-formats", BAG_PXI,
+    Mutant("bagmax-no-argmax-buffer-for-other-formats", BAG_FORWARD,
            "(bool(argmax) or fmt != FMT_F32)",
            "bool(argmax)",
            "a float64 or 16-bit max without return_argmax gets no argmax buffer, which its loop writes through",
            ("tests/test_bag_dtypes.py", "-k", "forward_matches_transcription")),
-    Mutant("bagmax-first-chunk-flag-late", BAG_PXI,
+    Mutant("bagmax-first-chunk-flag-late", BAG_FORWARD,
            "D, count + 1 == pending)",
            "D, count == pending)",
            "a float32 max bag of 17 rows or more: its first full chunk is not taken as the first, so it is "
@@ -1807,7 +1811,7 @@ MUTANTS += [
            "    if (d < n) {  /* under 8 columns left", "    if (0) {  /* under 8 columns left",
            "the last (under 8) columns of a max are never written",
            T_BAGMAX),
-    Mutant("bagmax-first-chunk-reads-out", BAG_PXI,
+    Mutant("bagmax-first-chunk-reads-out", BAG_FORWARD,
            "                            count == pending)", "                            False)",
            "a bag's only chunk compares against the stale out and arg instead of starting at its first row",
            T_BAGMAX),
@@ -2093,7 +2097,7 @@ MUTANTS += [
            "            const ptrdiff_t lo = (ptrdiff_t)offs[b], hi = b + 1 < L ? (ptrdiff_t)offs[b + 1] : N - 1;          \\",
            "a width-32/64 float32 bag call drops the last id of its last bag",
            (BAG, "-k", "sequential_across_chunks and (32 or 64)")),
-    Mutant("bagw-int32-ids-as-64-wide", BAG_PXI,
+    Mutant("bagw-int32-ids-as-64-wide", BAG_FORWARD,
            "                    return fe_bag_sum32_i32(out, table, V, ids, offs, L, N, b0, b1, last, pad, mode == BAG_MEAN)",
            "                    return fe_bag_sum64_i32(out, table, V, ids, offs, L, N, b0, b1, last, pad, mode == BAG_MEAN)",
            "rows of 32 floats with int32 ids are summed as rows of 64 (the wrong rows, past each bag's row)",

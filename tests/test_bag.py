@@ -441,7 +441,7 @@ def _close(actual, expected, scale=1.0):
 
 
 # torch's mean divides by N - offsets[B - 1] when include_last_offset's last offset is short of N, and its
-# backward reads past grad_out there (see _bag.pxi): the torch tests keep every id in a bag.
+# backward reads past grad_out there (see _bag_common.pxi): the torch tests keep every id in a bag.
 @FAST
 @given(bag_cases(trailing=False))
 def test_forward_and_backward_match_torch(case):
