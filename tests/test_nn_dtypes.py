@@ -99,7 +99,7 @@ def dense_of(rows, values, V):
 @pytest.mark.parametrize("name", NAMES)
 def test_each_layer_has_its_dtype_and_the_init_rounded_once(name):
     dtype = dtype_of(name)
-    for spelling in (dtype, dtype.name if dtype != BF16 else dtype, dtype.type):
+    for spelling in (dtype, dtype.name, dtype.type):
         layer = fe.Embedding(13, 7, dtype=spelling, seed=5)
         assert layer.weight.dtype == dtype and layer.weight.shape == (13, 7) and layer.weight.flags.c_contiguous
         assert_same(layer.weight, init_oracle(5, 13, 7, dtype))
@@ -782,6 +782,31 @@ def test_adam_steps_a_parameter_without_gradient_as_zeros_of_its_dtype(name):
             assert_same(p.weight, expected[i][0])
             assert_same(opt.exp_avg[i], expected[i][1][0])
             assert_same(opt.exp_avg_sq[i], expected[i][1][1])
+
+
+@pytest.mark.parametrize("opt_name, form", OPT_FORMS)
+def test_one_optimizer_steps_tables_of_every_dtype_each_in_its_own(opt_name, form):
+    """One optimizer over a table of each dtype: each state of its table's dtype, each step its dtype's."""
+    rng = np.random.default_rng(22)
+    params = [fe.Embedding.from_pretrained(stored(rng, (5, 6), dtype), sparse=form != "dense",
+                                           coalesce=form != "lookup") for dtype in ALL]
+    opt = OPTIMIZERS[opt_name][0](params)
+    expected = [(p.weight.copy(), initial_states(opt_name, p.weight)) for p in params]
+    for t in (1, 2):
+        for i, p in enumerate(params):
+            dtype = p.weight.dtype
+            ids = rng.integers(0, 5, 7)
+            g = stored(rng, (7, 6), dtype)
+            p(ids)
+            p.backward(g)
+            expected[i] = model_step(opt_name, form, *expected[i], grad_model(form, ids, g, 5, dtype), t, dtype)
+        opt.step()
+        opt.zero_grad()
+        for i, p in enumerate(params):
+            assert_same(p.weight, expected[i][0])
+            for s, e in zip(states_of(opt, opt_name, i), expected[i][1]):
+                assert s.dtype == p.weight.dtype
+                assert_same(s, e)
 
 
 FUSED = {  # name: (the fused rule, the unfused optimizer, its state arrays by the fused state's keys)
