@@ -2,13 +2,19 @@
 
 There is no graph here: a layer remembers what its last forward call needs, and
 `backward(grad)` is that call's vector-Jacobian product. Dense gradients are a
-float32 (V, D) array that accumulates over backward calls until `zero_grad()`;
+(V, D) array of the table's dtype that accumulates over backward calls until `zero_grad()`;
 sparse gradients are a `SparseGrad(rows, values)` of the touched rows only, or, with
 ``coalesce=False``, a `LookupGrad(ids, values)` of one row per lookup (torch's uncoalesced
 layout: the optimizers sum a row's lookups as they update it). A fused
 layer (``fused=`` a rule of `fastembed.optim`, e.g. ``FusedSparseAdam()``) stores no
 gradient: its backward applies the optimizer step to the rows it touched, with the
 optimizer state kept in ``layer.state``.
+
+Tables are float32 (the default), float64, float16 or bfloat16 (``dtype=np.dtype(ml_dtypes.bfloat16)``;
+fastembed does not import ml_dtypes, it recognises the dtype). A layer never casts: its gradients, its
+optimizer state and the grad_out its backward takes all have its table's dtype, and each op computes as
+the kernels do for that dtype (float64 in float64; float16 and bfloat16 summed in float32 and rounded once
+per stored element: see `fastembed.ops`).
 """
 import threading
 from typing import NamedTuple
@@ -19,24 +25,57 @@ from . import ops
 from .reference import Value
 
 INIT_STD = 0.08  # the book's Gaussian init for every matrix
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))
+_DTYPES = "float32, float64, float16 or bfloat16 (ml_dtypes.bfloat16)"
+
+
+def _is_table_dtype(dtype):
+    """One of the four table dtypes (bfloat16 recognised by name: ml_dtypes' dtype, not imported here)."""
+    return dtype in _FLOATS or (dtype.name == "bfloat16" and dtype.itemsize == 2 and dtype.kind == "V")
+
+
+def _table_dtype(dtype, name="dtype"):
+    """dtype as the np.dtype of a table, or TypeError: fastembed's tables are float32, float64, float16 or
+    bfloat16."""
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved is None or not _is_table_dtype(resolved):
+        raise TypeError(f"{name} must be {_DTYPES}, got {dtype!r}")
+    return resolved
+
+
+def _check_dtype(array, dtype, name):
+    """TypeError unless array is a numpy array of exactly dtype (a table's gradients are never cast)."""
+    if not isinstance(array, np.ndarray) or array.dtype != dtype:
+        raise TypeError(f"{name} must be a numpy array of the table's dtype {dtype}, got "
+                        f"{getattr(array, 'dtype', type(array).__name__)}")
 
 __all__ = ["Embedding", "TokenPositionEmbedding", "SparseGrad", "LookupGrad"]
+
+
+def _check_values(values, dtype, name):
+    """A sparse gradient's values: an array of a table dtype, and of dtype itself when it is given."""
+    if not (isinstance(values, np.ndarray) and _is_table_dtype(values.dtype)):
+        raise TypeError(f"{name} must be {_DTYPES}, got {getattr(values, 'dtype', type(values).__name__)}")
+    if dtype is not None and values.dtype != dtype:
+        raise TypeError(f"{name} must have the table's dtype {dtype}, got {values.dtype}")
 
 
 class SparseGrad(NamedTuple):
     """A row-sparse gradient: ``dense[rows] = values``, every other row zero."""
 
     rows: np.ndarray  # int64 (U,), distinct, increasing
-    values: np.ndarray  # float32 (U, D)
+    values: np.ndarray  # (U, D), the table's dtype
 
-    def check(self, num_rows, dim=None):
-        """Raise unless this is a gradient for a (num_rows, dim) float32 table: float32 values of
-        shape (len(rows), dim), rows strictly increasing ids in [0, num_rows). dim None: any."""
+    def check(self, num_rows, dim=None, dtype=None):
+        """Raise unless this is a gradient for a (num_rows, dim) table of dtype: values of dtype (None: any
+        table dtype) and shape (len(rows), dim), rows strictly increasing ids in [0, num_rows). dim None: any."""
         rows, values = self.rows, self.values
         if not (isinstance(rows, np.ndarray) and rows.dtype.kind in "iu" and rows.ndim == 1):
             raise TypeError(f"SparseGrad.rows must be a 1-D integer array, got {getattr(rows, 'dtype', type(rows))}")
-        if not (isinstance(values, np.ndarray) and values.dtype == np.float32):
-            raise TypeError(f"SparseGrad.values must be float32, got {getattr(values, 'dtype', type(values))}")
+        _check_values(values, dtype, "SparseGrad.values")
         if values.ndim != 2 or values.shape != (len(rows), values.shape[1] if dim is None else dim):
             raise ValueError(f"SparseGrad.values must have shape (len(rows), D) = {(len(rows), dim)}, "
                              f"got values.shape={values.shape}")
@@ -45,9 +84,9 @@ class SparseGrad(NamedTuple):
         return self
 
     def to_dense(self, num_rows):
-        """The same gradient as a float32 (num_rows, D) array."""
+        """The same gradient as a (num_rows, D) array of its values' dtype."""
         self.check(num_rows)
-        dense = np.zeros((num_rows, self.values.shape[1]), dtype=np.float32)
+        dense = np.zeros((num_rows, self.values.shape[1]), dtype=self.values.dtype)
         dense[self.rows] = self.values
         return dense
 
@@ -64,17 +103,16 @@ class LookupGrad(NamedTuple):
     """
 
     ids: np.ndarray  # int32 or int64 (N,), any order, repeats allowed
-    values: np.ndarray  # float32 (N, D)
+    values: np.ndarray  # (N, D), the table's dtype
 
-    def check(self, num_rows, dim=None):
-        """Raise unless this is a gradient for a (num_rows, dim) float32 table: 1-D integer ids in
-        [0, num_rows), float32 values of shape (len(ids), dim). dim None: any."""
+    def check(self, num_rows, dim=None, dtype=None):
+        """Raise unless this is a gradient for a (num_rows, dim) table of dtype: 1-D integer ids in
+        [0, num_rows), values of dtype (None: any table dtype) and shape (len(ids), dim). dim None: any."""
         ids, values = self.ids, self.values
         if not (isinstance(ids, np.ndarray) and ids.dtype in (np.int32, np.int64) and ids.ndim == 1):
             raise TypeError(f"LookupGrad.ids must be a 1-D int32 or int64 array, got "
                             f"{getattr(ids, 'dtype', type(ids).__name__)} of shape {getattr(ids, 'shape', '?')}")
-        if not (isinstance(values, np.ndarray) and values.dtype == np.float32):
-            raise TypeError(f"LookupGrad.values must be float32, got {getattr(values, 'dtype', type(values).__name__)}")
+        _check_values(values, dtype, "LookupGrad.values")
         if values.ndim != 2 or values.shape != (len(ids), values.shape[1] if dim is None else dim):
             raise ValueError(f"LookupGrad.values must have shape (len(ids), D) = {(len(ids), dim)}, "
                              f"got values.shape={values.shape}")
@@ -88,9 +126,10 @@ class LookupGrad(NamedTuple):
         return SparseGrad(*ops.coalesce(self.ids, self.values))
 
     def to_dense(self, num_rows):
-        """The same gradient as a float32 (num_rows, D) array."""
+        """The same gradient as a (num_rows, D) array of its values' dtype (each row's lookups summed as
+        `fastembed.ops.scatter_add` sums them in that dtype)."""
         self.check(num_rows)
-        dense = np.zeros((num_rows, self.values.shape[1]), dtype=np.float32)
+        dense = np.zeros((num_rows, self.values.shape[1]), dtype=self.values.dtype)
         ops.scatter_add(dense, self.ids, self.values)
         return dense
 
@@ -101,13 +140,32 @@ def _own_ids(ids):
     return converted.copy() if converted is ids else converted
 
 
-def _check_grad_shape(grad, ids, dim, name):
-    """coalesce takes D from the gradient itself; a layer knows its D, so it checks the shape first."""
-    if not isinstance(grad, np.ndarray) or grad.dtype != np.float32:
-        raise TypeError(f"{name} must be a numpy float32 array, got {getattr(grad, 'dtype', type(grad).__name__)}")
+def _check_grad_shape(grad, ids, dim, dtype, name):
+    """coalesce takes D from the gradient itself; a layer knows its D and dtype, so it checks both first."""
+    _check_dtype(grad, dtype, name)
     expected = ids.shape + (dim,)
     if grad.shape != expected:
         raise ValueError(f"{name} must have shape ids.shape + (D,) = {expected}, got {name}.shape={grad.shape}")
+
+
+def _pretrained(weight, dtype):
+    """A C-contiguous copy of a pretrained (rows, dim) table: in its own dtype (dtype None), which must be a
+    table dtype, or converted to the dtype given."""
+    if dtype is None:
+        weight = np.array(weight, order="C", copy=True)
+        if not _is_table_dtype(weight.dtype):
+            raise TypeError(f"weight must be {_DTYPES} (fastembed never casts a table), got weight.dtype="
+                            f"{weight.dtype}: pass dtype= to convert it")
+    else:
+        weight = np.array(weight, dtype=_table_dtype(dtype), order="C", copy=True)
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be 2-D (rows, dim), got weight.shape={weight.shape}")
+    return weight
+
+
+def _dtype_field(dtype):
+    """The repr's dtype field: empty for the default float32."""
+    return "" if dtype == np.float32 else f", dtype={dtype.name}"
 
 
 def _fused_rule(fused, sparse):
@@ -124,10 +182,10 @@ def _fused_rule(fused, sparse):
     return fused
 
 
-def _lookup_rows(ids, grad_out, dim):
-    """ids (layer-owned) and grad_out, checked to be ids.shape + (dim,), as the (N,) and (N, D) of a LookupGrad:
-    views where the arrays allow them (grad_out is not copied: see LookupGrad)."""
-    _check_grad_shape(grad_out, ids, dim, "grad_out")
+def _lookup_rows(ids, grad_out, dim, dtype, name="grad_out"):
+    """ids (layer-owned) and grad_out, checked to be ids.shape + (dim,) of dtype, as the (N,) and (N, D) of a
+    LookupGrad: views where the arrays allow them (grad_out is not copied: see LookupGrad)."""
+    _check_grad_shape(grad_out, ids, dim, dtype, name)
     return ids.reshape(-1), grad_out.reshape(ids.size, dim)  # not -1: numpy cannot infer it beside a 0 axis
 
 
@@ -157,7 +215,8 @@ def _merge(grad, rows, values):
 
 
 class Embedding:
-    """A lookup table of num_embeddings rows of embedding_dim float32 values.
+    """A lookup table of num_embeddings rows of embedding_dim values of dtype (float32, float64, float16 or
+    bfloat16; the weight starts as ``standard_normal * INIT_STD`` rounded to it).
 
     ``layer(ids)`` returns ``weight[ids]`` (shape ids.shape + (D,)) and keeps ids;
     ``layer.backward(grad_out)`` adds ``grad_out`` into the rows of ids: into the
@@ -173,12 +232,14 @@ class Embedding:
     the matching optimizer stepping after each backward (FusedSGD: see its own doc).
     """
 
-    def __init__(self, num_embeddings, embedding_dim, *, sparse=False, coalesce=True, fused=None, seed=None):
+    def __init__(self, num_embeddings, embedding_dim, *, dtype=np.float32, sparse=False, coalesce=True, fused=None,
+                 seed=None):
+        dtype = _table_dtype(dtype)
         if num_embeddings < 0 or embedding_dim < 0:
             raise ValueError(f"sizes must be >= 0, got ({num_embeddings}, {embedding_dim})")
         self.sparse, self.coalesce = _sparse_mode(sparse, coalesce)
         rng = np.random.default_rng(seed)
-        self.weight = (rng.standard_normal((num_embeddings, embedding_dim)) * INIT_STD).astype(np.float32)
+        self.weight = (rng.standard_normal((num_embeddings, embedding_dim)) * INIT_STD).astype(dtype)
         self.fused = _fused_rule(fused, self.sparse)
         self.state = None if fused is None else fused.new_state(self.weight)
         self.grad = None
@@ -186,12 +247,12 @@ class Embedding:
         self._lock = threading.Lock()  # backward is a read-modify-write of grad: one at a time
 
     @classmethod
-    def from_pretrained(cls, weight, *, sparse=False, coalesce=True, fused=None):
-        """An Embedding whose weight is a float32 copy of the given (V, D) array."""
-        weight = np.array(weight, dtype=np.float32, order="C", copy=True)
-        if weight.ndim != 2:
-            raise ValueError(f"weight must be 2-D (rows, dim), got weight.shape={weight.shape}")
-        layer = cls(0, 0, sparse=sparse, coalesce=coalesce, fused=fused)
+    def from_pretrained(cls, weight, *, dtype=None, sparse=False, coalesce=True, fused=None):
+        """An Embedding whose weight is a C-contiguous copy of the given (V, D) array, in its own dtype
+        (dtype=None: float32, float64, float16 or bfloat16, else TypeError; never cast) or converted to the
+        dtype given (one rounding)."""
+        weight = _pretrained(weight, dtype)
+        layer = cls(0, 0, dtype=weight.dtype, sparse=sparse, coalesce=coalesce, fused=fused)
         layer.weight = weight
         layer.state = None if fused is None else fused.new_state(weight)
         return layer
@@ -201,13 +262,19 @@ class Embedding:
         return self.weight.shape[0]
 
     @property
+    def dtype(self):
+        """The table's dtype: its gradients, optimizer state and backward's grad_out have it too."""
+        return self.weight.dtype
+
+    @property
     def embedding_dim(self):
         return self.weight.shape[1]
 
     def __repr__(self):
         fused = "" if self.fused is None else f", fused={self.fused!r}"
         form = "" if self.coalesce else ", coalesce=False"
-        return f"Embedding({self.num_embeddings}, {self.embedding_dim}, sparse={self.sparse}{form}{fused})"
+        return (f"Embedding({self.num_embeddings}, {self.embedding_dim}{_dtype_field(self.dtype)}, "
+                f"sparse={self.sparse}{form}{fused})")
 
     def __call__(self, ids, *, out=None):
         result = ops.gather(self.weight, ids, out=out)  # the caller's ids: ops checks out against them
@@ -225,14 +292,14 @@ class Embedding:
 
     def _backward(self, grad_out):
         if self.fused is not None:
-            _check_grad_shape(grad_out, self._ids, self.embedding_dim, "grad_out")
+            _check_grad_shape(grad_out, self._ids, self.embedding_dim, self.dtype, "grad_out")
             self.fused.update(self.weight, self.state, self._ids, grad_out)
             return
         if self.sparse and not self.coalesce:
-            self.grad = _merge_lookups(self.grad, *_lookup_rows(self._ids, grad_out, self.embedding_dim))
+            self.grad = _merge_lookups(self.grad, *_lookup_rows(self._ids, grad_out, self.embedding_dim, self.dtype))
             return
         if self.sparse:
-            _check_grad_shape(grad_out, self._ids, self.embedding_dim, "grad_out")
+            _check_grad_shape(grad_out, self._ids, self.embedding_dim, self.dtype, "grad_out")
             self.grad = _merge(self.grad, *ops.coalesce(self._ids, grad_out))
             return
         grad = self.grad if self.grad is not None else np.zeros_like(self.weight)
@@ -240,7 +307,7 @@ class Embedding:
         self.grad = grad
 
     def dense_grad(self):
-        """The gradient as a float32 (V, D) array (zeros when there is none)."""
+        """The gradient as a (V, D) array of the table's dtype (zeros when there is none)."""
         if self.grad is None:
             return np.zeros_like(self.weight)
         if isinstance(self.grad, (SparseGrad, LookupGrad)):
@@ -269,7 +336,7 @@ class _ValueBridge:
         # The layer's backward acts on its last forward call: point it at this one meanwhile.
         last, self.layer._saved = self.layer._saved, self.saved
         try:
-            self.layer.backward((grads - self.scattered).astype(np.float32))
+            self.layer.backward((grads - self.scattered).astype(self.layer.token.dtype))
         finally:
             self.layer._saved = last
         self.scattered = grads
@@ -290,21 +357,32 @@ class TokenPositionEmbedding:
     table moves.
     """
 
-    def __init__(self, vocab_size, context_length, embedding_dim, *, sparse=False, coalesce=True, fused=None,
-                 seed=None):
+    def __init__(self, vocab_size, context_length, embedding_dim, *, dtype=np.float32, sparse=False, coalesce=True,
+                 fused=None, seed=None):
         self.sparse, self.coalesce = _sparse_mode(sparse, coalesce)
         seeds = np.random.SeedSequence(seed).spawn(2)
-        both = dict(sparse=sparse, coalesce=coalesce, fused=fused)
+        both = dict(dtype=dtype, sparse=sparse, coalesce=coalesce, fused=fused)
         self.token = Embedding(vocab_size, embedding_dim, seed=seeds[0], **both)
         self.position = Embedding(context_length, embedding_dim, seed=seeds[1], **both)
         self._saved = None
 
     @classmethod
-    def from_pretrained(cls, token_weight, position_weight, *, sparse=False, coalesce=True, fused=None):
-        layer = cls(0, 0, 0, sparse=sparse, coalesce=coalesce, fused=fused)
-        layer.token = Embedding.from_pretrained(token_weight, sparse=sparse, coalesce=coalesce, fused=fused)
-        layer.position = Embedding.from_pretrained(position_weight, sparse=sparse, coalesce=coalesce, fused=fused)
+    def from_pretrained(cls, token_weight, position_weight, *, dtype=None, sparse=False, coalesce=True, fused=None):
+        """Both tables copied as `Embedding.from_pretrained` copies one; they must end in one dtype."""
+        token_weight, position_weight = _pretrained(token_weight, dtype), _pretrained(position_weight, dtype)
+        if token_weight.dtype != position_weight.dtype:
+            raise TypeError(f"token_weight and position_weight must have one dtype (the sum is formed in it), got "
+                            f"{token_weight.dtype} and {position_weight.dtype}: pass dtype= to convert both")
+        layer = cls(0, 0, 0, dtype=token_weight.dtype, sparse=sparse, coalesce=coalesce, fused=fused)
+        both = dict(sparse=sparse, coalesce=coalesce, fused=fused)
+        layer.token = Embedding.from_pretrained(token_weight, **both)
+        layer.position = Embedding.from_pretrained(position_weight, **both)
         return layer
+
+    @property
+    def dtype(self):
+        """The dtype of both tables."""
+        return self.token.dtype
 
     @property
     def fused(self):
@@ -314,7 +392,7 @@ class TokenPositionEmbedding:
     def __repr__(self):
         fused = "" if self.fused is None else f", fused={self.fused!r}"
         return (f"TokenPositionEmbedding({self.token.num_embeddings}, {self.position.num_embeddings}, "
-                f"{self.token.embedding_dim}, sparse={self.sparse}{'' if self.coalesce else ', coalesce=False'}{fused})")
+                f"{self.token.embedding_dim}{_dtype_field(self.dtype)}, sparse={self.sparse}{'' if self.coalesce else ', coalesce=False'}{fused})")
 
     def __call__(self, ids, positions=None, *, out=None):
         # The caller's arrays go to ops (which checks out against them); the layer keeps its own copies.
@@ -361,7 +439,7 @@ class TokenPositionEmbedding:
             if self.token.fused is None or self.position.fused is None:
                 raise ValueError("a TokenPositionEmbedding is fused in both tables or in neither; got "
                                  f"token.fused={self.token.fused!r}, position.fused={self.position.fused!r}")
-            _check_grad_shape(grad_hidden, ids, self.token.embedding_dim, "grad_hidden")
+            _check_grad_shape(grad_hidden, ids, self.token.embedding_dim, self.token.dtype, "grad_hidden")
             # Both prepared (every check run) before either table moves.
             move_token = self.token.fused._prepare(self.token.weight, self.token.state, ids, grad_hidden)
             move_position = self.position.fused._prepare(self.position.weight, self.position.state,
@@ -371,7 +449,7 @@ class TokenPositionEmbedding:
             return
         if self.sparse and not self.coalesce:
             D = self.token.embedding_dim
-            token_ids, values = _lookup_rows(ids, grad_hidden, D)
+            token_ids, values = _lookup_rows(ids, grad_hidden, D, self.token.dtype, "grad_hidden")
             position_ids = ops.positions_array(ids, positions).reshape(-1)
             # Both merged (each may raise) before either table's grad is set.
             token_grad = _merge_lookups(self.token.grad, token_ids, values)
@@ -379,7 +457,7 @@ class TokenPositionEmbedding:
             self.token.grad, self.position.grad = token_grad, position_grad
             return
         if self.sparse:
-            _check_grad_shape(grad_hidden, ids, self.token.embedding_dim, "grad_hidden")
+            _check_grad_shape(grad_hidden, ids, self.token.embedding_dim, self.token.dtype, "grad_hidden")
             token_part = ops.coalesce(ids, grad_hidden)
             position_part = ops.coalesce(ops.positions_array(ids, positions), grad_hidden)
             self.token.grad = _merge(self.token.grad, *token_part)
@@ -417,8 +495,8 @@ class EmbeddingBag(Embedding):
     """
 
     def __init__(self, num_embeddings, embedding_dim, *, mode="mean", padding_idx=None,
-                 include_last_offset=False, sparse=False, coalesce=True, seed=None):
-        super().__init__(num_embeddings, embedding_dim, sparse=sparse, coalesce=coalesce, seed=seed)
+                 include_last_offset=False, dtype=np.float32, sparse=False, coalesce=True, seed=None):
+        super().__init__(num_embeddings, embedding_dim, dtype=dtype, sparse=sparse, coalesce=coalesce, seed=seed)
         self._configure(mode, padding_idx, include_last_offset)
         if self.padding_idx is not None:
             self.weight[self.padding_idx] = 0.0
@@ -439,17 +517,20 @@ class EmbeddingBag(Embedding):
         self.mode, self.padding_idx, self.include_last_offset = mode, padding_idx, bool(include_last_offset)
 
     @classmethod
-    def from_pretrained(cls, weight, *, mode="mean", padding_idx=None, include_last_offset=False, sparse=False,
-                        coalesce=True):
-        """An EmbeddingBag whose weight is a float32 copy of the given (V, D) array (padding row kept)."""
-        layer = cls(0, 0, sparse=sparse, coalesce=coalesce, mode="sum")
-        layer.weight = Embedding.from_pretrained(weight).weight
+    def from_pretrained(cls, weight, *, mode="mean", padding_idx=None, include_last_offset=False, dtype=None,
+                        sparse=False, coalesce=True):
+        """An EmbeddingBag whose weight is a copy of the given (V, D) array (padding row kept), in its own
+        dtype or converted to dtype, as `Embedding.from_pretrained` makes it."""
+        weight = _pretrained(weight, dtype)
+        layer = cls(0, 0, dtype=weight.dtype, sparse=sparse, coalesce=coalesce, mode="sum")
+        layer.weight = weight
         layer._configure(mode, padding_idx, include_last_offset)
         return layer
 
     def __repr__(self):
         pad = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
-        return (f"EmbeddingBag({self.num_embeddings}, {self.embedding_dim}, mode={self.mode!r}{pad}, "
+        return (f"EmbeddingBag({self.num_embeddings}, {self.embedding_dim}{_dtype_field(self.dtype)}, "
+                f"mode={self.mode!r}{pad}, "
                 f"include_last_offset={self.include_last_offset}, sparse={self.sparse}"
                 f"{'' if self.coalesce else ', coalesce=False'})")
 
@@ -481,10 +562,7 @@ class EmbeddingBag(Embedding):
         if weights is not None:  # first: it writes nothing, so a bad grad_out leaves grad as it was
             weights_grad = ops.embedding_bag_weights_grad(self.weight, ids, offsets, grad_out, **bags)
         if self.sparse:
-            if not isinstance(grad_out, np.ndarray) or grad_out.dtype != np.float32:
-                # the kernel takes every table dtype; this layer's gradient is float32, as its table
-                raise TypeError(f"grad_out must be a numpy float32 array (the layer's dtype), got "
-                                f"{getattr(grad_out, 'dtype', type(grad_out).__name__)}")
+            _check_dtype(grad_out, self.dtype, "grad_out")  # the kernel takes any dtype: the layer's is due
             rows, values = ops.embedding_bag_grad_rows(self.num_embeddings, ids, offsets, grad_out, mode=self.mode,
                                                        per_sample_weights=weights, **bags)
             if self.coalesce:

@@ -1,17 +1,22 @@
 """Optimizers for fastembed layers: SGD, Adagrad, RowWiseAdagrad, the book's dense Adam, and the lazy SparseAdam.
 
-A parameter is anything with a float32 ``weight`` array and a ``grad`` that is
-None, a dense array of weight's shape, a `SparseGrad(rows, values)`, or a
+A parameter is anything with a 2-D ``weight`` array (float32, float64, float16 or bfloat16) and a
+``grad`` of weight's dtype that is None, a dense array of weight's shape, a `SparseGrad(rows, values)`, or a
 `LookupGrad(ids, values)` (one row per lookup, uncoalesced: the sparse optimizers sum
 each row's lookups in ids order as they update it, in one pass, and give the
 `SparseGrad` result, bit for bit, except SGD, which moves a row once per lookup); an
 `Embedding` is one, and a `TokenPositionEmbedding` gives two by ``parameters()``.
+
+The optimizers' state has the weight's dtype, and each step is the kernel of that dtype (see
+`fastembed._kernels`): float32 as documented per optimizer, float64 the same formulas in float64, float16
+and bfloat16 computed in float32 from the stored values and rounded once per stored element. Nothing is
+cast: a gradient of another dtype than its weight is a TypeError, raised before any parameter moves.
 """
 import numpy as np
 
 from . import _kernels
 from . import ops as _ops
-from .nn import LookupGrad, SparseGrad
+from .nn import LookupGrad, SparseGrad, _DTYPES, _check_dtype, _is_table_dtype
 
 __all__ = ["SGD", "Adagrad", "RowWiseAdagrad", "Adam", "SparseAdam", "linear_decay",
            "FusedSGD", "FusedAdagrad", "FusedRowWiseAdagrad", "FusedSparseAdam"]
@@ -47,10 +52,11 @@ def _flatten(params):
         raise ValueError("the optimizer got an empty parameter list")
     for p in out:
         weight = getattr(p, "weight", None)
-        if not (isinstance(weight, np.ndarray) and weight.dtype == np.float32 and weight.ndim == 2):
+        if not (isinstance(weight, np.ndarray) and _is_table_dtype(weight.dtype) and weight.ndim == 2):
             raise TypeError(
-                "a parameter is a layer with a float32 2-D .weight (an Embedding), got "
-                f"{type(p).__name__} with .weight {type(weight).__name__}"
+                f"a parameter is a layer with a 2-D .weight of {_DTYPES} (an Embedding), got "
+                f"{type(p).__name__} with .weight {type(weight).__name__} "
+                f"{getattr(weight, 'dtype', '')}{getattr(weight, 'shape', '')}"
             )
     return out
 
@@ -84,14 +90,13 @@ class _Optimizer:
 
 def _grad_arrays(p):
     """(grad, rows) for a row-update kernel: (values, int64 rows) of a sparse gradient, (grad, None) of a
-    dense one; checked to fit p.weight exactly (numpy would broadcast a wrong shape, cast a float64, or
+    dense one; checked to fit p.weight exactly (numpy would broadcast a wrong shape, cast another dtype, or
     drop a repeated row)."""
     g, (V, D) = p.grad, p.weight.shape
     if isinstance(g, SparseGrad):
-        g.check(V, D)
+        g.check(V, D, p.weight.dtype)
         return g.values, g.rows.astype(np.int64, copy=False)
-    if not isinstance(g, np.ndarray) or g.dtype != np.float32:
-        raise TypeError(f"grad must be a float32 array, got {getattr(g, 'dtype', type(g).__name__)}")
+    _check_dtype(g, p.weight.dtype, "grad")
     if g.shape != (V, D):
         raise ValueError(f"grad must have weight.shape={(V, D)}, got grad.shape={g.shape}")
     return g, None
@@ -101,7 +106,7 @@ def _lookup_arrays(p):
     """(values, ids) of p's LookupGrad for a *_scatter kernel, checked to fit p.weight (the kernels check
     the ids' range again, above their loops)."""
     g = p.grad
-    g.check(*p.weight.shape)
+    g.check(*p.weight.shape, p.weight.dtype)
     return g.values, g.ids
 
 
@@ -136,6 +141,16 @@ class SGD(_Optimizer):
             apply(self.lr)
 
 
+def _plus_decay(grad, weight, weight_decay):
+    """``grad + weight_decay * weight`` in the weight's dtype, as torch's ``grad.add(param, alpha=wd)`` forms it
+    on CPU: float32 (wd rounded to it) and float64 in their own type; float16 and bfloat16 in float32 from the
+    stored values, rounded once."""
+    if weight.dtype.itemsize == 2:
+        wide = grad.astype(np.float32) + np.float32(weight_decay) * weight.astype(np.float32)
+        return wide.astype(weight.dtype)
+    return grad + weight.dtype.type(weight_decay) * weight
+
+
 class Adagrad(_Optimizer):
     """torch.optim.Adagrad for embeddings: per element, a sum of squared gradients scales the step.
 
@@ -144,7 +159,7 @@ class Adagrad(_Optimizer):
     At its step t, with ``clr = lr / (1 + (t - 1) * lr_decay)`` and, for a dense gradient,
     ``g = g + weight_decay * w``: ``state_sum += g * g``, ``w -= clr * g / (sqrt(state_sum) + eps)``,
     in float32 with torch's order of operations for a dense gradient (for a sparse one torch divides
-    before it multiplies by clr, one rounding apart). A sparse gradient moves only its rows (weight and
+    before it multiplies by clr, one rounding apart); other dtypes: see the module's doc. A sparse gradient moves only its rows (weight and
     state_sum); as in torch, weight_decay with a sparse gradient is a RuntimeError, raised before
     anything moves. Defaults are torch's: lr 0.01, lr_decay 0, weight_decay 0,
     initial_accumulator_value 0, eps 1e-10.
@@ -176,7 +191,7 @@ class Adagrad(_Optimizer):
         if self.weight_decay != 0:
             if rows is not None:
                 raise RuntimeError("weight_decay option is not compatible with sparse gradients")
-            grad = grad + np.float32(self.weight_decay) * p.weight
+            grad = _plus_decay(grad, p.weight, self.weight_decay)
         _kernels.adagrad_step(p.weight, state_sum, grad, rows, 0.0, 0.0, True)
         return lambda clr, eps: _kernels.adagrad_step(p.weight, state_sum, grad, rows, clr, eps)
 
@@ -192,7 +207,7 @@ class Adagrad(_Optimizer):
 class RowWiseAdagrad(_Optimizer):
     """Row-wise Adagrad (FBGEMM's default for recommendation models): one accumulator per row.
 
-    ``state_sum[i]`` has one float32 per row of parameter i (shape (V,), starting at 0). For each
+    ``state_sum[i]`` has one element per row of parameter i (shape (V,), weight's dtype, starting at 0). For each
     row r of the gradient: ``state_sum[r] += mean(g[r] ** 2)`` (summed in float32 in column order,
     then divided by D), then ``w[r] -= lr * g[r] / (sqrt(state_sum[r]) + eps)``. A sparse gradient
     moves only its rows; a dense one moves every row (a zero gradient row keeps its weight). D = 0
@@ -203,7 +218,7 @@ class RowWiseAdagrad(_Optimizer):
         super().__init__(params, lr)
         self.eps = eps
         self._check_hyperparameters()
-        self.state_sum = [np.zeros(p.weight.shape[0], np.float32) for p in self.params]
+        self.state_sum = [np.zeros(p.weight.shape[0], p.weight.dtype) for p in self.params]
 
     def _check_hyperparameters(self):
         _check_nonnegative(self, "eps")
@@ -316,8 +331,8 @@ class SparseAdam(_AdamFamily):
                 )
         touched = [i for i, p in enumerate(self.params) if p.grad is not None]
         for i in touched:
-            if isinstance(self.params[i].grad, LookupGrad):
-                self.params[i].grad.check(*self.params[i].weight.shape)
+            weight, grad = self.params[i].weight, self.params[i].grad
+            grad.check(*weight.shape, weight.dtype)
         updates = [(self.params[i], self.exp_avg[i], self.exp_avg_sq[i], *self._arrays(self.params[i].grad))
                    for i in touched]
         _adam_all(updates, self.lr, self.betas, self.eps, [self.steps[i] + 1 for i in touched])
@@ -350,18 +365,14 @@ def _padding_row(padding_idx, num_rows):
     return int(padding_idx) % num_rows
 
 
-_RULE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))
-
-
 def _table(weight, _format=None):
     """The (V, D) shape of a table a fused rule updates: float32, float64, float16 or bfloat16
     (ml_dtypes.bfloat16, or uint16 bits with the private _format="bfloat16" of fastembed.torch), refused
     as the kernels refuse it (TypeError, ValueError)."""
     dtype = getattr(weight, "dtype", None)
     if not (isinstance(weight, np.ndarray)
-            and (dtype in _RULE_DTYPES or dtype.name == "bfloat16"
-                 or (_format == "bfloat16" and dtype == np.uint16))):
-        raise TypeError(f"weight must be float32, float64, float16 or bfloat16 (fastembed never casts tables), got "
+            and (_is_table_dtype(dtype) or (_format == "bfloat16" and dtype == np.uint16))):
+        raise TypeError(f"weight must be {_DTYPES} (fastembed never casts tables), got "
                         f"{dtype if dtype is not None else type(weight).__name__}")
     if weight.ndim != 2:
         raise ValueError(f"weight must be 2-D (rows, dim), got weight.shape={weight.shape}")

@@ -1934,9 +1934,9 @@ MUTANTS += [
            "LookupGrad.check lets an id equal to the table's row count through",
            (LOOKUPS, "-k", "check_accepts")),
     Mutant("lookups-to-dense-unchecked", NN,
-           "        self.check(num_rows)\n        dense = np.zeros((num_rows, self.values.shape[1]), dtype=np.float32)\n"
+           "        self.check(num_rows)\n        dense = np.zeros((num_rows, self.values.shape[1]), dtype=self.values.dtype)\n"
            "        ops.scatter_add(",
-           "        dense = np.zeros((num_rows, self.values.shape[1]), dtype=np.float32)\n        ops.scatter_add(",
+           "        dense = np.zeros((num_rows, self.values.shape[1]), dtype=self.values.dtype)\n        ops.scatter_add(",
            "LookupGrad.to_dense skips check(): 2-D ids (scatter_add takes any shape) go through",
            (LOOKUPS, "-k", "check_accepts")),
     Mutant("lookups-sgd-unchecked", OPTIM,
@@ -1958,8 +1958,8 @@ MUTANTS += [
            "Adagrad steps a LookupGrad with weight_decay set (torch refuses sparse gradients with it)",
            (LOOKUPS, "-k", "weight_decay")),
     Mutant("lookups-sparse-adam-unchecked", OPTIM,
-           "                self.params[i].grad.check(*self.params[i].weight.shape)",
-           "                pass",
+           "            grad.check(*weight.shape, weight.dtype)",
+           "            pass",
            "SparseAdam does not check a LookupGrad: adam_scatter takes ids of any shape, so 2-D or 0-d ids "
            "step (the kernel's own checks cover dtype, range and values' shape)",
            (LOOKUPS, "-k", "bad_lookup_grad and SparseAdam")),

@@ -819,7 +819,9 @@ def test_layer_options_and_errors():
     with pytest.raises(RuntimeError, match="before any forward"):
         fe.EmbeddingBag(6, 4).backward(np.ones((1, 4), np.float32))
     pre = fe.EmbeddingBag.from_pretrained(np.ones((3, 2)), padding_idx=0)
-    assert pre.weight.dtype == np.float32 and pre.weight[0].all()  # from_pretrained keeps the padding row
+    assert pre.weight.dtype == np.float64 and pre.weight[0].all()  # its own dtype, and the padding row kept
+    pre = fe.EmbeddingBag.from_pretrained(np.ones((3, 2)), padding_idx=0, dtype=np.float32)
+    assert pre.weight.dtype == np.float32 and pre.weight[0].all()  # converted when asked
 
 
 def test_layer_sparse_and_dense_agree_with_weights():

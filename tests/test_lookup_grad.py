@@ -448,7 +448,8 @@ def test_any_lookup_steps_as_the_oracle_on_one_and_two_threads(problem, kind):
 def bad_lookups(V=4, D=3):
     one = np.ones((2, D), F)
     return [
-        ("values_float64", fe.LookupGrad(np.array([0, 1]), np.ones((2, D))), TypeError),
+        ("values_float64", fe.LookupGrad(np.array([0, 1]), np.ones((2, D))), TypeError),  # for a float32 table
+        ("values_int", fe.LookupGrad(np.array([0, 1]), np.ones((2, D), np.int32)), TypeError),
         ("ids_2d", fe.LookupGrad(np.array([[0, 1], [1, 2]]), np.ones((2, 2, D), F)), TypeError),
         ("ids_0d", fe.LookupGrad(np.array(1), np.ones(D, F)), TypeError),
         ("ids_uint8", fe.LookupGrad(np.array([0, 1], np.uint8), one), TypeError),
@@ -469,7 +470,10 @@ def test_check_accepts_the_boundaries_and_refuses_past_them():
     fe.LookupGrad(np.zeros(0, np.int64), np.zeros((0, D), F)).check(0, 3)
     for name, bad, error in bad_lookups(4, D):
         with pytest.raises(error):
-            bad.check(4, D)
+            bad.check(4, D, np.float32)
+        if name == "values_float64":  # a gradient of a float64 table: any table dtype without dtype=
+            assert bad.check(4, D) is bad and bad.to_dense(4).dtype == np.float64
+            continue
         if name != "values_wide":  # to_dense takes D from the values
             with pytest.raises(error):
                 bad.to_dense(4)

@@ -142,7 +142,7 @@ class _BagFunction(torch.autograd.Function):
                                                       _tensor(values), ctx.table.shape,
                                                       check_invariants=False)
             else:
-                grad_table = np.zeros_like(ctx.table)
+                grad_table = np.zeros(ctx.table.shape, ctx.table.dtype)  # calloc: untouched pages are free
                 ops.embedding_bag_backward(grad_table, ctx.ids, ctx.offsets, g, per_sample_weights=ctx.psw,
                                            argmax=ctx.argmax, **ctx.args)
                 weight_grad = _tensor(grad_table)

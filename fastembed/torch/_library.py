@@ -51,6 +51,8 @@ _KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16)
 # uint16 bits through the helpers below.
 _LOOKUP_DTYPES = _KERNEL_DTYPES + (torch.bfloat16,)
 _BITS = np.dtype(np.uint16)  # a bfloat16 tensor's memory as numpy sees it here
+_NUMPY_OF = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64),
+             torch.float16: np.dtype(np.float16), torch.bfloat16: _BITS}
 _BF16 = "bfloat16"  # the kernels' _format for _BITS arrays
 
 
@@ -70,6 +72,15 @@ def _tensor(array):
     """A kernel's result as a tensor over the same memory: uint16 bits as bfloat16."""
     result = torch.from_numpy(array)
     return result.view(torch.bfloat16) if array.dtype == _BITS else result
+
+
+def _zeros(rows, dim, dtype):
+    """A new (rows, dim) tensor of zeros for a dense gradient, from numpy's zeroed allocation (calloc): a large
+    one is mapped from the OS already zero, so only the pages the scatter then writes cost anything, where
+    torch.zeros writes every byte of the table's size (most of a lookup's gradient is rows no id named)."""
+    if dtype not in _NUMPY_OF:
+        return torch.zeros((rows, dim), dtype=dtype)
+    return _tensor(np.zeros((rows, dim), _NUMPY_OF[dtype]))
 
 
 # The four kernels of a lookup and its backward, and max_norm's renorm, on numpy tables from `_bits`: `fastembed.ops` for the
@@ -134,7 +145,7 @@ def embedding_backward(grad: Tensor, ids: Tensor, num_weights: int, padding_idx:
     ids (deterministic); the padding row stays zero."""
     if not _kernel_table(grad):
         return torch.ops.aten.embedding_dense_backward.default(grad, ids, num_weights, padding_idx, False)
-    out = torch.zeros((num_weights, grad.shape[-1]), dtype=grad.dtype)
+    out = _zeros(num_weights, grad.shape[-1], grad.dtype)
     if ids.numel():
         table = _bits(out)
         _scatter_add(table, _np(ids), _bits(grad))
@@ -212,14 +223,16 @@ def token_position_backward(grad: Tensor, ids: Tensor, positions: Optional[Tenso
                             num_positions: int) -> tuple[Tensor, Tensor]:
     """Both tables' dense gradients of `token_position`, in one pass over grad."""
     where = start if positions is None else _np(positions)
-    token_grad = torch.zeros((num_tokens, grad.shape[-1]), dtype=grad.dtype)
-    position_grad = torch.zeros((num_positions, grad.shape[-1]), dtype=grad.dtype)
     if not _kernel_table(grad):
+        token_grad = torch.zeros((num_tokens, grad.shape[-1]), dtype=grad.dtype)
+        position_grad = torch.zeros((num_positions, grad.shape[-1]), dtype=grad.dtype)
         p = torch.from_numpy(ops.positions_array(_np(ids), where))
         d = grad.shape[-1]
         token_grad.index_add_(0, ids.reshape(-1).long(), grad.reshape(-1, d))
         position_grad.index_add_(0, p.reshape(-1), grad.reshape(-1, d))
         return token_grad, position_grad
+    token_grad, position_grad = _zeros(num_tokens, grad.shape[-1], grad.dtype), _zeros(num_positions, grad.shape[-1],
+                                                                                    grad.dtype)
     _gather_add_backward(_bits(grad), _np(ids), _bits(token_grad), _bits(position_grad), where)
     return token_grad, position_grad
 
@@ -328,7 +341,7 @@ def embedding_bag_backward(grad: Tensor, ids: Tensor, offsets: Optional[Tensor],
     """The dense gradient of `embedding_bag`'s table (argmax: its second output; used in mode "max" only):
     each bag's gradient, scaled by its lookups' weights or 1/count, added into their rows in bag order, then
     ids order; the padding row stays zero."""
-    out = torch.zeros((num_weights, grad.shape[-1]), dtype=grad.dtype)
+    out = _zeros(num_weights, grad.shape[-1], grad.dtype)
     g = _bag_table(grad)
     idn, offn, psw = _bag_inputs(ids, offsets, per_sample_weights)
     ops.embedding_bag_backward(_bits(out), idn, offn, g, mode=mode, per_sample_weights=psw,
