@@ -886,3 +886,34 @@ def test_any_shape_backward_then_steps_match_the_models(name, data):
         for s, e in zip(states_of(opt, opt_name, 0), states):
             assert_same(s, e)
         opt.zero_grad()
+
+
+@pytest.mark.parametrize("name", NAMES)
+@settings(FEW, max_examples=100)
+@given(data=st.data())
+def test_any_shape_unfused_equals_fused(name, data):
+    dtype = dtype_of(name)
+    rule = data.draw(st.sampled_from(sorted(FUSED)))
+    V, D, N = data.draw(st.integers(1, 6)), data.draw(st.integers(0, 20)), data.draw(st.integers(0, 30))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    seed = data.draw(st.integers(0, 2**32 - 1))
+    make_rule, make_opt, keys = FUSED[rule]
+    unfused = fe.Embedding(V, D, dtype=dtype, sparse=True, coalesce=data.draw(st.booleans()), seed=seed)
+    fused = fe.Embedding(V, D, dtype=dtype, fused=make_rule(), seed=seed)
+    opt = make_opt(unfused)
+    for _ in range(2):
+        if rule == "sgd":  # distinct ids (FusedSGD's doc)
+            ids = rng.permutation(V)[:min(N, V)]
+        else:
+            ids = rng.integers(0, data.draw(st.sampled_from([V, 1, min(2, V)])), N)
+        ids = ids.astype(data.draw(st.sampled_from(ID_DTYPES)))
+        g = stored(rng, (len(ids), D), dtype, data.draw(st.sampled_from([1.0, 1e-3, 300.0])))
+        unfused(ids)
+        unfused.backward(g)
+        opt.step()
+        opt.zero_grad()
+        fused(ids)
+        fused.backward(g)
+        assert_same(unfused.weight, fused.weight)
+        for state_key, opt_key in keys:
+            assert_same(getattr(opt, opt_key)[0], fused.state[state_key])
