@@ -27,7 +27,6 @@ from hypothesis import strategies as st
 import fastembed as fe
 from fastembed import optim
 from fastembed.nn import INIT_STD, EmbeddingBag, LookupGrad, SparseGrad
-from fastembed.reference import Value
 from _helpers import FEW, ID_DTYPES, Snapshot, positions_oracle
 from test_dtypes import BF16, F16, F32, F64, assert_same, narrow
 from test_optim_dtypes import coalesce_model, down, dtype_of, scatter_model, step_model, up
