@@ -266,6 +266,7 @@ static inline int fe_f16_set_hardware(int on) {
     return fe_use_f16c;
 }
 static inline int fe_f16_hardware(void) { return fe_use_f16c; }
+static inline int fe_bf16_hardware(void) { return fe_use_avx2; }
 
 /* The row operations of the kernels for each element type: out = a + b, and g += s (a scatter's add).
    float64: in float64. 16-bit: widened to float32, added, rounded once per stored element; a scatter-add
@@ -434,9 +435,9 @@ FE_AVX2_FN static inline __m256 fe_avx2_bf16_load(const uint16_t *p, ptrdiff_t n
     if (n >= 8) {
         h = _mm_loadu_si128((const __m128i *)p);
     } else {
-        uint16_t tmp[8] = {0};
-        memcpy(tmp, p, (size_t)n * 2);
-        h = _mm_loadu_si128((const __m128i *)tmp);
+        uint16_t lanes[8] = {0};
+        memcpy(lanes, p, (size_t)n * 2);
+        h = _mm_loadu_si128((const __m128i *)lanes);
     }
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
@@ -450,9 +451,9 @@ FE_AVX2_FN static inline void fe_avx2_bf16_store(uint16_t *p, __m256 x, ptrdiff_
     r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
     const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
     if (n >= 8) { _mm_storeu_si128((__m128i *)p, h); return; }
-    uint16_t tmp[8];
-    _mm_storeu_si128((__m128i *)tmp, h);
-    memcpy(p, tmp, (size_t)n * 2);
+    uint16_t lanes[8];
+    _mm_storeu_si128((__m128i *)lanes, h);
+    memcpy(p, lanes, (size_t)n * 2);
 }
 FE_AVX2_FN static void fe_avx2_bf16_adam_row(uint16_t *FE_RESTRICT w, uint16_t *FE_RESTRICT m,
                                              uint16_t *FE_RESTRICT v, const uint16_t *FE_RESTRICT g, ptrdiff_t n,

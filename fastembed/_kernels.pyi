@@ -9,7 +9,8 @@ converts other array-likes first), and positions None, an int start, or an int64
 array of ids.shape.
 
 The private test hooks (_get_serial_elements, _set_serial_elements, _last_call_threads,
-_last_call_released_gil, _f16_hardware, _narrow, _widen) are left out on purpose: they are not API, and
+_last_call_released_gil, _f16_hardware, _bf16_hardware, _narrow, _widen) are left out on purpose: they are
+not API, and
 tests/test_packaging.py compares only the public names with the module.
 """
 import numpy as np

@@ -84,12 +84,6 @@ cdef extern from "_fastembed.h" nogil:
     void fe_scaled_add_f16(fe_f16* w, const fe_f16* g, Py_ssize_t n, float a)
     void fe_scaled_add_bf16(fe_bf16* w, const fe_bf16* g, Py_ssize_t n, float a)
     void fe_widen_bf16(float* out, const fe_bf16* h, Py_ssize_t n)
-    void fe_adam_row_f16(fe_f16* w, fe_f16* m, fe_f16* v, const fe_f16* g, Py_ssize_t n, float lr, float beta1,
-                         float beta2, float eps, float inv_bias1, float inv_bias2)
-    void fe_adam_row_bf16(fe_bf16* w, fe_bf16* m, fe_bf16* v, const fe_bf16* g, Py_ssize_t n, float lr,
-                          float beta1, float beta2, float eps, float inv_bias1, float inv_bias2)
-    void fe_adagrad_row_f16(fe_f16* w, fe_f16* s, const fe_f16* g, Py_ssize_t n, float clr, float eps)
-    void fe_adagrad_row_bf16(fe_bf16* w, fe_bf16* s, const fe_bf16* g, Py_ssize_t n, float clr, float eps)
     void fe_narrow_bf16(fe_bf16* h, const float* f, Py_ssize_t n)
     int fe_f16_init()
     int fe_f16_set_hardware(int on)

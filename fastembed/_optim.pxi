@@ -3,9 +3,26 @@
 #
 # Tables of the four element types (elem_t), every state array in the weight's dtype (as torch keeps an
 # optimizer's state in the parameter's dtype): float32 and float64 compute in their own type (the rows of
-# _fastembed.h, fe_*_row and fe_*_row_f64, one template); float16 and bfloat16 rows are widened to float32,
-# updated by the float32 rows and rounded back once per stored element, except SGD, which is torch's
+# _fastembed.h, fe_*_row and fe_*_row_f64, one template); float16 and bfloat16 rows are computed in float32
+# and rounded back once per stored element: Adam and Adagrad in registers (fe_adam_row_f16, ...), row-wise
+# Adagrad staged (widened into float32 scratch, updated by the float32 row, narrowed), and SGD is torch's
 # `w.add_(g, alpha=-lr)` for a 16-bit table (fe_scaled_add_*: lr rounded to the type, one rounding).
+
+cdef extern from "_fastembed.h" nogil:
+    # Adam's and Adagrad's rows of a 16-bit table, in registers (F16C / AVX2 where the CPU has them).
+    void fe_adam_row_f16(fe_f16* w, fe_f16* m, fe_f16* v, const fe_f16* g, Py_ssize_t n, float lr, float beta1,
+                         float beta2, float eps, float inv_bias1, float inv_bias2)
+    void fe_adam_row_bf16(fe_bf16* w, fe_bf16* m, fe_bf16* v, const fe_bf16* g, Py_ssize_t n, float lr,
+                          float beta1, float beta2, float eps, float inv_bias1, float inv_bias2)
+    void fe_adagrad_row_f16(fe_f16* w, fe_f16* s, const fe_f16* g, Py_ssize_t n, float clr, float eps)
+    void fe_adagrad_row_bf16(fe_bf16* w, fe_bf16* s, const fe_bf16* g, Py_ssize_t n, float clr, float eps)
+    int fe_bf16_hardware()
+
+
+def _bf16_hardware():
+    """Whether bfloat16's Adam and Adagrad rows run on AVX2 (the same switch as `_f16_hardware` sets it). For
+    tests only."""
+    return bool(fe_bf16_hardware())
 
 cdef enum:
     SGD_UPDATE = 0

@@ -37,8 +37,8 @@ def _is_table_dtype(dtype):
 def _table_dtype(dtype, name="dtype"):
     """dtype as the np.dtype of a table, or TypeError: fastembed's tables are float32, float64, float16 or
     bfloat16."""
-    try:
-        resolved = np.dtype(dtype)
+    try:  # (None too: np.dtype(None) is float64, where from_pretrained's dtype=None keeps the table's own)
+        resolved = None if dtype is None else np.dtype(dtype)
     except TypeError:
         resolved = None
     if resolved is None or not _is_table_dtype(resolved):

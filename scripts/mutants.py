@@ -2358,5 +2358,45 @@ MUTANTS += [
 ]
 
 
+# The 16-bit Adam and Adagrad rows in registers (F16C / AVX2 lanes, portable loops), and the layers' dtype=.
+MUTANTS += [
+    Mutant("opt16-adam-lanes-keep2-from-beta1", HDR,
+           "k2 = _mm256_set1_ps(1.0f - beta2), rate",
+           "k2 = _mm256_set1_ps(1.0f - beta1), rate",
+           "the lane rows' second moment moves by 1 - beta1 (float16 on F16C, bfloat16 on AVX2)",
+           (OPT_DTYPES, "-k", "transcription and adam")),
+    Mutant("opt16-adagrad-lanes-tail-dropped", HDR,
+           "    const __m256 rate = _mm256_set1_ps(clr), e = _mm256_set1_ps(eps);                                         \\\n"
+           "    for (ptrdiff_t d = 0; d < n; d += 8) {",
+           "    const __m256 rate = _mm256_set1_ps(clr), e = _mm256_set1_ps(eps);                                         \\\n"
+           "    for (ptrdiff_t d = 0; d + 8 <= n; d += 8) {",
+           "the lane Adagrad row leaves the last D % 8 columns (and rows shorter than 8) unmoved",
+           (OPT_DTYPES, "-k", "transcription and adagrad")),
+    Mutant("opt16-bf16-lanes-nan-keeps-its-sign", HDR,
+           "    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);",
+           "    (void)nan;",
+           "the AVX2 bfloat16 store rounds a NaN like a number: x86's default NaN (sign set) becomes 0xffc0, not "
+           "torch's 0x7fc0",
+           (DTYPES, "-k", "both_code_paths")),
+    Mutant("opt16-bf16-lanes-round-half-up", HDR,
+           "_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)))",
+           "_mm256_add_epi32(u, _mm256_set1_epi32(0x8000))",
+           "the AVX2 bfloat16 store rounds ties up, not to even",
+           (OPT_DTYPES, "-k", "tie")),
+    Mutant("opt16-bf16-portable-adam-eps-dropped", HDR,
+           "        w[d].bits = FROM_F(TO_F(w[d].bits) - lr * (md * inv_bias1) / (sqrtf(vd * inv_bias2) + eps));",
+           "        w[d].bits = FROM_F(TO_F(w[d].bits) - lr * (md * inv_bias1) / sqrtf(vd * inv_bias2));",
+           "the portable 16-bit Adam row (bfloat16 without AVX2, float16 without F16C) drops eps: only the "
+           "test that switches the hardware paths off sees it on this CPU",
+           (DTYPES, "-k", "both_code_paths")),
+    Mutant("opt16-switch-leaves-avx2-on", HDR,
+           "    fe_use_avx2 = on && fe_cpu_has_avx2();",
+           "    fe_use_avx2 = fe_cpu_has_avx2();",
+           "the test switch cannot turn the bfloat16 AVX2 rows off, so the portable rows go untested (the test "
+           "asserts the switch took effect, through _kernels._bf16_hardware)",
+           (DTYPES, "-k", "both_code_paths")),
+]
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -497,6 +497,7 @@ def test_half_kernels_same_on_both_code_paths(dtype, D):
         results = []
         for on in (False, True):
             _kernels._f16_hardware(on)
+            assert on or not _kernels._bf16_hardware()  # both switched off: the portable rows really ran
             results.append(all_kernels(dtype, D, 1, seed=9))
     finally:
         _kernels._f16_hardware(had)
