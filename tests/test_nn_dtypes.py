@@ -156,6 +156,15 @@ def test_a_dtype_that_is_not_one_of_the_four_is_a_type_error_naming_it(bad):
             make()
 
 
+def test_a_constructor_refuses_dtype_none():
+    """np.dtype(None) is float64, while from_pretrained's dtype=None keeps the table's own: a constructor, which
+    has no table to keep, refuses None rather than read it as float64."""
+    for make in (lambda: fe.Embedding(3, 2, dtype=None), lambda: EmbeddingBag(3, 2, dtype=None),
+                 lambda: fe.TokenPositionEmbedding(3, 2, 2, dtype=None)):
+        with pytest.raises(TypeError, match="None"):
+            make()
+
+
 # ---------------------------------------------------------------- 2. from_pretrained
 
 @pytest.mark.parametrize("name", NAMES)
