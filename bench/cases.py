@@ -17,10 +17,11 @@ With --dtypes, forward, train and bag run once per table dtype (float32, float64
 float16, bfloat16): the float32 case keeps the op's name, the others are named by
 op and dtype (``forward float16``, ``train float64``, ``bag bfloat16``), each with
 fastembed.torch's module, torch's and the memory limit of the bytes that dtype
-moves; forward and bag with the numpy API too (bag: its forward groups; bench/bag.py
-says why), train without it (fastembed's numpy layers hold float32 tables only) and
-without FBGEMM: per optimizer group fastembed.torch's drop-in and fused rows against
-nn.Embedding(sparse=True, dtype) + torch.optim (bench/train.py).
+moves, and the numpy API's (bfloat16 as ml_dtypes arrays, left out without
+ml_dtypes; bag: its forward groups, bench/bag.py says why); train without FBGEMM:
+per optimizer group fastembed.torch's drop-in (the anchor) and fused rows and the
+numpy API's rows of the float32 case against nn.Embedding(sparse=True, dtype) +
+torch.optim (bench/train.py).
 The upstream gradient g is a fixed array: the steps measure the embedding layer's
 share of a training step, not the rest of a model.
 """

@@ -10,11 +10,12 @@ the group's memory limit (an add streaming the bytes its step must move: step_by
 
 With --dtypes, train runs once more per other table dtype as the case ``train <dtype>`` (float64,
 float16, bfloat16): table, upstream gradient and optimizer state of that dtype; per group fastembed.torch's
-drop-in (the group's anchor: dense Adam's is fastembed.torch.optim.Adam on a dense Embedding) and fused rows
-and the same torch row as float32's, each group's memory limit of the dtype's bytes (step_bytes). No numpy
-API rows (fastembed's numpy layers hold float32 tables only) and no FBGEMM rows: the notes say so. The
-halves check at other settings and torch's sparse rows on the rows named at most twice (HALF_CHECK_HYPER,
-TORCH_HALF_CHECK_LOOKUPS below say why).
+drop-in (the group's anchor: dense Adam's is fastembed.torch.optim.Adam on a dense Embedding) and fused rows,
+the numpy API's rows of the float32 case (bfloat16 as ml_dtypes arrays: without ml_dtypes they are left out),
+the same torch row as float32's, and each group's memory limit of the dtype's bytes (step_bytes). No FBGEMM
+rows: the notes say so. The halves check at other settings and torch's sparse rows on the rows named at most
+twice (HALF_CHECK_HYPER, TORCH_HALF_CHECK_LOOKUPS below say why), as is the numpy API's coalesced SGD (numpy_rows
+says why); the numpy API's SparseAdam is checked with torch's eps (book_eps).
 
 adapter: forward + backward through torch autograd, the gradient dropped after
 each call: ``fastembed.torch.Embedding`` (dense and sparse gradient) against
@@ -25,7 +26,9 @@ Every row builds its own copy of the table (and its own optimizer state) when
 its group is about to be timed, and drops it after: one row's updates never
 touch another row's memory, and only one group's tables are alive at a time.
 """
+import functools
 import importlib
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -106,17 +109,20 @@ class Built:
 CHECK_STEPS = 2  # two steps: a gradient not dropped after the first would double the second's
 
 
-def row(name, family, group, factory, threads, anchor=False, check_hyper=None, check_rows=None):
+def row(name, family, group, factory, threads, anchor=False, check_hyper=None, check_rows=None,
+        check_factory=None):
     """A Method whose state factory(hyper) builds: (step, weights). Timed: a state with HYPER built when
-    the group is measured (make); checked: a fresh state with check_hyper (default CHECK_HYPER),
-    CHECK_STEPS steps, a copy of its tables (result), compared on check_rows alone when given."""
+    the group is measured (make); checked: a fresh state of check_factory (default factory) with check_hyper
+    (default CHECK_HYPER), CHECK_STEPS steps, a copy of its tables (result), compared on check_rows alone
+    when given."""
     check_hyper = CHECK_HYPER if check_hyper is None else check_hyper
+    check_factory = factory if check_factory is None else check_factory
 
     def make():
         return factory(HYPER[group])[0]
 
     def result():
-        step, weights = factory(check_hyper[group])
+        step, weights = check_factory(check_hyper[group])
         for _ in range(CHECK_STEPS):
             step()
         return tuple(np.array(w) for w in weights())
@@ -132,13 +138,16 @@ def _table_copy(data):
 
 # ---------------------------------------------------------------- train: fastembed's numpy API
 
-def numpy_api_state(data, group, hyper, coalesce=True):
+def numpy_api_state(data, group, hyper, coalesce=True, arrays=None, torch_eps=False):
     """fe.Embedding (sparse, or dense for Adam) and fe.optim.<group> on a fresh copy of the table;
-    coalesce=False: the sparse gradient kept as a LookupGrad (one row per lookup, torch's layout)."""
-    layer = fe.Embedding.from_pretrained(data.token_table, sparse=(group != "Adam"),  # from_pretrained copies
+    coalesce=False: the sparse gradient kept as a LookupGrad (one row per lookup, torch's layout); arrays: the
+    (table, upstream gradient) of another dtype (the dtype cases); torch_eps: SparseAdam's eps is torch's
+    (book_eps)."""
+    table, g = (data.token_table, data.grad_hidden) if arrays is None else arrays
+    layer = fe.Embedding.from_pretrained(table, sparse=(group != "Adam"),  # from_pretrained copies, keeps the dtype
                                          coalesce=coalesce)
     opt = getattr(fe.optim, group)(layer.parameters(), **hyper)
-    ids, g = data.ids, data.grad_hidden
+    ids = data.ids
 
     def step():
         layer(ids)
@@ -146,7 +155,12 @@ def numpy_api_state(data, group, hyper, coalesce=True):
         opt.step()
         opt.zero_grad()
 
-    return step, lambda: (layer.weight,)
+    if torch_eps and group == "SparseAdam":
+        def step(plain=step):
+            opt.eps = book_eps(hyper, opt.steps[0] + 1)
+            plain()
+
+    return step, lambda: (widened(layer.weight),)
 
 
 # The numpy API's rows with an uncoalesced sparse gradient: fe.Embedding(sparse=True, coalesce=False), whose
@@ -165,16 +179,69 @@ def numpy_fused_row_name(group):
     return f"fastembed numpy API fused {group}"
 
 
-def numpy_fused_state(data, group, hyper):
-    """fe.Embedding fused with fe.optim.Fused<group>(**hyper) on a fresh copy of the table."""
-    layer = fe.Embedding.from_pretrained(data.token_table, fused=getattr(fe.optim, "Fused" + group)(**hyper))
-    ids, g = data.ids, data.grad_hidden
+def numpy_fused_state(data, group, hyper, arrays=None, torch_eps=False):
+    """fe.Embedding fused with fe.optim.Fused<group>(**hyper) on a fresh copy of the table (arrays, torch_eps:
+    as numpy_api_state's)."""
+    table, g = (data.token_table, data.grad_hidden) if arrays is None else arrays
+    rule = getattr(fe.optim, "Fused" + group)(**hyper)
+    layer = fe.Embedding.from_pretrained(table, fused=rule)
+    ids = data.ids
 
     def step():
         layer(ids)
         layer.backward(g)
 
-    return step, lambda: (layer.weight,)
+    if torch_eps and group == "SparseAdam":
+        def step(plain=step):
+            rule.eps = book_eps(hyper, int(layer.state["step"]) + 1)
+            plain()
+
+    return step, lambda: (widened(layer.weight),)
+
+
+# The numpy API's SparseAdam (fused or not) adds eps after the bias correction (the book's formula), torch's and
+# fastembed.torch's before it: the same update only as eps goes to 0. The float32 case checks at eps 1e-30; the
+# dtype cases, whose anchor is fastembed.torch's drop-in and whose halves check at eps 1e-2 (HALF_CHECK_HYPER),
+# check the numpy API's SparseAdam rows with the eps set before each step to the book's eps that gives torch's
+# formula, eps / sqrt(1 - beta2**t) (what fastembed.torch's SparseAdam hands the same kernel; at eps 1e-2 the two
+# formulas differ by 12x bfloat16's tolerance). Timed rows keep HYPER's eps, unchanged between steps: the work is
+# the same.
+def book_eps(hyper, t):
+    """The eps of the book's formula at step t that computes torch's with hyper's eps."""
+    return hyper["eps"] / math.sqrt(1 - hyper["betas"][1] ** t)
+
+
+# On a half table the numpy API's coalesced SGD row sums a table row's lookups in float32, rounds the sum to the
+# dtype and moves the row once; fastembed.torch's SGD (the anchor), the numpy API's coalesce=False and fused SGD and
+# torch's move the row once per lookup, rounding it after each (as torch's SGD steps an uncoalesced gradient): on
+# a row named hundreds of times (zipf ids) the two drift apart by up to 8x the tolerance (measured: a 20,000-row
+# zipf table). Its check compares the rows torch's sparse rows are compared on (named at most
+# TORCH_HALF_CHECK_LOOKUPS times, untouched rows included; within 0.25 of the bound there at the seed shapes and
+# that zipf table), and such a row never anchors a group (without torch the coalesce=False row does).
+def numpy_rows(data, ctx, dense_ok, arrays=None, check_hyper=None, sgd_check_rows=None):
+    """The numpy API's rows per group: fe.optim.<group> on a coalesced sparse gradient (dense Adam: a dense one,
+    when dense_ok), with coalesce=False and fused (NUMPY_FUSED_GROUPS). float32 (arrays None): the coalesced row
+    anchors its group; arrays: the (table, upstream gradient) of another dtype, no row anchoring, each checked
+    on every table row with check_hyper (SparseAdam's with torch's eps: book_eps), but the coalesced SGD
+    row on sgd_check_rows alone when given (the comment above)."""
+    methods = []
+    for group in GROUPS:
+        if group == "Adam" and not dense_ok:
+            continue
+        states = [(numpy_row_name(group), numpy_api_state, {})]
+        if group in NUMPY_FUSED_GROUPS:
+            states += [(numpy_lookups_row_name(group), numpy_api_state, {"coalesce": False}),
+                       (numpy_fused_row_name(group), numpy_fused_state, {})]
+        for k, (name, state, kwargs) in enumerate(states):
+            def factory(hyper, torch_eps=False, state=state, g=group, kwargs=kwargs):
+                return state(data, g, hyper, arrays=arrays, torch_eps=torch_eps, **kwargs)
+
+            as_torch = arrays is not None and group == "SparseAdam"
+            methods.append(row(name, "fastembed", group, factory, ctx.threads, anchor=(arrays is None and k == 0),
+                               check_hyper=check_hyper,
+                               check_factory=functools.partial(factory, torch_eps=True) if as_torch else None,
+                               check_rows=sgd_check_rows if (group, k) == ("SGD", 0) else None))
+    return methods
 
 
 # ---------------------------------------------------------------- train: torch, fastembed.torch
@@ -347,16 +414,8 @@ def train_methods(data, ctx):
     torch = ctx.torch
     dense_ok = data.token_table.size <= DENSE_MAX_ELEMENTS
     by_group = {g: [] for g in GROUPS}
-    for group in GROUPS:
-        if group == "Adam" and not dense_ok:
-            continue
-        factory = (lambda hyper, g=group: numpy_api_state(data, g, hyper))
-        by_group[group].append(row(numpy_row_name(group), "fastembed", group, factory, ctx.threads, anchor=True))
-        if group in NUMPY_FUSED_GROUPS:
-            factory = (lambda hyper, g=group: numpy_api_state(data, g, hyper, coalesce=False))
-            by_group[group].append(row(numpy_lookups_row_name(group), "fastembed", group, factory, ctx.threads))
-            factory = (lambda hyper, g=group: numpy_fused_state(data, g, hyper))
-            by_group[group].append(row(numpy_fused_row_name(group), "fastembed", group, factory, ctx.threads))
+    for m in numpy_rows(data, ctx, dense_ok):
+        by_group[m.group].append(m)
     if not dense_ok:
         skips.append(f"{numpy_row_name('Adam')}, {torch_row_name('Adam')}: skipped, a dense step rewrites all "
                      f"{data.token_table.size:,} elements of the table (over {DENSE_MAX_ELEMENTS:,}); the op "
@@ -390,12 +449,13 @@ def train_methods(data, ctx):
 # ---------------------------------------------------------------- train on tables of another dtype (--dtypes)
 
 # The case `train <dtype>` (float64, float16, bfloat16): per optimizer group, fastembed.torch's rows (the drop-in,
-# which anchors the group, and the fused rule) and the torch row, on a table, upstream gradient and optimizer
-# state of that dtype, and the group's memory limit of the bytes that dtype moves. Dense Adam's fastembed.torch
-# row is this one (the float32 case has the numpy API's dense Adam there instead).
+# which anchors the group, and the fused rule), the numpy API's rows of the float32 case (numpy_rows: coalesced,
+# coalesce=False, fused; dense Adam's) and the torch row, on a table, upstream gradient and optimizer state of that
+# dtype, and the group's memory limit of the bytes that dtype moves. Dense Adam's fastembed.torch row is this one
+# (the float32 case has the numpy API's dense Adam as its anchor instead).
 DTYPE_ADAM_ROW = ("fastembed.torch dense + optim.Adam", "Adam", "fastembed.torch.optim", "Adam", "dense")
-NUMPY_DTYPE_SKIP = ("fastembed numpy API rows: none on tables other than float32 (fastembed's numpy layers, "
-                    "fe.Embedding and the fe.optim optimizers they feed, hold float32 tables only)")
+NUMPY_BFLOAT16_SKIP = ("fastembed numpy API rows, bfloat16: skipped (ml_dtypes is not installed, and fastembed's "
+                       "numpy layers take bfloat16 tables as ml_dtypes.bfloat16 arrays; `pip install ml_dtypes`)")
 FBGEMM_DTYPE_SKIP = "FBGEMM rows: none on tables other than float32"
 # The check of a half-precision case: lr 0.1 and eps 1e-2. At lr 0.01 an Adagrad or Adam step moves an element by
 # about 0.01, near bfloat16's tolerance (2**-7, bench/cases.py): lr 0.1 makes a missed or doubled update 20x that
@@ -424,39 +484,59 @@ def torch_half_check_note(rows, total):
             "dtype, rounding after each add; bench/train.py)")
 
 
+def numpy_half_sgd_note(rows, total):
+    """The note of a half case whose numpy API coalesced SGD row is checked on `rows` of the table's `total` rows."""
+    return (f"{numpy_row_name('SGD')}: checked on the {rows:,} of {total:,} table rows the ids name at most "
+            f"{TORCH_HALF_CHECK_LOOKUPS} times (it rounds a row's summed gradient to the dtype and moves the row "
+            "once, where SGD's other rows move it once per lookup, rounding after each; bench/train.py)")
+
+
 def train_dtype_methods(data, ctx, dtype):
-    """The train case on tables of dtype: per group, fastembed.torch's drop-in (the group's anchor), dense
-    Adam's drop-in or the fused rule, torch's row, the memory limit of the dtype's bytes; notes for the rows
-    left out (the numpy API's, FBGEMM's)."""
-    skips = [NUMPY_DTYPE_SKIP]
+    """The train case on tables of dtype: per group fastembed.torch's drop-in (the group's anchor), dense
+    Adam's drop-in or the fused rule, the numpy API's rows, torch's row, the memory limit of the dtype's bytes;
+    notes for the rows left out (FBGEMM's; the numpy API's on bfloat16 without ml_dtypes; torch's without torch).
+    Without torch the numpy API's coalesced row anchors its group, as in the float32 case."""
     torch = ctx.torch
-    if torch is None:
-        return Built([], skips + ["torch and fastembed.torch rows: skipped (no PyTorch in this run)"])
+    arrays, tables = in_dtype((data.token_table, data.grad_hidden), dtype, torch)
+    if arrays is None and torch is None:
+        return Built([], ["skipped: bfloat16 needs ml_dtypes (the numpy API) or PyTorch"])
+    skips = [] if arrays is not None else [NUMPY_BFLOAT16_SKIP]
     skips.append(FBGEMM_DTYPE_SKIP)
-    _, tables = in_dtype((data.token_table, data.grad_hidden), dtype, torch)
     dense_ok = data.token_table.size <= DENSE_MAX_ELEMENTS
     half = dtype in HALF_DTYPES
     check_hyper = HALF_CHECK_HYPER if half else CHECK_HYPER
-    fe_rows = FASTEMBED_TORCH_ROWS + ((DTYPE_ADAM_ROW,) if dense_ok else ())
     by_group = {g: [] for g in GROUPS}
-    for m in fastembed_torch_rows(data, ctx, skips, rows=fe_rows, tables=tables, check_hyper=check_hyper):
-        by_group[m.group].append(m)
+    if torch is None:
+        skips.append("torch and fastembed.torch rows: skipped (no PyTorch in this run)")
+    else:
+        fe_rows = FASTEMBED_TORCH_ROWS + ((DTYPE_ADAM_ROW,) if dense_ok else ())
+        for m in fastembed_torch_rows(data, ctx, skips, rows=fe_rows, tables=tables, check_hyper=check_hyper):
+            by_group[m.group].append(m)
     check_rows = None  # every row: float64, and half tables whose ids name no row more than twice
     if half:
         V = data.token_table.shape[0]
         cold = np.flatnonzero(np.bincount(data.ids.reshape(-1), minlength=V) <= TORCH_HALF_CHECK_LOOKUPS)
         if len(cold) < V:
             check_rows = cold
-            skips.append(torch_half_check_note(len(cold), V))
-    for group in GROUPS:
-        if group in TORCH_SPARSE_ROWS or (group == "Adam" and dense_ok):
-            factory = (lambda hyper, g=group: torch_state(data, torch, g, hyper, tables))
-            by_group[group].append(row(torch_row_name(group), "torch", group, factory, ctx.torch_threads,
-                                       anchor=True, check_hyper=check_hyper,
-                                       check_rows=check_rows if group in TORCH_SPARSE_ROWS else None))
+    if arrays is not None:  # checked on every table row (fastembed's own kernels), but coalesced SGD's on halves
+        for m in numpy_rows(data, ctx, dense_ok, arrays=arrays, check_hyper=check_hyper, sgd_check_rows=check_rows):
+            by_group[m.group].append(m)
+        if check_rows is not None:
+            skips.append(numpy_half_sgd_note(len(check_rows), V))
+    if torch is not None:
+        if check_rows is not None:
+            skips.append(torch_half_check_note(len(check_rows), V))
+        for group in GROUPS:
+            if group in TORCH_SPARSE_ROWS or (group == "Adam" and dense_ok):
+                factory = (lambda hyper, g=group: torch_state(data, torch, g, hyper, tables))
+                by_group[group].append(row(torch_row_name(group), "torch", group, factory, ctx.torch_threads,
+                                           anchor=True, check_hyper=check_hyper,
+                                           check_rows=check_rows if group in TORCH_SPARSE_ROWS else None))
     if not dense_ok:
-        skips.append(f"{DTYPE_ADAM_ROW[0]}, {torch_row_name('Adam')}: skipped, a dense step rewrites all "
-                     f"{data.token_table.size:,} elements of the table (over {DENSE_MAX_ELEMENTS:,})")
+        left_out = ([numpy_row_name("Adam")] if arrays is not None else []) + (
+            [DTYPE_ADAM_ROW[0], torch_row_name("Adam")] if torch is not None else [])
+        skips.append(f"{', '.join(left_out)}: skipped, a dense step rewrites all {data.token_table.size:,} "
+                     f"elements of the table (over {DENSE_MAX_ELEMENTS:,})")
     from .bag import limit_method  # bag imports this module: import it when the case is built
 
     methods = []
@@ -464,10 +544,12 @@ def train_dtype_methods(data, ctx, dtype):
         rows = by_group[group]
         if not any(m.family == "fastembed" for m in rows):
             if rows:
-                skips.append(f"{group}: skipped (no fastembed.torch row to check torch's against)")
+                skips.append(f"{group}: skipped (no fastembed row to check torch's against)")
             continue
-        if not any(m.family == "fastembed" and m.anchor for m in rows):  # the drop-in is missing: the fused rule
-            next(m for m in rows if m.family == "fastembed").anchor = True
+        # No fastembed.torch drop-in (an older build, or no torch): its fused rule, else the numpy API's first row
+        # checked on every table row.
+        if not any(m.family == "fastembed" and m.anchor for m in rows):
+            next(m for m in rows if m.family == "fastembed" and m.check_rows is None).anchor = True
         methods += rows + [limit_method(step_bytes(group, data, itemsize(dtype)), ctx.threads, group)]
     return Built(methods, skips)
 
