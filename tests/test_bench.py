@@ -4,6 +4,7 @@ These tests check that `python -m bench` works, never how fast anything is. The
 suite runs in a subprocess (it sets thread counts that must not leak into other
 tests); they skip where bench/ is absent (tests run from a copy of tests/ alone).
 """
+import functools
 import glob
 import importlib.util
 import io
@@ -517,7 +518,7 @@ def test_train_oracle_sees_a_missing_zero_grad(monkeypatch):
     """The two-step check catches a step that keeps the previous gradient (the second step then uses 2G)."""
     data = tiny_data()
 
-    def sticky_state(data, group, hyper):
+    def sticky_state(data, group, hyper, **defaults):  # defaults: arrays=None, torch_eps=False (float32's)
         layer = fastembed.Embedding.from_pretrained(data.token_table, sparse=True)
         opt = fastembed.optim.SGD(layer.parameters(), **hyper)
 
@@ -1392,46 +1393,80 @@ def train_dtype_oracle(data, group, hyper, dtype):
 TRAIN_DTYPES = ["float64", "float16", "bfloat16"]
 
 
-def train_dtype_rows(group):
-    """The rows `train <dtype>` has in group: fastembed.torch's (the drop-in first), torch's, the limit."""
-    rows = [name for name, g, *_ in train.FASTEMBED_TORCH_ROWS if g == group]
-    rows += [train.DTYPE_ADAM_ROW[0]] if group == "Adam" else []
-    rows += [train.torch_row_name(group)] if group != "RowWiseAdagrad" else []
+def numpy_dtype_rows(group):
+    """The numpy API's rows of a group, in the float32 case's order: coalesced, coalesce=False, fused."""
+    rows = [train.numpy_row_name(group)]
+    if group in train.NUMPY_FUSED_GROUPS:
+        rows += [train.numpy_lookups_row_name(group), train.numpy_fused_row_name(group)]
+    return rows
+
+
+def train_dtype_rows(group, numpy=True, torch=True):
+    """The rows `train <dtype>` has in group: fastembed.torch's (the drop-in first), the numpy API's, torch's, the
+    limit (numpy=False: bfloat16 without ml_dtypes; torch=False: a run without PyTorch)."""
+    rows = [name for name, g, *_ in train.FASTEMBED_TORCH_ROWS if g == group] if torch else []
+    rows += [train.DTYPE_ADAM_ROW[0]] if group == "Adam" and torch else []
+    rows += numpy_dtype_rows(group) if numpy else []
+    rows += [train.torch_row_name(group)] if group != "RowWiseAdagrad" and torch else []
     return rows + [OVERHEAD_NAME]
+
+
+def is_numpy_row(name):
+    return name.startswith("fastembed numpy API")
+
+
+def halves_cold_rows(dtype, name, group):
+    """Whether a row of `train <dtype>` is checked on the table rows named at most twice alone: torch's sparse rows
+    and the numpy API's coalesced SGD, on half tables."""
+    return dtype in train.HALF_DTYPES and (
+        (name == train.torch_row_name(group) and group != "Adam") or name == train.numpy_row_name("SGD"))
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed")
 @pytest.mark.parametrize("dtype", TRAIN_DTYPES)
-def test_train_dtype_case_rows_step_as_their_optimizers(dtype):
-    """`train <dtype>`: per group fastembed.torch's drop-in (the anchor) and fused rows, torch's row and a limit of
-    the dtype's bytes, no numpy API or FBGEMM rows (notes say why); each row times tables of the dtype, moves
-    as the float64 oracle of its optimizer (within the dtype's tolerance), and the case passes its check."""
+def test_train_dtype_case_rows_step_as_their_optimizers(dtype, monkeypatch):
+    """`train <dtype>`: per group fastembed.torch's drop-in (the anchor) and fused rows, the numpy API's rows of the
+    float32 case, torch's row and a limit of the dtype's bytes, no FBGEMM rows (a note says why); each row times
+    tables of the dtype (the numpy API's layers are handed tables of the dtype, timed and checked), moves as the
+    float64 oracle of its optimizer (within the dtype's tolerance), and the case passes its check."""
     if dtype == "bfloat16" and not HAS_ML_DTYPES:
         pytest.skip("the bfloat16 oracle needs ml_dtypes")
     data, ctx = tiny_data(), torch_ctx()
     case = cases.build_case(data, "train", ctx, dtype)
     assert case.op == f"train {dtype}" and case.dtype == dtype
     assert [(m.group, m.name) for m in case.methods] == [(g, n) for g in train.GROUPS for n in train_dtype_rows(g)]
-    assert train.NUMPY_DTYPE_SKIP in case.skips and train.FBGEMM_DTYPE_SKIP in case.skips
+    assert train.FBGEMM_DTYPE_SKIP in case.skips and train.NUMPY_BFLOAT16_SKIP not in case.skips
     itemsize = 8 if dtype == "float64" else 2
     counts = np.bincount(data.ids.reshape(-1), minlength=TINY.vocab)
     cold = counts <= train.TORCH_HALF_CHECK_LOOKUPS
     assert not cold.all()  # row 2 is named three times: the halves' torch sparse rows skip it
     hyper = train.HALF_CHECK_HYPER if dtype in ("float16", "bfloat16") else train.CHECK_HYPER
     tol = {"float64": 1e-12, "float16": 2.0**-10, "bfloat16": 2.0**-7}[dtype]
+    layer_dtypes = []  # the dtype of every table a numpy API layer is built from
+    pretrained = fastembed.Embedding.from_pretrained.__func__
+
+    def recording(cls, weight, **kwargs):
+        layer_dtypes.append(np.asarray(weight).dtype)
+        return pretrained(cls, weight, **kwargs)
+
+    monkeypatch.setattr(fastembed.Embedding, "from_pretrained", classmethod(recording))
     for m in case.methods:
         if m.family == "overhead":
             assert m.nbytes == train.step_bytes(m.group, data, itemsize)
             continue
         assert m.anchor == (m.family == "torch" or m.name == train_dtype_rows(m.group)[0]), m.name
+        layer_dtypes.clear()
         run = m.make()
         run()
         (got,) = m.result()
+        if is_numpy_row(m.name):  # the timed layer and the checked one
+            assert layer_dtypes == [shapes.numpy_dtype(dtype)] * 2, (m.name, layer_dtypes)
         want, _ = train_dtype_oracle(data, m.group, hyper[m.group], dtype)
         rows = np.arange(TINY.vocab)
-        if m.family == "torch" and dtype != "float64" and m.group != "Adam":
+        if halves_cold_rows(dtype, m.name, m.group):
             np.testing.assert_array_equal(m.check_rows, rows[cold])
-            rows = rows[cold]
+            if m.family == "torch":
+                rows = rows[cold]
         else:
             assert m.check_rows is None
         assert got.dtype == (np.float64 if dtype == "float64" else np.float32), m.name  # halves widened, exactly
@@ -1441,18 +1476,63 @@ def test_train_dtype_case_rows_step_as_their_optimizers(dtype):
         assert (counts == 0).any() and np.array_equal(got[counts == 0], start[counts == 0]), m.name
         moved = rows[counts[rows] > 0]  # each moved by its update: off the oracle by less than it moved
         assert (np.abs(got[moved] - want[moved]).max(axis=1) < np.abs(got[moved] - start[moved]).max(axis=1)).all()
+    monkeypatch.undo()
     cases.verify(case, ctx)
     checks = {m.name: case.checks[cases.method_key(m)] for m in case.methods if m.family != "overhead"}
     for group in train.GROUPS:
         anchor, *others = [n for n in train_dtype_rows(group) if n != OVERHEAD_NAME]
         assert checks[anchor] == "baseline"
         for name in others:
-            if name.startswith("fastembed.torch"):
-                assert checks[name] == "bitwise", (name, checks[name])  # each rounds once per stored element
-            elif dtype != "float64" and group != "Adam":
+            if halves_cold_rows(dtype, name, group):
                 assert checks[name].endswith(f" on {cold.sum()} of {TINY.vocab} rows"), checks[name]
-    half_note = train.torch_half_check_note(cold.sum(), TINY.vocab)
-    assert (half_note in case.skips) == (dtype != "float64")
+            elif name.startswith("fastembed.torch") or (is_numpy_row(name) and group != "SGD"):
+                # each rounds once per stored element (the numpy API's SparseAdam checked with torch's eps)
+                assert checks[name] == "bitwise", (name, checks[name])
+            elif is_numpy_row(name):  # float64's SGD: each lookup moved in another order
+                assert checks[name] == "bitwise" or checks[name].startswith("close"), (name, checks[name])
+    half_notes = [train.torch_half_check_note(cold.sum(), TINY.vocab), train.numpy_half_sgd_note(cold.sum(), TINY.vocab)]
+    assert [n in case.skips for n in half_notes] == [dtype != "float64"] * 2
+
+
+def numpy_buggy_row(data, m, dtype, bug):
+    """The numpy API row m of `train <dtype>` rebuilt with its step broken, "still" (the table never moves) or
+    "twice" (two updates per step), with the case's check settings (SparseAdam's with torch's eps)."""
+    arrays, _ = shapes.in_dtype((data.token_table, data.grad_hidden), dtype, None)
+    if m.name == train.numpy_fused_row_name(m.group):
+        state, kwargs = train.numpy_fused_state, {}
+    else:
+        state, kwargs = train.numpy_api_state, {"coalesce": m.name != train.numpy_lookups_row_name(m.group)}
+
+    def factory(hyper, torch_eps=False):
+        step, weights = state(data, m.group, hyper, arrays=arrays, torch_eps=torch_eps, **kwargs)
+        if bug == "still":
+            return (lambda: None), weights
+        return (lambda: (step(), step())), weights
+
+    check_hyper = train.HALF_CHECK_HYPER if dtype in train.HALF_DTYPES else train.CHECK_HYPER
+    return train.row(m.name, "fastembed", m.group, factory, m.threads, check_hyper=check_hyper,
+                     check_rows=m.check_rows, check_factory=functools.partial(factory, torch_eps=True))
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed")
+@pytest.mark.parametrize("dtype", TRAIN_DTYPES)
+@pytest.mark.parametrize("bug", ["still", "twice"])
+def test_train_dtype_check_fails_on_a_numpy_row_that_misses_or_doubles_its_update(dtype, bug):
+    """Each numpy API row of `train <dtype>` is checked against fastembed.torch's drop-in: one whose step does not
+    update, or updates twice, fails the check before timing (and the rows as built pass it)."""
+    if dtype == "bfloat16" and not HAS_ML_DTYPES:
+        pytest.skip("bench.shapes.in_dtype's bfloat16 arrays need ml_dtypes")
+    data, ctx = tiny_data(), torch_ctx()
+    case = cases.build_case(data, "train", ctx, dtype)
+    numpy_rows = [m for m in case.methods if is_numpy_row(m.name)]
+    assert len(numpy_rows) == 1 + 3 * len(train.NUMPY_FUSED_GROUPS)
+    for m in numpy_rows:
+        k = case.methods.index(m)
+        case.methods[k] = numpy_buggy_row(data, m, dtype, bug)
+        with pytest.raises(cases.CheckError, match=f"train {dtype}: {re.escape(m.name)}"):
+            cases.verify(case, ctx)
+        case.methods[k] = m
+    cases.verify(case, ctx)
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed")
@@ -1490,11 +1570,53 @@ def test_train_step_bytes_scale_with_the_itemsize():
         assert (train.step_bytes(group, data, 8), train.step_bytes(group, data, 2)) == (2 * f32, f32 // 2), group
 
 
-def test_train_dtype_case_without_torch_is_a_note():
-    """Every row of `train <dtype>` needs PyTorch: without it the case has no rows, and notes say why."""
-    case = cases.build_case(tiny_data(), "train", cases.Context(threads=1, fe_threads=(1,)), "float16")
-    assert case.methods == [] and case.skips == [
-        train.NUMPY_DTYPE_SKIP, "torch and fastembed.torch rows: skipped (no PyTorch in this run)"]
+@pytest.mark.parametrize("dtype", TRAIN_DTYPES)
+def test_train_dtype_case_without_torch_keeps_the_numpy_rows(dtype):
+    """Without PyTorch `train <dtype>` has the numpy API's rows alone (notes say why): the coalesced row anchors its
+    group but on half tables SGD's (checked on some table rows, it cannot anchor: the coalesce=False row does);
+    each row moves as the float64 oracle, and the case passes its check."""
+    if dtype == "bfloat16" and not HAS_ML_DTYPES:
+        pytest.skip("the bfloat16 oracle needs ml_dtypes")
+    data, ctx = tiny_data(), cases.Context(threads=1, fe_threads=(1,))
+    case = cases.build_case(data, "train", ctx, dtype)
+    rows = [(g, n) for g in train.GROUPS for n in train_dtype_rows(g, torch=False)]
+    assert [(m.group, m.name) for m in case.methods] == rows
+    half = dtype in train.HALF_DTYPES
+    anchors = [m.name for m in case.methods if m.anchor]
+    assert anchors == [train.numpy_lookups_row_name("SGD") if half else train.numpy_row_name("SGD")] + [
+        train.numpy_row_name(g) for g in train.GROUPS[1:]]
+    cold = np.bincount(data.ids.reshape(-1), minlength=TINY.vocab) <= train.TORCH_HALF_CHECK_LOOKUPS
+    assert case.skips == [train.FBGEMM_DTYPE_SKIP, "torch and fastembed.torch rows: skipped (no PyTorch in this run)"] + (
+        [train.numpy_half_sgd_note(cold.sum(), TINY.vocab)] if half else [])
+    hyper = train.HALF_CHECK_HYPER if half else train.CHECK_HYPER
+    tol = {"float64": 1e-12, "float16": 2.0**-10, "bfloat16": 2.0**-7}[dtype]
+    for m in case.methods:
+        if m.family != "overhead":
+            (got,) = m.result()
+            want, _ = train_dtype_oracle(data, m.group, hyper[m.group], dtype)
+            np.testing.assert_allclose(got, want, rtol=tol, atol=tol, err_msg=m.name)
+    cases.verify(case, ctx)
+    sgd = case.checks[cases.method_key(case.methods[0])]
+    assert sgd.endswith(f" on {cold.sum()} of {TINY.vocab} rows") if half else sgd == "baseline"
+
+
+@pytest.mark.parametrize("with_torch", [True, False])
+def test_train_bfloat16_without_ml_dtypes_leaves_the_numpy_rows_out(monkeypatch, with_torch):
+    """Without ml_dtypes (numpy has no bfloat16) `train bfloat16` has fastembed.torch's and torch's rows alone and
+    a note saying why the numpy API's are missing; with neither ml_dtypes nor torch, no rows and a note."""
+    if with_torch and not HAS_TORCH:
+        pytest.skip("PyTorch is not installed")
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)  # `import ml_dtypes` raises ImportError
+    ctx = torch_ctx() if with_torch else cases.Context(threads=1, fe_threads=(1,))
+    case = cases.build_case(tiny_data(), "train", ctx, "bfloat16")
+    if not with_torch:
+        assert case.methods == [] and case.skips == ["skipped: bfloat16 needs ml_dtypes (the numpy API) or PyTorch"]
+        return
+    assert [(m.group, m.name) for m in case.methods] == [
+        (g, n) for g in train.GROUPS for n in train_dtype_rows(g, numpy=False)]
+    assert case.skips[0] == train.NUMPY_BFLOAT16_SKIP and "ml_dtypes" in train.NUMPY_BFLOAT16_SKIP
+    assert not any(is_numpy_row(m.name) for m in case.methods)
+    cases.verify(case, ctx)
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed")
@@ -1513,5 +1635,7 @@ def test_dtypes_option_runs_the_train_op_per_dtype(tmp_path):
                if r["family"] != "overhead")
     printed = {(op, method) for op, method, _ in table_rows(text, "seed-1x16")}
     assert all(("train float16", r["method"]) in printed for r in half)
-    assert f"train float16: {train.NUMPY_DTYPE_SKIP} [seed-1x16]" in doc["notes"]
+    assert not any("numpy API" in n for n in doc["notes"] if n.startswith("train float16"))  # seed-1x16: 16 ids
+    numpy_checks = [r["check"] for r in half if is_numpy_row(r["method"])]
+    assert len(numpy_checks) == 1 + 3 * len(train.NUMPY_FUSED_GROUPS) and "baseline" not in numpy_checks
     assert not [t for t in doc["targets"] if "float16" in t["target"]]  # the train targets are float32's
