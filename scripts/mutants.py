@@ -2397,6 +2397,65 @@ MUTANTS += [
            (DTYPES, "-k", "both_code_paths")),
 ]
 
+# bench: the numpy API's rows of `train <dtype>`
+MUTANTS += [
+    Mutant("bench-train-np-float32-table", BENCH_TRAIN,
+           "    table, g = (data.token_table, data.grad_hidden) if arrays is None else arrays\n"
+           "    layer = fe.Embedding.from_pretrained(table, sparse=",
+           "    table, g = (data.token_table, data.grad_hidden)\n"
+           "    layer = fe.Embedding.from_pretrained(table, sparse=",
+           "a dtype case's numpy API rows (unfused) time float32's table and gradient: within the halves' tolerance "
+           "of the anchor, so the check passes them",
+           T_TRAIN_DTYPES),
+    Mutant("bench-train-np-fused-float32-table", BENCH_TRAIN,
+           "    table, g = (data.token_table, data.grad_hidden) if arrays is None else arrays\n    rule = ",
+           "    table, g = (data.token_table, data.grad_hidden)\n    rule = ",
+           "a dtype case's numpy API fused rows time float32's table and gradient",
+           T_TRAIN_DTYPES),
+    Mutant("bench-train-np-bf16-without-ml-dtypes", BENCH_TRAIN,
+           "    arrays, tables = in_dtype((data.token_table, data.grad_hidden), dtype, torch)\n",
+           "    arrays, tables = in_dtype((data.token_table, data.grad_hidden), dtype, torch)\n"
+           "    arrays = (data.token_table, data.grad_hidden) if arrays is None else arrays\n",
+           "without ml_dtypes the bfloat16 case keeps numpy API rows, on float32's table, and no note",
+           T_TRAIN_DTYPES),
+    Mutant("bench-train-np-sparse-adam-book-eps", BENCH_TRAIN,
+           "check_factory=functools.partial(factory, torch_eps=True) if as_torch else None,",
+           "check_factory=None,",
+           "the numpy API's SparseAdam rows are checked with the book's eps placement against torch's formula",
+           T_TRAIN_DTYPES),
+    Mutant("bench-train-np-book-eps-step-late", BENCH_TRAIN,
+           "            opt.eps = book_eps(hyper, opt.steps[0] + 1)",
+           "            opt.eps = book_eps(hyper, opt.steps[0] + 2)",
+           "the unfused numpy SparseAdam's check translates torch's eps at the next step's bias correction",
+           T_TRAIN_DTYPES),
+    Mutant("bench-train-np-fused-book-eps-step-late", BENCH_TRAIN,
+           '            rule.eps = book_eps(hyper, int(layer.state["step"]) + 1)',
+           '            rule.eps = book_eps(hyper, int(layer.state["step"]) + 2)',
+           "the fused numpy SparseAdam's check translates torch's eps at the next step's bias correction",
+           T_TRAIN_DTYPES),
+    Mutant("bench-train-np-half-sgd-all-rows", BENCH_TRAIN,
+           'check_rows=sgd_check_rows if (group, k) == ("SGD", 0) else None))',
+           "check_rows=None))",
+           "the numpy API's coalesced SGD is checked on every row of a half table (on hot zipf rows it rounds "
+           "once where the anchor rounds per lookup: a false CheckError)",
+           T_TRAIN_DTYPES),
+    Mutant("bench-train-np-partly-checked-anchor", BENCH_TRAIN,
+           'next(m for m in rows if m.family == "fastembed" and m.check_rows is None).anchor = True',
+           'next(m for m in rows if m.family == "fastembed").anchor = True',
+           "without torch the numpy API's coalesced SGD (checked on some rows) anchors a half case's SGD group",
+           T_TRAIN_DTYPES),
+    Mutant("bench-train-np-anchored", BENCH_TRAIN,
+           "anchor=(arrays is None and k == 0),",
+           "anchor=(k == 0),",
+           "the numpy API's coalesced rows anchor the dtype cases' groups beside fastembed.torch's drop-in",
+           T_TRAIN_DTYPES),
+    Mutant("bench-train-np-dense-adam-unlimited", BENCH_TRAIN,
+           '        if group == "Adam" and not dense_ok:\n            continue\n        states = ',
+           "        states = ",
+           "the numpy API's dense Adam row is built over DENSE_MAX_ELEMENTS (a dense step rewriting a 1M-row table)",
+           T_TRAIN_DTYPES),
+]
+
 
 if __name__ == "__main__":
     sys.exit(main())

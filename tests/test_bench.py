@@ -1601,6 +1601,24 @@ def test_train_dtype_case_without_torch_keeps_the_numpy_rows(dtype):
 
 
 @pytest.mark.parametrize("with_torch", [True, False])
+def test_train_dtype_case_leaves_dense_adam_out_of_a_big_table(monkeypatch, with_torch):
+    """Over DENSE_MAX_ELEMENTS every dense Adam row of `train float16` is left out, the numpy API's too, and a note
+    names each one; the sparse groups keep every row."""
+    if with_torch and not HAS_TORCH:
+        pytest.skip("PyTorch is not installed")
+    data = tiny_data()
+    monkeypatch.setattr(train, "DENSE_MAX_ELEMENTS", data.token_table.size - 1)
+    ctx = torch_ctx() if with_torch else cases.Context(threads=1, fe_threads=(1,))
+    case = cases.build_case(data, "train", ctx, "float16")
+    assert [(m.group, m.name) for m in case.methods] == [
+        (g, n) for g in train.GROUPS[:-1] for n in train_dtype_rows(g, torch=with_torch)]
+    left_out = [train.numpy_row_name("Adam")] + ([train.DTYPE_ADAM_ROW[0], train.torch_row_name("Adam")]
+                                                 if with_torch else [])
+    assert (f"{', '.join(left_out)}: skipped, a dense step rewrites all {data.token_table.size:,} elements of the "
+            f"table (over {data.token_table.size - 1:,})") in case.skips
+
+
+@pytest.mark.parametrize("with_torch", [True, False])
 def test_train_bfloat16_without_ml_dtypes_leaves_the_numpy_rows_out(monkeypatch, with_torch):
     """Without ml_dtypes (numpy has no bfloat16) `train bfloat16` has fastembed.torch's and torch's rows alone and
     a note saying why the numpy API's are missing; with neither ml_dtypes nor torch, no rows and a note."""
