@@ -1600,6 +1600,29 @@ def test_train_dtype_case_without_torch_keeps_the_numpy_rows(dtype):
     assert sgd.endswith(f" on {cold.sum()} of {TINY.vocab} rows") if half else sgd == "baseline"
 
 
+@pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_train_half_case_passes_its_check_with_a_hot_row(dtype):
+    """A row named 128 times (a zipf head): on it the numpy API's coalesced SGD (one rounding of the row's summed
+    gradient) and the anchor (a rounding per lookup) drift apart beyond the tolerance, so that row's check covers
+    the other rows alone and the case passes; checked on every row, it would not."""
+    if dtype == "bfloat16" and not HAS_ML_DTYPES:
+        pytest.skip("bench.shapes.in_dtype's bfloat16 arrays need ml_dtypes")
+    data, ctx = shapes.make_data(shapes.Shape("seed-1x16", 597, 16, 32, 1, 256)), torch_ctx()
+    data.ids[0, :128] = 0
+    case = cases.build_case(data, "train", ctx, dtype)
+    [sgd] = [m for m in case.methods if m.name == train.numpy_row_name("SGD")]
+    counts = np.bincount(data.ids.reshape(-1), minlength=597)
+    cold = np.flatnonzero(counts <= train.TORCH_HALF_CHECK_LOOKUPS)
+    assert counts[0] >= 128 and counts[cold].sum() > 100  # the check still compares the rows of 100+ lookups
+    np.testing.assert_array_equal(sgd.check_rows, cold)
+    cases.verify(case, ctx)
+    assert case.checks[cases.method_key(sgd)].endswith(f" on {len(cold)} of 597 rows")
+    sgd.check_rows = None
+    with pytest.raises(cases.CheckError, match=re.escape(f"train {dtype}: {sgd.name}")):
+        cases.verify(case, ctx)
+
+
 @pytest.mark.parametrize("with_torch", [True, False])
 def test_train_dtype_case_leaves_dense_adam_out_of_a_big_table(monkeypatch, with_torch):
     """Over DENSE_MAX_ELEMENTS every dense Adam row of `train float16` is left out, the numpy API's too, and a note
