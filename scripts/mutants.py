@@ -2383,6 +2383,12 @@ MUTANTS += [
            "_mm256_add_epi32(u, _mm256_set1_epi32(0x8000))",
            "the AVX2 bfloat16 store rounds ties up, not to even",
            (OPT_DTYPES, "-k", "tie")),
+    Mutant("topt-state-dtype-unchecked", "fastembed/torch/optim.py",
+           "_is_table(t) and t.shape == p.shape and t.dtype == p.dtype",
+           "_is_table(t) and t.shape == p.shape",
+           "a drop-in hands a state tensor of another dtype than its parameter to the kernel (which refuses it: "
+           "a TypeError where torch steps)",
+           (T_OPT_DTYPES, "-k", "another_dtype_is_torchs")),
     Mutant("opt16-bf16-portable-adam-eps-dropped", HDR,
            "        w[d].bits = FROM_F(TO_F(w[d].bits) - lr * (md * inv_bias1) / (sqrtf(vd * inv_bias2) + eps));",
            "        w[d].bits = FROM_F(TO_F(w[d].bits) - lr * (md * inv_bias1) / sqrtf(vd * inv_bias2));",

@@ -273,3 +273,51 @@ def test_fused_state_dict_moves_in_the_tables_dtype(dtype):
         assert torch.equal(value.view(torch.int16) if value.dtype == torch.bfloat16 else value,
                            b.state_dict()[key].view(torch.int16) if value.dtype == torch.bfloat16
                            else b.state_dict()[key]), key
+
+
+def hand_set_state(name, opt, p, dtype):
+    """The state a step starts from, set by hand in another dtype than p's (torch's load_state_dict would
+    cast it to p's dtype: only a hand-set state gets here): Adagrad's sum (made by its constructor), the
+    Adams' moments (made at their first step, so made here as torch makes them)."""
+    state = opt.state[p]
+    if name == "Adagrad":
+        state["sum"] = state["sum"].to(dtype)
+    elif name == "SparseAdam":
+        state.update(step=0, exp_avg=torch.zeros_like(p, dtype=dtype), exp_avg_sq=torch.zeros_like(p, dtype=dtype))
+    else:
+        state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p, dtype=dtype),
+                     exp_avg_sq=torch.zeros_like(p, dtype=dtype))
+
+
+@pytest.mark.parametrize("state_dtype", (torch.float64, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("name,source", [c for c in CASES if c[0] != "SGD"])
+def test_a_state_of_another_dtype_is_torchs_step(monkeypatch, name, source, state_dtype):
+    """A float32 table whose state tensors have another dtype is not the kernels' (they refuse a state of
+    another dtype than the weight): the drop-in leaves the step to torch, which gives what torch.optim gives
+    on the same table, state and gradient: the same weights and state bit for bit, or the same error."""
+    calls = []
+    for kernel in set(KERNEL_OF.values()):
+        real = getattr(_kernels, kernel)
+        monkeypatch.setattr(fo._kernels, kernel, lambda *a, _real=real, **k: calls.append(a) or _real(*a, **k))
+    outcomes = []
+    for cls in (getattr(torch.optim, name), getattr(fo, name)):
+        w0, ids, grad_out = problem(torch.float32, 11)
+        emb = torch.nn.Embedding(V, D, sparse=source == "sparse", _weight=w0.clone())
+        opt = cls(emb.parameters(), **OPTIONS[name])
+        hand_set_state(name, opt, emb.weight, state_dtype)
+        emb(ids).backward(grad_out)
+        try:
+            opt.step()
+            outcomes.append((emb.weight.detach().clone(),
+                             {k: v.clone() for k, v in opt.state[emb.weight].items() if isinstance(v, torch.Tensor)}))
+        except RuntimeError as error:
+            outcomes.append(type(error))
+    assert not calls, "the kernel took a state of another dtype"
+    theirs, ours = outcomes
+    if not isinstance(theirs, tuple):
+        assert ours is theirs
+        return
+    assert torch.equal(ours[0], theirs[0]) and not torch.equal(ours[0], w0)
+    assert ours[1].keys() == theirs[1].keys()
+    for key in theirs[1]:
+        assert ours[1][key].dtype == theirs[1][key].dtype and torch.equal(ours[1][key], theirs[1][key]), key
