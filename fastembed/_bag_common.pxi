@@ -282,20 +282,6 @@ cdef inline float _bag_round(elem_t* like, float v) noexcept nogil:
     return _bag_f(tmp)
 
 
-cdef inline void _bag_prefetch(const elem_t* row, Py_ssize_t D) noexcept nogil:
-    if elem_t is float:
-        _prefetch_row(row, D)
-    else:
-        _prefetch_bytes(<const char*>row, D * <Py_ssize_t>sizeof(elem_t), False)
-
-
-cdef inline void _bag_prefetch_write(elem_t* row, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
-    if elem_t is float:
-        _prefetch_row_write(row, c0, c1)
-    else:
-        _prefetch_bytes(<const char*>(row + c0), (c1 - c0) * <Py_ssize_t>sizeof(elem_t), True)
-
-
 cdef inline int _bag_threads(Py_ssize_t work, Py_ssize_t B) noexcept nogil:
     """Threads for a loop split by bags: never more than there are bags."""
     cdef int n = _threads_for(work)
