@@ -17,11 +17,8 @@
 # forward, the sparse rows and the weights' gradient, and columns in the dense backward (as scatter_add):
 # the results are bitwise the same for every thread count.
 
-from libc.string cimport memset
-
 cdef extern from "_fastembed.h" nogil:
     void fe_bag_axpy(float* out, const float* a, Py_ssize_t n, float s)
-    void fe_first_into(float* g, const float* s, Py_ssize_t n)
     void fe_bag_sum_ptrs(float* out, const float* const* rows, Py_ssize_t k, Py_ssize_t n)
     Py_ssize_t fe_bag_sum32_i32(float* out, const float* table, int64_t V, const int32_t* ids, const int64_t* offs,
                                 Py_ssize_t L, Py_ssize_t N, Py_ssize_t b0, Py_ssize_t b1, Py_ssize_t last,
