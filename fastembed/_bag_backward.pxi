@@ -97,7 +97,7 @@ cdef Py_ssize_t _bag_backward_cols(elem_t* grad, Py_ssize_t V, Py_ssize_t D, con
             inv = _bag_inv(grad, _bag_kept(ids, lo, hi, pad))
         for i in range(lo, hi):
             if i + PREFETCH_ROWS < hi:
-                _bag_prefetch_write(grad + <Py_ssize_t>ids[i + PREFETCH_ROWS] * D, c0, c1)
+                _prefetch_elems_write(grad + <Py_ssize_t>ids[i + PREFETCH_ROWS] * D, c0, c1)
             r = ids[i]
             if _outside(r, V):
                 skipped += 1

@@ -17,11 +17,8 @@
 # forward, the sparse rows and the weights' gradient, and columns in the dense backward (as scatter_add):
 # the results are bitwise the same for every thread count.
 
-from libc.string cimport memset
-
 cdef extern from "_fastembed.h" nogil:
     void fe_bag_axpy(float* out, const float* a, Py_ssize_t n, float s)
-    void fe_first_into(float* g, const float* s, Py_ssize_t n)
     void fe_bag_sum_ptrs(float* out, const float* const* rows, Py_ssize_t k, Py_ssize_t n)
     Py_ssize_t fe_bag_sum32_i32(float* out, const float* table, int64_t V, const int32_t* ids, const int64_t* offs,
                                 Py_ssize_t L, Py_ssize_t N, Py_ssize_t b0, Py_ssize_t b1, Py_ssize_t last,
@@ -280,20 +277,6 @@ cdef inline float _bag_round(elem_t* like, float v) noexcept nogil:
     cdef elem_t tmp
     _bag_set(&tmp, v)
     return _bag_f(tmp)
-
-
-cdef inline void _bag_prefetch(const elem_t* row, Py_ssize_t D) noexcept nogil:
-    if elem_t is float:
-        _prefetch_row(row, D)
-    else:
-        _prefetch_bytes(<const char*>row, D * <Py_ssize_t>sizeof(elem_t), False)
-
-
-cdef inline void _bag_prefetch_write(elem_t* row, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
-    if elem_t is float:
-        _prefetch_row_write(row, c0, c1)
-    else:
-        _prefetch_bytes(<const char*>(row + c0), (c1 - c0) * <Py_ssize_t>sizeof(elem_t), True)
 
 
 cdef inline int _bag_threads(Py_ssize_t work, Py_ssize_t B) noexcept nogil:

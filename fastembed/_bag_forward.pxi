@@ -114,7 +114,7 @@ cdef Py_ssize_t _bag_forward_rows(const elem_t* table, Py_ssize_t V, Py_ssize_t 
         pending = 0
         for i in range(lo, hi):
             if i + PREFETCH_ROWS < last:
-                _bag_prefetch(table + <Py_ssize_t>ids[i + PREFETCH_ROWS] * D, D)
+                _prefetch_elems(table + <Py_ssize_t>ids[i + PREFETCH_ROWS] * D, D)
             r = ids[i]
             if _outside(r, V):
                 skipped += 1

@@ -33,7 +33,7 @@ cdef Py_ssize_t _bag_weights_grad_rows(const elem_t* table, Py_ssize_t V, Py_ssi
         hi = _bag_end(offs, L, N, b)
         for i in range(lo, hi):
             if i + PREFETCH_ROWS < hi:
-                _bag_prefetch(table + <Py_ssize_t>ids[i + PREFETCH_ROWS] * D, D)
+                _prefetch_elems(table + <Py_ssize_t>ids[i + PREFETCH_ROWS] * D, D)
             r = ids[i]
             if _outside(r, V):
                 skipped += 1

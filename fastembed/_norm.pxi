@@ -74,33 +74,26 @@ cdef extern from "_fastembed.h" nogil:
     uint16_t fe_float_to_f16_sw(float f)
 
 
-# The renorm's element types: elem_t's four, declared again so that the 16-bit helpers below can be
-# fused over the same type as the loop that calls them (their float and double forms are never called).
-ctypedef fused norm_elem_t:
-    float
-    double
-    fe_f16
-    fe_bf16
-
-
-cdef inline float _acc_value(norm_elem_t x) noexcept nogil:
-    if norm_elem_t is fe_f16:
+# The renorm's helpers and loops are fused over elem_t (_kernels.pyx), the type of the loop that calls
+# them (the float and double forms of the 16-bit helpers are never called).
+cdef inline float _acc_value(elem_t x) noexcept nogil:
+    if elem_t is fe_f16:
         return fe_f16_to_float_sw(x.bits)
-    elif norm_elem_t is fe_bf16:
+    elif elem_t is fe_bf16:
         return fe_bf16_to_float(x.bits)
     else:
         return <float>x
 
 
-cdef inline norm_elem_t _rounded_to(norm_elem_t* like, float f) noexcept nogil:
+cdef inline elem_t _rounded_to(elem_t* like, float f) noexcept nogil:
     """f rounded to the format of *like (the pointer only picks the specialisation)."""
-    cdef norm_elem_t out
-    if norm_elem_t is fe_f16:
+    cdef elem_t out
+    if elem_t is fe_f16:
         out.bits = fe_float_to_f16_sw(f)
-    elif norm_elem_t is fe_bf16:
+    elif elem_t is fe_bf16:
         out.bits = fe_float_to_bf16(f)
     else:
-        out = <norm_elem_t>f
+        out = <elem_t>f
     return out
 
 
@@ -143,14 +136,14 @@ cdef inline double _row_norm_f64(const double* row, Py_ssize_t D, int kind, doub
     return c_pow(acc, root)
 
 
-cdef inline float _row_norm_half(const norm_elem_t* row, Py_ssize_t D, int kind, float p) noexcept nogil:
+cdef inline float _row_norm_half(const elem_t* row, Py_ssize_t D, int kind, float p) noexcept nogil:
     """torch's norm of a float16 or bfloat16 row, accumulated in float32 in torch's order, not yet
     rounded to the row's format."""
     cdef Py_ssize_t j, m, l
     cdef float acc = 0.0, a
     cdef float lanes[8]
     if kind == NORM_TWO:
-        if norm_elem_t is fe_bf16:
+        if elem_t is fe_bf16:
             # torch's vectorised bfloat16 kernel: blocks of 16 columns widened to two float32 vectors
             # of 8, each squared and added into the same 8 lanes
             for l in range(8):
@@ -194,32 +187,32 @@ cdef inline float _row_norm_half(const norm_elem_t* row, Py_ssize_t D, int kind,
     return powf(acc, <float>1.0 / p)
 
 
-cdef inline void _renorm_rows(norm_elem_t* table, Py_ssize_t D, const int64_t* rows, Py_ssize_t lo, Py_ssize_t hi,
+cdef inline void _renorm_rows(elem_t* table, Py_ssize_t D, const int64_t* rows, Py_ssize_t lo, Py_ssize_t hi,
                               double max_norm, int kind, double p) noexcept nogil:
     """Rows rows[lo:hi] (distinct, in range) of table scaled to p-norm max_norm where they exceed it."""
     cdef Py_ssize_t i, j
-    cdef norm_elem_t* row
+    cdef elem_t* row
     cdef double norm, wide_scale
     cdef float scale
     for i in range(lo, hi):
         row = table + rows[i] * D
         # torch's norm is a value of the table's dtype
-        if norm_elem_t is float:
+        if elem_t is float:
             norm = <double><float>_row_norm(row, D, kind, p)  # torch's norm is a float32 value
-        elif norm_elem_t is double:
+        elif elem_t is double:
             norm = _row_norm_f64(row, D, kind, p)
-        elif norm_elem_t is fe_f16:
+        elif elem_t is fe_f16:
             norm = fe_f16_to_float_sw(fe_float_to_f16_sw(_row_norm_half(row, D, kind, <float>p)))
         else:
             norm = fe_bf16_to_float(fe_float_to_bf16(_row_norm_half(row, D, kind, <float>p)))
         if norm > max_norm:
-            if norm_elem_t is double:
+            if elem_t is double:
                 wide_scale = max_norm / (norm + 1e-7)
                 for j in range(D):
                     row[j] = row[j] * wide_scale
             else:
                 scale = <float>(max_norm / (norm + 1e-7))
-                if norm_elem_t is float:
+                if elem_t is float:
                     for j in range(D):
                         row[j] = row[j] * scale
                 else:
@@ -230,7 +223,7 @@ cdef inline void _renorm_rows(norm_elem_t* table, Py_ssize_t D, const int64_t* r
                         row[j] = _rounded_to(row, _acc_value(row[j]) * scale)
 
 
-cdef void _renorm(norm_elem_t* table, Py_ssize_t D, const int64_t* rows, Py_ssize_t U, double max_norm, int kind,
+cdef void _renorm(elem_t* table, Py_ssize_t D, const int64_t* rows, Py_ssize_t U, double max_norm, int kind,
                   double p, int nthreads, int* team) noexcept nogil:
     cdef int k
     team[0] = 1
