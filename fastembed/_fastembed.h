@@ -230,6 +230,52 @@ FE_F16C_FN static void fe_f16c_narrow(uint16_t *FE_RESTRICT h, const float *FE_R
         fe_f16c_store(h + d, _mm256_loadu_ps(tmp), n - d);
     }
 }
+#define FE_AVX2_FN __attribute__((target("avx2")))
+FE_AVX2_FN static inline __m256 fe_avx2_bf16_load(const uint16_t *p, ptrdiff_t n) {
+    __m128i h;
+    if (n >= 8) {
+        h = _mm_loadu_si128((const __m128i *)p);
+    } else {
+        uint16_t lanes[8] = {0};
+        memcpy(lanes, p, (size_t)n * 2);
+        h = _mm_loadu_si128((const __m128i *)lanes);
+    }
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+/* fe_float_to_bf16 on eight lanes: (u + 0x7fff + lsb) >> 16, a NaN as 0x7fc0; packed to 16 bits in order. */
+FE_AVX2_FN static inline void fe_avx2_bf16_store(uint16_t *p, __m256 x, ptrdiff_t n) {
+    const __m256i u = _mm256_castps_si256(x);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                           _mm256_set1_epi32(0x7f800000));
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
+    const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    if (n >= 8) { _mm_storeu_si128((__m128i *)p, h); return; }
+    uint16_t lanes[8];
+    _mm_storeu_si128((__m128i *)lanes, h);
+    memcpy(p, lanes, (size_t)n * 2);
+}
+/* bfloat16 rows with AVX2 (the portable loops' bits: widening exact, one float32 op, fe_float_to_bf16's rounding):
+   the lookups' adds and the 16-bit SGD row, eight lanes at a time. */
+FE_AVX2_FN static void fe_avx2_bf16_add_rows(uint16_t *FE_RESTRICT out, const uint16_t *FE_RESTRICT a,
+                                             const uint16_t *FE_RESTRICT b, ptrdiff_t n) {
+    for (ptrdiff_t d = 0; d < n; d += 8)
+        fe_avx2_bf16_store(out + d, _mm256_add_ps(fe_avx2_bf16_load(a + d, n - d), fe_avx2_bf16_load(b + d, n - d)),
+                           n - d);
+}
+FE_AVX2_FN static void fe_avx2_bf16_add_into(uint16_t *FE_RESTRICT g, const uint16_t *FE_RESTRICT s, ptrdiff_t n) {
+    for (ptrdiff_t d = 0; d < n; d += 8)
+        fe_avx2_bf16_store(g + d, _mm256_add_ps(fe_avx2_bf16_load(g + d, n - d), fe_avx2_bf16_load(s + d, n - d)),
+                           n - d);
+}
+FE_AVX2_FN static void fe_avx2_bf16_scaled_add(uint16_t *FE_RESTRICT w, const uint16_t *FE_RESTRICT g, ptrdiff_t n,
+                                               float a) {
+    const __m256 av = _mm256_set1_ps(a);
+    for (ptrdiff_t d = 0; d < n; d += 8)
+        fe_avx2_bf16_store(w + d, _mm256_add_ps(fe_avx2_bf16_load(w + d, n - d),
+                                                _mm256_mul_ps(av, fe_avx2_bf16_load(g + d, n - d))), n - d);
+}
 /* 1: F16C; 0: the portable code. Set once at import (fe_f16_init) and by a private test hook. fe_use_avx2:
    the same for the bfloat16 rows written with AVX2 intrinsics (the switch turns both on or off). */
 static int fe_use_f16c = 0;
@@ -287,14 +333,27 @@ FE_CLONES static void fe_first_into(float *FE_RESTRICT g, const float *FE_RESTRI
 FE_CLONES static void fe_first_into_f64(double *FE_RESTRICT g, const double *FE_RESTRICT s, ptrdiff_t n) {
     for (ptrdiff_t d = 0; d < n; d++) g[d] = 0.0 + s[d];
 }
-FE_CLONES static void fe_add_rows_bf16(fe_bf16 *FE_RESTRICT out, const fe_bf16 *FE_RESTRICT a,
-                                       const fe_bf16 *FE_RESTRICT b, ptrdiff_t n) {
+FE_CLONES static void fe_add_rows_bf16_sw(fe_bf16 *FE_RESTRICT out, const fe_bf16 *FE_RESTRICT a,
+                                          const fe_bf16 *FE_RESTRICT b, ptrdiff_t n) {
     for (ptrdiff_t d = 0; d < n; d++)
         out[d].bits = fe_float_to_bf16(fe_bf16_to_float(a[d].bits) + fe_bf16_to_float(b[d].bits));
 }
-FE_CLONES static void fe_add_into_bf16(fe_bf16 *FE_RESTRICT g, const fe_bf16 *FE_RESTRICT s, ptrdiff_t n) {
+FE_CLONES static void fe_add_into_bf16_sw(fe_bf16 *FE_RESTRICT g, const fe_bf16 *FE_RESTRICT s, ptrdiff_t n) {
     for (ptrdiff_t d = 0; d < n; d++)
         g[d].bits = fe_float_to_bf16(fe_bf16_to_float(g[d].bits) + fe_bf16_to_float(s[d].bits));
+}
+static void fe_add_rows_bf16(fe_bf16 *FE_RESTRICT out, const fe_bf16 *FE_RESTRICT a, const fe_bf16 *FE_RESTRICT b,
+                             ptrdiff_t n) {
+#if FE_HAVE_F16C
+    if (fe_use_avx2) { fe_avx2_bf16_add_rows((uint16_t *)out, (const uint16_t *)a, (const uint16_t *)b, n); return; }
+#endif
+    fe_add_rows_bf16_sw(out, a, b, n);
+}
+static void fe_add_into_bf16(fe_bf16 *FE_RESTRICT g, const fe_bf16 *FE_RESTRICT s, ptrdiff_t n) {
+#if FE_HAVE_F16C
+    if (fe_use_avx2) { fe_avx2_bf16_add_into((uint16_t *)g, (const uint16_t *)s, n); return; }
+#endif
+    fe_add_into_bf16_sw(g, s, n);
 }
 FE_CLONES static void fe_widen_bf16(float *FE_RESTRICT out, const fe_bf16 *FE_RESTRICT h, ptrdiff_t n) {
     for (ptrdiff_t d = 0; d < n; d++) out[d] = fe_bf16_to_float(h[d].bits);
@@ -344,11 +403,17 @@ FE_FMA_CLONES static void fe_scaled_add_f64(double *FE_RESTRICT w, const double 
                                             double a) {
     for (ptrdiff_t d = 0; d < n; d++) w[d] = fma(a, g[d], w[d]);
 }
-FE_CLONES static void fe_scaled_add_bf16(fe_bf16 *FE_RESTRICT w, const fe_bf16 *FE_RESTRICT g, ptrdiff_t n,
-                                         float a) {
-    const float a16 = fe_bf16_to_float(fe_float_to_bf16(a));
+FE_CLONES static void fe_scaled_add_bf16_sw(fe_bf16 *FE_RESTRICT w, const fe_bf16 *FE_RESTRICT g, ptrdiff_t n,
+                                            float a16) {
     for (ptrdiff_t d = 0; d < n; d++)
         w[d].bits = fe_float_to_bf16(fe_bf16_to_float(w[d].bits) + a16 * fe_bf16_to_float(g[d].bits));
+}
+static void fe_scaled_add_bf16(fe_bf16 *FE_RESTRICT w, const fe_bf16 *FE_RESTRICT g, ptrdiff_t n, float a) {
+    const float a16 = fe_bf16_to_float(fe_float_to_bf16(a));
+#if FE_HAVE_F16C
+    if (fe_use_avx2) { fe_avx2_bf16_scaled_add((uint16_t *)w, (const uint16_t *)g, n, a16); return; }
+#endif
+    fe_scaled_add_bf16_sw(w, g, n, a16);
 }
 static void fe_scaled_add_f16(fe_f16 *FE_RESTRICT w, const fe_f16 *FE_RESTRICT g, ptrdiff_t n, float a) {
     /* the portable conversions: F16C's give the same bits (tests/test_dtypes.py holds them to it) */
@@ -428,32 +493,6 @@ FE_F16C_FN static void fe_f16c_adam_row(uint16_t *FE_RESTRICT w, uint16_t *FE_RE
 FE_F16C_FN static void fe_f16c_adagrad_row(uint16_t *FE_RESTRICT w, uint16_t *FE_RESTRICT s,
                                            const uint16_t *FE_RESTRICT g, ptrdiff_t n, float clr, float eps) {
     FE_ADAGRAD_LANES(fe_f16c_load, fe_f16c_store)
-}
-#define FE_AVX2_FN __attribute__((target("avx2")))
-FE_AVX2_FN static inline __m256 fe_avx2_bf16_load(const uint16_t *p, ptrdiff_t n) {
-    __m128i h;
-    if (n >= 8) {
-        h = _mm_loadu_si128((const __m128i *)p);
-    } else {
-        uint16_t lanes[8] = {0};
-        memcpy(lanes, p, (size_t)n * 2);
-        h = _mm_loadu_si128((const __m128i *)lanes);
-    }
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-/* fe_float_to_bf16 on eight lanes: (u + 0x7fff + lsb) >> 16, a NaN as 0x7fc0; packed to 16 bits in order. */
-FE_AVX2_FN static inline void fe_avx2_bf16_store(uint16_t *p, __m256 x, ptrdiff_t n) {
-    const __m256i u = _mm256_castps_si256(x);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
-    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
-                                           _mm256_set1_epi32(0x7f800000));
-    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
-    const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-    if (n >= 8) { _mm_storeu_si128((__m128i *)p, h); return; }
-    uint16_t lanes[8];
-    _mm_storeu_si128((__m128i *)lanes, h);
-    memcpy(p, lanes, (size_t)n * 2);
 }
 FE_AVX2_FN static void fe_avx2_bf16_adam_row(uint16_t *FE_RESTRICT w, uint16_t *FE_RESTRICT m,
                                              uint16_t *FE_RESTRICT v, const uint16_t *FE_RESTRICT g, ptrdiff_t n,
