@@ -256,30 +256,49 @@ FE_AVX2_FN static inline void fe_avx2_bf16_store(uint16_t *p, __m256 x, ptrdiff_
     _mm_storeu_si128((__m128i *)lanes, h);
     memcpy(p, lanes, (size_t)n * 2);
 }
-/* bfloat16 rows with AVX2 (the portable loops' bits: widening exact, one float32 op, fe_float_to_bf16's rounding):
-   the lookups' adds and the 16-bit SGD row, eight lanes at a time. */
-FE_AVX2_FN static void fe_avx2_bf16_add_rows(uint16_t *FE_RESTRICT out, const uint16_t *FE_RESTRICT a,
-                                             const uint16_t *FE_RESTRICT b, ptrdiff_t n) {
-    for (ptrdiff_t d = 0; d < n; d += 8)
-        fe_avx2_bf16_store(out + d, _mm256_add_ps(fe_avx2_bf16_load(a + d, n - d), fe_avx2_bf16_load(b + d, n - d)),
-                           n - d);
+/* vcvtneps2bf16 (AVX512_BF16) rounds to nearest even as fe_float_to_bf16 does, in one instruction, but reads a
+   subnormal float32 as zero and keeps a NaN's sign and payload: a vector holding either goes to the integer
+   lanes above instead (fpclass: quiet NaN 0x01, subnormal 0x20, signalling NaN 0x80). */
+#define FE_AVX512BF16_FN __attribute__((target("avx512f,avx512vl,avx512dq,avx512bf16")))
+FE_AVX512BF16_FN static inline void fe_avx512_bf16_store(uint16_t *p, __m256 x, ptrdiff_t n) {
+    if (_mm256_fpclass_ps_mask(x, 0x01 | 0x20 | 0x80)) {
+        fe_avx2_bf16_store(p, x, n);
+        return;
+    }
+    const __m128i h = (__m128i)_mm256_cvtneps_pbh(x);
+    if (n >= 8) { _mm_storeu_si128((__m128i *)p, h); return; }
+    uint16_t rounded[8];
+    _mm_storeu_si128((__m128i *)rounded, h);
+    memcpy(p, rounded, (size_t)n * 2);
 }
-FE_AVX2_FN static void fe_avx2_bf16_add_into(uint16_t *FE_RESTRICT g, const uint16_t *FE_RESTRICT s, ptrdiff_t n) {
-    for (ptrdiff_t d = 0; d < n; d += 8)
-        fe_avx2_bf16_store(g + d, _mm256_add_ps(fe_avx2_bf16_load(g + d, n - d), fe_avx2_bf16_load(s + d, n - d)),
-                           n - d);
-}
-FE_AVX2_FN static void fe_avx2_bf16_scaled_add(uint16_t *FE_RESTRICT w, const uint16_t *FE_RESTRICT g, ptrdiff_t n,
-                                               float a) {
-    const __m256 av = _mm256_set1_ps(a);
-    for (ptrdiff_t d = 0; d < n; d += 8)
-        fe_avx2_bf16_store(w + d, _mm256_add_ps(fe_avx2_bf16_load(w + d, n - d),
-                                                _mm256_mul_ps(av, fe_avx2_bf16_load(g + d, n - d))), n - d);
-}
+/* bfloat16 rows on eight lanes (the portable loops' bits: widening exact, one float32 op, fe_float_to_bf16's
+   rounding): the lookups' adds and the 16-bit SGD row, for AVX2 and for AVX512_BF16 (STORE). */
+#define FE_BF16_ROW_OPS(PREFIX, ATTR, STORE)                                                                  \
+    ATTR static void PREFIX##_add_rows(uint16_t *FE_RESTRICT out, const uint16_t *FE_RESTRICT a,              \
+                                       const uint16_t *FE_RESTRICT b, ptrdiff_t n) {                         \
+        for (ptrdiff_t d = 0; d < n; d += 8)                                                                   \
+            STORE(out + d, _mm256_add_ps(fe_avx2_bf16_load(a + d, n - d), fe_avx2_bf16_load(b + d, n - d)),    \
+                  n - d);                                                                                      \
+    }                                                                                                          \
+    ATTR static void PREFIX##_add_into(uint16_t *FE_RESTRICT g, const uint16_t *FE_RESTRICT s, ptrdiff_t n) {  \
+        for (ptrdiff_t d = 0; d < n; d += 8)                                                                   \
+            STORE(g + d, _mm256_add_ps(fe_avx2_bf16_load(g + d, n - d), fe_avx2_bf16_load(s + d, n - d)),      \
+                  n - d);                                                                                      \
+    }                                                                                                          \
+    ATTR static void PREFIX##_scaled_add(uint16_t *FE_RESTRICT w, const uint16_t *FE_RESTRICT g, ptrdiff_t n,  \
+                                         float a) {                                                            \
+        const __m256 av = _mm256_set1_ps(a);                                                                   \
+        for (ptrdiff_t d = 0; d < n; d += 8)                                                                   \
+            STORE(w + d, _mm256_add_ps(fe_avx2_bf16_load(w + d, n - d),                                        \
+                                       _mm256_mul_ps(av, fe_avx2_bf16_load(g + d, n - d))), n - d);            \
+    }
+FE_BF16_ROW_OPS(fe_avx2_bf16, FE_AVX2_FN, fe_avx2_bf16_store)
+FE_BF16_ROW_OPS(fe_avx512_bf16, FE_AVX512BF16_FN, fe_avx512_bf16_store)
 /* 1: F16C; 0: the portable code. Set once at import (fe_f16_init) and by a private test hook. fe_use_avx2:
    the same for the bfloat16 rows written with AVX2 intrinsics (the switch turns both on or off). */
 static int fe_use_f16c = 0;
 static int fe_use_avx2 = 0;
+static int fe_use_avx512bf16 = 0;
 #include <cpuid.h>
 /* CPUID leaf 1: F16C (ECX bit 29), AVX (28) and OSXSAVE (27), and the OS saving the YMM registers
    (XCR0 bits 1-2); GCC and clang alike (clang's __builtin_cpu_supports may not know "f16c"). */
@@ -291,17 +310,29 @@ static inline int fe_cpu_has_f16c(void) {
     return (lo & 6u) == 6u;
 }
 static inline int fe_cpu_has_avx2(void) { return fe_cpu_has_f16c() && __builtin_cpu_supports("avx2"); }
+/* AVX512_BF16 with VL and DQ (fpclass), and the OS saving the opmask and ZMM state (XCR0 bits 5-7). */
+static inline int fe_cpu_has_avx512bf16(void) {
+    unsigned lo, hi;
+    if (!fe_cpu_has_avx2() || !__builtin_cpu_supports("avx512bf16") || !__builtin_cpu_supports("avx512vl")
+        || !__builtin_cpu_supports("avx512dq"))
+        return 0;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return (lo & 0xe6u) == 0xe6u;
+}
 #else
 #define FE_HAVE_F16C 0
 static int fe_use_f16c = 0;
 static int fe_use_avx2 = 0;
+static int fe_use_avx512bf16 = 0;
 static inline int fe_cpu_has_f16c(void) { return 0; }
 static inline int fe_cpu_has_avx2(void) { return 0; }
+static inline int fe_cpu_has_avx512bf16(void) { return 0; }
 #endif
 
 static inline int fe_f16_init(void) {
     fe_use_f16c = fe_cpu_has_f16c();
     fe_use_avx2 = fe_cpu_has_avx2();
+    fe_use_avx512bf16 = fe_cpu_has_avx512bf16();
     return fe_use_f16c;
 }
 /* For the tests: 0 forces the portable code (float16 conversions and the bfloat16 AVX2 rows); 1 asks for
@@ -309,10 +340,18 @@ static inline int fe_f16_init(void) {
 static inline int fe_f16_set_hardware(int on) {
     fe_use_f16c = on && fe_cpu_has_f16c();
     fe_use_avx2 = on && fe_cpu_has_avx2();
+    fe_use_avx512bf16 = on && fe_cpu_has_avx512bf16();
     return fe_use_f16c;
 }
 static inline int fe_f16_hardware(void) { return fe_use_f16c; }
-static inline int fe_bf16_hardware(void) { return fe_use_avx2; }
+/* The bfloat16 lanes in use: 0 the portable loops, 1 AVX2, 2 AVX512_BF16. For the tests, fe_bf16_set_lanes asks
+   for a level (granted up to what the CPU has) and returns the one in use. */
+static inline int fe_bf16_hardware(void) { return fe_use_avx512bf16 ? 2 : fe_use_avx2 ? 1 : 0; }
+static inline int fe_bf16_set_lanes(int level) {
+    fe_use_avx2 = level >= 1 && fe_cpu_has_avx2();
+    fe_use_avx512bf16 = level >= 2 && fe_cpu_has_avx512bf16();
+    return fe_bf16_hardware();
+}
 
 /* The row operations of the kernels for each element type: out = a + b, and g += s (a scatter's add).
    float64: in float64. 16-bit: widened to float32, added, rounded once per stored element; a scatter-add
@@ -345,12 +384,17 @@ FE_CLONES static void fe_add_into_bf16_sw(fe_bf16 *FE_RESTRICT g, const fe_bf16 
 static void fe_add_rows_bf16(fe_bf16 *FE_RESTRICT out, const fe_bf16 *FE_RESTRICT a, const fe_bf16 *FE_RESTRICT b,
                              ptrdiff_t n) {
 #if FE_HAVE_F16C
+    if (fe_use_avx512bf16) {
+        fe_avx512_bf16_add_rows((uint16_t *)out, (const uint16_t *)a, (const uint16_t *)b, n);
+        return;
+    }
     if (fe_use_avx2) { fe_avx2_bf16_add_rows((uint16_t *)out, (const uint16_t *)a, (const uint16_t *)b, n); return; }
 #endif
     fe_add_rows_bf16_sw(out, a, b, n);
 }
 static void fe_add_into_bf16(fe_bf16 *FE_RESTRICT g, const fe_bf16 *FE_RESTRICT s, ptrdiff_t n) {
 #if FE_HAVE_F16C
+    if (fe_use_avx512bf16) { fe_avx512_bf16_add_into((uint16_t *)g, (const uint16_t *)s, n); return; }
     if (fe_use_avx2) { fe_avx2_bf16_add_into((uint16_t *)g, (const uint16_t *)s, n); return; }
 #endif
     fe_add_into_bf16_sw(g, s, n);
@@ -411,6 +455,7 @@ FE_CLONES static void fe_scaled_add_bf16_sw(fe_bf16 *FE_RESTRICT w, const fe_bf1
 static void fe_scaled_add_bf16(fe_bf16 *FE_RESTRICT w, const fe_bf16 *FE_RESTRICT g, ptrdiff_t n, float a) {
     const float a16 = fe_bf16_to_float(fe_float_to_bf16(a));
 #if FE_HAVE_F16C
+    if (fe_use_avx512bf16) { fe_avx512_bf16_scaled_add((uint16_t *)w, (const uint16_t *)g, n, a16); return; }
     if (fe_use_avx2) { fe_avx2_bf16_scaled_add((uint16_t *)w, (const uint16_t *)g, n, a16); return; }
 #endif
     fe_scaled_add_bf16_sw(w, g, n, a16);
@@ -504,6 +549,17 @@ FE_AVX2_FN static void fe_avx2_bf16_adagrad_row(uint16_t *FE_RESTRICT w, uint16_
                                                 const uint16_t *FE_RESTRICT g, ptrdiff_t n, float clr, float eps) {
     FE_ADAGRAD_LANES(fe_avx2_bf16_load, fe_avx2_bf16_store)
 }
+FE_AVX512BF16_FN static void fe_avx512_bf16_adam_row(uint16_t *FE_RESTRICT w, uint16_t *FE_RESTRICT m,
+                                                     uint16_t *FE_RESTRICT v, const uint16_t *FE_RESTRICT g,
+                                                     ptrdiff_t n, float lr, float beta1, float beta2, float eps,
+                                                     float inv_bias1, float inv_bias2) {
+    FE_ADAM_LANES(fe_avx2_bf16_load, fe_avx512_bf16_store)
+}
+FE_AVX512BF16_FN static void fe_avx512_bf16_adagrad_row(uint16_t *FE_RESTRICT w, uint16_t *FE_RESTRICT s,
+                                                        const uint16_t *FE_RESTRICT g, ptrdiff_t n, float clr,
+                                                        float eps) {
+    FE_ADAGRAD_LANES(fe_avx2_bf16_load, fe_avx512_bf16_store)
+}
 #endif
 static void fe_adam_row_f16(fe_f16 *FE_RESTRICT w, fe_f16 *FE_RESTRICT m, fe_f16 *FE_RESTRICT v,
                             const fe_f16 *FE_RESTRICT g, ptrdiff_t n, float lr, float beta1, float beta2, float eps,
@@ -528,6 +584,11 @@ static void fe_adam_row_bf16(fe_bf16 *FE_RESTRICT w, fe_bf16 *FE_RESTRICT m, fe_
                              const fe_bf16 *FE_RESTRICT g, ptrdiff_t n, float lr, float beta1, float beta2, float eps,
                              float inv_bias1, float inv_bias2) {
 #if FE_HAVE_F16C
+    if (fe_use_avx512bf16) {
+        fe_avx512_bf16_adam_row((uint16_t *)w, (uint16_t *)m, (uint16_t *)v, (const uint16_t *)g, n, lr, beta1,
+                                beta2, eps, inv_bias1, inv_bias2);
+        return;
+    }
     if (fe_use_avx2) {
         fe_avx2_bf16_adam_row((uint16_t *)w, (uint16_t *)m, (uint16_t *)v, (const uint16_t *)g, n, lr, beta1, beta2,
                               eps, inv_bias1, inv_bias2);
@@ -539,6 +600,10 @@ static void fe_adam_row_bf16(fe_bf16 *FE_RESTRICT w, fe_bf16 *FE_RESTRICT m, fe_
 static void fe_adagrad_row_bf16(fe_bf16 *FE_RESTRICT w, fe_bf16 *FE_RESTRICT s, const fe_bf16 *FE_RESTRICT g,
                                 ptrdiff_t n, float clr, float eps) {
 #if FE_HAVE_F16C
+    if (fe_use_avx512bf16) {
+        fe_avx512_bf16_adagrad_row((uint16_t *)w, (uint16_t *)s, (const uint16_t *)g, n, clr, eps);
+        return;
+    }
     if (fe_use_avx2) { fe_avx2_bf16_adagrad_row((uint16_t *)w, (uint16_t *)s, (const uint16_t *)g, n, clr, eps); return; }
 #endif
     fe_adagrad_row_bf16_sw(w, s, g, n, clr, eps);

@@ -17,12 +17,16 @@ cdef extern from "_fastembed.h" nogil:
     void fe_adagrad_row_f16(fe_f16* w, fe_f16* s, const fe_f16* g, Py_ssize_t n, float clr, float eps)
     void fe_adagrad_row_bf16(fe_bf16* w, fe_bf16* s, const fe_bf16* g, Py_ssize_t n, float clr, float eps)
     int fe_bf16_hardware()
+    int fe_bf16_set_lanes(int level)
 
 
-def _bf16_hardware():
-    """Whether bfloat16's Adam and Adagrad rows run on AVX2 (the same switch as `_f16_hardware` sets it). For
-    tests only."""
-    return bool(fe_bf16_hardware())
+def _bf16_hardware(level=None):
+    """The bfloat16 lanes in use (the lookups' adds, SGD, Adam and Adagrad rows): 0 the portable loops, 1 AVX2,
+    2 AVX512_BF16. level: ask for one (granted up to what the CPU has); `_f16_hardware` switches them all off
+    or back on. For tests only."""
+    if level is not None:
+        fe_bf16_set_lanes(level)
+    return fe_bf16_hardware()
 
 cdef enum:
     SGD_UPDATE = 0

@@ -494,15 +494,64 @@ def test_half_kernels_same_on_both_code_paths(dtype, D):
         pytest.skip("no F16C on this CPU: only the portable code runs")
     had = _kernels._f16_hardware()
     try:
-        results = []
-        for on in (False, True):
-            _kernels._f16_hardware(on)
-            assert on or not _kernels._bf16_hardware()  # both switched off: the portable rows really ran
-            results.append(all_kernels(dtype, D, 1, seed=9))
+        _kernels._f16_hardware(False)
+        assert _kernels._bf16_hardware() == 0  # every hardware path off: the portable rows really run
+        portable = all_kernels(dtype, D, 1, seed=9)
+        _kernels._f16_hardware(True)
+        levels = bf16_levels() if is_bf16(dtype) else [None]
+        for level in levels:  # bfloat16: each of its lanes the CPU has (AVX2, AVX512_BF16)
+            if level is not None:
+                assert _kernels._bf16_hardware(level) == level
+            for a, b in zip(all_kernels(dtype, D, 1, seed=9), portable):
+                assert_bits(a, b)
     finally:
         _kernels._f16_hardware(had)
-    for a, b in zip(*results):
-        assert_bits(a, b)
+
+
+def bf16_levels():
+    """The bfloat16 lane levels this CPU has beyond the portable loops (1 AVX2, 2 AVX512_BF16)."""
+    had = _kernels._bf16_hardware()
+    top = _kernels._bf16_hardware(2)
+    _kernels._bf16_hardware(had)
+    return list(range(1, top + 1))
+
+
+@needs_ml_dtypes
+@pytest.mark.parametrize("D", [3, 8, 45])
+def test_bfloat16_lanes_round_subnormals_and_nans_as_the_portable_loops(D):
+    """AVX512_BF16's vcvtneps2bf16 reads a subnormal float32 as zero and keeps a NaN's sign and payload: a row
+    with such sums must still give the portable bits (subnormal bfloat16 results kept, every NaN 0x7fc0), on each
+    lane level, in the adds of gather_add and scatter_add and in SGD."""
+    if not bf16_levels():
+        pytest.skip("no AVX2 on this CPU: only the portable bfloat16 loops run")
+    tiny = np.float32(2.0**-130)  # subnormal in float32 and in bfloat16
+    nan = np.array([0x7FC00001, 0xFFC00000, 0x7F800001, 0xFF812345], np.uint32).view(np.float32)  # payloads, signs
+    rows = np.tile(np.concatenate([[tiny, -tiny, 3 * tiny, 1.0], nan]).astype(np.float32), 6)[None, :D]
+    other = np.tile(np.array([tiny, tiny, -tiny, 2.0**-140, 1.0, np.inf, -np.inf, 1.0], np.float32), 6)[None, :D]
+    tok, pos = narrow(rows, BF16), narrow(other, BF16)
+    ids = np.zeros((1, 1), np.int64)
+
+    def run():
+        g = pos.copy()
+        fe.scatter_add(g, ids, tok.reshape(1, 1, D))
+        w = tok.copy()
+        _kernels.sgd_scatter(w, ids.reshape(-1), pos, 0.5)
+        return [fe.gather_add(tok, pos, ids), g, w]
+
+    had = _kernels._f16_hardware()
+    try:
+        _kernels._f16_hardware(False)
+        portable = run()
+        _kernels._f16_hardware(True)
+        for level in bf16_levels():
+            _kernels._bf16_hardware(level)
+            for a, b in zip(run(), portable):
+                assert_bits(a, b)
+    finally:
+        _kernels._f16_hardware(had)
+    bits = portable[0].view(np.uint16)
+    assert np.any(((bits & 0x7FFF) > 0) & ((bits & 0x7FFF) < 0x0080))  # the case really holds subnormal results
+    assert D <= 4 or np.any(bits == 0x7FC0)  # ... and NaNs, from D = 5 on
 
 
 # ---------------------------------------------------------------- the conversions, exhaustively

@@ -342,9 +342,20 @@ def test_a_sixteen_bit_tie_rounds_to_even(name, kind):
     """w - step landing exactly halfway between two values of the type rounds to the even one, on rows of 3
     (shorter than the eight lanes) and 11 (a full vector and a tail). Worked out by hand: w = 1 + 2 u (even),
     step = u where u is half the type's spacing above 1 (bfloat16 2**-8, float16 2**-11): 1 + u is the tie
-    between 1 (even) and 1 + 2 u (odd), so the result is 1; rounding half up would give 1 + 2 u."""
+    between 1 (even) and 1 + 2 u (odd), so the result is 1; rounding half up would give 1 + 2 u. bfloat16: on
+    each of its lane levels (portable, AVX2, AVX512_BF16: each rounds in its own code)."""
     dtype = dtype_of(name)
-    u = 2.0**-8 if name == "bfloat16" else 2.0**-11
+    had = _kernels._bf16_hardware()
+    try:
+        for level in range(3) if name == "bfloat16" else [None]:
+            if level is not None and _kernels._bf16_hardware(level) != level:
+                continue  # a level this CPU does not have
+            tie_steps(dtype, kind, 2.0**-8 if name == "bfloat16" else 2.0**-11)
+    finally:
+        _kernels._bf16_hardware(had)
+
+
+def tie_steps(dtype, kind, u):
     for D in (3, 11):
         w = np.full((1, D), 1 + 2 * u).astype(dtype)
         g = np.ones((1, D), dtype)
