@@ -250,7 +250,7 @@ class Embedding:
     def from_pretrained(cls, weight, *, dtype=None, sparse=False, coalesce=True, fused=None):
         """An Embedding whose weight is a C-contiguous copy of the given (V, D) array, in its own dtype
         (dtype=None: float32, float64, float16 or bfloat16, else TypeError; never cast) or converted to the
-        dtype given (one rounding)."""
+        dtype given (numpy's cast; ml_dtypes' for bfloat16)."""
         weight = _pretrained(weight, dtype)
         layer = cls(0, 0, dtype=weight.dtype, sparse=sparse, coalesce=coalesce, fused=fused)
         layer.weight = weight
