@@ -134,6 +134,12 @@ class LookupGrad(NamedTuple):
         return dense
 
 
+def _zeros_like(table):
+    """A new dense gradient of zeros for table, from numpy's zeroed allocation (calloc): a large one is mapped from
+    the OS already zero, so only the pages a backward writes are touched (np.zeros_like writes every element)."""
+    return np.zeros(table.shape, table.dtype)
+
+
 def _own_ids(ids):
     """ids as an int array this layer owns: the caller may reuse its buffer before backward."""
     converted = ops.as_ids(ids)
@@ -302,7 +308,7 @@ class Embedding:
             _check_grad_shape(grad_out, self._ids, self.embedding_dim, self.dtype, "grad_out")
             self.grad = _merge(self.grad, *ops.coalesce(self._ids, grad_out))
             return
-        grad = self.grad if self.grad is not None else np.zeros_like(self.weight)
+        grad = self.grad if self.grad is not None else _zeros_like(self.weight)
         ops.scatter_add(grad, self._ids, grad_out)
         self.grad = grad
 
@@ -463,8 +469,8 @@ class TokenPositionEmbedding:
             self.token.grad = _merge(self.token.grad, *token_part)
             self.position.grad = _merge(self.position.grad, *position_part)
             return
-        token_grad = self.token.grad if self.token.grad is not None else np.zeros_like(self.token.weight)
-        position_grad = self.position.grad if self.position.grad is not None else np.zeros_like(self.position.weight)
+        token_grad = self.token.grad if self.token.grad is not None else _zeros_like(self.token.weight)
+        position_grad = self.position.grad if self.position.grad is not None else _zeros_like(self.position.weight)
         ops.gather_add_backward(grad_hidden, ids, token_grad, position_grad, positions=positions)
         self.token.grad, self.position.grad = token_grad, position_grad
 
@@ -570,7 +576,7 @@ class EmbeddingBag(Embedding):
             else:
                 self.grad = _merge_lookups(self.grad, rows, values)
             return weights_grad
-        grad = np.zeros_like(self.weight) if self.grad is None else self.grad
+        grad = _zeros_like(self.weight) if self.grad is None else self.grad
         ops.embedding_bag_backward(grad, ids, offsets, grad_out, mode=self.mode, per_sample_weights=weights,
                                    argmax=argmax, **bags)
         self.grad = grad

@@ -239,8 +239,8 @@ MUTANTS = [
             "list or adversarial or int64_range")),
     # ---------------------------------------------------------------- nn.py
     Mutant("dense-grad-overwritten", NN,
-           "        grad = self.grad if self.grad is not None else np.zeros_like(self.weight)",
-           "        grad = np.zeros_like(self.weight)",
+           "        grad = self.grad if self.grad is not None else _zeros_like(self.weight)",
+           "        grad = _zeros_like(self.weight)",
            "Embedding.backward overwrites the dense gradient instead of accumulating",
            (NN_OPTIM, "-k", "accumulates"), quick=True),
     Mutant("zero-grad-forgets-position", NN,
