@@ -2410,6 +2410,12 @@ MUTANTS += [
            "    if (_mm256_fpclass_ps_mask(x, 0x01 | 0x80)) {",
            "the AVX512_BF16 lanes send NaNs to the integer rounding but not subnormals (flushed to zero)",
            (DTYPES, "-k", "subnormals")),
+    Mutant("nn-dense-grad-uninitialised", NN,
+           "    return np.zeros(table.shape, table.dtype)",
+           "    return np.empty(table.shape, table.dtype)",
+           "a layer's new dense gradient is uninitialised memory (a large one may come zeroed from the OS; a small "
+           "one reuses freed memory)",
+           (NN_OPTIM,)),
     Mutant("opt16-bf16-portable-adam-eps-dropped", HDR,
            "        w[d].bits = FROM_F(TO_F(w[d].bits) - lr * (md * inv_bias1) / (sqrtf(vd * inv_bias2) + eps));",
            "        w[d].bits = FROM_F(TO_F(w[d].bits) - lr * (md * inv_bias1) / sqrtf(vd * inv_bias2));",
