@@ -63,8 +63,10 @@ cdef enum:
     BAG_SUM = 0
     BAG_MEAN = 1
     BAG_MAX = 2
-    BAG_CHUNK = 16  # rows a float32 sum or max takes per pass over its output row (fe_bag_*_ptrs): out is
+    BAG_CHUNK = 16  # rows a float32 sum takes per pass over its output row (fe_bag_sum_ptrs): out is
                     # reloaded once per 16 rows, for 16 pointers on the stack
+    BAG_MAX_CHUNK = 64  # the same for a float32 max (fe_bag_max_ptrs), whose out and argmax are read and
+                        # written once per call: a bag of up to 64 rows in one call
 
 
 class BagArgumentError(ValueError, RuntimeError):

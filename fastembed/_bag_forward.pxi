@@ -83,10 +83,10 @@ cdef Py_ssize_t _bag_forward_rows(const elem_t* table, Py_ssize_t V, Py_ssize_t 
     cdef int64_t* a
     cdef float* w = NULL if acc == NULL else acc + D
     cdef bint copy_first = False  # a float32 sum: its first row written as 0 + row, the next added BAG_CHUNK at a time
-    cdef const float* chunk[BAG_CHUNK]
-    cdef int64_t chunk_ids[BAG_CHUNK]
+    cdef const float* chunk[BAG_MAX_CHUNK]  # BAG_CHUNK of them for a sum
+    cdef int64_t chunk_ids[BAG_MAX_CHUNK]
     cdef Py_ssize_t pending
-    cdef bint max_chunks = False  # a float32 max: its rows taken BAG_CHUNK at a time, the first as is
+    cdef bint max_chunks = False  # a float32 max: its rows taken BAG_MAX_CHUNK at a time, the first as is
     if elem_t is float:
         copy_first = psw == NULL and mode != BAG_MAX
         max_chunks = mode == BAG_MAX
@@ -126,7 +126,7 @@ cdef Py_ssize_t _bag_forward_rows(const elem_t* table, Py_ssize_t V, Py_ssize_t 
                     chunk[pending] = <const float*>(table + r * D)
                     chunk_ids[pending] = r
                     pending += 1
-                    if pending == BAG_CHUNK:
+                    if pending == BAG_MAX_CHUNK:
                         # the bag's first chunk holds its first kept row: count (this row included) == pending
                         fe_bag_max_ptrs(<float*>o, NULL if arg == NULL else arg + b * D, chunk, chunk_ids, pending,
                                         D, count + 1 == pending)

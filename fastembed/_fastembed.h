@@ -761,106 +761,109 @@ FE_CLONES static void fe_bag_max(float *FE_RESTRICT out, int64_t *FE_RESTRICT ar
 
 /* A bag's running max over k float32 rows given by pointer (rows[j] is table row ids[j]), in their order:
    where rows[j][d] > out[d], out[d] = rows[j][d] and arg[d] = ids[j]. With first, rows[0] is the bag's first
-   kept row: it is taken as is (its -0.0 and NaN included, arg = ids[0]) and out and arg are not read. The max
-   and its argmax (int64 lanes, blended with the compare's mask doubled) are held in registers 16 columns at a
-   time across the k rows, so out and arg are read and written once per call, not once per row. Strictly
+   kept row: it is taken as is (its -0.0 and NaN included, arg = ids[0]) and out and arg are not read. Strictly
    greater as fe_bag_max, column by column in row order: the same result as k calls of it. arg NULL: the max
-   only (nothing asked for the argmax). */
+   only (nothing asked for the argmax).
+   The columns go in blocks of up to 32 held in registers across the k rows, so out and arg are read and written
+   once per call, not once per row. A block keeps, per column, the max and the position j of the row it came
+   from (int32 lanes, -1 while it is still out's own): one compare, one max and one blend per 8 columns and
+   row, where blending the int64 ids themselves took four more. arg is written once at the end, from ids[j].
+   Four registers of max per block: four independent chains per row, not one.
+   "b > m ? b : m" lane by lane is exactly x86's maxps(b, m) (the second operand where either is NaN or they
+   are equal), so the AVX2 instance takes one maxps where the portable vectors blend on the compare. */
 #if defined(__GNUC__)
 typedef int fe_v8i __attribute__((vector_size(32)));
-typedef long long fe_v4q __attribute__((vector_size(32)));
-/* Lanes (a, a, b, b, c, c, d, d) of k: __builtin_shuffle is GCC's spelling from 4.7 on (GCC has clang's
-   __builtin_shufflevector only from 12), __builtin_shufflevector clang's. */
-#if defined(__clang__)
-#define FE_DUP4(k, a, b, c, d) __builtin_shufflevector(k, k, a, a, b, b, c, c, d, d)
-#else
-#define FE_DUP4(k, a, b, c, d) __builtin_shuffle(k, (fe_v8i){a, a, b, b, c, c, d, d})
-#endif
 /* m where k is 0, b where it is all ones (k: a vector compare's result). A macro, not a function: a function
    taking and returning 32-byte vectors in the baseline (non-AVX) build draws GCC's -Wpsabi note on every build,
    although only the AVX2 clones call it. */
 #define fe_blend8f(m, b, k) ((fe_v8f)(((fe_v8i)(b) & (k)) | ((fe_v8i)(m) & ~(k))))
-/* The same blend for 8 int64 argmax lanes (a0: columns 0-3, a1: 4-7): each all-ones-or-zero int32 lane of the
-   mask doubled is that column's int64 mask (one permute per half). */
-static inline void fe_blend_arg(fe_v4q *a0, fe_v4q *a1, fe_v4q r, fe_v8i k) {
-    fe_v4q k0 = (fe_v4q)FE_DUP4(k, 0, 1, 2, 3);
-    fe_v4q k1 = (fe_v4q)FE_DUP4(k, 4, 5, 6, 7);
-    *a0 = (r & k0) | (*a0 & ~k0);
-    *a1 = (r & k1) | (*a1 & ~k1);
-}
-FE_CLONES static void fe_bag_max_ptrs(float *FE_RESTRICT out, int64_t *FE_RESTRICT arg,
-                                      const float *const *FE_RESTRICT rows, const int64_t *FE_RESTRICT ids,
-                                      ptrdiff_t k, ptrdiff_t n, int first) {
-    ptrdiff_t d = 0, j0 = first ? 1 : 0;
-    for (; d + 16 <= n; d += 16) {
-        fe_v8f m0, m1, b0, b1;
-        fe_v4q a0, a1, a2, a3;
-        const float *src = first ? rows[0] + d : out + d;
-        memcpy(&m0, src, 32); memcpy(&m1, src + 8, 32);
-        if (arg != NULL) {
-            if (first) {
-                a0 = a1 = a2 = a3 = (fe_v4q){0, 0, 0, 0} + (long long)ids[0];
-            } else {
-                memcpy(&a0, arg + d, 32); memcpy(&a1, arg + d + 4, 32);
-                memcpy(&a2, arg + d + 8, 32); memcpy(&a3, arg + d + 12, 32);
-            }
-            for (ptrdiff_t j = j0; j < k; j++) {
-                fe_v4q r = (fe_v4q){0, 0, 0, 0} + (long long)ids[j];
-                memcpy(&b0, rows[j] + d, 32); memcpy(&b1, rows[j] + d + 8, 32);
-                fe_v8i k0 = b0 > m0, k1 = b1 > m1;
-                m0 = fe_blend8f(m0, b0, k0); m1 = fe_blend8f(m1, b1, k1);
-                fe_blend_arg(&a0, &a1, r, k0); fe_blend_arg(&a2, &a3, r, k1);
-            }
-            memcpy(arg + d, &a0, 32); memcpy(arg + d + 4, &a1, 32);
-            memcpy(arg + d + 8, &a2, 32); memcpy(arg + d + 12, &a3, 32);
-        } else {
-            for (ptrdiff_t j = j0; j < k; j++) {
-                memcpy(&b0, rows[j] + d, 32); memcpy(&b1, rows[j] + d + 8, 32);
-                m0 = fe_blend8f(m0, b0, b0 > m0); m1 = fe_blend8f(m1, b1, b1 > m1);
-            }
-        }
-        memcpy(out + d, &m0, 32); memcpy(out + d + 8, &m1, 32);
+#define fe_max8f_blend(b, m) fe_blend8f(m, b, (b) > (m))
+/* The loops over the NV registers of a block are unrolled, so m and p stay in registers (a stack array and a
+   block copy otherwise, whose halves stall the next 32-byte load). */
+#define FE_UNROLL _Pragma("GCC unroll 4")
+/* The loop over the blocks of NV x 8 columns from column d, in fe_bag_max_ptrs' scope; MAX(b, m) is
+   "b > m ? b : m" on 8 lanes. */
+#define FE_BAG_MAX_BLOCKS(NV, MAX)                                                                            \
+    for (; d + 8 * (NV) <= n; d += 8 * (NV)) {                                                                \
+        fe_v8f m[NV];                                                                                         \
+        fe_v8i p[NV];                                                                                         \
+        FE_UNROLL for (int v = 0; v < (NV); v++)                                                              \
+            memcpy(&m[v], (first ? rows[0] : out) + d + 8 * v, 32);                                           \
+        if (arg != NULL) {                                                                                    \
+            fe_v8i jv = (fe_v8i){0, 0, 0, 0, 0, 0, 0, 0} + (int)j0;                                           \
+            FE_UNROLL for (int v = 0; v < (NV); v++)                                                          \
+                p[v] = (fe_v8i){0, 0, 0, 0, 0, 0, 0, 0} + (first ? 0 : -1);                                   \
+            for (ptrdiff_t j = j0; j < k; j++, jv += 1) {                                                     \
+                FE_UNROLL for (int v = 0; v < (NV); v++) {                                                    \
+                    fe_v8f b;                                                                                 \
+                    memcpy(&b, rows[j] + d + 8 * v, 32);                                                      \
+                    fe_v8i kk = b > m[v];                                                                     \
+                    m[v] = MAX(b, m[v]);                                                                      \
+                    p[v] = (jv & kk) | (p[v] & ~kk);                                                          \
+                }                                                                                             \
+            }                                                                                                 \
+            int32_t pj[8 * (NV)];                                                                             \
+            memcpy(pj, p, sizeof pj);                                                                         \
+            if (first) {  /* every lane names a row; arg is not read (it may be fresh, unmapped pages) */     \
+                for (int c = 0; c < 8 * (NV); c++) arg[d + c] = ids[pj[c]];                                   \
+            } else {  /* branch-free: which lanes moved is data, not a pattern */                             \
+                for (int c = 0; c < 8 * (NV); c++) {                                                          \
+                    int64_t keep = (int64_t)(pj[c] >> 31);  /* all ones where the lane is still out's own */  \
+                    int64_t moved = ids[pj[c] & ~(int32_t)keep];                                              \
+                    arg[d + c] = (arg[d + c] & keep) | (moved & ~keep);                                       \
+                }                                                                                             \
+            }                                                                                                 \
+        } else {                                                                                              \
+            for (ptrdiff_t j = j0; j < k; j++) {                                                              \
+                FE_UNROLL for (int v = 0; v < (NV); v++) {                                                    \
+                    fe_v8f b;                                                                                 \
+                    memcpy(&b, rows[j] + d + 8 * v, 32);                                                      \
+                    m[v] = MAX(b, m[v]);                                                                      \
+                }                                                                                             \
+            }                                                                                                 \
+        }                                                                                                     \
+        FE_UNROLL for (int v = 0; v < (NV); v++) memcpy(out + d + 8 * v, &m[v], 32);                          \
     }
-    for (; d + 8 <= n; d += 8) {
-        fe_v8f m, b;
-        fe_v4q a0, a1;
-        memcpy(&m, first ? rows[0] + d : out + d, 32);
-        if (arg != NULL) {
-            if (first) {
-                a0 = a1 = (fe_v4q){0, 0, 0, 0} + (long long)ids[0];
-            } else {
-                memcpy(&a0, arg + d, 32); memcpy(&a1, arg + d + 4, 32);
-            }
-            for (ptrdiff_t j = j0; j < k; j++) {
-                memcpy(&b, rows[j] + d, 32);
-                fe_v8i km = b > m;
-                m = fe_blend8f(m, b, km);
-                fe_blend_arg(&a0, &a1, (fe_v4q){0, 0, 0, 0} + (long long)ids[j], km);
-            }
-            memcpy(arg + d, &a0, 32); memcpy(arg + d + 4, &a1, 32);
-        } else {
-            for (ptrdiff_t j = j0; j < k; j++) {
-                memcpy(&b, rows[j] + d, 32);
-                m = fe_blend8f(m, b, b > m);
-            }
-        }
-        memcpy(out + d, &m, 32);
+/* One instance of fe_bag_max_ptrs: the blocks of 32, 16 and 8 columns, then the tail column by column. */
+#define FE_DEFINE_BAG_MAX_PTRS(NAME, ATTR, MAX)                                                               \
+    ATTR static void NAME(float *FE_RESTRICT out, int64_t *FE_RESTRICT arg, const float *const *FE_RESTRICT rows, \
+                          const int64_t *FE_RESTRICT ids, ptrdiff_t k, ptrdiff_t n, int first) {              \
+        ptrdiff_t d = 0, j0 = first ? 1 : 0;                                                                  \
+        FE_BAG_MAX_BLOCKS(4, MAX)                                                                             \
+        FE_BAG_MAX_BLOCKS(2, MAX)                                                                             \
+        FE_BAG_MAX_BLOCKS(1, MAX)                                                                             \
+        if (d < n) {  /* under 8 columns left: row by row, out's and arg's tail stay in L1 */                 \
+            if (first) {                                                                                      \
+                memcpy(out + d, rows[0] + d, (size_t)(n - d) * sizeof(float));                               \
+                if (arg != NULL)                                                                              \
+                    for (ptrdiff_t c = d; c < n; c++) arg[c] = ids[0];                                        \
+            }                                                                                                 \
+            for (ptrdiff_t j = j0; j < k; j++) {                                                              \
+                if (arg != NULL) {                                                                            \
+                    fe_bag_max(out + d, arg + d, rows[j] + d, n - d, ids[j]);                                 \
+                } else {                                                                                      \
+                    for (ptrdiff_t c = d; c < n; c++)                                                         \
+                        if (rows[j][c] > out[c]) out[c] = rows[j][c];                                         \
+                }                                                                                             \
+            }                                                                                                 \
+        }                                                                                                     \
     }
-    if (d < n) {  /* under 8 columns left: row by row, out's and arg's tail stay in L1 */
-        if (first) {
-            memcpy(out + d, rows[0] + d, (size_t)(n - d) * sizeof(float));
-            if (arg != NULL)
-                for (ptrdiff_t c = d; c < n; c++) arg[c] = ids[0];
-        }
-        for (ptrdiff_t j = j0; j < k; j++) {
-            if (arg != NULL) {
-                fe_bag_max(out + d, arg + d, rows[j] + d, n - d, ids[j]);
-            } else {
-                for (ptrdiff_t c = d; c < n; c++)
-                    if (rows[j][c] > out[c]) out[c] = rows[j][c];
-            }
-        }
+FE_DEFINE_BAG_MAX_PTRS(fe_bag_max_ptrs_vec, FE_CLONES, fe_max8f_blend)
+#if FE_HAVE_F16C
+#define fe_max8f_avx2(b, m) ((fe_v8f)_mm256_max_ps((__m256)(b), (__m256)(m)))
+FE_DEFINE_BAG_MAX_PTRS(fe_bag_max_ptrs_avx2, FE_AVX2_FN, fe_max8f_avx2)
+#endif
+/* The AVX2 instance where the CPU has it (and the test switch leaves it on), else the portable vectors. */
+static inline void fe_bag_max_ptrs(float *FE_RESTRICT out, int64_t *FE_RESTRICT arg,
+                                   const float *const *FE_RESTRICT rows, const int64_t *FE_RESTRICT ids,
+                                   ptrdiff_t k, ptrdiff_t n, int first) {
+#if FE_HAVE_F16C
+    if (fe_use_avx2) {
+        fe_bag_max_ptrs_avx2(out, arg, rows, ids, k, n, first);
+        return;
     }
+#endif
+    fe_bag_max_ptrs_vec(out, arg, rows, ids, k, n, first);
 }
 #else
 static void fe_bag_max_ptrs(float *FE_RESTRICT out, int64_t *FE_RESTRICT arg, const float *const *FE_RESTRICT rows,

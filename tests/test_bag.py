@@ -848,12 +848,32 @@ def test_layer_sparse_and_dense_agree_with_weights():
     np.testing.assert_allclose(grads[1], want, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("D", [1, 7, 8, 9, 31, 32, 33, 40, 64, 71])
-def test_long_float32_maxes_are_sequential_across_chunks_and_column_tails(D):
-    """A float32 max holds a bag's running max and argmax in registers, up to 16 rows and 16 (then 8, then 1)
-    columns at a time: bags of 0 to 50 rows of small integers (ties everywhere, -0.0 against +0.0), NaNs in
+def max_paths():
+    """The float32 max's two instances: the portable vectors (hardware switch off) and, where the CPU has AVX2,
+    the one with maxps."""
+    had = _kernels._f16_hardware()
+    _kernels._f16_hardware(True)
+    paths = ["portable"] + (["avx2"] if _kernels._bf16_hardware() >= 1 else [])
+    _kernels._f16_hardware(had)
+    return paths
+
+
+@pytest.fixture(params=max_paths())
+def max_path(request):
+    had = _kernels._f16_hardware()
+    _kernels._f16_hardware(request.param == "avx2")
+    assert (_kernels._bf16_hardware() >= 1) == (request.param == "avx2")  # the switch took
+    yield request.param
+    _kernels._f16_hardware(had)
+
+
+@pytest.mark.parametrize("D", [1, 7, 8, 9, 15, 16, 24, 31, 32, 33, 40, 56, 64, 71])
+def test_long_float32_maxes_are_sequential_across_chunks_and_column_tails(D, max_path):
+    """A float32 max holds a bag's running max and argmax in registers, up to 64 rows and 32 (then 16, 8, then
+    1) columns at a time: bags of 0 to 200 rows of small integers (ties everywhere, -0.0 against +0.0), NaNs in
     first and later rows, padding and stale NaNs in out still give the sequential loop's values and argmax
-    bitwise: strictly greater wins, a NaN in the running max stays, a later NaN never wins."""
+    bitwise: strictly greater wins, a NaN in the running max stays, a later NaN never wins. Both instances of
+    the register loop (portable vectors, AVX2 maxps)."""
     rng = np.random.default_rng(100 + D)
     V = 40
     table = rng.choice(np.array([-2.0, -1.0, -0.0, 0.0, 1.0, 2.0], np.float32), (V, D))
@@ -864,17 +884,21 @@ def test_long_float32_maxes_are_sequential_across_chunks_and_column_tails(D):
         table[row, cols] = nan_bits[rng.integers(0, 8, cols.sum())]
     table[8:10] = -0.0  # a bag of them ties -0.0 against +0.0 only at the first row's sign
     table[10] = 0.0
-    lengths = [0, 1, 2, 15, 16, 17, 31, 32, 33, 50, 3, 20, 18, 5, 40]
+    table[V - 1] = np.where(rng.random(D) < 0.5, 3.0, -3.0).astype(np.float32)  # beats every row but itself
+    # a chunk is 64 rows: bags that end just before, at and after one, and that fill two and three of them
+    lengths = [0, 1, 2, 15, 16, 17, 31, 32, 33, 50, 3, 70, 66, 5, 40, 63, 64, 65, 128, 129, 200]
     ids = [rng.integers(0, V, n) for n in lengths]
     ids[10] = np.array([8, 10, 9])  # -0.0 first, +0.0 later: -0.0 stays (0.0 > -0.0 is false)
     ids[11][0], ids[12][0] = 4, 5  # NaN in the first row: those columns stay NaN whatever follows
-    ids[12][16] = 6  # a NaN row opening the bag's second chunk
+    ids[12][64] = 6  # a NaN row opening the bag's second chunk
     ids[13][:] = rng.integers(11, V, 5)  # no NaN row: every later row competes
+    ids[17][:] = rng.integers(11, V - 1, 65)  # nor here: the second chunk's one row moves some columns, not others
+    ids[17][64] = ids[18][64] = V - 1  # the first row of a later chunk wins half the columns
     offsets = np.cumsum([0] + lengths[:-1]).astype(np.int64)
     ids = np.concatenate(ids).astype(np.int64)
     case = dict(table=table, ids=ids, offsets=offsets, mode="max", per_sample_weights=None,
                 padding_idx=None, include_last_offset=False)
-    for pad in (None, int(ids[offsets[9] + 16]), 8):  # none; a row dropped at a chunk's start; bag 10's first
+    for pad in (None, int(ids[offsets[18] + 64]), 8):  # none; a row dropped at a chunk's start; bag 10's first
         case["padding_idx"] = pad
         want_out, want_arg = bag_oracle(case)
         assert np.isnan(want_out).any()  # the NaN rows are in the bags
