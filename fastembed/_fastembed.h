@@ -180,6 +180,15 @@ static inline uint16_t fe_float_to_f16_sw(float f) {
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #include <immintrin.h>
 #define FE_HAVE_F16C 1
+/* Runs the statements after n over a row of n columns eight lanes at a time, d the first column and left the
+   lanes to take: the constant 8 in the main loop (the loads and stores below inline to full vectors, with no
+   length test per vector), then n - d once for the tail. */
+#define FE_EACH_8_LANES(n, ...)                                                                               \
+    {                                                                                                         \
+        ptrdiff_t d = 0;                                                                                      \
+        for (; d + 8 <= (n); d += 8) { const ptrdiff_t left = 8; __VA_ARGS__ }                                \
+        if (d < (n)) { const ptrdiff_t left = (n) - d; __VA_ARGS__ }                                          \
+    }
 #define FE_F16C_FN __attribute__((target("avx,f16c")))
 FE_F16C_FN static inline __m256 fe_f16c_load(const uint16_t *p, ptrdiff_t n) {
     if (n >= 8) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
@@ -196,21 +205,18 @@ FE_F16C_FN static inline void fe_f16c_store(uint16_t *p, __m256 x, ptrdiff_t n) 
 }
 FE_F16C_FN static void fe_f16c_add_rows(uint16_t *FE_RESTRICT out, const uint16_t *FE_RESTRICT a,
                                         const uint16_t *FE_RESTRICT b, ptrdiff_t n) {
-    for (ptrdiff_t d = 0; d < n; d += 8)
-        fe_f16c_store(out + d, _mm256_add_ps(fe_f16c_load(a + d, n - d), fe_f16c_load(b + d, n - d)), n - d);
+    FE_EACH_8_LANES(n, fe_f16c_store(out + d, _mm256_add_ps(fe_f16c_load(a + d, left), fe_f16c_load(b + d, left)), left);)
 }
 FE_F16C_FN static void fe_f16c_add_into(uint16_t *FE_RESTRICT g, const uint16_t *FE_RESTRICT s, ptrdiff_t n) {
-    for (ptrdiff_t d = 0; d < n; d += 8)
-        fe_f16c_store(g + d, _mm256_add_ps(fe_f16c_load(g + d, n - d), fe_f16c_load(s + d, n - d)), n - d);
+    FE_EACH_8_LANES(n, fe_f16c_store(g + d, _mm256_add_ps(fe_f16c_load(g + d, left), fe_f16c_load(s + d, left)), left);)
 }
 /* w += a * g with a already a float16 value: the product is exact in float32, the sum rounded to float32 and
    then to float16, as the portable loop of fe_scaled_add_f16 rounds it. */
 FE_F16C_FN static void fe_f16c_scaled_add(uint16_t *FE_RESTRICT w, const uint16_t *FE_RESTRICT g, ptrdiff_t n,
                                           float a) {
     const __m256 av = _mm256_set1_ps(a);
-    for (ptrdiff_t d = 0; d < n; d += 8)
-        fe_f16c_store(w + d, _mm256_add_ps(fe_f16c_load(w + d, n - d), _mm256_mul_ps(av, fe_f16c_load(g + d, n - d))),
-                      n - d);
+    FE_EACH_8_LANES(n, fe_f16c_store(w + d, _mm256_add_ps(fe_f16c_load(w + d, left),
+                                                          _mm256_mul_ps(av, fe_f16c_load(g + d, left))), left);)
 }
 FE_F16C_FN static void fe_f16c_widen(float *FE_RESTRICT out, const uint16_t *FE_RESTRICT h, ptrdiff_t n) {
     ptrdiff_t d = 0;
@@ -276,24 +282,58 @@ FE_AVX512BF16_FN static inline void fe_avx512_bf16_store(uint16_t *p, __m256 x, 
 #define FE_BF16_ROW_OPS(PREFIX, ATTR, STORE)                                                                  \
     ATTR static void PREFIX##_add_rows(uint16_t *FE_RESTRICT out, const uint16_t *FE_RESTRICT a,              \
                                        const uint16_t *FE_RESTRICT b, ptrdiff_t n) {                         \
-        for (ptrdiff_t d = 0; d < n; d += 8)                                                                   \
-            STORE(out + d, _mm256_add_ps(fe_avx2_bf16_load(a + d, n - d), fe_avx2_bf16_load(b + d, n - d)),    \
-                  n - d);                                                                                      \
+        FE_EACH_8_LANES(n, STORE(out + d, _mm256_add_ps(fe_avx2_bf16_load(a + d, left),                     \
+                                                        fe_avx2_bf16_load(b + d, left)), left);)               \
     }                                                                                                          \
     ATTR static void PREFIX##_add_into(uint16_t *FE_RESTRICT g, const uint16_t *FE_RESTRICT s, ptrdiff_t n) {  \
-        for (ptrdiff_t d = 0; d < n; d += 8)                                                                   \
-            STORE(g + d, _mm256_add_ps(fe_avx2_bf16_load(g + d, n - d), fe_avx2_bf16_load(s + d, n - d)),      \
-                  n - d);                                                                                      \
+        FE_EACH_8_LANES(n, STORE(g + d, _mm256_add_ps(fe_avx2_bf16_load(g + d, left),                       \
+                                                      fe_avx2_bf16_load(s + d, left)), left);)                 \
     }                                                                                                          \
     ATTR static void PREFIX##_scaled_add(uint16_t *FE_RESTRICT w, const uint16_t *FE_RESTRICT g, ptrdiff_t n,  \
                                          float a) {                                                            \
         const __m256 av = _mm256_set1_ps(a);                                                                   \
-        for (ptrdiff_t d = 0; d < n; d += 8)                                                                   \
-            STORE(w + d, _mm256_add_ps(fe_avx2_bf16_load(w + d, n - d),                                        \
-                                       _mm256_mul_ps(av, fe_avx2_bf16_load(g + d, n - d))), n - d);            \
+        FE_EACH_8_LANES(n, STORE(w + d, _mm256_add_ps(fe_avx2_bf16_load(w + d, left),                       \
+                                                      _mm256_mul_ps(av, fe_avx2_bf16_load(g + d, left))), left);) \
     }
 FE_BF16_ROW_OPS(fe_avx2_bf16, FE_AVX2_FN, fe_avx2_bf16_store)
 FE_BF16_ROW_OPS(fe_avx512_bf16, FE_AVX512BF16_FN, fe_avx512_bf16_store)
+/* The AVX512_BF16 rows take sixteen lanes (one zmm) at a time, then the eight-lane ops above on the tail: the
+   conversions are about half of a row add's instructions, and an add of two cached rows is bound by them. */
+FE_AVX512BF16_FN static inline __m512 fe_avx512_bf16_load16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+/* fe_avx512_bf16_store on sixteen lanes: the same fix-up (NaN or subnormal: each half to the integer rounding). */
+FE_AVX512BF16_FN static inline void fe_avx512_bf16_store16(uint16_t *p, __m512 x) {
+    if (_mm512_fpclass_ps_mask(x, 0x01 | 0x20 | 0x80)) {
+        fe_avx2_bf16_store(p, _mm512_castps512_ps256(x), 8);
+        fe_avx2_bf16_store(p + 8, _mm512_extractf32x8_ps(x, 1), 8);
+        return;
+    }
+    _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(x));
+}
+FE_AVX512BF16_FN static void fe_avx512_bf16_add_rows16(uint16_t *FE_RESTRICT out, const uint16_t *FE_RESTRICT a,
+                                                      const uint16_t *FE_RESTRICT b, ptrdiff_t n) {
+    ptrdiff_t d = 0;
+    for (; d + 16 <= n; d += 16)
+        fe_avx512_bf16_store16(out + d, _mm512_add_ps(fe_avx512_bf16_load16(a + d), fe_avx512_bf16_load16(b + d)));
+    if (d < n) fe_avx512_bf16_add_rows(out + d, a + d, b + d, n - d);
+}
+FE_AVX512BF16_FN static void fe_avx512_bf16_add_into16(uint16_t *FE_RESTRICT g, const uint16_t *FE_RESTRICT s,
+                                                      ptrdiff_t n) {
+    ptrdiff_t d = 0;
+    for (; d + 16 <= n; d += 16)
+        fe_avx512_bf16_store16(g + d, _mm512_add_ps(fe_avx512_bf16_load16(g + d), fe_avx512_bf16_load16(s + d)));
+    if (d < n) fe_avx512_bf16_add_into(g + d, s + d, n - d);
+}
+FE_AVX512BF16_FN static void fe_avx512_bf16_scaled_add16(uint16_t *FE_RESTRICT w, const uint16_t *FE_RESTRICT g,
+                                                        ptrdiff_t n, float a) {
+    const __m512 av = _mm512_set1_ps(a);
+    ptrdiff_t d = 0;
+    for (; d + 16 <= n; d += 16)
+        fe_avx512_bf16_store16(w + d, _mm512_add_ps(fe_avx512_bf16_load16(w + d),
+                                                    _mm512_mul_ps(av, fe_avx512_bf16_load16(g + d))));
+    if (d < n) fe_avx512_bf16_scaled_add(w + d, g + d, n - d, a);
+}
 /* 1: F16C; 0: the portable code. Set once at import (fe_f16_init) and by a private test hook. fe_use_avx2:
    the same for the bfloat16 rows written with AVX2 intrinsics (the switch turns both on or off). */
 static int fe_use_f16c = 0;
@@ -385,7 +425,7 @@ static void fe_add_rows_bf16(fe_bf16 *FE_RESTRICT out, const fe_bf16 *FE_RESTRIC
                              ptrdiff_t n) {
 #if FE_HAVE_F16C
     if (fe_use_avx512bf16) {
-        fe_avx512_bf16_add_rows((uint16_t *)out, (const uint16_t *)a, (const uint16_t *)b, n);
+        fe_avx512_bf16_add_rows16((uint16_t *)out, (const uint16_t *)a, (const uint16_t *)b, n);
         return;
     }
     if (fe_use_avx2) { fe_avx2_bf16_add_rows((uint16_t *)out, (const uint16_t *)a, (const uint16_t *)b, n); return; }
@@ -394,7 +434,7 @@ static void fe_add_rows_bf16(fe_bf16 *FE_RESTRICT out, const fe_bf16 *FE_RESTRIC
 }
 static void fe_add_into_bf16(fe_bf16 *FE_RESTRICT g, const fe_bf16 *FE_RESTRICT s, ptrdiff_t n) {
 #if FE_HAVE_F16C
-    if (fe_use_avx512bf16) { fe_avx512_bf16_add_into((uint16_t *)g, (const uint16_t *)s, n); return; }
+    if (fe_use_avx512bf16) { fe_avx512_bf16_add_into16((uint16_t *)g, (const uint16_t *)s, n); return; }
     if (fe_use_avx2) { fe_avx2_bf16_add_into((uint16_t *)g, (const uint16_t *)s, n); return; }
 #endif
     fe_add_into_bf16_sw(g, s, n);
@@ -455,7 +495,7 @@ FE_CLONES static void fe_scaled_add_bf16_sw(fe_bf16 *FE_RESTRICT w, const fe_bf1
 static void fe_scaled_add_bf16(fe_bf16 *FE_RESTRICT w, const fe_bf16 *FE_RESTRICT g, ptrdiff_t n, float a) {
     const float a16 = fe_bf16_to_float(fe_float_to_bf16(a));
 #if FE_HAVE_F16C
-    if (fe_use_avx512bf16) { fe_avx512_bf16_scaled_add((uint16_t *)w, (const uint16_t *)g, n, a16); return; }
+    if (fe_use_avx512bf16) { fe_avx512_bf16_scaled_add16((uint16_t *)w, (const uint16_t *)g, n, a16); return; }
     if (fe_use_avx2) { fe_avx2_bf16_scaled_add((uint16_t *)w, (const uint16_t *)g, n, a16); return; }
 #endif
     fe_scaled_add_bf16_sw(w, g, n, a16);
@@ -508,8 +548,7 @@ FE_CLONES static void fe_adagrad_row_bf16_sw(fe_bf16 *FE_RESTRICT w, fe_bf16 *FE
     const __m256 b1 = _mm256_set1_ps(beta1), b2 = _mm256_set1_ps(beta2), k1 = _mm256_set1_ps(1.0f - beta1),   \
                  k2 = _mm256_set1_ps(1.0f - beta2), rate = _mm256_set1_ps(lr), e = _mm256_set1_ps(eps),       \
                  c1 = _mm256_set1_ps(inv_bias1), c2 = _mm256_set1_ps(inv_bias2);                              \
-    for (ptrdiff_t d = 0; d < n; d += 8) {                                                                     \
-        const ptrdiff_t left = n - d;                                                                          \
+    FE_EACH_8_LANES(n,                                                                                         \
         const __m256 gd = LOAD(g + d, left);                                                                   \
         const __m256 md = _mm256_add_ps(_mm256_mul_ps(b1, LOAD(m + d, left)), _mm256_mul_ps(k1, gd));          \
         const __m256 vd = _mm256_add_ps(_mm256_mul_ps(b2, LOAD(v + d, left)),                                  \
@@ -519,17 +558,16 @@ FE_CLONES static void fe_adagrad_row_bf16_sw(fe_bf16 *FE_RESTRICT w, fe_bf16 *FE
         STORE(m + d, md, left);                                                                                \
         STORE(v + d, vd, left);                                                                                \
         STORE(w + d, _mm256_sub_ps(LOAD(w + d, left), step), left);                                            \
-    }
+    )
 #define FE_ADAGRAD_LANES(LOAD, STORE)                                                                         \
     const __m256 rate = _mm256_set1_ps(clr), e = _mm256_set1_ps(eps);                                         \
-    for (ptrdiff_t d = 0; d < n; d += 8) {                                                                     \
-        const ptrdiff_t left = n - d;                                                                          \
+    FE_EACH_8_LANES(n,                                                                                         \
         const __m256 gd = LOAD(g + d, left);                                                                   \
         const __m256 sd = _mm256_add_ps(LOAD(s + d, left), _mm256_mul_ps(gd, gd));                             \
         const __m256 step = _mm256_div_ps(_mm256_mul_ps(rate, gd), _mm256_add_ps(_mm256_sqrt_ps(sd), e));      \
         STORE(s + d, sd, left);                                                                                \
         STORE(w + d, _mm256_sub_ps(LOAD(w + d, left), step), left);                                            \
-    }
+    )
 FE_F16C_FN static void fe_f16c_adam_row(uint16_t *FE_RESTRICT w, uint16_t *FE_RESTRICT m, uint16_t *FE_RESTRICT v,
                                         const uint16_t *FE_RESTRICT g, ptrdiff_t n, float lr, float beta1,
                                         float beta2, float eps, float inv_bias1, float inv_bias2) {

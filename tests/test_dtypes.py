@@ -517,17 +517,20 @@ def bf16_levels():
 
 
 @needs_ml_dtypes
-@pytest.mark.parametrize("D", [3, 8, 45])
+@pytest.mark.parametrize("D", [3, 8, 16, 45])
 def test_bfloat16_lanes_round_subnormals_and_nans_as_the_portable_loops(D):
     """AVX512_BF16's vcvtneps2bf16 reads a subnormal float32 as zero and keeps a NaN's sign and payload: a row
     with such sums must still give the portable bits (subnormal bfloat16 results kept, every NaN 0x7fc0), on each
-    lane level, in the adds of gather_add and scatter_add and in SGD."""
+    lane level (AVX512_BF16: blocks of sixteen lanes, then eight), in the adds of gather_add and scatter_add and in
+    SGD."""
     if not bf16_levels():
         pytest.skip("no AVX2 on this CPU: only the portable bfloat16 loops run")
     tiny = np.float32(2.0**-130)  # subnormal in float32 and in bfloat16
     nan = np.array([0x7FC00001, 0xFFC00000, 0x7F800001, 0xFF812345], np.uint32).view(np.float32)  # payloads, signs
     rows = np.tile(np.concatenate([[tiny, -tiny, 3 * tiny, 1.0], nan]).astype(np.float32), 6)[None, :D]
     other = np.tile(np.array([tiny, tiny, -tiny, 2.0**-140, 1.0, np.inf, -np.inf, 1.0], np.float32), 6)[None, :D]
+    rng = np.random.default_rng(D)  # columns shuffled: no two blocks of eight lanes hold the same values
+    rows, other = rows[:, rng.permutation(D)], other[:, rng.permutation(D)]
     tok, pos = narrow(rows, BF16), narrow(other, BF16)
     ids = np.zeros((1, 1), np.int64)
 
