@@ -848,6 +848,46 @@ def test_layer_sparse_and_dense_agree_with_weights():
     np.testing.assert_allclose(grads[1], want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("index", [np.int32, np.int64])
+@pytest.mark.parametrize("D", [5, 32, 40, 64])
+def test_a_mean_is_the_sum_divided_by_its_count_bit_for_bit(D, index):
+    """A float32 mean is the sum divided by its count (torch's `output /= bag_size`, not a product by a
+    reciprocal): bags of 1 to 129 rows, powers of two and not, over rows whose sums span subnormal results
+    (rounded by the division), infinities, a NaN per column with its payload, and -0.0, give the oracle's
+    sequential float32 sum divided by np.float32(count), bit for bit. D 32 and 64 take the register path, 5 and
+    40 the general loop."""
+    rng = np.random.default_rng(7 + D)
+    V = 300
+    mant = rng.integers(1, 2**24, (V, D)).astype(np.float64)
+    exp = rng.integers(-160, -120, (V, D))  # sums near and below 2**-126: subnormal quotients that round
+    table = (rng.choice([-1.0, 1.0], (V, D)) * mant * np.exp2(exp)).astype(np.float32)
+    table[:50] = rng.standard_normal((50, D)).astype(np.float32)  # ordinary rows too
+    table[50, :] = np.inf
+    table[51, :] = -0.0
+    nan_rows = np.arange(52, 60)
+    for row in nan_rows:  # NaNs with payloads; a bag below names at most one of these rows
+        table[row, :] = (0x7FC00000 + row * 0x101 + np.arange(D)).astype(np.uint32).view(np.float32)
+    table[60, :] = np.float32(3 * 2.0**-149)  # three of the smallest subnormal
+    table[61, :] = 0.0
+    lengths = [1, 2, 3, 4, 5, 7, 8, 9, 16, 31, 32, 33, 63, 64, 65, 127, 128, 129, 1, 1, 2, 8, 2, 3]
+    plain = np.setdiff1d(np.arange(V), nan_rows)
+    ids = [rng.choice(plain, n) for n in lengths]
+    for b in range(0, len(lengths), 3):
+        ids[b][rng.integers(0, lengths[b])] = nan_rows[b % len(nan_rows)]
+    ids[18][0], ids[19][0] = 51, 50  # a mean of one -0.0 row is +0.0 (0 + row); of one inf row, inf
+    ids[20][:] = 51  # -0.0 + -0.0 summed from +0.0: +0.0
+    ids[22][:], ids[23][:] = [60, 61], [60, 60, 61]  # 1.5 smallest subnormals rounds to 2 (even); 6 / 3 is 2
+    offsets = np.cumsum([0] + lengths[:-1]).astype(np.int64)
+    ids = np.concatenate(ids).astype(index)
+    case = dict(table=table, ids=ids, offsets=offsets, mode="mean", per_sample_weights=None,
+                padding_idx=None, include_last_offset=False)
+    want, _ = bag_oracle(case)
+    got = fe.embedding_bag(table, ids, offsets, mode="mean")
+    assert_bitwise(got, want)
+    subnormal = (want != 0) & (np.abs(want) < np.finfo(np.float32).tiny)
+    assert subnormal.any() and np.isnan(want).any() and np.isinf(want).any()  # the cases are really there
+
+
 def max_paths():
     """The float32 max's two instances: the portable vectors (hardware switch off) and, where the CPU has AVX2,
     the one with maxps."""
