@@ -39,9 +39,9 @@ cdef inline void _bag_row_op(elem_t* dst, const elem_t* src, Py_ssize_t n, int m
             fe_add_into_f64(dst, src, n)
     else:
         if mode == BAG_MEAN or psw != NULL:
-            f = <float>inv if mode == BAG_MEAN else _bag_f(psw[i])
+            f = <float>inv if mode == BAG_MEAN else _acc_value(psw[i])
             for d in range(n):
-                _bag_set(dst + d, _bag_f(dst[d]) + f * _bag_f(src[d]))
+                _bag_set(dst + d, _acc_value(dst[d]) + f * _acc_value(src[d]))
         elif elem_t is fe_f16:
             fe_add_into_f16(dst, src, n)
         else:
@@ -115,7 +115,7 @@ cdef inline void _bag_add_one(elem_t* dst, elem_t x) noexcept nogil:
     if elem_t is float or elem_t is double:
         dst[0] += x
     else:
-        _bag_set(dst, _bag_f(dst[0]) + _bag_f(x))
+        _bag_set(dst, _acc_value(dst[0]) + _acc_value(x))
 
 
 cdef Py_ssize_t _bag_backward(elem_t* grad, Py_ssize_t V, Py_ssize_t D, const index_t* ids, const int64_t* offs,
@@ -150,7 +150,7 @@ cdef inline void _bag_scale_row(elem_t* out, const elem_t* a, Py_ssize_t n, doub
     else:
         f = <float>s
         for d in range(n):
-            _bag_set(out + d, f * _bag_f(a[d]))
+            _bag_set(out + d, f * _acc_value(a[d]))
 
 
 cdef inline double _bag_sparse_inv(elem_t* like, Py_ssize_t count) noexcept nogil:
@@ -208,7 +208,7 @@ cdef inline double _bag_psw(const elem_t* psw, Py_ssize_t i) noexcept nogil:
     if elem_t is float or elem_t is double:
         return psw[i]
     else:
-        return _bag_f(psw[i])
+        return _acc_value(psw[i])
 
 
 # Dispatchers on the id width, then on the element format (one call each from the entry points, as in

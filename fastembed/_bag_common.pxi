@@ -38,12 +38,8 @@ cdef extern from "_fastembed.h" nogil:
     void fe_bag_div(float* out, Py_ssize_t n, float c)
     void fe_bag_scale(float* out, const float* a, Py_ssize_t n, float s)
     float fe_bag_dot(const float* a, const float* b, Py_ssize_t n)
-    # One element of the 16-bit formats (the row forms are declared in _kernels.pyx); the portable float16
-    # conversions give the F16C instructions' bits (the dtype tests hold them to that).
-    float fe_f16_to_float_sw(uint16_t h)
-    uint16_t fe_float_to_f16_sw(float f)
-    float fe_bf16_to_float(uint16_t h)
-    uint16_t fe_float_to_bf16(float f)
+    # (One element of the 16-bit formats: fe_f16_to_float_sw and the others are declared in _norm.pxi, included
+    # before this file, with _acc_value, one element as float32, which the bags use too.)
 
 # The table's element type, elem_t (_kernels.pyx): every array of a call that holds table elements (out,
 # grad_out, grad_table, per_sample_weights, the sparse values) has it. float32's specialisation is the code the
@@ -256,16 +252,6 @@ cdef inline Py_ssize_t _bag_ids_in_bags(const int64_t* offs, Py_ssize_t L, Py_ss
 
 # Element helpers per dtype (each a compile-time branch on elem_t).
 
-cdef inline float _bag_f(elem_t x) noexcept nogil:
-    """One element as float32 (exact for the 16-bit formats; float32 and float64 callers use their own)."""
-    if elem_t is fe_f16:
-        return fe_f16_to_float_sw(x.bits)
-    elif elem_t is fe_bf16:
-        return fe_bf16_to_float(x.bits)
-    else:
-        return <float>x
-
-
 cdef inline void _bag_set(elem_t* dst, float v) noexcept nogil:
     """dst[0] = v rounded to nearest even in the 16-bit formats."""
     if elem_t is fe_f16:
@@ -278,7 +264,7 @@ cdef inline float _bag_round(elem_t* like, float v) noexcept nogil:
     """v rounded to elem_t and back (a 16-bit format; `like` only picks the type)."""
     cdef elem_t tmp
     _bag_set(&tmp, v)
-    return _bag_f(tmp)
+    return _acc_value(tmp)
 
 
 cdef inline int _bag_threads(Py_ssize_t work, Py_ssize_t B) noexcept nogil:

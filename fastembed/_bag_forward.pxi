@@ -17,7 +17,7 @@ cdef inline void _bag_max_row(elem_t* out, int64_t* arg, const elem_t* a, Py_ssi
                 arg[d] = r
     else:
         for d in range(n):
-            if _bag_f(a[d]) > _bag_f(out[d]):
+            if _acc_value(a[d]) > _acc_value(out[d]):
                 out[d] = a[d]
                 arg[d] = r
 
@@ -43,7 +43,7 @@ cdef inline void _bag_sum_row(elem_t* o, float* acc, float* w, const elem_t* row
     else:
         _widen_row(w, row, n)
         if psw != NULL:
-            fe_bag_axpy(acc, w, n, _bag_f(psw[i]))
+            fe_bag_axpy(acc, w, n, _acc_value(psw[i]))
         else:
             fe_add_into(acc, w, n)
 

@@ -18,7 +18,7 @@ cdef inline void _bag_dot_into(elem_t* out, const elem_t* a, const elem_t* b, Py
         out[0] = dacc
     else:
         for d in range(n):
-            facc += _bag_f(a[d]) * _bag_f(b[d])
+            facc += _acc_value(a[d]) * _acc_value(b[d])
         _bag_set(out, facc)
 
 

@@ -75,7 +75,8 @@ cdef extern from "_fastembed.h" nogil:
 
 
 # The renorm's helpers and loops are fused over elem_t (_kernels.pyx), the type of the loop that calls
-# them (the float and double forms of the 16-bit helpers are never called).
+# them (the float and double forms of the 16-bit helpers are never called). The bags' loops (_bag_*.pxi,
+# included after this file) take one element as float32 with _acc_value too.
 cdef inline float _acc_value(elem_t x) noexcept nogil:
     if elem_t is fe_f16:
         return fe_f16_to_float_sw(x.bits)

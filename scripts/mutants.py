@@ -1185,8 +1185,8 @@ MUTANTS += [
            "a 16-bit mean divides by the exact count, not by the count in the dtype (bfloat16 rounds counts > 256)",
            (BAG_DT, "-k", "count_in_bfloat16")),
     Mutant("bagdt-half-backward-product-rounded", BAG_BACKWARD,
-           "                _bag_set(dst + d, _bag_f(dst[d]) + f * _bag_f(src[d]))",
-           "                _bag_set(dst + d, _bag_f(dst[d]) + _bag_round(dst, f * _bag_f(src[d])))",
+           "                _bag_set(dst + d, _acc_value(dst[d]) + f * _acc_value(src[d]))",
+           "                _bag_set(dst + d, _acc_value(dst[d]) + _bag_round(dst, f * _acc_value(src[d])))",
            "the 16-bit dense backward of a mean or weighted bag rounds the product to the dtype before the add "
            "(torch's axpy forms it in float32)",
            (BAG_DT, "-k", "dense_backward_matches_transcription or dense_backward_of_a_fixed_case")),
