@@ -833,6 +833,17 @@ FUSED = {  # name: (the fused rule, the unfused optimizer, its state arrays by t
 }
 
 
+def step_both(unfused, opt, fused, ids, g):
+    """One training step of the same lookup twice: the layer's backward then opt.step() and zero_grad(), and the
+    fused layer's backward (its rule's update)."""
+    unfused(ids)
+    unfused.backward(g)
+    opt.step()
+    opt.zero_grad()
+    fused(ids)
+    fused.backward(g)
+
+
 @pytest.mark.parametrize("coalesce", [True, False])
 @pytest.mark.parametrize("rule", FUSED)
 @pytest.mark.parametrize("name", NAMES)
@@ -850,13 +861,7 @@ def test_the_unfused_optimizer_equals_the_fused_rule_bit_for_bit(name, rule, coa
             ids = rng.permutation(9)[:5].astype(np.int32)
         else:
             ids = rng.integers(0, 4, (3, 5)).astype([np.int32, np.int64][t % 2])
-        g = stored(rng, ids.shape + (6,), dtype)
-        unfused(ids)
-        unfused.backward(g)
-        opt.step()
-        opt.zero_grad()
-        fused(ids)
-        fused.backward(g)
+        step_both(unfused, opt, fused, ids, stored(rng, ids.shape + (6,), dtype))
         for i, (a, b) in enumerate(zip(unfused.parameters(), fused.parameters())):
             assert_same(a.weight, b.weight)
             for state_key, opt_key in keys:
@@ -916,13 +921,8 @@ def test_any_shape_unfused_equals_fused(name, data):
         else:
             ids = rng.integers(0, data.draw(st.sampled_from([V, 1, min(2, V)])), N)
         ids = ids.astype(data.draw(st.sampled_from(ID_DTYPES)))
-        g = stored(rng, (len(ids), D), dtype, data.draw(st.sampled_from([1.0, 1e-3, 300.0])))
-        unfused(ids)
-        unfused.backward(g)
-        opt.step()
-        opt.zero_grad()
-        fused(ids)
-        fused.backward(g)
+        step_both(unfused, opt, fused, ids, stored(rng, (len(ids), D), dtype,
+                                                   data.draw(st.sampled_from([1.0, 1e-3, 300.0]))))
         assert_same(unfused.weight, fused.weight)
         for state_key, opt_key in keys:
             assert_same(getattr(opt, opt_key)[0], fused.state[state_key])
