@@ -821,7 +821,7 @@ typedef int fe_v8i __attribute__((vector_size(32)));
 #define FE_UNROLL _Pragma("GCC unroll 4")
 /* The loop over the blocks of NV x 8 columns from column d, in fe_bag_max_ptrs' scope; MAX(b, m) is
    "b > m ? b : m" on 8 lanes. */
-#define FE_BAG_MAX_BLOCKS(NV, MAX)                                                                            \
+#define FE_BAG_MAX_BLOCKS(NV, MAX, ARGS_FIRST)                                                                      \
     for (; d + 8 * (NV) <= n; d += 8 * (NV)) {                                                                \
         fe_v8f m[NV];                                                                                         \
         fe_v8i p[NV];                                                                                         \
@@ -840,11 +840,11 @@ typedef int fe_v8i __attribute__((vector_size(32)));
                     p[v] = (jv & kk) | (p[v] & ~kk);                                                          \
                 }                                                                                             \
             }                                                                                                 \
-            int32_t pj[8 * (NV)];                                                                             \
-            memcpy(pj, p, sizeof pj);                                                                         \
             if (first) {  /* every lane names a row; arg is not read (it may be fresh, unmapped pages) */     \
-                for (int c = 0; c < 8 * (NV); c++) arg[d + c] = ids[pj[c]];                                   \
+                ARGS_FIRST(arg + d, p, NV)                                                                    \
             } else {  /* branch-free: which lanes moved is data, not a pattern */                             \
+                int32_t pj[8 * (NV)];                                                                         \
+                memcpy(pj, p, sizeof pj);                                                                     \
                 for (int c = 0; c < 8 * (NV); c++) {                                                          \
                     int64_t keep = (int64_t)(pj[c] >> 31);  /* all ones where the lane is still out's own */  \
                     int64_t moved = ids[pj[c] & ~(int32_t)keep];                                              \
@@ -863,13 +863,13 @@ typedef int fe_v8i __attribute__((vector_size(32)));
         FE_UNROLL for (int v = 0; v < (NV); v++) memcpy(out + d + 8 * v, &m[v], 32);                          \
     }
 /* One instance of fe_bag_max_ptrs: the blocks of 32, 16 and 8 columns, then the tail column by column. */
-#define FE_DEFINE_BAG_MAX_PTRS(NAME, ATTR, MAX)                                                               \
+#define FE_DEFINE_BAG_MAX_PTRS(NAME, ATTR, MAX, ARGS_FIRST)                                                         \
     ATTR static void NAME(float *FE_RESTRICT out, int64_t *FE_RESTRICT arg, const float *const *FE_RESTRICT rows, \
                           const int64_t *FE_RESTRICT ids, ptrdiff_t k, ptrdiff_t n, int first) {              \
         ptrdiff_t d = 0, j0 = first ? 1 : 0;                                                                  \
-        FE_BAG_MAX_BLOCKS(4, MAX)                                                                             \
-        FE_BAG_MAX_BLOCKS(2, MAX)                                                                             \
-        FE_BAG_MAX_BLOCKS(1, MAX)                                                                             \
+        FE_BAG_MAX_BLOCKS(4, MAX, ARGS_FIRST)                                                                 \
+        FE_BAG_MAX_BLOCKS(2, MAX, ARGS_FIRST)                                                                 \
+        FE_BAG_MAX_BLOCKS(1, MAX, ARGS_FIRST)                                                                 \
         if (d < n) {  /* under 8 columns left: row by row, out's and arg's tail stay in L1 */                 \
             if (first) {                                                                                      \
                 memcpy(out + d, rows[0] + d, (size_t)(n - d) * sizeof(float));                               \
@@ -886,10 +886,26 @@ typedef int fe_v8i __attribute__((vector_size(32)));
             }                                                                                                 \
         }                                                                                                     \
     }
-FE_DEFINE_BAG_MAX_PTRS(fe_bag_max_ptrs_vec, FE_CLONES, fe_max8f_blend)
+/* ARGS_FIRST(dst, p, NV): dst[c] = ids[lane c of p] for the 8 NV lanes of a bag's first chunk (every lane
+   names a row): lane by lane in the portable instance, four int64 ids per AVX2 gather in the other. */
+#define fe_args_first_lanes(dst, p, NV)                                                                       \
+    {                                                                                                         \
+        int32_t pj[8 * (NV)];                                                                                 \
+        memcpy(pj, p, sizeof pj);                                                                             \
+        for (int c = 0; c < 8 * (NV); c++) (dst)[c] = ids[pj[c]];                                             \
+    }
+FE_DEFINE_BAG_MAX_PTRS(fe_bag_max_ptrs_vec, FE_CLONES, fe_max8f_blend, fe_args_first_lanes)
 #if FE_HAVE_F16C
 #define fe_max8f_avx2(b, m) ((fe_v8f)_mm256_max_ps((__m256)(b), (__m256)(m)))
-FE_DEFINE_BAG_MAX_PTRS(fe_bag_max_ptrs_avx2, FE_AVX2_FN, fe_max8f_avx2)
+#define fe_args_first_avx2(dst, p, NV)                                                                        \
+    FE_UNROLL for (int v = 0; v < (NV); v++) {                                                                \
+        const __m256i q = (__m256i)p[v];                                                                      \
+        _mm256_storeu_si256((__m256i *)((dst) + 8 * v),                                                       \
+                            _mm256_i32gather_epi64((const long long *)ids, _mm256_castsi256_si128(q), 8));    \
+        _mm256_storeu_si256((__m256i *)((dst) + 8 * v + 4),                                                   \
+                            _mm256_i32gather_epi64((const long long *)ids, _mm256_extracti128_si256(q, 1), 8)); \
+    }
+FE_DEFINE_BAG_MAX_PTRS(fe_bag_max_ptrs_avx2, FE_AVX2_FN, fe_max8f_avx2, fe_args_first_avx2)
 #endif
 /* The AVX2 instance where the CPU has it (and the test switch leaves it on), else the portable vectors. */
 static inline void fe_bag_max_ptrs(float *FE_RESTRICT out, int64_t *FE_RESTRICT arg,
